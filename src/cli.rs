@@ -1,0 +1,170 @@
+//! Command-line types (clap derive). Raw values only; validation happens where they are used.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rbee",
+    version,
+    about = "Run LLM inference on your own machines",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// nodes.toml to use (default: $RBEE_CONFIG, ./nodes.toml, $XDG_CONFIG_HOME/rbee/nodes.toml)
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print results as JSON on stdout (one object per line)
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print nothing on stderr but errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text on a node, streamed to stdout
+    Infer(InferArgs),
+    /// Start, stop and inspect the hive daemon on nodes
+    Hive {
+        #[command(subcommand)]
+        command: HiveCommand,
+    },
+    /// Inspect and stop the llama.cpp workers on a node
+    Worker {
+        #[command(subcommand)]
+        command: WorkerCommand,
+    },
+    /// The nodes and models of the configuration
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Node to run on (default: the first node of the configuration)
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Model to use (default: the node's first model)
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The prompt; `-` reads it from stdin
+    #[arg(long)]
+    pub prompt: String,
+    /// System prompt
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop after this many generated tokens
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 picks the most likely token every time
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Sampling seed (default: random)
+    #[arg(long)]
+    pub seed: Option<u32>,
+    /// Budget of the whole invocation, e.g. `30s`, `1500ms` (default: the node's `timeout`)
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub timeout: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HiveCommand {
+    /// Start the hive on nodes (running is success)
+    Start(NodeSelection),
+    /// Stop the hive on nodes, with its workers
+    Stop(NodeSelection),
+    /// Show whether the hive runs on nodes, and its workers
+    Status(NodeSelection),
+    /// Run the hive daemon in the foreground (started by `rbee` itself)
+    #[command(hide = true)]
+    Serve(HiveServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeSelection {
+    /// Nodes to act on
+    pub nodes: Vec<String>,
+    /// Act on every configured node
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HiveServeArgs {
+    /// The node's rbee directory (pidfile, log, audit log)
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Port on 127.0.0.1
+    #[arg(long)]
+    pub port: u16,
+    /// Name of the node this hive serves
+    #[arg(long, default_value = "local")]
+    pub node: String,
+    /// Idle time before a worker unloads its model
+    #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
+    pub keep_alive: std::time::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// List the workers of a node's hive
+    List {
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Stop a node's worker for a model (its model is unloaded)
+    Stop {
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        model: String,
+    },
+    /// Run one llama.cpp worker in the foreground (started by the hive)
+    #[command(hide = true)]
+    Serve(WorkerServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerServeArgs {
+    /// Model name, for logs and reports
+    #[arg(long)]
+    pub model: String,
+    /// The GGUF file
+    #[arg(long)]
+    pub model_path: PathBuf,
+    /// Context length in tokens (default: the model's training context, at most 4096)
+    #[arg(long)]
+    pub context: Option<u32>,
+    /// CPU threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Layers to offload to the GPU
+    #[arg(long, default_value_t = 0)]
+    pub gpu_layers: u32,
+    /// The hive directory this worker belongs to (ties it to its hive in `ps`)
+    #[arg(long)]
+    pub hive_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List the configured nodes and their models
+    List,
+}
+
+fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(text)
+}

@@ -1,0 +1,152 @@
+//! The queen's HTTP client for one node's hive. Every request goes through `request()`, the one
+//! place where the transport, and later the signature, are applied.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+
+use crate::config::{Node, Transport};
+use crate::deadline::{BUDGET_HEADER, Budget};
+use crate::error::{Error, Result};
+use crate::http::error_from_response;
+use crate::wire::{HiveHealth, InferRequest, REQUEST_ID_HEADER, WorkerInfo};
+
+pub struct HiveClient {
+    pub node: String,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl HiveClient {
+    pub fn for_node(node: &Node) -> Result<HiveClient> {
+        let base = match node.transport {
+            Transport::Local => format!("http://127.0.0.1:{}", node.hive_port),
+            other => {
+                return Err(Error::config(format!(
+                    "node `{}` uses transport `{}`, which this build of rbee cannot reach yet; \
+                     use `transport = \"local\"` for this machine",
+                    node.name,
+                    serde_json::to_value(other)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                )));
+            }
+        };
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::internal(format!("http client: {e}")))?;
+        Ok(HiveClient {
+            node: node.name.clone(),
+            base,
+            http,
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T> {
+        let response = self
+            .request(Method::GET, path)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.json(response).await
+    }
+
+    async fn json<T: DeserializeOwned>(&self, response: reqwest::Response) -> Result<T> {
+        if !response.status().is_success() {
+            return Err(error_from_response(response, &format!("hive on `{}`", self.node)).await);
+        }
+        response.json().await.map_err(|e| {
+            Error::hive(format!(
+                "hive on `{}` ({}) sent an unreadable answer: {e}",
+                self.node, self.base
+            ))
+        })
+    }
+
+    fn unreachable(&self, err: reqwest::Error) -> Error {
+        if err.is_timeout() {
+            Error::hive(format!(
+                "hive on `{}` ({}) did not answer in time",
+                self.node, self.base
+            ))
+        } else {
+            Error::hive(format!(
+                "hive on `{}` is not reachable at {}: {}",
+                self.node,
+                self.base,
+                root_cause(&err)
+            ))
+        }
+    }
+
+    pub async fn health(&self, timeout: Duration) -> Result<HiveHealth> {
+        self.get_json("/health", timeout).await
+    }
+
+    pub async fn workers(&self, timeout: Duration) -> Result<Vec<WorkerInfo>> {
+        self.get_json("/v1/workers", timeout).await
+    }
+
+    pub async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {
+        let response = self
+            .request(Method::DELETE, &format!("/v1/workers/{model}"))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let body: serde_json::Value = self.json(response).await?;
+        Ok(body.get("stopped").and_then(serde_json::Value::as_bool) == Some(true))
+    }
+
+    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
+        let response = self
+            .request(Method::POST, "/v1/shutdown")
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let _: serde_json::Value = self.json(response).await?;
+        Ok(())
+    }
+
+    /// Starts a generation; the response body is the event stream.
+    pub async fn infer(
+        &self,
+        request: &InferRequest,
+        budget: &Budget,
+    ) -> Result<reqwest::Response> {
+        let response = self
+            .request(Method::POST, "/v1/infer")
+            .header(BUDGET_HEADER, budget.header_value())
+            .header(REQUEST_ID_HEADER, &request.request_id)
+            .json(request)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(error_from_response(response, &format!("hive on `{}`", self.node)).await)
+        }
+    }
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,288 @@
+//! `rbee infer`: make sure the node's hive runs, send the prompt, print the generated text on
+//! stdout as it arrives (or `--json` events), and exit with the contract's code, all within one
+//! budget.
+
+use std::cell::RefCell;
+use std::io::{IsTerminal, Read, Write};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::cli::InferArgs;
+use crate::client::HiveClient;
+use crate::cmd::Context;
+use crate::config::{Model, Node};
+use crate::deadline::Budget;
+use crate::error::{Error, ExitKind, Result};
+use crate::lifecycle;
+use crate::sse::events;
+use crate::wire::{
+    DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, SamplingParams, StopReason, Timings,
+    TokenEvent,
+};
+
+pub async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
+    let result = infer(ctx, args).await;
+    if let Err(err) = &result {
+        if ctx.out.json {
+            ctx.out.json_line(&serde_json::json!({
+                "event": "error",
+                "code": err.kind.wire_code(),
+                "message": err.message,
+                "exit_code": err.code(),
+            }));
+        }
+    }
+    result
+}
+
+/// What has happened so far, kept outside the request future so that a deadline or Ctrl-C that
+/// cuts it short can still say how the budget was spent.
+#[derive(Default)]
+struct Progress {
+    timings: Timings,
+    /// Time at which the request was handed to the hive.
+    sent_at: Option<Instant>,
+    printed_any: bool,
+    ends_with_newline: bool,
+}
+
+#[derive(Serialize)]
+struct DoneLine<'a> {
+    event: &'static str,
+    request_id: &'a str,
+    node: &'a str,
+    model: &'a str,
+    #[serde(flatten)]
+    done: &'a DoneEvent,
+}
+
+async fn infer(ctx: &Context, args: InferArgs) -> Result<()> {
+    let prompt = read_prompt(&args.prompt)?;
+    let config = ctx.config()?;
+    let node = config.node(args.node.as_deref())?;
+    let model = config.model(node, args.model.as_deref())?;
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    params.validate()?;
+    let total = args.timeout.unwrap_or(node.timeout);
+    let budget = Budget::new(total);
+    let request = InferRequest {
+        request_id: format!("{:032x}", rand::random::<u128>()),
+        model: model.clone(),
+        system: args.system,
+        prompt,
+        params,
+    };
+
+    let progress = RefCell::new(Progress::default());
+    let work = generate(ctx, node, model, &request, &budget, &progress);
+    let outcome = tokio::select! {
+        biased;
+        _ = tokio::signal::ctrl_c() => Err(Error::new(ExitKind::Interrupted, "interrupted")),
+        result = tokio::time::timeout_at(budget.deadline().into(), work) => match result {
+            Ok(result) => result,
+            Err(_) => Err(Error::deadline(breakdown(total, &budget, &progress.borrow()))),
+        },
+    };
+    let progress = progress.into_inner();
+    if !ctx.out.json && progress.printed_any && !progress.ends_with_newline {
+        let _ = writeln!(std::io::stdout());
+    }
+    outcome
+}
+
+async fn generate(
+    ctx: &Context,
+    node: &Node,
+    model: &Model,
+    request: &InferRequest,
+    budget: &Budget,
+    progress: &RefCell<Progress>,
+) -> Result<()> {
+    let client = HiveClient::for_node(node)?;
+    let running = lifecycle::ensure_running(node, &client, budget).await?;
+    {
+        let mut p = progress.borrow_mut();
+        let ms = running.elapsed.as_secs_f64() * 1000.0;
+        if running.started {
+            p.timings.hive_start = Some(ms);
+            p.timings.connect = Some(0.0);
+        } else {
+            p.timings.connect = Some(ms);
+        }
+    }
+    if running.started && std::io::stderr().is_terminal() {
+        ctx.out.note(format!("started the hive on `{}`", node.name));
+    }
+
+    progress.borrow_mut().sent_at = Some(Instant::now());
+    let response = client.infer(request, budget).await?;
+    let mut stream = std::pin::pin!(events(response));
+    let stdout = std::io::stdout();
+    while let Some(event) = stream.next().await {
+        let event = event?;
+        match event.event.as_str() {
+            "token" => {
+                let token: TokenEvent = parse(&event.data)?;
+                if ctx.out.json {
+                    ctx.out
+                        .json_line(&serde_json::json!({ "event": "token", "text": token.text }));
+                } else {
+                    let mut out = stdout.lock();
+                    out.write_all(token.text.as_bytes())
+                        .and_then(|()| out.flush())
+                        .map_err(|e| Error::internal(format!("cannot write to stdout: {e}")))?;
+                }
+                let mut p = progress.borrow_mut();
+                p.printed_any = true;
+                p.ends_with_newline = token.text.ends_with('\n');
+            }
+            "done" => {
+                let mut done: DoneEvent = parse(&event.data)?;
+                let mut p = progress.borrow_mut();
+                done.timings_ms.connect = p.timings.connect;
+                done.timings_ms.hive_start = p.timings.hive_start;
+                done.timings_ms.total = Some(budget.elapsed().as_secs_f64() * 1000.0);
+                p.timings = done.timings_ms.clone();
+                drop(p);
+                return finish(ctx, node, model, request, budget, &done);
+            }
+            "error" => {
+                let body: ErrorBody = parse(&event.data)?;
+                return Err(body.into());
+            }
+            _ => {}
+        }
+    }
+    Err(Error::worker(format!(
+        "the stream from the hive on `{}` ended before the generation finished",
+        node.name
+    )))
+}
+
+fn finish(
+    ctx: &Context,
+    node: &Node,
+    model: &Model,
+    request: &InferRequest,
+    budget: &Budget,
+    done: &DoneEvent,
+) -> Result<()> {
+    if ctx.out.json {
+        ctx.out.json_line(&DoneLine {
+            event: "done",
+            request_id: &request.request_id,
+            node: &node.name,
+            model: &model.name,
+            done,
+        });
+    } else if std::io::stderr().is_terminal() && !ctx.out.quiet {
+        let speed = done
+            .decode_tokens_per_s
+            .map_or_else(String::new, |s| format!(", {s:.1} tokens/s"));
+        eprintln!(
+            "[{} on {}: {} tokens in, {} out, {}{speed}]",
+            model.name,
+            node.name,
+            done.tokens_in,
+            done.tokens_out,
+            stop_name(done.stop_reason)
+        );
+    }
+    match done.stop_reason {
+        StopReason::Deadline => {
+            let p = Progress {
+                timings: done.timings_ms.clone(),
+                ..Progress::default()
+            };
+            let total = budget.elapsed() + budget.remaining();
+            Err(Error::deadline(breakdown(total, budget, &p)))
+        }
+        StopReason::Cancelled => Err(Error::worker(format!(
+            "the generation was cancelled on `{}`",
+            node.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn stop_name(reason: StopReason) -> String {
+    serde_json::to_value(reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// How the budget was spent, stage by stage, for the message of exit 124.
+fn breakdown(total: Duration, budget: &Budget, p: &Progress) -> String {
+    let t = &p.timings;
+    let mut stages = Vec::new();
+    let mut push = |name: &str, v: Option<f64>| {
+        if let Some(ms) = v {
+            stages.push(format!("{name} {ms:.0}ms"));
+        }
+    };
+    push("connect", t.connect);
+    push("hive start", t.hive_start);
+    push("queue", t.queue);
+    push("load", t.load);
+    push("prefill", t.prefill);
+    push("decode", t.decode);
+    if t.decode.is_none() {
+        if let Some(sent) = p.sent_at {
+            stages.push(format!(
+                "waiting on the hive (queue, load, generation) {:.0}ms",
+                sent.elapsed().as_secs_f64() * 1000.0
+            ));
+        }
+    }
+    let spent = if stages.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", stages.join(", "))
+    };
+    format!(
+        "deadline of {} exceeded after {:.2}s{spent}",
+        humantime::format_duration(total),
+        budget.elapsed().as_secs_f64()
+    )
+}
+
+fn parse<T: serde::de::DeserializeOwned>(data: &str) -> Result<T> {
+    serde_json::from_str(data)
+        .map_err(|e| Error::internal(format!("unreadable event from the hive: {e}")))
+}
+
+fn read_prompt(arg: &str) -> Result<String> {
+    let prompt = if arg == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .take(MAX_PROMPT_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::invalid(format!("cannot read the prompt from stdin: {e}")))?;
+        let mut text = String::from_utf8(bytes)
+            .map_err(|_| Error::invalid("the prompt read from stdin is not valid UTF-8"))?;
+        // `echo hi | rbee infer --prompt -` should not ask about "hi\n".
+        while text.ends_with('\n') || text.ends_with('\r') {
+            text.pop();
+        }
+        text
+    } else {
+        arg.to_string()
+    };
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(Error::invalid(format!(
+            "the prompt is over {MAX_PROMPT_BYTES} bytes"
+        )));
+    }
+    if prompt.trim().is_empty() {
+        return Err(Error::invalid("the prompt is empty"));
+    }
+    Ok(prompt)
+}

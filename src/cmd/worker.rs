@@ -1,0 +1,105 @@
+//! `rbee worker list|stop`: the llama.cpp workers of a node's hive.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::cli::WorkerCommand;
+use crate::client::HiveClient;
+use crate::cmd::Context;
+use crate::error::{Error, Result};
+use crate::output::table;
+use crate::wire::{WorkerInfo, WorkerState};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(ctx: &Context, command: WorkerCommand) -> Result<()> {
+    match command {
+        WorkerCommand::List { node } => list(ctx, node.as_deref()).await,
+        WorkerCommand::Stop { node, model } => stop(ctx, node.as_deref(), &model).await,
+        WorkerCommand::Serve(args) => crate::worker::serve(args),
+    }
+}
+
+pub fn state_name(state: WorkerState) -> &'static str {
+    match state {
+        WorkerState::Starting => "starting",
+        WorkerState::Loading => "loading",
+        WorkerState::Ready => "ready",
+        WorkerState::Busy => "busy",
+        WorkerState::Stopping => "stopping",
+        WorkerState::Failed => "failed",
+    }
+}
+
+async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(node)?;
+    let client = HiveClient::for_node(node)?;
+    let workers = client.workers(TIMEOUT).await?;
+    if ctx.out.json {
+        ctx.out
+            .json_line(&serde_json::json!({ "node": node.name, "workers": workers }));
+        return Ok(());
+    }
+    if workers.is_empty() {
+        ctx.out.note(format!("{}: no workers running", node.name));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = workers.iter().map(row).collect();
+    ctx.out.result(&(), || {
+        table(
+            &[
+                "MODEL",
+                "STATE",
+                "PID",
+                "PORT",
+                "UP",
+                "LOAD",
+                "SERVED",
+                "QUEUED",
+                "RESTARTS",
+                "LAST EXIT",
+            ],
+            &rows,
+        )
+    });
+    Ok(())
+}
+
+fn row(w: &WorkerInfo) -> Vec<String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dash = || "-".to_string();
+    vec![
+        w.model.clone(),
+        state_name(w.state).to_string(),
+        w.pid.map_or_else(dash, |p| p.to_string()),
+        w.port.map_or_else(dash, |p| p.to_string()),
+        w.started_at
+            .map_or_else(dash, |t| format!("{}s", now.saturating_sub(t))),
+        w.load_ms.map_or_else(dash, |ms| format!("{ms:.0}ms")),
+        w.requests_served.to_string(),
+        w.queued.to_string(),
+        w.restart_count.to_string(),
+        w.last_exit.clone().unwrap_or_else(dash),
+    ]
+}
+
+async fn stop(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(node)?;
+    config.model(node, Some(model))?;
+    let client = HiveClient::for_node(node)?;
+    let stopped = client.stop_worker(model, TIMEOUT).await?;
+    let value = serde_json::json!({ "node": node.name, "model": model, "stopped": stopped });
+    if !stopped && !ctx.out.json {
+        return Err(Error::worker(format!(
+            "no worker for `{model}` runs on `{}`",
+            node.name
+        )));
+    }
+    ctx.out.result(&value, || {
+        format!("{}: stopped the worker for `{model}`", node.name)
+    });
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! nodes.toml -> validated `Config`: lookup order, defaults, the embedded `local` node, and
+//! errors that name the file, line and key. Loading has no side effects.
+
+mod raw;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::paths;
+
+pub use raw::{Transport, parse_duration};
+
+pub const DEFAULT_MODEL: &str = "smollm2";
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_HIVE_PORT: u16 = 7835;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Embedded => f.write_str("<embedded default>"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Source,
+    pub restart: RestartPolicy,
+    pub models: IndexMap<String, Model>,
+    pub nodes: IndexMap<String, Node>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub host: Option<String>,
+    pub user: Option<String>,
+    pub port: u16,
+    pub identity_file: Option<String>,
+    pub known_hosts: String,
+    /// As written: `~` means the node's home, so it is expanded on the node.
+    pub remote_dir: String,
+    pub hive_port: u16,
+    pub transport: Transport,
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    #[serde(with = "duration_ms")]
+    pub keep_alive: Duration,
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Model {
+    pub name: String,
+    /// Node-side path, `~` expanded on the node.
+    pub path: String,
+    pub sha256: String,
+    pub source: Option<String>,
+    pub context: Option<u32>,
+    pub slots: u32,
+    pub gpu_layers: u32,
+    pub threads: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
+pub struct RestartPolicy {
+    pub max_attempts: u32,
+    #[serde(with = "duration_ms")]
+    pub backoff_initial: Duration,
+    #[serde(with = "duration_ms")]
+    pub backoff_max: Duration,
+    pub breaker_failures: u32,
+    #[serde(with = "duration_ms")]
+    pub breaker_window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_attempts: 3,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            breaker_failures: 5,
+            breaker_window: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Config {
+    /// Finds the configuration: `--config`, `$RBEE_CONFIG`, `./nodes.toml`,
+    /// `$XDG_CONFIG_HOME/rbee/nodes.toml`, else the embedded default.
+    pub fn discover(explicit: Option<&Path>) -> Result<Config> {
+        if let Some(path) = explicit {
+            return Config::load(path);
+        }
+        if let Some(path) = std::env::var_os("RBEE_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::load(Path::new(&path));
+        }
+        let cwd = Path::new("nodes.toml");
+        if cwd.is_file() {
+            return Config::load(cwd);
+        }
+        if let Some(path) = paths::user_config_file().filter(|p| p.is_file()) {
+            return Config::load(&path);
+        }
+        Ok(Config::embedded())
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!("cannot read config file `{}`: {e}", path.display()))
+        })?;
+        Config::parse(&text, Source::File(path.to_path_buf()))
+    }
+
+    pub fn parse(text: &str, source: Source) -> Result<Config> {
+        let located = |span: Option<Range<usize>>, message: &str| -> Error {
+            Error::config(locate(&source, text, span, message))
+        };
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| located(e.span(), e.message()))?;
+        resolve(raw, source.clone(), &located)
+    }
+
+    /// One node `local` on this machine serving the default model.
+    pub fn embedded() -> Config {
+        let model = Model {
+            name: DEFAULT_MODEL.to_string(),
+            path: format!("~/.cache/rbee/models/{DEFAULT_MODEL_FILE}"),
+            sha256: DEFAULT_MODEL_SHA256.to_string(),
+            source: None,
+            context: None,
+            slots: 4,
+            gpu_layers: 0,
+            threads: None,
+        };
+        let node = Node {
+            name: "local".to_string(),
+            host: None,
+            user: None,
+            port: 22,
+            identity_file: None,
+            known_hosts: "~/.ssh/known_hosts".to_string(),
+            remote_dir: paths::state_dir()
+                .join("nodes/local")
+                .to_string_lossy()
+                .into_owned(),
+            hive_port: DEFAULT_HIVE_PORT,
+            transport: Transport::Local,
+            timeout: DEFAULT_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            models: vec![DEFAULT_MODEL.to_string()],
+        };
+        Config {
+            source: Source::Embedded,
+            restart: RestartPolicy::default(),
+            models: IndexMap::from([(model.name.clone(), model)]),
+            nodes: IndexMap::from([(node.name.clone(), node)]),
+        }
+    }
+
+    /// The named node, or the first one in the file.
+    pub fn node(&self, name: Option<&str>) -> Result<&Node> {
+        match name {
+            Some(name) => self.nodes.get(name).ok_or_else(|| {
+                Error::config(format!(
+                    "unknown node `{name}` in {}; known nodes: {}",
+                    self.source,
+                    list(self.nodes.keys())
+                ))
+            }),
+            None => {
+                self.nodes.values().next().ok_or_else(|| {
+                    Error::config(format!("no nodes are defined in {}", self.source))
+                })
+            }
+        }
+    }
+
+    /// The named model if `node` serves it, or the node's first model.
+    pub fn model(&self, node: &Node, name: Option<&str>) -> Result<&Model> {
+        let name = match name {
+            Some(name) => name,
+            None => node.models.first().ok_or_else(|| {
+                Error::config(format!(
+                    "node `{}` serves no models; add `models = [...]` to it in {}",
+                    node.name, self.source
+                ))
+            })?,
+        };
+        if !node.models.iter().any(|m| m == name) {
+            return Err(Error::config(format!(
+                "unknown model `{name}` for node `{}`; it serves: {}",
+                node.name,
+                list(node.models.iter())
+            )));
+        }
+        self.models.get(name).ok_or_else(|| {
+            Error::config(format!(
+                "unknown model `{name}`; known models: {}",
+                list(self.models.keys())
+            ))
+        })
+    }
+
+    /// Nodes named on the command line, or all of them.
+    pub fn select_nodes(&self, names: &[String], all: bool) -> Result<Vec<&Node>> {
+        if all || names.is_empty() {
+            return Ok(self.nodes.values().collect());
+        }
+        names.iter().map(|n| self.node(Some(n))).collect()
+    }
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<String> = names.map(|n| format!("`{n}`")).collect();
+    if names.is_empty() {
+        "(none)".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn resolve(
+    raw: raw::RawConfig,
+    source: Source,
+    located: &dyn Fn(Option<Range<usize>>, &str) -> Error,
+) -> Result<Config> {
+    let defaults = raw.defaults;
+    let restart = resolve_restart(&raw.restart);
+
+    let mut models = IndexMap::new();
+    for (name, spanned) in raw.models {
+        let span = spanned.span();
+        let m = spanned.into_inner();
+        if !valid_name(&name) {
+            return Err(located(Some(span), &bad_name("model", &name)));
+        }
+        if m.slots == Some(0) {
+            return Err(located(Some(span), "`slots` must be at least 1"));
+        }
+        if m.context == Some(0) {
+            return Err(located(Some(span), "`context` must be at least 1"));
+        }
+        models.insert(
+            name.clone(),
+            Model {
+                name,
+                path: m.path,
+                sha256: m.sha256.0,
+                source: m.source,
+                context: m.context,
+                slots: m.slots.unwrap_or(4),
+                gpu_layers: m.gpu_layers.unwrap_or(0),
+                threads: m.threads,
+            },
+        );
+    }
+
+    let mut nodes = IndexMap::new();
+    for (name, spanned) in raw.nodes {
+        let span = spanned.span();
+        let n = spanned.into_inner();
+        if !valid_name(&name) {
+            return Err(located(Some(span), &bad_name("node", &name)));
+        }
+        let transport = n.transport.or(defaults.transport).unwrap_or(Transport::Ssh);
+        let host = n.host.or_else(|| defaults.host.clone());
+        if host.is_none() && transport != Transport::Local {
+            return Err(located(
+                Some(span),
+                &format!(
+                    "node `{name}` has no `host`; set `host = \"...\"` or `transport = \"local\"`"
+                ),
+            ));
+        }
+        let model_refs = n
+            .models
+            .or_else(|| defaults.models.clone())
+            .unwrap_or_default();
+        let mut served = Vec::new();
+        for m in model_refs {
+            if !models.contains_key(m.get_ref()) {
+                let message = format!(
+                    "node `{name}` serves unknown model `{}`; known models: {}",
+                    m.get_ref(),
+                    list(models.keys())
+                );
+                return Err(located(Some(m.span()), &message));
+            }
+            served.push(m.into_inner());
+        }
+        nodes.insert(
+            name.clone(),
+            Node {
+                name,
+                host,
+                user: n.user.or_else(|| defaults.user.clone()),
+                port: n.port.or(defaults.port).unwrap_or(22),
+                identity_file: n.identity_file.or_else(|| defaults.identity_file.clone()),
+                known_hosts: n
+                    .known_hosts
+                    .or_else(|| defaults.known_hosts.clone())
+                    .unwrap_or_else(|| "~/.ssh/known_hosts".to_string()),
+                remote_dir: n
+                    .remote_dir
+                    .or_else(|| defaults.remote_dir.clone())
+                    .unwrap_or_else(|| "~/.rbee".to_string()),
+                hive_port: n
+                    .hive_port
+                    .or(defaults.hive_port)
+                    .unwrap_or(DEFAULT_HIVE_PORT),
+                transport,
+                timeout: n
+                    .timeout
+                    .or(defaults.timeout)
+                    .map_or(DEFAULT_TIMEOUT, |d| d.0),
+                keep_alive: n
+                    .keep_alive
+                    .or(defaults.keep_alive)
+                    .map_or(DEFAULT_KEEP_ALIVE, |d| d.0),
+                models: served,
+            },
+        );
+    }
+    if nodes.is_empty() {
+        return Err(Error::config(format!(
+            "{source}: no nodes defined; add a `[nodes.NAME]` table (see nodes.toml.example)"
+        )));
+    }
+    Ok(Config {
+        source,
+        restart,
+        models,
+        nodes,
+    })
+}
+
+fn resolve_restart(r: &raw::RawRestart) -> RestartPolicy {
+    let d = RestartPolicy::default();
+    RestartPolicy {
+        max_attempts: r.max_attempts.unwrap_or(d.max_attempts),
+        backoff_initial: r.backoff_initial.map_or(d.backoff_initial, |x| x.0),
+        backoff_max: r.backoff_max.map_or(d.backoff_max, |x| x.0),
+        breaker_failures: r.breaker_failures.unwrap_or(d.breaker_failures),
+        breaker_window: r.breaker_window.map_or(d.breaker_window, |x| x.0),
+    }
+}
+
+/// Names travel into paths, URLs and remote commands, so they stay plain.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
+fn bad_name(what: &str, name: &str) -> String {
+    format!(
+        "invalid {what} name `{name}`: use letters, digits, `-`, `_` and `.` (at most 64, not starting with `.`)"
+    )
+}
+
+/// `FILE:LINE:COL: message`, then the offending line, so the key is in view.
+fn locate(source: &Source, text: &str, span: Option<Range<usize>>, message: &str) -> String {
+    let message = message.trim_end();
+    let Some(span) = span else {
+        return format!("{source}: {message}");
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..start].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    format!("{source}:{line}:{column}: {message}\n  {line} | {line_text}")
+}
+
+/// Durations travel as whole milliseconds in JSON.
+pub mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests;

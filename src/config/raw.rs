@@ -1,0 +1,127 @@
+//! nodes.toml as written: serde types that mirror the file, every key optional where the
+//! contract allows it, unknown keys refused.
+
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub defaults: RawNode,
+    #[serde(default)]
+    pub restart: RawRestart,
+    #[serde(default)]
+    pub models: IndexMap<String, Spanned<RawModel>>,
+    #[serde(default)]
+    pub nodes: IndexMap<String, Spanned<RawNode>>,
+}
+
+/// The keys a node may set; `[defaults]` uses the same set (`host` and `models` included, so a
+/// fleet serving the same models can say so once).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub host: Option<String>,
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    pub identity_file: Option<String>,
+    pub known_hosts: Option<String>,
+    pub remote_dir: Option<String>,
+    pub hive_port: Option<u16>,
+    pub transport: Option<Transport>,
+    pub timeout: Option<HumanDuration>,
+    pub keep_alive: Option<HumanDuration>,
+    pub models: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRestart {
+    pub max_attempts: Option<u32>,
+    pub backoff_initial: Option<HumanDuration>,
+    pub backoff_max: Option<HumanDuration>,
+    pub breaker_failures: Option<u32>,
+    pub breaker_window: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub path: String,
+    pub sha256: Sha256Hex,
+    pub source: Option<String>,
+    pub context: Option<u32>,
+    pub slots: Option<u32>,
+    pub gpu_layers: Option<u32>,
+    pub threads: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Ssh,
+    Http,
+    Local,
+}
+
+/// A duration written as `"1500ms"`, `"30s"`, `"5m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a duration such as `1500ms`, `30s`, `5m`, `1h`; a bare number is refused because its
+/// unit would be a guess.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "invalid duration `{text}`: add a unit, for example `{trimmed}s` or `{trimmed}ms`"
+        ));
+    }
+    humantime::parse_duration(trimmed).map_err(|e| {
+        format!("invalid duration `{text}` ({e}); expected a value like `1500ms`, `30s` or `5m`")
+    })
+}
+
+/// A SHA-256 digest as 64 hex digits, kept in lowercase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sha256Hex(pub String);
+
+impl<'de> Deserialize<'de> for Sha256Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(Sha256Hex(text.to_ascii_lowercase()))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid sha256 `{text}`: expected 64 hex digits (as printed by `sha256sum FILE`)"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("30").unwrap_err().contains("add a unit"));
+        assert!(parse_duration("soon").is_err());
+    }
+}

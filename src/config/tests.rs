@@ -1,0 +1,129 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config> {
+    Config::parse(text, Source::File(PathBuf::from("nodes.toml")))
+}
+
+const MODEL: &str = r#"
+[models.m]
+path = "~/m.gguf"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+"#;
+
+#[test]
+fn the_example_file_parses_and_documents_every_key() {
+    let text = include_str!("../../nodes.toml.example");
+    let config = parse(text).expect("nodes.toml.example must parse");
+    assert!(config.nodes.contains_key("gpu1"));
+    // Every key of the contract appears in the example, commented or not.
+    for key in [
+        "user",
+        "port",
+        "identity_file",
+        "known_hosts",
+        "remote_dir",
+        "hive_port",
+        "transport",
+        "timeout",
+        "keep_alive",
+        "max_attempts",
+        "backoff_initial",
+        "backoff_max",
+        "breaker_failures",
+        "breaker_window",
+        "path",
+        "sha256",
+        "source",
+        "context",
+        "slots",
+        "gpu_layers",
+        "threads",
+        "host",
+        "models",
+    ] {
+        assert!(
+            text.lines().any(|l| l
+                .trim_start_matches(['#', ' '])
+                .starts_with(&format!("{key} ="))),
+            "nodes.toml.example does not document `{key}`"
+        );
+    }
+}
+
+#[test]
+fn nodes_inherit_defaults_and_may_override_them() {
+    let text = format!(
+        "{MODEL}\n[defaults]\nuser = \"ops\"\nhive_port = 9000\ntimeout = \"90s\"\n\
+         [nodes.a]\nhost = \"h1\"\nmodels = [\"m\"]\n\
+         [nodes.b]\nhost = \"h2\"\nhive_port = 9001\nmodels = [\"m\"]\n"
+    );
+    let config = parse(&text).expect("valid config");
+    let a = &config.nodes["a"];
+    let b = &config.nodes["b"];
+    assert_eq!(a.user.as_deref(), Some("ops"));
+    assert_eq!(a.hive_port, 9000);
+    assert_eq!(b.hive_port, 9001);
+    assert_eq!(b.timeout, Duration::from_secs(90));
+    assert_eq!(a.transport, Transport::Ssh);
+    assert_eq!(a.remote_dir, "~/.rbee");
+    // File order decides the default node.
+    assert_eq!(config.node(None).expect("a node").name, "a");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let text = format!("{MODEL}\n[nodes.a]\nhost = \"h\"\nhots = \"typo\"\n");
+    let err = parse(&text).expect_err("unknown key");
+    assert_eq!(err.code(), 3);
+    assert!(
+        err.message.starts_with("nodes.toml:8:1:"),
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("hots"), "{}", err.message);
+}
+
+#[test]
+fn bad_duration_is_located() {
+    let text = format!("{MODEL}\n[nodes.a]\nhost = \"h\"\ntimeout = \"30\"\n");
+    let err = parse(&text).expect_err("bad duration");
+    assert!(err.message.contains("nodes.toml:8:"), "{}", err.message);
+    assert!(err.message.contains("add a unit"), "{}", err.message);
+}
+
+#[test]
+fn node_serving_unknown_model_is_located() {
+    let text = format!("{MODEL}\n[nodes.a]\nhost = \"h\"\nmodels = [\"m\", \"nope\"]\n");
+    let err = parse(&text).expect_err("unknown model");
+    assert!(err.message.contains("nodes.toml:8:"), "{}", err.message);
+    assert!(err.message.contains("`nope`"), "{}", err.message);
+}
+
+#[test]
+fn remote_node_needs_a_host() {
+    let err = parse(&format!("{MODEL}\n[nodes.a]\nmodels = [\"m\"]\n")).expect_err("no host");
+    assert!(err.message.contains("has no `host`"), "{}", err.message);
+    let ok = parse(&format!("{MODEL}\n[nodes.a]\ntransport = \"local\"\n")).expect("local");
+    assert_eq!(ok.nodes["a"].transport, Transport::Local);
+}
+
+#[test]
+fn unknown_node_and_model_list_the_known_ones() {
+    let config = Config::embedded();
+    let err = config.node(Some("gpu9")).expect_err("unknown node");
+    assert!(err.message.contains("`local`"), "{}", err.message);
+    let node = config.node(None).expect("local");
+    let err = config
+        .model(node, Some("llama"))
+        .expect_err("unknown model");
+    assert!(err.message.contains("`smollm2`"), "{}", err.message);
+    assert_eq!(config.model(node, None).expect("default").name, "smollm2");
+}
+
+#[test]
+fn names_that_could_escape_a_path_are_refused() {
+    assert!(valid_name("gpu-1.lab_a"));
+    for bad in ["", "../x", "a b", ".hidden", "a;rm", "a/b"] {
+        assert!(!valid_name(bad), "{bad:?} accepted");
+    }
+}

@@ -1,0 +1,153 @@
+//! `rbee hive serve`: the per-node daemon. It detaches from whoever started it, holds its
+//! pidfile, logs to `hive.log`, serves on 127.0.0.1, and on SIGTERM, SIGINT or
+//! `POST /v1/shutdown` stops its workers and exits.
+
+pub mod pidfile;
+pub mod registry;
+pub mod routes;
+pub mod verify;
+pub mod worker_proc;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::HiveServeArgs;
+use crate::error::{Error, Result};
+use pidfile::PidFile;
+use registry::Registry;
+use routes::Hive;
+use worker_proc::STOP_GRACE;
+
+pub const PID_FILE: &str = "hive.pid";
+pub const LOG_FILE: &str = "hive.log";
+
+pub fn serve(args: HiveServeArgs) -> Result<()> {
+    detach();
+    std::fs::create_dir_all(&args.dir)
+        .map_err(|e| Error::hive(format!("cannot create `{}`: {e}", args.dir.display())))?;
+    let _ = std::fs::set_permissions(&args.dir, std::fs::Permissions::from_mode(0o700));
+    let log = args.dir.join(LOG_FILE);
+    init_file_logging(&log)?;
+    let pid = PidFile::acquire(&args.dir.join(PID_FILE)).inspect_err(|e| tracing::error!("{e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run(args, &log));
+    if let Err(e) = &result {
+        tracing::error!("hive failed: {e}");
+    }
+    drop(pid);
+    tracing::info!("hive stopped");
+    result
+}
+
+async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+        .await
+        .map_err(|e| Error::hive(format!("cannot listen on 127.0.0.1:{}: {e}", args.port)))?;
+    let exe = std::env::current_exe()?;
+    let hive = Arc::new(Hive {
+        node: args.node.clone(),
+        started: Instant::now(),
+        registry: Registry::new(exe, args.dir.clone(), log.to_path_buf(), args.keep_alive),
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::internal(format!("http client: {e}")))?,
+        shutdown: CancellationToken::new(),
+    });
+    tracing::info!(
+        node = %args.node,
+        port = args.port,
+        pid = std::process::id(),
+        version = env!("CARGO_PKG_VERSION"),
+        "hive listening"
+    );
+
+    let token = hive.shutdown.clone();
+    tokio::spawn(async move {
+        crate::signals::terminated().await;
+        tracing::info!("termination signal received");
+        token.cancel();
+    });
+    tokio::spawn(reaper(hive.clone()));
+
+    let stopping = hive.clone();
+    let server =
+        axum::serve(listener, routes::router(hive.clone())).with_graceful_shutdown(async move {
+            stopping.shutdown.cancelled().await;
+            stopping.registry.stop_all().await;
+        });
+    // In-flight streams end once their workers stop; a client that lingers after that does not
+    // keep the hive alive.
+    let token = hive.shutdown.clone();
+    tokio::select! {
+        result = server => result.map_err(|e| Error::internal(format!("hive server failed: {e}")))?,
+        _ = async move { token.cancelled().await; tokio::time::sleep(STOP_GRACE * 2).await } => {
+            tracing::warn!("connections still open after the grace period; exiting anyway");
+        }
+    }
+    hive.registry.stop_all().await;
+    Ok(())
+}
+
+async fn reaper(hive: Arc<Hive>) {
+    let every = (hive.registry.keep_alive / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        tokio::select! {
+            biased;
+            _ = hive.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => hive.registry.reap().await,
+        }
+    }
+}
+
+/// A daemon owns nothing of its starter's: its own session (no controlling terminal, no
+/// SIGHUP when the starter's terminal closes) and no inherited file descriptors beyond the
+/// standard three, which the starter points at /dev/null.
+fn detach() {
+    let _ = nix::unistd::setsid();
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        close_inherited(fd);
+    }
+}
+
+#[allow(unsafe_code)]
+fn close_inherited(fd: i32) {
+    // SAFETY: called first thing in the daemon, before it opens any file: every descriptor
+    // above 2 was inherited from the starter and no Rust object owns it. The one that
+    // listed /proc/self/fd is already closed, so close() returns EBADF for it, harmlessly.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+fn init_file_logging(path: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::hive(format!("cannot open log `{}`: {e}", path.display())))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    Ok(())
+}

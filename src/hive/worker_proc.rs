@@ -1,0 +1,191 @@
+//! One worker process: spawning it, reading its hello line, watching it exit, stopping it
+//! (SIGTERM, a grace period, then SIGKILL; "no such process" counts as gone).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{Mutex, watch};
+
+use crate::config::Model;
+use crate::error::{Error, Result};
+use crate::paths;
+use crate::wire::WorkerHello;
+
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub struct WorkerProc {
+    pub pid: u32,
+    pub port: u16,
+    pub n_ctx: u32,
+    pub load_ms: f64,
+    pub started_at: SystemTime,
+    exit: watch::Receiver<Option<String>>,
+    /// Our end of the worker's stdin: while it is open the worker knows its hive lives.
+    stdin: Mutex<Option<ChildStdin>>,
+    _stdout: ChildStdout,
+}
+
+pub struct SpawnOptions<'a> {
+    pub exe: &'a Path,
+    pub hive_dir: &'a Path,
+    pub log: &'a Path,
+}
+
+impl WorkerProc {
+    pub async fn spawn(
+        model: &Model,
+        opts: &SpawnOptions<'_>,
+        wait: Duration,
+    ) -> Result<WorkerProc> {
+        let model_path = model_path(model);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(opts.log)?;
+        let mut cmd = Command::new(opts.exe);
+        cmd.arg("worker")
+            .arg("serve")
+            .arg("--model")
+            .arg(&model.name)
+            .arg("--model-path")
+            .arg(&model_path)
+            .arg("--gpu-layers")
+            .arg(model.gpu_layers.to_string())
+            .arg("--hive-dir")
+            .arg(opts.hive_dir);
+        if let Some(context) = model.context {
+            cmd.arg("--context").arg(context.to_string());
+        }
+        if let Some(threads) = model.threads {
+            cmd.arg("--threads").arg(threads.to_string());
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::worker(format!("cannot start a worker for `{}`: {e}", model.name))
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| Error::worker("worker exited before it could be watched"))?;
+        let stdin = child.stdin.take();
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::internal("worker stdout was not piped"))?;
+        let hello = tokio::time::timeout(wait, read_hello(&mut stdout)).await;
+        let hello = match hello {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                let status = child.wait().await.map(describe_exit).unwrap_or_default();
+                return Err(Error::worker(format!(
+                    "worker for `{}` exited while loading ({status}): {e}; see {}",
+                    model.name,
+                    opts.log.display()
+                )));
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(Error::deadline(format!(
+                    "loading `{}` did not finish within the request's budget",
+                    model.name
+                )));
+            }
+        };
+        let (port, n_ctx, load_ms) = match hello {
+            WorkerHello::Ready {
+                port,
+                n_ctx,
+                load_ms,
+            } => (port, n_ctx, load_ms),
+            WorkerHello::Failed { message } => {
+                let _ = child.wait().await;
+                return Err(Error::worker(format!(
+                    "worker for `{}` could not load the model: {message}",
+                    model.name
+                )));
+            }
+        };
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(watch_exit(child, exit_tx));
+        Ok(WorkerProc {
+            pid,
+            port,
+            n_ctx,
+            load_ms,
+            started_at: SystemTime::now(),
+            exit: exit_rx,
+            stdin: Mutex::new(stdin),
+            _stdout: stdout,
+        })
+    }
+
+    /// How it exited, once it has.
+    pub fn exit_status(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL.
+    pub async fn stop(&self, grace: Duration) {
+        let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
+        let mut exit = self.exit.clone();
+        let _ = kill(pid, Signal::SIGTERM);
+        self.stdin.lock().await.take();
+        let timed_out = tokio::time::timeout(grace, exit.wait_for(Option::is_some))
+            .await
+            .is_err();
+        if timed_out {
+            tracing::warn!(pid = self.pid, "worker ignored SIGTERM; killing it");
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = exit.wait_for(Option::is_some).await;
+        }
+    }
+}
+
+async fn read_hello(stdout: &mut ChildStdout) -> Result<WorkerHello> {
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).await?;
+    if line.is_empty() {
+        return Err(Error::worker("it printed nothing"));
+    }
+    serde_json::from_str(&line).map_err(|e| Error::worker(format!("unreadable hello line: {e}")))
+}
+
+async fn watch_exit(mut child: Child, tx: watch::Sender<Option<String>>) {
+    let status = match child.wait().await {
+        Ok(status) => describe_exit(status),
+        Err(e) => format!("unknown ({e})"),
+    };
+    tracing::info!(status = %status, "worker exited");
+    let _ = tx.send(Some(status));
+}
+
+/// `exit code N` or `signal NAME`, as a person reads it.
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exit code {code}")
+    } else if let Some(sig) = status.signal() {
+        match Signal::try_from(sig) {
+            Ok(s) => format!("signal {}", s.as_str()),
+            Err(_) => format!("signal {sig}"),
+        }
+    } else {
+        "unknown".to_string()
+    }
+}
+
+/// The model path on this node (`~` is this node's home).
+pub fn model_path(model: &Model) -> PathBuf {
+    paths::expand_tilde(&model.path)
+}

@@ -1,0 +1,69 @@
+//! HTTP plumbing shared by the hive and the worker: errors as JSON responses with the status
+//! of their class, and stream events as server-sent events.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::{Error, ExitKind};
+use crate::wire::ErrorBody;
+
+/// An `Error` on its way out of a handler.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> ApiError {
+        ApiError(err)
+    }
+}
+
+pub fn status_for(kind: ExitKind) -> StatusCode {
+    match kind {
+        ExitKind::InvalidRequest | ExitKind::Usage => StatusCode::BAD_REQUEST,
+        ExitKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ExitKind::Config => StatusCode::NOT_FOUND,
+        ExitKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
+        ExitKind::WorkerUnavailable | ExitKind::HiveUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ExitKind::Ssh | ExitKind::Internal | ExitKind::Interrupted => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (status_for(self.0.kind), Json(ErrorBody::from(&self.0))).into_response()
+    }
+}
+
+/// An SSE event named `name` carrying `data` as JSON.
+pub fn sse_event(name: &str, data: &impl Serialize) -> Event {
+    match serde_json::to_string(data) {
+        Ok(json) => Event::default().event(name).data(json),
+        // Our event types serialize infallibly; if one ever does not, the client sees why.
+        Err(e) => Event::default().event("error").data(
+            serde_json::json!({"code": "internal", "message": format!("cannot encode event: {e}")})
+                .to_string(),
+        ),
+    }
+}
+
+/// Reads an error body a peer sent with a failure status.
+pub async fn error_from_response(response: reqwest::Response, peer: &str) -> Error {
+    let status = response.status();
+    match response.json::<ErrorBody>().await {
+        Ok(body) => body.into(),
+        Err(_) => {
+            let kind = match status.as_u16() {
+                400 | 413 | 422 => ExitKind::InvalidRequest,
+                401 => ExitKind::Unauthenticated,
+                504 => ExitKind::Deadline,
+                _ => ExitKind::Internal,
+            };
+            Error::new(kind, format!("{peer} answered {status}"))
+        }
+    }
+}

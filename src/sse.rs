@@ -1,0 +1,155 @@
+//! A server-sent-events reader: turns the bytes of a `text/event-stream` body into events.
+//! The hive reads its workers with it and the CLI reads its hive.
+
+use futures::{Stream, StreamExt};
+
+use crate::error::Error;
+
+/// Refuse an event larger than this rather than buffer without bound.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: String,
+}
+
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    event: Option<String>,
+    data: Vec<String>,
+}
+
+impl SseParser {
+    /// Feeds bytes, returns the events they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<SseEvent>, Error> {
+        self.buf.extend_from_slice(bytes);
+        let mut events = Vec::new();
+        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8(line)
+                .map_err(|_| Error::internal("event stream carried invalid UTF-8"))?;
+            if let Some(event) = self.line(&line) {
+                events.push(event);
+            }
+        }
+        let pending = self.buf.len() + self.data.iter().map(String::len).sum::<usize>();
+        if pending > MAX_EVENT_BYTES {
+            return Err(Error::internal(format!(
+                "event stream sent an event over {MAX_EVENT_BYTES} bytes"
+            )));
+        }
+        Ok(events)
+    }
+
+    fn line(&mut self, line: &str) -> Option<SseEvent> {
+        if line.is_empty() {
+            if self.data.is_empty() && self.event.is_none() {
+                return None;
+            }
+            let event = SseEvent {
+                event: self.event.take().unwrap_or_else(|| "message".to_string()),
+                data: std::mem::take(&mut self.data).join("\n"),
+            };
+            return Some(event);
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.event = Some(value.to_string()),
+            "data" => self.data.push(value.to_string()),
+            _ => {}
+        }
+        None
+    }
+}
+
+/// Events of an HTTP response body, in order; ends when the body ends.
+pub fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent, Error>> {
+    let body = response.bytes_stream();
+    futures::stream::unfold(
+        (
+            body,
+            SseParser::default(),
+            std::collections::VecDeque::new(),
+        ),
+        |(mut body, mut parser, mut ready)| async move {
+            loop {
+                if let Some(event) = ready.pop_front() {
+                    return Some((Ok(event), (body, parser, ready)));
+                }
+                match body.next().await {
+                    None => return None,
+                    Some(Err(e)) => {
+                        let err = Error::internal(format!("event stream broke: {e}"));
+                        return Some((Err(err), (body, parser, ready)));
+                    }
+                    Some(Ok(bytes)) => match parser.push(&bytes) {
+                        Ok(events) => ready.extend(events),
+                        Err(e) => return Some((Err(e), (body, parser, ready))),
+                    },
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_across_chunks() {
+        let mut p = SseParser::default();
+        assert!(p.push(b"event: tok").expect("ok").is_empty());
+        assert!(
+            p.push(b"en\ndata: {\"text\":\"a\"}\n")
+                .expect("ok")
+                .is_empty()
+        );
+        let events = p.push(b"\nevent: done\r\ndata: x\r\n\r\n").expect("ok");
+        assert_eq!(
+            events,
+            vec![
+                SseEvent {
+                    event: "token".into(),
+                    data: "{\"text\":\"a\"}".into()
+                },
+                SseEvent {
+                    event: "done".into(),
+                    data: "x".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn comments_multiline_data_and_default_event() {
+        let mut p = SseParser::default();
+        let events = p.push(b": keep-alive\n\ndata: a\ndata: b\n\n").expect("ok");
+        assert_eq!(
+            events,
+            vec![SseEvent {
+                event: "message".into(),
+                data: "a\nb".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn oversized_event_is_refused() {
+        let mut p = SseParser::default();
+        let big = vec![b'x'; MAX_EVENT_BYTES + 1];
+        assert!(p.push(&big).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! What travels between queen, hive and worker: request bodies, stream events, status views.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Model;
+use crate::error::{Error, ExitKind};
+
+/// Bumped when a hive and a CLI of different versions can no longer talk.
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
+
+/// Upper bounds that keep a single request from taking a worker hostage.
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+pub const MAX_TEMPERATURE: f32 = 5.0;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SamplingParams {
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u32>,
+}
+
+impl SamplingParams {
+    /// Bounds every hop checks before doing any work.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_tokens == 0 {
+            return Err(Error::invalid("`max_tokens` must be at least 1"));
+        }
+        if !(self.temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&self.temperature)) {
+            return Err(Error::invalid(format!(
+                "`temperature` must be between 0 and {MAX_TEMPERATURE}, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::invalid(format!(
+                "`top_p` must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Queen -> hive: run a prompt on a model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InferRequest {
+    pub request_id: String,
+    pub model: Model,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub params: SamplingParams,
+}
+
+/// Hive -> worker: the same, without the model (a worker serves one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub request_id: String,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub params: SamplingParams,
+}
+
+impl GenerateRequest {
+    pub fn validate(&self) -> Result<(), Error> {
+        let len = self.prompt.len() + self.system.as_ref().map_or(0, String::len);
+        if len > MAX_PROMPT_BYTES {
+            return Err(Error::invalid(format!(
+                "prompt is {len} bytes; the limit is {MAX_PROMPT_BYTES}"
+            )));
+        }
+        self.params.validate()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced its end-of-generation token.
+    Eos,
+    MaxTokens,
+    /// The context window is full.
+    ContextFull,
+    Deadline,
+    Cancelled,
+}
+
+/// Milliseconds per stage; each hop fills the stages it owns.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timings {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub connect: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hive_start: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub queue: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub load: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub prefill: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub decode: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub total: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenEvent {
+    pub text: String,
+}
+
+/// The last event of a generation that ran (whatever made it stop).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DoneEvent {
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    pub stop_reason: StopReason,
+    pub timings_ms: Timings,
+    /// Decode speed as the worker measured it (tokens after the first / decode time).
+    pub decode_tokens_per_s: Option<f64>,
+    /// Process id of the worker that served the request.
+    #[serde(default)]
+    pub worker_pid: Option<u32>,
+}
+
+/// An error as a JSON body (HTTP errors) or an `error` event (mid-stream).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<&Error> for ErrorBody {
+    fn from(err: &Error) -> ErrorBody {
+        ErrorBody {
+            code: err.kind.wire_code().to_string(),
+            message: err.message.clone(),
+        }
+    }
+}
+
+impl From<ErrorBody> for Error {
+    fn from(body: ErrorBody) -> Error {
+        Error::new(ExitKind::from_wire_code(&body.code), body.message)
+    }
+}
+
+/// `GET /health` of a hive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HiveHealth {
+    pub status: String,
+    pub version: String,
+    pub protocol: u32,
+    pub node: String,
+    pub pid: u32,
+    pub uptime_s: f64,
+}
+
+/// `GET /health` of a worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerHealth {
+    pub status: String,
+    pub model: String,
+    pub n_ctx: u32,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Starting,
+    Loading,
+    Ready,
+    Busy,
+    Stopping,
+    Failed,
+}
+
+/// One worker as the hive sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub model: String,
+    pub state: WorkerState,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    pub restart_count: u32,
+    pub last_exit: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub last_restart: Option<u64>,
+    pub started_at: Option<u64>,
+    pub load_ms: Option<f64>,
+    pub requests_served: u64,
+    pub in_flight: u32,
+    pub queued: u32,
+    pub idle_s: Option<f64>,
+}
+
+/// The first line a worker prints on stdout: where it listens, or why it could not start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum WorkerHello {
+    Ready { port: u16, n_ctx: u32, load_ms: f64 },
+    Failed { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams {
+            max_tokens: 8,
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: None,
+        }
+    }
+
+    #[test]
+    fn sampling_bounds() {
+        assert!(params().validate().is_ok());
+        let bad = [
+            SamplingParams {
+                max_tokens: 0,
+                ..params()
+            },
+            SamplingParams {
+                temperature: -1.0,
+                ..params()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..params()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..params()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..params()
+            },
+        ];
+        for p in bad {
+            let err = p.validate().expect_err("out of bounds");
+            assert_eq!(err.code(), 8, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn error_classes_survive_the_wire() {
+        let err = Error::worker("model refused");
+        let back: Error = ErrorBody::from(&err).into();
+        assert_eq!(back.code(), 7);
+        assert_eq!(back.message, "model refused");
+    }
+}

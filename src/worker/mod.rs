@@ -1,0 +1,89 @@
+//! `rbee worker serve`: one process per loaded model. It loads the model, prints a hello line on
+//! stdout (its port, or why it failed), serves on 127.0.0.1, and exits when its hive goes away
+//! (stdin closes) or on SIGTERM.
+
+pub mod engine;
+pub mod server;
+pub mod utf8;
+
+use std::io::{Read, Write};
+
+use crate::cli::WorkerServeArgs;
+use crate::error::{Error, Result};
+use crate::wire::WorkerHello;
+use engine::{Engine, EngineOptions};
+
+pub fn serve(args: WorkerServeArgs) -> Result<()> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    let port = listener.local_addr()?.port();
+    let options = EngineOptions {
+        model_path: args.model_path.clone(),
+        context: args.context,
+        threads: args.threads,
+        gpu_layers: args.gpu_layers,
+    };
+    let (engine, loaded) = match Engine::start(options) {
+        Ok(ok) => ok,
+        Err(err) => {
+            hello(&WorkerHello::Failed {
+                message: err.message.clone(),
+            });
+            return Err(err);
+        }
+    };
+    hello(&WorkerHello::Ready {
+        port,
+        n_ctx: loaded.n_ctx,
+        load_ms: loaded.load_ms,
+    });
+    tracing::info!(model = %args.model, port, load_ms = loaded.load_ms, "worker ready");
+    exit_when_stdin_closes();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let app = server::router(server::WorkerState {
+            engine,
+            model: args.model,
+            n_ctx: loaded.n_ctx,
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(crate::signals::terminated())
+            .await
+            .map_err(|e| Error::internal(format!("worker server failed: {e}")))
+    })
+}
+
+fn hello(message: &WorkerHello) {
+    let mut out = std::io::stdout().lock();
+    if let Ok(line) = serde_json::to_string(message) {
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+/// The hive holds the write end of our stdin; when the hive dies, even by SIGKILL, the read
+/// returns end-of-file and the worker leaves instead of lingering as an orphan.
+fn exit_when_stdin_closes() {
+    let spawned = std::thread::Builder::new()
+        .name("stdin-watch".to_string())
+        .spawn(|| {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            tracing::info!("hive went away; worker exits");
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch stdin for the hive going away: {e}");
+    }
+}

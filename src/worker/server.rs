@@ -1,0 +1,87 @@
+//! The worker's HTTP server: `POST /v1/generate` streams one generation as server-sent events,
+//! `GET /health` says which model is loaded.
+
+use std::convert::Infallible;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::deadline::Budget;
+use crate::error::Error;
+use crate::http::{ApiError, sse_event};
+use crate::wire::{self, ErrorBody, GenerateRequest, TokenEvent, WorkerHealth};
+use crate::worker::engine::{Engine, EngineEvent, Job};
+
+#[derive(Clone)]
+pub struct WorkerState {
+    pub engine: Engine,
+    pub model: String,
+    pub n_ctx: u32,
+}
+
+pub fn router(state: WorkerState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/generate", post(generate))
+        .layer(DefaultBodyLimit::max(wire::MAX_PROMPT_BYTES * 2 + 4096))
+        .with_state(state)
+}
+
+async fn health(State(state): State<WorkerState>) -> Json<WorkerHealth> {
+    Json(WorkerHealth {
+        status: "ready".to_string(),
+        model: state.model.clone(),
+        n_ctx: state.n_ctx,
+        pid: std::process::id(),
+    })
+}
+
+async fn generate(
+    State(state): State<WorkerState>,
+    headers: HeaderMap,
+    Json(request): Json<GenerateRequest>,
+) -> Result<Response, ApiError> {
+    request.validate()?;
+    let budget = Budget::from_headers(&headers);
+    if budget.is_some_and(|b| b.is_spent()) {
+        return Err(
+            Error::deadline("the request's budget was spent before it reached the worker").into(),
+        );
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tracing::info!(request_id = %request.request_id, "generation queued");
+    state.engine.submit(Job {
+        request,
+        deadline: budget.map(|b| b.deadline()),
+        events: tx,
+    })?;
+    let mut rx = UnboundedReceiverStream::new(rx);
+    // Problems found before the first token (prompt too long...) get a proper status.
+    match rx.next().await {
+        Some(EngineEvent::Started { tokens_in }) => {
+            let first = sse_event("started", &serde_json::json!({ "tokens_in": tokens_in }));
+            let rest = rx.map(|event| Ok::<Event, Infallible>(to_sse(event)));
+            let stream = futures::stream::once(async move { Ok(first) }).chain(rest);
+            Ok(Sse::new(stream).into_response())
+        }
+        Some(EngineEvent::Failed(err)) => Err(err.into()),
+        Some(_) | None => Err(Error::worker("the llama.cpp thread dropped the request").into()),
+    }
+}
+
+fn to_sse(event: EngineEvent) -> Event {
+    match event {
+        EngineEvent::Token(text) => sse_event("token", &TokenEvent { text }),
+        EngineEvent::Done(done) => sse_event("done", &done),
+        EngineEvent::Failed(err) => sse_event("error", &ErrorBody::from(&err)),
+        EngineEvent::Started { tokens_in } => {
+            sse_event("started", &serde_json::json!({ "tokens_in": tokens_in }))
+        }
+    }
+}
