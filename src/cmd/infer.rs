@@ -24,15 +24,15 @@ use crate::wire::{
 
 pub async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
     let result = infer(ctx, args).await;
-    if let Err(err) = &result {
-        if ctx.out.json {
-            ctx.out.json_line(&serde_json::json!({
-                "event": "error",
-                "code": err.kind.wire_code(),
-                "message": err.message,
-                "exit_code": err.code(),
-            }));
-        }
+    if let Err(err) = &result
+        && ctx.out.json
+    {
+        ctx.out.json_line(&serde_json::json!({
+            "event": "error",
+            "code": err.kind.wire_code(),
+            "message": err.message,
+            "exit_code": err.code(),
+        }));
     }
     result
 }
@@ -234,13 +234,13 @@ fn breakdown(total: Duration, budget: &Budget, p: &Progress) -> String {
     push("load", t.load);
     push("prefill", t.prefill);
     push("decode", t.decode);
-    if t.decode.is_none() {
-        if let Some(sent) = p.sent_at {
-            stages.push(format!(
-                "waiting on the hive (queue, load, generation) {:.0}ms",
-                sent.elapsed().as_secs_f64() * 1000.0
-            ));
-        }
+    if t.decode.is_none()
+        && let Some(sent) = p.sent_at
+    {
+        stages.push(format!(
+            "waiting on the hive (queue, load, generation) {:.0}ms",
+            sent.elapsed().as_secs_f64() * 1000.0
+        ));
     }
     let spent = if stages.is_empty() {
         String::new()

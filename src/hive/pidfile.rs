@@ -64,10 +64,7 @@ pub fn is_locked(path: &Path) -> bool {
     let Ok(file) = File::open(path) else {
         return false;
     };
-    match Flock::lock(file, FlockArg::LockSharedNonblock) {
-        Ok(_) => false,
-        Err(_) => true,
-    }
+    Flock::lock(file, FlockArg::LockSharedNonblock).is_err()
 }
 
 #[cfg(test)]

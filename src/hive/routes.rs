@@ -192,12 +192,12 @@ impl Relay {
     }
 
     fn forward(&self, event: SseEvent) -> Event {
-        if event.event == "done" {
-            if let Ok(mut done) = serde_json::from_str::<DoneEvent>(&event.data) {
-                done.timings_ms.queue = Some(self.queue_ms);
-                done.timings_ms.load = self.load_ms;
-                return sse_event("done", &done);
-            }
+        if event.event == "done"
+            && let Ok(mut done) = serde_json::from_str::<DoneEvent>(&event.data)
+        {
+            done.timings_ms.queue = Some(self.queue_ms);
+            done.timings_ms.load = self.load_ms;
+            return sse_event("done", &done);
         }
         // Tokens pass through untouched: no re-encoding on the hot path.
         Event::default().event(event.event).data(event.data)

@@ -1,0 +1,267 @@
+//! Test helpers: a private rbee environment per test (its own state directory, nodes.toml and
+//! hive port), a builder over the real binary, and process inspection.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rbee"))
+}
+
+/// The test model. In CI a missing model is a failure; elsewhere the test is skipped with a note.
+pub fn model() -> Option<PathBuf> {
+    let path = std::env::var_os("RBEE_TEST_MODEL")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                PathBuf::from(h).join(".cache/rbee/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            })
+        })?;
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "the test model is missing at {} (set RBEE_TEST_MODEL, or run scripts/setup.sh)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "skipped: no test model at {} (run scripts/setup.sh)",
+        path.display()
+    );
+    None
+}
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// One private rbee world: state dir, config, node dir and hive port of its own.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(output: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            code: output
+                .status
+                .code()
+                .unwrap_or_else(|| 128 + output.status.signal().unwrap_or(0)),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// The `--json` lines of stdout.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+            .collect()
+    }
+
+    pub fn done(&self) -> serde_json::Value {
+        let lines = self.json_lines();
+        let last = lines.last().cloned().expect("at least one JSON line");
+        assert_eq!(
+            last["event"], "done",
+            "last line is not the done event: {}",
+            self.stdout
+        );
+        last
+    }
+
+    pub fn text(&self) -> String {
+        self.json_lines()
+            .iter()
+            .filter(|l| l["event"] == "token")
+            .map(|l| l["text"].as_str().expect("token text").to_string())
+            .collect()
+    }
+
+    #[track_caller]
+    pub fn expect(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}, got {}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+impl Env {
+    /// A local node `n1` serving the test model; `extra` is appended to its node table.
+    pub fn new(extra: &str) -> Option<Env> {
+        let model = model()?;
+        Some(Env::with_model(&model, MODEL_SHA256, extra))
+    }
+
+    pub fn with_model(model: &Path, sha256: &str, extra: &str) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("rbee-test-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let config = dir.path().join("nodes.toml");
+        let text = format!(
+            "[models.smollm2]\npath = {model:?}\nsha256 = \"{sha256}\"\nthreads = 1\n\n\
+             [nodes.n1]\ntransport = \"local\"\nremote_dir = {node_dir:?}\nhive_port = {port}\n\
+             models = [\"smollm2\"]\n{extra}\n",
+            model = model.display().to_string(),
+            node_dir = dir.path().join("node").display().to_string(),
+        );
+        std::fs::write(&config, text).expect("write nodes.toml");
+        Env { dir, port, config }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn node_dir(&self) -> PathBuf {
+        self.path().join("node")
+    }
+
+    /// The binary with this environment: its config and state, nothing from the caller's.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .current_dir(self.path())
+            .env("RBEE_CONFIG", &self.config)
+            .env("RBEE_HOME", self.path().join("state"))
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.command(args).output().expect("run rbee"))
+    }
+
+    pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Run {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rbee");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
+        Run::from(child.wait_with_output().expect("wait rbee"))
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rbee")
+    }
+
+    /// `infer --json` with the given extra arguments.
+    pub fn infer(&self, args: &[&str]) -> Run {
+        let mut all = vec!["--json", "infer"];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
+    pub fn workers(&self) -> Vec<serde_json::Value> {
+        let run = self.run(&["worker", "list", "--json"]);
+        run.expect(0);
+        let value: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("JSON");
+        value["workers"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Pids of every process started for this environment (hive and workers carry its
+    /// directory in their command line).
+    pub fn processes(&self) -> Vec<i32> {
+        processes_mentioning(&self.path().display().to_string())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.command(&["hive", "stop", "--all"]).output();
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        // Zombies have an empty cmdline and count as gone.
+        if cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie ("Z") has exited; only its parent has not collected it yet.
+    !stat.is_empty() && stat.split(' ').nth(2).is_none_or(|s| s != "Z")
+}
+
+/// Polls `check` until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

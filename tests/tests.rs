@@ -1,0 +1,9 @@
+//! One test binary driving the real `rbee` with the real model; modules by feature.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+mod config_errors;
+mod daemon;
+mod infer;
