@@ -10,7 +10,7 @@ use crate::config::{Node, Transport};
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, Result};
 use crate::http::error_from_response;
-use crate::wire::{HiveHealth, InferRequest, REQUEST_ID_HEADER, WorkerInfo};
+use crate::wire::{HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, WorkerInfo};
 
 pub struct HiveClient {
     pub node: String,
@@ -97,6 +97,10 @@ impl HiveClient {
 
     pub async fn workers(&self, timeout: Duration) -> Result<Vec<WorkerInfo>> {
         self.get_json("/v1/workers", timeout).await
+    }
+
+    pub async fn requests(&self, timeout: Duration) -> Result<Vec<RequestInfo>> {
+        self.get_json("/v1/requests", timeout).await
     }
 
     pub async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {

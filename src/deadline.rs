@@ -26,6 +26,11 @@ impl Budget {
         }
     }
 
+    /// The whole budget, as it was given.
+    pub fn total(&self) -> Duration {
+        self.deadline - self.started
+    }
+
     pub fn deadline(&self) -> Instant {
         self.deadline
     }

@@ -164,6 +164,37 @@ pub struct WorkerHealth {
     pub model: String,
     pub n_ctx: u32,
     pub pid: u32,
+    /// The generation being decoded now.
+    pub active: Option<Generation>,
+    /// The last generation that ended.
+    pub last: Option<Generation>,
+}
+
+/// A generation as the worker sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Generation {
+    pub request_id: String,
+    pub tokens_out: u32,
+    pub stop_reason: Option<StopReason>,
+}
+
+/// Where an in-flight request is in the hive.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStage {
+    Queued,
+    Loading,
+    Generating,
+}
+
+/// One request the hive is working on, and what is left of its budget.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestInfo {
+    pub request_id: String,
+    pub model: String,
+    pub stage: RequestStage,
+    pub age_ms: u64,
+    pub remaining_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -6,4 +6,5 @@ mod support;
 
 mod config_errors;
 mod daemon;
+mod deadline;
 mod infer;

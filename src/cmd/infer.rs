@@ -23,12 +23,14 @@ use crate::wire::{
 };
 
 pub async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
-    let result = infer(ctx, args).await;
+    let request_id = format!("{:032x}", rand::random::<u128>());
+    let result = infer(ctx, args, &request_id).await;
     if let Err(err) = &result
         && ctx.out.json
     {
         ctx.out.json_line(&serde_json::json!({
             "event": "error",
+            "request_id": request_id,
             "code": err.kind.wire_code(),
             "message": err.message,
             "exit_code": err.code(),
@@ -58,7 +60,7 @@ struct DoneLine<'a> {
     done: &'a DoneEvent,
 }
 
-async fn infer(ctx: &Context, args: InferArgs) -> Result<()> {
+async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let prompt = read_prompt(&args.prompt)?;
     let config = ctx.config()?;
     let node = config.node(args.node.as_deref())?;
@@ -70,10 +72,9 @@ async fn infer(ctx: &Context, args: InferArgs) -> Result<()> {
         seed: args.seed,
     };
     params.validate()?;
-    let total = args.timeout.unwrap_or(node.timeout);
-    let budget = Budget::new(total);
+    let budget = Budget::new(args.timeout.unwrap_or(node.timeout));
     let request = InferRequest {
-        request_id: format!("{:032x}", rand::random::<u128>()),
+        request_id: request_id.to_string(),
         model: model.clone(),
         system: args.system,
         prompt,
@@ -87,7 +88,7 @@ async fn infer(ctx: &Context, args: InferArgs) -> Result<()> {
         _ = tokio::signal::ctrl_c() => Err(Error::new(ExitKind::Interrupted, "interrupted")),
         result = tokio::time::timeout_at(budget.deadline().into(), work) => match result {
             Ok(result) => result,
-            Err(_) => Err(Error::deadline(breakdown(total, &budget, &progress.borrow()))),
+            Err(_) => Err(Error::deadline(breakdown(budget.total(), &budget, &progress.borrow()))),
         },
     };
     let progress = progress.into_inner();
@@ -201,8 +202,7 @@ fn finish(
                 timings: done.timings_ms.clone(),
                 ..Progress::default()
             };
-            let total = budget.elapsed() + budget.remaining();
-            Err(Error::deadline(breakdown(total, budget, &p)))
+            Err(Error::deadline(breakdown(budget.total(), budget, &p)))
         }
         StopReason::Cancelled => Err(Error::worker(format!(
             "the generation was cancelled on `{}`",

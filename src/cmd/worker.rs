@@ -7,7 +7,7 @@ use crate::client::HiveClient;
 use crate::cmd::Context;
 use crate::error::{Error, Result};
 use crate::output::table;
-use crate::wire::{WorkerInfo, WorkerState};
+use crate::wire::{RequestInfo, RequestStage, WorkerInfo, WorkerState};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -35,34 +35,55 @@ async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
     let node = config.node(node)?;
     let client = HiveClient::for_node(node)?;
     let workers = client.workers(TIMEOUT).await?;
+    let requests = client.requests(TIMEOUT).await?;
     if ctx.out.json {
-        ctx.out
-            .json_line(&serde_json::json!({ "node": node.name, "workers": workers }));
+        ctx.out.json_line(&serde_json::json!({
+            "node": node.name,
+            "workers": workers,
+            "requests": requests,
+        }));
         return Ok(());
     }
     if workers.is_empty() {
         ctx.out.note(format!("{}: no workers running", node.name));
-        return Ok(());
+    } else {
+        let headers = [
+            "MODEL",
+            "STATE",
+            "PID",
+            "PORT",
+            "UP",
+            "LOAD",
+            "SERVED",
+            "QUEUED",
+            "RESTARTS",
+            "LAST EXIT",
+        ];
+        let rows: Vec<Vec<String>> = workers.iter().map(row).collect();
+        ctx.out.result(&(), || table(&headers, &rows));
     }
-    let rows: Vec<Vec<String>> = workers.iter().map(row).collect();
-    ctx.out.result(&(), || {
-        table(
-            &[
-                "MODEL",
-                "STATE",
-                "PID",
-                "PORT",
-                "UP",
-                "LOAD",
-                "SERVED",
-                "QUEUED",
-                "RESTARTS",
-                "LAST EXIT",
-            ],
-            &rows,
-        )
-    });
+    if !requests.is_empty() {
+        let rows: Vec<Vec<String>> = requests.iter().map(request_row).collect();
+        let headers = ["REQUEST", "MODEL", "STAGE", "AGE", "BUDGET LEFT"];
+        ctx.out
+            .result(&(), || format!("\n{}", table(&headers, &rows)));
+    }
     Ok(())
+}
+
+fn request_row(r: &RequestInfo) -> Vec<String> {
+    let stage = match r.stage {
+        RequestStage::Queued => "queued",
+        RequestStage::Loading => "loading",
+        RequestStage::Generating => "generating",
+    };
+    vec![
+        r.request_id.clone(),
+        r.model.clone(),
+        stage.to_string(),
+        format!("{}ms", r.age_ms),
+        format!("{}ms", r.remaining_ms),
+    ]
 }
 
 fn row(w: &WorkerInfo) -> Vec<String> {

@@ -4,6 +4,7 @@
 
 pub mod pidfile;
 pub mod registry;
+pub mod requests;
 pub mod routes;
 pub mod verify;
 pub mod worker_proc;
@@ -59,6 +60,7 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?,
         shutdown: CancellationToken::new(),
+        requests: Arc::default(),
     });
     tracing::info!(
         node = %args.node,

@@ -19,12 +19,13 @@ use crate::config::{self, DEFAULT_TIMEOUT};
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::Error;
 use crate::hive::registry::{Lease, Registry};
+use crate::hive::requests::{Requests, Tracked};
 use crate::hive::worker_proc::WorkerProc;
 use crate::http::{ApiError, error_from_response, sse_event};
 use crate::sse::{SseEvent, events};
 use crate::wire::{
     self, DoneEvent, ErrorBody, GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER,
-    WorkerInfo,
+    RequestInfo, RequestStage, WorkerInfo,
 };
 
 pub struct Hive {
@@ -33,6 +34,7 @@ pub struct Hive {
     pub registry: Registry,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
+    pub requests: Arc<Requests>,
 }
 
 pub fn router(hive: Arc<Hive>) -> Router {
@@ -40,6 +42,7 @@ pub fn router(hive: Arc<Hive>) -> Router {
         .route("/health", get(health))
         .route("/v1/workers", get(workers))
         .route("/v1/workers/{model}", delete(stop_worker))
+        .route("/v1/requests", get(requests))
         .route("/v1/infer", post(infer))
         .route("/v1/shutdown", post(shutdown))
         .layer(DefaultBodyLimit::max(
@@ -61,6 +64,10 @@ async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
 
 async fn workers(State(hive): State<Arc<Hive>>) -> Json<Vec<WorkerInfo>> {
     Json(hive.registry.workers())
+}
+
+async fn requests(State(hive): State<Arc<Hive>>) -> Json<Vec<RequestInfo>> {
+    Json(hive.requests.list())
 }
 
 async fn stop_worker(
@@ -108,11 +115,16 @@ async fn infer(
         "request received"
     );
 
+    let tracked = hive
+        .requests
+        .track(&generate.request_id, &request.model.name, budget);
     let entry = hive.registry.entry(&request.model)?;
     let queued_at = Instant::now();
     let lease = entry.lease(&budget).await?;
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
+    tracked.stage(RequestStage::Loading);
     let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
+    tracked.stage(RequestStage::Generating);
 
     let response = hive
         .http
@@ -134,6 +146,7 @@ async fn infer(
 
     let (tx, rx) = mpsc::channel(64);
     let relay = Relay {
+        _tracked: tracked,
         lease,
         proc,
         model: request.model.name,
@@ -149,6 +162,7 @@ async fn infer(
 /// the generation ends, and drops the worker's stream (which stops decoding) as soon as the
 /// client goes away.
 struct Relay {
+    _tracked: Tracked,
     lease: Lease,
     proc: Arc<WorkerProc>,
     model: String,

@@ -3,7 +3,7 @@
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
@@ -16,7 +16,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::Error;
-use crate::wire::{DoneEvent, GenerateRequest, StopReason, Timings};
+use crate::wire::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
 use crate::worker::utf8::Utf8Buffer;
 
 /// Longest context used when the user sets none: the training context can be far larger than
@@ -53,10 +53,25 @@ pub struct Job {
     pub events: UnboundedSender<EngineEvent>,
 }
 
+/// What the engine is doing, for `GET /health`: the generation under way and the last one.
+#[derive(Debug, Default, Clone)]
+pub struct Activity {
+    pub active: Option<Generation>,
+    pub last: Option<Generation>,
+}
+
+type SharedActivity = Arc<Mutex<Activity>>;
+
+fn update(activity: &SharedActivity, f: impl FnOnce(&mut Activity)) {
+    // Plain data: a poisoned lock still holds a usable value.
+    f(&mut activity.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
 /// The sending side of the engine thread's queue.
 #[derive(Clone)]
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
+    activity: SharedActivity,
 }
 
 impl Engine {
@@ -64,14 +79,29 @@ impl Engine {
     pub fn start(options: EngineOptions) -> Result<(Engine, Loaded), Error> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let activity = SharedActivity::default();
+        let shared = activity.clone();
         std::thread::Builder::new()
             .name("llama".to_string())
-            .spawn(move || run(options, jobs_rx, ready_tx))
+            .spawn(move || run(options, jobs_rx, ready_tx, shared))
             .map_err(|e| Error::worker(format!("cannot start the llama.cpp thread: {e}")))?;
         let loaded = ready_rx
             .recv()
             .map_err(|_| Error::worker("the llama.cpp thread stopped while loading"))??;
-        Ok((Engine { jobs: jobs_tx }, loaded))
+        Ok((
+            Engine {
+                jobs: jobs_tx,
+                activity,
+            },
+            loaded,
+        ))
+    }
+
+    pub fn activity(&self) -> Activity {
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn submit(&self, job: Job) -> Result<(), Error> {
@@ -85,6 +115,7 @@ fn run(
     options: EngineOptions,
     jobs: mpsc::Receiver<Job>,
     ready: mpsc::SyncSender<Result<Loaded, Error>>,
+    activity: SharedActivity,
 ) {
     let started = Instant::now();
     let backend = match LlamaBackend::init() {
@@ -133,7 +164,14 @@ fn run(
     }
     while let Ok(job) = jobs.recv() {
         let events = job.events.clone();
-        if let Err(err) = generate(&model, &mut ctx, &job) {
+        let result = generate(&model, &mut ctx, &job, &activity);
+        update(&activity, |a| {
+            if let Some(mut active) = a.active.take() {
+                active.stop_reason = result.as_ref().ok().copied();
+                a.last = Some(active);
+            }
+        });
+        if let Err(err) = result {
             let _ = events.send(EngineEvent::Failed(err));
         }
     }
@@ -181,7 +219,13 @@ fn sampler(request: &GenerateRequest) -> LlamaSampler {
     ])
 }
 
-fn generate(model: &LlamaModel, ctx: &mut LlamaContext<'_>, job: &Job) -> Result<(), Error> {
+/// Runs one job to its end; returns why it stopped.
+fn generate(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    job: &Job,
+    activity: &SharedActivity,
+) -> Result<StopReason, Error> {
     let request = &job.request;
     let text = render_prompt(model, request)?;
     let vocab = model.vocab();
@@ -197,8 +241,15 @@ fn generate(model: &LlamaModel, ctx: &mut LlamaContext<'_>, job: &Job) -> Result
         )));
     }
     let tokens_in = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+    update(activity, |a| {
+        a.active = Some(Generation {
+            request_id: request.request_id.clone(),
+            tokens_out: 0,
+            stop_reason: None,
+        });
+    });
     if job.events.send(EngineEvent::Started { tokens_in }).is_err() {
-        return Ok(());
+        return Ok(StopReason::Cancelled);
     }
 
     let expired = || job.deadline.is_some_and(|d| Instant::now() >= d);
@@ -241,6 +292,11 @@ fn generate(model: &LlamaModel, ctx: &mut LlamaContext<'_>, job: &Job) -> Result
             break StopReason::Eos;
         }
         tokens_out += 1;
+        update(activity, |a| {
+            if let Some(active) = a.active.as_mut() {
+                active.tokens_out = tokens_out;
+            }
+        });
         first_token_at.get_or_insert_with(Instant::now);
         piece.clear();
         vocab.token_to_piece_into(token, &mut piece, false, None);
@@ -284,5 +340,5 @@ fn generate(model: &LlamaModel, ctx: &mut LlamaContext<'_>, job: &Job) -> Result
         worker_pid: Some(std::process::id()),
     };
     let _ = job.events.send(EngineEvent::Done(done));
-    Ok(())
+    Ok(stop_reason)
 }

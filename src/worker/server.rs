@@ -34,11 +34,19 @@ pub fn router(state: WorkerState) -> Router {
 }
 
 async fn health(State(state): State<WorkerState>) -> Json<WorkerHealth> {
+    let activity = state.engine.activity();
     Json(WorkerHealth {
-        status: "ready".to_string(),
+        status: if activity.active.is_some() {
+            "busy"
+        } else {
+            "ready"
+        }
+        .to_string(),
         model: state.model.clone(),
         n_ctx: state.n_ctx,
         pid: std::process::id(),
+        active: activity.active,
+        last: activity.last,
     })
 }
 

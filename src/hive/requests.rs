@@ -1,0 +1,103 @@
+//! The hive's table of in-flight requests: which stage each is in and how much of its budget is
+//! left. An entry lives exactly as long as its `Tracked` guard.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::deadline::Budget;
+use crate::wire::{RequestInfo, RequestStage};
+
+#[derive(Default)]
+pub struct Requests {
+    table: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    model: String,
+    stage: RequestStage,
+    received: Instant,
+    budget: Budget,
+}
+
+/// Removes its request from the table when dropped, however the request ended.
+pub struct Tracked {
+    requests: Arc<Requests>,
+    id: String,
+}
+
+impl Requests {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // Plain data: a panic elsewhere cannot leave it inconsistent.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn track(self: &Arc<Self>, id: &str, model: &str, budget: Budget) -> Tracked {
+        self.lock().insert(
+            id.to_string(),
+            Entry {
+                model: model.to_string(),
+                stage: RequestStage::Queued,
+                received: Instant::now(),
+                budget,
+            },
+        );
+        Tracked {
+            requests: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<RequestInfo> {
+        let mut list: Vec<RequestInfo> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| RequestInfo {
+                request_id: id.clone(),
+                model: e.model.clone(),
+                stage: e.stage,
+                age_ms: millis(e.received.elapsed()),
+                remaining_ms: millis(e.budget.remaining()),
+            })
+            .collect();
+        list.sort_by_key(|r| std::cmp::Reverse(r.age_ms));
+        list
+    }
+}
+
+impl Tracked {
+    pub fn stage(&self, stage: RequestStage) {
+        if let Some(e) = self.requests.lock().get_mut(&self.id) {
+            e.stage = stage;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.requests.lock().remove(&self.id);
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_entry_lives_as_long_as_its_guard() {
+        let requests = Arc::new(Requests::default());
+        let guard = requests.track("r1", "m", Budget::new(Duration::from_secs(10)));
+        guard.stage(RequestStage::Generating);
+        let list = requests.list();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].stage, RequestStage::Generating);
+        assert!(list[0].remaining_ms > 9_000 && list[0].remaining_ms <= 10_000);
+        drop(guard);
+        assert!(requests.list().is_empty());
+    }
+}

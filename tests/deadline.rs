@@ -1,0 +1,204 @@
+//! One budget per invocation, honoured on every hop: the worker stops at the deadline, a queued
+//! request expires in the queue, Ctrl-C cancels the generation on the worker.
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use crate::support::{Env, eventually, http, worker_health};
+
+/// Near-uniform sampling: the end-of-generation token is as likely as any of ~49k others, so
+/// the generation runs until something stops it.
+const ENDLESS: [&str; 8] = [
+    "--prompt",
+    "Tell me a story.",
+    "--temperature",
+    "5",
+    "--top-p",
+    "1",
+    "--max-tokens",
+    "100000",
+];
+
+fn warm(env: &Env) {
+    env.infer(&["--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+}
+
+#[test]
+fn the_deadline_stops_generation_keeps_the_text_and_exits_124() {
+    let Some(env) = Env::new("") else { return };
+    warm(&env);
+    let mut args = ENDLESS.to_vec();
+    args.extend(["--timeout", "1s"]);
+    let run = env.infer(&args);
+    run.expect(124);
+    assert!(!run.text().is_empty(), "no partial text: {}", run.stdout);
+    let last = run.json_lines().pop().expect("a last line");
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["code"], "deadline");
+    assert_eq!(last["exit_code"], 124);
+    assert!(
+        run.stderr.contains("deadline of 1s exceeded"),
+        "{}",
+        run.stderr
+    );
+    for stage in ["connect", "queue", "prefill", "decode"] {
+        assert!(
+            run.stderr.contains(stage),
+            "no `{stage}` in: {}",
+            run.stderr
+        );
+    }
+    // The worker itself stopped at the deadline, and the hive has nothing in flight.
+    let health = worker_health(&env);
+    assert!(health["active"].is_null(), "{health}");
+    assert_eq!(health["last"]["stop_reason"], "deadline", "{health}");
+    assert_eq!(health["last"]["request_id"], last["request_id"]);
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let workers = env.workers();
+            workers[0]["in_flight"] == 0 && workers[0]["state"] == "ready"
+        }),
+        "the worker is not idle after the deadline"
+    );
+    // Plain mode: the partial text is on stdout, the breakdown on stderr.
+    let mut plain = vec!["infer"];
+    plain.extend(args);
+    let run = env.run(&plain);
+    run.expect(124);
+    assert!(!run.stdout.is_empty());
+    assert!(
+        run.stderr.starts_with("rbee: deadline of 1s exceeded"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_budget_spent_before_the_hive_is_answered_at_once() {
+    let Some(env) = Env::new("") else { return };
+    env.run(&["hive", "start", "n1"]).expect(0);
+    let body = serde_json::json!({
+        "request_id": "spent",
+        "model": {
+            "name": "smollm2", "path": crate::support::model().expect("model"),
+            "sha256": crate::support::MODEL_SHA256, "source": null, "context": null,
+            "slots": 1, "gpu_layers": 0, "threads": 1
+        },
+        "system": null,
+        "prompt": "Hi",
+        "params": { "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": null }
+    });
+    let (status, reply) = http(
+        env.port,
+        "POST",
+        "/v1/infer",
+        &[
+            ("content-type", "application/json"),
+            ("x-rbee-budget-ms", "0"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 504, "{reply}");
+    assert!(reply.contains("\"code\":\"deadline\""), "{reply}");
+    // No model was loaded for it.
+    assert!(env.workers().is_empty());
+}
+
+#[test]
+fn a_queued_request_expires_in_the_queue_without_generating() {
+    let Some(env) = Env::new("") else { return };
+    warm(&env);
+    let mut holder_args = vec!["--json", "infer"];
+    holder_args.extend(ENDLESS);
+    holder_args.extend(["--timeout", "60s"]);
+    let mut holder = env.spawn(&holder_args);
+    let mut lines = BufReader::new(holder.stdout.take().expect("stdout")).lines();
+    lines.next().expect("the holder generates").expect("read");
+
+    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "4", "--timeout", "1s"]);
+    run.expect(124);
+    assert!(
+        run.text().is_empty(),
+        "the queued request generated: {}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("queue"), "{}", run.stderr);
+    let queued_id = run.json_lines().pop().expect("error line")["request_id"].clone();
+    // It never reached the worker: the worker is still on the holder's generation.
+    let health = worker_health(&env);
+    assert_ne!(health["active"]["request_id"], queued_id);
+    assert_ne!(health["last"]["request_id"], queued_id);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    assert_eq!(holder.wait().expect("wait").code(), Some(130));
+}
+
+#[test]
+fn ctrl_c_exits_130_and_the_worker_stops_decoding() {
+    let Some(env) = Env::new("") else { return };
+    warm(&env);
+    let mut args = vec!["--json", "infer"];
+    args.extend(ENDLESS);
+    let mut child = env.spawn(&args);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for _ in 0..3 {
+        lines.next().expect("tokens").expect("read");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || !env
+            .run(&["--json", "worker", "list"])
+            .stdout
+            .contains("\"requests\":[]")),
+        "the hive does not list the request in flight"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130));
+    let rest: Vec<String> = lines.map(|l| l.expect("read")).collect();
+    let error: serde_json::Value =
+        serde_json::from_str(rest.last().expect("an error line")).expect("JSON");
+    assert_eq!(error["code"], "interrupted");
+    // The worker noticed its client was gone and stopped long before max_tokens.
+    assert!(
+        eventually(Duration::from_secs(5), || worker_health(&env)["active"]
+            .is_null()),
+        "the worker is still decoding after Ctrl-C"
+    );
+    let last = &worker_health(&env)["last"];
+    assert_eq!(last["stop_reason"], "cancelled", "{last}");
+    assert_eq!(last["request_id"], error["request_id"]);
+    assert!(last["tokens_out"].as_u64().expect("tokens") < 100_000);
+    assert!(env.workers()[0]["in_flight"] == 0);
+}
+
+#[test]
+fn in_flight_requests_show_their_remaining_budget() {
+    let Some(env) = Env::new("") else { return };
+    warm(&env);
+    let mut args = vec!["--json", "infer"];
+    args.extend(ENDLESS);
+    args.extend(["--timeout", "20s"]);
+    let mut child = env.spawn(&args);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    lines.next().expect("a token").expect("read");
+    let list = env.run(&["--json", "worker", "list"]);
+    let value: serde_json::Value = serde_json::from_str(list.stdout.trim()).expect("JSON");
+    let request = &value["requests"][0];
+    assert_eq!(request["stage"], "generating", "{value}");
+    assert_eq!(request["model"], "smollm2");
+    let remaining = request["remaining_ms"].as_u64().expect("remaining");
+    assert!(remaining > 0 && remaining < 20_000, "{remaining}");
+    let text = env.run(&["worker", "list"]);
+    assert!(text.stdout.contains("BUDGET LEFT"), "{}", text.stdout);
+    let _ = child.kill();
+    let _ = child.wait();
+}
