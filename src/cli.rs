@@ -24,6 +24,9 @@ pub struct Cli {
     /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Record the host key of a node seen for the first time (a changed key is always refused)
+    #[arg(long, global = true)]
+    pub accept_new_host_key: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,10 +45,15 @@ pub enum Command {
         #[command(subcommand)]
         command: WorkerCommand,
     },
-    /// The nodes and models of the configuration
+    /// The nodes of the configuration: list, check, trust
     Nodes {
         #[command(subcommand)]
         command: NodesCommand,
+    },
+    /// Model files on nodes
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
     },
 }
 
@@ -88,6 +96,8 @@ pub enum HiveCommand {
     Stop(NodeSelection),
     /// Show whether the hive runs on nodes, and its workers
     Status(NodeSelection),
+    /// Put this rbee binary on nodes (only when it differs), and their models that have a `source`
+    Install(NodeSelection),
     /// Run the hive daemon in the foreground (started by `rbee` itself)
     #[command(hide = true)]
     Serve(HiveServeArgs),
@@ -163,6 +173,25 @@ pub struct WorkerServeArgs {
 pub enum NodesCommand {
     /// List the configured nodes and their models
     List,
+    /// Check nodes: reachable, host key, authentication, platform, free disk, installed version
+    Check(NodeSelection),
+    /// Record the host key of nodes in their known_hosts file (after checking its fingerprint)
+    Trust(NodeSelection),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// The models a node serves, and whether their files are on it
+    List {
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Copy a model's `source` file to a node (resumes a partial copy, verifies the sha256)
+    Push {
+        #[arg(long)]
+        node: String,
+        model: String,
+    },
 }
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {

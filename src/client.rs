@@ -6,7 +6,6 @@ use std::time::Duration;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
-use crate::config::{Node, Transport};
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, Result};
 use crate::http::error_from_response;
@@ -19,28 +18,21 @@ pub struct HiveClient {
 }
 
 impl HiveClient {
-    pub fn for_node(node: &Node) -> Result<HiveClient> {
-        let base = match node.transport {
-            Transport::Local => format!("http://127.0.0.1:{}", node.hive_port),
-            other => {
-                return Err(Error::config(format!(
-                    "node `{}` uses transport `{}`, which this build of rbee cannot reach yet; \
-                     use `transport = \"local\"` for this machine",
-                    node.name,
-                    serde_json::to_value(other)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                )));
-            }
-        };
+    /// A client for the hive of `node` at `host:port` (a tunnel's local end, or the node).
+    pub fn new(node: &str, host: &str, port: u16) -> Result<HiveClient> {
         let http = reqwest::Client::builder()
             .no_proxy()
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
         Ok(HiveClient {
-            node: node.name.clone(),
-            base,
+            node: node.to_string(),
+            base: format!("http://{host}:{port}"),
             http,
         })
     }

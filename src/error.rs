@@ -38,6 +38,24 @@ impl ExitKind {
         }
     }
 
+    /// The kind behind an exit code (for results gathered from several nodes).
+    pub fn from_code(code: u8) -> ExitKind {
+        [
+            ExitKind::Usage,
+            ExitKind::Config,
+            ExitKind::Ssh,
+            ExitKind::Unauthenticated,
+            ExitKind::HiveUnavailable,
+            ExitKind::WorkerUnavailable,
+            ExitKind::InvalidRequest,
+            ExitKind::Deadline,
+            ExitKind::Interrupted,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+        .unwrap_or(ExitKind::Internal)
+    }
+
     pub fn from_wire_code(code: &str) -> ExitKind {
         match code {
             "usage" => ExitKind::Usage,

@@ -9,6 +9,9 @@
 //! - `cmd`: one module per subcommand
 //! - `lifecycle`: a node's hive seen from the queen: probe, start, stop
 //! - `client`: the queen's HTTP client for a hive
+//! - `node`: a connection to a node: hive client, tunnel, SSH session
+//! - `ssh`: russh sessions, known_hosts, `~/.ssh/config`, quoting
+//! - `install`: the binary and model files on nodes
 //! - `hive`: the hive daemon: pidfile, registry of workers, routes, model verification
 //! - `worker`: the llama.cpp worker: engine thread and HTTP server
 //! - `wire`: request bodies, stream events and status views shared by every hop
@@ -25,11 +28,14 @@ pub mod deadline;
 pub mod error;
 pub mod hive;
 pub mod http;
+pub mod install;
 pub mod lifecycle;
+pub mod node;
 pub mod output;
 pub mod paths;
 pub mod signals;
 pub mod sse;
+pub mod ssh;
 pub mod wire;
 pub mod worker;
 
@@ -66,6 +72,9 @@ where
         out: Output {
             json: cli.json,
             quiet: cli.quiet,
+        },
+        connect: node::ConnectOptions {
+            accept_new_host_key: cli.accept_new_host_key,
         },
     };
     let result = match cli.command {
@@ -106,6 +115,7 @@ fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
             Command::Hive { command } => cmd::hive::run(ctx, command).await,
             Command::Worker { command } => cmd::worker::run(ctx, command).await,
             Command::Nodes { command } => cmd::nodes::run(ctx, command).await,
+            Command::Models { command } => cmd::models::run(ctx, command).await,
         }
     })
 }

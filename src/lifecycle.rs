@@ -1,5 +1,6 @@
 //! A node's hive as a small state machine seen from the queen: probe it (ready, needs a
-//! restart, unreachable), start it detached and wait until it is ready, stop it gracefully.
+//! restart, unreachable), start it detached (locally, or over SSH after installing) and wait
+//! until it is ready, stop it gracefully.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -10,14 +11,16 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::client::HiveClient;
-use crate::config::{Node, Transport};
+use crate::config::Node;
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::hive::{LOG_FILE, PID_FILE, pidfile};
+use crate::install;
+use crate::node::NodeConn;
 use crate::paths;
 use crate::wire::{HiveHealth, PROTOCOL_VERSION};
 
-const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
 pub enum Probe {
@@ -50,38 +53,90 @@ pub fn local_dir(node: &Node) -> PathBuf {
     paths::expand_tilde(&node.remote_dir)
 }
 
-pub async fn ensure_running(node: &Node, client: &HiveClient, budget: &Budget) -> Result<Running> {
+pub async fn ensure_running(conn: &mut NodeConn, budget: &Budget) -> Result<Running> {
     let t0 = Instant::now();
-    match probe(client, budget.remaining()).await {
+    match probe(&conn.client, budget.remaining()).await {
         Probe::Ready(health) => Ok(Running {
             health,
             started: false,
             elapsed: t0.elapsed(),
         }),
         Probe::NeedsRestart(h) => {
-            tracing::info!(node = %node.name, version = %h.version, protocol = h.protocol, "restarting a hive of another version");
-            stop(node, client).await?;
-            start(node, client, budget, t0).await
+            tracing::info!(node = %conn.node.name, version = %h.version, protocol = h.protocol, "restarting a hive of another version");
+            stop(conn, budget).await?;
+            start(conn, budget, t0).await
         }
         Probe::Unreachable(e) => {
-            tracing::debug!(node = %node.name, "hive not reachable ({e}); starting it");
-            start(node, client, budget, t0).await
+            tracing::debug!(node = %conn.node.name, "hive not reachable ({e}); starting it");
+            start(conn, budget, t0).await
         }
     }
 }
 
-async fn start(node: &Node, client: &HiveClient, budget: &Budget, t0: Instant) -> Result<Running> {
-    if node.transport != Transport::Local {
-        return Err(Error::hive(format!(
-            "cannot start the hive on `{}`: only `transport = \"local\"` nodes are supported by this build",
-            node.name
-        )));
+async fn start(conn: &mut NodeConn, budget: &Budget, t0: Instant) -> Result<Running> {
+    let mut child = None;
+    if conn.is_local() {
+        child = Some(spawn_local(&conn.node)?);
+    } else {
+        let node = conn.node.clone();
+        let session = conn.ssh(budget).await?;
+        let installed = install::install_binary(session, &node).await?;
+        if installed.uploaded {
+            tracing::info!(node = %node.name, bytes = installed.bytes, "uploaded rbee");
+        }
+        session
+            .run("starting the hive", &install::start_command(&node))
+            .await?;
     }
+    tracing::info!(node = %conn.node.name, "hive starting");
+
+    let mut last_error;
+    let mut exited_at: Option<Instant> = None;
+    loop {
+        match probe(&conn.client, budget.remaining()).await {
+            Probe::Ready(health) => {
+                return Ok(Running {
+                    health,
+                    started: true,
+                    elapsed: t0.elapsed(),
+                });
+            }
+            Probe::NeedsRestart(h) => {
+                last_error = format!("a hive of version {} answers", h.version);
+            }
+            Probe::Unreachable(e) => last_error = e.message,
+        }
+        // Our child may exit because a concurrent `rbee` started the hive first; give that
+        // one a moment to answer before reporting the failure.
+        if let Some(child) = child.as_mut()
+            && exited_at.is_none()
+            && matches!(child.try_wait(), Ok(Some(_)))
+        {
+            exited_at = Some(Instant::now());
+        }
+        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            return Err(Error::hive(format!(
+                "the hive on `{}` exited during start: {}",
+                conn.node.name,
+                log_tail(&local_dir(&conn.node).join(LOG_FILE)).unwrap_or(last_error)
+            )));
+        }
+        if budget.is_spent() {
+            return Err(Error::deadline(format!(
+                "the hive on `{}` was not ready within the budget ({last_error})",
+                conn.node.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20).min(budget.remaining())).await;
+    }
+}
+
+fn spawn_local(node: &Node) -> Result<std::process::Child> {
     let dir = local_dir(node);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::hive(format!("cannot create `{}`: {e}", dir.display())))?;
     let exe = std::env::current_exe()?;
-    let mut child = std::process::Command::new(exe)
+    std::process::Command::new(exe)
         .arg("hive")
         .arg("serve")
         .arg("--dir")
@@ -96,45 +151,7 @@ async fn start(node: &Node, client: &HiveClient, budget: &Budget, t0: Instant) -
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| Error::hive(format!("cannot start the hive on `{}`: {e}", node.name)))?;
-    tracing::info!(node = %node.name, pid = child.id(), "hive starting");
-
-    let mut last_error;
-    let mut exited_at: Option<Instant> = None;
-    loop {
-        match probe(client, budget.remaining()).await {
-            Probe::Ready(health) => {
-                return Ok(Running {
-                    health,
-                    started: true,
-                    elapsed: t0.elapsed(),
-                });
-            }
-            Probe::NeedsRestart(h) => {
-                last_error = format!("a hive of version {} answers", h.version)
-            }
-            Probe::Unreachable(e) => last_error = e.message,
-        }
-        // Our child may exit because a concurrent `rbee` started the hive first; give that
-        // one a moment to answer before reporting the failure.
-        if exited_at.is_none() && matches!(child.try_wait(), Ok(Some(_))) {
-            exited_at = Some(Instant::now());
-        }
-        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
-            return Err(Error::hive(format!(
-                "the hive on `{}` exited during start: {}",
-                node.name,
-                log_tail(&dir.join(LOG_FILE)).unwrap_or(last_error)
-            )));
-        }
-        if budget.is_spent() {
-            return Err(Error::deadline(format!(
-                "the hive on `{}` was not ready within the budget ({last_error})",
-                node.name
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20).min(budget.remaining())).await;
-    }
+        .map_err(|e| Error::hive(format!("cannot start the hive on `{}`: {e}", node.name)))
 }
 
 /// The last error line of a hive log, for a message a person can act on.
@@ -151,19 +168,71 @@ pub enum Stopped {
     NotRunning,
 }
 
-/// Asks the hive to shut down, waits for its process to go, and kills it if it will not.
-pub async fn stop(node: &Node, client: &HiveClient) -> Result<Stopped> {
-    let pid = match probe(client, PROBE_TIMEOUT).await {
+/// Asks the hive to shut down, waits for it to go, and kills it if it will not.
+pub async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped> {
+    let pid = match probe(&conn.client, PROBE_TIMEOUT).await {
         Probe::Ready(h) | Probe::NeedsRestart(h) => {
             let pid = i32::try_from(h.pid).unwrap_or(i32::MAX);
-            if let Err(e) = client.shutdown(PROBE_TIMEOUT).await {
-                tracing::warn!(node = %node.name, "shutdown request failed ({e}); sending SIGTERM");
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            if let Err(e) = conn.client.shutdown(PROBE_TIMEOUT).await {
+                tracing::warn!(node = %conn.node.name, "shutdown request failed ({e}); sending SIGTERM");
+                signal(conn, budget, pid, "TERM").await?;
             }
-            pid
+            Some(pid)
         }
-        Probe::Unreachable(_) if node.transport == Transport::Local => {
-            // Not answering, but maybe alive (stuck, or still starting): the pidfile knows.
+        Probe::Unreachable(_) => None,
+    };
+    if conn.is_local() {
+        return stop_local(&conn.node, pid).await;
+    }
+    // Remote: wait until the hive stops answering, then make sure its process is gone.
+    let Some(pid) = pid else {
+        // Not answering, but maybe alive (stuck): the pidfile knows.
+        let node = conn.node.clone();
+        let session = conn.ssh(budget).await?;
+        let out = session
+            .exec(&install::signal_command(&node, "TERM"), None)
+            .await?;
+        return Ok(match out.stdout_text().parse() {
+            Ok(pid) => Stopped::Stopped { pid },
+            Err(_) => Stopped::NotRunning,
+        });
+    };
+    let until = Instant::now() + STOP_WAIT;
+    while Instant::now() < until {
+        if matches!(
+            probe(&conn.client, PROBE_TIMEOUT).await,
+            Probe::Unreachable(_)
+        ) {
+            return Ok(Stopped::Stopped { pid });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(conn, budget, pid, "KILL").await?;
+    Ok(Stopped::Stopped { pid })
+}
+
+async fn signal(conn: &mut NodeConn, budget: &Budget, pid: i32, name: &str) -> Result<()> {
+    if conn.is_local() {
+        let sig = if name == "KILL" {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
+        let _ = kill(Pid::from_raw(pid), sig);
+        return Ok(());
+    }
+    let node = conn.node.clone();
+    let session = conn.ssh(budget).await?;
+    session
+        .exec(&install::signal_command(&node, name), None)
+        .await?;
+    Ok(())
+}
+
+async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
+    let pid = match answered {
+        Some(pid) => pid,
+        None => {
             let pidfile = local_dir(node).join(PID_FILE);
             match pidfile::read_pid(&pidfile).filter(|_| pidfile::is_locked(&pidfile)) {
                 Some(pid) => {
@@ -173,7 +242,6 @@ pub async fn stop(node: &Node, client: &HiveClient) -> Result<Stopped> {
                 None => return Ok(Stopped::NotRunning),
             }
         }
-        Probe::Unreachable(_) => return Ok(Stopped::NotRunning),
     };
     if !wait_gone(pid, STOP_WAIT).await {
         tracing::warn!(node = %node.name, pid, "hive did not stop in time; killing it");

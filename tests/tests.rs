@@ -8,3 +8,4 @@ mod config_errors;
 mod daemon;
 mod deadline;
 mod infer;
+mod ssh;

@@ -1,16 +1,20 @@
-//! `rbee hive start|stop|status`: the hive daemon on each selected node, all nodes at once; one
-//! failing node does not stop the others, and the exit code is the worst one.
+//! `rbee hive start|stop|status|install`: the hive daemon on each selected node, several nodes
+//! at once (bounded); one failing node does not stop the others, and the exit code is the
+//! worst one.
 
-use std::time::Duration;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::cli::{HiveCommand, NodeSelection};
-use crate::client::HiveClient;
-use crate::cmd::Context;
+use crate::cmd::{Context, PARALLEL_NODES};
 use crate::config::Node;
 use crate::deadline::Budget;
 use crate::error::{Error, ExitKind, Result};
+use crate::install::{self, Installed, Pushed};
 use crate::lifecycle::{self, Probe, Stopped};
 use crate::output::table;
 use crate::wire::WorkerInfo;
@@ -20,28 +24,35 @@ pub async fn run(ctx: &Context, command: HiveCommand) -> Result<()> {
         HiveCommand::Start(sel) => start(ctx, sel).await,
         HiveCommand::Stop(sel) => stop(ctx, sel).await,
         HiveCommand::Status(sel) => status(ctx, sel).await,
+        HiveCommand::Install(sel) => install(ctx, sel).await,
         HiveCommand::Serve(args) => crate::hive::serve(args),
     }
 }
 
-#[derive(Debug, Serialize)]
-struct NodeResult {
-    node: String,
-    state: &'static str,
+#[derive(Debug, Default, Serialize)]
+pub struct NodeResult {
+    pub node: String,
+    pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pid: Option<u32>,
+    pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<String>,
+    pub version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    uptime_s: Option<f64>,
+    pub uptime_s: Option<f64>,
+    pub elapsed_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    elapsed_ms: Option<f64>,
+    pub workers: Option<Vec<WorkerInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    workers: Option<Vec<WorkerInfo>>,
+    pub installed: Option<Installed>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<Pushed>,
+    /// What else the command has to say about this node (a host key fingerprint...).
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    exit_code: Option<u8>,
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<u8>,
 }
 
 impl NodeResult {
@@ -49,38 +60,57 @@ impl NodeResult {
         NodeResult {
             node: node.name.clone(),
             state,
-            pid: None,
-            version: None,
-            uptime_s: None,
-            elapsed_ms: None,
-            workers: None,
-            error: None,
-            exit_code: None,
+            ..NodeResult::default()
         }
     }
 
-    fn failed(node: &Node, err: &Error) -> NodeResult {
+    fn failed(node: &Node, state: &'static str, err: &Error) -> NodeResult {
         NodeResult {
             error: Some(err.message.clone()),
             exit_code: Some(err.code()),
-            ..NodeResult::new(node, "error")
+            ..NodeResult::new(node, state)
         }
     }
 }
 
-/// Runs `action` on every selected node concurrently and reports each result.
-async fn each_node<F, Fut>(ctx: &Context, sel: &NodeSelection, action: F) -> Result<Vec<NodeResult>>
+/// Runs `action` on every selected node, at most `PARALLEL_NODES` at once, results in order.
+pub async fn each_node<F, Fut>(
+    ctx: &Context,
+    sel: &NodeSelection,
+    action: F,
+) -> Result<Vec<NodeResult>>
 where
     F: Fn(Node) -> Fut,
-    Fut: std::future::Future<Output = NodeResult>,
+    Fut: Future<Output = NodeResult>,
 {
     let config = ctx.config()?;
-    let nodes = config.select_nodes(&sel.nodes, sel.all)?;
-    let results = futures::future::join_all(nodes.into_iter().cloned().map(action)).await;
+    let nodes: Vec<Node> = config
+        .select_nodes(&sel.nodes, sel.all)?
+        .into_iter()
+        .cloned()
+        .collect();
+    let show_progress = nodes.len() > 1 && std::io::stderr().is_terminal() && !ctx.out.quiet;
+    let results = futures::stream::iter(nodes)
+        .map(|node| {
+            let started = Instant::now();
+            let fut = action(node);
+            async move {
+                let mut result = fut.await;
+                result.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                if show_progress {
+                    eprintln!("  {}: {}", result.node, result.state);
+                }
+                result
+            }
+        })
+        .buffered(PARALLEL_NODES)
+        .collect()
+        .await;
     Ok(results)
 }
 
-fn finish(
+/// Prints each node's result, then turns failures into the worst exit code.
+pub fn finish(
     ctx: &Context,
     results: &[NodeResult],
     text: impl Fn(&NodeResult) -> String,
@@ -88,44 +118,40 @@ fn finish(
     for r in results {
         ctx.out.result(r, || text(r));
     }
+    worst(ctx, results)
+}
+
+fn worst(ctx: &Context, results: &[NodeResult]) -> Result<()> {
     let failed: Vec<&NodeResult> = results.iter().filter(|r| r.exit_code.is_some()).collect();
-    let worst = failed.iter().filter_map(|r| r.exit_code).max();
-    match worst {
-        None => Ok(()),
-        Some(code) => {
-            let kind = [
-                ExitKind::Config,
-                ExitKind::Ssh,
-                ExitKind::Unauthenticated,
-                ExitKind::HiveUnavailable,
-                ExitKind::WorkerUnavailable,
-                ExitKind::Deadline,
-            ]
-            .into_iter()
-            .find(|k| k.code() == code)
-            .unwrap_or(ExitKind::Internal);
-            let detail: Vec<String> = failed
-                .iter()
-                .map(|r| format!("{}: {}", r.node, r.error.as_deref().unwrap_or(r.state)))
-                .collect();
-            Err(Error::new(kind, detail.join("\n")))
-        }
+    let Some(code) = failed.iter().filter_map(|r| r.exit_code).max() else {
+        return Ok(());
+    };
+    if results.len() > 1 {
+        ctx.out.note(format!(
+            "{} of {} nodes failed",
+            failed.len(),
+            results.len()
+        ));
     }
+    let detail: Vec<String> = failed
+        .iter()
+        .map(|r| format!("{}: {}", r.node, r.error.as_deref().unwrap_or(r.state)))
+        .collect();
+    Err(Error::new(ExitKind::from_code(code), detail.join("\n")))
 }
 
 async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
     let results = each_node(ctx, &sel, |node| async move {
         let budget = Budget::new(node.timeout);
-        let client = match HiveClient::for_node(&node) {
+        let mut conn = match ctx.open(&node, &budget).await {
             Ok(c) => c,
-            Err(e) => return NodeResult::failed(&node, &e),
+            Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        match lifecycle::ensure_running(&node, &client, &budget).await {
+        match lifecycle::ensure_running(&mut conn, &budget).await {
             Ok(running) => NodeResult {
                 pid: Some(running.health.pid),
                 version: Some(running.health.version),
                 uptime_s: Some(running.health.uptime_s),
-                elapsed_ms: Some(running.elapsed.as_secs_f64() * 1000.0),
                 ..NodeResult::new(
                     &node,
                     if running.started {
@@ -135,7 +161,7 @@ async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
                     },
                 )
             },
-            Err(e) => NodeResult::failed(&node, &e),
+            Err(e) => NodeResult::failed(&node, "failed", &e),
         }
     })
     .await?;
@@ -144,49 +170,114 @@ async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
             "{}: started (pid {}, ready in {:.2}s)",
             r.node,
             r.pid.unwrap_or(0),
-            r.elapsed_ms.unwrap_or(0.0) / 1000.0
+            r.elapsed_ms / 1000.0
         ),
         "running" => format!("{}: already running (pid {})", r.node, r.pid.unwrap_or(0)),
-        _ => format!("{}: failed", r.node),
+        state => format!("{}: {state}", r.node),
     })
 }
 
 async fn stop(ctx: &Context, sel: NodeSelection) -> Result<()> {
     let results = each_node(ctx, &sel, |node| async move {
-        let client = match HiveClient::for_node(&node) {
+        let budget = Budget::new(node.timeout);
+        let mut conn = match ctx.open(&node, &budget).await {
             Ok(c) => c,
-            Err(e) => return NodeResult::failed(&node, &e),
+            Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        match lifecycle::stop(&node, &client).await {
+        match lifecycle::stop(&mut conn, &budget).await {
             Ok(Stopped::Stopped { pid }) => NodeResult {
                 pid: u32::try_from(pid).ok(),
                 ..NodeResult::new(&node, "stopped")
             },
             Ok(Stopped::NotRunning) => NodeResult::new(&node, "not_running"),
-            Err(e) => NodeResult::failed(&node, &e),
+            Err(e) => NodeResult::failed(&node, "failed", &e),
         }
     })
     .await?;
     finish(ctx, &results, |r| match r.state {
         "stopped" => format!("{}: stopped (pid {})", r.node, r.pid.unwrap_or(0)),
         "not_running" => format!("{}: not running", r.node),
-        _ => format!("{}: failed", r.node),
+        state => format!("{}: {state}", r.node),
+    })
+}
+
+async fn install(ctx: &Context, sel: NodeSelection) -> Result<()> {
+    let config = ctx.config()?;
+    let config = &config;
+    let results = each_node(ctx, &sel, |node| async move {
+        if node.transport == crate::config::Transport::Local {
+            return NodeResult::new(&node, "local");
+        }
+        let budget = Budget::new(node.timeout);
+        let mut conn = match ctx.open(&node, &budget).await {
+            Ok(c) => c,
+            Err(e) => return NodeResult::failed(&node, "unreachable", &e),
+        };
+        let session = match conn.ssh(&budget).await {
+            Ok(s) => s,
+            Err(e) => return NodeResult::failed(&node, "unreachable", &e),
+        };
+        let installed = match install::install_binary(session, &node).await {
+            Ok(i) => i,
+            Err(e) => return NodeResult::failed(&node, "failed", &e),
+        };
+        let mut models = Vec::new();
+        for name in &node.models {
+            let Some(model) = config.models.get(name).filter(|m| m.source.is_some()) else {
+                continue;
+            };
+            match install::push_model(session, &node, model).await {
+                Ok(pushed) => models.push(pushed),
+                Err(e) => {
+                    return NodeResult {
+                        installed: Some(installed),
+                        models,
+                        ..NodeResult::failed(&node, "failed", &e)
+                    };
+                }
+            }
+        }
+        NodeResult {
+            installed: Some(installed),
+            models,
+            ..NodeResult::new(&node, "installed")
+        }
+    })
+    .await?;
+    finish(ctx, &results, |r| {
+        let binary = match &r.installed {
+            Some(i) if i.uploaded => format!("uploaded rbee ({:.1} MB)", i.bytes as f64 / 1e6),
+            Some(_) => "rbee up to date".to_string(),
+            None if r.state == "local" => "local node, nothing to install".to_string(),
+            None => r.state.to_string(),
+        };
+        let models: Vec<String> = r
+            .models
+            .iter()
+            .map(|m| format!("{} {}", m.model, m.action))
+            .collect();
+        if models.is_empty() {
+            format!("{}: {binary}", r.node)
+        } else {
+            format!("{}: {binary}; {}", r.node, models.join(", "))
+        }
     })
 }
 
 async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
     let timeout = Duration::from_secs(5);
     let results = each_node(ctx, &sel, |node| async move {
-        let client = match HiveClient::for_node(&node) {
+        let budget = Budget::new(node.timeout);
+        let conn = match ctx.open(&node, &budget).await {
             Ok(c) => c,
-            Err(e) => return NodeResult::failed(&node, &e),
+            Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        match lifecycle::probe(&client, timeout).await {
+        match lifecycle::probe(&conn.client, timeout).await {
             Probe::Ready(h) | Probe::NeedsRestart(h) => NodeResult {
                 pid: Some(h.pid),
                 version: Some(h.version),
                 uptime_s: Some(h.uptime_s),
-                workers: client.workers(timeout).await.ok(),
+                workers: conn.client.workers(timeout).await.ok(),
                 ..NodeResult::new(&node, "running")
             },
             Probe::Unreachable(_) => NodeResult::new(&node, "stopped"),
@@ -198,34 +289,7 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
             ctx.out.json_line(r);
         }
     } else {
-        let rows: Vec<Vec<String>> = results
-            .iter()
-            .map(|r| {
-                vec![
-                    r.node.clone(),
-                    r.state.to_string(),
-                    r.pid.map_or("-".into(), |p| p.to_string()),
-                    r.version.clone().unwrap_or_else(|| "-".into()),
-                    r.uptime_s.map_or("-".into(), |u| format!("{u:.0}s")),
-                    r.workers.as_ref().map_or("-".into(), |w| {
-                        if w.is_empty() {
-                            "none".to_string()
-                        } else {
-                            w.iter()
-                                .map(|w| {
-                                    format!(
-                                        "{} ({})",
-                                        w.model,
-                                        crate::cmd::worker::state_name(w.state)
-                                    )
-                                })
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        }
-                    }),
-                ]
-            })
-            .collect();
+        let rows: Vec<Vec<String>> = results.iter().map(status_row).collect();
         ctx.out.result(&(), || {
             table(
                 &["NODE", "STATE", "PID", "VERSION", "UPTIME", "WORKERS"],
@@ -233,16 +297,32 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
             )
         });
     }
-    let errors: Vec<&NodeResult> = results.iter().filter(|r| r.exit_code.is_some()).collect();
-    if let Some(first) = errors.first() {
-        return Err(Error::new(
-            ExitKind::from_wire_code("internal"),
-            first.error.clone().unwrap_or_default(),
-        ));
-    }
+    worst(ctx, &results)?;
     if results.iter().any(|r| r.state != "running") {
         // Scripts can write `rbee hive status NODE && ...`.
         return Err(Error::new(ExitKind::HiveUnavailable, String::new()));
     }
     Ok(())
+}
+
+fn status_row(r: &NodeResult) -> Vec<String> {
+    let dash = || "-".to_string();
+    let workers = r.workers.as_ref().map_or_else(dash, |w| {
+        if w.is_empty() {
+            "none".to_string()
+        } else {
+            w.iter()
+                .map(|w| format!("{} ({})", w.model, crate::cmd::worker::state_name(w.state)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    });
+    vec![
+        r.node.clone(),
+        r.state.to_string(),
+        r.pid.map_or_else(dash, |p| p.to_string()),
+        r.version.clone().unwrap_or_else(dash),
+        r.uptime_s.map_or_else(dash, |u| format!("{u:.0}s")),
+        workers,
+    ]
 }

@@ -10,7 +10,6 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::cli::InferArgs;
-use crate::client::HiveClient;
 use crate::cmd::Context;
 use crate::config::{Model, Node};
 use crate::deadline::Budget;
@@ -106,16 +105,16 @@ async fn generate(
     budget: &Budget,
     progress: &RefCell<Progress>,
 ) -> Result<()> {
-    let client = HiveClient::for_node(node)?;
-    let running = lifecycle::ensure_running(node, &client, budget).await?;
+    let mut conn = ctx.open(node, budget).await?;
+    progress.borrow_mut().timings.connect = Some(conn.connect_time.as_secs_f64() * 1000.0);
+    let running = lifecycle::ensure_running(&mut conn, budget).await?;
     {
         let mut p = progress.borrow_mut();
         let ms = running.elapsed.as_secs_f64() * 1000.0;
         if running.started {
             p.timings.hive_start = Some(ms);
-            p.timings.connect = Some(0.0);
-        } else {
-            p.timings.connect = Some(ms);
+        } else if let Some(connect) = p.timings.connect.as_mut() {
+            *connect += ms;
         }
     }
     if running.started && std::io::stderr().is_terminal() {
@@ -123,7 +122,7 @@ async fn generate(
     }
 
     progress.borrow_mut().sent_at = Some(Instant::now());
-    let response = client.infer(request, budget).await?;
+    let response = conn.client.infer(request, budget).await?;
     let mut stream = std::pin::pin!(events(response));
     let stdout = std::io::stdout();
     while let Some(event) = stream.next().await {

@@ -1,12 +1,19 @@
-//! `rbee nodes list`: the configured nodes and the models they serve.
+//! `rbee nodes list|check|trust`: the configured nodes, their health as seen over SSH, and
+//! recording their host keys.
 
 use serde::Serialize;
 
-use crate::cli::NodesCommand;
+use futures::StreamExt;
+
+use crate::cli::{NodeSelection, NodesCommand};
 use crate::cmd::Context;
-use crate::config::{Model, Node};
-use crate::error::Result;
+use crate::cmd::hive::{NodeResult, each_node, finish};
+use crate::config::{Model, Node, Transport};
+use crate::deadline::Budget;
+use crate::error::{Error, Result};
+use crate::node::ConnectOptions;
 use crate::output::table;
+use crate::ssh::{HostKey, Session, Target};
 
 #[derive(Serialize)]
 struct Listing<'a> {
@@ -18,6 +25,218 @@ struct Listing<'a> {
 pub async fn run(ctx: &Context, command: NodesCommand) -> Result<()> {
     match command {
         NodesCommand::List => list(ctx),
+        NodesCommand::Check(sel) => check(ctx, sel).await,
+        NodesCommand::Trust(sel) => trust(ctx, sel).await,
+    }
+}
+
+async fn trust(ctx: &Context, sel: NodeSelection) -> Result<()> {
+    let options = ConnectOptions {
+        accept_new_host_key: true,
+    };
+    let results = each_node(ctx, &sel, |node| async move {
+        if node.transport == Transport::Local {
+            return node_result(&node, "local");
+        }
+        let budget = Budget::new(node.timeout);
+        let target = match Target::for_node(&node) {
+            Ok(t) => t,
+            Err(e) => return failed(&node, &e),
+        };
+        match Session::connect(&target, budget.deadline(), options.accept_new_host_key).await {
+            Ok(session) => match &session.host_key {
+                HostKey::Accepted { fingerprint } => NodeResult {
+                    detail: Some(fingerprint.clone()),
+                    ..node_result(&node, "trusted")
+                },
+                _ => node_result(&node, "already_trusted"),
+            },
+            Err(e) => failed(&node, &e),
+        }
+    })
+    .await?;
+    finish(ctx, &results, |r| match r.state {
+        "trusted" => format!(
+            "{}: host key {} recorded",
+            r.node,
+            r.detail.as_deref().unwrap_or("")
+        ),
+        "already_trusted" => format!("{}: host key already known", r.node),
+        "local" => format!("{}: local node, no SSH", r.node),
+        state => format!("{}: {state}", r.node),
+    })
+}
+
+#[derive(Serialize, Default)]
+struct Check {
+    node: String,
+    reachable: bool,
+    host_key: Option<String>,
+    authenticated: bool,
+    platform: Option<String>,
+    platform_matches: Option<bool>,
+    free_bytes: Option<u64>,
+    installed_version: Option<String>,
+    local_version: &'static str,
+    ok: bool,
+    error: Option<String>,
+    #[serde(skip)]
+    exit_code: Option<u8>,
+}
+
+async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
+    let config = ctx.config()?;
+    let nodes: Vec<Node> = config
+        .select_nodes(&sel.nodes, sel.all)?
+        .into_iter()
+        .cloned()
+        .collect();
+    let checks: Vec<Check> = futures::stream::iter(nodes)
+        .map(|node| check_one(ctx, node))
+        .buffered(crate::cmd::PARALLEL_NODES)
+        .collect()
+        .await;
+    for c in &checks {
+        ctx.out.result(c, || {
+            if let Some(err) = &c.error {
+                return format!("{}: FAILED: {err}", c.node);
+            }
+            format!(
+                "{}: ok; host key {}, {}{}, {} free, rbee {} installed (this is {})",
+                c.node,
+                c.host_key.as_deref().unwrap_or("-"),
+                c.platform.as_deref().unwrap_or("?"),
+                if c.platform_matches == Some(false) {
+                    " (does not match this rbee)"
+                } else {
+                    ""
+                },
+                c.free_bytes
+                    .map_or("?".to_string(), |b| format!("{:.1} GB", b as f64 / 1e9)),
+                c.installed_version.as_deref().unwrap_or("not"),
+                c.local_version
+            )
+        });
+    }
+    match checks.iter().filter_map(|c| c.exit_code).max() {
+        Some(code) => Err(Error::new(
+            crate::error::ExitKind::from_code(code),
+            String::new(),
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn check_one(ctx: &Context, node: Node) -> Check {
+    let mut check = Check {
+        node: node.name.clone(),
+        local_version: env!("CARGO_PKG_VERSION"),
+        ..Check::default()
+    };
+    if node.transport == Transport::Local {
+        let dir = crate::lifecycle::local_dir(&node);
+        check.reachable = true;
+        check.authenticated = true;
+        check.host_key = Some("local".to_string());
+        check.platform = Some(format!(
+            "{} {}",
+            std::env::consts::OS,
+            std::env::consts::ARCH
+        ));
+        check.platform_matches = Some(true);
+        check.free_bytes = free_bytes(&dir);
+        check.installed_version = Some(env!("CARGO_PKG_VERSION").to_string());
+        check.ok = true;
+        return check;
+    }
+    let budget = Budget::new(node.timeout);
+    let result = async {
+        let target = Target::for_node(&node)?;
+        let session =
+            Session::connect(&target, budget.deadline(), ctx.connect.accept_new_host_key).await?;
+        Ok::<_, Error>(session)
+    }
+    .await;
+    let session = match result {
+        Ok(s) => s,
+        Err(e) => {
+            check.reachable = !e.message.contains("no answer") && !e.message.contains("refused");
+            check.error = Some(e.message.clone());
+            check.exit_code = Some(e.code());
+            return check;
+        }
+    };
+    check.reachable = true;
+    check.authenticated = true;
+    check.host_key = Some(match &session.host_key {
+        HostKey::Accepted { fingerprint } => format!("{fingerprint} (recorded now)"),
+        _ => "known".to_string(),
+    });
+    let dir = crate::ssh::quote::remote_path(&node.remote_dir);
+    let bin = crate::ssh::quote::remote_join(&node.remote_dir, "bin/rbee");
+    let probe = format!(
+        "uname -sm; d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; \
+         df -Pk \"$d\" | awk 'NR==2 {{print $4}}'; {bin} --version 2>/dev/null || echo none"
+    );
+    match session.exec(&probe, None).await {
+        Ok(out) => {
+            let text = out.stdout_text();
+            let mut lines = text.lines();
+            let platform = lines.next().unwrap_or_default().to_string();
+            let lower = platform.to_ascii_lowercase();
+            check.platform_matches = Some(
+                lower.contains(std::env::consts::OS) && lower.contains(std::env::consts::ARCH),
+            );
+            check.platform = Some(platform);
+            check.free_bytes = lines
+                .next()
+                .and_then(|l| l.trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024);
+            check.installed_version = lines
+                .next()
+                .filter(|v| *v != "none")
+                .map(|v| v.trim_start_matches("rbee ").to_string());
+            check.ok = check.platform_matches == Some(true);
+            if !check.ok {
+                check.error = Some(format!(
+                    "the node runs {}, this rbee is built for {} {}",
+                    check.platform.as_deref().unwrap_or("?"),
+                    std::env::consts::OS,
+                    std::env::consts::ARCH
+                ));
+                check.exit_code = Some(crate::error::ExitKind::HiveUnavailable.code());
+            }
+        }
+        Err(e) => {
+            check.error = Some(e.message.clone());
+            check.exit_code = Some(e.code());
+        }
+    }
+    check
+}
+
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let mut d = dir.to_path_buf();
+    while !d.exists() {
+        d = d.parent()?.to_path_buf();
+    }
+    let stat = nix::sys::statvfs::statvfs(&d).ok()?;
+    Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+}
+
+fn node_result(node: &Node, state: &'static str) -> NodeResult {
+    NodeResult {
+        node: node.name.clone(),
+        state,
+        ..NodeResult::default()
+    }
+}
+
+fn failed(node: &Node, err: &Error) -> NodeResult {
+    NodeResult {
+        error: Some(err.message.clone()),
+        exit_code: Some(err.code()),
+        ..node_result(node, "failed")
     }
 }
 

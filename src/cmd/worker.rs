@@ -3,8 +3,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cli::WorkerCommand;
-use crate::client::HiveClient;
 use crate::cmd::Context;
+use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::output::table;
 use crate::wire::{RequestInfo, RequestStage, WorkerInfo, WorkerState};
@@ -33,7 +33,8 @@ pub fn state_name(state: WorkerState) -> &'static str {
 async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
     let config = ctx.config()?;
     let node = config.node(node)?;
-    let client = HiveClient::for_node(node)?;
+    let conn = ctx.open(node, &Budget::new(node.timeout)).await?;
+    let client = &conn.client;
     let workers = client.workers(TIMEOUT).await?;
     let requests = client.requests(TIMEOUT).await?;
     if ctx.out.json {
@@ -110,8 +111,8 @@ async fn stop(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
     let config = ctx.config()?;
     let node = config.node(node)?;
     config.model(node, Some(model))?;
-    let client = HiveClient::for_node(node)?;
-    let stopped = client.stop_worker(model, TIMEOUT).await?;
+    let conn = ctx.open(node, &Budget::new(node.timeout)).await?;
+    let stopped = conn.client.stop_worker(model, TIMEOUT).await?;
     let value = serde_json::json!({ "node": node.name, "model": model, "stopped": stopped });
     if !stopped && !ctx.out.json {
         return Err(Error::worker(format!(

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod sshd;
+
 pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 pub fn bin() -> PathBuf {
@@ -42,6 +44,22 @@ pub fn model() -> Option<PathBuf> {
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
+}
+
+/// The `[models.smollm2]` table for the test model; one llama.cpp thread, so that tests running
+/// side by side do not starve each other.
+pub fn model_table(model: &Path, sha256: &str) -> String {
+    format!(
+        "[models.smollm2]\npath = {:?}\nsha256 = \"{sha256}\"\nthreads = 1\n",
+        model.display().to_string()
+    )
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("rbee-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// One private rbee world: state dir, config, node dir and hive port of its own.
@@ -116,21 +134,32 @@ impl Env {
     }
 
     pub fn with_model(model: &Path, sha256: &str, extra: &str) -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("rbee-test-")
-            .tempdir()
-            .expect("tempdir");
+        Env::custom(|dir, port| {
+            format!(
+                "{}\n[nodes.n1]\ntransport = \"local\"\nremote_dir = {node_dir:?}\n\
+                 hive_port = {port}\nmodels = [\"smollm2\"]\n{extra}\n",
+                model_table(model, sha256),
+                node_dir = dir.join("node").display().to_string(),
+            )
+        })
+    }
+
+    /// An environment whose nodes.toml `config` writes, given its directory and a free port.
+    pub fn custom(config: impl FnOnce(&Path, u16) -> String) -> Env {
+        let dir = tempdir();
         let port = free_port();
-        let config = dir.path().join("nodes.toml");
-        let text = format!(
-            "[models.smollm2]\npath = {model:?}\nsha256 = \"{sha256}\"\nthreads = 1\n\n\
-             [nodes.n1]\ntransport = \"local\"\nremote_dir = {node_dir:?}\nhive_port = {port}\n\
-             models = [\"smollm2\"]\n{extra}\n",
-            model = model.display().to_string(),
-            node_dir = dir.path().join("node").display().to_string(),
-        );
-        std::fs::write(&config, text).expect("write nodes.toml");
-        Env { dir, port, config }
+        let text = config(dir.path(), port);
+        Env::from_dir(dir, port, &text)
+    }
+
+    pub fn from_dir(dir: tempfile::TempDir, port: u16, config: &str) -> Env {
+        let path = dir.path().join("nodes.toml");
+        std::fs::write(&path, config).expect("write nodes.toml");
+        Env {
+            dir,
+            port,
+            config: path,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -202,6 +231,13 @@ impl Env {
     /// directory in their command line).
     pub fn processes(&self) -> Vec<i32> {
         processes_mentioning(&self.path().display().to_string())
+            .into_iter()
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                cmdline.contains("hive\0serve") || cmdline.contains("worker\0serve")
+            })
+            .collect()
     }
 }
 
@@ -311,4 +347,20 @@ pub fn worker_health(env: &Env) -> serde_json::Value {
     let (status, body) = http(port, "GET", "/health", &[], b"");
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).expect("JSON")
+}
+
+pub fn home() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+}
+
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }

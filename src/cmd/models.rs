@@ -1,0 +1,117 @@
+//! `rbee models list|push`: model files on nodes.
+
+use serde::Serialize;
+
+use crate::cli::ModelsCommand;
+use crate::cmd::Context;
+use crate::config::Transport;
+use crate::deadline::Budget;
+use crate::error::{Error, Result};
+use crate::install;
+use crate::output::table;
+use crate::ssh::quote::remote_path;
+
+#[derive(Serialize)]
+struct ModelFile {
+    name: String,
+    path: String,
+    present: bool,
+    bytes: Option<u64>,
+    default: bool,
+}
+
+pub async fn run(ctx: &Context, command: ModelsCommand) -> Result<()> {
+    match command {
+        ModelsCommand::List { node } => list(ctx, node.as_deref()).await,
+        ModelsCommand::Push { node, model } => push(ctx, &node, &model).await,
+    }
+}
+
+async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(node)?;
+    let budget = Budget::new(node.timeout);
+    let mut files = Vec::new();
+    let mut conn = None;
+    for (i, name) in node.models.iter().enumerate() {
+        let model = config.model(node, Some(name))?;
+        let bytes = if node.transport == Transport::Local {
+            std::fs::metadata(crate::paths::expand_tilde(&model.path))
+                .ok()
+                .map(|m| m.len())
+        } else {
+            if conn.is_none() {
+                conn = Some(ctx.open(node, &budget).await?);
+            }
+            let session = match conn.as_mut() {
+                Some(c) => c.ssh(&budget).await?,
+                None => return Err(Error::internal("no connection")),
+            };
+            let out = session
+                .exec(&format!("stat -c %s {}", remote_path(&model.path)), None)
+                .await?;
+            out.ok().then(|| out.stdout_text().parse().ok()).flatten()
+        };
+        files.push(ModelFile {
+            name: name.clone(),
+            path: model.path.clone(),
+            present: bytes.is_some(),
+            bytes,
+            default: i == 0,
+        });
+    }
+    let value = serde_json::json!({ "node": node.name, "models": files });
+    ctx.out.result(&value, || {
+        let rows: Vec<Vec<String>> = files
+            .iter()
+            .map(|f| {
+                vec![
+                    format!("{}{}", f.name, if f.default { " (default)" } else { "" }),
+                    if f.present { "present" } else { "missing" }.to_string(),
+                    f.bytes
+                        .map_or("-".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6)),
+                    f.path.clone(),
+                ]
+            })
+            .collect();
+        table(&["MODEL", "FILE", "SIZE", "PATH"], &rows)
+    });
+    Ok(())
+}
+
+async fn push(ctx: &Context, node: &str, model: &str) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(Some(node))?;
+    let model = config.model(node, Some(model))?;
+    if node.transport == Transport::Local {
+        return Err(Error::config(format!(
+            "node `{}` is this machine; there is nothing to push (the hive reads `{}` directly)",
+            node.name, model.path
+        )));
+    }
+    // A large file may take longer than one request's budget; the connect still has its limit.
+    let budget = Budget::new(node.timeout);
+    let mut conn = ctx.open(node, &budget).await?;
+    let session = conn.ssh(&budget).await?;
+    let pushed = install::push_model(session, node, model).await?;
+    ctx.out.result(&pushed, || match pushed.action {
+        "present" => format!(
+            "{}: `{}` already present and verified",
+            node.name, model.name
+        ),
+        "resumed" => format!(
+            "{}: `{}` resumed at {:.1} MB, sent {:.1} MB, verified",
+            node.name,
+            model.name,
+            pushed.resumed_from as f64 / 1e6,
+            pushed.bytes_sent as f64 / 1e6
+        ),
+        _ => format!(
+            "{}: `{}` uploaded ({:.1} MB), verified",
+            node.name,
+            model.name,
+            pushed.bytes_sent as f64 / 1e6
+        ),
+    });
+    Ok(())
+}

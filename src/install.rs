@@ -1,0 +1,285 @@
+//! Putting rbee on a node over SSH: the binary (only when its SHA-256 differs, atomically) and
+//! model files (resumable, verified on the node). Every path travels shell-quoted.
+
+use std::io::IsTerminal;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
+
+use crate::config::{Model, Node};
+use crate::error::{Error, ExitKind, Result};
+use crate::hive::verify::sha256_file;
+use crate::ssh::Session;
+use crate::ssh::quote::{quote, remote_join, remote_path};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Installed {
+    /// Whether the binary was uploaded (false: the node already had this one).
+    pub uploaded: bool,
+    pub bytes: u64,
+    pub os: String,
+}
+
+/// Makes sure `<remote_dir>/bin/rbee` is this very binary.
+pub async fn install_binary(session: &Session, node: &Node) -> Result<Installed> {
+    let dir = remote_path(&node.remote_dir);
+    let bin = remote_join(&node.remote_dir, "bin/rbee");
+    let probe = format!(
+        "uname -sm && mkdir -p {dir}/bin && chmod 700 {dir} && {{ sha256sum {bin} 2>/dev/null || true; }}"
+    );
+    let out = session.run("checking the node", &probe).await?;
+    let text = out.stdout_text();
+    let mut lines = text.lines();
+    let os = lines.next().unwrap_or_default().to_string();
+    check_platform(node, &os)?;
+    let remote_sha = lines
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+
+    let exe = std::env::current_exe()?;
+    let exe_for_hash = exe.clone();
+    let local_sha = tokio::task::spawn_blocking(move || sha256_file(&exe_for_hash))
+        .await
+        .map_err(|e| Error::internal(format!("hashing task failed: {e}")))??;
+    if remote_sha == local_sha {
+        return Ok(Installed {
+            uploaded: false,
+            bytes: 0,
+            os,
+        });
+    }
+    let file = tokio::fs::File::open(&exe).await?;
+    let bytes = file.metadata().await?.len();
+    let tmp = format!("{bin}.upload");
+    // The temp file is checked before it replaces the binary: a cut connection leaves a
+    // partial temp file, never a partial `rbee`.
+    let command = format!(
+        "umask 077 && cat > {tmp} && [ \"$(sha256sum {tmp} | cut -c1-64)\" = {sha} ] && \
+         chmod 755 {tmp} && mv -f {tmp} {bin}",
+        sha = quote(&local_sha)
+    );
+    let out = session
+        .exec_reader(
+            &command,
+            Counting::new(file, bytes, &format!("rbee to {}", node.name)),
+        )
+        .await?;
+    if !out.ok() {
+        return Err(Error::new(
+            ExitKind::Ssh,
+            format!(
+                "uploading rbee to `{}` failed: {}",
+                node.name,
+                nonempty(out.stderr_text(), "the checksum on the node did not match")
+            ),
+        ));
+    }
+    Ok(Installed {
+        uploaded: true,
+        bytes,
+        os,
+    })
+}
+
+fn check_platform(node: &Node, uname: &str) -> Result<()> {
+    let mut parts = uname.split_whitespace();
+    let os = parts.next().unwrap_or_default().to_ascii_lowercase();
+    let arch = parts.next().unwrap_or_default();
+    let arch = match arch {
+        "arm64" => "aarch64",
+        other => other,
+    };
+    if os == std::env::consts::OS && arch == std::env::consts::ARCH {
+        return Ok(());
+    }
+    Err(Error::hive(format!(
+        "node `{}` runs `{uname}`, but this rbee is built for {} {}; install rbee built for \
+         that platform on the node, or use a node of the same platform",
+        node.name,
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )))
+}
+
+fn nonempty(text: String, otherwise: &str) -> String {
+    if text.is_empty() {
+        otherwise.to_string()
+    } else {
+        text
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pushed {
+    pub model: String,
+    /// `present` (already there and verified), `uploaded`, or `resumed`.
+    pub action: &'static str,
+    pub bytes_sent: u64,
+    pub resumed_from: u64,
+}
+
+/// Copies a model's `source` to its `path` on the node: skips a verified file, resumes a partial
+/// upload (`<path>.part`), checks the SHA-256 on the node before moving it into place.
+pub async fn push_model(session: &Session, node: &Node, model: &Model) -> Result<Pushed> {
+    let source = model.source.as_deref().ok_or_else(|| {
+        Error::config(format!(
+            "model `{}` has no `source` to push from; set `source = \"PATH\"` in its table",
+            model.name
+        ))
+    })?;
+    let source = crate::paths::expand_tilde(source);
+    let size = std::fs::metadata(&source)
+        .map_err(|e| Error::config(format!("model source `{}`: {e}", source.display())))?
+        .len();
+    let path = remote_path(&model.path);
+    let part = remote_path(&format!("{}.part", model.path));
+    let probe = format!(
+        "if [ -f {path} ]; then sha256sum {path} | cut -c1-64; else echo missing; fi; \
+         stat -c %s {part} 2>/dev/null || echo 0"
+    );
+    let out = session
+        .run("checking the model on the node", &probe)
+        .await?;
+    let text = out.stdout_text();
+    let mut lines = text.lines();
+    let present = lines.next().unwrap_or("missing");
+    if present.eq_ignore_ascii_case(&model.sha256) {
+        return Ok(Pushed {
+            model: model.name.clone(),
+            action: "present",
+            bytes_sent: 0,
+            resumed_from: 0,
+        });
+    }
+    let mut offset: u64 = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    if offset > size {
+        offset = 0;
+    }
+    let mut file = tokio::fs::File::open(&source).await?;
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    let append = if offset == 0 { ">" } else { ">>" };
+    let command = format!("mkdir -p \"$(dirname {path})\" && umask 077 && cat {append} {part}");
+    let label = format!("{} to {}", model.name, node.name);
+    let out = session
+        .exec_reader(&command, Counting::new(file, size - offset, &label))
+        .await?;
+    if !out.ok() {
+        return Err(Error::new(
+            ExitKind::Ssh,
+            format!(
+                "pushing `{}` to `{}` failed: {}",
+                model.name,
+                node.name,
+                out.stderr_text()
+            ),
+        ));
+    }
+    let finish = format!(
+        "if [ \"$(sha256sum {part} | cut -c1-64)\" = {sha} ]; then mv -f {part} {path}; \
+         else rm -f {part}; echo 'checksum mismatch' >&2; exit 3; fi",
+        sha = quote(&model.sha256)
+    );
+    let out = session.exec(&finish, None).await?;
+    if !out.ok() {
+        return Err(Error::worker(format!(
+            "the copy of `{}` on `{}` does not match its sha256 {}; the partial file was removed, \
+             push again",
+            model.name, node.name, model.sha256
+        )));
+    }
+    Ok(Pushed {
+        model: model.name.clone(),
+        action: if offset > 0 { "resumed" } else { "uploaded" },
+        bytes_sent: size - offset,
+        resumed_from: offset,
+    })
+}
+
+/// Counts bytes as they are read, and shows progress on a terminal.
+struct Counting<R> {
+    inner: R,
+    sent: Arc<AtomicU64>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<R> Counting<R> {
+    fn new(inner: R, total: u64, label: &str) -> Counting<R> {
+        let sent = Arc::new(AtomicU64::new(0));
+        let ticker = std::io::stderr().is_terminal().then(|| {
+            let sent = sent.clone();
+            let label = label.to_string();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    let done = sent.load(Ordering::Relaxed);
+                    let pct = (done * 100).checked_div(total).unwrap_or(100);
+                    eprint!(
+                        "\r{label}: {pct:>3}% ({:.1}/{:.1} MB)",
+                        done as f64 / 1e6,
+                        total as f64 / 1e6
+                    );
+                }
+            })
+        });
+        Counting {
+            inner,
+            sent,
+            ticker,
+        }
+    }
+}
+
+impl<R> Drop for Counting<R> {
+    fn drop(&mut self) {
+        if let Some(ticker) = self.ticker.take() {
+            ticker.abort();
+            eprintln!();
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.sent.fetch_add(read as u64, Ordering::Relaxed);
+        poll
+    }
+}
+
+/// The command that starts the hive on a node, detached from the SSH session: only the hive
+/// runs in the background, with none of the channel's streams, so the channel closes at once
+/// (the hive then leaves the session with setsid itself).
+pub fn start_command(node: &Node) -> String {
+    let bin = remote_join(&node.remote_dir, "bin/rbee");
+    let dir = remote_path(&node.remote_dir);
+    format!(
+        "cd / || exit 1; {bin} hive serve --dir {dir} --port {port} --node {name} \
+         --keep-alive {keep} </dev/null >/dev/null 2>&1 &",
+        port = node.hive_port,
+        name = quote(&node.name),
+        keep = quote(&format!("{}ms", node.keep_alive.as_millis())),
+    )
+}
+
+/// Signals the hive named in the node's pidfile, if that process is an rbee hive.
+pub fn signal_command(node: &Node, signal: &str) -> String {
+    let pidfile = remote_join(&node.remote_dir, crate::hive::PID_FILE);
+    format!(
+        "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && \
+         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && echo \"$pid\""
+    )
+}

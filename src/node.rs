@@ -1,0 +1,88 @@
+//! A connection to one node as the queen needs it: an HTTP client for its hive (direct on
+//! loopback, through an SSH tunnel, or plain HTTP), and an SSH session where one is needed to
+//! run commands there.
+
+use std::time::{Duration, Instant};
+
+use crate::client::HiveClient;
+use crate::config::{Node, Transport};
+use crate::deadline::Budget;
+use crate::error::{Error, Result};
+use crate::ssh::{Session, Target};
+
+/// Choices that apply to every node of an invocation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectOptions {
+    /// Record an unknown host key instead of refusing it (a changed key is always refused).
+    pub accept_new_host_key: bool,
+}
+
+pub struct NodeConn {
+    pub node: Node,
+    pub client: HiveClient,
+    ssh: Option<Session>,
+    options: ConnectOptions,
+    /// Time spent reaching the node (SSH connect and authentication).
+    pub connect_time: Duration,
+}
+
+impl NodeConn {
+    pub async fn open(node: &Node, budget: &Budget, options: ConnectOptions) -> Result<NodeConn> {
+        let started = Instant::now();
+        let (client, ssh) = match node.transport {
+            Transport::Local => (
+                HiveClient::new(&node.name, "127.0.0.1", node.hive_port)?,
+                None,
+            ),
+            Transport::Ssh => {
+                let target = Target::for_node(node)?;
+                let session =
+                    Session::connect(&target, budget.deadline(), options.accept_new_host_key)
+                        .await?;
+                let port = session.forward(node.hive_port).await?;
+                (
+                    HiveClient::new(&node.name, "127.0.0.1", port)?,
+                    Some(session),
+                )
+            }
+            Transport::Http => {
+                let target = Target::for_node(node)?;
+                (
+                    HiveClient::new(&node.name, &target.host, node.hive_port)?,
+                    None,
+                )
+            }
+        };
+        Ok(NodeConn {
+            node: node.clone(),
+            client,
+            ssh,
+            options,
+            connect_time: started.elapsed(),
+        })
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.node.transport == Transport::Local
+    }
+
+    /// The SSH session, connected on first use for `transport = "http"` nodes.
+    pub async fn ssh(&mut self, budget: &Budget) -> Result<&Session> {
+        if self.is_local() {
+            return Err(Error::internal(format!(
+                "node `{}` is local; there is no SSH session to it",
+                self.node.name
+            )));
+        }
+        if self.ssh.is_none() {
+            let target = Target::for_node(&self.node)?;
+            let session =
+                Session::connect(&target, budget.deadline(), self.options.accept_new_host_key)
+                    .await?;
+            self.ssh = Some(session);
+        }
+        self.ssh
+            .as_ref()
+            .ok_or_else(|| Error::internal("ssh session vanished"))
+    }
+}

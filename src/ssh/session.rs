@@ -1,0 +1,445 @@
+//! One SSH connection to a node (russh): host key checked against known_hosts, key or agent
+//! authentication, remote commands, uploads, and a local port forwarded to the hive.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use russh::ChannelMsg;
+use russh::client;
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use tokio::io::AsyncRead;
+use tokio::task::JoinHandle;
+
+use crate::config::Node;
+use crate::error::{Error, ExitKind, Result};
+use crate::paths;
+use crate::ssh::config as ssh_config;
+
+/// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and as whom to connect, after `~/.ssh/config` has been applied.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub node: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identity_files: Vec<PathBuf>,
+    pub known_hosts: PathBuf,
+}
+
+impl Target {
+    pub fn for_node(node: &Node) -> Result<Target> {
+        let alias = node.host.clone().ok_or_else(|| {
+            Error::config(format!("node `{}` has no `host` to connect to", node.name))
+        })?;
+        let entry = ssh_config::lookup(&alias);
+        let user = node
+            .user
+            .clone()
+            .or(entry.user)
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "root".to_string());
+        let mut identity_files = Vec::new();
+        if let Some(file) = &node.identity_file {
+            identity_files.push(paths::expand_tilde(file));
+        }
+        identity_files.extend(ssh_config::expand(&entry.identity_files));
+        if identity_files.is_empty() {
+            for default in ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"] {
+                identity_files.push(paths::expand_tilde(default));
+            }
+        }
+        // An explicit port in nodes.toml wins; 22 is the default, which the alias may change.
+        let port = if node.port != 22 {
+            node.port
+        } else {
+            entry.port.unwrap_or(22)
+        };
+        Ok(Target {
+            node: node.name.clone(),
+            host: entry.host_name.unwrap_or(alias),
+            port,
+            user,
+            identity_files,
+            known_hosts: paths::expand_tilde(&node.known_hosts),
+        })
+    }
+
+    /// `node (user@host:port)`, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "`{}` ({}@{}:{})",
+            self.node, self.user, self.host, self.port
+        )
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> Error {
+        Error::new(ExitKind::Ssh, format!("ssh to {}: {what}", self.describe()))
+    }
+}
+
+/// What the host key check decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKey {
+    Known,
+    /// Unknown, and recorded because the user asked for it.
+    Accepted {
+        fingerprint: String,
+    },
+    Unknown {
+        fingerprint: String,
+    },
+    Changed {
+        fingerprint: String,
+        line: usize,
+    },
+    Unsupported(String),
+}
+
+struct Checker {
+    host: String,
+    port: u16,
+    known_hosts: PathBuf,
+    accept_new: bool,
+    verdict: Arc<Mutex<Option<HostKey>>>,
+}
+
+impl Checker {
+    fn decide(&self, key: &PublicKey) -> HostKey {
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        match russh::keys::check_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
+            Ok(true) => HostKey::Known,
+            Ok(false) if self.accept_new => {
+                match russh::keys::known_hosts::learn_known_hosts_path(
+                    &self.host,
+                    self.port,
+                    key,
+                    &self.known_hosts,
+                ) {
+                    Ok(()) => HostKey::Accepted { fingerprint },
+                    Err(e) => HostKey::Unsupported(format!(
+                        "cannot record the host key in `{}`: {e}",
+                        self.known_hosts.display()
+                    )),
+                }
+            }
+            Ok(false) => HostKey::Unknown { fingerprint },
+            Err(russh::keys::Error::KeyChanged { line }) => HostKey::Changed { fingerprint, line },
+            Err(e) => {
+                HostKey::Unsupported(format!("cannot read `{}`: {e}", self.known_hosts.display()))
+            }
+        }
+    }
+}
+
+impl client::Handler for Checker {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_key: &PublicKeyOrCertificate,
+    ) -> std::result::Result<bool, Self::Error> {
+        let verdict = match server_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => self.decide(key),
+            PublicKeyOrCertificate::Certificate(_) => {
+                HostKey::Unsupported("the server presented a host certificate; rbee checks plain host keys against known_hosts".to_string())
+            }
+        };
+        let accepted = matches!(verdict, HostKey::Known | HostKey::Accepted { .. });
+        if let Ok(mut slot) = self.verdict.lock() {
+            *slot = Some(verdict);
+        }
+        Ok(accepted)
+    }
+}
+
+/// Output of a remote command.
+#[derive(Debug, Default)]
+pub struct Exec {
+    pub code: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Exec {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).trim().to_string()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).trim().to_string()
+    }
+}
+
+pub struct Session {
+    handle: Arc<client::Handle<Checker>>,
+    pub target: Target,
+    pub host_key: HostKey,
+    forwards: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Ok(forwards) = self.forwards.lock() {
+            for task in forwards.iter() {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Session {
+    /// Connects and authenticates before `deadline`.
+    pub async fn connect(target: &Target, deadline: Instant, accept_new: bool) -> Result<Session> {
+        let verdict = Arc::new(Mutex::new(None));
+        let checker = Checker {
+            host: target.host.clone(),
+            port: target.port,
+            known_hosts: target.known_hosts.clone(),
+            accept_new,
+            verdict: verdict.clone(),
+        };
+        let config = Arc::new(client::Config {
+            nodelay: true,
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(15)),
+            ..client::Config::default()
+        });
+        let until = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+        let budget_limited = deadline <= Instant::now() + CONNECT_TIMEOUT;
+        let connect = client::connect(config, (target.host.as_str(), target.port), checker);
+        let handle = match tokio::time::timeout_at(until.into(), connect).await {
+            Ok(Ok(handle)) => handle,
+            Ok(Err(e)) => {
+                let verdict = verdict.lock().ok().and_then(|v| v.clone());
+                return Err(host_key_error(target, verdict).unwrap_or_else(|| target.fail(e)));
+            }
+            Err(_) if budget_limited => {
+                return Err(Error::deadline(format!(
+                    "the budget ran out while connecting to {}",
+                    target.describe()
+                )));
+            }
+            Err(_) => {
+                return Err(target.fail(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())));
+            }
+        };
+        let host_key = verdict
+            .lock()
+            .ok()
+            .and_then(|v| v.clone())
+            .unwrap_or(HostKey::Known);
+        let mut handle = handle;
+        let auth = tokio::time::timeout_at(deadline.into(), authenticate(&mut handle, target));
+        match auth.await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Error::deadline(format!(
+                    "the budget ran out while authenticating to {}",
+                    target.describe()
+                )));
+            }
+        }
+        Ok(Session {
+            handle: Arc::new(handle),
+            target: target.clone(),
+            host_key,
+            forwards: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Runs `command` through the remote user's shell, feeding it `input` on stdin.
+    pub async fn exec(&self, command: &str, input: Option<&[u8]>) -> Result<Exec> {
+        match input {
+            Some(bytes) => self.exec_reader(command, bytes).await,
+            None => self.exec_reader(command, tokio::io::empty()).await,
+        }
+    }
+
+    /// Runs `command`, streaming `input` to its stdin (uploads).
+    pub async fn exec_reader<R: AsyncRead + Unpin>(&self, command: &str, input: R) -> Result<Exec> {
+        let mut channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.target.fail(format!("cannot open a session: {e}")))?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| self.target.fail(format!("cannot run a command: {e}")))?;
+        channel
+            .data(input)
+            .await
+            .map_err(|e| self.target.fail(format!("sending data failed: {e}")))?;
+        channel
+            .eof()
+            .await
+            .map_err(|e| self.target.fail(format!("sending data failed: {e}")))?;
+        let mut out = Exec::default();
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => out.code = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    out.stderr
+                        .extend_from_slice(format!("killed by {signal_name:?}").as_bytes());
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like `exec`, but a non-zero exit is an error naming `what`.
+    pub async fn run(&self, what: &str, command: &str) -> Result<Exec> {
+        let out = self.exec(command, None).await?;
+        if out.ok() {
+            Ok(out)
+        } else {
+            Err(self.target.fail(format!(
+                "{what} failed (exit {}): {}",
+                out.code.map_or("?".to_string(), |c| c.to_string()),
+                out.stderr_text()
+            )))
+        }
+    }
+
+    /// A port on this machine's loopback whose connections reach `127.0.0.1:remote_port` on
+    /// the node through direct-tcpip channels of this connection.
+    pub async fn forward(&self, remote_port: u16) -> Result<u16> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let local_port = listener.local_addr()?.port();
+        let handle = self.handle.clone();
+        let node = self.target.node.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, peer)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let handle = handle.clone();
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let channel = handle
+                        .channel_open_direct_tcpip(
+                            "127.0.0.1",
+                            u32::from(remote_port),
+                            "127.0.0.1",
+                            u32::from(peer.port()),
+                        )
+                        .await;
+                    match channel {
+                        Ok(channel) => {
+                            let mut stream = channel.into_stream();
+                            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                        }
+                        Err(e) => {
+                            tracing::debug!(node = %node, "tunnel to port {remote_port} refused: {e}");
+                        }
+                    }
+                });
+            }
+        });
+        if let Ok(mut forwards) = self.forwards.lock() {
+            forwards.push(task);
+        }
+        Ok(local_port)
+    }
+}
+
+fn host_key_error(target: &Target, verdict: Option<HostKey>) -> Option<Error> {
+    let known_hosts = target.known_hosts.display();
+    let message = match verdict? {
+        HostKey::Unknown { fingerprint } => format!(
+            "host key of {} is not known: {fingerprint}. If that is the node's key, record it \
+             with `rbee nodes trust {}` (or add --accept-new-host-key); it goes to `{known_hosts}`",
+            target.describe(),
+            target.node
+        ),
+        HostKey::Changed { fingerprint, line } => format!(
+            "HOST KEY CHANGED for {}: it now presents {fingerprint}, but `{known_hosts}` line \
+             {line} holds another key. Someone may be intercepting the connection; if the key \
+             changed on purpose, delete that line and trust the node again",
+            target.describe()
+        ),
+        HostKey::Unsupported(why) => {
+            format!("cannot check the host key of {}: {why}", target.describe())
+        }
+        HostKey::Known | HostKey::Accepted { .. } => return None,
+    };
+    Some(Error::new(ExitKind::Ssh, message))
+}
+
+async fn authenticate(handle: &mut client::Handle<Checker>, target: &Target) -> Result<()> {
+    let mut tried = Vec::new();
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        match russh::keys::agent::client::AgentClient::connect_env().await {
+            Ok(mut agent) => {
+                let identities = agent.request_identities().await.unwrap_or_default();
+                for identity in identities {
+                    let key = identity.public_key().into_owned();
+                    let hash = rsa_hash(handle, &key).await;
+                    let result = handle
+                        .authenticate_publickey_with(&target.user, key, hash, &mut agent)
+                        .await;
+                    if matches!(result, Ok(r) if r.success()) {
+                        return Ok(());
+                    }
+                }
+                tried.push("ssh-agent".to_string());
+            }
+            Err(e) => tracing::debug!("ssh-agent unavailable: {e}"),
+        }
+    }
+    for file in &target.identity_files {
+        if !file.exists() {
+            continue;
+        }
+        let key = match russh::keys::load_secret_key(file, None) {
+            Ok(key) => key,
+            Err(e) => {
+                tried.push(format!("{} (unusable: {e})", file.display()));
+                continue;
+            }
+        };
+        let hash = rsa_hash(handle, key.public_key()).await;
+        let result = handle
+            .authenticate_publickey(
+                &target.user,
+                PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+            )
+            .await
+            .map_err(|e| target.fail(format!("authentication failed: {e}")))?;
+        if result.success() {
+            return Ok(());
+        }
+        tried.push(file.display().to_string());
+    }
+    let tried = if tried.is_empty() {
+        "no key found (set `identity_file`, or load a key into ssh-agent)".to_string()
+    } else {
+        format!("tried {}", tried.join(", "))
+    };
+    Err(target.fail(format!(
+        "authentication as `{}` was refused; {tried}",
+        target.user
+    )))
+}
+
+async fn rsa_hash(handle: &client::Handle<Checker>, key: &PublicKey) -> Option<HashAlg> {
+    if key.algorithm().is_rsa() {
+        handle
+            .best_supported_rsa_hash()
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+    } else {
+        None
+    }
+}

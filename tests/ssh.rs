@@ -1,0 +1,519 @@
+//! Remote nodes over real SSH: sshd instances on loopback stand for nodes, each with its own
+//! remote_dir and hive port.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::support::sshd::{self, ClientKey, Sshd};
+use crate::support::{Env, MODEL_SHA256, alive, eventually, free_port, model_table, tempdir};
+
+/// A fleet of nodes, one sshd each, all trusted in one known_hosts file.
+struct Fleet {
+    env: Env,
+    servers: Vec<Sshd>,
+    key: ClientKey,
+}
+
+struct NodeSpec<'a> {
+    name: &'a str,
+    remote_dir: Option<&'a str>,
+    extra: &'a str,
+}
+
+fn node(name: &str) -> NodeSpec<'_> {
+    NodeSpec {
+        name,
+        remote_dir: None,
+        extra: "",
+    }
+}
+
+impl Fleet {
+    fn new(nodes: &[NodeSpec<'_>]) -> Option<Fleet> {
+        Fleet::build(nodes, true, "")
+    }
+
+    fn build(nodes: &[NodeSpec<'_>], trusted: bool, model_extra: &str) -> Option<Fleet> {
+        let model = crate::support::model()?;
+        if !sshd::available() {
+            return None;
+        }
+        let dir = tempdir();
+        let key = ClientKey::new(dir.path(), "client_ed25519", "ed25519");
+        let known_hosts = dir.path().join("known_hosts");
+        let mut servers = Vec::new();
+        let mut text = format!("{}{model_extra}\n", model_table(&model, MODEL_SHA256));
+        text.push_str(&format!(
+            "[defaults]\nuser = {:?}\nidentity_file = {:?}\nknown_hosts = {:?}\ntimeout = \"60s\"\n\n",
+            sshd::user(),
+            key.private.display().to_string(),
+            known_hosts.display().to_string(),
+        ));
+        let mut lines = String::new();
+        for spec in nodes {
+            let server = Sshd::start(&dir.path().join(format!("sshd-{}", spec.name)), &[&key]);
+            lines.push_str(&server.known_hosts_line());
+            let remote_dir = match spec.remote_dir {
+                Some(d) => dir.path().join(d),
+                None => dir.path().join(format!("node-{}", spec.name)),
+            };
+            text.push_str(&format!(
+                "[nodes.{}]\nhost = \"127.0.0.1\"\nport = {}\nremote_dir = {:?}\nhive_port = {}\n\
+                 models = [\"smollm2\"]\n{}\n",
+                spec.name,
+                server.port,
+                remote_dir.display().to_string(),
+                free_port(),
+                spec.extra,
+            ));
+            servers.push(server);
+        }
+        if trusted {
+            std::fs::write(&known_hosts, lines).expect("known_hosts");
+        }
+        let port = free_port();
+        Some(Fleet {
+            env: Env::from_dir(dir, port, &text),
+            servers,
+            key,
+        })
+    }
+
+    fn known_hosts(&self) -> PathBuf {
+        self.env.path().join("known_hosts")
+    }
+
+    fn remote_dir(&self, name: &str) -> PathBuf {
+        self.env.path().join(format!("node-{name}"))
+    }
+
+    fn json(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        self.env.run(&all).json_lines()
+    }
+}
+
+fn state_of<'a>(lines: &'a [serde_json::Value], node: &str) -> &'a serde_json::Value {
+    let line = lines
+        .iter()
+        .find(|l| l["node"] == node)
+        .unwrap_or_else(|| panic!("no line for `{node}` in {lines:?}"));
+    &line["state"]
+}
+
+#[test]
+fn two_nodes_start_status_infer_install_and_stop_over_ssh() {
+    let Some(fleet) = Fleet::new(&[node("a"), node("b")]) else {
+        return;
+    };
+    let env = &fleet.env;
+
+    let start = env.run(&["--json", "hive", "start", "--all"]);
+    start.expect(0);
+    let lines = start.json_lines();
+    assert_eq!(state_of(&lines, "a"), "started");
+    assert_eq!(state_of(&lines, "b"), "started");
+    // The hive of each node lives in that node's remote_dir, with its own binary.
+    for name in ["a", "b"] {
+        let dir = fleet.remote_dir(name);
+        assert!(
+            dir.join("bin/rbee").is_file(),
+            "no binary in {}",
+            dir.display()
+        );
+        assert!(dir.join("hive.pid").is_file());
+    }
+
+    let status = fleet.json(&["hive", "status", "--all"]);
+    assert_eq!(state_of(&status, "a"), "running");
+    assert_eq!(state_of(&status, "b"), "running");
+    assert_ne!(status[0]["pid"], status[1]["pid"]);
+
+    for name in ["a", "b"] {
+        let done = env
+            .infer(&["--node", name, "--prompt", "Say hi", "--max-tokens", "4"])
+            .expect(0)
+            .done();
+        assert_eq!(done["node"], name);
+        assert!(done["timings_ms"]["connect"].as_f64().expect("connect") > 0.0);
+        assert!(
+            done["timings_ms"]["hive_start"].is_null(),
+            "restarted a running hive"
+        );
+    }
+
+    // The hive start installed the binary; installing again uploads nothing.
+    let install = fleet.json(&["hive", "install", "--all"]);
+    for line in &install {
+        assert_eq!(line["state"], "installed", "{line}");
+        assert_eq!(line["installed"]["uploaded"], false, "{line}");
+    }
+
+    let stop = fleet.json(&["hive", "stop", "--all"]);
+    assert_eq!(state_of(&stop, "a"), "stopped");
+    assert_eq!(state_of(&stop, "b"), "stopped");
+    let hive_pids: Vec<i32> = status
+        .iter()
+        .map(|l| l["pid"].as_i64().expect("pid") as i32)
+        .collect();
+    for pid in hive_pids {
+        assert!(
+            eventually(Duration::from_secs(5), || !alive(pid)),
+            "hive {pid} survived"
+        );
+    }
+    let status = env.run(&["--json", "hive", "status", "--all"]);
+    status.expect(6);
+    assert_eq!(state_of(&status.json_lines(), "a"), "stopped");
+    assert!(
+        eventually(Duration::from_secs(5), || env.processes().is_empty()),
+        "processes left behind: {:?}",
+        env.processes()
+    );
+}
+
+#[test]
+fn an_unknown_host_key_is_refused_with_its_fingerprint_until_trusted() {
+    let Some(fleet) = Fleet::build(&[node("a"), node("b")], false, "") else {
+        return;
+    };
+    let env = &fleet.env;
+    let run = env.run(&["hive", "status", "a"]);
+    run.expect(4);
+    assert!(
+        run.stderr.contains(&fleet.servers[0].fingerprint()),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("rbee nodes trust a"), "{}", run.stderr);
+    assert!(
+        !fleet.known_hosts().exists()
+            || std::fs::read_to_string(fleet.known_hosts())
+                .expect("read")
+                .is_empty()
+    );
+
+    let trust = env.run(&["nodes", "trust", "a"]);
+    trust.expect(0);
+    assert!(
+        trust.stdout.contains(&fleet.servers[0].fingerprint()),
+        "{}",
+        trust.stdout
+    );
+    let recorded = std::fs::read_to_string(fleet.known_hosts()).expect("known_hosts");
+    assert!(
+        recorded.contains(&format!("[127.0.0.1]:{}", fleet.servers[0].port)),
+        "{recorded}"
+    );
+    // Trusted now: SSH works, the hive is simply not running.
+    env.run(&["hive", "status", "a"]).expect(6);
+    // The flag records a key in passing.
+    env.run(&["hive", "status", "b"]).expect(4);
+    env.run(&["--accept-new-host-key", "hive", "status", "b"])
+        .expect(6);
+    env.run(&["hive", "status", "b"]).expect(6);
+}
+
+#[test]
+fn a_changed_host_key_is_always_refused() {
+    let Some(fleet) = Fleet::build(&[node("a")], false, "") else {
+        return;
+    };
+    let env = &fleet.env;
+    let other = ClientKey::new(env.path(), "impostor", "ed25519");
+    let impostor_key: Vec<&str> = other.public.split_whitespace().take(2).collect();
+    std::fs::write(
+        fleet.known_hosts(),
+        format!(
+            "[127.0.0.1]:{} {}\n",
+            fleet.servers[0].port,
+            impostor_key.join(" ")
+        ),
+    )
+    .expect("known_hosts");
+    let run = env.run(&["hive", "status", "a"]);
+    run.expect(4);
+    assert!(run.stderr.contains("HOST KEY CHANGED"), "{}", run.stderr);
+    assert!(run.stderr.contains("line 1"), "{}", run.stderr);
+    env.run(&["--accept-new-host-key", "hive", "status", "a"])
+        .expect(4);
+    env.run(&["nodes", "trust", "a"]).expect(4);
+}
+
+#[test]
+fn a_wrong_client_key_and_a_closed_port_exit_4() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let stranger = ClientKey::new(env.path(), "stranger", "ed25519");
+    let config = std::fs::read_to_string(&env.config).expect("config");
+    let wrong_key = config.replace(
+        &format!(
+            "identity_file = {:?}",
+            fleet.key.private.display().to_string()
+        ),
+        &format!(
+            "identity_file = {:?}",
+            stranger.private.display().to_string()
+        ),
+    );
+    std::fs::write(&env.config, &wrong_key).expect("write");
+    let run = env.run(&["hive", "status", "a"]);
+    run.expect(4);
+    assert!(run.stderr.contains("authentication"), "{}", run.stderr);
+    assert!(run.stderr.contains("stranger"), "{}", run.stderr);
+
+    let closed = free_port();
+    let closed_config = config.replace(
+        &format!("port = {}", fleet.servers[0].port),
+        &format!("port = {closed}"),
+    );
+    std::fs::write(&env.config, closed_config).expect("write");
+    let started = Instant::now();
+    let run = env.run(&["hive", "start", "a"]);
+    run.expect(4);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{closed}")),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn an_rsa_client_key_works_too() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let rsa = ClientKey::new(env.path(), "client_rsa", "rsa");
+    let authorized = fleet.servers[0].dir.join("authorized_keys");
+    std::fs::write(&authorized, format!("{}\n", rsa.public)).expect("authorized_keys");
+    let config = std::fs::read_to_string(&env.config)
+        .expect("config")
+        .replace(
+            &format!(
+                "identity_file = {:?}",
+                fleet.key.private.display().to_string()
+            ),
+            &format!("identity_file = {:?}", rsa.private.display().to_string()),
+        );
+    std::fs::write(&env.config, config).expect("write");
+    env.run(&["hive", "status", "a"]).expect(6);
+}
+
+#[test]
+fn a_remote_dir_with_spaces_and_shell_metacharacters_works() {
+    let weird = "we ird $(touch PWNED) ;echo x 'q' `touch PWNED2`";
+    let spec = NodeSpec {
+        name: "a",
+        remote_dir: Some(weird),
+        extra: "",
+    };
+    let Some(fleet) = Fleet::new(&[spec]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let dir = env.path().join(weird);
+    assert!(
+        dir.join("bin/rbee").is_file(),
+        "nothing at the literal path"
+    );
+    assert!(dir.join("hive.log").is_file());
+    env.run(&["hive", "stop", "a"]).expect(0);
+    let home = crate::support::home();
+    for stray in [
+        env.path().join("PWNED"),
+        home.join("PWNED"),
+        home.join("PWNED2"),
+        PathBuf::from("/PWNED"),
+        PathBuf::from("/PWNED2"),
+    ] {
+        assert!(!stray.exists(), "{} was created", stray.display());
+    }
+    let entries: Vec<String> = std::fs::read_dir(env.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("we"))
+        .collect();
+    assert_eq!(entries, vec![weird.to_string()]);
+}
+
+#[test]
+fn a_hive_killed_on_its_node_is_reported_stopped_and_restarted_by_infer() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let status = fleet.json(&["hive", "status", "a"]);
+    let pid = status[0]["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    assert!(eventually(Duration::from_secs(5), || !alive(pid)));
+    let status = env.run(&["--json", "hive", "status", "a"]);
+    status.expect(6);
+    assert_eq!(state_of(&status.json_lines(), "a"), "stopped");
+    let done = env
+        .infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0)
+        .done();
+    assert!(
+        done["timings_ms"]["hive_start"].as_f64().is_some(),
+        "{done}"
+    );
+}
+
+#[test]
+fn one_failing_node_does_not_stop_the_others() {
+    let Some(fleet) = Fleet::new(&[node("a"), node("b")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    // Node b points at a port where nothing listens.
+    let config = std::fs::read_to_string(&env.config)
+        .expect("config")
+        .replace(
+            &format!("port = {}", fleet.servers[1].port),
+            &format!("port = {}", free_port()),
+        );
+    std::fs::write(&env.config, config).expect("write");
+    let run = env.run(&["--json", "hive", "start", "--all"]);
+    run.expect(4);
+    let lines = run.json_lines();
+    assert_eq!(state_of(&lines, "a"), "started");
+    assert_eq!(state_of(&lines, "b"), "unreachable");
+    assert!(run.stderr.contains("1 of 2 nodes failed"), "{}", run.stderr);
+    env.run(&["hive", "status", "a"]).expect(0);
+}
+
+#[test]
+fn nodes_check_reports_what_it_found() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let before = fleet.json(&["nodes", "check", "a"]);
+    assert_eq!(before[0]["ok"], true, "{:?}", before);
+    assert_eq!(before[0]["authenticated"], true);
+    assert!(before[0]["installed_version"].is_null());
+    assert!(before[0]["free_bytes"].as_u64().expect("free") > 0);
+    env.run(&["hive", "install", "a"]).expect(0);
+    let after = fleet.json(&["nodes", "check", "a"]);
+    assert_eq!(after[0]["installed_version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn models_push_resumes_an_interrupted_copy_and_verifies_it() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    let source = format!("source = {:?}\n", model.display().to_string());
+    let Some(fleet) = Fleet::build(&[node("a")], true, &source) else {
+        return;
+    };
+    let env = &fleet.env;
+    // The node keeps its models in its own directory.
+    let remote_model = fleet.remote_dir("a").join("models/smollm2.gguf");
+    let config = std::fs::read_to_string(&env.config)
+        .expect("config")
+        .replacen(
+            &format!("path = {:?}", model.display().to_string()),
+            &format!("path = {:?}", remote_model.display().to_string()),
+            1,
+        );
+    std::fs::write(&env.config, config).expect("write");
+    let part = PathBuf::from(format!("{}.part", remote_model.display()));
+
+    // Interrupt a push once some bytes have arrived.
+    let mut push = env.spawn(&["models", "push", "--node", "a", "smollm2"]);
+    let started = eventually(Duration::from_secs(30), || size(&part) > 0);
+    let _ = push.kill();
+    let _ = push.wait();
+    assert!(started, "the push never wrote anything");
+    assert!(
+        !remote_model.exists(),
+        "the push finished before it could be interrupted"
+    );
+    // Wait for the node side to flush what it received.
+    std::thread::sleep(Duration::from_millis(300));
+    let partial = size(&part);
+    let total = std::fs::metadata(&model).expect("model").len();
+    assert!(partial > 0 && partial < total, "{partial} of {total}");
+
+    let resumed = env.run(&["--json", "models", "push", "--node", "a", "smollm2"]);
+    resumed.expect(0);
+    let result = &resumed.json_lines()[0];
+    assert_eq!(result["action"], "resumed", "{result}");
+    assert_eq!(result["resumed_from"].as_u64(), Some(partial));
+    assert_eq!(result["bytes_sent"].as_u64(), Some(total - partial));
+    assert!(!part.exists());
+    assert_eq!(crate::support::sha256(&remote_model), MODEL_SHA256);
+
+    let again = env.run(&["--json", "models", "push", "--node", "a", "smollm2"]);
+    again.expect(0);
+    assert_eq!(again.json_lines()[0]["action"], "present");
+    // The node serves the pushed copy.
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+}
+
+fn size(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+#[test]
+fn an_ssh_config_alias_supplies_host_port_user_and_key() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    std::fs::write(
+        home.join(".ssh/config"),
+        format!(
+            "Host lab-*\n  HostName 127.0.0.1\n  Port {}\n  User {}\n  IdentityFile {}\n",
+            fleet.servers[0].port,
+            sshd::user(),
+            fleet.key.private.display()
+        ),
+    )
+    .expect("ssh config");
+    let config = std::fs::read_to_string(&env.config).expect("config");
+    let config = config
+        .replace("host = \"127.0.0.1\"", "host = \"lab-a\"")
+        .replace(&format!("port = {}\n", fleet.servers[0].port), "")
+        .replace(
+            &format!(
+                "identity_file = {:?}\n",
+                fleet.key.private.display().to_string()
+            ),
+            "",
+        )
+        .replace(&format!("user = {:?}\n", sshd::user()), "");
+    std::fs::write(&env.config, config).expect("write");
+    let run = env
+        .command(&["hive", "status", "a"])
+        .env("HOME", &home)
+        .output()
+        .expect("run");
+    assert_eq!(
+        run.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}

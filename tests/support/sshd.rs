@@ -1,0 +1,165 @@
+//! Real OpenSSH servers on loopback for the tests: own host key, config and authorized_keys
+//! in a temporary directory. Each instance stands for one node.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const SSHD: &str = "/usr/sbin/sshd";
+
+pub struct Sshd {
+    pub port: u16,
+    pub dir: PathBuf,
+    /// `KEYTYPE BASE64` of the server's host key.
+    pub host_key: String,
+    child: Child,
+}
+
+/// A client key pair the test authenticates with.
+pub struct ClientKey {
+    pub private: PathBuf,
+    pub public: String,
+}
+
+fn keygen(path: &Path, kind: &str) {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", kind, "-N", "", "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .status()
+        .expect("ssh-keygen (package openssh-client)");
+    assert!(status.success(), "ssh-keygen failed");
+}
+
+/// Whether sshd can run here; in CI its absence is a failure, elsewhere a skip.
+pub fn available() -> bool {
+    let ok = Path::new(SSHD).exists()
+        && Command::new("ssh-keygen")
+            .arg("-?")
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "{SSHD} or ssh-keygen is missing: install openssh-server and openssh-client (scripts/setup.sh does)"
+            );
+        }
+        eprintln!("skipped: {SSHD} not installed (run scripts/setup.sh)");
+    }
+    ok
+}
+
+impl ClientKey {
+    pub fn new(dir: &Path, name: &str, kind: &str) -> ClientKey {
+        let private = dir.join(name);
+        keygen(&private, kind);
+        let public = std::fs::read_to_string(private.with_extension("pub"))
+            .expect("read public key")
+            .trim()
+            .to_string();
+        ClientKey { private, public }
+    }
+}
+
+impl Sshd {
+    /// Starts sshd on a free loopback port, trusting `authorized` client keys.
+    pub fn start(dir: &Path, authorized: &[&ClientKey]) -> Sshd {
+        std::fs::create_dir_all(dir).expect("sshd dir");
+        let host_key = dir.join("host_ed25519");
+        keygen(&host_key, "ed25519");
+        let keys: Vec<String> = authorized.iter().map(|k| k.public.clone()).collect();
+        std::fs::write(dir.join("authorized_keys"), keys.join("\n") + "\n")
+            .expect("authorized_keys");
+        if nix::unistd::geteuid().is_root() {
+            // sshd's privilege separation directory.
+            let _ = std::fs::create_dir_all("/run/sshd");
+        }
+        let port = crate::support::free_port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                 PidFile {pid}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+                 PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nMaxStartups 64\n\
+                 MaxSessions 64\nLogLevel ERROR\n",
+                hk = host_key.display(),
+                ak = dir.join("authorized_keys").display(),
+                pid = dir.join("sshd.pid").display(),
+            ),
+        )
+        .expect("sshd_config");
+        let child = Command::new(SSHD)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("sshd.log")).expect("sshd log"),
+            ))
+            .spawn()
+            .expect("start sshd");
+        let up = crate::support::eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(
+            up,
+            "sshd did not listen: {}",
+            std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+        );
+        let public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host pub");
+        let mut parts = public.split_whitespace();
+        let host_key = format!(
+            "{} {}",
+            parts.next().expect("key type"),
+            parts.next().expect("key data")
+        );
+        Sshd {
+            port,
+            dir: dir.to_path_buf(),
+            host_key,
+            child,
+        }
+    }
+
+    /// The known_hosts line for this server.
+    pub fn known_hosts_line(&self) -> String {
+        format!("[127.0.0.1]:{} {}\n", self.port, self.host_key)
+    }
+
+    /// The SHA256 fingerprint as ssh-keygen prints it.
+    pub fn fingerprint(&self) -> String {
+        let out = Command::new("ssh-keygen")
+            .arg("-l")
+            .arg("-f")
+            .arg(self.dir.join("host_ed25519.pub"))
+            .output()
+            .expect("ssh-keygen -l");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .expect("fingerprint")
+            .to_string()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The user the tests log in as: the one running them.
+pub fn user() -> String {
+    let uid = nix::unistd::geteuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| "root".to_string())
+}
