@@ -517,3 +517,123 @@ fn an_ssh_config_alias_supplies_host_port_user_and_key() {
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+#[test]
+fn ssh_agent_authentication() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let socket = env.path().join("agent.sock");
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    assert!(eventually(Duration::from_secs(5), || socket.exists()));
+    let added = std::process::Command::new("ssh-add")
+        .arg(&fleet.key.private)
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()
+        .expect("ssh-add");
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    // No key file: only the agent can authenticate.
+    let config = std::fs::read_to_string(&env.config)
+        .expect("config")
+        .replace(
+            &format!(
+                "identity_file = {:?}",
+                fleet.key.private.display().to_string()
+            ),
+            "identity_file = \"/nonexistent/key\"",
+        );
+    std::fs::write(&env.config, config).expect("write");
+    env.run(&["hive", "status", "a"]).expect(4);
+    let run = env
+        .command(&["hive", "status", "a"])
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()
+        .expect("run");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(
+        run.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn transport_http_sends_requests_directly_and_starts_over_ssh() {
+    let spec = NodeSpec {
+        name: "a",
+        remote_dir: None,
+        extra: "transport = \"http\"",
+    };
+    let Some(fleet) = Fleet::new(&[spec]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let done = env
+        .infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0)
+        .done();
+    assert!(done["timings_ms"]["hive_start"].as_f64().is_some());
+    // Requests went straight to the hive's port: no SSH connect on a warm call.
+    let warm = env
+        .infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0)
+        .done();
+    assert!(warm["timings_ms"]["hive_start"].is_null());
+    assert!(fleet.remote_dir("a").join("bin/rbee").is_file());
+    env.run(&["hive", "stop", "a"]).expect(0);
+    env.run(&["hive", "status", "a"]).expect(6);
+}
+
+#[test]
+fn a_budget_too_small_for_the_ssh_connect_exits_124_naming_the_connect() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    // A server that accepts the TCP connection and never speaks SSH.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let config = std::fs::read_to_string(&env.config)
+        .expect("config")
+        .replace(
+            &format!("port = {}", fleet.servers[0].port),
+            &format!("port = {port}"),
+        );
+    std::fs::write(&env.config, config).expect("write");
+    let started = Instant::now();
+    let run = env.run(&[
+        "infer",
+        "--node",
+        "a",
+        "--prompt",
+        "Hi",
+        "--timeout",
+        "700ms",
+    ]);
+    run.expect(124);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        run.stderr.contains("deadline of 700ms exceeded"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("connect"), "{}", run.stderr);
+    drop(silent);
+}

@@ -43,8 +43,8 @@ pub async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
 #[derive(Default)]
 struct Progress {
     timings: Timings,
-    /// Time at which the request was handed to the hive.
-    sent_at: Option<Instant>,
+    /// The stage under way, and since when.
+    stage: Option<(&'static str, Instant)>,
     printed_any: bool,
     ends_with_newline: bool,
 }
@@ -94,7 +94,17 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     if !ctx.out.json && progress.printed_any && !progress.ends_with_newline {
         let _ = writeln!(std::io::stdout());
     }
-    outcome
+    // A hop that ran out of budget says what it was doing; the user also needs the breakdown.
+    match outcome {
+        Err(e) if e.kind == ExitKind::Deadline && !e.message.starts_with("deadline of") => {
+            Err(Error::deadline(format!(
+                "{} ({})",
+                breakdown(budget.total(), &budget, &progress),
+                e.message
+            )))
+        }
+        other => other,
+    }
 }
 
 async fn generate(
@@ -105,8 +115,13 @@ async fn generate(
     budget: &Budget,
     progress: &RefCell<Progress>,
 ) -> Result<()> {
+    progress.borrow_mut().stage = Some(("connect", Instant::now()));
     let mut conn = ctx.open(node, budget).await?;
-    progress.borrow_mut().timings.connect = Some(conn.connect_time.as_secs_f64() * 1000.0);
+    {
+        let mut p = progress.borrow_mut();
+        p.timings.connect = Some(conn.connect_time.as_secs_f64() * 1000.0);
+        p.stage = Some(("hive start", Instant::now()));
+    }
     let running = lifecycle::ensure_running(&mut conn, budget).await?;
     {
         let mut p = progress.borrow_mut();
@@ -121,7 +136,7 @@ async fn generate(
         ctx.out.note(format!("started the hive on `{}`", node.name));
     }
 
-    progress.borrow_mut().sent_at = Some(Instant::now());
+    progress.borrow_mut().stage = Some(("queue, load and generation", Instant::now()));
     let response = conn.client.infer(request, budget).await?;
     let mut stream = std::pin::pin!(events(response));
     let stdout = std::io::stdout();
@@ -234,11 +249,11 @@ fn breakdown(total: Duration, budget: &Budget, p: &Progress) -> String {
     push("prefill", t.prefill);
     push("decode", t.decode);
     if t.decode.is_none()
-        && let Some(sent) = p.sent_at
+        && let Some((stage, since)) = p.stage
     {
         stages.push(format!(
-            "waiting on the hive (queue, load, generation) {:.0}ms",
-            sent.elapsed().as_secs_f64() * 1000.0
+            "ran out during {stage} after {:.0}ms",
+            since.elapsed().as_secs_f64() * 1000.0
         ));
     }
     let spent = if stages.is_empty() {

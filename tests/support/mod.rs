@@ -41,9 +41,25 @@ pub fn model() -> Option<PathBuf> {
     None
 }
 
+/// A free port for a test's hive or sshd. It comes from below the kernel's ephemeral range
+/// (32768 and up by default), where the workers and tunnels of other tests bind their own
+/// ports, and is never handed out twice in one run.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 5_000) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_000, "ran out of test ports");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The `[models.smollm2]` table for the test model; one llama.cpp thread, so that tests running

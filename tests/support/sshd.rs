@@ -91,7 +91,7 @@ impl Sshd {
             ),
         )
         .expect("sshd_config");
-        let child = Command::new(SSHD)
+        let mut child = Command::new(SSHD)
             .arg("-D")
             .arg("-e")
             .arg("-f")
@@ -103,8 +103,10 @@ impl Sshd {
             ))
             .spawn()
             .expect("start sshd");
+        // Listening, and it is our sshd that listens (not a process that took the port).
         let up = crate::support::eventually(Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && matches!(child.try_wait(), Ok(None))
         });
         assert!(
             up,
