@@ -109,7 +109,7 @@ fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         match command {
             Command::Infer(args) => cmd::infer::run(ctx, args).await,
             Command::Hive { command } => cmd::hive::run(ctx, command).await,
@@ -117,7 +117,11 @@ fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
             Command::Nodes { command } => cmd::nodes::run(ctx, command).await,
             Command::Models { command } => cmd::models::run(ctx, command).await,
         }
-    })
+    });
+    // The answer is out: exit now rather than wait on leftover blocking work (a file hash,
+    // a stdin read) that no longer matters.
+    runtime.shutdown_background();
+    result
 }
 
 /// Logs on stderr; `with_target` names the module, which tells worker lines apart in hive.log.
