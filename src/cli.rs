@@ -126,6 +126,46 @@ pub struct HiveServeArgs {
     /// Idle time before a worker unloads its model
     #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
     pub keep_alive: std::time::Duration,
+    /// Restart policy: restarts in a row before giving up
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    #[arg(long, value_parser = parse_duration_arg, default_value = "1s")]
+    pub backoff_initial: std::time::Duration,
+    #[arg(long, value_parser = parse_duration_arg, default_value = "60s")]
+    pub backoff_max: std::time::Duration,
+    #[arg(long, default_value_t = 5)]
+    pub breaker_failures: u32,
+    #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
+    pub breaker_window: std::time::Duration,
+}
+
+impl HiveServeArgs {
+    pub fn restart_policy(&self) -> crate::config::RestartPolicy {
+        crate::config::RestartPolicy {
+            max_attempts: self.max_attempts,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            breaker_failures: self.breaker_failures,
+            breaker_window: self.breaker_window,
+        }
+    }
+}
+
+/// The `hive serve` arguments that carry a restart policy.
+pub fn restart_args(p: &crate::config::RestartPolicy) -> Vec<String> {
+    let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+    vec![
+        "--max-attempts".to_string(),
+        p.max_attempts.to_string(),
+        "--backoff-initial".to_string(),
+        ms(p.backoff_initial),
+        "--backoff-max".to_string(),
+        ms(p.backoff_max),
+        "--breaker-failures".to_string(),
+        p.breaker_failures.to_string(),
+        "--breaker-window".to_string(),
+        ms(p.breaker_window),
+    ]
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +177,13 @@ pub enum WorkerCommand {
     },
     /// Stop a node's worker for a model (its model is unloaded)
     Stop {
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        model: String,
+    },
+    /// Restart a node's worker for a model, clearing a failed state and its circuit breaker
+    Restart {
         #[arg(long)]
         node: Option<String>,
         #[arg(long)]

@@ -106,6 +106,29 @@ impl HiveClient {
         Ok(body.get("stopped").and_then(serde_json::Value::as_bool) == Some(true))
     }
 
+    pub async fn restart_worker(&self, model: &str, timeout: Duration) -> Result<WorkerInfo> {
+        let response = self
+            .request(Method::POST, &format!("/v1/workers/{model}/restart"))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.json(response).await
+    }
+
+    pub async fn metrics(&self, timeout: Duration) -> Result<String> {
+        let response = self
+            .request(Method::GET, "/metrics")
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        response
+            .text()
+            .await
+            .map_err(|e| Error::hive(format!("unreadable metrics from `{}`: {e}", self.node)))
+    }
+
     pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
         let response = self
             .request(Method::POST, "/v1/shutdown")

@@ -147,6 +147,7 @@ fn spawn_local(node: &Node) -> Result<std::process::Child> {
         .arg(&node.name)
         .arg("--keep-alive")
         .arg(format!("{}ms", node.keep_alive.as_millis()))
+        .args(crate::cli::restart_args(&node.restart))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

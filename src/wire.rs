@@ -204,6 +204,7 @@ pub enum WorkerState {
     Loading,
     Ready,
     Busy,
+    Restarting,
     Stopping,
     Failed,
 }
@@ -225,6 +226,14 @@ pub struct WorkerInfo {
     pub in_flight: u32,
     pub queued: u32,
     pub idle_s: Option<f64>,
+    /// The delay chosen before the latest restart.
+    pub last_backoff_ms: Option<u64>,
+    /// `closed`, or `open` while restarting is held back (breaker or attempts exhausted).
+    pub breaker: String,
+    /// Seconds since the Unix epoch at which restarting is allowed again.
+    pub breaker_closes_at: Option<u64>,
+    /// Why restarting is held back.
+    pub failed_reason: Option<String>,
 }
 
 /// The first line a worker prints on stdout: where it listens, or why it could not start.

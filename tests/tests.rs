@@ -9,3 +9,4 @@ mod daemon;
 mod deadline;
 mod infer;
 mod ssh;
+mod supervision;

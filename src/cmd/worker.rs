@@ -15,6 +15,7 @@ pub async fn run(ctx: &Context, command: WorkerCommand) -> Result<()> {
     match command {
         WorkerCommand::List { node } => list(ctx, node.as_deref()).await,
         WorkerCommand::Stop { node, model } => stop(ctx, node.as_deref(), &model).await,
+        WorkerCommand::Restart { node, model } => restart(ctx, node.as_deref(), &model).await,
         WorkerCommand::Serve(args) => crate::worker::serve(args),
     }
 }
@@ -25,6 +26,7 @@ pub fn state_name(state: WorkerState) -> &'static str {
         WorkerState::Loading => "loading",
         WorkerState::Ready => "ready",
         WorkerState::Busy => "busy",
+        WorkerState::Restarting => "restarting",
         WorkerState::Stopping => "stopping",
         WorkerState::Failed => "failed",
     }
@@ -59,6 +61,7 @@ async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
             "QUEUED",
             "RESTARTS",
             "LAST EXIT",
+            "HELD BACK",
         ];
         let rows: Vec<Vec<String>> = workers.iter().map(row).collect();
         ctx.out.result(&(), || table(&headers, &rows));
@@ -104,6 +107,12 @@ fn row(w: &WorkerInfo) -> Vec<String> {
         w.queued.to_string(),
         w.restart_count.to_string(),
         w.last_exit.clone().unwrap_or_else(dash),
+        w.failed_reason.clone().map_or_else(dash, |r| {
+            let closes = w.breaker_closes_at.map_or(String::new(), |t| {
+                format!(" (closes in {}s)", t.saturating_sub(now))
+            });
+            format!("{r}{closes}")
+        }),
     ]
 }
 
@@ -122,6 +131,25 @@ async fn stop(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
     }
     ctx.out.result(&value, || {
         format!("{}: stopped the worker for `{model}`", node.name)
+    });
+    Ok(())
+}
+
+async fn restart(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(node)?;
+    config.model(node, Some(model))?;
+    let conn = ctx.open(node, &Budget::new(node.timeout)).await?;
+    let info = conn
+        .client
+        .restart_worker(model, Duration::from_secs(150))
+        .await?;
+    ctx.out.result(&info, || {
+        format!(
+            "{}: restarted the worker for `{model}` (pid {})",
+            node.name,
+            info.pid.map_or("-".to_string(), |p| p.to_string())
+        )
     });
     Ok(())
 }

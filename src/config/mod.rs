@@ -65,6 +65,9 @@ pub struct Node {
     #[serde(with = "duration_ms")]
     pub keep_alive: Duration,
     pub models: Vec<String>,
+    /// The fleet's `[restart]` policy, which this node's hive applies.
+    #[serde(skip)]
+    pub restart: RestartPolicy,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -168,6 +171,7 @@ impl Config {
             timeout: DEFAULT_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,
             models: vec![DEFAULT_MODEL.to_string()],
+            restart: RestartPolicy::default(),
         };
         Config {
             source: Source::Embedded,
@@ -338,6 +342,7 @@ fn resolve(
                     .or(defaults.keep_alive)
                     .map_or(DEFAULT_KEEP_ALIVE, |d| d.0),
                 models: served,
+                restart,
             },
         );
     }

@@ -2,10 +2,14 @@
 //! pidfile, logs to `hive.log`, serves on 127.0.0.1, and on SIGTERM, SIGINT or
 //! `POST /v1/shutdown` stops its workers and exits.
 
+pub mod memory;
+pub mod metrics;
 pub mod pidfile;
+pub mod policy;
 pub mod registry;
 pub mod requests;
 pub mod routes;
+pub mod supervisor;
 pub mod verify;
 pub mod worker_proc;
 
@@ -24,6 +28,8 @@ use routes::Hive;
 use worker_proc::STOP_GRACE;
 
 pub const PID_FILE: &str = "hive.pid";
+/// How long a stopping hive lets requests in flight finish.
+pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 pub const LOG_FILE: &str = "hive.log";
 
 pub fn serve(args: HiveServeArgs) -> Result<()> {
@@ -50,11 +56,22 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
         .await
         .map_err(|e| Error::hive(format!("cannot listen on 127.0.0.1:{}: {e}", args.port)))?;
+    supervisor::kill_orphans(&args.dir);
     let exe = std::env::current_exe()?;
+    let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let registry = Arc::new(Registry::new(
+        exe,
+        args.dir.clone(),
+        log.to_path_buf(),
+        args.keep_alive,
+        args.restart_policy(),
+        exits_tx,
+    ));
     let hive = Arc::new(Hive {
         node: args.node.clone(),
         started: Instant::now(),
-        registry: Registry::new(exe, args.dir.clone(), log.to_path_buf(), args.keep_alive),
+        registry: registry.clone(),
+        metrics: Arc::default(),
         http: reqwest::Client::builder()
             .no_proxy()
             .build()
@@ -77,11 +94,27 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
         token.cancel();
     });
     tokio::spawn(reaper(hive.clone()));
+    tokio::spawn(supervisor::supervise(
+        registry.clone(),
+        hive.metrics.clone(),
+        exits_rx,
+    ));
+    tokio::spawn(supervisor::liveness(
+        registry.clone(),
+        hive.metrics.clone(),
+        hive.shutdown.clone(),
+    ));
 
     let stopping = hive.clone();
     let server =
         axum::serve(listener, routes::router(hive.clone())).with_graceful_shutdown(async move {
             stopping.shutdown.cancelled().await;
+            // New connections are refused from here on; requests in flight get a grace
+            // period to finish before their workers are stopped.
+            let until = Instant::now() + DRAIN_GRACE;
+            while stopping.registry.in_flight() > 0 && Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
             stopping.registry.stop_all().await;
         });
     // In-flight streams end once their workers stop; a client that lingers after that does not
@@ -89,7 +122,7 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
     let token = hive.shutdown.clone();
     tokio::select! {
         result = server => result.map_err(|e| Error::internal(format!("hive server failed: {e}")))?,
-        _ = async move { token.cancelled().await; tokio::time::sleep(STOP_GRACE * 2).await } => {
+        _ = async move { token.cancelled().await; tokio::time::sleep(DRAIN_GRACE + STOP_GRACE * 2).await } => {
             tracing::warn!("connections still open after the grace period; exiting anyway");
         }
     }

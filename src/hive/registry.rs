@@ -1,18 +1,20 @@
 //! The hive's workers, one per model: a queue in front of each (one generation at a time until
-//! the worker batches), spawning on first use, reuse, and unloading after `keep_alive` idle.
+//! the worker batches), spawning on first use, reuse, unloading after `keep_alive` idle, and the
+//! supervision state the supervisor keeps (restarting, failed).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::config::Model;
+use crate::config::{Model, RestartPolicy};
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
+use crate::hive::policy::History;
 use crate::hive::verify::Verifier;
-use crate::hive::worker_proc::{STOP_GRACE, SpawnOptions, WorkerProc, model_path};
+use crate::hive::worker_proc::{Exited, STOP_GRACE, SpawnOptions, WorkerProc, model_path};
 use crate::wire::{WorkerInfo, WorkerState};
 
 pub struct Registry {
@@ -22,25 +24,43 @@ pub struct Registry {
     dir: PathBuf,
     log: PathBuf,
     pub keep_alive: Duration,
+    pub policy: RestartPolicy,
+    exits: mpsc::UnboundedSender<Exited>,
 }
 
 pub struct Entry {
+    pub name: String,
     queue: Arc<Semaphore>,
     spawn_lock: tokio::sync::Mutex<()>,
     state: Mutex<EntryState>,
 }
 
-struct EntryState {
-    spec: Model,
-    proc: Option<Arc<WorkerProc>>,
-    loading: bool,
-    queued: u32,
-    in_flight: u32,
-    served: u64,
-    last_used: Instant,
-    last_exit: Option<String>,
-    restart_count: u32,
-    last_restart: Option<SystemTime>,
+/// What the supervisor is doing about a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Supervision {
+    /// Running, or not started (no process).
+    Normal,
+    /// Waiting out a backoff before starting it again.
+    Restarting { at: Instant },
+    /// Restarting is held back until `until` (breaker open or attempts exhausted).
+    Failed { until: Instant },
+}
+
+pub struct EntryState {
+    pub spec: Model,
+    pub proc: Option<Arc<WorkerProc>>,
+    pub loading: bool,
+    pub supervision: Supervision,
+    pub failed_reason: Option<String>,
+    pub history: History,
+    pub queued: u32,
+    pub in_flight: u32,
+    pub served: u64,
+    pub last_used: Instant,
+    pub last_exit: Option<String>,
+    pub restart_count: u32,
+    pub last_restart: Option<SystemTime>,
+    pub last_backoff: Option<Duration>,
 }
 
 /// A place in a model's queue, held for the length of one generation.
@@ -59,7 +79,14 @@ impl Drop for Lease {
 }
 
 impl Registry {
-    pub fn new(exe: PathBuf, dir: PathBuf, log: PathBuf, keep_alive: Duration) -> Registry {
+    pub fn new(
+        exe: PathBuf,
+        dir: PathBuf,
+        log: PathBuf,
+        keep_alive: Duration,
+        policy: RestartPolicy,
+        exits: mpsc::UnboundedSender<Exited>,
+    ) -> Registry {
         Registry {
             entries: Mutex::new(HashMap::new()),
             verifier: Verifier::default(),
@@ -67,35 +94,37 @@ impl Registry {
             dir,
             log,
             keep_alive,
+            policy,
+            exits,
         }
     }
 
-    fn entries(&self) -> Vec<(String, Arc<Entry>)> {
-        match self.entries.lock() {
-            Ok(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(poisoned) => poisoned
-                .into_inner()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        }
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    pub fn find(&self, model: &str) -> Option<Arc<Entry>> {
+        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(model).cloned()
     }
 
     /// The entry for a model, created on first use; a changed spec replaces the stored one and
     /// takes effect at the next spawn.
-    pub fn entry(&self, model: &Model) -> Result<Arc<Entry>> {
-        let mut map = self
-            .entries
-            .lock()
-            .map_err(|_| Error::internal("registry lock poisoned"))?;
+    pub fn entry(&self, model: &Model) -> Arc<Entry> {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let entry = map.entry(model.name.clone()).or_insert_with(|| {
             Arc::new(Entry {
+                name: model.name.clone(),
                 queue: Arc::new(Semaphore::new(1)),
                 spawn_lock: tokio::sync::Mutex::new(()),
                 state: Mutex::new(EntryState {
                     spec: model.clone(),
                     proc: None,
                     loading: false,
+                    supervision: Supervision::Normal,
+                    failed_reason: None,
+                    history: History::default(),
                     queued: 0,
                     in_flight: 0,
                     served: 0,
@@ -103,27 +132,27 @@ impl Registry {
                     last_exit: None,
                     restart_count: 0,
                     last_restart: None,
+                    last_backoff: None,
                 }),
             })
         });
         entry.lock().spec = model.clone();
-        Ok(entry.clone())
+        entry.clone()
     }
 
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        let mut infos: Vec<WorkerInfo> = self
-            .entries()
-            .into_iter()
-            .filter_map(|(name, entry)| entry.info(&name))
-            .collect();
+        let mut infos: Vec<WorkerInfo> = self.entries().iter().filter_map(|e| e.info()).collect();
         infos.sort_by(|a, b| a.model.cmp(&b.model));
         infos
     }
 
     /// Stops the model's worker; false when none was running.
     pub async fn stop_worker(&self, model: &str) -> bool {
-        let entry = self.entries().into_iter().find(|(n, _)| n == model);
-        let proc = entry.and_then(|(_, e)| e.lock().proc.take());
+        let proc = self.find(model).and_then(|e| {
+            let mut st = e.lock();
+            st.supervision = Supervision::Normal;
+            st.proc.take()
+        });
         match proc {
             Some(p) => {
                 tracing::info!(model, pid = p.pid, "stopping worker");
@@ -137,41 +166,68 @@ impl Registry {
     pub async fn stop_all(&self) {
         let procs: Vec<Arc<WorkerProc>> = self
             .entries()
-            .into_iter()
-            .filter_map(|(_, e)| e.lock().proc.take())
+            .iter()
+            .filter_map(|e| {
+                let mut st = e.lock();
+                st.supervision = Supervision::Normal;
+                st.proc.take()
+            })
             .collect();
         futures::future::join_all(procs.iter().map(|p| p.stop(STOP_GRACE))).await;
     }
 
-    /// Unloads workers idle for `keep_alive`, and forgets workers that died while idle.
+    /// Requests in flight across all models.
+    pub fn in_flight(&self) -> u32 {
+        self.entries().iter().map(|e| e.lock().in_flight).sum()
+    }
+
+    /// Unloads workers idle for `keep_alive`.
     pub async fn reap(&self) {
-        for (name, entry) in self.entries() {
+        for entry in self.entries() {
             let idle = {
                 let mut st = entry.lock();
-                if let Some(status) = st.proc.as_ref().and_then(|p| p.exit_status()) {
-                    tracing::warn!(model = %name, %status, "idle worker exited");
-                    st.last_exit = Some(status);
-                    st.proc = None;
-                }
                 let unused = st.in_flight == 0 && st.queued == 0 && !st.loading;
-                if unused && st.last_used.elapsed() >= self.keep_alive {
+                let alive = st.proc.as_ref().is_some_and(|p| p.exit_status().is_none());
+                if unused && alive && st.last_used.elapsed() >= self.keep_alive {
                     st.proc.take()
                 } else {
                     None
                 }
             };
             if let Some(proc) = idle {
-                tracing::info!(model = %name, pid = proc.pid, "unloading idle worker");
+                tracing::info!(model = %entry.name, pid = proc.pid, "unloading idle worker");
                 proc.stop(STOP_GRACE).await;
             }
         }
     }
+
+    /// Verifies the model and starts a worker for it within `wait`.
+    pub async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
+        let path = model_path(spec);
+        tokio::time::timeout(wait, self.verifier.verify(&path, &spec.sha256))
+            .await
+            .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))??;
+        crate::hive::memory::check(&path)?;
+        let opts = SpawnOptions {
+            exe: &self.exe,
+            hive_dir: &self.dir,
+            log: &self.log,
+            exits: self.exits.clone(),
+        };
+        let proc = WorkerProc::spawn(spec, &opts, wait).await?;
+        tracing::info!(model = %spec.name, pid = proc.pid, port = proc.port, load_ms = proc.load_ms, "worker ready");
+        Ok(proc)
+    }
 }
 
 impl Entry {
-    fn lock(&self) -> MutexGuard<'_, EntryState> {
-        // The state holds plain counters; one left half-updated by a panic is still usable.
+    pub fn lock(&self) -> MutexGuard<'_, EntryState> {
+        // The state holds plain values; one left half-updated by a panic is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn spawn_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.spawn_lock.lock().await
     }
 
     /// Waits for this model's turn, until the budget runs out.
@@ -197,74 +253,81 @@ impl Entry {
         }
     }
 
-    /// The running worker, or a new one (verified, spawned, loaded) within the budget. The
-    /// second value is the load time when this call started it.
+    /// The running worker, or a new one within the budget; waits out a restart under way and
+    /// refuses while restarting is held back. The second value is the load time when this
+    /// call started the worker.
     pub async fn worker(
         &self,
         registry: &Registry,
         budget: &Budget,
     ) -> Result<(Arc<WorkerProc>, Option<f64>)> {
-        let _spawning = self.spawn_lock.lock().await;
-        let spec = {
-            let mut st = self.lock();
-            match st.proc.as_ref().map(|p| (p.clone(), p.exit_status())) {
-                Some((proc, None)) => return Ok((proc, None)),
-                Some((_, Some(status))) => {
-                    st.last_exit = Some(status);
-                    st.restart_count += 1;
-                    st.last_restart = Some(SystemTime::now());
-                    st.proc = None;
+        loop {
+            let _spawning = self.spawn_lock.lock().await;
+            let spec = {
+                let mut st = self.lock();
+                let alive = st.proc.clone().filter(|p| p.exit_status().is_none());
+                match (alive, st.supervision) {
+                    (Some(proc), _) => return Ok((proc, None)),
+                    (None, Supervision::Failed { until }) if until > Instant::now() => {
+                        return Err(Error::worker(failed_message(&self.name, &st, until)));
+                    }
+                    // The supervisor has this one (a restart is due, or an exit is being
+                    // handled): wait for it below.
+                    (None, Supervision::Restarting { .. }) => None,
+                    (None, _) if st.proc.is_some() => None,
+                    (None, Supervision::Failed { .. }) => {
+                        // The hold has expired: start afresh.
+                        st.history.reset();
+                        st.supervision = Supervision::Normal;
+                        st.failed_reason = None;
+                        st.loading = true;
+                        Some(st.spec.clone())
+                    }
+                    (None, Supervision::Normal) => {
+                        st.loading = true;
+                        Some(st.spec.clone())
+                    }
                 }
-                None => {}
-            }
-            st.loading = true;
-            st.spec.clone()
-        };
-        let started = Instant::now();
-        let result = self.spawn(registry, &spec, budget).await;
-        let mut st = self.lock();
-        st.loading = false;
-        let proc = Arc::new(result?);
-        st.proc = Some(proc.clone());
-        Ok((proc, Some(started.elapsed().as_secs_f64() * 1000.0)))
-    }
-
-    async fn spawn(
-        &self,
-        registry: &Registry,
-        spec: &Model,
-        budget: &Budget,
-    ) -> Result<WorkerProc> {
-        let path = model_path(spec);
-        tokio::time::timeout(
-            budget.remaining(),
-            registry.verifier.verify(&path, &spec.sha256),
-        )
-        .await
-        .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))??;
-        let opts = SpawnOptions {
-            exe: &registry.exe,
-            hive_dir: &registry.dir,
-            log: &registry.log,
-        };
-        let proc = WorkerProc::spawn(spec, &opts, budget.remaining()).await?;
-        tracing::info!(model = %spec.name, pid = proc.pid, port = proc.port, load_ms = proc.load_ms, "worker ready");
-        Ok(proc)
-    }
-
-    fn info(&self, name: &str) -> Option<WorkerInfo> {
-        let st = self.lock();
-        if st.proc.is_none() && !st.loading {
-            return None;
+            };
+            let Some(spec) = spec else {
+                drop(_spawning);
+                if budget.is_spent() {
+                    return Err(Error::deadline(format!(
+                        "the budget ran out while the worker for `{}` restarted",
+                        self.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50).min(budget.remaining())).await;
+                continue;
+            };
+            let started = Instant::now();
+            let result = registry.spawn(&spec, budget.remaining()).await;
+            let mut st = self.lock();
+            st.loading = false;
+            let proc = Arc::new(result?);
+            st.proc = Some(proc.clone());
+            return Ok((proc, Some(started.elapsed().as_secs_f64() * 1000.0)));
         }
-        let proc = st.proc.as_ref();
-        let state = match proc {
-            None => WorkerState::Loading,
-            Some(_) if st.in_flight > 0 => WorkerState::Busy,
-            Some(_) => WorkerState::Ready,
+    }
+
+    pub fn info(&self) -> Option<WorkerInfo> {
+        let st = self.lock();
+        let now = Instant::now();
+        let proc = st.proc.as_ref().filter(|p| p.exit_status().is_none());
+        let state = match (proc, st.supervision) {
+            (_, Supervision::Failed { until }) if until > now => WorkerState::Failed,
+            (_, Supervision::Restarting { .. }) => WorkerState::Restarting,
+            (Some(_), _) if st.in_flight > 0 => WorkerState::Busy,
+            (Some(_), _) => WorkerState::Ready,
+            (None, _) if st.loading => WorkerState::Loading,
+            (None, _) => return None,
+        };
+        let held = match st.supervision {
+            Supervision::Failed { until } if until > now => Some(until),
+            _ => None,
         };
         Some(WorkerInfo {
-            model: name.to_string(),
+            model: self.name.clone(),
             state,
             pid: proc.map(|p| p.pid),
             port: proc.map(|p| p.port),
@@ -277,10 +340,35 @@ impl Entry {
             in_flight: st.in_flight,
             queued: st.queued,
             idle_s: (st.in_flight == 0).then(|| st.last_used.elapsed().as_secs_f64()),
+            last_backoff_ms: st
+                .last_backoff
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            breaker: if held.is_some() { "open" } else { "closed" }.to_string(),
+            breaker_closes_at: held.map(|until| epoch_secs(wall_time(until))),
+            failed_reason: held.and(st.failed_reason.clone()),
         })
     }
 }
 
-fn epoch_secs(t: SystemTime) -> u64 {
+fn failed_message(model: &str, st: &EntryState, until: Instant) -> String {
+    let left = until.saturating_duration_since(Instant::now()).as_secs();
+    format!(
+        "the worker for `{model}` is failed: {}; restarting is held back for {left}s more \
+         (until the circuit breaker closes); `rbee worker restart --model {model}` restarts it now",
+        st.failed_reason.as_deref().unwrap_or("it kept crashing"),
+    )
+}
+
+/// The wall-clock time of a monotonic instant, for people.
+pub fn wall_time(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+pub fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -17,21 +17,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, DEFAULT_TIMEOUT};
 use crate::deadline::{BUDGET_HEADER, Budget};
-use crate::error::Error;
-use crate::hive::registry::{Lease, Registry};
+use crate::error::{Error, ExitKind};
+use crate::hive::metrics::Metrics;
+use crate::hive::registry::{Lease, Registry, Supervision};
 use crate::hive::requests::{Requests, Tracked};
 use crate::hive::worker_proc::WorkerProc;
 use crate::http::{ApiError, error_from_response, sse_event};
 use crate::sse::{SseEvent, events};
 use crate::wire::{
     self, DoneEvent, ErrorBody, GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER,
-    RequestInfo, RequestStage, WorkerInfo,
+    RequestInfo, RequestStage, StopReason, WorkerInfo,
 };
 
 pub struct Hive {
     pub node: String,
     pub started: Instant,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
     pub requests: Arc<Requests>,
@@ -41,7 +43,9 @@ pub fn router(hive: Arc<Hive>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/workers", get(workers))
+        .route("/metrics", get(metrics))
         .route("/v1/workers/{model}", delete(stop_worker))
+        .route("/v1/workers/{model}/restart", post(restart_worker))
         .route("/v1/requests", get(requests))
         .route("/v1/infer", post(infer))
         .route("/v1/shutdown", post(shutdown))
@@ -64,6 +68,43 @@ async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
 
 async fn workers(State(hive): State<Arc<Hive>>) -> Json<Vec<WorkerInfo>> {
     Json(hive.registry.workers())
+}
+
+async fn metrics(State(hive): State<Arc<Hive>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        hive.metrics.render(&hive.registry.workers()),
+    )
+}
+
+/// An operator's restart: clears a failed state and the breaker, replaces the process.
+async fn restart_worker(
+    State(hive): State<Arc<Hive>>,
+    Path(model): Path<String>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    let entry = hive.registry.find(&model).ok_or_else(|| {
+        Error::config(format!("no worker for `{model}` has run on this hive yet"))
+    })?;
+    let old = {
+        let mut st = entry.lock();
+        st.history.reset();
+        st.supervision = Supervision::Normal;
+        st.failed_reason = None;
+        st.proc.take()
+    };
+    if let Some(old) = old {
+        old.stop(crate::hive::worker_proc::STOP_GRACE).await;
+    }
+    let budget = Budget::new(std::time::Duration::from_secs(120));
+    entry.worker(&hive.registry, &budget).await?;
+    Metrics::add(&hive.metrics.spawns, 1);
+    let info = entry
+        .info()
+        .ok_or_else(|| Error::worker(format!("the worker for `{model}` did not stay up")))?;
+    Ok(Json(info))
 }
 
 async fn requests(State(hive): State<Arc<Hive>>) -> Json<Vec<RequestInfo>> {
@@ -92,6 +133,26 @@ async fn infer(
     headers: HeaderMap,
     Json(request): Json<InferRequest>,
 ) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let result = start_generation(&hive, &headers, request, received).await;
+    if let Err(err) = &result {
+        let outcome = match err.0.kind {
+            ExitKind::Deadline => "deadline",
+            ExitKind::InvalidRequest => "rejected",
+            _ => "error",
+        };
+        hive.metrics
+            .request(outcome, received.elapsed().as_secs_f64());
+    }
+    result
+}
+
+async fn start_generation(
+    hive: &Arc<Hive>,
+    headers: &HeaderMap,
+    request: InferRequest,
+    received: Instant,
+) -> Result<Response, ApiError> {
     if !config::valid_name(&request.model.name) {
         return Err(Error::invalid(format!("invalid model name `{}`", request.model.name)).into());
     }
@@ -102,7 +163,7 @@ async fn infer(
         params: request.params,
     };
     generate.validate()?;
-    let budget = Budget::from_headers(&headers).unwrap_or_else(|| Budget::new(DEFAULT_TIMEOUT));
+    let budget = Budget::from_headers(headers).unwrap_or_else(|| Budget::new(DEFAULT_TIMEOUT));
     if budget.is_spent() {
         return Err(
             Error::deadline("the request's budget was spent before it reached the hive").into(),
@@ -118,12 +179,15 @@ async fn infer(
     let tracked = hive
         .requests
         .track(&generate.request_id, &request.model.name, budget);
-    let entry = hive.registry.entry(&request.model)?;
+    let entry = hive.registry.entry(&request.model);
     let queued_at = Instant::now();
     let lease = entry.lease(&budget).await?;
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
     tracked.stage(RequestStage::Loading);
     let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
+    if load_ms.is_some() {
+        Metrics::add(&hive.metrics.spawns, 1);
+    }
     tracked.stage(RequestStage::Generating);
 
     let response = hive
@@ -149,9 +213,11 @@ async fn infer(
         _tracked: tracked,
         lease,
         proc,
+        metrics: hive.metrics.clone(),
         model: request.model.name,
         queue_ms,
         load_ms,
+        received,
     };
     tokio::spawn(relay.run(response, tx));
     let stream = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
@@ -165,44 +231,82 @@ struct Relay {
     _tracked: Tracked,
     lease: Lease,
     proc: Arc<WorkerProc>,
+    metrics: Arc<Metrics>,
     model: String,
     queue_ms: f64,
     load_ms: Option<f64>,
+    received: Instant,
 }
+
+/// A busy worker that sends nothing for this long is taken as stuck.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Relay {
     async fn run(self, response: reqwest::Response, tx: mpsc::Sender<Event>) {
         let mut upstream = std::pin::pin!(events(response));
-        let mut finished = false;
+        let mut outcome = "error";
+        let mut first_token = true;
+        let mut stalled = false;
         loop {
             let next = tokio::select! {
                 biased;
                 _ = tx.closed() => {
                     tracing::info!(model = %self.model, "client went away; cancelling generation");
+                    outcome = "cancelled";
                     break;
                 }
-                next = upstream.next() => next,
+                next = tokio::time::timeout(STALL_TIMEOUT, upstream.next()) => next,
             };
             let event = match next {
-                Some(Ok(event)) => event,
-                Some(Err(err)) => {
+                Ok(Some(Ok(event))) => event,
+                Ok(Some(Err(err))) => {
                     tracing::warn!(model = %self.model, "worker stream broke: {err}");
                     break;
                 }
-                None => break,
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(model = %self.model, pid = self.proc.pid, "worker sent nothing for {}s; killing it as stuck", STALL_TIMEOUT.as_secs());
+                    Metrics::add(&self.metrics.stuck_kills, 1);
+                    self.proc.kill();
+                    stalled = true;
+                    break;
+                }
             };
-            finished |= event.event == "done" || event.event == "error";
+            if event.event == "token" && first_token {
+                first_token = false;
+                self.metrics
+                    .first_token(self.received.elapsed().as_secs_f64());
+            }
+            let last = event.event == "done" || event.event == "error";
+            if event.event == "done" {
+                outcome = self.record_done(&event);
+            }
             if tx.send(self.forward(event)).await.is_err() {
+                outcome = "cancelled";
                 break;
             }
-            if finished {
+            if last {
                 break;
             }
         }
-        if !finished && !tx.is_closed() {
-            let _ = tx.send(self.crashed().await).await;
+        if outcome == "error" && !tx.is_closed() {
+            let _ = tx.send(self.crashed(stalled).await).await;
         }
+        self.metrics
+            .request(outcome, self.received.elapsed().as_secs_f64());
         drop(self.lease);
+    }
+
+    fn record_done(&self, event: &SseEvent) -> &'static str {
+        let Ok(done) = serde_json::from_str::<DoneEvent>(&event.data) else {
+            return "error";
+        };
+        Metrics::add(&self.metrics.tokens, u64::from(done.tokens_out));
+        match done.stop_reason {
+            StopReason::Deadline => "deadline",
+            StopReason::Cancelled => "cancelled",
+            _ => "ok",
+        }
     }
 
     fn forward(&self, event: SseEvent) -> Event {
@@ -217,7 +321,7 @@ impl Relay {
         Event::default().event(event.event).data(event.data)
     }
 
-    async fn crashed(&self) -> Event {
+    async fn crashed(&self, stalled: bool) -> Event {
         let mut exit = None;
         for _ in 0..20 {
             exit = self.proc.exit_status();
@@ -226,10 +330,14 @@ impl Relay {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let how = exit.map_or_else(
-            || "its stream ended".to_string(),
-            |s| format!("it exited: {s}"),
-        );
+        let how = match exit {
+            _ if stalled => format!(
+                "it sent nothing for {}s and was killed as stuck; the hive restarts it per its restart policy",
+                STALL_TIMEOUT.as_secs()
+            ),
+            Some(s) => format!("it exited: {s}; the hive restarts it per its restart policy"),
+            None => "its stream ended".to_string(),
+        };
         let err = Error::worker(format!(
             "the worker for `{}` stopped in the middle of the request ({how})",
             self.model

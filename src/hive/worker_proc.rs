@@ -9,7 +9,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::config::Model;
 use crate::error::{Error, Result};
@@ -34,6 +34,17 @@ pub struct SpawnOptions<'a> {
     pub exe: &'a Path,
     pub hive_dir: &'a Path,
     pub log: &'a Path,
+    /// Where the worker's exit is reported, for the supervisor.
+    pub exits: mpsc::UnboundedSender<Exited>,
+}
+
+/// A worker process that has exited.
+#[derive(Debug, Clone)]
+pub struct Exited {
+    pub model: String,
+    pub pid: u32,
+    pub status: String,
+    pub uptime: Duration,
 }
 
 impl WorkerProc {
@@ -113,7 +124,12 @@ impl WorkerProc {
             }
         };
         let (exit_tx, exit_rx) = watch::channel(None);
-        tokio::spawn(watch_exit(child, exit_tx));
+        tokio::spawn(watch_exit(
+            child,
+            exit_tx,
+            opts.exits.clone(),
+            model.name.clone(),
+        ));
         Ok(WorkerProc {
             pid,
             port,
@@ -133,6 +149,12 @@ impl WorkerProc {
 
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL at once: for a worker that is stuck (stopped, or not answering).
+    pub fn kill(&self) {
+        let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
+        let _ = kill(pid, Signal::SIGKILL);
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL.
@@ -161,13 +183,26 @@ async fn read_hello(stdout: &mut ChildStdout) -> Result<WorkerHello> {
     serde_json::from_str(&line).map_err(|e| Error::worker(format!("unreadable hello line: {e}")))
 }
 
-async fn watch_exit(mut child: Child, tx: watch::Sender<Option<String>>) {
+async fn watch_exit(
+    mut child: Child,
+    tx: watch::Sender<Option<String>>,
+    exits: mpsc::UnboundedSender<Exited>,
+    model: String,
+) {
+    let started = std::time::Instant::now();
+    let pid = child.id().unwrap_or(0);
     let status = match child.wait().await {
         Ok(status) => describe_exit(status),
         Err(e) => format!("unknown ({e})"),
     };
-    tracing::info!(status = %status, "worker exited");
-    let _ = tx.send(Some(status));
+    tracing::info!(model = %model, pid, status = %status, "worker exited");
+    let _ = tx.send(Some(status.clone()));
+    let _ = exits.send(Exited {
+        model,
+        pid,
+        status,
+        uptime: started.elapsed(),
+    });
 }
 
 /// `exit code N` or `signal NAME`, as a person reads it.

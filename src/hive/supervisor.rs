@@ -1,0 +1,199 @@
+//! Carries out restart decisions: a worker that exits unexpectedly is started again after its
+//! backoff, or held back as failed; a worker that stops answering is killed (and so restarted);
+//! workers left behind by a previous hive are cleaned up.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::hive::metrics::Metrics;
+use crate::hive::policy::{Decision, GiveUp};
+use crate::hive::registry::{Entry, Registry, Supervision};
+use crate::hive::worker_proc::Exited;
+
+/// How long a restarted worker may take to load.
+const RESTART_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often idle workers are asked whether they are alive, and how long they may take.
+const LIVENESS_EVERY: Duration = Duration::from_secs(5);
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn supervise(
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    mut exits: mpsc::UnboundedReceiver<Exited>,
+) {
+    while let Some(exit) = exits.recv().await {
+        let Some(entry) = registry.find(&exit.model) else {
+            continue;
+        };
+        let decision = {
+            let mut st = entry.lock();
+            // A worker stopped on purpose was taken out of its entry first.
+            if st.proc.as_ref().is_none_or(|p| p.pid != exit.pid) {
+                continue;
+            }
+            st.proc = None;
+            st.last_exit = Some(exit.status.clone());
+            decide(&registry, &mut st, exit.uptime, &metrics)
+        };
+        Metrics::add(&metrics.exits, 1);
+        tracing::warn!(model = %exit.model, pid = exit.pid, status = %exit.status, ?decision, "worker exited unexpectedly");
+        if let Decision::Restart { delay, .. } = decision {
+            tokio::spawn(restart_after(
+                registry.clone(),
+                entry,
+                delay,
+                metrics.clone(),
+            ));
+        }
+    }
+}
+
+fn decide(
+    registry: &Registry,
+    st: &mut crate::hive::registry::EntryState,
+    uptime: Duration,
+    metrics: &Metrics,
+) -> Decision {
+    let now = tokio::time::Instant::now();
+    let decision = st
+        .history
+        .on_exit(&registry.policy, now, uptime, rand::random());
+    match decision {
+        Decision::Restart { delay, .. } => {
+            st.supervision = Supervision::Restarting {
+                at: Instant::now() + delay,
+            };
+            st.last_backoff = Some(delay);
+        }
+        Decision::GiveUp { reason, until } => {
+            st.supervision = Supervision::Failed {
+                until: until.into_std(),
+            };
+            st.failed_reason = Some(match reason {
+                GiveUp::Attempts(n) => format!("{n} restarts in a row failed"),
+                GiveUp::Breaker(n) => format!(
+                    "circuit breaker open after {n} failures within {}",
+                    humantime::format_duration(registry.policy.breaker_window)
+                ),
+            });
+            Metrics::add(&metrics.breaker_opens, 1);
+        }
+    }
+    decision
+}
+
+async fn restart_after(
+    registry: Arc<Registry>,
+    entry: Arc<Entry>,
+    mut delay: Duration,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        tokio::time::sleep(delay).await;
+        let _spawning = entry.spawn_lock().await;
+        let spec = {
+            let mut st = entry.lock();
+            // An operator (stop, restart) took over in the meantime.
+            if !matches!(st.supervision, Supervision::Restarting { .. }) {
+                return;
+            }
+            st.loading = true;
+            st.spec.clone()
+        };
+        let result = registry.spawn(&spec, RESTART_LOAD_TIMEOUT).await;
+        let mut st = entry.lock();
+        st.loading = false;
+        match result {
+            Ok(proc) => {
+                tracing::info!(model = %entry.name, pid = proc.pid, "worker restarted");
+                st.proc = Some(Arc::new(proc));
+                st.supervision = Supervision::Normal;
+                st.restart_count += 1;
+                st.last_restart = Some(SystemTime::now());
+                Metrics::add(&metrics.restarts, 1);
+                Metrics::add(&metrics.spawns, 1);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(model = %entry.name, "restart failed: {e}");
+                st.last_exit = Some(format!("restart failed: {e}"));
+                match decide(&registry, &mut st, Duration::ZERO, &metrics) {
+                    Decision::Restart { delay: next, .. } => delay = next,
+                    Decision::GiveUp { .. } => return,
+                }
+            }
+        }
+    }
+}
+
+/// Kills idle workers that no longer answer their health check; the supervisor restarts them.
+/// Busy workers are watched by their request instead (no token for a while).
+pub async fn liveness(registry: Arc<Registry>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let http = match reqwest::Client::builder().no_proxy().build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("liveness checks disabled: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(LIVENESS_EVERY) => {}
+        }
+        for entry in registry.entries() {
+            let proc = {
+                let st = entry.lock();
+                if st.in_flight > 0 {
+                    continue;
+                }
+                st.proc.clone().filter(|p| p.exit_status().is_none())
+            };
+            let Some(proc) = proc else { continue };
+            let healthy = http
+                .get(format!("{}/health", proc.base_url()))
+                .timeout(LIVENESS_TIMEOUT)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if !healthy && proc.exit_status().is_none() {
+                tracing::warn!(model = %entry.name, pid = proc.pid, "worker does not answer its health check; killing it");
+                Metrics::add(&metrics.stuck_kills, 1);
+                proc.kill();
+            }
+        }
+    }
+}
+
+/// Workers of a previous hive on this directory (killed before it could stop them) are killed.
+pub fn kill_orphans(dir: &Path) {
+    let marker = format!("--hive-dir\0{}\0", dir.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("worker\0serve\0") && cmdline.contains(&marker) {
+            tracing::warn!(pid, "killing a worker left by a previous hive");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Worker supervision with real processes and signals: restarts with growing backoff, giving up,
+//! the circuit breaker, stuck workers, operator restarts, and the metrics that count them.
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use crate::support::{Env, eventually, http};
+
+const ENDLESS: [&str; 8] = [
+    "--prompt",
+    "Tell me a story.",
+    "--temperature",
+    "5",
+    "--top-p",
+    "1",
+    "--max-tokens",
+    "100000",
+];
+
+fn signal(pid: i64, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
+}
+
+fn worker(env: &Env) -> serde_json::Value {
+    env.workers().into_iter().next().expect("a worker")
+}
+
+/// Waits until the worker is ready again under a new pid; returns its info and the wait.
+fn wait_restarted(env: &Env, old_pid: i64) -> (serde_json::Value, Duration) {
+    let started = Instant::now();
+    let mut info = serde_json::Value::Null;
+    let back = eventually(Duration::from_secs(40), || {
+        info = worker(env);
+        info["state"] == "ready" && info["pid"].as_i64().is_some_and(|p| p != old_pid)
+    });
+    assert!(back, "the worker did not come back: {info}");
+    (info, started.elapsed())
+}
+
+fn metric(env: &Env, name: &str) -> f64 {
+    let (status, body) = http(env.port, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric `{name}` in:\n{body}"))
+}
+
+#[test]
+fn a_worker_killed_mid_generation_fails_the_request_and_comes_back() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let pid = worker(&env)["pid"].as_i64().expect("pid");
+    let mut args = vec!["--json", "infer"];
+    args.extend(ENDLESS);
+    let mut child = env.spawn(&args);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for _ in 0..3 {
+        lines.next().expect("tokens").expect("read");
+    }
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(7));
+    let rest: Vec<String> = lines.map(|l| l.expect("read")).collect();
+    let error: serde_json::Value =
+        serde_json::from_str(rest.last().expect("error line")).expect("JSON");
+    assert_eq!(error["code"], "worker_unavailable");
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("SIGKILL"),
+        "{error}"
+    );
+
+    let (info, waited) = wait_restarted(&env, pid);
+    let backoff = info["last_backoff_ms"].as_u64().expect("backoff");
+    assert!((1000..2000).contains(&backoff), "{info}");
+    assert!(
+        waited >= Duration::from_millis(backoff) - Duration::from_millis(300),
+        "{waited:?}"
+    );
+    assert_eq!(info["restart_count"], 1);
+    assert_eq!(info["last_exit"], "signal SIGKILL");
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+
+    assert_eq!(metric(&env, "rbee_worker_restarts_total"), 1.0);
+    assert_eq!(metric(&env, "rbee_worker_exits_total"), 1.0);
+    assert_eq!(metric(&env, "rbee_requests_total{outcome=\"error\"}"), 1.0);
+    assert_eq!(metric(&env, "rbee_requests_total{outcome=\"ok\"}"), 2.0);
+    assert_eq!(metric(&env, "rbee_workers{state=\"ready\"}"), 1.0);
+    assert!(metric(&env, "rbee_tokens_generated_total") >= 4.0);
+    assert_eq!(metric(&env, "rbee_time_to_first_token_seconds_count"), 3.0);
+}
+
+#[test]
+fn repeated_crashes_back_off_longer_each_time_then_the_worker_is_held_failed() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let mut pid = worker(&env)["pid"].as_i64().expect("pid");
+    let mut floor = 1000;
+    for restart in 1..=3 {
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let (info, waited) = wait_restarted(&env, pid);
+        let backoff = info["last_backoff_ms"].as_u64().expect("backoff");
+        assert!(
+            (floor..floor * 2).contains(&backoff),
+            "restart {restart}: {info}"
+        );
+        assert!(waited >= Duration::from_millis(backoff) - Duration::from_millis(300));
+        assert_eq!(info["restart_count"], restart);
+        pid = info["pid"].as_i64().expect("pid");
+        floor *= 2;
+    }
+    // The fourth crash in a row exhausts max_attempts = 3.
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let mut info = serde_json::Value::Null;
+    assert!(eventually(Duration::from_secs(5), || {
+        info = worker(&env);
+        info["state"] == "failed"
+    }));
+    assert_eq!(info["restart_count"], 3);
+    assert_eq!(info["breaker"], "open");
+    assert!(info["breaker_closes_at"].as_u64().is_some());
+    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2"]);
+    run.expect(7);
+    assert!(run.stderr.contains("circuit breaker"), "{}", run.stderr);
+    assert!(run.stderr.contains("held back for"), "{}", run.stderr);
+    let table = env.run(&["worker", "list"]);
+    assert!(table.stdout.contains("failed"), "{}", table.stdout);
+
+    // An operator restart clears it.
+    env.run(&["worker", "restart", "--node", "n1", "--model", "smollm2"])
+        .expect(0);
+    assert_eq!(worker(&env)["state"], "ready");
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+}
+
+#[test]
+fn the_circuit_breaker_opens_after_failures_within_its_window() {
+    let Some(env) = Env::new("") else { return };
+    let config = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(
+        &env.config,
+        format!(
+            "{config}\n[restart]\nmax_attempts = 10\nbackoff_initial = \"100ms\"\n\
+             backoff_max = \"200ms\"\nbreaker_failures = 3\nbreaker_window = \"1m\"\n"
+        ),
+    )
+    .expect("write");
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let mut pid = worker(&env)["pid"].as_i64().expect("pid");
+    for _ in 0..2 {
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        pid = wait_restarted(&env, pid).0["pid"].as_i64().expect("pid");
+    }
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let mut info = serde_json::Value::Null;
+    assert!(eventually(Duration::from_secs(5), || {
+        info = worker(&env);
+        info["state"] == "failed"
+    }));
+    let reason = info["failed_reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("circuit breaker open after 3 failures within 1m"),
+        "{info}"
+    );
+    assert_eq!(metric(&env, "rbee_breaker_opens_total"), 1.0);
+    assert_eq!(metric(&env, "rbee_workers{state=\"failed\"}"), 1.0);
+}
+
+#[test]
+fn a_stopped_busy_worker_is_detected_as_stuck_and_replaced() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let pid = worker(&env)["pid"].as_i64().expect("pid");
+    let mut args = vec!["--json", "infer"];
+    args.extend(ENDLESS);
+    let mut child = env.spawn(&args);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    lines.next().expect("a token").expect("read");
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(7));
+    let rest: Vec<String> = lines.map(|l| l.expect("read")).collect();
+    let error: serde_json::Value =
+        serde_json::from_str(rest.last().expect("error line")).expect("JSON");
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("stuck"),
+        "{error}"
+    );
+    let (info, _) = wait_restarted(&env, pid);
+    assert_eq!(info["restart_count"], 1);
+    assert_eq!(metric(&env, "rbee_worker_stuck_kills_total"), 1.0);
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+}
+
+#[test]
+fn an_idle_worker_that_stops_answering_is_replaced() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let pid = worker(&env)["pid"].as_i64().expect("pid");
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let (info, _) = wait_restarted(&env, pid);
+    assert_eq!(info["last_exit"], "signal SIGKILL");
+    assert_eq!(metric(&env, "rbee_worker_stuck_kills_total"), 1.0);
+}
