@@ -96,8 +96,11 @@ pub enum HiveCommand {
     Stop(NodeSelection),
     /// Show whether the hive runs on nodes, and its workers
     Status(NodeSelection),
-    /// Put this rbee binary on nodes (only when it differs), and their models that have a `source`
+    /// Put this rbee binary on nodes (only when it differs), their signing key, and their models
+    /// that have a `source`
     Install(NodeSelection),
+    /// Replace the signing key of nodes, without a moment where requests fail
+    RotateKey(NodeSelection),
     /// Run the hive daemon in the foreground (started by `rbee` itself)
     #[command(hide = true)]
     Serve(HiveServeArgs),

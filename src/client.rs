@@ -6,6 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
+use crate::auth::Key;
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, Result};
 use crate::http::error_from_response;
@@ -15,11 +16,12 @@ pub struct HiveClient {
     pub node: String,
     base: String,
     http: reqwest::Client,
+    key: Key,
 }
 
 impl HiveClient {
     /// A client for the hive of `node` at `host:port` (a tunnel's local end, or the node).
-    pub fn new(node: &str, host: &str, port: u16) -> Result<HiveClient> {
+    pub fn new(node: &str, host: &str, port: u16, key: Key) -> Result<HiveClient> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
@@ -34,6 +36,7 @@ impl HiveClient {
             node: node.to_string(),
             base: format!("http://{host}:{port}"),
             http,
+            key,
         })
     }
 
@@ -41,13 +44,25 @@ impl HiveClient {
         &self.base
     }
 
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base))
+    /// Every request to the hive is built here, signed over its method, path and body.
+    fn request(&self, method: Method, path: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+        let signature = crate::auth::sign(&self.key, method.as_str(), path, &body);
+        let builder = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(crate::auth::SIGNATURE_HEADER, signature);
+        if body.is_empty() {
+            builder
+        } else {
+            builder
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body)
+        }
     }
 
     async fn get_json<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T> {
         let response = self
-            .request(Method::GET, path)
+            .request(Method::GET, path, Vec::new())
             .timeout(timeout)
             .send()
             .await
@@ -97,7 +112,7 @@ impl HiveClient {
 
     pub async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {
         let response = self
-            .request(Method::DELETE, &format!("/v1/workers/{model}"))
+            .request(Method::DELETE, &format!("/v1/workers/{model}"), Vec::new())
             .timeout(timeout)
             .send()
             .await
@@ -108,7 +123,11 @@ impl HiveClient {
 
     pub async fn restart_worker(&self, model: &str, timeout: Duration) -> Result<WorkerInfo> {
         let response = self
-            .request(Method::POST, &format!("/v1/workers/{model}/restart"))
+            .request(
+                Method::POST,
+                &format!("/v1/workers/{model}/restart"),
+                Vec::new(),
+            )
             .timeout(timeout)
             .send()
             .await
@@ -118,7 +137,7 @@ impl HiveClient {
 
     pub async fn metrics(&self, timeout: Duration) -> Result<String> {
         let response = self
-            .request(Method::GET, "/metrics")
+            .request(Method::GET, "/metrics", Vec::new())
             .timeout(timeout)
             .send()
             .await
@@ -129,9 +148,21 @@ impl HiveClient {
             .map_err(|e| Error::hive(format!("unreadable metrics from `{}`: {e}", self.node)))
     }
 
+    /// Key rotation: `reload` (accept the next key too) or `retire` (switch to it).
+    pub async fn keys(&self, step: &str, timeout: Duration) -> Result<()> {
+        let response = self
+            .request(Method::POST, &format!("/v1/keys/{step}"), Vec::new())
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let _: serde_json::Value = self.json(response).await?;
+        Ok(())
+    }
+
     pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
         let response = self
-            .request(Method::POST, "/v1/shutdown")
+            .request(Method::POST, "/v1/shutdown", Vec::new())
             .timeout(timeout)
             .send()
             .await
@@ -146,11 +177,12 @@ impl HiveClient {
         request: &InferRequest,
         budget: &Budget,
     ) -> Result<reqwest::Response> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| Error::internal(format!("cannot encode the request: {e}")))?;
         let response = self
-            .request(Method::POST, "/v1/infer")
+            .request(Method::POST, "/v1/infer", body)
             .header(BUDGET_HEADER, budget.header_value())
             .header(REQUEST_ID_HEADER, &request.request_id)
-            .json(request)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;

@@ -55,6 +55,10 @@ pub fn sse_event(name: &str, data: &impl Serialize) -> Event {
 pub async fn error_from_response(response: reqwest::Response, peer: &str) -> Error {
     let status = response.status();
     match response.json::<ErrorBody>().await {
+        Ok(body) if status == reqwest::StatusCode::UNAUTHORIZED => Error::new(
+            ExitKind::Unauthenticated,
+            format!("{peer} rejected the request: {}", body.message),
+        ),
         Ok(body) => body.into(),
         Err(_) => {
             let kind = match status.as_u16() {
@@ -64,6 +68,55 @@ pub async fn error_from_response(response: reqwest::Response, peer: &str) -> Err
                 _ => ExitKind::Internal,
             };
             Error::new(kind, format!("{peer} answered {status}"))
+        }
+    }
+}
+
+/// Largest request body any route accepts; the signature layer reads at most this much.
+pub const BODY_LIMIT: usize = crate::wire::MAX_PROMPT_BYTES * 2 + 16 * 1024;
+
+/// Axum layer: every request but `GET /health` and `GET /metrics` must carry a valid signature.
+pub async fn require_signature(
+    axum::extract::State(verifier): axum::extract::State<std::sync::Arc<crate::auth::Verifier>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let open = request.method() == axum::http::Method::GET
+        && matches!(request.uri().path(), "/health" | "/metrics");
+    if open {
+        return next.run(request).await;
+    }
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "-".to_string(), |c| c.0.to_string());
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        let err = Error::invalid(format!("the request body is over {BODY_LIMIT} bytes"));
+        return (StatusCode::PAYLOAD_TOO_LARGE, Json(ErrorBody::from(&err))).into_response();
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let header = parts
+        .headers
+        .get(crate::auth::SIGNATURE_HEADER)
+        .and_then(|h| h.to_str().ok());
+    match verifier.verify(parts.method.as_str(), &path, header, &bytes) {
+        Ok(kid) => {
+            tracing::debug!(kid = %kid, peer = %peer, path = %path, "request authenticated");
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        Err(reject) => {
+            tracing::warn!(peer = %peer, path = %path, reason = reject.class(), "request rejected");
+            let err = Error::new(
+                ExitKind::Unauthenticated,
+                format!("{} ({})", reject.explain(), reject.class()),
+            );
+            (StatusCode::UNAUTHORIZED, Json(ErrorBody::from(&err))).into_response()
         }
     }
 }

@@ -288,3 +288,37 @@ pub fn signal_command(node: &Node, signal: &str) -> String {
          grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && echo \"$pid\""
     )
 }
+
+/// Puts this machine's copy of the node's signing key in `<remote_dir>/hive.key` (mode 0600)
+/// when the node's differs; `name` may be `hive.key.next` during a rotation.
+pub async fn install_key(
+    session: &Session,
+    node: &Node,
+    key: &crate::auth::Key,
+    name: &str,
+) -> Result<bool> {
+    let path = remote_join(&node.remote_dir, name);
+    let content = format!("{}\n", key.to_hex());
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content.as_bytes()));
+    let probe = format!("sha256sum {path} 2>/dev/null | cut -c1-64");
+    if session.exec(&probe, None).await?.stdout_text() == sha {
+        return Ok(false);
+    }
+    let dir = remote_path(&node.remote_dir);
+    let command = format!(
+        "mkdir -p {dir} && umask 077 && cat > {path}.tmp && chmod 600 {path}.tmp && mv -f {path}.tmp {path}"
+    );
+    let out = session.exec(&command, Some(content.as_bytes())).await?;
+    if !out.ok() {
+        return Err(Error::new(
+            ExitKind::Ssh,
+            format!(
+                "cannot write the signing key on `{}`: {}",
+                node.name,
+                out.stderr_text()
+            ),
+        ));
+    }
+    tracing::info!(node = %node.name, key = %key.fingerprint(), "installed the signing key");
+    Ok(true)
+}

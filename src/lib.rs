@@ -2,6 +2,7 @@
 //! ephemeral queen), the hive daemon on each node, and the llama.cpp worker processes.
 //!
 //! # Layout
+//! - `auth`: request signing (HMAC-SHA256), key files
 //! - `cli`: clap types (raw values only)
 //! - `config`: nodes.toml -> validated `Config`, the embedded `local` node
 //! - `error`: the top-level error and its exit code
@@ -20,6 +21,7 @@
 //! - `http`: errors as HTTP responses, SSE event helpers
 //! - `paths`, `signals`: files and signals
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod cmd;

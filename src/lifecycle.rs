@@ -81,6 +81,8 @@ async fn start(conn: &mut NodeConn, budget: &Budget, t0: Instant) -> Result<Runn
         let node = conn.node.clone();
         let session = conn.ssh(budget).await?;
         let installed = install::install_binary(session, &node).await?;
+        let key = crate::auth::Key::load_or_create(&node.key_file)?;
+        install::install_key(session, &node, &key, crate::hive::keys::KEY_FILE).await?;
         if installed.uploaded {
             tracing::info!(node = %node.name, bytes = installed.bytes, "uploaded rbee");
         }

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::auth::Key;
 use crate::client::HiveClient;
 use crate::config::{Node, Transport};
 use crate::deadline::Budget;
@@ -29,9 +30,10 @@ pub struct NodeConn {
 impl NodeConn {
     pub async fn open(node: &Node, budget: &Budget, options: ConnectOptions) -> Result<NodeConn> {
         let started = Instant::now();
+        let key = Key::load_or_create(&node.key_file)?;
         let (client, ssh) = match node.transport {
             Transport::Local => (
-                HiveClient::new(&node.name, "127.0.0.1", node.hive_port)?,
+                HiveClient::new(&node.name, "127.0.0.1", node.hive_port, key)?,
                 None,
             ),
             Transport::Ssh => {
@@ -41,14 +43,14 @@ impl NodeConn {
                         .await?;
                 let port = session.forward(node.hive_port).await?;
                 (
-                    HiveClient::new(&node.name, "127.0.0.1", port)?,
+                    HiveClient::new(&node.name, "127.0.0.1", port, key)?,
                     Some(session),
                 )
             }
             Transport::Http => {
                 let target = Target::for_node(node)?;
                 (
-                    HiveClient::new(&node.name, &target.host, node.hive_port)?,
+                    HiveClient::new(&node.name, &target.host, node.hive_port, key)?,
                     None,
                 )
             }

@@ -12,6 +12,7 @@ pub const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
 /// Upper bounds that keep a single request from taking a worker hostage.
 pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 pub const MAX_TEMPERATURE: f32 = 5.0;
+pub const MAX_TOKENS_LIMIT: u32 = 1_000_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SamplingParams {
@@ -24,8 +25,11 @@ pub struct SamplingParams {
 impl SamplingParams {
     /// Bounds every hop checks before doing any work.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.max_tokens == 0 {
-            return Err(Error::invalid("`max_tokens` must be at least 1"));
+        if self.max_tokens == 0 || self.max_tokens > MAX_TOKENS_LIMIT {
+            return Err(Error::invalid(format!(
+                "`max_tokens` must be between 1 and {MAX_TOKENS_LIMIT}, got {}",
+                self.max_tokens
+            )));
         }
         if !(self.temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&self.temperature)) {
             return Err(Error::invalid(format!(

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use crate::support::{Env, eventually, http, worker_health};
+use crate::support::{Env, eventually, worker_health};
 
 /// Near-uniform sampling: the end-of-generation token is as likely as any of ~49k others, so
 /// the generation runs until something stops it.
@@ -93,14 +93,10 @@ fn a_budget_spent_before_the_hive_is_answered_at_once() {
         "prompt": "Hi",
         "params": { "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": null }
     });
-    let (status, reply) = http(
-        env.port,
+    let (status, reply) = env.signed(
         "POST",
         "/v1/infer",
-        &[
-            ("content-type", "application/json"),
-            ("x-rbee-budget-ms", "0"),
-        ],
+        &[("x-rbee-budget-ms", "0")],
         body.to_string().as_bytes(),
     );
     assert_eq!(status, 504, "{reply}");

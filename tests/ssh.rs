@@ -637,3 +637,29 @@ fn a_budget_too_small_for_the_ssh_connect_exits_124_naming_the_connect() {
     assert!(run.stderr.contains("connect"), "{}", run.stderr);
     drop(silent);
 }
+
+#[test]
+fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+    let queen = env.path().join("keys/a.key");
+    let remote = fleet.remote_dir("a").join("hive.key");
+    let read = |p: &Path| std::fs::read_to_string(p).expect("key");
+    assert_eq!(read(&queen), read(&remote));
+    for path in [&queen, &remote] {
+        let mode = std::fs::metadata(path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    let before = read(&queen);
+    let run = env.run(&["--json", "hive", "rotate-key", "a"]);
+    run.expect(0);
+    assert_ne!(read(&queen), before);
+    assert_eq!(read(&queen), read(&remote));
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+}

@@ -8,5 +8,6 @@ mod config_errors;
 mod daemon;
 mod deadline;
 mod infer;
+mod signing;
 mod ssh;
 mod supervision;

@@ -25,6 +25,7 @@ pub async fn run(ctx: &Context, command: HiveCommand) -> Result<()> {
         HiveCommand::Stop(sel) => stop(ctx, sel).await,
         HiveCommand::Status(sel) => status(ctx, sel).await,
         HiveCommand::Install(sel) => install(ctx, sel).await,
+        HiveCommand::RotateKey(sel) => rotate_key(ctx, sel).await,
         HiveCommand::Serve(args) => crate::hive::serve(args),
     }
 }
@@ -221,6 +222,16 @@ async fn install(ctx: &Context, sel: NodeSelection) -> Result<()> {
             Ok(i) => i,
             Err(e) => return NodeResult::failed(&node, "failed", &e),
         };
+        let key = crate::auth::Key::load_or_create(&node.key_file);
+        let keyed = match key {
+            Ok(key) => {
+                install::install_key(session, &node, &key, crate::hive::keys::KEY_FILE).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = keyed {
+            return NodeResult::failed(&node, "failed", &e);
+        }
         let mut models = Vec::new();
         for name in &node.models {
             let Some(model) = config.models.get(name).filter(|m| m.source.is_some()) else {
@@ -325,4 +336,65 @@ fn status_row(r: &NodeResult) -> Vec<String> {
         r.uptime_s.map_or_else(dash, |u| format!("{u:.0}s")),
         workers,
     ]
+}
+
+/// Replaces each node's signing key without a moment where requests fail: the node first
+/// accepts the new key beside the old, then this machine switches, then the node retires the
+/// old key (after a short grace for requests signed just before).
+async fn rotate_key(ctx: &Context, sel: NodeSelection) -> Result<()> {
+    let results = each_node(ctx, &sel, |node| async move {
+        let budget = Budget::new(node.timeout);
+        match rotate_one(ctx, &node, &budget).await {
+            Ok(fingerprint) => NodeResult {
+                detail: Some(fingerprint),
+                ..NodeResult::new(&node, "rotated")
+            },
+            Err(e) => NodeResult::failed(&node, "failed", &e),
+        }
+    })
+    .await?;
+    finish(ctx, &results, |r| match r.state {
+        "rotated" => format!(
+            "{}: signing key is now {}",
+            r.node,
+            r.detail.as_deref().unwrap_or("")
+        ),
+        state => format!("{}: {state}", r.node),
+    })
+}
+
+async fn rotate_one(ctx: &Context, node: &Node, budget: &Budget) -> Result<String> {
+    use crate::hive::keys::{KEY_FILE, NEXT_KEY_FILE};
+    let new = crate::auth::Key::random();
+    let mut conn = ctx.open(node, budget).await?;
+    let running = matches!(
+        lifecycle::probe(&conn.client, Duration::from_secs(2)).await,
+        Probe::Ready(_) | Probe::NeedsRestart(_)
+    );
+    let local = conn.is_local();
+    let node_dir = lifecycle::local_dir(node);
+    if !running {
+        // Nothing to coordinate: replace the key on both ends.
+        if local {
+            new.save(&node_dir.join(KEY_FILE))?;
+        } else {
+            let session = conn.ssh(budget).await?;
+            install::install_key(session, node, &new, KEY_FILE).await?;
+            new.save(&node.key_file)?;
+        }
+        return Ok(new.fingerprint());
+    }
+    if local {
+        new.save(&node_dir.join(NEXT_KEY_FILE))?;
+    } else {
+        let session = conn.ssh(budget).await?;
+        install::install_key(session, node, &new, NEXT_KEY_FILE).await?;
+    }
+    conn.client.keys("reload", Duration::from_secs(10)).await?;
+    if !local {
+        new.save(&node.key_file)?;
+    }
+    // The node accepts both keys now, so the retire may be signed with either.
+    conn.client.keys("retire", Duration::from_secs(10)).await?;
+    Ok(new.fingerprint())
 }

@@ -68,6 +68,9 @@ pub struct Node {
     /// The fleet's `[restart]` policy, which this node's hive applies.
     #[serde(skip)]
     pub restart: RestartPolicy,
+    /// This machine's copy of the node's signing key: the node's own file for a local node,
+    /// else `keys/NODE.key` beside nodes.toml.
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -172,6 +175,7 @@ impl Config {
             keep_alive: DEFAULT_KEEP_ALIVE,
             models: vec![DEFAULT_MODEL.to_string()],
             restart: RestartPolicy::default(),
+            key_file: paths::state_dir().join("nodes/local/hive.key"),
         };
         Config {
             source: Source::Embedded,
@@ -279,6 +283,14 @@ fn resolve(
         );
     }
 
+    let keys_dir = match &source {
+        Source::File(path) => path
+            .parent()
+            .map_or_else(|| PathBuf::from("keys"), |p| p.join("keys")),
+        Source::Embedded => paths::user_config_file()
+            .and_then(|f| f.parent().map(|p| p.join("keys")))
+            .unwrap_or_else(|| paths::state_dir().join("keys")),
+    };
     let mut nodes = IndexMap::new();
     for (name, spanned) in raw.nodes {
         let span = spanned.span();
@@ -296,6 +308,11 @@ fn resolve(
                 ),
             ));
         }
+        let remote_dir = n
+            .remote_dir
+            .clone()
+            .or_else(|| defaults.remote_dir.clone())
+            .unwrap_or_else(|| "~/.rbee".to_string());
         let model_refs = n
             .models
             .or_else(|| defaults.models.clone())
@@ -312,6 +329,7 @@ fn resolve(
             }
             served.push(m.into_inner());
         }
+        let key_name = format!("{name}.key");
         nodes.insert(
             name.clone(),
             Node {
@@ -324,10 +342,6 @@ fn resolve(
                     .known_hosts
                     .or_else(|| defaults.known_hosts.clone())
                     .unwrap_or_else(|| "~/.ssh/known_hosts".to_string()),
-                remote_dir: n
-                    .remote_dir
-                    .or_else(|| defaults.remote_dir.clone())
-                    .unwrap_or_else(|| "~/.rbee".to_string()),
                 hive_port: n
                     .hive_port
                     .or(defaults.hive_port)
@@ -341,6 +355,12 @@ fn resolve(
                     .keep_alive
                     .or(defaults.keep_alive)
                     .map_or(DEFAULT_KEEP_ALIVE, |d| d.0),
+                key_file: if transport == Transport::Local {
+                    paths::expand_tilde(remote_dir.trim_end_matches('/')).join("hive.key")
+                } else {
+                    keys_dir.join(key_name)
+                },
+                remote_dir,
                 models: served,
                 restart,
             },

@@ -2,6 +2,7 @@
 //! pidfile, logs to `hive.log`, serves on 127.0.0.1, and on SIGTERM, SIGINT or
 //! `POST /v1/shutdown` stops its workers and exits.
 
+pub mod keys;
 pub mod memory;
 pub mod metrics;
 pub mod pidfile;
@@ -57,6 +58,7 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
         .await
         .map_err(|e| Error::hive(format!("cannot listen on 127.0.0.1:{}: {e}", args.port)))?;
     supervisor::kill_orphans(&args.dir);
+    let keys = Arc::new(keys::NodeKeys::open(&args.dir)?);
     let exe = std::env::current_exe()?;
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let registry = Arc::new(Registry::new(
@@ -78,6 +80,7 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
             .map_err(|e| Error::internal(format!("http client: {e}")))?,
         shutdown: CancellationToken::new(),
         requests: Arc::default(),
+        keys: keys.clone(),
     });
     tracing::info!(
         node = %args.node,
@@ -106,17 +109,18 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
     ));
 
     let stopping = hive.clone();
-    let server =
-        axum::serve(listener, routes::router(hive.clone())).with_graceful_shutdown(async move {
-            stopping.shutdown.cancelled().await;
-            // New connections are refused from here on; requests in flight get a grace
-            // period to finish before their workers are stopped.
-            let until = Instant::now() + DRAIN_GRACE;
-            while stopping.registry.in_flight() > 0 && Instant::now() < until {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            stopping.registry.stop_all().await;
-        });
+    let app = routes::router(hive.clone(), keys.verifier())
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stopping.shutdown.cancelled().await;
+        // New connections are refused from here on; requests in flight get a grace
+        // period to finish before their workers are stopped.
+        let until = Instant::now() + DRAIN_GRACE;
+        while stopping.registry.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        stopping.registry.stop_all().await;
+    });
     // In-flight streams end once their workers stop; a client that lingers after that does not
     // keep the hive alive.
     let token = hive.shutdown.clone();

@@ -26,6 +26,8 @@ pub struct Registry {
     pub keep_alive: Duration,
     pub policy: RestartPolicy,
     exits: mpsc::UnboundedSender<Exited>,
+    /// Signs the hive's requests to its workers; made anew at each hive start.
+    pub worker_key: crate::auth::Key,
 }
 
 pub struct Entry {
@@ -96,6 +98,7 @@ impl Registry {
             keep_alive,
             policy,
             exits,
+            worker_key: crate::auth::Key::random(),
         }
     }
 
@@ -213,6 +216,7 @@ impl Registry {
             hive_dir: &self.dir,
             log: &self.log,
             exits: self.exits.clone(),
+            key: &self.worker_key,
         };
         let proc = WorkerProc::spawn(spec, &opts, wait).await?;
         tracing::info!(model = %spec.name, pid = proc.pid, port = proc.port, load_ms = proc.load_ms, "worker ready");

@@ -25,7 +25,7 @@ use crate::hive::worker_proc::WorkerProc;
 use crate::http::{ApiError, error_from_response, sse_event};
 use crate::sse::{SseEvent, events};
 use crate::wire::{
-    self, DoneEvent, ErrorBody, GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER,
+    DoneEvent, ErrorBody, GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER,
     RequestInfo, RequestStage, StopReason, WorkerInfo,
 };
 
@@ -37,9 +37,10 @@ pub struct Hive {
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
     pub requests: Arc<Requests>,
+    pub keys: Arc<crate::hive::keys::NodeKeys>,
 }
 
-pub fn router(hive: Arc<Hive>) -> Router {
+pub fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::Verifier>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/workers", get(workers))
@@ -49,8 +50,12 @@ pub fn router(hive: Arc<Hive>) -> Router {
         .route("/v1/requests", get(requests))
         .route("/v1/infer", post(infer))
         .route("/v1/shutdown", post(shutdown))
-        .layer(DefaultBodyLimit::max(
-            wire::MAX_PROMPT_BYTES * 2 + 16 * 1024,
+        .route("/v1/keys/reload", post(keys_reload))
+        .route("/v1/keys/retire", post(keys_retire))
+        .layer(DefaultBodyLimit::max(crate::http::BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            verifier,
+            crate::http::require_signature,
         ))
         .with_state(hive)
 }
@@ -59,7 +64,7 @@ async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
     Json(HiveHealth {
         status: "ok".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        protocol: wire::PROTOCOL_VERSION,
+        protocol: crate::wire::PROTOCOL_VERSION,
         node: hive.node.clone(),
         pid: std::process::id(),
         uptime_s: hive.started.elapsed().as_secs_f64(),
@@ -117,6 +122,19 @@ async fn stop_worker(
 ) -> Json<serde_json::Value> {
     let stopped = hive.registry.stop_worker(&model).await;
     Json(serde_json::json!({ "model": model, "stopped": stopped }))
+}
+
+/// Key rotation, step one: accept the node's next key (`hive.key.next`) beside the current one.
+async fn keys_reload(State(hive): State<Arc<Hive>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = hive.keys.reload()?;
+    Ok(Json(serde_json::json!({ "accepted": keys })))
+}
+
+/// Key rotation, step two: the next key becomes the key; the old one is accepted a little
+/// longer, for requests signed just before the switch.
+async fn keys_retire(State(hive): State<Arc<Hive>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = hive.keys.retire()?;
+    Ok(Json(serde_json::json!({ "accepted": keys })))
 }
 
 async fn shutdown(State(hive): State<Arc<Hive>>) -> impl IntoResponse {
@@ -190,12 +208,17 @@ async fn start_generation(
     }
     tracked.stage(RequestStage::Generating);
 
+    let body = serde_json::to_vec(&generate)
+        .map_err(|e| Error::internal(format!("cannot encode the request: {e}")))?;
+    let signature = crate::auth::sign(&hive.registry.worker_key, "POST", "/v1/generate", &body);
     let response = hive
         .http
         .post(format!("{}/v1/generate", proc.base_url()))
         .header(BUDGET_HEADER, budget.header_value())
         .header(REQUEST_ID_HEADER, &generate.request_id)
-        .json(&generate)
+        .header(crate::auth::SIGNATURE_HEADER, signature)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(body)
         .send()
         .await
         .map_err(|e| {

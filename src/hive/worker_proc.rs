@@ -36,6 +36,8 @@ pub struct SpawnOptions<'a> {
     pub log: &'a Path,
     /// Where the worker's exit is reported, for the supervisor.
     pub exits: mpsc::UnboundedSender<Exited>,
+    /// The key the hive signs its requests to workers with.
+    pub key: &'a crate::auth::Key,
 }
 
 /// A worker process that has exited.
@@ -85,7 +87,14 @@ impl WorkerProc {
         let pid = child
             .id()
             .ok_or_else(|| Error::worker("worker exited before it could be watched"))?;
-        let stdin = child.stdin.take();
+        let mut stdin = child.stdin.take();
+        if let Some(pipe) = stdin.as_mut() {
+            use tokio::io::AsyncWriteExt;
+            let line = format!("{}\n", opts.key.to_hex());
+            pipe.write_all(line.as_bytes())
+                .await
+                .map_err(|e| Error::worker(format!("cannot hand the worker its key: {e}")))?;
+        }
         let mut stdout = child
             .stdout
             .take()

@@ -14,6 +14,8 @@ use crate::wire::WorkerHello;
 use engine::{Engine, EngineOptions};
 
 pub fn serve(args: WorkerServeArgs) -> Result<()> {
+    // The hive hands over the key it signs our requests with on stdin, never in argv or env.
+    let key = read_key()?;
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     let port = listener.local_addr()?.port();
     let options = EngineOptions {
@@ -46,15 +48,34 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
     runtime.block_on(async move {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let app = server::router(server::WorkerState {
-            engine,
-            model: args.model,
-            n_ctx: loaded.n_ctx,
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(crate::signals::terminated())
-            .await
-            .map_err(|e| Error::internal(format!("worker server failed: {e}")))
+        let verifier = std::sync::Arc::new(crate::auth::Verifier::new(
+            vec![key],
+            crate::auth::DEFAULT_SKEW,
+        ));
+        let app = server::router(
+            server::WorkerState {
+                engine,
+                model: args.model,
+                n_ctx: loaded.n_ctx,
+            },
+            verifier,
+        );
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(crate::signals::terminated())
+        .await
+        .map_err(|e| Error::internal(format!("worker server failed: {e}")))
+    })
+}
+
+/// The first line of stdin: the hex key this worker's requests are signed with.
+fn read_key() -> Result<crate::auth::Key> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    crate::auth::Key::from_hex(&line).ok_or_else(|| {
+        Error::worker("the worker expects its signing key on the first line of stdin")
     })
 }
 

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::deadline::Budget;
 use crate::error::Error;
 use crate::http::{ApiError, sse_event};
-use crate::wire::{self, ErrorBody, GenerateRequest, TokenEvent, WorkerHealth};
+use crate::wire::{ErrorBody, GenerateRequest, TokenEvent, WorkerHealth};
 use crate::worker::engine::{Engine, EngineEvent, Job};
 
 #[derive(Clone)]
@@ -25,11 +25,15 @@ pub struct WorkerState {
     pub n_ctx: u32,
 }
 
-pub fn router(state: WorkerState) -> Router {
+pub fn router(state: WorkerState, verifier: std::sync::Arc<crate::auth::Verifier>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/generate", post(generate))
-        .layer(DefaultBodyLimit::max(wire::MAX_PROMPT_BYTES * 2 + 4096))
+        .layer(DefaultBodyLimit::max(crate::http::BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            verifier,
+            crate::http::require_signature,
+        ))
         .with_state(state)
 }
 

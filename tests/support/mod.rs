@@ -380,3 +380,72 @@ pub fn sha256(path: &Path) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// Signs a request the way the README documents it, written independently of rbee's code.
+pub fn sign_with(
+    key_hex: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    ts: i64,
+    nonce: &str,
+) -> String {
+    use hmac::Mac;
+    use sha2::Digest;
+    let key = hex::decode(key_hex.trim()).expect("hex key");
+    let kid = hex::encode(&sha2::Sha256::digest(&key)[..8]);
+    let body_sha = hex::encode(sha2::Sha256::digest(body));
+    let canonical = format!("RBEE-HMAC-SHA256\n{method}\n{path}\n{ts}\n{nonce}\n{body_sha}\n{kid}");
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).expect("hmac key");
+    mac.update(canonical.as_bytes());
+    let sig = hex::encode(mac.finalize().into_bytes());
+    format!("v1 kid={kid},ts={ts},nonce={nonce},sig={sig}")
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+pub fn fresh_nonce() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:016x}{:016x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+impl Env {
+    /// The local node's signing key (hex).
+    pub fn node_key(&self) -> String {
+        std::fs::read_to_string(self.node_dir().join("hive.key")).expect("node key")
+    }
+
+    /// A signed request to the hive.
+    pub fn signed(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, String) {
+        let header = sign_with(
+            &self.node_key(),
+            method,
+            path,
+            body,
+            unix_now(),
+            &fresh_nonce(),
+        );
+        let mut all = vec![
+            ("x-rbee-signature", header.as_str()),
+            ("content-type", "application/json"),
+        ];
+        all.extend_from_slice(headers);
+        http(self.port, method, path, &all, body)
+    }
+}

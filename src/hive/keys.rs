@@ -1,0 +1,69 @@
+//! The node's request-signing keys: `hive.key` (mode 0600), and during a rotation
+//! `hive.key.next`, both accepted until the rotation finishes. The old key stays accepted for a
+//! short grace after that, so a request signed just before the switch still passes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::{DEFAULT_SKEW, Key, Verifier};
+use crate::error::{Error, Result};
+
+pub const KEY_FILE: &str = "hive.key";
+pub const NEXT_KEY_FILE: &str = "hive.key.next";
+const RETIRE_GRACE: Duration = Duration::from_secs(60);
+
+pub struct NodeKeys {
+    key: PathBuf,
+    next: PathBuf,
+    verifier: Arc<Verifier>,
+}
+
+impl NodeKeys {
+    pub fn open(dir: &Path) -> Result<NodeKeys> {
+        let keys = NodeKeys {
+            key: dir.join(KEY_FILE),
+            next: dir.join(NEXT_KEY_FILE),
+            verifier: Arc::new(Verifier::new(Vec::new(), DEFAULT_SKEW)),
+        };
+        keys.reload()?;
+        Ok(keys)
+    }
+
+    pub fn verifier(&self) -> Arc<Verifier> {
+        self.verifier.clone()
+    }
+
+    /// Accepts `hive.key`, and `hive.key.next` when there is one; returns their fingerprints.
+    pub fn reload(&self) -> Result<Vec<String>> {
+        let mut keys = vec![Key::load_or_create(&self.key)?];
+        if self.next.exists() {
+            keys.push(Key::load(&self.next)?);
+        }
+        self.verifier.set_keys(keys);
+        let fingerprints = self.verifier.fingerprints();
+        tracing::info!(keys = ?fingerprints, "signing keys loaded");
+        Ok(fingerprints)
+    }
+
+    /// Makes `hive.key.next` the key.
+    pub fn retire(&self) -> Result<Vec<String>> {
+        if !self.next.exists() {
+            return Err(Error::invalid(format!(
+                "there is no `{}` to switch to",
+                self.next.display()
+            )));
+        }
+        let new = Key::load(&self.next)?;
+        let old = Key::load(&self.key)?;
+        std::fs::rename(&self.next, &self.key)?;
+        self.verifier.set_keys(vec![new.clone(), old.clone()]);
+        let verifier = self.verifier.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RETIRE_GRACE).await;
+            verifier.set_keys(vec![new]);
+            tracing::info!(old = %old.fingerprint(), "old signing key no longer accepted");
+        });
+        Ok(self.verifier.fingerprints())
+    }
+}
