@@ -120,15 +120,22 @@ pub struct HiveServeArgs {
     /// The node's rbee directory (pidfile, log, audit log)
     #[arg(long)]
     pub dir: PathBuf,
-    /// Port on 127.0.0.1
+    /// Port to listen on
     #[arg(long)]
     pub port: u16,
+    /// Address to listen on: the loopback (reached through SSH tunnels), or all interfaces for
+    /// nodes with `transport = "http"`
+    #[arg(long, default_value = "127.0.0.1")]
+    pub listen: std::net::IpAddr,
     /// Name of the node this hive serves
     #[arg(long, default_value = "local")]
     pub node: String,
     /// Idle time before a worker unloads its model
     #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
     pub keep_alive: std::time::Duration,
+    /// How far a request's timestamp may be from this node's clock
+    #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
+    pub clock_skew: std::time::Duration,
     /// Restart policy: restarts in a row before giving up
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
@@ -154,10 +161,26 @@ impl HiveServeArgs {
     }
 }
 
-/// The `hive serve` arguments that carry a restart policy.
-pub fn restart_args(p: &crate::config::RestartPolicy) -> Vec<String> {
+/// The arguments after `hive serve --dir DIR` that carry a node's settings to its hive.
+pub fn hive_serve_args(node: &crate::config::Node) -> Vec<String> {
     let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+    let p = &node.restart;
+    let listen = if node.transport == crate::config::Transport::Http {
+        "0.0.0.0"
+    } else {
+        "127.0.0.1"
+    };
     vec![
+        "--listen".to_string(),
+        listen.to_string(),
+        "--port".to_string(),
+        node.hive_port.to_string(),
+        "--node".to_string(),
+        node.name.clone(),
+        "--keep-alive".to_string(),
+        ms(node.keep_alive),
+        "--clock-skew".to_string(),
+        ms(node.clock_skew),
         "--max-attempts".to_string(),
         p.max_attempts.to_string(),
         "--backoff-initial".to_string(),

@@ -266,17 +266,13 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
 pub fn start_command(node: &Node) -> String {
     let bin = remote_join(&node.remote_dir, "bin/rbee");
     let dir = remote_path(&node.remote_dir);
-    let restart: Vec<String> = crate::cli::restart_args(&node.restart)
+    let args: Vec<String> = crate::cli::hive_serve_args(node)
         .iter()
         .map(|a| quote(a))
         .collect();
     format!(
-        "cd / || exit 1; {bin} hive serve --dir {dir} --port {port} --node {name} \
-         --keep-alive {keep} {restart} </dev/null >/dev/null 2>&1 &",
-        port = node.hive_port,
-        name = quote(&node.name),
-        keep = quote(&format!("{}ms", node.keep_alive.as_millis())),
-        restart = restart.join(" "),
+        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 &",
+        args.join(" ")
     )
 }
 

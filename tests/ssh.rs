@@ -593,6 +593,16 @@ fn transport_http_sends_requests_directly_and_starts_over_ssh() {
         .done();
     assert!(warm["timings_ms"]["hive_start"].is_null());
     assert!(fleet.remote_dir("a").join("bin/rbee").is_file());
+    // The hive of an http node listens beyond the loopback.
+    let pid = crate::support::processes_mentioning(&fleet.remote_dir("a").display().to_string())
+        .into_iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("hive\0serve"))
+        })
+        .expect("the hive process");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    assert!(String::from_utf8_lossy(&cmdline).contains("--listen\x000.0.0.0"));
     env.run(&["hive", "stop", "a"]).expect(0);
     env.run(&["hive", "status", "a"]).expect(6);
 }

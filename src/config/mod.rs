@@ -23,6 +23,7 @@ pub const DEFAULT_MODEL_SHA256: &str =
 pub const DEFAULT_HIVE_PORT: u16 = 7835;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// Where the configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +65,9 @@ pub struct Node {
     pub timeout: Duration,
     #[serde(with = "duration_ms")]
     pub keep_alive: Duration,
+    /// How far a request's timestamp may be from the node's clock.
+    #[serde(with = "duration_ms")]
+    pub clock_skew: Duration,
     pub models: Vec<String>,
     /// The fleet's `[restart]` policy, which this node's hive applies.
     #[serde(skip)]
@@ -173,6 +177,7 @@ impl Config {
             transport: Transport::Local,
             timeout: DEFAULT_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,
+            clock_skew: DEFAULT_CLOCK_SKEW,
             models: vec![DEFAULT_MODEL.to_string()],
             restart: RestartPolicy::default(),
             key_file: paths::state_dir().join("nodes/local/hive.key"),
@@ -355,6 +360,10 @@ fn resolve(
                     .keep_alive
                     .or(defaults.keep_alive)
                     .map_or(DEFAULT_KEEP_ALIVE, |d| d.0),
+                clock_skew: n
+                    .clock_skew
+                    .or(defaults.clock_skew)
+                    .map_or(DEFAULT_CLOCK_SKEW, |d| d.0),
                 key_file: if transport == Transport::Local {
                     paths::expand_tilde(remote_dir.trim_end_matches('/')).join("hive.key")
                 } else {

@@ -35,6 +35,7 @@ pub struct RawNode {
     pub transport: Option<Transport>,
     pub timeout: Option<HumanDuration>,
     pub keep_alive: Option<HumanDuration>,
+    pub clock_skew: Option<HumanDuration>,
     pub models: Option<Vec<Spanned<String>>>,
 }
 

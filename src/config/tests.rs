@@ -26,6 +26,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "transport",
         "timeout",
         "keep_alive",
+        "clock_skew",
         "max_attempts",
         "backoff_initial",
         "backoff_max",

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::{DEFAULT_SKEW, Key, Verifier};
+use crate::auth::{Key, Verifier};
 use crate::error::{Error, Result};
 
 pub const KEY_FILE: &str = "hive.key";
@@ -20,11 +20,11 @@ pub struct NodeKeys {
 }
 
 impl NodeKeys {
-    pub fn open(dir: &Path) -> Result<NodeKeys> {
+    pub fn open(dir: &Path, skew: Duration) -> Result<NodeKeys> {
         let keys = NodeKeys {
             key: dir.join(KEY_FILE),
             next: dir.join(NEXT_KEY_FILE),
-            verifier: Arc::new(Verifier::new(Vec::new(), DEFAULT_SKEW)),
+            verifier: Arc::new(Verifier::new(Vec::new(), skew)),
         };
         keys.reload()?;
         Ok(keys)

@@ -1,6 +1,7 @@
 //! `rbee hive serve`: the per-node daemon. It detaches from whoever started it, holds its
 //! pidfile, logs to `hive.log`, serves on 127.0.0.1, and on SIGTERM, SIGINT or
-//! `POST /v1/shutdown` stops its workers and exits.
+//! `POST /v1/shutdown` stops its workers and exits. It listens on 127.0.0.1 unless its node
+//! uses `transport = "http"`.
 
 pub mod keys;
 pub mod memory;
@@ -54,11 +55,16 @@ pub fn serve(args: HiveServeArgs) -> Result<()> {
 }
 
 async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+    let listener = tokio::net::TcpListener::bind((args.listen, args.port))
         .await
-        .map_err(|e| Error::hive(format!("cannot listen on 127.0.0.1:{}: {e}", args.port)))?;
+        .map_err(|e| {
+            Error::hive(format!(
+                "cannot listen on {}:{}: {e}",
+                args.listen, args.port
+            ))
+        })?;
     supervisor::kill_orphans(&args.dir);
-    let keys = Arc::new(keys::NodeKeys::open(&args.dir)?);
+    let keys = Arc::new(keys::NodeKeys::open(&args.dir, args.clock_skew)?);
     let exe = std::env::current_exe()?;
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let registry = Arc::new(Registry::new(
