@@ -217,3 +217,31 @@ fn an_idle_worker_that_stops_answering_is_replaced() {
     assert_eq!(info["last_exit"], "signal SIGKILL");
     assert_eq!(metric(&env, "rbee_worker_stuck_kills_total"), 1.0);
 }
+
+#[test]
+fn a_stopping_hive_lets_the_request_in_flight_finish() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let mut child = env.spawn(&[
+        "--json",
+        "infer",
+        "--prompt",
+        "Tell me a story.",
+        "--temperature",
+        "5",
+        "--top-p",
+        "1",
+        "--max-tokens",
+        "120",
+    ]);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    lines.next().expect("a token").expect("read");
+    env.run(&["hive", "stop", "n1"]).expect(0);
+    let status = child.wait().expect("wait");
+    let rest: Vec<String> = lines.map(|l| l.expect("read")).collect();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    let done: serde_json::Value = serde_json::from_str(rest.last().expect("done")).expect("JSON");
+    assert_eq!(done["tokens_out"], 120);
+    env.run(&["hive", "status", "n1"]).expect(6);
+}
