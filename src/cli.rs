@@ -55,6 +55,32 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// The tamper-evident audit trail of this machine and of nodes
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain (this machine's log, a node's, or all) and, for a node, that every
+    /// record head this machine witnessed is in the node's log
+    Verify {
+        #[arg(long, conflicts_with = "all")]
+        node: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// The last records of a log
+    Tail {
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(short = 'n', default_value_t = 10)]
+        n: usize,
+    },
+    /// Add an operator's note to this machine's audit log
+    Note { message: String },
 }
 
 #[derive(Debug, Args)]

@@ -75,9 +75,15 @@ pub async fn error_from_response(response: reqwest::Response, peer: &str) -> Err
 /// Largest request body any route accepts; the signature layer reads at most this much.
 pub const BODY_LIMIT: usize = crate::wire::MAX_PROMPT_BYTES * 2 + 16 * 1024;
 
+/// What the signature layer checks with, and where it records what it decided.
+pub struct Guard {
+    pub verifier: std::sync::Arc<crate::auth::Verifier>,
+    pub audit: Option<crate::audit::Audit>,
+}
+
 /// Axum layer: every request but `GET /health` and `GET /metrics` must carry a valid signature.
 pub async fn require_signature(
-    axum::extract::State(verifier): axum::extract::State<std::sync::Arc<crate::auth::Verifier>>,
+    axum::extract::State(guard): axum::extract::State<std::sync::Arc<Guard>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -104,7 +110,33 @@ pub async fn require_signature(
         .headers
         .get(crate::auth::SIGNATURE_HEADER)
         .and_then(|h| h.to_str().ok());
-    match verifier.verify(parts.method.as_str(), &path, header, &bytes) {
+    let result = guard
+        .verifier
+        .verify(parts.method.as_str(), &path, header, &bytes);
+    if let Some(audit) = &guard.audit {
+        let request_id = parts
+            .headers
+            .get(crate::wire::REQUEST_ID_HEADER)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let (event, fields) = match &result {
+            Ok(kid) => (
+                "auth_success",
+                serde_json::json!({ "kid": kid, "peer": peer, "path": path }),
+            ),
+            Err(reject) => (
+                "auth_failure",
+                serde_json::json!({
+                    "kid": header.and_then(|h| crate::auth::parse(h).ok()).map(|s| s.kid.to_string()),
+                    "peer": peer,
+                    "path": path,
+                    "reason": reject.class(),
+                }),
+            ),
+        };
+        audit.note(event, request_id, fields).await;
+    }
+    match result {
         Ok(kid) => {
             tracing::debug!(kid = %kid, peer = %peer, path = %path, "request authenticated");
             let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));

@@ -2,6 +2,7 @@
 //! ephemeral queen), the hive daemon on each node, and the llama.cpp worker processes.
 //!
 //! # Layout
+//! - `audit`: the hash-chained audit log: writer, verify
 //! - `auth`: request signing (HMAC-SHA256), key files
 //! - `cli`: clap types (raw values only)
 //! - `config`: nodes.toml -> validated `Config`, the embedded `local` node
@@ -21,6 +22,7 @@
 //! - `http`: errors as HTTP responses, SSE event helpers
 //! - `paths`, `signals`: files and signals
 
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod client;
@@ -107,7 +109,35 @@ where
     }
 }
 
+/// Records `config_changed` when the nodes.toml in use differs from the one last recorded.
+fn note_config(ctx: &Context) {
+    let Ok(config) = ctx.config() else { return };
+    let config::Source::File(path) = &config.source else {
+        return;
+    };
+    let Ok(text) = std::fs::read(path) else {
+        return;
+    };
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text));
+    let marker = paths::state_dir().join("config.sha256");
+    let previous = std::fs::read_to_string(&marker).unwrap_or_default();
+    if previous.trim() == sha {
+        return;
+    }
+    let fields = serde_json::json!({
+        "path": path.display().to_string(),
+        "sha256": sha,
+        "previous": (!previous.trim().is_empty()).then(|| previous.trim().to_string()),
+    });
+    if ctx.audit_note("config_changed", None, fields).is_some() {
+        let _ = std::fs::write(&marker, &sha);
+    }
+}
+
 fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
+    if !matches!(command, Command::Nodes { .. } | Command::Audit { .. }) {
+        note_config(ctx);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -118,6 +148,7 @@ fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
             Command::Worker { command } => cmd::worker::run(ctx, command).await,
             Command::Nodes { command } => cmd::nodes::run(ctx, command).await,
             Command::Models { command } => cmd::models::run(ctx, command).await,
+            Command::Audit { command } => cmd::audit::run(ctx, command).await,
         }
     });
     // The answer is out: exit now rather than wait on leftover blocking work (a file hash,

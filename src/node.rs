@@ -64,6 +64,14 @@ impl NodeConn {
         })
     }
 
+    /// The fingerprint of a host key recorded while connecting, if one was.
+    pub fn accepted_host_key(&self) -> Option<String> {
+        match self.ssh.as_ref().map(|s| &s.host_key) {
+            Some(crate::ssh::HostKey::Accepted { fingerprint }) => Some(fingerprint.clone()),
+            _ => None,
+        }
+    }
+
     pub fn is_local(&self) -> bool {
         self.node.transport == Transport::Local
     }

@@ -126,6 +126,9 @@ pub struct DoneEvent {
     /// Process id of the worker that served the request.
     #[serde(default)]
     pub worker_pid: Option<u32>,
+    /// The node's audit record for this request (seq and hash): the queen's witness of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_audit: Option<crate::audit::Head>,
 }
 
 /// An error as a JSON body (HTTP errors) or an `error` event (mid-stream).

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod audit;
 mod config_errors;
 mod daemon;
 mod deadline;

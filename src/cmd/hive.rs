@@ -117,6 +117,25 @@ pub fn finish(
     text: impl Fn(&NodeResult) -> String,
 ) -> Result<()> {
     for r in results {
+        let event = match r.state {
+            "started" => Some("hive_started"),
+            "stopped" => Some("hive_stopped"),
+            "installed" => Some("hive_installed"),
+            "rotated" => Some("key_rotated"),
+            _ => None,
+        };
+        if let Some(event) = event {
+            ctx.audit_note(
+                event,
+                None,
+                serde_json::json!({
+                    "node": r.node,
+                    "pid": r.pid,
+                    "uploaded": r.installed.as_ref().map(|i| i.uploaded),
+                    "key": r.detail,
+                }),
+            );
+        }
         ctx.out.result(r, || text(r));
     }
     worst(ctx, results)

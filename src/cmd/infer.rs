@@ -47,6 +47,7 @@ struct Progress {
     stage: Option<(&'static str, Instant)>,
     printed_any: bool,
     ends_with_newline: bool,
+    done: Option<DoneEvent>,
 }
 
 #[derive(Serialize)]
@@ -80,6 +81,18 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         params,
     };
 
+    ctx.audit_note(
+        "infer_requested",
+        Some(request_id),
+        serde_json::json!({
+            "node": node.name,
+            "model": model.name,
+            "prompt": crate::audit::digest(&request.prompt),
+            "system": request.system.as_deref().map(crate::audit::digest),
+            "max_tokens": request.params.max_tokens,
+            "timeout_ms": u64::try_from(budget.total().as_millis()).unwrap_or(u64::MAX),
+        }),
+    );
     let progress = RefCell::new(Progress::default());
     let work = generate(ctx, node, model, &request, &budget, &progress);
     let outcome = tokio::select! {
@@ -94,6 +107,21 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     if !ctx.out.json && progress.printed_any && !progress.ends_with_newline {
         let _ = writeln!(std::io::stdout());
     }
+    let done = progress.done.as_ref();
+    ctx.audit_note(
+        "infer_completed",
+        Some(request_id),
+        serde_json::json!({
+            "node": node.name,
+            "model": model.name,
+            "exit_code": outcome.as_ref().err().map_or(0, Error::code),
+            "stop_reason": done.map(|d| d.stop_reason),
+            "tokens_in": done.map(|d| d.tokens_in),
+            "tokens_out": done.map(|d| d.tokens_out),
+            "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "node_audit": done.and_then(|d| d.node_audit.clone()),
+        }),
+    );
     // A hop that ran out of budget says what it was doing; the user also needs the breakdown.
     match outcome {
         Err(e) if e.kind == ExitKind::Deadline && !e.message.starts_with("deadline of") => {
@@ -165,6 +193,7 @@ async fn generate(
                 done.timings_ms.hive_start = p.timings.hive_start;
                 done.timings_ms.total = Some(budget.elapsed().as_secs_f64() * 1000.0);
                 p.timings = done.timings_ms.clone();
+                p.done = Some(done.clone());
                 drop(p);
                 return finish(ctx, node, model, request, budget, &done);
             }

@@ -1,5 +1,6 @@
 //! One module per subcommand; each takes the parsed arguments and the shared context.
 
+pub mod audit;
 pub mod hive;
 pub mod infer;
 pub mod models;
@@ -30,6 +31,47 @@ impl Context {
     }
 
     pub async fn open(&self, node: &Node, budget: &Budget) -> Result<NodeConn> {
-        NodeConn::open(node, budget, self.connect).await
+        let result = NodeConn::open(node, budget, self.connect).await;
+        match &result {
+            Ok(conn) => {
+                if let Some(fingerprint) = conn.accepted_host_key() {
+                    self.audit_note(
+                        "host_key_accepted",
+                        None,
+                        serde_json::json!({ "node": node.name, "fingerprint": fingerprint }),
+                    );
+                }
+            }
+            Err(e) if e.kind == crate::error::ExitKind::Ssh && e.message.contains("host key") => {
+                self.audit_note(
+                    "host_key_refused",
+                    None,
+                    serde_json::json!({ "node": node.name, "reason": e.message }),
+                );
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// This machine's audit log.
+    pub fn audit(&self) -> crate::audit::Audit {
+        crate::audit::Audit::new(crate::paths::state_dir().join(crate::audit::FILE), "queen")
+    }
+
+    /// Records an event; a failure to record is reported on stderr, the command goes on.
+    pub fn audit_note(
+        &self,
+        event: &str,
+        request_id: Option<&str>,
+        fields: serde_json::Value,
+    ) -> Option<crate::audit::Head> {
+        match self.audit().record(event, request_id, fields) {
+            Ok(head) => Some(head),
+            Err(e) => {
+                eprintln!("rbee: warning: {e}");
+                None
+            }
+        }
     }
 }

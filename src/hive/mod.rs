@@ -66,6 +66,10 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
     supervisor::kill_orphans(&args.dir);
     let keys = Arc::new(keys::NodeKeys::open(&args.dir, args.clock_skew)?);
     let exe = std::env::current_exe()?;
+    let audit = crate::audit::Audit::new(
+        args.dir.join(crate::audit::FILE),
+        format!("hive:{}", args.node),
+    );
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let registry = Arc::new(Registry::new(
         exe,
@@ -74,6 +78,7 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
         args.keep_alive,
         args.restart_policy(),
         exits_tx,
+        audit.clone(),
     ));
     let hive = Arc::new(Hive {
         node: args.node.clone(),
@@ -87,7 +92,20 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
         shutdown: CancellationToken::new(),
         requests: Arc::default(),
         keys: keys.clone(),
+        audit: audit.clone(),
     });
+    audit
+        .note(
+            "hive_started",
+            None,
+            serde_json::json!({
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "port": args.port,
+                "keys": keys.verifier().fingerprints(),
+            }),
+        )
+        .await;
     tracing::info!(
         node = %args.node,
         port = args.port,
@@ -115,7 +133,11 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
     ));
 
     let stopping = hive.clone();
-    let app = routes::router(hive.clone(), keys.verifier())
+    let guard = Arc::new(crate::http::Guard {
+        verifier: keys.verifier(),
+        audit: Some(audit.clone()),
+    });
+    let app = routes::router(hive.clone(), guard)
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         stopping.shutdown.cancelled().await;
@@ -137,6 +159,13 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
         }
     }
     hive.registry.stop_all().await;
+    audit
+        .note(
+            "hive_stopped",
+            None,
+            serde_json::json!({ "pid": std::process::id() }),
+        )
+        .await;
     Ok(())
 }
 

@@ -28,6 +28,7 @@ pub struct Registry {
     exits: mpsc::UnboundedSender<Exited>,
     /// Signs the hive's requests to its workers; made anew at each hive start.
     pub worker_key: crate::auth::Key,
+    pub audit: crate::audit::Audit,
 }
 
 pub struct Entry {
@@ -88,6 +89,7 @@ impl Registry {
         keep_alive: Duration,
         policy: RestartPolicy,
         exits: mpsc::UnboundedSender<Exited>,
+        audit: crate::audit::Audit,
     ) -> Registry {
         Registry {
             entries: Mutex::new(HashMap::new()),
@@ -99,6 +101,7 @@ impl Registry {
             policy,
             exits,
             worker_key: crate::auth::Key::random(),
+            audit,
         }
     }
 
@@ -207,9 +210,26 @@ impl Registry {
     /// Verifies the model and starts a worker for it within `wait`.
     pub async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
         let path = model_path(spec);
-        tokio::time::timeout(wait, self.verifier.verify(&path, &spec.sha256))
+        let verified = tokio::time::timeout(wait, self.verifier.verify(&path, &spec.sha256))
             .await
-            .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))??;
+            .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
+        let (event, reason) = match &verified {
+            Ok(()) => ("model_verified", None),
+            Err(e) => ("model_refused", Some(e.message.clone())),
+        };
+        self.audit
+            .note(
+                event,
+                None,
+                serde_json::json!({
+                    "model": spec.name,
+                    "path": path.display().to_string(),
+                    "sha256": spec.sha256,
+                    "reason": reason,
+                }),
+            )
+            .await;
+        verified?;
         crate::hive::memory::check(&path)?;
         let opts = SpawnOptions {
             exe: &self.exe,
@@ -219,6 +239,15 @@ impl Registry {
             key: &self.worker_key,
         };
         let proc = WorkerProc::spawn(spec, &opts, wait).await?;
+        self.audit
+            .note(
+                "worker_spawned",
+                None,
+                serde_json::json!({
+                    "model": spec.name, "pid": proc.pid, "port": proc.port, "load_ms": proc.load_ms,
+                }),
+            )
+            .await;
         tracing::info!(model = %spec.name, pid = proc.pid, port = proc.port, load_ms = proc.load_ms, "worker ready");
         Ok(proc)
     }

@@ -38,9 +38,10 @@ pub struct Hive {
     pub shutdown: CancellationToken,
     pub requests: Arc<Requests>,
     pub keys: Arc<crate::hive::keys::NodeKeys>,
+    pub audit: crate::audit::Audit,
 }
 
-pub fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::Verifier>) -> Router {
+pub fn router(hive: Arc<Hive>, verifier: Arc<crate::http::Guard>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/workers", get(workers))
@@ -194,6 +195,17 @@ async fn start_generation(
         "request received"
     );
 
+    hive.audit
+        .note(
+            "request_started",
+            Some(generate.request_id.clone()),
+            serde_json::json!({
+                "model": request.model.name,
+                "prompt": crate::audit::digest(&generate.prompt),
+                "budget_ms": u64::try_from(budget.remaining().as_millis()).unwrap_or(u64::MAX),
+            }),
+        )
+        .await;
     let tracked = hive
         .requests
         .track(&generate.request_id, &request.model.name, budget);
@@ -233,6 +245,8 @@ async fn start_generation(
 
     let (tx, rx) = mpsc::channel(64);
     let relay = Relay {
+        request_id: generate.request_id.clone(),
+        audit: hive.audit.clone(),
         _tracked: tracked,
         lease,
         proc,
@@ -251,6 +265,8 @@ async fn start_generation(
 /// the generation ends, and drops the worker's stream (which stops decoding) as soon as the
 /// client goes away.
 struct Relay {
+    request_id: String,
+    audit: crate::audit::Audit,
     _tracked: Tracked,
     lease: Lease,
     proc: Arc<WorkerProc>,
@@ -301,16 +317,21 @@ impl Relay {
                     .first_token(self.received.elapsed().as_secs_f64());
             }
             let last = event.event == "done" || event.event == "error";
+            let mut head = None;
             if event.event == "done" {
                 outcome = self.record_done(&event);
+                head = self.audit_end(outcome, Some(&event)).await;
             }
-            if tx.send(self.forward(event)).await.is_err() {
+            if tx.send(self.forward(event, head)).await.is_err() {
                 outcome = "cancelled";
                 break;
             }
             if last {
                 break;
             }
+        }
+        if outcome != "ok" && outcome != "deadline" {
+            self.audit_end(outcome, None).await;
         }
         if outcome == "error" && !tx.is_closed() {
             let _ = tx.send(self.crashed(stalled).await).await;
@@ -332,12 +353,47 @@ impl Relay {
         }
     }
 
-    fn forward(&self, event: SseEvent) -> Event {
+    /// The node's record of how the request ended; its head goes back to the queen.
+    async fn audit_end(
+        &self,
+        outcome: &'static str,
+        done: Option<&SseEvent>,
+    ) -> Option<crate::audit::Head> {
+        let done = done.and_then(|e| serde_json::from_str::<DoneEvent>(&e.data).ok());
+        let event = match outcome {
+            "ok" => "request_completed",
+            "deadline" => "request_deadline_exceeded",
+            "cancelled" => "request_cancelled",
+            _ => "request_failed",
+        };
+        let fields = serde_json::json!({
+            "model": self.model,
+            "tokens_in": done.as_ref().map(|d| d.tokens_in),
+            "tokens_out": done.as_ref().map(|d| d.tokens_out),
+            "stop_reason": done.as_ref().map(|d| d.stop_reason),
+            "duration_ms": u64::try_from(self.received.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "worker_pid": self.proc.pid,
+        });
+        match self
+            .audit
+            .record_async(event, Some(self.request_id.clone()), fields)
+            .await
+        {
+            Ok(head) => Some(head),
+            Err(e) => {
+                tracing::error!("cannot write the audit record: {e}");
+                None
+            }
+        }
+    }
+
+    fn forward(&self, event: SseEvent, head: Option<crate::audit::Head>) -> Event {
         if event.event == "done"
             && let Ok(mut done) = serde_json::from_str::<DoneEvent>(&event.data)
         {
             done.timings_ms.queue = Some(self.queue_ms);
             done.timings_ms.load = self.load_ms;
+            done.node_audit = head;
             return sse_event("done", &done);
         }
         // Tokens pass through untouched: no re-encoding on the hot path.

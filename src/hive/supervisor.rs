@@ -41,6 +41,38 @@ pub async fn supervise(
         };
         Metrics::add(&metrics.exits, 1);
         tracing::warn!(model = %exit.model, pid = exit.pid, status = %exit.status, ?decision, "worker exited unexpectedly");
+        let (next, detail) = match decision {
+            Decision::Restart { attempt, delay } => (
+                "restart",
+                serde_json::json!({ "attempt": attempt, "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX) }),
+            ),
+            Decision::GiveUp { reason, .. } => (
+                "give_up",
+                serde_json::json!({ "reason": format!("{reason:?}") }),
+            ),
+        };
+        registry
+            .audit
+            .note(
+                "worker_exited",
+                None,
+                serde_json::json!({
+                    "model": exit.model, "pid": exit.pid, "status": exit.status,
+                    "uptime_ms": u64::try_from(exit.uptime.as_millis()).unwrap_or(u64::MAX),
+                    "next": next, "detail": detail,
+                }),
+            )
+            .await;
+        if let Decision::GiveUp { reason, .. } = decision {
+            registry
+                .audit
+                .note(
+                    "breaker_opened",
+                    None,
+                    serde_json::json!({ "model": exit.model, "reason": format!("{reason:?}") }),
+                )
+                .await;
+        }
         if let Decision::Restart { delay, .. } = decision {
             tokio::spawn(restart_after(
                 registry.clone(),
@@ -110,6 +142,9 @@ async fn restart_after(
         match result {
             Ok(proc) => {
                 tracing::info!(model = %entry.name, pid = proc.pid, "worker restarted");
+                let fields = serde_json::json!({ "model": entry.name, "pid": proc.pid });
+                let audit = registry.audit.clone();
+                tokio::spawn(async move { audit.note("worker_restarted", None, fields).await });
                 st.proc = Some(Arc::new(proc));
                 st.supervision = Supervision::Normal;
                 st.restart_count += 1;

@@ -338,6 +338,7 @@ fn generate(
         },
         decode_tokens_per_s,
         worker_pid: Some(std::process::id()),
+        node_audit: None,
     };
     let _ = job.events.send(EngineEvent::Done(done));
     Ok(stop_reason)

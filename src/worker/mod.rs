@@ -48,10 +48,13 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
     runtime.block_on(async move {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let verifier = std::sync::Arc::new(crate::auth::Verifier::new(
-            vec![key],
-            crate::auth::DEFAULT_SKEW,
-        ));
+        let verifier = std::sync::Arc::new(crate::http::Guard {
+            verifier: std::sync::Arc::new(crate::auth::Verifier::new(
+                vec![key],
+                crate::auth::DEFAULT_SKEW,
+            )),
+            audit: None,
+        });
         let app = server::router(
             server::WorkerState {
                 engine,

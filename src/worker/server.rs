@@ -25,7 +25,7 @@ pub struct WorkerState {
     pub n_ctx: u32,
 }
 
-pub fn router(state: WorkerState, verifier: std::sync::Arc<crate::auth::Verifier>) -> Router {
+pub fn router(state: WorkerState, verifier: std::sync::Arc<crate::http::Guard>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/generate", post(generate))

@@ -1,0 +1,129 @@
+//! Checking an audit log: every record's hash covers its content and links to the one before,
+//! sequence numbers follow each other, across rotated files; the first break is named.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::{GENESIS, Head, Record};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub records: u64,
+    pub files: usize,
+    pub head: Option<Head>,
+    #[serde(skip)]
+    pub hashes: HashMap<u64, String>,
+    #[serde(skip)]
+    pub records_list: Vec<Record>,
+}
+
+/// Where and why a chain breaks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Break {
+    pub file: PathBuf,
+    pub line: usize,
+    pub seq: Option<u64>,
+    pub why: String,
+}
+
+impl std::fmt::Display for Break {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)?;
+        if let Some(seq) = self.seq {
+            write!(f, " (seq {seq})")?;
+        }
+        write!(f, ": {}", self.why)
+    }
+}
+
+/// Verifies the log at `path` (and its rotated files) as stored on this machine.
+pub fn verify(path: &Path) -> Result<Verified, Break> {
+    let mut files = super::writer::rotated(path);
+    files.push(path.to_path_buf());
+    let mut contents = Vec::new();
+    for file in files {
+        match std::fs::read(&file) {
+            Ok(bytes) => contents.push((file, bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Break {
+                    file,
+                    line: 0,
+                    seq: None,
+                    why: format!("unreadable: {e}"),
+                });
+            }
+        }
+    }
+    verify_contents(&contents)
+}
+
+/// Verifies logs given as (name, bytes), oldest first.
+pub fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, Break> {
+    let mut prev = GENESIS.to_string();
+    let mut last_seq = 0;
+    let mut out = Verified {
+        records: 0,
+        files: files.len(),
+        head: None,
+        hashes: HashMap::new(),
+        records_list: Vec::new(),
+    };
+    for (file, bytes) in files {
+        let broken = |line: usize, seq: Option<u64>, why: String| Break {
+            file: file.clone(),
+            line,
+            seq,
+            why,
+        };
+        if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+            let lines = bytes.split(|b| *b == b'\n').count();
+            return Err(broken(
+                lines,
+                None,
+                "the last line is cut short (a torn write); the next append records the cut".into(),
+            ));
+        }
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let n = i + 1;
+            let record: Record = serde_json::from_slice(line)
+                .map_err(|e| broken(n, None, format!("not an audit record: {e}")))?;
+            let seq = Some(record.seq);
+            if record.hash != record.compute_hash() {
+                return Err(broken(
+                    n,
+                    seq,
+                    "its hash does not match its content (changed after it was written)".into(),
+                ));
+            }
+            if record.prev != prev {
+                return Err(broken(
+                    n,
+                    seq,
+                    format!(
+                        "it does not link to the record before it (seq {last_seq}): a record was removed, inserted or moved"
+                    ),
+                ));
+            }
+            if record.seq != last_seq + 1 {
+                return Err(broken(
+                    n,
+                    seq,
+                    format!("its sequence number follows {last_seq}"),
+                ));
+            }
+            prev = record.hash.clone();
+            last_seq = record.seq;
+            out.records += 1;
+            out.hashes.insert(record.seq, record.hash.clone());
+            out.head = Some(record.head());
+            out.records_list.push(record);
+        }
+    }
+    Ok(out)
+}
