@@ -15,8 +15,14 @@ fn main() {
     let mut times = Vec::new();
     for _ in 0..500 {
         let t = Instant::now();
-        rbee::audit::append(&path, "bench", "request_completed", Some("r"), fields.clone())
-            .expect("append");
+        rbee::audit::append(
+            &path,
+            "bench",
+            "request_completed",
+            Some("r"),
+            fields.clone(),
+        )
+        .expect("append");
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
     times.sort_by(f64::total_cmp);

@@ -60,9 +60,15 @@ impl HiveClient {
         }
     }
 
-    async fn get_json<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T> {
+    /// A bodiless request whose answer is JSON.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T> {
         let response = self
-            .request(Method::GET, path, Vec::new())
+            .request(method, path, Vec::new())
             .timeout(timeout)
             .send()
             .await
@@ -99,25 +105,21 @@ impl HiveClient {
     }
 
     pub async fn health(&self, timeout: Duration) -> Result<HiveHealth> {
-        self.get_json("/health", timeout).await
+        self.call(Method::GET, "/health", timeout).await
     }
 
     pub async fn workers(&self, timeout: Duration) -> Result<Vec<WorkerInfo>> {
-        self.get_json("/v1/workers", timeout).await
+        self.call(Method::GET, "/v1/workers", timeout).await
     }
 
     pub async fn requests(&self, timeout: Duration) -> Result<Vec<RequestInfo>> {
-        self.get_json("/v1/requests", timeout).await
+        self.call(Method::GET, "/v1/requests", timeout).await
     }
 
     pub async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {
-        let response = self
-            .request(Method::DELETE, &format!("/v1/workers/{model}"), Vec::new())
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let body: serde_json::Value = self.json(response).await?;
+        let body: serde_json::Value = self
+            .call(Method::DELETE, &format!("/v1/workers/{model}"), timeout)
+            .await?;
         Ok(body.get("stopped").and_then(serde_json::Value::as_bool) == Some(true))
     }
 
@@ -150,24 +152,14 @@ impl HiveClient {
 
     /// Key rotation: `reload` (accept the next key too) or `retire` (switch to it).
     pub async fn keys(&self, step: &str, timeout: Duration) -> Result<()> {
-        let response = self
-            .request(Method::POST, &format!("/v1/keys/{step}"), Vec::new())
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let _: serde_json::Value = self.json(response).await?;
+        let _: serde_json::Value = self
+            .call(Method::POST, &format!("/v1/keys/{step}"), timeout)
+            .await?;
         Ok(())
     }
 
     pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
-        let response = self
-            .request(Method::POST, "/v1/shutdown", Vec::new())
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let _: serde_json::Value = self.json(response).await?;
+        let _: serde_json::Value = self.call(Method::POST, "/v1/shutdown", timeout).await?;
         Ok(())
     }
 

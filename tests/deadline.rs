@@ -1,23 +1,9 @@
 //! One budget per invocation, honoured on every hop: the worker stops at the deadline, a queued
 //! request expires in the queue, Ctrl-C cancels the generation on the worker.
 
-use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use crate::support::{Env, eventually, worker_health};
-
-/// Near-uniform sampling: the end-of-generation token is as likely as any of ~49k others, so
-/// the generation runs until something stops it.
-const ENDLESS: [&str; 8] = [
-    "--prompt",
-    "Tell me a story.",
-    "--temperature",
-    "5",
-    "--top-p",
-    "1",
-    "--max-tokens",
-    "100000",
-];
 
 fn warm(env: &Env) {
     env.infer(&["--prompt", "Hi", "--max-tokens", "1"])
@@ -28,7 +14,7 @@ fn warm(env: &Env) {
 fn the_deadline_stops_generation_keeps_the_text_and_exits_124() {
     let Some(env) = Env::new("") else { return };
     warm(&env);
-    let mut args = ENDLESS.to_vec();
+    let mut args = crate::support::ENDLESS.to_vec();
     args.extend(["--timeout", "1s"]);
     let run = env.infer(&args);
     run.expect(124);
@@ -109,12 +95,7 @@ fn a_budget_spent_before_the_hive_is_answered_at_once() {
 fn a_queued_request_expires_in_the_queue_without_generating() {
     let Some(env) = Env::new("") else { return };
     warm(&env);
-    let mut holder_args = vec!["--json", "infer"];
-    holder_args.extend(ENDLESS);
-    holder_args.extend(["--timeout", "60s"]);
-    let mut holder = env.spawn(&holder_args);
-    let mut lines = BufReader::new(holder.stdout.take().expect("stdout")).lines();
-    lines.next().expect("the holder generates").expect("read");
+    let (mut holder, _lines) = env.spawn_endless(&["--timeout", "60s"], 1);
 
     let run = env.infer(&["--prompt", "Hi", "--max-tokens", "4", "--timeout", "1s"]);
     run.expect(124);
@@ -142,13 +123,7 @@ fn a_queued_request_expires_in_the_queue_without_generating() {
 fn ctrl_c_exits_130_and_the_worker_stops_decoding() {
     let Some(env) = Env::new("") else { return };
     warm(&env);
-    let mut args = vec!["--json", "infer"];
-    args.extend(ENDLESS);
-    let mut child = env.spawn(&args);
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    for _ in 0..3 {
-        lines.next().expect("tokens").expect("read");
-    }
+    let (mut child, lines) = env.spawn_endless(&[], 3);
     assert!(
         eventually(Duration::from_secs(5), || !env
             .run(&["--json", "worker", "list"])
@@ -184,12 +159,7 @@ fn ctrl_c_exits_130_and_the_worker_stops_decoding() {
 fn in_flight_requests_show_their_remaining_budget() {
     let Some(env) = Env::new("") else { return };
     warm(&env);
-    let mut args = vec!["--json", "infer"];
-    args.extend(ENDLESS);
-    args.extend(["--timeout", "20s"]);
-    let mut child = env.spawn(&args);
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    lines.next().expect("a token").expect("read");
+    let (mut child, _lines) = env.spawn_endless(&["--timeout", "20s"], 1);
     let list = env.run(&["--json", "worker", "list"]);
     let value: serde_json::Value = serde_json::from_str(list.stdout.trim()).expect("JSON");
     let request = &value["requests"][0];

@@ -295,16 +295,13 @@ fn an_rsa_client_key_works_too() {
     let rsa = ClientKey::new(env.path(), "client_rsa", "rsa");
     let authorized = fleet.servers[0].dir.join("authorized_keys");
     std::fs::write(&authorized, format!("{}\n", rsa.public)).expect("authorized_keys");
-    let config = std::fs::read_to_string(&env.config)
-        .expect("config")
-        .replace(
-            &format!(
-                "identity_file = {:?}",
-                fleet.key.private.display().to_string()
-            ),
-            &format!("identity_file = {:?}", rsa.private.display().to_string()),
-        );
-    std::fs::write(&env.config, config).expect("write");
+    env.edit_config(
+        &format!(
+            "identity_file = {:?}",
+            fleet.key.private.display().to_string()
+        ),
+        &format!("identity_file = {:?}", rsa.private.display().to_string()),
+    );
     env.run(&["hive", "status", "a"]).expect(6);
 }
 
@@ -383,13 +380,10 @@ fn one_failing_node_does_not_stop_the_others() {
     };
     let env = &fleet.env;
     // Node b points at a port where nothing listens.
-    let config = std::fs::read_to_string(&env.config)
-        .expect("config")
-        .replace(
-            &format!("port = {}", fleet.servers[1].port),
-            &format!("port = {}", free_port()),
-        );
-    std::fs::write(&env.config, config).expect("write");
+    env.edit_config(
+        &format!("port = {}", fleet.servers[1].port),
+        &format!("port = {}", free_port()),
+    );
     let run = env.run(&["--json", "hive", "start", "--all"]);
     run.expect(4);
     let lines = run.json_lines();
@@ -544,16 +538,13 @@ fn ssh_agent_authentication() {
         String::from_utf8_lossy(&added.stderr)
     );
     // No key file: only the agent can authenticate.
-    let config = std::fs::read_to_string(&env.config)
-        .expect("config")
-        .replace(
-            &format!(
-                "identity_file = {:?}",
-                fleet.key.private.display().to_string()
-            ),
-            "identity_file = \"/nonexistent/key\"",
-        );
-    std::fs::write(&env.config, config).expect("write");
+    env.edit_config(
+        &format!(
+            "identity_file = {:?}",
+            fleet.key.private.display().to_string()
+        ),
+        "identity_file = \"/nonexistent/key\"",
+    );
     env.run(&["hive", "status", "a"]).expect(4);
     let run = env
         .command(&["hive", "status", "a"])
@@ -616,13 +607,10 @@ fn a_budget_too_small_for_the_ssh_connect_exits_124_naming_the_connect() {
     // A server that accepts the TCP connection and never speaks SSH.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = silent.local_addr().expect("addr").port();
-    let config = std::fs::read_to_string(&env.config)
-        .expect("config")
-        .replace(
-            &format!("port = {}", fleet.servers[0].port),
-            &format!("port = {port}"),
-        );
-    std::fs::write(&env.config, config).expect("write");
+    env.edit_config(
+        &format!("port = {}", fleet.servers[0].port),
+        &format!("port = {port}"),
+    );
     let started = Instant::now();
     let run = env.run(&[
         "infer",

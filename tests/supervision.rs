@@ -6,17 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Env, eventually, http};
 
-const ENDLESS: [&str; 8] = [
-    "--prompt",
-    "Tell me a story.",
-    "--temperature",
-    "5",
-    "--top-p",
-    "1",
-    "--max-tokens",
-    "100000",
-];
-
 fn signal(pid: i64, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
 }
@@ -53,13 +42,7 @@ fn a_worker_killed_mid_generation_fails_the_request_and_comes_back() {
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let pid = worker(&env)["pid"].as_i64().expect("pid");
-    let mut args = vec!["--json", "infer"];
-    args.extend(ENDLESS);
-    let mut child = env.spawn(&args);
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    for _ in 0..3 {
-        lines.next().expect("tokens").expect("read");
-    }
+    let (mut child, lines) = env.spawn_endless(&[], 3);
     signal(pid, nix::sys::signal::Signal::SIGKILL);
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(7));
@@ -181,11 +164,7 @@ fn a_stopped_busy_worker_is_detected_as_stuck_and_replaced() {
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let pid = worker(&env)["pid"].as_i64().expect("pid");
-    let mut args = vec!["--json", "infer"];
-    args.extend(ENDLESS);
-    let mut child = env.spawn(&args);
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    lines.next().expect("a token").expect("read");
+    let (mut child, lines) = env.spawn_endless(&[], 1);
     signal(pid, nix::sys::signal::Signal::SIGSTOP);
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(7));

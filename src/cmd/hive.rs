@@ -84,12 +84,7 @@ where
     F: Fn(Node) -> Fut,
     Fut: Future<Output = NodeResult>,
 {
-    let config = ctx.config()?;
-    let nodes: Vec<Node> = config
-        .select_nodes(&sel.nodes, sel.all)?
-        .into_iter()
-        .cloned()
-        .collect();
+    let nodes = ctx.selected_nodes(sel)?;
     let show_progress = nodes.len() > 1 && std::io::stderr().is_terminal() && !ctx.out.quiet;
     let results = futures::stream::iter(nodes)
         .map(|node| {

@@ -30,6 +30,13 @@ impl Context {
         Config::discover(self.config_path.as_deref())
     }
 
+    /// The nodes named on the command line, or all with `--all` (or none named).
+    pub fn selected_nodes(&self, sel: &crate::cli::NodeSelection) -> Result<Vec<Node>> {
+        let config = self.config()?;
+        let nodes = config.select_nodes(&sel.nodes, sel.all)?;
+        Ok(nodes.into_iter().cloned().collect())
+    }
+
     pub async fn open(&self, node: &Node, budget: &Budget) -> Result<NodeConn> {
         let result = NodeConn::open(node, budget, self.connect).await;
         match &result {

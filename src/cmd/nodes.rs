@@ -85,12 +85,7 @@ struct Check {
 }
 
 async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
-    let config = ctx.config()?;
-    let nodes: Vec<Node> = config
-        .select_nodes(&sel.nodes, sel.all)?
-        .into_iter()
-        .cloned()
-        .collect();
+    let nodes = ctx.selected_nodes(&sel)?;
     let checks: Vec<Check> = futures::stream::iter(nodes)
         .map(|node| check_one(ctx, node))
         .buffered(crate::cmd::PARALLEL_NODES)

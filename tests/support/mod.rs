@@ -449,3 +449,41 @@ impl Env {
         http(self.port, method, path, &all, body)
     }
 }
+
+/// Near-uniform sampling: the end-of-generation token is as likely as any of ~49k others, so
+/// the generation runs until something stops it.
+pub const ENDLESS: [&str; 8] = [
+    "--prompt",
+    "Tell me a story.",
+    "--temperature",
+    "5",
+    "--top-p",
+    "1",
+    "--max-tokens",
+    "100000",
+];
+
+pub type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+impl Env {
+    /// `--json infer` of an endless generation (plus `extra`), once its first `tokens` arrived.
+    pub fn spawn_endless(&self, extra: &[&str], tokens: usize) -> (Child, Lines) {
+        use std::io::BufRead;
+        let mut args = vec!["--json", "infer"];
+        args.extend(ENDLESS);
+        args.extend_from_slice(extra);
+        let mut child = self.spawn(&args);
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        for _ in 0..tokens {
+            lines.next().expect("a token").expect("read");
+        }
+        (child, lines)
+    }
+
+    /// Rewrites nodes.toml, replacing `from` with `to`.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read nodes.toml");
+        assert!(text.contains(from), "nodes.toml has no `{from}`");
+        std::fs::write(&self.config, text.replace(from, to)).expect("write nodes.toml");
+    }
+}
