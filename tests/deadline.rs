@@ -172,3 +172,60 @@ fn in_flight_requests_show_their_remaining_budget() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_network_cut_between_queen_and_node_ends_in_124_within_the_budget() {
+    use crate::support::netns::Netns;
+    use crate::support::sshd::{self, ClientKey, Sshd};
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    if !sshd::available() {
+        return;
+    }
+    let Some(ns) = Netns::create(1) else { return };
+    let dir = crate::support::tempdir();
+    let key = ClientKey::new(dir.path(), "client", "ed25519");
+    let server = Sshd::start_in(
+        &dir.path().join("sshd"),
+        &[&key],
+        Some((&ns.name, &ns.node_ip)),
+    );
+    std::fs::write(
+        dir.path().join("known_hosts"),
+        server.known_hosts_line_at(&ns.node_ip),
+    )
+    .expect("known_hosts");
+    let config = format!(
+        "{}[nodes.far]\nhost = {:?}\nport = {}\nuser = {:?}\nidentity_file = {:?}\n\
+         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\n",
+        crate::support::model_table(&model, crate::support::MODEL_SHA256),
+        ns.node_ip,
+        server.port,
+        sshd::user(),
+        key.private.display().to_string(),
+        dir.path().join("known_hosts").display().to_string(),
+        dir.path().join("node-far").display().to_string(),
+        crate::support::free_port(),
+    );
+    let env = Env::from_dir(dir, crate::support::free_port(), &config);
+    env.infer(&["--node", "far", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+
+    let started = std::time::Instant::now();
+    let (mut child, _lines) = env.spawn_endless(&["--node", "far", "--timeout", "4s"], 2);
+    ns.link(false);
+    let status = child.wait().expect("wait");
+    let took = started.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    ns.link(true);
+    assert_eq!(status.code(), Some(124), "{stderr}");
+    assert!(took < Duration::from_millis(5500), "took {took:?}");
+    assert!(stderr.contains("deadline of 4s exceeded"), "{stderr}");
+    // The hive on the far side rode it out.
+    env.run(&["hive", "status", "far"]).expect(0);
+    env.infer(&["--node", "far", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+}

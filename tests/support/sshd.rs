@@ -65,6 +65,11 @@ impl ClientKey {
 impl Sshd {
     /// Starts sshd on a free loopback port, trusting `authorized` client keys.
     pub fn start(dir: &Path, authorized: &[&ClientKey]) -> Sshd {
+        Sshd::start_in(dir, authorized, None)
+    }
+
+    /// The same, inside a network namespace, listening on its address.
+    pub fn start_in(dir: &Path, authorized: &[&ClientKey], netns: Option<(&str, &str)>) -> Sshd {
         std::fs::create_dir_all(dir).expect("sshd dir");
         let host_key = dir.join("host_ed25519");
         keygen(&host_key, "ed25519");
@@ -80,18 +85,27 @@ impl Sshd {
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                "Port {port}\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                  PidFile {pid}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
                  PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nMaxStartups 64\n\
                  MaxSessions 64\nLogLevel ERROR\n",
+                listen = netns.map_or("127.0.0.1", |n| n.1),
                 hk = host_key.display(),
                 ak = dir.join("authorized_keys").display(),
                 pid = dir.join("sshd.pid").display(),
             ),
         )
         .expect("sshd_config");
-        let mut child = Command::new(SSHD)
+        let mut command = match netns {
+            Some((name, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", name, SSHD]);
+                c
+            }
+            None => Command::new(SSHD),
+        };
+        let mut child = command
             .arg("-D")
             .arg("-e")
             .arg("-f")
@@ -104,8 +118,9 @@ impl Sshd {
             .spawn()
             .expect("start sshd");
         // Listening, and it is our sshd that listens (not a process that took the port).
+        let address = netns.map_or("127.0.0.1", |n| n.1).to_string();
         let up = crate::support::eventually(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            std::net::TcpStream::connect((address.as_str(), port)).is_ok()
                 && matches!(child.try_wait(), Ok(None))
         });
         assert!(
@@ -130,7 +145,11 @@ impl Sshd {
 
     /// The known_hosts line for this server.
     pub fn known_hosts_line(&self) -> String {
-        format!("[127.0.0.1]:{} {}\n", self.port, self.host_key)
+        self.known_hosts_line_at("127.0.0.1")
+    }
+
+    pub fn known_hosts_line_at(&self, host: &str) -> String {
+        format!("[{host}]:{} {}\n", self.port, self.host_key)
     }
 
     /// The SHA256 fingerprint as ssh-keygen prints it.
