@@ -8,18 +8,19 @@
 //! - `config`: nodes.toml -> validated `Config`, the embedded `local` node
 //! - `error`: the top-level error and its exit code
 //! - `output`: stdout/stderr discipline, tables and `--json`
-//! - `cmd`: one module per subcommand
+//! - `cmd`: one module per subcommand, and the runner for commands over several nodes
 //! - `lifecycle`: a node's hive seen from the queen: probe, start, stop
 //! - `client`: the queen's HTTP client for a hive
 //! - `node`: a connection to a node: hive client, tunnel, SSH session
 //! - `ssh`: russh sessions, known_hosts, `~/.ssh/config`, quoting
 //! - `install`: the binary and model files on nodes
-//! - `hive`: the hive daemon: pidfile, registry of workers, routes, model verification
+//! - `hive`: the hive daemon: pidfile, registry of workers, supervisor and restart policy,
+//!   routes and relay, keys, metrics, model verification
 //! - `worker`: the llama.cpp worker: engine thread and HTTP server
 //! - `wire`: request bodies, stream events and status views shared by every hop
 //! - `deadline`: the invocation's budget and how it travels
 //! - `sse`: server-sent events reader
-//! - `http`: errors as HTTP responses, SSE event helpers
+//! - `http`: errors as HTTP responses, SSE event helpers, the signature layer
 //! - `paths`, `signals`: files and signals
 
 pub mod audit;

@@ -2,22 +2,17 @@
 //! at once (bounded); one failing node does not stop the others, and the exit code is the
 //! worst one.
 
-use std::future::Future;
-use std::io::IsTerminal;
-use std::time::{Duration, Instant};
-
-use futures::StreamExt;
-use serde::Serialize;
+use std::time::Duration;
 
 use crate::cli::{HiveCommand, NodeSelection};
-use crate::cmd::{Context, PARALLEL_NODES};
+use crate::cmd::Context;
+use crate::cmd::fleet::{NodeResult, each_node, finish, worst};
 use crate::config::Node;
 use crate::deadline::Budget;
 use crate::error::{Error, ExitKind, Result};
-use crate::install::{self, Installed, Pushed};
+use crate::install;
 use crate::lifecycle::{self, Probe, Stopped};
 use crate::output::table;
-use crate::wire::WorkerInfo;
 
 pub async fn run(ctx: &Context, command: HiveCommand) -> Result<()> {
     match command {
@@ -28,131 +23,6 @@ pub async fn run(ctx: &Context, command: HiveCommand) -> Result<()> {
         HiveCommand::RotateKey(sel) => rotate_key(ctx, sel).await,
         HiveCommand::Serve(args) => crate::hive::serve(args),
     }
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct NodeResult {
-    pub node: String,
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uptime_s: Option<f64>,
-    pub elapsed_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub workers: Option<Vec<WorkerInfo>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub installed: Option<Installed>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub models: Vec<Pushed>,
-    /// What else the command has to say about this node (a host key fingerprint...).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<u8>,
-}
-
-impl NodeResult {
-    fn new(node: &Node, state: &'static str) -> NodeResult {
-        NodeResult {
-            node: node.name.clone(),
-            state,
-            ..NodeResult::default()
-        }
-    }
-
-    fn failed(node: &Node, state: &'static str, err: &Error) -> NodeResult {
-        NodeResult {
-            error: Some(err.message.clone()),
-            exit_code: Some(err.code()),
-            ..NodeResult::new(node, state)
-        }
-    }
-}
-
-/// Runs `action` on every selected node, at most `PARALLEL_NODES` at once, results in order.
-pub async fn each_node<F, Fut>(
-    ctx: &Context,
-    sel: &NodeSelection,
-    action: F,
-) -> Result<Vec<NodeResult>>
-where
-    F: Fn(Node) -> Fut,
-    Fut: Future<Output = NodeResult>,
-{
-    let nodes = ctx.selected_nodes(sel)?;
-    let show_progress = nodes.len() > 1 && std::io::stderr().is_terminal() && !ctx.out.quiet;
-    let results = futures::stream::iter(nodes)
-        .map(|node| {
-            let started = Instant::now();
-            let fut = action(node);
-            async move {
-                let mut result = fut.await;
-                result.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-                if show_progress {
-                    eprintln!("  {}: {}", result.node, result.state);
-                }
-                result
-            }
-        })
-        .buffered(PARALLEL_NODES)
-        .collect()
-        .await;
-    Ok(results)
-}
-
-/// Prints each node's result, then turns failures into the worst exit code.
-pub fn finish(
-    ctx: &Context,
-    results: &[NodeResult],
-    text: impl Fn(&NodeResult) -> String,
-) -> Result<()> {
-    for r in results {
-        let event = match r.state {
-            "started" => Some("hive_started"),
-            "stopped" => Some("hive_stopped"),
-            "installed" => Some("hive_installed"),
-            "rotated" => Some("key_rotated"),
-            _ => None,
-        };
-        if let Some(event) = event {
-            ctx.audit_note(
-                event,
-                None,
-                serde_json::json!({
-                    "node": r.node,
-                    "pid": r.pid,
-                    "uploaded": r.installed.as_ref().map(|i| i.uploaded),
-                    "key": r.detail,
-                }),
-            );
-        }
-        ctx.out.result(r, || text(r));
-    }
-    worst(ctx, results)
-}
-
-fn worst(ctx: &Context, results: &[NodeResult]) -> Result<()> {
-    let failed: Vec<&NodeResult> = results.iter().filter(|r| r.exit_code.is_some()).collect();
-    let Some(code) = failed.iter().filter_map(|r| r.exit_code).max() else {
-        return Ok(());
-    };
-    if results.len() > 1 {
-        ctx.out.note(format!(
-            "{} of {} nodes failed",
-            failed.len(),
-            results.len()
-        ));
-    }
-    let detail: Vec<String> = failed
-        .iter()
-        .map(|r| format!("{}: {}", r.node, r.error.as_deref().unwrap_or(r.state)))
-        .collect();
-    Err(Error::new(ExitKind::from_code(code), detail.join("\n")))
 }
 
 async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {

@@ -7,7 +7,7 @@ use futures::StreamExt;
 
 use crate::cli::{NodeSelection, NodesCommand};
 use crate::cmd::Context;
-use crate::cmd::hive::{NodeResult, each_node, finish};
+use crate::cmd::fleet::{NodeResult, each_node, finish};
 use crate::config::{Model, Node, Transport};
 use crate::deadline::Budget;
 use crate::error::{Error, Result};

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod pidfile;
 pub mod policy;
 pub mod registry;
+pub mod relay;
 pub mod requests;
 pub mod routes;
 pub mod supervisor;

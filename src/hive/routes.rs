@@ -19,14 +19,12 @@ use crate::config::{self, DEFAULT_TIMEOUT};
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, ExitKind};
 use crate::hive::metrics::Metrics;
-use crate::hive::registry::{Lease, Registry, Supervision};
-use crate::hive::requests::{Requests, Tracked};
-use crate::hive::worker_proc::WorkerProc;
-use crate::http::{ApiError, error_from_response, sse_event};
-use crate::sse::{SseEvent, events};
+use crate::hive::registry::{Registry, Supervision};
+use crate::hive::requests::Requests;
+use crate::http::{ApiError, error_from_response};
 use crate::wire::{
-    DoneEvent, ErrorBody, GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER,
-    RequestInfo, RequestStage, StopReason, WorkerInfo,
+    GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, RequestStage,
+    WorkerInfo,
 };
 
 pub struct Hive {
@@ -244,7 +242,7 @@ async fn start_generation(
     }
 
     let (tx, rx) = mpsc::channel(64);
-    let relay = Relay {
+    let relay = crate::hive::relay::Relay {
         request_id: generate.request_id.clone(),
         audit: hive.audit.clone(),
         _tracked: tracked,
@@ -259,169 +257,4 @@ async fn start_generation(
     tokio::spawn(relay.run(response, tx));
     let stream = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
     Ok(Sse::new(stream).into_response())
-}
-
-/// Carries one generation from the worker to the client. It holds the model's queue place until
-/// the generation ends, and drops the worker's stream (which stops decoding) as soon as the
-/// client goes away.
-struct Relay {
-    request_id: String,
-    audit: crate::audit::Audit,
-    _tracked: Tracked,
-    lease: Lease,
-    proc: Arc<WorkerProc>,
-    metrics: Arc<Metrics>,
-    model: String,
-    queue_ms: f64,
-    load_ms: Option<f64>,
-    received: Instant,
-}
-
-/// A busy worker that sends nothing for this long is taken as stuck.
-pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl Relay {
-    async fn run(self, response: reqwest::Response, tx: mpsc::Sender<Event>) {
-        let mut upstream = std::pin::pin!(events(response));
-        let mut outcome = "error";
-        let mut first_token = true;
-        let mut stalled = false;
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = tx.closed() => {
-                    tracing::info!(model = %self.model, "client went away; cancelling generation");
-                    outcome = "cancelled";
-                    break;
-                }
-                next = tokio::time::timeout(STALL_TIMEOUT, upstream.next()) => next,
-            };
-            let event = match next {
-                Ok(Some(Ok(event))) => event,
-                Ok(Some(Err(err))) => {
-                    tracing::warn!(model = %self.model, "worker stream broke: {err}");
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(model = %self.model, pid = self.proc.pid, "worker sent nothing for {}s; killing it as stuck", STALL_TIMEOUT.as_secs());
-                    Metrics::add(&self.metrics.stuck_kills, 1);
-                    self.proc.kill();
-                    stalled = true;
-                    break;
-                }
-            };
-            if event.event == "token" && first_token {
-                first_token = false;
-                self.metrics
-                    .first_token(self.received.elapsed().as_secs_f64());
-            }
-            let last = event.event == "done" || event.event == "error";
-            let mut head = None;
-            if event.event == "done" {
-                outcome = self.record_done(&event);
-                head = self.audit_end(outcome, Some(&event)).await;
-            }
-            if tx.send(self.forward(event, head)).await.is_err() {
-                outcome = "cancelled";
-                break;
-            }
-            if last {
-                break;
-            }
-        }
-        if outcome != "ok" && outcome != "deadline" {
-            self.audit_end(outcome, None).await;
-        }
-        if outcome == "error" && !tx.is_closed() {
-            let _ = tx.send(self.crashed(stalled).await).await;
-        }
-        self.metrics
-            .request(outcome, self.received.elapsed().as_secs_f64());
-        drop(self.lease);
-    }
-
-    fn record_done(&self, event: &SseEvent) -> &'static str {
-        let Ok(done) = serde_json::from_str::<DoneEvent>(&event.data) else {
-            return "error";
-        };
-        Metrics::add(&self.metrics.tokens, u64::from(done.tokens_out));
-        match done.stop_reason {
-            StopReason::Deadline => "deadline",
-            StopReason::Cancelled => "cancelled",
-            _ => "ok",
-        }
-    }
-
-    /// The node's record of how the request ended; its head goes back to the queen.
-    async fn audit_end(
-        &self,
-        outcome: &'static str,
-        done: Option<&SseEvent>,
-    ) -> Option<crate::audit::Head> {
-        let done = done.and_then(|e| serde_json::from_str::<DoneEvent>(&e.data).ok());
-        let event = match outcome {
-            "ok" => "request_completed",
-            "deadline" => "request_deadline_exceeded",
-            "cancelled" => "request_cancelled",
-            _ => "request_failed",
-        };
-        let fields = serde_json::json!({
-            "model": self.model,
-            "tokens_in": done.as_ref().map(|d| d.tokens_in),
-            "tokens_out": done.as_ref().map(|d| d.tokens_out),
-            "stop_reason": done.as_ref().map(|d| d.stop_reason),
-            "duration_ms": u64::try_from(self.received.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "worker_pid": self.proc.pid,
-        });
-        match self
-            .audit
-            .record_async(event, Some(self.request_id.clone()), fields)
-            .await
-        {
-            Ok(head) => Some(head),
-            Err(e) => {
-                tracing::error!("cannot write the audit record: {e}");
-                None
-            }
-        }
-    }
-
-    fn forward(&self, event: SseEvent, head: Option<crate::audit::Head>) -> Event {
-        if event.event == "done"
-            && let Ok(mut done) = serde_json::from_str::<DoneEvent>(&event.data)
-        {
-            done.timings_ms.queue = Some(self.queue_ms);
-            done.timings_ms.load = self.load_ms;
-            done.node_audit = head;
-            return sse_event("done", &done);
-        }
-        // Tokens pass through untouched: no re-encoding on the hot path.
-        Event::default().event(event.event).data(event.data)
-    }
-
-    async fn crashed(&self, stalled: bool) -> Event {
-        let mut exit = None;
-        for _ in 0..20 {
-            exit = self.proc.exit_status();
-            if exit.is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let how = match exit {
-            _ if stalled => format!(
-                "it sent nothing for {}s and was killed as stuck; the hive restarts it per its restart policy",
-                STALL_TIMEOUT.as_secs()
-            ),
-            Some(s) => format!("it exited: {s}; the hive restarts it per its restart policy"),
-            None => "its stream ended".to_string(),
-        };
-        let err = Error::worker(format!(
-            "the worker for `{}` stopped in the middle of the request ({how})",
-            self.model
-        ));
-        tracing::warn!("{err}");
-        sse_event("error", &ErrorBody::from(&err))
-    }
 }
