@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Latency figures of rbee on this machine: cold and warm `infer`, the SSH tunnel against the
-# local node, `hive status` over 1 and 4 nodes, and how far past `--timeout` an invocation ends.
+# Figures of rbee on this machine: the raw engine's decode speed and rbee's against it, cold and
+# warm `infer`, the SSH tunnel against the local node, `hive status` over 1 and 4 nodes, and how
+# far past `--timeout` an invocation ends.
 # Nodes are real sshd instances on loopback. Prints a table and writes bench.json.
 #   RBEE=path/to/rbee (default: the release build), RUNS=20 (deadline runs per node kind)
 set -euo pipefail
@@ -82,6 +83,10 @@ timed() { local t0 t1; t0=$(now_ms); "$@" >"$work/last" 2>"$work/last.err" || tr
 median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(round(statistics.median(v),1))' "$@"; }
 worst() { python3 -c 'import sys; print(max(float(x) for x in sys.argv[1:]))' "$@"; }
 
+echo "bench: raw engine (cargo bench --bench engine)" >&2
+raw=$(RBEE_TEST_MODEL="$MODEL" cargo bench --quiet --bench engine 2>/dev/null | grep '^raw engine')
+raw_tps=$(echo "$raw" | sed -E 's/.*decode ([0-9.]+) tokens.*/\1/')
+
 echo "bench: cold and warm infer on local" >&2
 cold=$(timed "$RBEE" --json infer --node local --prompt "Why is the sky blue?" --max-tokens 16 --temperature 0)
 second=$(timed "$RBEE" --json infer --node local --prompt "Why is the sky blue?" --max-tokens 16 --temperature 0)
@@ -119,7 +124,8 @@ machine: $cpu, $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB
 figure                                              value
 infer --max-tokens 16, first call (hive start+load) $cold ms
 infer --max-tokens 16, second call                  $second ms
-decode speed reported by rbee (128 tokens)          $tps tokens/s
+raw engine decode (llama-cpp-2 in-process)          $raw_tps tokens/s
+decode speed reported by rbee (128 tokens)          $tps tokens/s ($(python3 -c "print(round(100*$tps/$raw_tps,1))")% of raw)
 warm infer --max-tokens 1, local (median of 10)     $(median "${loc[@]}") ms
 warm infer --max-tokens 1, SSH tunnel (median)      $(median "${tun[@]}") ms
 hive status, 1 SSH node (median of 5)               $(median "${s1[@]}") ms
@@ -129,12 +135,13 @@ hive status, 4 SSH nodes (median of 5)              $(median "${s4[@]}") ms
 TABLE
 python3 - "$cold" "$second" "$tps" "$(median "${loc[@]}")" "$(median "${tun[@]}")" \
     "$(median "${s1[@]}")" "$(median "${s4[@]}")" "$(median "${ol[@]}")" "$(worst "${ol[@]}")" \
-    "$(median "${os[@]}")" "$(worst "${os[@]}")" "$cpu" > bench.json <<'PY'
+    "$(median "${os[@]}")" "$(worst "${os[@]}")" "$raw_tps" "$cpu" > bench.json <<'PY'
 import json, sys
 a = sys.argv[1:]
 keys = ["cold_infer16_ms", "second_infer16_ms", "decode_tokens_per_s", "warm_infer1_local_ms",
         "warm_infer1_ssh_ms", "status_1_node_ms", "status_4_nodes_ms", "overshoot_local_median_ms",
-        "overshoot_local_worst_ms", "overshoot_ssh_median_ms", "overshoot_ssh_worst_ms", "cpu"]
+        "overshoot_local_worst_ms", "overshoot_ssh_median_ms", "overshoot_ssh_worst_ms",
+        "raw_decode_tokens_per_s", "cpu"]
 print(json.dumps({k: (v if k == "cpu" else float(v)) for k, v in zip(keys, a)}, indent=2))
 PY
 echo "bench: wrote bench.json" >&2
