@@ -18,61 +18,63 @@ fn random_key() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
+/// Every way a request can be wrong, against one endpoint: each is refused with its class, a
+/// correct request passes once, its replay is refused.
+fn forgeries_refused(port: u16, key: &str, method: &str, path: &str, body: &[u8]) {
+    let now = unix_now();
+    let send = |path: &str, sig: Option<&str>, body: &[u8]| {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(sig) = sig {
+            headers.push(("x-rbee-signature", sig));
+        }
+        http(port, method, path, &headers, body)
+    };
+    let (s, b) = send(path, None, body);
+    rejected(s, &b, "missing");
+    let (s, b) = send(path, Some("hmac please"), body);
+    rejected(s, &b, "malformed");
+    let foreign = sign_with(&random_key(), method, path, body, now, &fresh_nonce());
+    let (s, b) = send(path, Some(&foreign), body);
+    rejected(s, &b, "unknown_key");
+    // The right key id on a signature made with another key.
+    let right = sign_with(key, method, path, body, now, &fresh_nonce());
+    let kid = right.split(',').next().expect("kid").to_string();
+    let forged = format!("{kid},{}", foreign.split_once(',').expect("rest").1);
+    let (s, b) = send(path, Some(&forged), body);
+    rejected(s, &b, "bad_signature");
+    // Body and path changed after signing.
+    let sig = sign_with(key, method, path, body, now, &fresh_nonce());
+    let mut changed = body.to_vec();
+    changed.push(b' ');
+    let (s, b) = send(path, Some(&sig), &changed);
+    rejected(s, &b, "bad_signature");
+    let sig = sign_with(key, method, path, body, now, &fresh_nonce());
+    let (s, b) = send(&format!("{path}?x=1"), Some(&sig), body);
+    rejected(s, &b, "bad_signature");
+    // Ten minutes old, ten minutes ahead.
+    for ts in [now - 600, now + 600] {
+        let sig = sign_with(key, method, path, body, ts, &fresh_nonce());
+        let (s, b) = send(path, Some(&sig), body);
+        rejected(s, &b, "stale");
+    }
+    // A correct request passes, once.
+    let sig = sign_with(key, method, path, body, now, &fresh_nonce());
+    let (s, b) = send(path, Some(&sig), body);
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = send(path, Some(&sig), body);
+    rejected(s, &b, "replayed");
+}
+
 #[test]
 fn forged_stale_and_replayed_requests_are_refused_by_the_hive() {
     let Some(env) = Env::new("") else { return };
     env.run(&["hive", "start", "n1"]).expect(0);
     let key = env.node_key();
-    let now = unix_now();
-    let send = |method: &str, path: &str, sig: Option<&str>, body: &[u8]| {
-        let mut headers = vec![("content-type", "application/json")];
-        if let Some(sig) = sig {
-            headers.push(("x-rbee-signature", sig));
-        }
-        http(env.port, method, path, &headers, body)
-    };
-    let (s, b) = send("GET", "/v1/workers", None, b"");
-    rejected(s, &b, "missing");
-    let (s, b) = send("GET", "/v1/workers", Some("hmac please"), b"");
-    rejected(s, &b, "malformed");
-    let foreign = sign_with(
-        &random_key(),
-        "GET",
-        "/v1/workers",
-        b"",
-        now,
-        &fresh_nonce(),
-    );
-    let (s, b) = send("GET", "/v1/workers", Some(&foreign), b"");
-    rejected(s, &b, "unknown_key");
-    // The right key id on a signature made with another key.
-    let right = sign_with(&key, "GET", "/v1/workers", b"", now, &fresh_nonce());
-    let kid = right.split(',').next().expect("kid").to_string();
-    let forged = format!("{kid},{}", foreign.split_once(',').expect("rest").1);
-    let (s, b) = send("GET", "/v1/workers", Some(&forged), b"");
-    rejected(s, &b, "bad_signature");
-    // Body and path changed after signing.
-    let sig = sign_with(&key, "POST", "/v1/infer", b"{\"a\":1}", now, &fresh_nonce());
-    let (s, b) = send("POST", "/v1/infer", Some(&sig), b"{\"a\":2}");
-    rejected(s, &b, "bad_signature");
-    let sig = sign_with(&key, "GET", "/v1/workers", b"", now, &fresh_nonce());
-    let (s, b) = send("GET", "/v1/requests", Some(&sig), b"");
-    rejected(s, &b, "bad_signature");
-    // Ten minutes old, ten minutes ahead.
-    for ts in [now - 600, now + 600] {
-        let sig = sign_with(&key, "GET", "/v1/workers", b"", ts, &fresh_nonce());
-        let (s, b) = send("GET", "/v1/workers", Some(&sig), b"");
-        rejected(s, &b, "stale");
-    }
-    // A correct request passes, once.
-    let sig = sign_with(&key, "GET", "/v1/workers", b"", now, &fresh_nonce());
-    let (s, b) = send("GET", "/v1/workers", Some(&sig), b"");
-    assert_eq!(s, 200, "{b}");
-    let (s, b) = send("GET", "/v1/workers", Some(&sig), b"");
-    rejected(s, &b, "replayed");
+    forgeries_refused(env.port, &key, "GET", "/v1/workers", b"");
+    forgeries_refused(env.port, &key, "DELETE", "/v1/workers/smollm2", b"");
     // Health and metrics stay open; nothing secret leaks anywhere.
-    assert_eq!(send("GET", "/health", None, b"").0, 200);
-    assert_eq!(send("GET", "/metrics", None, b"").0, 200);
+    assert_eq!(http(env.port, "GET", "/health", &[], b"").0, 200);
+    assert_eq!(http(env.port, "GET", "/metrics", &[], b"").0, 200);
     let log = std::fs::read_to_string(env.node_dir().join("hive.log")).expect("log");
     assert!(!log.contains(key.trim()), "the key is in the log");
     let rejection = log
@@ -86,24 +88,24 @@ fn forged_stale_and_replayed_requests_are_refused_by_the_hive() {
 }
 
 #[test]
-fn the_worker_refuses_requests_not_signed_by_its_hive() {
+fn forged_stale_and_replayed_requests_are_refused_by_a_worker() {
+    use std::os::unix::fs::PermissionsExt;
     let Some(env) = Env::new("") else { return };
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let port = env.workers()[0]["port"].as_u64().expect("port") as u16;
+    let key_file = env.node_dir().join("worker.key");
+    let mode = std::fs::metadata(&key_file)
+        .expect("worker key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let worker_key = std::fs::read_to_string(&key_file).expect("worker key");
+    assert_ne!(worker_key, env.node_key());
     let body = br#"{"request_id":"x","system":null,"prompt":"Hi","params":{"max_tokens":2,"temperature":0.0,"top_p":1.0,"seed":null}}"#;
-    let json = [("content-type", "application/json")];
-    let (s, b) = http(port, "POST", "/v1/generate", &json, body);
-    rejected(s, &b, "missing");
-    let (s, b) = http(
-        port,
-        "POST",
-        "/v1/generate",
-        &[json[0], ("x-rbee-signature", "v1 nope")],
-        body,
-    );
-    rejected(s, &b, "malformed");
-    // Even the node's own key is not the worker's: each hive start makes a key for its workers.
+    forgeries_refused(port, &worker_key, "POST", "/v1/generate", body);
+    // The node's own key is not the worker's.
     let sig = sign_with(
         &env.node_key(),
         "POST",
@@ -112,11 +114,12 @@ fn the_worker_refuses_requests_not_signed_by_its_hive() {
         unix_now(),
         &fresh_nonce(),
     );
+    let json = ("content-type", "application/json");
     let (s, b) = http(
         port,
         "POST",
         "/v1/generate",
-        &[json[0], ("x-rbee-signature", &sig)],
+        &[json, ("x-rbee-signature", &sig)],
         body,
     );
     rejected(s, &b, "unknown_key");

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 pub const KEY_FILE: &str = "hive.key";
 pub const NEXT_KEY_FILE: &str = "hive.key.next";
+/// The key the hive signs its requests to workers with, made anew at each start.
+pub const WORKER_KEY_FILE: &str = "worker.key";
 const RETIRE_GRACE: Duration = Duration::from_secs(60);
 
 pub struct NodeKeys {

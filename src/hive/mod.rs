@@ -81,6 +81,11 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
         exits_tx,
         audit.clone(),
     ));
+    // The workers' key also sits beside the node key (0600), so the node's owner can talk to a
+    // worker directly when debugging, as the hive does.
+    registry
+        .worker_key
+        .save(&args.dir.join(keys::WORKER_KEY_FILE))?;
     let hive = Arc::new(Hive {
         node: args.node.clone(),
         started: Instant::now(),
