@@ -219,6 +219,8 @@ pub enum WorkerState {
 /// One worker as the hive sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerInfo {
+    /// `MODEL@PID` for a running process, else the model's name.
+    pub id: String,
     pub model: String,
     pub state: WorkerState,
     pub pid: Option<u32>,

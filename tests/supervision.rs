@@ -116,10 +116,14 @@ fn repeated_crashes_back_off_longer_each_time_then_the_worker_is_held_failed() {
     let table = env.run(&["worker", "list"]);
     assert!(table.stdout.contains("failed"), "{}", table.stdout);
 
-    // An operator restart clears it.
+    // An operator restart clears it, and the node's audit log says so.
     env.run(&["worker", "restart", "--node", "n1", "--model", "smollm2"])
         .expect(0);
-    assert_eq!(worker(&env)["state"], "ready");
+    let info = worker(&env);
+    assert_eq!(info["state"], "ready");
+    assert_eq!(info["id"], format!("smollm2@{}", info["pid"]));
+    let log = std::fs::read_to_string(env.node_dir().join("audit.jsonl")).expect("audit");
+    assert!(log.contains("\"breaker_opened\"") && log.contains("\"breaker_closed\""));
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
 }

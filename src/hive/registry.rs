@@ -310,6 +310,11 @@ impl Entry {
                     (None, _) if st.proc.is_some() => None,
                     (None, Supervision::Failed { .. }) => {
                         // The hold has expired: start afresh.
+                        let audit = registry.audit.clone();
+                        let fields = serde_json::json!({ "model": self.name, "by": "window" });
+                        tokio::spawn(
+                            async move { audit.note("breaker_closed", None, fields).await },
+                        );
                         st.history.reset();
                         st.supervision = Supervision::Normal;
                         st.failed_reason = None;
@@ -360,6 +365,7 @@ impl Entry {
             _ => None,
         };
         Some(WorkerInfo {
+            id: proc.map_or_else(|| self.name.clone(), |p| format!("{}@{}", self.name, p.pid)),
             model: self.name.clone(),
             state,
             pid: proc.map(|p| p.pid),

@@ -92,6 +92,16 @@ async fn restart_worker(
     let entry = hive.registry.find(&model).ok_or_else(|| {
         Error::config(format!("no worker for `{model}` has run on this hive yet"))
     })?;
+    let was_failed = matches!(entry.lock().supervision, Supervision::Failed { .. });
+    if was_failed {
+        hive.audit
+            .note(
+                "breaker_closed",
+                None,
+                serde_json::json!({ "model": model, "by": "operator" }),
+            )
+            .await;
+    }
     let old = {
         let mut st = entry.lock();
         st.history.reset();
