@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 
 use crate::config::{Model, Node};
-use crate::error::{Error, ExitKind, Result};
+use crate::error::{Error, Result};
 use crate::hive::verify::sha256_file;
 use crate::ssh::Session;
 use crate::ssh::quote::{quote, remote_join, remote_path};
@@ -59,26 +59,19 @@ pub async fn install_binary(session: &Session, node: &Node) -> Result<Installed>
     // The temp file is checked before it replaces the binary: a cut connection leaves a
     // partial temp file, never a partial `rbee`.
     let command = format!(
-        "umask 077 && cat > {tmp} && [ \"$(sha256sum {tmp} | cut -c1-64)\" = {sha} ] && \
+        "umask 077 && cat > {tmp} && {{ [ \"$(sha256sum {tmp} | cut -c1-64)\" = {sha} ] || \
+         {{ echo 'the checksum on the node did not match' >&2; exit 1; }}; }} && \
          chmod 755 {tmp} && mv -f {tmp} {bin}",
         sha = quote(&local_sha)
     );
-    let out = session
-        .exec_reader(
+    let label = format!("rbee to {}", node.name);
+    session
+        .run_reader(
+            "uploading rbee",
             &command,
-            Counting::new(file, bytes, &format!("rbee to {}", node.name)),
+            Counting::new(file, bytes, &label),
         )
         .await?;
-    if !out.ok() {
-        return Err(Error::new(
-            ExitKind::Ssh,
-            format!(
-                "uploading rbee to `{}` failed: {}",
-                node.name,
-                nonempty(out.stderr_text(), "the checksum on the node did not match")
-            ),
-        ));
-    }
     Ok(Installed {
         uploaded: true,
         bytes,
@@ -104,14 +97,6 @@ fn check_platform(node: &Node, uname: &str) -> Result<()> {
         std::env::consts::OS,
         std::env::consts::ARCH
     )))
-}
-
-fn nonempty(text: String, otherwise: &str) -> String {
-    if text.is_empty() {
-        otherwise.to_string()
-    } else {
-        text
-    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -168,20 +153,13 @@ pub async fn push_model(session: &Session, node: &Node, model: &Model) -> Result
     let append = if offset == 0 { ">" } else { ">>" };
     let command = format!("mkdir -p \"$(dirname {path})\" && umask 077 && cat {append} {part}");
     let label = format!("{} to {}", model.name, node.name);
-    let out = session
-        .exec_reader(&command, Counting::new(file, size - offset, &label))
+    session
+        .run_reader(
+            &format!("pushing `{}`", model.name),
+            &command,
+            Counting::new(file, size - offset, &label),
+        )
         .await?;
-    if !out.ok() {
-        return Err(Error::new(
-            ExitKind::Ssh,
-            format!(
-                "pushing `{}` to `{}` failed: {}",
-                model.name,
-                node.name,
-                out.stderr_text()
-            ),
-        ));
-    }
     let finish = format!(
         "if [ \"$(sha256sum {part} | cut -c1-64)\" = {sha} ]; then mv -f {part} {path}; \
          else rm -f {part}; echo 'checksum mismatch' >&2; exit 3; fi",
@@ -304,17 +282,9 @@ pub async fn install_key(
     let command = format!(
         "mkdir -p {dir} && umask 077 && cat > {path}.tmp && chmod 600 {path}.tmp && mv -f {path}.tmp {path}"
     );
-    let out = session.exec(&command, Some(content.as_bytes())).await?;
-    if !out.ok() {
-        return Err(Error::new(
-            ExitKind::Ssh,
-            format!(
-                "cannot write the signing key on `{}`: {}",
-                node.name,
-                out.stderr_text()
-            ),
-        ));
-    }
+    session
+        .run_reader("writing the signing key", &command, content.as_bytes())
+        .await?;
     tracing::info!(node = %node.name, key = %key.fingerprint(), "installed the signing key");
     Ok(true)
 }

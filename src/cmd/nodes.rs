@@ -36,22 +36,22 @@ async fn trust(ctx: &Context, sel: NodeSelection) -> Result<()> {
     };
     let results = each_node(ctx, &sel, |node| async move {
         if node.transport == Transport::Local {
-            return node_result(&node, "local");
+            return NodeResult::new(&node, "local");
         }
         let budget = Budget::new(node.timeout);
         let target = match Target::for_node(&node) {
             Ok(t) => t,
-            Err(e) => return failed(&node, &e),
+            Err(e) => return NodeResult::failed(&node, "failed", &e),
         };
         match Session::connect(&target, budget.deadline(), options.accept_new_host_key).await {
             Ok(session) => match &session.host_key {
                 HostKey::Accepted { fingerprint } => NodeResult {
                     detail: Some(fingerprint.clone()),
-                    ..node_result(&node, "trusted")
+                    ..NodeResult::new(&node, "trusted")
                 },
-                _ => node_result(&node, "already_trusted"),
+                _ => NodeResult::new(&node, "already_trusted"),
             },
-            Err(e) => failed(&node, &e),
+            Err(e) => NodeResult::failed(&node, "failed", &e),
         }
     })
     .await?;
@@ -217,22 +217,6 @@ fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     }
     let stat = nix::sys::statvfs::statvfs(&d).ok()?;
     Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
-}
-
-fn node_result(node: &Node, state: &'static str) -> NodeResult {
-    NodeResult {
-        node: node.name.clone(),
-        state,
-        ..NodeResult::default()
-    }
-}
-
-fn failed(node: &Node, err: &Error) -> NodeResult {
-    NodeResult {
-        error: Some(err.message.clone()),
-        exit_code: Some(err.code()),
-        ..node_result(node, "failed")
-    }
 }
 
 fn list(ctx: &Context) -> Result<()> {

@@ -300,7 +300,17 @@ impl Session {
 
     /// Like `exec`, but a non-zero exit is an error naming `what`.
     pub async fn run(&self, what: &str, command: &str) -> Result<Exec> {
-        let out = self.exec(command, None).await?;
+        self.run_reader(what, command, tokio::io::empty()).await
+    }
+
+    /// Like `exec_reader`, but a non-zero exit is an error naming `what`.
+    pub async fn run_reader<R: AsyncRead + Unpin>(
+        &self,
+        what: &str,
+        command: &str,
+        input: R,
+    ) -> Result<Exec> {
+        let out = self.exec_reader(command, input).await?;
         if out.ok() {
             Ok(out)
         } else {
