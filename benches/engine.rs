@@ -1,5 +1,7 @@
 //! The raw engine: llama-cpp-2 in-process, no rbee code, on the default model with the same
-//! thread count as a worker (all cores). Prints prefill and decode tokens/s, median of 3 runs.
+//! thread count as a worker (all cores). Prints prefill and decode tokens/s for one sequence,
+//! and the aggregate decode tokens/s of 2, 4 and 8 sequences decoded in one batch per step
+//! (one KV stream each, as a worker does), medians of 3 runs.
 //! `cargo bench --bench engine` (RBEE_TEST_MODEL or ~/.cache/rbee/models/...).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -16,6 +18,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 
 const PROMPT: &str = "Write a long, detailed essay about the history of the bicycle.";
 const TOKENS: usize = 128;
+const CONTEXT: u32 = 4096;
 
 fn main() {
     let path = std::env::var("RBEE_TEST_MODEL").unwrap_or_else(|_| {
@@ -35,39 +38,60 @@ fn main() {
         .apply_chat_template(&template, &chat, true)
         .expect("apply");
     let tokens = model.vocab().tokenize(text.as_bytes(), true, true);
-    let (mut prefills, mut decodes) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    let run = |seqs: usize| {
         let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(4096))
-            .with_n_batch(4096)
+            .with_n_ctx(NonZeroU32::new(CONTEXT * seqs as u32))
+            .with_n_seq_max(seqs as u32)
+            .with_kv_unified(false)
+            .with_n_batch(CONTEXT)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let mut ctx = model.new_context(&backend, params).expect("context");
-        let mut batch = LlamaBatch::new(4096, 1);
-        for (i, t) in tokens.iter().enumerate() {
-            batch
-                .add(*t, i as i32, &[0], i + 1 == tokens.len())
-                .unwrap();
+        let mut batch = LlamaBatch::new(CONTEXT as usize, 1);
+        let mut prefill = 0.0;
+        for seq in 0..seqs as i32 {
+            batch.clear();
+            for (i, t) in tokens.iter().enumerate() {
+                batch
+                    .add(*t, i as i32, &[seq], i + 1 == tokens.len())
+                    .unwrap();
+            }
+            let t = Instant::now();
+            ctx.decode(&mut batch).expect("prefill");
+            prefill = tokens.len() as f64 / t.elapsed().as_secs_f64();
         }
-        let t = Instant::now();
-        ctx.decode(&mut batch).expect("prefill");
-        prefills.push(tokens.len() as f64 / t.elapsed().as_secs_f64());
-        let mut sampler = LlamaSampler::greedy();
+        let mut samplers: Vec<LlamaSampler> = (0..seqs).map(|_| LlamaSampler::greedy()).collect();
+        let mut next: Vec<_> = samplers
+            .iter_mut()
+            .map(|s| s.sample(&ctx, batch.n_tokens() - 1))
+            .collect();
         let t = Instant::now();
         for pos in (tokens.len() as i32..).take(TOKENS) {
-            let token = sampler.sample(&ctx, batch.n_tokens() - 1);
             batch.clear();
-            batch.add(token, pos, &[0], true).unwrap();
+            for (seq, token) in next.iter().enumerate() {
+                batch.add(*token, pos, &[seq as i32], true).unwrap();
+            }
             ctx.decode(&mut batch).expect("decode");
+            for (i, (s, token)) in samplers.iter_mut().zip(next.iter_mut()).enumerate() {
+                *token = s.sample(&ctx, i as i32);
+            }
         }
-        decodes.push(TOKENS as f64 / t.elapsed().as_secs_f64());
-    }
-    prefills.sort_by(f64::total_cmp);
-    decodes.sort_by(f64::total_cmp);
+        ((TOKENS * seqs) as f64 / t.elapsed().as_secs_f64(), prefill)
+    };
+    let median = |seqs: usize| {
+        let mut runs: Vec<(f64, f64)> = (0..3).map(|_| run(seqs)).collect();
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let decode = runs[1].0;
+        runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+        (decode, runs[1].1)
+    };
+    let (decode, prefill) = median(1);
     println!(
-        "raw engine: prefill {:.1} tokens/s ({} tokens), decode {:.1} tokens/s ({TOKENS} tokens), {threads} threads",
-        prefills[1],
-        tokens.len(),
-        decodes[1]
+        "raw engine: prefill {prefill:.1} tokens/s ({} tokens), decode {decode:.1} tokens/s ({TOKENS} tokens), {threads} threads",
+        tokens.len()
     );
+    for seqs in [2, 4, 8] {
+        let (decode, _) = median(seqs);
+        println!("raw engine batched: {seqs} sequences, aggregate decode {decode:.1} tokens/s");
+    }
 }

@@ -254,9 +254,13 @@ pub struct WorkerServeArgs {
     /// The GGUF file
     #[arg(long)]
     pub model_path: PathBuf,
-    /// Context length in tokens (default: the model's training context, at most 4096)
+    /// Context length per request in tokens (default: the model's training context, at most
+    /// 4096)
     #[arg(long)]
     pub context: Option<u32>,
+    /// Requests decoded together, each in its own KV sequence
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub slots: u32,
     /// CPU threads (default: all cores)
     #[arg(long)]
     pub threads: Option<u32>,

@@ -169,10 +169,13 @@ pub struct HiveHealth {
 pub struct WorkerHealth {
     pub status: String,
     pub model: String,
+    /// Tokens of context per request.
     pub n_ctx: u32,
+    /// Generations decoded together.
+    pub slots: u32,
     pub pid: u32,
-    /// The generation being decoded now.
-    pub active: Option<Generation>,
+    /// The generations being decoded now.
+    pub active: Vec<Generation>,
     /// The last generation that ended.
     pub last: Option<Generation>,
 }

@@ -5,6 +5,7 @@
 mod support;
 
 mod audit;
+mod batching;
 mod config_errors;
 mod daemon;
 mod deadline;

@@ -24,6 +24,8 @@ pub const DEFAULT_HIVE_PORT: u16 = 7835;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
+/// llama.cpp's limit on sequences in one context.
+pub const MAX_SLOTS: u32 = 256;
 
 /// Where the configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,8 +269,11 @@ fn resolve(
         if !valid_name(&name) {
             return Err(located(Some(span), &bad_name("model", &name)));
         }
-        if m.slots == Some(0) {
-            return Err(located(Some(span), "`slots` must be at least 1"));
+        if m.slots.is_some_and(|s| !(1..=MAX_SLOTS).contains(&s)) {
+            return Err(located(
+                Some(span),
+                &format!("`slots` must be between 1 and {MAX_SLOTS}"),
+            ));
         }
         if m.context == Some(0) {
             return Err(located(Some(span), "`context` must be at least 1"));

@@ -43,7 +43,9 @@ pub fn serve(args: HiveServeArgs) -> Result<()> {
     let log = args.dir.join(LOG_FILE);
     init_file_logging(&log)?;
     let pid = PidFile::acquire(&args.dir.join(PID_FILE)).inspect_err(|e| tracing::error!("{e}"))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: the hive's work is light (blocking parts go to spawn_blocking), and each thread
+    // a streamed token wakes takes a core from llama.cpp's spinning threads for a moment.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let result = runtime.block_on(run(args, &log));

@@ -1,6 +1,7 @@
-//! The hive's workers, one per model: a queue in front of each (one generation at a time until
-//! the worker batches), spawning on first use, reuse, unloading after `keep_alive` idle, and the
-//! supervision state the supervisor keeps (restarting, failed).
+//! The hive's workers, one per model: a queue in front of each (as many generations at a time as
+//! the model has `slots`, which the worker decodes together), spawning on first use, reuse,
+//! unloading after `keep_alive` idle, and the supervision state the supervisor keeps
+//! (restarting, failed).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,7 +34,9 @@ pub struct Registry {
 
 pub struct Entry {
     pub name: String,
-    queue: Arc<Semaphore>,
+    /// One permit per slot. A changed `slots` swaps in a new semaphore; leases on the old one
+    /// run out, and the worker holds any excess in its own queue until it respawns.
+    queue: Mutex<(u32, Arc<Semaphore>)>,
     spawn_lock: tokio::sync::Mutex<()>,
     state: Mutex<EntryState>,
 }
@@ -122,7 +125,7 @@ impl Registry {
         let entry = map.entry(model.name.clone()).or_insert_with(|| {
             Arc::new(Entry {
                 name: model.name.clone(),
-                queue: Arc::new(Semaphore::new(1)),
+                queue: Mutex::new((model.slots, Arc::new(Semaphore::new(model.slots as usize)))),
                 spawn_lock: tokio::sync::Mutex::new(()),
                 state: Mutex::new(EntryState {
                     spec: model.clone(),
@@ -143,6 +146,11 @@ impl Registry {
             })
         });
         entry.lock().spec = model.clone();
+        let mut queue = entry.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.0 != model.slots {
+            *queue = (model.slots, Arc::new(Semaphore::new(model.slots as usize)));
+        }
+        drop(queue);
         entry.clone()
     }
 
@@ -266,9 +274,14 @@ impl Entry {
     /// Waits for this model's turn, until the budget runs out.
     pub async fn lease(self: &Arc<Self>, budget: &Budget) -> Result<Lease> {
         self.lock().queued += 1;
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone();
         let acquired =
-            tokio::time::timeout_at(budget.deadline().into(), self.queue.clone().acquire_owned())
-                .await;
+            tokio::time::timeout_at(budget.deadline().into(), queue.acquire_owned()).await;
         let mut st = self.lock();
         st.queued = st.queued.saturating_sub(1);
         match acquired {

@@ -69,6 +69,8 @@ impl WorkerProc {
             .arg(&model_path)
             .arg("--gpu-layers")
             .arg(model.gpu_layers.to_string())
+            .arg("--slots")
+            .arg(model.slots.to_string())
             .arg("--hive-dir")
             .arg(opts.hive_dir);
         if let Some(context) = model.context {

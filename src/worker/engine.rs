@@ -1,6 +1,10 @@
-//! llama.cpp on its own OS thread: loads the model once, then runs one generation at a time
-//! from a channel, sending tokens back as they are decoded. Async code never blocks on decode.
+//! llama.cpp on its own OS thread, with continuous batching: one context holds one KV sequence
+//! per slot; every decode step feeds the next token of every active generation in one batch, so
+//! concurrent requests share each pass over the weights. A request joins between steps (its
+//! prompt is prefilled on its own, then it rides along) and leaves between steps; each keeps its
+//! own sampler and seed. Async code never blocks on decode.
 
+use std::collections::BTreeSet;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
@@ -13,27 +17,33 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::Error;
 use crate::wire::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
 use crate::worker::utf8::Utf8Buffer;
 
-/// Longest context used when the user sets none: the training context can be far larger than
-/// what a small machine wants to allocate for the KV cache.
+/// Longest context per request when the user sets none: the training context can be far larger
+/// than what a small machine wants to allocate for the KV cache.
 const DEFAULT_MAX_CONTEXT: u32 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub model_path: PathBuf,
+    /// Tokens of context per request; the KV cache holds `slots` times this.
     pub context: Option<u32>,
     pub threads: Option<u32>,
     pub gpu_layers: u32,
+    /// Generations decoded together, each in its own KV sequence.
+    pub slots: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct Loaded {
+    /// Tokens of context per request.
     pub n_ctx: u32,
+    pub slots: u32,
     pub load_ms: f64,
 }
 
@@ -53,10 +63,10 @@ pub struct Job {
     pub events: UnboundedSender<EngineEvent>,
 }
 
-/// What the engine is doing, for `GET /health`: the generation under way and the last one.
+/// What the engine is doing, for `GET /health`: the generations under way and the last one.
 #[derive(Debug, Default, Clone)]
 pub struct Activity {
-    pub active: Option<Generation>,
+    pub active: Vec<Generation>,
     pub last: Option<Generation>,
 }
 
@@ -137,44 +147,51 @@ fn run(
             return;
         }
     };
-    let n_ctx = options
+    let per_seq = options
         .context
         .unwrap_or_else(|| model.n_ctx_train().clamp(1, DEFAULT_MAX_CONTEXT));
+    let slots = options.slots.max(1);
     let threads = options.threads.map_or_else(default_threads, |t| t.max(1));
     let threads = i32::try_from(threads).unwrap_or(i32::MAX);
+    // One KV stream per sequence (not a unified cache): a sequence's cells and attention do not
+    // depend on what the others hold, so a generation comes out the same batched or alone.
     let ctx_params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
+        .with_n_ctx(NonZeroU32::new(per_seq.saturating_mul(slots)))
+        .with_n_seq_max(slots)
+        .with_kv_unified(false)
+        .with_n_batch(per_seq.max(slots))
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    let mut ctx = match model.new_context(&backend, ctx_params) {
+    let ctx = match model.new_context(&backend, ctx_params) {
         Ok(c) => c,
         Err(e) => {
-            let message = format!("llama.cpp cannot create a context of {n_ctx} tokens: {e}");
+            let message = format!(
+                "llama.cpp cannot create a context of {per_seq} tokens for {slots} slots: {e}"
+            );
             let _ = ready.send(Err(Error::worker(message)));
             return;
         }
     };
+    // llama.cpp rounds each sequence's share up to its padding.
+    let n_ctx = ctx.n_ctx() / slots;
     let loaded = Loaded {
-        n_ctx: ctx.n_ctx(),
+        n_ctx,
+        slots,
         load_ms: ms(started),
     };
     if ready.send(Ok(loaded)).is_err() {
         return;
     }
-    while let Ok(job) = jobs.recv() {
-        let events = job.events.clone();
-        let result = generate(&model, &mut ctx, &job, &activity);
-        update(&activity, |a| {
-            if let Some(mut active) = a.active.take() {
-                active.stop_reason = result.as_ref().ok().copied();
-                a.last = Some(active);
-            }
-        });
-        if let Err(err) = result {
-            let _ = events.send(EngineEvent::Failed(err));
-        }
-    }
+    let mut batcher = Batcher {
+        model: &model,
+        batch: LlamaBatch::new(ctx.n_batch().max(slots) as usize, 1),
+        ctx,
+        n_ctx,
+        free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
+        active: Vec::new(),
+        activity,
+    };
+    batcher.serve(&jobs);
 }
 
 fn default_threads() -> u32 {
@@ -183,6 +200,294 @@ fn default_threads() -> u32 {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// One generation in its KV sequence.
+struct Slot {
+    seq: i32,
+    job: Job,
+    sampler: LlamaSampler,
+    utf8: Utf8Buffer,
+    /// Where the next token goes in the sequence.
+    pos: i32,
+    /// The token to feed at the next step.
+    next: LlamaToken,
+    tokens_in: u32,
+    tokens_out: u32,
+    prefill_ms: f64,
+    decode_started: Instant,
+    first_token_at: Option<Instant>,
+}
+
+/// A prompt in its sequence: where the next token goes, its length, how long it took.
+struct Prefilled {
+    pos: i32,
+    tokens_in: u32,
+    ms: f64,
+}
+
+struct Batcher<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    /// Tokens of context per sequence.
+    n_ctx: u32,
+    /// Sequence ids not in use; the lowest is taken first, see `step`.
+    free: BTreeSet<i32>,
+    /// Ordered by sequence id.
+    active: Vec<Slot>,
+    activity: SharedActivity,
+}
+
+impl Batcher<'_> {
+    /// Runs until the job queue closes: admits jobs while there are free sequences, then steps.
+    fn serve(&mut self, jobs: &mpsc::Receiver<Job>) {
+        loop {
+            // Idle: sleep until a job comes. Busy: take what is waiting, without blocking.
+            if self.active.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => self.admit(job),
+                    Err(_) => return,
+                }
+            }
+            while !self.free.is_empty() {
+                match jobs.try_recv() {
+                    Ok(job) => self.admit(job),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    // Finish what is under way; the loop ends when nothing is left.
+                    Err(mpsc::TryRecvError::Disconnected) if self.active.is_empty() => return,
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Prefills a job's prompt in a free sequence and takes its first token.
+    fn admit(&mut self, job: Job) {
+        let Some(seq) = self.free.pop_first() else {
+            // The caller admits only while a sequence is free.
+            let _ = job.events.send(EngineEvent::Failed(Error::internal(
+                "no free sequence for the request",
+            )));
+            return;
+        };
+        match self.prefill(seq, &job) {
+            Ok(Some(prefilled)) => {
+                update(&self.activity, |a| {
+                    a.active.push(Generation {
+                        request_id: job.request.request_id.clone(),
+                        tokens_out: 0,
+                        stop_reason: None,
+                    });
+                });
+                let slot = Slot {
+                    seq,
+                    sampler: sampler(&job.request),
+                    job,
+                    utf8: Utf8Buffer::default(),
+                    pos: prefilled.pos,
+                    next: LlamaToken(0),
+                    tokens_in: prefilled.tokens_in,
+                    tokens_out: 0,
+                    prefill_ms: prefilled.ms,
+                    decode_started: Instant::now(),
+                    first_token_at: None,
+                };
+                self.after_logits(slot, self.batch.n_tokens() - 1);
+            }
+            Ok(None) => {
+                self.free.insert(seq);
+            }
+            Err(err) => {
+                self.release(seq);
+                let _ = job.events.send(EngineEvent::Failed(err));
+            }
+        }
+    }
+
+    /// Runs the prompt through the model alone; `None` when the client has already gone.
+    fn prefill(&mut self, seq: i32, job: &Job) -> Result<Option<Prefilled>, Error> {
+        let tokens = self.tokenize(&job.request)?;
+        let tokens_in = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+        if job.events.send(EngineEvent::Started { tokens_in }).is_err() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let n_batch = (self.ctx.n_batch() as usize).max(1);
+        let chunks: Vec<&[LlamaToken]> = tokens.chunks(n_batch).collect();
+        let mut pos: i32 = 0;
+        for (ci, chunk) in chunks.iter().enumerate() {
+            self.batch.clear();
+            for (i, token) in chunk.iter().enumerate() {
+                let last = ci + 1 == chunks.len() && i + 1 == chunk.len();
+                self.batch
+                    .add(*token, pos, &[seq], last)
+                    .map_err(|e| Error::internal(format!("batch: {e}")))?;
+                pos += 1;
+            }
+            self.ctx.decode(&mut self.batch).map_err(decode_error)?;
+        }
+        Ok(Some(Prefilled {
+            pos,
+            tokens_in,
+            ms: ms(started),
+        }))
+    }
+
+    fn tokenize(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, Error> {
+        let text = render_prompt(self.model, request)?;
+        let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
+        if tokens.is_empty() {
+            return Err(Error::invalid("the prompt is empty"));
+        }
+        if tokens.len() >= self.n_ctx as usize {
+            return Err(Error::invalid(format!(
+                "the prompt is {} tokens; the model's context holds {}",
+                tokens.len(),
+                self.n_ctx
+            )));
+        }
+        Ok(tokens)
+    }
+
+    /// One decode pass: the next token of every active generation, each in its sequence.
+    ///
+    /// With a KV stream per sequence, llama.cpp computes one batch in a single pass only when
+    /// its sequence ids run consecutively upwards (0, 1, 2...); any other order or a gap splits
+    /// it into several passes, each reading all the weights. Hence the batch in sequence order,
+    /// and new requests take the lowest free id, closing gaps that finished requests leave.
+    fn step(&mut self) {
+        self.active.sort_by_key(|slot| slot.seq);
+        self.batch.clear();
+        let mut added = Ok(());
+        for slot in &self.active {
+            added = added.and_then(|()| self.batch.add(slot.next, slot.pos, &[slot.seq], true));
+        }
+        let result = match added {
+            Err(e) => Err(Error::internal(format!("batch: {e}"))),
+            Ok(()) => self.ctx.decode(&mut self.batch).map_err(decode_error),
+        };
+        let slots = std::mem::take(&mut self.active);
+        if let Err(err) = result {
+            // A failed pass leaves every sequence in it unusable: fail them all, clear their
+            // cells, and carry on with the next requests.
+            for slot in slots {
+                self.finish_failed(slot, Error::new(err.kind, err.message.clone()));
+            }
+            return;
+        }
+        for (i, mut slot) in slots.into_iter().enumerate() {
+            slot.pos += 1;
+            self.after_logits(slot, i32::try_from(i).unwrap_or(i32::MAX));
+        }
+    }
+
+    /// Samples a generation's next token from logits row `idx` of the last pass, sends its
+    /// text, and keeps the generation for the next step or ends it.
+    fn after_logits(&mut self, mut slot: Slot, idx: i32) {
+        match self.next_token(&mut slot, idx) {
+            None => self.active.push(slot),
+            Some(reason) => self.finish(slot, reason),
+        }
+    }
+
+    fn next_token(&self, slot: &mut Slot, idx: i32) -> Option<StopReason> {
+        if slot.job.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(StopReason::Deadline);
+        }
+        if slot.job.events.is_closed() {
+            return Some(StopReason::Cancelled);
+        }
+        let vocab = self.model.vocab();
+        let token = slot.sampler.sample(&self.ctx, idx);
+        if vocab.is_eog(token) {
+            return Some(StopReason::Eos);
+        }
+        slot.tokens_out += 1;
+        let (request_id, tokens_out) = (&slot.job.request.request_id, slot.tokens_out);
+        update(&self.activity, |a| {
+            if let Some(g) = a.active.iter_mut().find(|g| &g.request_id == request_id) {
+                g.tokens_out = tokens_out;
+            }
+        });
+        slot.first_token_at.get_or_insert_with(Instant::now);
+        let mut piece = Vec::new();
+        vocab.token_to_piece_into(token, &mut piece, false, None);
+        let text = slot.utf8.push(&piece);
+        if !text.is_empty() && slot.job.events.send(EngineEvent::Token(text)).is_err() {
+            return Some(StopReason::Cancelled);
+        }
+        if slot.tokens_out >= slot.job.request.params.max_tokens {
+            return Some(StopReason::MaxTokens);
+        }
+        if slot.pos as usize >= self.n_ctx as usize {
+            return Some(StopReason::ContextFull);
+        }
+        slot.next = token;
+        None
+    }
+
+    fn finish(&mut self, mut slot: Slot, stop_reason: StopReason) {
+        let rest = slot.utf8.finish();
+        if !rest.is_empty() {
+            let _ = slot.job.events.send(EngineEvent::Token(rest));
+        }
+        // The first token comes out of prefill's logits; speed counts the decode steps after it.
+        let decode_tokens_per_s = slot.first_token_at.and_then(|first| {
+            let secs = first.elapsed().as_secs_f64();
+            (slot.tokens_out > 1 && secs > 0.0).then(|| f64::from(slot.tokens_out - 1) / secs)
+        });
+        let done = DoneEvent {
+            tokens_in: slot.tokens_in,
+            tokens_out: slot.tokens_out,
+            stop_reason,
+            timings_ms: Timings {
+                prefill: Some(slot.prefill_ms),
+                decode: Some(ms(slot.decode_started)),
+                ..Timings::default()
+            },
+            decode_tokens_per_s,
+            worker_pid: Some(std::process::id()),
+            node_audit: None,
+        };
+        let _ = slot.job.events.send(EngineEvent::Done(done));
+        self.retire(&slot, Some(stop_reason));
+    }
+
+    fn finish_failed(&mut self, slot: Slot, err: Error) {
+        let _ = slot.job.events.send(EngineEvent::Failed(err));
+        self.retire(&slot, None);
+    }
+
+    /// Moves a generation from active to last and gives its sequence back.
+    fn retire(&mut self, slot: &Slot, stop_reason: Option<StopReason>) {
+        let request_id = &slot.job.request.request_id;
+        update(&self.activity, |a| {
+            if let Some(i) = a.active.iter().position(|g| &g.request_id == request_id) {
+                let mut generation = a.active.remove(i);
+                generation.stop_reason = stop_reason;
+                a.last = Some(generation);
+            }
+        });
+        self.release(slot.seq);
+    }
+
+    /// Clears a sequence's cells and puts it back in the free list.
+    fn release(&mut self, seq: i32) {
+        // Removing a whole sequence (all positions) cannot fail; the result is only a bool for
+        // partial removals in recurrent models.
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+        self.free.insert(seq);
+    }
+}
+
+fn decode_error(e: impl std::fmt::Display) -> Error {
+    Error::worker(format!("llama.cpp decode failed: {e}"))
 }
 
 /// The prompt as the model expects it: its own chat template when it has one.
@@ -217,129 +522,4 @@ fn sampler(request: &GenerateRequest) -> LlamaSampler {
         LlamaSampler::temp(p.temperature),
         LlamaSampler::dist(seed),
     ])
-}
-
-/// Runs one job to its end; returns why it stopped.
-fn generate(
-    model: &LlamaModel,
-    ctx: &mut LlamaContext<'_>,
-    job: &Job,
-    activity: &SharedActivity,
-) -> Result<StopReason, Error> {
-    let request = &job.request;
-    let text = render_prompt(model, request)?;
-    let vocab = model.vocab();
-    let tokens = vocab.tokenize(text.as_bytes(), true, true);
-    let n_ctx = ctx.n_ctx() as usize;
-    if tokens.is_empty() {
-        return Err(Error::invalid("the prompt is empty"));
-    }
-    if tokens.len() >= n_ctx {
-        return Err(Error::invalid(format!(
-            "the prompt is {} tokens; the model's context holds {n_ctx}",
-            tokens.len()
-        )));
-    }
-    let tokens_in = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
-    update(activity, |a| {
-        a.active = Some(Generation {
-            request_id: request.request_id.clone(),
-            tokens_out: 0,
-            stop_reason: None,
-        });
-    });
-    if job.events.send(EngineEvent::Started { tokens_in }).is_err() {
-        return Ok(StopReason::Cancelled);
-    }
-
-    let expired = || job.deadline.is_some_and(|d| Instant::now() >= d);
-    let decode_err = |e| Error::worker(format!("llama.cpp decode failed: {e}"));
-    ctx.clear_kv_cache();
-    let n_batch = ctx.n_batch() as usize;
-    let mut batch = LlamaBatch::new(n_batch.max(1), 1);
-
-    let prefill_started = Instant::now();
-    let mut pos: i32 = 0;
-    let chunks: Vec<&[_]> = tokens.chunks(n_batch.max(1)).collect();
-    for (ci, chunk) in chunks.iter().enumerate() {
-        batch.clear();
-        for (i, token) in chunk.iter().enumerate() {
-            let last = ci + 1 == chunks.len() && i + 1 == chunk.len();
-            batch
-                .add(*token, pos, &[0], last)
-                .map_err(|e| Error::internal(format!("batch: {e}")))?;
-            pos += 1;
-        }
-        ctx.decode(&mut batch).map_err(decode_err)?;
-    }
-    let prefill_ms = ms(prefill_started);
-
-    let mut sampler = sampler(request);
-    let mut utf8 = Utf8Buffer::default();
-    let mut piece = Vec::new();
-    let mut tokens_out: u32 = 0;
-    let decode_started = Instant::now();
-    let mut first_token_at = None;
-    let stop_reason = loop {
-        if expired() {
-            break StopReason::Deadline;
-        }
-        if job.events.is_closed() {
-            break StopReason::Cancelled;
-        }
-        let token = sampler.sample(ctx, batch.n_tokens() - 1);
-        if vocab.is_eog(token) {
-            break StopReason::Eos;
-        }
-        tokens_out += 1;
-        update(activity, |a| {
-            if let Some(active) = a.active.as_mut() {
-                active.tokens_out = tokens_out;
-            }
-        });
-        first_token_at.get_or_insert_with(Instant::now);
-        piece.clear();
-        vocab.token_to_piece_into(token, &mut piece, false, None);
-        let text = utf8.push(&piece);
-        if !text.is_empty() && job.events.send(EngineEvent::Token(text)).is_err() {
-            break StopReason::Cancelled;
-        }
-        if tokens_out >= request.params.max_tokens {
-            break StopReason::MaxTokens;
-        }
-        if pos as usize >= n_ctx {
-            break StopReason::ContextFull;
-        }
-        batch.clear();
-        batch
-            .add(token, pos, &[0], true)
-            .map_err(|e| Error::internal(format!("batch: {e}")))?;
-        pos += 1;
-        ctx.decode(&mut batch).map_err(decode_err)?;
-    };
-    let rest = utf8.finish();
-    if !rest.is_empty() {
-        let _ = job.events.send(EngineEvent::Token(rest));
-    }
-    let decode_ms = ms(decode_started);
-    // The first token comes out of prefill's logits; speed counts the decode steps after it.
-    let decode_tokens_per_s = first_token_at.and_then(|first| {
-        let secs = first.elapsed().as_secs_f64();
-        (tokens_out > 1 && secs > 0.0).then(|| f64::from(tokens_out - 1) / secs)
-    });
-    let done = DoneEvent {
-        tokens_in,
-        tokens_out,
-        stop_reason,
-        timings_ms: Timings {
-            prefill: Some(prefill_ms),
-            decode: Some(decode_ms),
-            ..Timings::default()
-        },
-        decode_tokens_per_s,
-        worker_pid: Some(std::process::id()),
-        node_audit: None,
-    };
-    let _ = job.events.send(EngineEvent::Done(done));
-    Ok(stop_reason)
 }

@@ -23,6 +23,7 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
         context: args.context,
         threads: args.threads,
         gpu_layers: args.gpu_layers,
+        slots: args.slots,
     };
     let (engine, loaded) = match Engine::start(options) {
         Ok(ok) => ok,
@@ -41,8 +42,8 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
     tracing::info!(model = %args.model, port, load_ms = loaded.load_ms, "worker ready");
     exit_when_stdin_closes();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for HTTP: every thread a token wakes takes a core from llama.cpp for a moment.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
@@ -60,6 +61,7 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
                 engine,
                 model: args.model,
                 n_ctx: loaded.n_ctx,
+                slots: loaded.slots,
             },
             verifier,
         );

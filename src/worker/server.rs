@@ -23,6 +23,7 @@ pub struct WorkerState {
     pub engine: Engine,
     pub model: String,
     pub n_ctx: u32,
+    pub slots: u32,
 }
 
 pub fn router(state: WorkerState, verifier: std::sync::Arc<crate::http::Guard>) -> Router {
@@ -40,7 +41,7 @@ pub fn router(state: WorkerState, verifier: std::sync::Arc<crate::http::Guard>) 
 async fn health(State(state): State<WorkerState>) -> Json<WorkerHealth> {
     let activity = state.engine.activity();
     Json(WorkerHealth {
-        status: if activity.active.is_some() {
+        status: if !activity.active.is_empty() {
             "busy"
         } else {
             "ready"
@@ -48,6 +49,7 @@ async fn health(State(state): State<WorkerState>) -> Json<WorkerHealth> {
         .to_string(),
         model: state.model.clone(),
         n_ctx: state.n_ctx,
+        slots: state.slots,
         pid: std::process::id(),
         active: activity.active,
         last: activity.last,

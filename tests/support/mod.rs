@@ -93,7 +93,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(output: Output) -> Run {
+    pub fn from(output: Output) -> Run {
         use std::os::unix::process::ExitStatusExt;
         Run {
             code: output
