@@ -1,7 +1,8 @@
 //! The raw engine: llama-cpp-2 in-process, no rbee code, on the default model with the same
 //! thread count as a worker (all cores). Prints prefill and decode tokens/s for one sequence,
 //! and the aggregate decode tokens/s of 2, 4 and 8 sequences decoded in one batch per step
-//! (one KV stream each, as a worker does), medians of 3 runs.
+//! (one KV stream each, as a worker does), medians of 3 runs; and the time to the first token of
+//! the prompt "hi" (prefill and one sample on a loaded context), median of 5.
 //! `cargo bench --bench engine` (RBEE_TEST_MODEL or ~/.cache/rbee/models/...).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -90,6 +91,39 @@ fn main() {
         "raw engine: prefill {prefill:.1} tokens/s ({} tokens), decode {decode:.1} tokens/s ({TOKENS} tokens), {threads} threads",
         tokens.len()
     );
+    {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(CONTEXT))
+            .with_n_batch(CONTEXT)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let mut ctx = model.new_context(&backend, params).expect("context");
+        let chat = [LlamaChatMessage::new("user".into(), "hi".into()).unwrap()];
+        let text = model
+            .apply_chat_template(&template, &chat, true)
+            .expect("apply");
+        let hi = model.vocab().tokenize(text.as_bytes(), true, true);
+        let mut batch = LlamaBatch::new(CONTEXT as usize, 1);
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                ctx.clear_kv_cache();
+                batch.clear();
+                for (i, t) in hi.iter().enumerate() {
+                    batch.add(*t, i as i32, &[0], i + 1 == hi.len()).unwrap();
+                }
+                let t = Instant::now();
+                ctx.decode(&mut batch).expect("prefill");
+                let _first = LlamaSampler::greedy().sample(&ctx, batch.n_tokens() - 1);
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        println!(
+            "raw engine first token: {:.1} ms (prompt \"hi\", {} tokens)",
+            times[2],
+            hi.len()
+        );
+    }
     for seqs in [2, 4, 8] {
         let (decode, _) = median(seqs);
         println!("raw engine batched: {seqs} sequences, aggregate decode {decode:.1} tokens/s");

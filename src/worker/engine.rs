@@ -188,6 +188,7 @@ fn run(
         ctx,
         n_ctx,
         free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
+        cached: vec![Vec::new(); slots as usize],
         active: Vec::new(),
         activity,
     };
@@ -212,18 +213,13 @@ struct Slot {
     pos: i32,
     /// The token to feed at the next step.
     next: LlamaToken,
+    /// The tokens whose keys and values the sequence holds.
+    tokens: Vec<LlamaToken>,
     tokens_in: u32,
     tokens_out: u32,
     prefill_ms: f64,
     decode_started: Instant,
     first_token_at: Option<Instant>,
-}
-
-/// A prompt in its sequence: where the next token goes, its length, how long it took.
-struct Prefilled {
-    pos: i32,
-    tokens_in: u32,
-    ms: f64,
 }
 
 struct Batcher<'m> {
@@ -234,6 +230,9 @@ struct Batcher<'m> {
     n_ctx: u32,
     /// Sequence ids not in use; the lowest is taken first, see `step`.
     free: BTreeSet<i32>,
+    /// By sequence id: the tokens a free sequence still holds from its last request, so that a
+    /// prompt starting the same way (a shared system prompt, a repeated request) skips them.
+    cached: Vec<Vec<LlamaToken>>,
     /// Ordered by sequence id.
     active: Vec<Slot>,
     activity: SharedActivity,
@@ -267,15 +266,29 @@ impl Batcher<'_> {
 
     /// Prefills a job's prompt in a free sequence and takes its first token.
     fn admit(&mut self, job: Job) {
-        let Some(seq) = self.free.pop_first() else {
+        let tokens = match self.tokenize(&job.request) {
+            Ok(tokens) => tokens,
+            Err(err) => {
+                let _ = job.events.send(EngineEvent::Failed(err));
+                return;
+            }
+        };
+        let Some(seq) = self.pick(&tokens) else {
             // The caller admits only while a sequence is free.
             let _ = job.events.send(EngineEvent::Failed(Error::internal(
                 "no free sequence for the request",
             )));
             return;
         };
-        match self.prefill(seq, &job) {
-            Ok(Some(prefilled)) => {
+        self.free.remove(&seq);
+        let tokens_in = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+        if job.events.send(EngineEvent::Started { tokens_in }).is_err() {
+            self.free.insert(seq);
+            return;
+        }
+        let started = Instant::now();
+        match self.prefill(seq, &tokens) {
+            Ok(()) => {
                 update(&self.activity, |a| {
                     a.active.push(Generation {
                         request_id: job.request.request_id.clone(),
@@ -288,37 +301,62 @@ impl Batcher<'_> {
                     sampler: sampler(&job.request),
                     job,
                     utf8: Utf8Buffer::default(),
-                    pos: prefilled.pos,
+                    pos: i32::try_from(tokens.len()).unwrap_or(i32::MAX),
+                    tokens,
                     next: LlamaToken(0),
-                    tokens_in: prefilled.tokens_in,
+                    tokens_in,
                     tokens_out: 0,
-                    prefill_ms: prefilled.ms,
+                    prefill_ms: ms(started),
                     decode_started: Instant::now(),
                     first_token_at: None,
                 };
                 self.after_logits(slot, self.batch.n_tokens() - 1);
             }
-            Ok(None) => {
-                self.free.insert(seq);
-            }
             Err(err) => {
-                self.release(seq);
+                self.forget(seq);
+                self.free.insert(seq);
                 let _ = job.events.send(EngineEvent::Failed(err));
             }
         }
     }
 
-    /// Runs the prompt through the model alone; `None` when the client has already gone.
-    fn prefill(&mut self, seq: i32, job: &Job) -> Result<Option<Prefilled>, Error> {
-        let tokens = self.tokenize(&job.request)?;
-        let tokens_in = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
-        if job.events.send(EngineEvent::Started { tokens_in }).is_err() {
-            return Ok(None);
+    /// The free sequence for a prompt: the lowest id, unless another holds a much longer start
+    /// of this prompt from an earlier request (a gap in the ids costs a pass per step, see
+    /// `step`; a reused prefix saves its prefill once).
+    fn pick(&self, tokens: &[LlamaToken]) -> Option<i32> {
+        let lowest = *self.free.first()?;
+        let reuse = |seq: i32| common_prefix(&self.cached[seq as usize], tokens);
+        let best = self
+            .free
+            .iter()
+            .copied()
+            .max_by_key(|&seq| (reuse(seq), -seq))?;
+        Some(if reuse(best) >= reuse(lowest) + PREFIX_WORTH_A_GAP {
+            best
+        } else {
+            lowest
+        })
+    }
+
+    /// Runs the prompt through the model alone, after the part of it the sequence still holds
+    /// from its last request.
+    fn prefill(&mut self, seq: i32, tokens: &[LlamaToken]) -> Result<(), Error> {
+        // At least the last token is decoded again, for its logits.
+        let mut keep = common_prefix(&self.cached[seq as usize], tokens).min(tokens.len() - 1);
+        let from = u32::try_from(keep).ok();
+        if !matches!(
+            self.ctx
+                .clear_kv_cache_seq(u32::try_from(seq).ok(), from, None),
+            Ok(true)
+        ) {
+            self.forget(seq);
+            keep = 0;
         }
-        let started = Instant::now();
+        self.cached[seq as usize].clear();
         let n_batch = (self.ctx.n_batch() as usize).max(1);
-        let chunks: Vec<&[LlamaToken]> = tokens.chunks(n_batch).collect();
-        let mut pos: i32 = 0;
+        let rest = &tokens[keep..];
+        let chunks: Vec<&[LlamaToken]> = rest.chunks(n_batch).collect();
+        let mut pos = i32::try_from(keep).unwrap_or(i32::MAX);
         for (ci, chunk) in chunks.iter().enumerate() {
             self.batch.clear();
             for (i, token) in chunk.iter().enumerate() {
@@ -330,11 +368,7 @@ impl Batcher<'_> {
             }
             self.ctx.decode(&mut self.batch).map_err(decode_error)?;
         }
-        Ok(Some(Prefilled {
-            pos,
-            tokens_in,
-            ms: ms(started),
-        }))
+        Ok(())
     }
 
     fn tokenize(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, Error> {
@@ -375,12 +409,14 @@ impl Batcher<'_> {
             // A failed pass leaves every sequence in it unusable: fail them all, clear their
             // cells, and carry on with the next requests.
             for slot in slots {
+                self.forget(slot.seq);
                 self.finish_failed(slot, Error::new(err.kind, err.message.clone()));
             }
             return;
         }
         for (i, mut slot) in slots.into_iter().enumerate() {
             slot.pos += 1;
+            slot.tokens.push(slot.next);
             self.after_logits(slot, i32::try_from(i).unwrap_or(i32::MAX));
         }
     }
@@ -431,6 +467,7 @@ impl Batcher<'_> {
     }
 
     fn finish(&mut self, mut slot: Slot, stop_reason: StopReason) {
+        self.cached[slot.seq as usize] = std::mem::take(&mut slot.tokens);
         let rest = slot.utf8.finish();
         if !rest.is_empty() {
             let _ = slot.job.events.send(EngineEvent::Token(rest));
@@ -472,18 +509,26 @@ impl Batcher<'_> {
                 a.last = Some(generation);
             }
         });
-        self.release(slot.seq);
+        self.free.insert(slot.seq);
     }
 
-    /// Clears a sequence's cells and puts it back in the free list.
-    fn release(&mut self, seq: i32) {
+    /// Clears a sequence's cells.
+    fn forget(&mut self, seq: i32) {
         // Removing a whole sequence (all positions) cannot fail; the result is only a bool for
         // partial removals in recurrent models.
         let _ = self
             .ctx
             .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
-        self.free.insert(seq);
+        self.cached[seq as usize].clear();
     }
+}
+
+/// How many more prompt tokens a free sequence must already hold than the lowest free one to be
+/// picked over it.
+const PREFIX_WORTH_A_GAP: usize = 64;
+
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 fn decode_error(e: impl std::fmt::Display) -> Error {
