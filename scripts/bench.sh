@@ -1,24 +1,51 @@
 #!/usr/bin/env bash
-# Figures of rbee on this machine: the raw engine's decode speed and rbee's against it, cold and
-# warm `infer`, the SSH tunnel against the local node, `hive status` over 1 and 4 nodes, and how
-# far past `--timeout` an invocation ends.
-# Nodes are real sshd instances on loopback. Prints a table and writes bench.json.
-#   RBEE=path/to/rbee (default: the release build), RUNS=20 (deadline runs per node kind)
+# rbee against the engine it wraps and against llama.cpp's own llama-server, on this machine,
+# in one run. Nodes are real sshd instances on loopback. Prints a table and writes bench.json.
+#
+#   1. raw engine (llama-cpp-2 in-process, `cargo bench --bench engine`): prefill, decode
+#   2. `rbee infer` on a local node, warm: decode tokens/s, and its ratio to (1)
+#   3. warm `rbee infer --max-tokens 1`, local and through an SSH node, minus the raw engine's
+#      time to the first token: rbee's fixed cost per invocation
+#   4. aggregate decode tokens/s of 1, 2, 4 and 8 concurrent `rbee infer` on one node, and
+#      whether each text at temperature 0 is the one the request gives alone
+#   5. cold: `hive start` until ready; the first `infer` including the model load
+#   6. `hive status` wall time over 1 and 8 SSH nodes
+#   7. resident memory of an idle hive and of a worker with the model loaded
+#   8. llama-server --parallel 4 (scripts/llama-server.sh builds it once): 1-token request
+#      latency (curl) and 4-way streamed aggregate throughput
+# Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
+# and reported as medians; latencies are medians of LATENCY_RUNS per round.
+#   RBEE=path/to/rbee (default: the release build), ROUNDS=3, LATENCY_RUNS=10, TOKENS=128
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target}"
 RBEE="${RBEE:-$CARGO_TARGET_DIR/release/rbee}"
-RUNS="${RUNS:-20}"
+ROUNDS="${ROUNDS:-3}"
+LATENCY_RUNS="${LATENCY_RUNS:-10}"
+TOKENS="${TOKENS:-128}"
 MODEL="${RBEE_TEST_MODEL:-$HOME/.cache/rbee/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+SSH_NODES=8
 [ -x "$RBEE" ] || { echo "bench: no rbee at $RBEE (run scripts/setup.sh)" >&2; exit 1; }
 [ -f "$MODEL" ] || { echo "bench: no model at $MODEL (run scripts/setup.sh)" >&2; exit 1; }
+command -v curl >/dev/null || { echo "bench: needs curl" >&2; exit 1; }
+
+say() { printf 'bench: %s\n' "$*" >&2; }
+
+LLAMA_SERVER=$(scripts/llama-server.sh)
+say "building the raw engine benchmark"
+cargo bench --quiet --bench engine --no-run 2>/dev/null
+ENGINE=$(cargo bench --quiet --bench engine --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="engine" and m.get("executable"): print(m["executable"])')
 
 work=$(mktemp -d)
 pids=()
 cleanup() {
-    RBEE_CONFIG="$work/nodes.toml" RBEE_HOME="$work/state" "$RBEE" hive stop --all >/dev/null 2>&1 || true
+    "$RBEE" hive stop --all >/dev/null 2>&1 || true
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     rm -rf "$work"
 }
@@ -28,6 +55,7 @@ export RBEE_CONFIG="$work/nodes.toml" RBEE_HOME="$work/state"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now_ms() { date +%s%3N; }
+threads=$(nproc)
 
 ssh-keygen -q -t ed25519 -N '' -f "$work/client"
 cat > "$work/nodes.toml" <<TOML
@@ -46,7 +74,7 @@ remote_dir = "$work/node-local"
 hive_port = $(free_port)
 models = ["smollm2"]
 TOML
-for i in 1 2 3 4; do
+for i in $(seq "$SSH_NODES"); do
     d="$work/sshd$i"; mkdir -p "$d"
     ssh-keygen -q -t ed25519 -N '' -f "$d/host"
     cp "$work/client.pub" "$d/authorized_keys"
@@ -78,70 +106,161 @@ TOML
 done
 sleep 1
 
-# One timed command: prints milliseconds of wall time; its output goes to $work/last.
+# Figures go to $work/figures as `name value` lines, one per measurement; medians at the end.
+fig() { echo "$1 $2" >> "$work/figures"; }
+# Wall milliseconds of a command; its stdout goes to $work/last.
 timed() { local t0 t1; t0=$(now_ms); "$@" >"$work/last" 2>"$work/last.err" || true; t1=$(now_ms); echo $((t1 - t0)); }
-median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(round(statistics.median(v),1))' "$@"; }
-worst() { python3 -c 'import sys; print(max(float(x) for x in sys.argv[1:]))' "$@"; }
+median() { python3 -c 'import sys,statistics; print(round(statistics.median(float(x) for x in sys.argv[1:]),1))' "$@"; }
 
-echo "bench: raw engine (cargo bench --bench engine)" >&2
-raw=$(RBEE_TEST_MODEL="$MODEL" cargo bench --quiet --bench engine 2>/dev/null | grep '^raw engine')
-raw_tps=$(echo "$raw" | sed -E 's/.*decode ([0-9.]+) tokens.*/\1/')
+PROMPTS=("Write a long story about a dragon." "Write a long essay about bicycles."
+         "Write a long story about the sea." "Write a long essay about copper.")
+done_field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])[sys.argv[2]])" "$@"; }
+text_of() { python3 -c "import json,sys; print(''.join(json.loads(l).get('text','') for l in open(sys.argv[1]) if json.loads(l)['event']=='token'), end='')" "$1"; }
 
-echo "bench: cold and warm infer on local" >&2
-cold=$(timed "$RBEE" --json infer --node local --prompt "Why is the sky blue?" --max-tokens 16 --temperature 0)
-second=$(timed "$RBEE" --json infer --node local --prompt "Why is the sky blue?" --max-tokens 16 --temperature 0)
-long=$(timed "$RBEE" --json infer --node local --prompt "Write a long essay about bicycles." --max-tokens 128 --temperature 0)
-tps=$(tail -1 "$work/last" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["decode_tokens_per_s"],1))')
+say "cold: hive start, first infer with the model load"
+fig cold_hive_start_ms "$(timed "$RBEE" hive start local)"
+hive_pid=$(head -1 "$work/node-local/hive.pid")
+fig hive_idle_rss_mb "$(awk '/VmRSS/ {print $2/1024}' "/proc/$hive_pid/status")"
+fig cold_first_infer_ms "$(timed "$RBEE" infer --node local --prompt hi --max-tokens 1)"
 
-echo "bench: warm 1-token infer, local and through the SSH tunnel" >&2
+say "alone at temperature 0: the reference texts"
+for i in 0 1 2 3; do
+    "$RBEE" --json infer --node local --prompt "${PROMPTS[$i]}" --max-tokens "$TOKENS" --temperature 0 > "$work/alone$i.json"
+    text_of "$work/alone$i.json" > "$work/alone$i.txt"
+done
+worker_pid=$(done_field "$work/alone0.json" worker_pid)
+fig worker_loaded_rss_mb "$(awk '/VmRSS/ {print $2/1024}' "/proc/$worker_pid/status")"
+
+say "llama-server --parallel 4"
+ls_port=$(free_port)
+"$LLAMA_SERVER" -m "$MODEL" -c $((4096 * 4)) --parallel 4 -t "$threads" --host 127.0.0.1 \
+    --port "$ls_port" >"$work/llama-server.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ls_port/health" >/dev/null && break; sleep 0.2; done
+ls_one() {
+    curl -sf "http://127.0.0.1:$ls_port/v1/chat/completions" -H 'content-type: application/json' \
+        -d '{"messages":[{"role":"user","content":"hi"}],"max_tokens":1,"temperature":0}'
+}
+ls_one >/dev/null
+# N concurrent streamed requests; prints the tokens they generated and the wall milliseconds.
+ls_many() {
+    python3 - "$ls_port" "$1" "$TOKENS" "${PROMPTS[@]}" <<'PY'
+import http.client, json, sys, threading, time
+port, n, tokens, prompts = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+counts = [0] * n
+def run(i):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+            "max_tokens": tokens, "temperature": 0, "stream": True}
+    c.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
+    for line in c.getresponse():
+        if line.startswith(b"data: {"):
+            d = json.loads(line[6:])
+            if "timings" in d:
+                counts[i] = d["timings"]["predicted_n"]
+t = time.time()
+threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+[x.start() for x in threads]; [x.join() for x in threads]
+print(sum(counts), round((time.time() - t) * 1000))
+PY
+}
+
 "$RBEE" hive start ssh1 >/dev/null
 "$RBEE" infer --node ssh1 --prompt hi --max-tokens 1 >/dev/null
-loc=(); tun=()
-for _ in 1 2 3 4 5 6 7 8 9 10; do
-    loc+=("$(timed "$RBEE" infer --node local --prompt hi --max-tokens 1 --temperature 0)")
-    tun+=("$(timed "$RBEE" infer --node ssh1 --prompt hi --max-tokens 1 --temperature 0)")
+
+for round in $(seq "$ROUNDS"); do
+    say "round $round of $ROUNDS: raw engine"
+    raw=$(RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench 2>/dev/null)
+    fig raw_decode_tps "$(echo "$raw" | sed -nE 's/^raw engine: .*decode ([0-9.]+) tokens.*/\1/p')"
+    fig raw_prefill_tps "$(echo "$raw" | sed -nE 's/^raw engine: prefill ([0-9.]+) tokens.*/\1/p')"
+    fig raw_first_token_ms "$(echo "$raw" | sed -nE 's/^raw engine first token: ([0-9.]+) ms.*/\1/p')"
+    for n in 2 4 8; do
+        fig "raw_batched_${n}_tps" "$(echo "$raw" | sed -nE "s/^raw engine batched: $n sequences, aggregate decode ([0-9.]+).*/\1/p")"
+    done
+
+    say "round $round: rbee decode, concurrency 1 2 4 8"
+    "$RBEE" --json infer --node local --prompt "${PROMPTS[1]}" --max-tokens "$TOKENS" --temperature 0 > "$work/one.json"
+    fig rbee_decode_tps "$(done_field "$work/one.json" decode_tokens_per_s)"
+    for n in 1 2 4 8; do
+        t0=$(now_ms)
+        clients=()
+        for i in $(seq 0 $((n - 1))); do
+            "$RBEE" --json infer --node local --prompt "${PROMPTS[$((i % 4))]}" --max-tokens "$TOKENS" --temperature 0 > "$work/c$i.json" &
+            clients+=($!)
+        done
+        wait "${clients[@]}"
+        t1=$(now_ms)
+        total=0
+        for i in $(seq 0 $((n - 1))); do
+            total=$((total + $(done_field "$work/c$i.json" tokens_out)))
+            text_of "$work/c$i.json" > "$work/c$i.txt"
+            if ! cmp -s "$work/c$i.txt" "$work/alone$((i % 4)).txt"; then fig "differs_${n}" 1; fi
+        done
+        fig "rbee_concurrent_${n}_tps" "$(python3 -c "print(round($total / (($t1 - $t0) / 1000), 1))")"
+    done
+
+    say "round $round: llama-server 4-way"
+    read -r ls_tokens ls_ms < <(ls_many 4)
+    fig llama_server_4_tps "$(python3 -c "print(round($ls_tokens / ($ls_ms / 1000), 1))")"
+
+    say "round $round: warm 1-token latency, local, SSH, llama-server"
+    loc=(); tun=(); lsl=()
+    for _ in $(seq "$LATENCY_RUNS"); do
+        loc+=("$(timed "$RBEE" infer --node local --prompt hi --max-tokens 1 --temperature 0)")
+        tun+=("$(timed "$RBEE" infer --node ssh1 --prompt hi --max-tokens 1 --temperature 0)")
+        lsl+=("$(timed ls_one)")
+    done
+    fig infer1_local_ms "$(median "${loc[@]}")"
+    fig infer1_ssh_ms "$(median "${tun[@]}")"
+    fig llama_server_1_ms "$(median "${lsl[@]}")"
 done
 
-echo "bench: hive status over 1 and 4 SSH nodes" >&2
-"$RBEE" hive start ssh2 ssh3 ssh4 >/dev/null
-s1=(); s4=()
+say "hive status over 1 and $SSH_NODES SSH nodes"
+all=()
+for i in $(seq "$SSH_NODES"); do all+=("ssh$i"); done
 for _ in 1 2 3 4 5; do
-    s1+=("$(timed "$RBEE" hive status ssh1)")
-    s4+=("$(timed "$RBEE" hive status ssh1 ssh2 ssh3 ssh4)")
-done
-
-echo "bench: deadline overshoot, $RUNS runs each" >&2
-endless=(--prompt "Tell me a story." --temperature 5 --top-p 1 --max-tokens 100000 --timeout 1s)
-ol=(); os=()
-for _ in $(seq "$RUNS"); do
-    ol+=("$(( $(timed "$RBEE" infer --node local "${endless[@]}") - 1000 ))")
-    os+=("$(( $(timed "$RBEE" infer --node ssh1 "${endless[@]}") - 1000 ))")
+    fig status_1_ms "$(timed "$RBEE" hive status ssh1)"
+    fig "status_${SSH_NODES}_ms" "$(timed "$RBEE" hive status "${all[@]}")"
 done
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
-cat <<TABLE
-machine: $cpu, $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB
-figure                                              value
-infer --max-tokens 16, first call (hive start+load) $cold ms
-infer --max-tokens 16, second call                  $second ms
-raw engine decode (llama-cpp-2 in-process)          $raw_tps tokens/s
-decode speed reported by rbee (128 tokens)          $tps tokens/s ($(python3 -c "print(round(100*$tps/$raw_tps,1))")% of raw)
-warm infer --max-tokens 1, local (median of 10)     $(median "${loc[@]}") ms
-warm infer --max-tokens 1, SSH tunnel (median)      $(median "${tun[@]}") ms
-hive status, 1 SSH node (median of 5)               $(median "${s1[@]}") ms
-hive status, 4 SSH nodes (median of 5)              $(median "${s4[@]}") ms
---timeout 1s overshoot, local: median / worst       $(median "${ol[@]}") / $(worst "${ol[@]}") ms
---timeout 1s overshoot, SSH: median / worst         $(median "${os[@]}") / $(worst "${os[@]}") ms
-TABLE
-python3 - "$cold" "$second" "$tps" "$(median "${loc[@]}")" "$(median "${tun[@]}")" \
-    "$(median "${s1[@]}")" "$(median "${s4[@]}")" "$(median "${ol[@]}")" "$(worst "${ol[@]}")" \
-    "$(median "${os[@]}")" "$(worst "${os[@]}")" "$raw_tps" "$cpu" > bench.json <<'PY'
-import json, sys
-a = sys.argv[1:]
-keys = ["cold_infer16_ms", "second_infer16_ms", "decode_tokens_per_s", "warm_infer1_local_ms",
-        "warm_infer1_ssh_ms", "status_1_node_ms", "status_4_nodes_ms", "overshoot_local_median_ms",
-        "overshoot_local_worst_ms", "overshoot_ssh_median_ms", "overshoot_ssh_worst_ms",
-        "raw_decode_tokens_per_s", "cpu"]
-print(json.dumps({k: (v if k == "cpu" else float(v)) for k, v in zip(keys, a)}, indent=2))
+python3 - "$work/figures" "$cpu" "$(nproc)" "$(free -g | awk '/Mem:/ {print $2}')" "$ROUNDS" "$TOKENS" "$SSH_NODES" <<'PY'
+import json, statistics, sys
+figures = {}
+for line in open(sys.argv[1]):
+    name, value = line.split()
+    figures.setdefault(name, []).append(float(value))
+m = {k: round(statistics.median(v), 1) for k, v in figures.items()}
+cpu, cores, mem, rounds, tokens, nodes = sys.argv[2:]
+ratio = lambda a, b: round(100 * m[a] / m[b], 1)
+rows = [
+    ("1. raw engine prefill (22-token prompt)", f"{m['raw_prefill_tps']} tokens/s"),
+    ("1. raw engine decode", f"{m['raw_decode_tps']} tokens/s"),
+    ("2. rbee infer decode, local, warm", f"{m['rbee_decode_tps']} tokens/s ({ratio('rbee_decode_tps', 'raw_decode_tps')}% of raw)"),
+    ("3. raw engine time to first token (\"hi\")", f"{m['raw_first_token_ms']} ms"),
+    ("3. warm infer --max-tokens 1, local", f"{m['infer1_local_ms']} ms (overhead {round(m['infer1_local_ms'] - m['raw_first_token_ms'], 1)} ms)"),
+    ("3. warm infer --max-tokens 1, SSH", f"{m['infer1_ssh_ms']} ms (overhead {round(m['infer1_ssh_ms'] - m['raw_first_token_ms'], 1)} ms)"),
+]
+for n in (1, 2, 4, 8):
+    raw = f", raw engine {m[f'raw_batched_{n}_tps']}" if f"raw_batched_{n}_tps" in m else ""
+    same = "differ from alone" if f"differs_{n}" in m else "texts as alone"
+    rows.append((f"4. {n} concurrent infer, aggregate", f"{m[f'rbee_concurrent_{n}_tps']} tokens/s ({same}{raw})"))
+rows += [
+    ("5. cold: hive start until ready", f"{m['cold_hive_start_ms']} ms"),
+    ("5. cold: first infer incl. model load", f"{m['cold_first_infer_ms']} ms"),
+    ("6. hive status, 1 SSH node", f"{m['status_1_ms']} ms"),
+    (f"6. hive status, {nodes} SSH nodes", f"{m[f'status_{nodes}_ms']} ms"),
+    ("7. RSS, hive", f"{m['hive_idle_rss_mb']} MB"),
+    ("7. RSS, worker with the model loaded", f"{m['worker_loaded_rss_mb']} MB"),
+    ("8. llama-server 1-token request (curl)", f"{m['llama_server_1_ms']} ms (rbee SSH is {round(m['infer1_ssh_ms'] - m['llama_server_1_ms'], 1)} ms slower)"),
+    ("8. llama-server --parallel 4, 4-way aggregate", f"{m['llama_server_4_tps']} tokens/s (rbee: {ratio('rbee_concurrent_4_tps', 'llama_server_4_tps')}%)"),
+]
+print(f"machine: {cpu}, {cores} cores, {mem} GiB; {rounds} rounds, medians; {tokens} tokens per generation")
+width = max(len(r[0]) for r in rows)
+for name, value in rows:
+    print(f"{name:<{width}}  {value}")
+json.dump({"machine": {"cpu": cpu, "cores": int(cores), "memory_gib": int(mem)},
+           "rounds": int(rounds), "tokens": int(tokens), "medians": m, "runs": figures},
+          open("bench.json", "w"), indent=2)
 PY
-echo "bench: wrote bench.json" >&2
+say "wrote bench.json"

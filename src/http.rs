@@ -152,3 +152,18 @@ pub async fn require_signature(
         }
     }
 }
+
+/// The listener with Nagle's algorithm off on every connection. A token or done event is one
+/// small write; with Nagle on, the write after it waits for the peer's (delayed, up to 40 ms)
+/// acknowledgement of the one before.
+pub fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
+}

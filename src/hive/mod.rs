@@ -147,16 +147,17 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
     });
     let app = routes::router(hive.clone(), guard)
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        stopping.shutdown.cancelled().await;
-        // New connections are refused from here on; requests in flight get a grace
-        // period to finish before their workers are stopped.
-        let until = Instant::now() + DRAIN_GRACE;
-        while stopping.registry.in_flight() > 0 && Instant::now() < until {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        stopping.registry.stop_all().await;
-    });
+    let server =
+        axum::serve(crate::http::no_delay(listener), app).with_graceful_shutdown(async move {
+            stopping.shutdown.cancelled().await;
+            // New connections are refused from here on; requests in flight get a grace
+            // period to finish before their workers are stopped.
+            let until = Instant::now() + DRAIN_GRACE;
+            while stopping.registry.in_flight() > 0 && Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            stopping.registry.stop_all().await;
+        });
     // In-flight streams end once their workers stop; a client that lingers after that does not
     // keep the hive alive.
     let token = hive.shutdown.clone();

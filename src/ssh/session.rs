@@ -180,8 +180,6 @@ impl Exec {
 
 pub struct Session {
     handle: Arc<client::Handle<Checker>>,
-    /// The connection's socket (a second descriptor of it), for `quick_ack`.
-    socket: Arc<QuickAck>,
     pub target: Target,
     pub host_key: HostKey,
     forwards: Mutex<Vec<JoinHandle<()>>>,
@@ -216,16 +214,12 @@ impl Session {
         });
         let until = deadline.min(Instant::now() + CONNECT_TIMEOUT);
         let budget_limited = deadline <= Instant::now() + CONNECT_TIMEOUT;
-        let socket = Arc::new(QuickAck::default());
         let connect = async {
             let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
                 .await
                 .map_err(russh::Error::from)?;
             tcp.set_nodelay(true).map_err(russh::Error::from)?;
-            socket.attach(&tcp);
-            socket
-                .during(client::connect_stream(config, tcp, checker))
-                .await
+            client::connect_stream(config, QuickAck(tcp), checker).await
         };
         let handle = match tokio::time::timeout_at(until.into(), connect).await {
             Ok(Ok(handle)) => handle,
@@ -249,8 +243,7 @@ impl Session {
             .and_then(|v| v.clone())
             .unwrap_or(HostKey::Known);
         let mut handle = handle;
-        let auth = socket.during(authenticate(&mut handle, target));
-        let auth = tokio::time::timeout_at(deadline.into(), auth);
+        let auth = tokio::time::timeout_at(deadline.into(), authenticate(&mut handle, target));
         match auth.await {
             Ok(result) => result?,
             Err(_) => {
@@ -262,7 +255,6 @@ impl Session {
         }
         Ok(Session {
             handle: Arc::new(handle),
-            socket,
             target: target.clone(),
             host_key,
             forwards: Mutex::new(Vec::new()),
@@ -342,14 +334,12 @@ impl Session {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let local_port = listener.local_addr()?.port();
         let handle = self.handle.clone();
-        let socket = self.socket.clone();
         let node = self.target.node.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut tcp, peer)) = listener.accept().await {
                 let _ = tcp.set_nodelay(true);
                 let handle = handle.clone();
                 let node = node.clone();
-                let socket = socket.clone();
                 tokio::spawn(async move {
                     let open = handle.channel_open_direct_tcpip(
                         "127.0.0.1",
@@ -357,7 +347,7 @@ impl Session {
                         "127.0.0.1",
                         u32::from(peer.port()),
                     );
-                    let channel = socket.during(open).await;
+                    let channel = open.await;
                     match channel {
                         Ok(channel) => {
                             let mut stream = channel.into_stream();
@@ -377,43 +367,61 @@ impl Session {
     }
 }
 
-/// Asks the kernel to acknowledge what the node sends at once, at the steps where we wait for
-/// its answer. sshd leaves Nagle's algorithm on for connections without a terminal, so it holds
-/// back a small reply until its previous small message is acknowledged; with Linux's delayed
-/// acknowledgement that stalled the direct-tcpip confirmation (after sshd's two debug
-/// messages on login) for 40 ms, every invocation. Quick-ack mode wears off as soon as we send,
-/// so it is set again every millisecond while an exchange waits.
-#[derive(Default)]
-struct QuickAck(Mutex<Option<std::os::fd::OwnedFd>>);
+/// The connection's socket, acknowledging what the node sends at once. sshd leaves Nagle's
+/// algorithm on for connections without a terminal: it holds a small packet back until the one
+/// before is acknowledged, and Linux delays acknowledgements by up to 40 ms. That stalled the
+/// direct-tcpip confirmation (after sshd's debug messages on login) and every streamed event
+/// that followed another within 40 ms, the done event of a short generation included. Quick-ack
+/// mode wears off by itself, so it is set again after every read.
+struct QuickAck(tokio::net::TcpStream);
 
 impl QuickAck {
-    fn attach(&self, tcp: &tokio::net::TcpStream) {
-        use std::os::fd::AsFd;
-        if let (Ok(fd), Ok(mut slot)) = (tcp.as_fd().try_clone_to_owned(), self.0.lock()) {
-            *slot = Some(fd);
-        }
-    }
-
-    /// Runs `exchange`, keeping quick-ack mode on for its first 200 ms.
-    async fn during<F: std::future::Future>(&self, exchange: F) -> F::Output {
-        let mut exchange = std::pin::pin!(exchange);
-        for _ in 0..200 {
-            self.now();
-            if let Ok(out) = tokio::time::timeout(Duration::from_millis(1), &mut exchange).await {
-                return out;
-            }
-        }
-        exchange.await
-    }
-
-    fn now(&self) {
+    fn rearm(&self) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Ok(slot) = self.0.lock()
-            && let Some(fd) = slot.as_ref()
         {
             // Only a latency hint: a socket that refuses it still works.
-            let _ = socket2::SockRef::from(fd).set_tcp_quickack(true);
+            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
         }
+    }
+}
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.0).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.rearm();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAck {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 

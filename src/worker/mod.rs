@@ -66,7 +66,7 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
             verifier,
         );
         axum::serve(
-            listener,
+            crate::http::no_delay(listener),
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(crate::signals::terminated())
