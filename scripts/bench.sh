@@ -13,9 +13,11 @@
 #   7. resident memory of an idle hive and of a worker with the model loaded
 #   8. llama-server --parallel 4 (scripts/llama-server.sh builds it once): 1-token request
 #      latency (curl) and 4-way streamed aggregate throughput
+#   9. how far past `--timeout 1s` an invocation ends, local and SSH (OVERSHOOT_RUNS each)
 # Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
 # and reported as medians; latencies are medians of LATENCY_RUNS per round.
-#   RBEE=path/to/rbee (default: the release build), ROUNDS=3, LATENCY_RUNS=10, TOKENS=128
+#   RBEE=path/to/rbee (default: the release build), ROUNDS=3, LATENCY_RUNS=10, TOKENS=128,
+#   OVERSHOOT_RUNS=10
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ RBEE="${RBEE:-$CARGO_TARGET_DIR/release/rbee}"
 ROUNDS="${ROUNDS:-3}"
 LATENCY_RUNS="${LATENCY_RUNS:-10}"
 TOKENS="${TOKENS:-128}"
+OVERSHOOT_RUNS="${OVERSHOOT_RUNS:-10}"
 MODEL="${RBEE_TEST_MODEL:-$HOME/.cache/rbee/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 SSH_NODES=8
@@ -115,6 +118,8 @@ median() { python3 -c 'import sys,statistics; print(round(statistics.median(floa
 PROMPTS=("Write a long story about a dragon." "Write a long essay about bicycles."
          "Write a long story about the sea." "Write a long essay about copper.")
 done_field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])[sys.argv[2]])" "$@"; }
+# Milliseconds the worker spent in llama.cpp (prefill and decode) for a `--json infer` output.
+engine_ms() { python3 -c "import json,sys; t=json.loads(open(sys.argv[1]).read().splitlines()[-1])['timings_ms']; print(t['prefill']+t['decode'])" "$1"; }
 text_of() { python3 -c "import json,sys; print(''.join(json.loads(l).get('text','') for l in open(sys.argv[1]) if json.loads(l)['event']=='token'), end='')" "$1"; }
 
 say "cold: hive start, first infer with the model load"
@@ -204,14 +209,17 @@ for round in $(seq "$ROUNDS"); do
     fig llama_server_4_tps "$(python3 -c "print(round($ls_tokens / ($ls_ms / 1000), 1))")"
 
     say "round $round: warm 1-token latency, local, SSH, llama-server"
-    loc=(); tun=(); lsl=()
+    loc=(); tun=(); lsl=(); eng=()
     for _ in $(seq "$LATENCY_RUNS"); do
-        loc+=("$(timed "$RBEE" infer --node local --prompt hi --max-tokens 1 --temperature 0)")
-        tun+=("$(timed "$RBEE" infer --node ssh1 --prompt hi --max-tokens 1 --temperature 0)")
+        loc+=("$(timed "$RBEE" --json infer --node local --prompt hi --max-tokens 1 --temperature 0)")
+        eng+=("$(engine_ms "$work/last")")
+        tun+=("$(timed "$RBEE" --json infer --node ssh1 --prompt hi --max-tokens 1 --temperature 0)")
+        eng+=("$(engine_ms "$work/last")")
         lsl+=("$(timed ls_one)")
     done
     fig infer1_local_ms "$(median "${loc[@]}")"
     fig infer1_ssh_ms "$(median "${tun[@]}")"
+    fig infer1_engine_ms "$(median "${eng[@]}")"
     fig llama_server_1_ms "$(median "${lsl[@]}")"
 done
 
@@ -221,6 +229,13 @@ for i in $(seq "$SSH_NODES"); do all+=("ssh$i"); done
 for _ in 1 2 3 4 5; do
     fig status_1_ms "$(timed "$RBEE" hive status ssh1)"
     fig "status_${SSH_NODES}_ms" "$(timed "$RBEE" hive status "${all[@]}")"
+done
+
+say "deadline overshoot, $OVERSHOOT_RUNS runs each, local and SSH"
+endless=(--prompt "Tell me a story." --temperature 5 --top-p 1 --max-tokens 100000 --timeout 1s)
+for _ in $(seq "$OVERSHOOT_RUNS"); do
+    fig overshoot_local_ms "$(( $(timed "$RBEE" infer --node local "${endless[@]}") - 1000 ))"
+    fig overshoot_ssh_ms "$(( $(timed "$RBEE" infer --node ssh1 "${endless[@]}") - 1000 ))"
 done
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
@@ -238,8 +253,9 @@ rows = [
     ("1. raw engine decode", f"{m['raw_decode_tps']} tokens/s"),
     ("2. rbee infer decode, local, warm", f"{m['rbee_decode_tps']} tokens/s ({ratio('rbee_decode_tps', 'raw_decode_tps')}% of raw)"),
     ("3. raw engine time to first token (\"hi\")", f"{m['raw_first_token_ms']} ms"),
-    ("3. warm infer --max-tokens 1, local", f"{m['infer1_local_ms']} ms (overhead {round(m['infer1_local_ms'] - m['raw_first_token_ms'], 1)} ms)"),
-    ("3. warm infer --max-tokens 1, SSH", f"{m['infer1_ssh_ms']} ms (overhead {round(m['infer1_ssh_ms'] - m['raw_first_token_ms'], 1)} ms)"),
+    ("3. warm infer --max-tokens 1, local", f"{m['infer1_local_ms']} ms (minus raw: {round(m['infer1_local_ms'] - m['raw_first_token_ms'], 1)} ms)"),
+    ("3. warm infer --max-tokens 1, SSH", f"{m['infer1_ssh_ms']} ms (minus raw: {round(m['infer1_ssh_ms'] - m['raw_first_token_ms'], 1)} ms)"),
+    ("3. of which in llama.cpp (cached prompt prefix)", f"{m['infer1_engine_ms']} ms: rbee's own cost is {round(m['infer1_local_ms'] - m['infer1_engine_ms'], 1)} ms local, {round(m['infer1_ssh_ms'] - m['infer1_engine_ms'], 1)} ms SSH"),
 ]
 for n in (1, 2, 4, 8):
     raw = f", raw engine {m[f'raw_batched_{n}_tps']}" if f"raw_batched_{n}_tps" in m else ""
@@ -254,6 +270,8 @@ rows += [
     ("7. RSS, worker with the model loaded", f"{m['worker_loaded_rss_mb']} MB"),
     ("8. llama-server 1-token request (curl)", f"{m['llama_server_1_ms']} ms (rbee SSH is {round(m['infer1_ssh_ms'] - m['llama_server_1_ms'], 1)} ms slower)"),
     ("8. llama-server --parallel 4, 4-way aggregate", f"{m['llama_server_4_tps']} tokens/s (rbee: {ratio('rbee_concurrent_4_tps', 'llama_server_4_tps')}%)"),
+    ("9. --timeout 1s: end minus deadline, local (median / worst)", f"{m['overshoot_local_ms']} / {max(figures['overshoot_local_ms'])} ms"),
+    ("9. the same through SSH", f"{m['overshoot_ssh_ms']} / {max(figures['overshoot_ssh_ms'])} ms"),
 ]
 print(f"machine: {cpu}, {cores} cores, {mem} GiB; {rounds} rounds, medians; {tokens} tokens per generation")
 width = max(len(r[0]) for r in rows)

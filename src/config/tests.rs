@@ -128,3 +128,24 @@ fn names_that_could_escape_a_path_are_refused() {
         assert!(!valid_name(bad), "{bad:?} accepted");
     }
 }
+
+#[test]
+fn slots_must_fit_llama_cpp() {
+    let node = "\n[nodes.a]\ntransport = \"local\"\n";
+    let ok = parse(&format!("{MODEL}slots = 8\n{node}")).expect("8 slots");
+    assert_eq!(ok.models["m"].slots, 8);
+    assert_eq!(
+        parse(&format!("{MODEL}{node}")).expect("default").models["m"].slots,
+        4
+    );
+    for bad in [0, MAX_SLOTS + 1] {
+        let err = parse(&format!("{MODEL}slots = {bad}\n{node}")).expect_err("out of range");
+        assert_eq!(err.code(), 3);
+        assert!(
+            err.message.contains("`slots` must be between 1 and 256"),
+            "{}",
+            err.message
+        );
+        assert!(err.message.contains("nodes.toml:"), "{}", err.message);
+    }
+}
