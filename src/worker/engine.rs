@@ -209,8 +209,6 @@ struct Slot {
     job: Job,
     sampler: LlamaSampler,
     utf8: Utf8Buffer,
-    /// Where the next token goes in the sequence.
-    pos: i32,
     /// The token to feed at the next step.
     next: LlamaToken,
     /// The tokens whose keys and values the sequence holds.
@@ -301,7 +299,6 @@ impl Batcher<'_> {
                     sampler: sampler(&job.request),
                     job,
                     utf8: Utf8Buffer::default(),
-                    pos: i32::try_from(tokens.len()).unwrap_or(i32::MAX),
                     tokens,
                     next: LlamaToken(0),
                     tokens_in,
@@ -398,7 +395,9 @@ impl Batcher<'_> {
         self.batch.clear();
         let mut added = Ok(());
         for slot in &self.active {
-            added = added.and_then(|()| self.batch.add(slot.next, slot.pos, &[slot.seq], true));
+            // The position of the next token is the number the sequence holds.
+            let pos = i32::try_from(slot.tokens.len()).unwrap_or(i32::MAX);
+            added = added.and_then(|()| self.batch.add(slot.next, pos, &[slot.seq], true));
         }
         let result = match added {
             Err(e) => Err(Error::internal(format!("batch: {e}"))),
@@ -415,7 +414,6 @@ impl Batcher<'_> {
             return;
         }
         for (i, mut slot) in slots.into_iter().enumerate() {
-            slot.pos += 1;
             slot.tokens.push(slot.next);
             self.after_logits(slot, i32::try_from(i).unwrap_or(i32::MAX));
         }
@@ -459,7 +457,7 @@ impl Batcher<'_> {
         if slot.tokens_out >= slot.job.request.params.max_tokens {
             return Some(StopReason::MaxTokens);
         }
-        if slot.pos as usize >= self.n_ctx as usize {
+        if slot.tokens.len() >= self.n_ctx as usize {
             return Some(StopReason::ContextFull);
         }
         slot.next = token;
