@@ -259,7 +259,7 @@ pub struct WorkerServeArgs {
     #[arg(long)]
     pub context: Option<u32>,
     /// Requests decoded together, each in its own KV sequence
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=crate::config::MAX_SLOTS as i64))]
     pub slots: u32,
     /// CPU threads (default: all cores)
     #[arg(long)]

@@ -209,6 +209,8 @@ struct Slot {
     job: Job,
     sampler: LlamaSampler,
     utf8: Utf8Buffer,
+    /// The last token's bytes, reused from token to token.
+    piece: Vec<u8>,
     /// The token to feed at the next step.
     next: LlamaToken,
     /// The tokens whose keys and values the sequence holds.
@@ -299,6 +301,7 @@ impl Batcher<'_> {
                     sampler: sampler(&job.request),
                     job,
                     utf8: Utf8Buffer::default(),
+                    piece: Vec::new(),
                     tokens,
                     next: LlamaToken(0),
                     tokens_in,
@@ -448,9 +451,9 @@ impl Batcher<'_> {
             }
         });
         slot.first_token_at.get_or_insert_with(Instant::now);
-        let mut piece = Vec::new();
-        vocab.token_to_piece_into(token, &mut piece, false, None);
-        let text = slot.utf8.push(&piece);
+        slot.piece.clear();
+        vocab.token_to_piece_into(token, &mut slot.piece, false, None);
+        let text = slot.utf8.push(&slot.piece);
         if !text.is_empty() && slot.job.events.send(EngineEvent::Token(text)).is_err() {
             return Some(StopReason::Cancelled);
         }
