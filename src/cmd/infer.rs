@@ -45,6 +45,9 @@ struct Progress {
     timings: Timings,
     /// The stage under way, and since when.
     stage: Option<(&'static str, Instant)>,
+    /// Milliseconds from sending the request to its first token, as seen here: what the budget
+    /// report can still say when the deadline comes before the worker's own timings.
+    first_token_ms: Option<f64>,
     printed_any: bool,
     ends_with_newline: bool,
     done: Option<DoneEvent>,
@@ -164,7 +167,7 @@ async fn generate(
         ctx.out.note(format!("started the hive on `{}`", node.name));
     }
 
-    progress.borrow_mut().stage = Some(("queue, load and generation", Instant::now()));
+    progress.borrow_mut().stage = Some(("queue, load and prefill", Instant::now()));
     let response = conn.client.infer(request, budget).await?;
     let mut stream = std::pin::pin!(events(response));
     let stdout = std::io::stdout();
@@ -183,6 +186,10 @@ async fn generate(
                         .map_err(|e| Error::internal(format!("cannot write to stdout: {e}")))?;
                 }
                 let mut p = progress.borrow_mut();
+                if p.first_token_ms.is_none() {
+                    p.first_token_ms = p.stage.map(|(_, since)| ms(since));
+                    p.stage = Some(("decode", Instant::now()));
+                }
                 p.printed_any = true;
                 p.ends_with_newline = token.text.ends_with('\n');
             }
@@ -277,13 +284,11 @@ fn breakdown(total: Duration, budget: &Budget, p: &Progress) -> String {
     push("load", t.load);
     push("prefill", t.prefill);
     push("decode", t.decode);
-    if t.decode.is_none()
-        && let Some((stage, since)) = p.stage
-    {
-        stages.push(format!(
-            "ran out during {stage} after {:.0}ms",
-            since.elapsed().as_secs_f64() * 1000.0
-        ));
+    if t.decode.is_none() {
+        push("queue, load and prefill", p.first_token_ms);
+        if let Some((stage, since)) = p.stage {
+            stages.push(format!("ran out during {stage} after {:.0}ms", ms(since)));
+        }
     }
     let spent = if stages.is_empty() {
         String::new()
@@ -328,4 +333,53 @@ fn read_prompt(arg: &str) -> Result<String> {
         return Err(Error::invalid("the prompt is empty"));
     }
     Ok(prompt)
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_before_the_workers_timings_still_names_prefill_and_decode() {
+        let budget = Budget::new(Duration::from_secs(1));
+        let progress = Progress {
+            timings: Timings {
+                connect: Some(2.0),
+                ..Timings::default()
+            },
+            stage: Some(("decode", Instant::now())),
+            first_token_ms: Some(41.0),
+            ..Progress::default()
+        };
+        let message = breakdown(budget.total(), &budget, &progress);
+        assert!(
+            message.contains("connect 2ms, queue, load and prefill 41ms, ran out during decode"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_workers_timings_replace_what_was_seen_here() {
+        let budget = Budget::new(Duration::from_secs(1));
+        let progress = Progress {
+            timings: Timings {
+                queue: Some(1.0),
+                prefill: Some(30.0),
+                decode: Some(900.0),
+                ..Timings::default()
+            },
+            stage: Some(("decode", Instant::now())),
+            first_token_ms: Some(41.0),
+            ..Progress::default()
+        };
+        let message = breakdown(budget.total(), &budget, &progress);
+        assert!(
+            message.ends_with(": queue 1ms, prefill 30ms, decode 900ms"),
+            "{message}"
+        );
+    }
 }
