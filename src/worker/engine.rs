@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
@@ -18,7 +18,8 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Error;
 use crate::wire::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
@@ -77,36 +78,14 @@ fn update(activity: &SharedActivity, f: impl FnOnce(&mut Activity)) {
     f(&mut activity.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
-/// The sending side of the engine thread's queue.
+/// Where requests enter the batcher: what the HTTP side holds.
 #[derive(Clone)]
 pub struct Engine {
-    jobs: mpsc::Sender<Job>,
+    jobs: UnboundedSender<Job>,
     activity: SharedActivity,
 }
 
 impl Engine {
-    /// Starts the thread and waits until the model is loaded (or failed to load).
-    pub fn start(options: EngineOptions) -> Result<(Engine, Loaded), Error> {
-        let (jobs_tx, jobs_rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let activity = SharedActivity::default();
-        let shared = activity.clone();
-        std::thread::Builder::new()
-            .name("llama".to_string())
-            .spawn(move || run(options, jobs_rx, ready_tx, shared))
-            .map_err(|e| Error::worker(format!("cannot start the llama.cpp thread: {e}")))?;
-        let loaded = ready_rx
-            .recv()
-            .map_err(|_| Error::worker("the llama.cpp thread stopped while loading"))??;
-        Ok((
-            Engine {
-                jobs: jobs_tx,
-                activity,
-            },
-            loaded,
-        ))
-    }
-
     pub fn activity(&self) -> Activity {
         self.activity
             .lock()
@@ -117,82 +96,89 @@ impl Engine {
     pub fn submit(&self, job: Job) -> Result<(), Error> {
         self.jobs
             .send(job)
-            .map_err(|_| Error::worker("the llama.cpp thread has stopped"))
+            .map_err(|_| Error::worker("the batcher has stopped"))
     }
 }
 
-fn run(
-    options: EngineOptions,
-    jobs: mpsc::Receiver<Job>,
-    ready: mpsc::SyncSender<Result<Loaded, Error>>,
-    activity: SharedActivity,
-) {
-    let started = Instant::now();
-    let backend = match LlamaBackend::init() {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = ready.send(Err(Error::worker(format!("cannot start llama.cpp: {e}"))));
-            return;
-        }
-    };
-    let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
-    let model = match LlamaModel::load_from_file(&backend, &options.model_path, &params) {
-        Ok(m) => m,
-        Err(e) => {
-            let message = format!(
-                "llama.cpp cannot load `{}`: {e}",
-                options.model_path.display()
-            );
-            let _ = ready.send(Err(Error::worker(message)));
-            return;
-        }
-    };
-    let per_seq = options
-        .context
-        .unwrap_or_else(|| model.n_ctx_train().clamp(1, DEFAULT_MAX_CONTEXT));
-    let slots = options.slots.max(1);
-    let threads = options.threads.map_or_else(default_threads, |t| t.max(1));
-    let threads = i32::try_from(threads).unwrap_or(i32::MAX);
-    // One KV stream per sequence (not a unified cache): a sequence's cells and attention do not
-    // depend on what the others hold, so a generation comes out the same batched or alone.
-    let ctx_params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(per_seq.saturating_mul(slots)))
-        .with_n_seq_max(slots)
-        .with_kv_unified(false)
-        .with_n_batch(per_seq.max(slots))
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let ctx = match model.new_context(&backend, ctx_params) {
-        Ok(c) => c,
-        Err(e) => {
-            let message = format!(
-                "llama.cpp cannot create a context of {per_seq} tokens for {slots} slots: {e}"
-            );
-            let _ = ready.send(Err(Error::worker(message)));
-            return;
-        }
-    };
-    // llama.cpp rounds each sequence's share up to its padding.
-    let n_ctx = ctx.n_ctx() / slots;
-    let loaded = Loaded {
-        n_ctx,
-        slots,
-        load_ms: ms(started),
-    };
-    if ready.send(Ok(loaded)).is_err() {
-        return;
+/// The model and the llama.cpp backend it was loaded with.
+pub struct Weights {
+    // Declared before the backend: the model is freed first.
+    model: LlamaModel,
+    _backend: LlamaBackend,
+    started: Instant,
+}
+
+impl Weights {
+    pub fn load(options: &EngineOptions) -> Result<Weights, Error> {
+        let started = Instant::now();
+        let backend = LlamaBackend::init()
+            .map_err(|e| Error::worker(format!("cannot start llama.cpp: {e}")))?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
+        let model =
+            LlamaModel::load_from_file(&backend, &options.model_path, &params).map_err(|e| {
+                Error::worker(format!(
+                    "llama.cpp cannot load `{}`: {e}",
+                    options.model_path.display()
+                ))
+            })?;
+        Ok(Weights {
+            model,
+            _backend: backend,
+            started,
+        })
     }
-    let mut batcher = Batcher {
-        model: &model,
-        batch: LlamaBatch::new(ctx.n_batch().max(slots) as usize, 1),
-        ctx,
-        n_ctx,
-        free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
-        cached: vec![Vec::new(); slots as usize],
-        active: Vec::new(),
-        activity,
-    };
-    batcher.serve(&jobs);
+
+    /// A context with one KV sequence per slot, the batcher that drives it, and the handle
+    /// requests come in by.
+    pub fn batcher(&self, options: &EngineOptions) -> Result<(Batcher<'_>, Engine, Loaded), Error> {
+        let model = &self.model;
+        let per_seq = options
+            .context
+            .unwrap_or_else(|| model.n_ctx_train().clamp(1, DEFAULT_MAX_CONTEXT));
+        let slots = options.slots.max(1);
+        let threads = options.threads.map_or_else(default_threads, |t| t.max(1));
+        let threads = i32::try_from(threads).unwrap_or(i32::MAX);
+        // One KV stream per sequence (not a unified cache): a sequence's cells and attention do
+        // not depend on what the others hold, so a generation comes out the same batched or
+        // alone.
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(per_seq.saturating_mul(slots)))
+            .with_n_seq_max(slots)
+            .with_kv_unified(false)
+            .with_n_batch(per_seq.max(slots))
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let ctx = model.new_context(&self._backend, ctx_params).map_err(|e| {
+            Error::worker(format!(
+                "llama.cpp cannot create a context of {per_seq} tokens for {slots} slots: {e}"
+            ))
+        })?;
+        // llama.cpp rounds each sequence's share up to its padding.
+        let n_ctx = ctx.n_ctx() / slots;
+        let (jobs_tx, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let activity = SharedActivity::default();
+        let batcher = Batcher {
+            model,
+            batch: LlamaBatch::new(ctx.n_batch().max(slots) as usize, 1),
+            ctx,
+            n_ctx,
+            jobs,
+            free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
+            cached: vec![Vec::new(); slots as usize],
+            active: Vec::new(),
+            activity: activity.clone(),
+        };
+        let engine = Engine {
+            jobs: jobs_tx,
+            activity,
+        };
+        let loaded = Loaded {
+            n_ctx,
+            slots,
+            load_ms: ms(self.started),
+        };
+        Ok((batcher, engine, loaded))
+    }
 }
 
 fn default_threads() -> u32 {
@@ -222,12 +208,13 @@ struct Slot {
     first_token_at: Option<Instant>,
 }
 
-struct Batcher<'m> {
+pub struct Batcher<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     /// Tokens of context per sequence.
     n_ctx: u32,
+    jobs: UnboundedReceiver<Job>,
     /// Sequence ids not in use; the lowest is taken first, see `step`.
     free: BTreeSet<i32>,
     /// By sequence id: the tokens a free sequence still holds from its last request, so that a
@@ -239,34 +226,41 @@ struct Batcher<'m> {
 }
 
 impl Batcher<'_> {
-    /// Runs until the job queue closes: admits jobs while there are free sequences, then steps.
-    fn serve(&mut self, jobs: &mpsc::Receiver<Job>) {
+    /// Runs until every `Engine` handle is gone and the generations under way have ended:
+    /// admits jobs while there are free sequences, then steps.
+    ///
+    /// It runs on the thread that serves HTTP, and yields to it between passes over the model:
+    /// the tokens of a step go out, and new requests come in, without waking another thread,
+    /// which on a machine with as many cores as llama.cpp threads would take a core from
+    /// llama.cpp in the middle of a pass.
+    pub async fn serve(mut self) {
         loop {
             // Idle: sleep until a job comes. Busy: take what is waiting, without blocking.
             if self.active.is_empty() {
-                match jobs.recv() {
-                    Ok(job) => self.admit(job),
-                    Err(_) => return,
+                match self.jobs.recv().await {
+                    Some(job) => self.admit(job).await,
+                    None => return,
                 }
             }
             while !self.free.is_empty() {
-                match jobs.try_recv() {
-                    Ok(job) => self.admit(job),
-                    Err(mpsc::TryRecvError::Empty) => break,
+                match self.jobs.try_recv() {
+                    Ok(job) => self.admit(job).await,
+                    Err(TryRecvError::Empty) => break,
                     // Finish what is under way; the loop ends when nothing is left.
-                    Err(mpsc::TryRecvError::Disconnected) if self.active.is_empty() => return,
-                    Err(mpsc::TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Disconnected) if self.active.is_empty() => return,
+                    Err(TryRecvError::Disconnected) => break,
                 }
             }
             if !self.active.is_empty() {
                 self.step();
+                tokio::task::yield_now().await;
             }
         }
     }
 
     /// Prefills a job's prompt in a free sequence and takes its first token.
-    fn admit(&mut self, job: Job) {
-        let tokens = match self.tokenize(&job.request) {
+    async fn admit(&mut self, job: Job) {
+        let mut tokens = match self.tokenize(&job.request) {
             Ok(tokens) => tokens,
             Err(err) => {
                 let _ = job.events.send(EngineEvent::Failed(err));
@@ -287,8 +281,11 @@ impl Batcher<'_> {
             return;
         }
         let started = Instant::now();
-        match self.prefill(seq, &tokens) {
-            Ok(()) => {
+        match self.prefill(seq, &tokens, &job).await {
+            Ok(held) => {
+                // Cut short (client gone, deadline passed): the generation ends at its first
+                // check, and the sequence is known to hold only what was decoded.
+                tokens.truncate(held);
                 update(&self.activity, |a| {
                     a.active.push(Generation {
                         request_id: job.request.request_id.clone(),
@@ -311,6 +308,8 @@ impl Batcher<'_> {
                     first_token_at: None,
                 };
                 self.after_logits(slot, self.batch.n_tokens() - 1);
+                // The first token goes out before the next pass.
+                tokio::task::yield_now().await;
             }
             Err(err) => {
                 self.forget(seq);
@@ -339,8 +338,16 @@ impl Batcher<'_> {
     }
 
     /// Runs the prompt through the model alone, after the part of it the sequence still holds
-    /// from its last request.
-    fn prefill(&mut self, seq: i32, tokens: &[LlamaToken]) -> Result<(), Error> {
+    /// from its last request, in chunks with a yield between them so that a long prompt does
+    /// not keep `/health` and new requests waiting for all of it. Stops between chunks once the
+    /// job's client has gone or its deadline has passed. Returns how many of the prompt's
+    /// tokens the sequence now holds.
+    async fn prefill(
+        &mut self,
+        seq: i32,
+        tokens: &[LlamaToken],
+        job: &Job,
+    ) -> Result<usize, Error> {
         // At least the last token is decoded again, for its logits.
         let mut keep = common_prefix(&self.cached[seq as usize], tokens).min(tokens.len() - 1);
         let from = u32::try_from(keep).ok();
@@ -353,7 +360,7 @@ impl Batcher<'_> {
             keep = 0;
         }
         self.cached[seq as usize].clear();
-        let n_batch = (self.ctx.n_batch() as usize).max(1);
+        let n_batch = (self.ctx.n_batch() as usize).clamp(1, PREFILL_CHUNK);
         let rest = &tokens[keep..];
         let chunks: Vec<&[LlamaToken]> = rest.chunks(n_batch).collect();
         let mut pos = i32::try_from(keep).unwrap_or(i32::MAX);
@@ -367,8 +374,14 @@ impl Batcher<'_> {
                 pos += 1;
             }
             self.ctx.decode(&mut self.batch).map_err(decode_error)?;
+            if ci + 1 < chunks.len() {
+                tokio::task::yield_now().await;
+                if job.events.is_closed() || job.deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(usize::try_from(pos).unwrap_or(0));
+                }
+            }
         }
-        Ok(())
+        Ok(tokens.len())
     }
 
     fn tokenize(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, Error> {
@@ -523,6 +536,10 @@ impl Batcher<'_> {
         self.cached[seq as usize].clear();
     }
 }
+
+/// Prompt tokens per prefill pass, between which the worker answers HTTP: small enough for a
+/// slow CPU to finish one in well under the hive's 2 s health check.
+const PREFILL_CHUNK: usize = 256;
 
 /// How many more prompt tokens a free sequence must already hold than the lowest free one to be
 /// picked over it.

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use crate::cli::WorkerServeArgs;
 use crate::error::{Error, Result};
 use crate::wire::WorkerHello;
-use engine::{Engine, EngineOptions};
+use engine::{EngineOptions, Weights};
 
 pub fn serve(args: WorkerServeArgs) -> Result<()> {
     // The hive hands over the key it signs our requests with on stdin, never in argv or env.
@@ -25,15 +25,9 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
         gpu_layers: args.gpu_layers,
         slots: args.slots,
     };
-    let (engine, loaded) = match Engine::start(options) {
-        Ok(ok) => ok,
-        Err(err) => {
-            hello(&WorkerHello::Failed {
-                message: err.message.clone(),
-            });
-            return Err(err);
-        }
-    };
+    // llama.cpp and HTTP share this thread; see `Batcher::serve`.
+    let weights = Weights::load(&options).map_err(failed)?;
+    let (batcher, engine, loaded) = weights.batcher(&options).map_err(failed)?;
     hello(&WorkerHello::Ready {
         port,
         n_ctx: loaded.n_ctx,
@@ -42,7 +36,6 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
     tracing::info!(model = %args.model, port, load_ms = loaded.load_ms, "worker ready");
     exit_when_stdin_closes();
 
-    // One thread for HTTP: every thread a token wakes takes a core from llama.cpp for a moment.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -65,14 +58,27 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
             },
             verifier,
         );
-        axum::serve(
+        let server = axum::serve(
             crate::http::no_delay(listener),
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
-        .with_graceful_shutdown(crate::signals::terminated())
-        .await
-        .map_err(|e| Error::internal(format!("worker server failed: {e}")))
+        .with_graceful_shutdown(crate::signals::terminated());
+        let server = tokio::spawn(async move { server.await });
+        // Returns once the server, and with it every `Engine` handle, is gone.
+        batcher.serve().await;
+        server
+            .await
+            .map_err(|e| Error::internal(format!("worker server failed: {e}")))?
+            .map_err(|e| Error::internal(format!("worker server failed: {e}")))
     })
+}
+
+/// Tells the hive why the model cannot be served.
+fn failed(err: Error) -> Error {
+    hello(&WorkerHello::Failed {
+        message: err.message.clone(),
+    });
+    err
 }
 
 /// The first line of stdin: the hex key this worker's requests are signed with.
