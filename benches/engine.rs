@@ -86,6 +86,16 @@ fn main() {
         runs.sort_by(|a, b| a.1.total_cmp(&b.1));
         (decode, runs[1].1)
     };
+    // `--decode N`: only N single-sequence decode runs, one figure each, for interleaving with
+    // rbee runs (scripts/bench.sh).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--decode") {
+        let n: usize = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(1);
+        for _ in 0..n {
+            println!("raw engine decode: {:.1} tokens/s", run(1).0);
+        }
+        return;
+    }
     let (decode, prefill) = median(1);
     println!(
         "raw engine: prefill {prefill:.1} tokens/s ({} tokens), decode {decode:.1} tokens/s ({TOKENS} tokens), {threads} threads",
