@@ -3,7 +3,8 @@
 # in one run. Nodes are real sshd instances on loopback. Prints a table and writes bench.json.
 #
 #   1. raw engine (llama-cpp-2 in-process, `cargo bench --bench engine`): prefill, decode
-#   2. `rbee infer` on a local node, warm: decode tokens/s, and its ratio to (1)
+#   2. `rbee infer` on a local node, warm: decode tokens/s, and its ratio to (1), taken pair by
+#      pair (a raw run, then an rbee run of the same prompt) so that the machine's drift cancels
 #   3. warm `rbee infer --max-tokens 1`, local and through an SSH node, minus the raw engine's
 #      time to the first token: rbee's fixed cost per invocation
 #   4. aggregate decode tokens/s of 1, 2, 4 and 8 concurrent `rbee infer` on one node, and
@@ -16,14 +17,15 @@
 #   9. how far past `--timeout 1s` an invocation ends, local and SSH (OVERSHOOT_RUNS each)
 # Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
 # and reported as medians; latencies are medians of LATENCY_RUNS per round.
-#   RBEE=path/to/rbee (default: the release build), ROUNDS=3, LATENCY_RUNS=10, TOKENS=128,
-#   OVERSHOOT_RUNS=10
+#   RBEE=path/to/rbee (default: the release build), ROUNDS=3, DECODE_PAIRS=4 (per round),
+#   LATENCY_RUNS=10, TOKENS=128, OVERSHOOT_RUNS=10
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target}"
 RBEE="${RBEE:-$CARGO_TARGET_DIR/release/rbee}"
 ROUNDS="${ROUNDS:-3}"
+DECODE_PAIRS="${DECODE_PAIRS:-4}"
 LATENCY_RUNS="${LATENCY_RUNS:-10}"
 TOKENS="${TOKENS:-128}"
 OVERSHOOT_RUNS="${OVERSHOOT_RUNS:-10}"
@@ -176,16 +178,25 @@ PY
 for round in $(seq "$ROUNDS"); do
     say "round $round of $ROUNDS: raw engine"
     raw=$(RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench 2>/dev/null)
-    fig raw_decode_tps "$(echo "$raw" | sed -nE 's/^raw engine: .*decode ([0-9.]+) tokens.*/\1/p')"
     fig raw_prefill_tps "$(echo "$raw" | sed -nE 's/^raw engine: prefill ([0-9.]+) tokens.*/\1/p')"
+    fig raw_prefill_tokens "$(echo "$raw" | sed -nE 's/^raw engine: prefill [0-9.]+ tokens\/s \(([0-9]+) tokens.*/\1/p')"
     fig raw_first_token_ms "$(echo "$raw" | sed -nE 's/^raw engine first token: ([0-9.]+) ms.*/\1/p')"
     for n in 2 4 8; do
         fig "raw_batched_${n}_tps" "$(echo "$raw" | sed -nE "s/^raw engine batched: $n sequences, aggregate decode ([0-9.]+).*/\1/p")"
     done
 
-    say "round $round: rbee decode, concurrency 1 2 4 8"
-    "$RBEE" --json infer --node local --prompt "${PROMPTS[1]}" --max-tokens "$TOKENS" --temperature 0 > "$work/one.json"
-    fig rbee_decode_tps "$(done_field "$work/one.json" decode_tokens_per_s)"
+    say "round $round: raw engine and rbee decode, $DECODE_PAIRS pairs"
+    # Output goes to a file: a pipe would add a process that wakes at every token.
+    for _ in $(seq "$DECODE_PAIRS"); do
+        r=$(RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench --decode 1 2>/dev/null | sed -nE 's/^raw engine decode: ([0-9.]+).*/\1/p')
+        "$RBEE" --json infer --node local --prompt "${PROMPTS[1]}" --max-tokens "$TOKENS" --temperature 0 > "$work/one.json"
+        b=$(done_field "$work/one.json" decode_tokens_per_s)
+        fig raw_decode_tps "$r"
+        fig rbee_decode_tps "$b"
+        fig decode_ratio_pct "$(python3 -c "print(round(100 * $b / $r, 1))")"
+    done
+
+    say "round $round: rbee concurrency 1 2 4 8"
     for n in 1 2 4 8; do
         t0=$(now_ms)
         clients=()
@@ -249,9 +260,9 @@ m = {k: round(statistics.median(v), 1) for k, v in figures.items()}
 cpu, cores, mem, rounds, tokens, nodes = sys.argv[2:]
 ratio = lambda a, b: round(100 * m[a] / m[b], 1)
 rows = [
-    ("1. raw engine prefill (22-token prompt)", f"{m['raw_prefill_tps']} tokens/s"),
+    (f"1. raw engine prefill ({int(m['raw_prefill_tokens'])}-token prompt)", f"{m['raw_prefill_tps']} tokens/s"),
     ("1. raw engine decode", f"{m['raw_decode_tps']} tokens/s"),
-    ("2. rbee infer decode, local, warm", f"{m['rbee_decode_tps']} tokens/s ({ratio('rbee_decode_tps', 'raw_decode_tps')}% of raw)"),
+    ("2. rbee infer decode, local, warm", f"{m['rbee_decode_tps']} tokens/s ({m['decode_ratio_pct']}% of raw: median of {len(figures['decode_ratio_pct'])} pairs, {min(figures['decode_ratio_pct'])}-{max(figures['decode_ratio_pct'])}%)"),
     ("3. raw engine time to first token (\"hi\")", f"{m['raw_first_token_ms']} ms"),
     ("3. warm infer --max-tokens 1, local", f"{m['infer1_local_ms']} ms (minus raw: {round(m['infer1_local_ms'] - m['raw_first_token_ms'], 1)} ms)"),
     ("3. warm infer --max-tokens 1, SSH", f"{m['infer1_ssh_ms']} ms (minus raw: {round(m['infer1_ssh_ms'] - m['raw_first_token_ms'], 1)} ms)"),
