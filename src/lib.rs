@@ -16,7 +16,7 @@
 //! - `install`: the binary and model files on nodes
 //! - `hive`: the hive daemon: pidfile, registry of workers, supervisor and restart policy,
 //!   routes and relay, keys, metrics, model verification
-//! - `worker`: the llama.cpp worker: engine thread and HTTP server
+//! - `worker`: the llama.cpp worker: the batcher and the HTTP server, on one thread
 //! - `wire`: request bodies, stream events and status views shared by every hop
 //! - `deadline`: the invocation's budget and how it travels
 //! - `sse`: server-sent events reader

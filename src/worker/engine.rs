@@ -1,8 +1,9 @@
-//! llama.cpp on its own OS thread, with continuous batching: one context holds one KV sequence
-//! per slot; every decode step feeds the next token of every active generation in one batch, so
-//! concurrent requests share each pass over the weights. A request joins between steps (its
-//! prompt is prefilled on its own, then it rides along) and leaves between steps; each keeps its
-//! own sampler and seed. Async code never blocks on decode.
+//! llama.cpp with continuous batching: one context holds one KV sequence per slot; every decode
+//! step feeds the next token of every active generation in one batch, so concurrent requests
+//! share each pass over the weights. A request joins between steps (its prompt is prefilled on
+//! its own, then it rides along) and leaves between steps; each keeps its own sampler and seed.
+//! The batcher is a future on the worker's single-threaded runtime: a pass blocks the thread,
+//! and the HTTP side runs between passes (see `Batcher::serve`).
 
 use std::collections::BTreeSet;
 use std::num::NonZeroU32;

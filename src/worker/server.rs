@@ -85,7 +85,7 @@ async fn generate(
             Ok(Sse::new(stream).into_response())
         }
         Some(EngineEvent::Failed(err)) => Err(err.into()),
-        Some(_) | None => Err(Error::worker("the llama.cpp thread dropped the request").into()),
+        Some(_) | None => Err(Error::worker("the batcher dropped the request").into()),
     }
 }
 
