@@ -287,3 +287,32 @@ fn a_prompt_longer_than_the_context_is_rejected() {
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
 }
+
+#[test]
+fn a_kv_cache_larger_than_memory_is_refused_before_loading() {
+    let Some(env) = Env::new("") else { return };
+    let model = crate::support::model().expect("the model Env::new found");
+    let shape = rbee::hive::gguf::shape(&model).expect("the model's GGUF header");
+    // llama.cpp reports a 360 MiB KV cache for this model at 4 sequences of 4096 tokens.
+    assert_eq!(rbee::hive::memory::kv_bytes(&shape, None, 4), 360 << 20);
+    // 256 sequences of 131072 tokens: about 720 GiB of KV cache for this model.
+    env.edit_config(
+        "threads = 1\n",
+        "threads = 1\ncontext = 131072\nslots = 256\n",
+    );
+    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2"]);
+    run.expect(7);
+    assert!(run.stderr.contains("not enough memory"), "{}", run.stderr);
+    assert!(run.stderr.contains("for the KV cache"), "{}", run.stderr);
+    assert!(
+        env.workers().is_empty(),
+        "a worker was started for a cache that cannot fit"
+    );
+    // The same model with its default context and slots fits and serves.
+    env.edit_config(
+        "threads = 1\ncontext = 131072\nslots = 256\n",
+        "threads = 1\n",
+    );
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+}

@@ -3,6 +3,7 @@
 //! `POST /v1/shutdown` stops its workers and exits. It listens on 127.0.0.1 unless its node
 //! uses `transport = "http"`.
 
+pub mod gguf;
 pub mod keys;
 pub mod memory;
 pub mod metrics;

@@ -238,7 +238,7 @@ impl Registry {
             )
             .await;
         verified?;
-        crate::hive::memory::check(&path)?;
+        crate::hive::memory::check(&path, spec.context, spec.slots)?;
         let opts = SpawnOptions {
             exe: &self.exe,
             hive_dir: &self.dir,

@@ -28,7 +28,7 @@ use crate::worker::utf8::Utf8Buffer;
 
 /// Longest context per request when the user sets none: the training context can be far larger
 /// than what a small machine wants to allocate for the KV cache.
-const DEFAULT_MAX_CONTEXT: u32 = 4096;
+pub const DEFAULT_MAX_CONTEXT: u32 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
