@@ -105,7 +105,7 @@ impl Engine {
 pub struct Weights {
     // Declared before the backend: the model is freed first.
     model: LlamaModel,
-    _backend: LlamaBackend,
+    backend: LlamaBackend,
     started: Instant,
 }
 
@@ -124,7 +124,7 @@ impl Weights {
             })?;
         Ok(Weights {
             model,
-            _backend: backend,
+            backend,
             started,
         })
     }
@@ -149,7 +149,7 @@ impl Weights {
             .with_n_batch(per_seq.max(slots))
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let ctx = model.new_context(&self._backend, ctx_params).map_err(|e| {
+        let ctx = model.new_context(&self.backend, ctx_params).map_err(|e| {
             Error::worker(format!(
                 "llama.cpp cannot create a context of {per_seq} tokens for {slots} slots: {e}"
             ))
