@@ -37,7 +37,7 @@ pub fn shape(path: &Path) -> Option<Shape> {
 const MAX_KEYS: u64 = 1 << 20;
 const MAX_STRING: u64 = 1 << 24;
 
-pub fn shape_from(r: &mut (impl Read + Seek)) -> Option<Shape> {
+fn shape_from(r: &mut (impl Read + Seek)) -> Option<Shape> {
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic).ok()?;
     if &magic != b"GGUF" || !matches!(u32_at(r)?, 2 | 3) {
