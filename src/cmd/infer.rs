@@ -343,19 +343,25 @@ fn ms(since: Instant) -> f64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_deadline_before_the_workers_timings_still_names_prefill_and_decode() {
+    /// The exit-124 message of a 1 s budget whose first token came after 41 ms and which ran out
+    /// during decode, with `timings` as far as the worker's done event brought them.
+    fn message_with(timings: Timings) -> String {
         let budget = Budget::new(Duration::from_secs(1));
         let progress = Progress {
-            timings: Timings {
-                connect: Some(2.0),
-                ..Timings::default()
-            },
+            timings,
             stage: Some(("decode", Instant::now())),
             first_token_ms: Some(41.0),
             ..Progress::default()
         };
-        let message = breakdown(budget.total(), &budget, &progress);
+        breakdown(budget.total(), &budget, &progress)
+    }
+
+    #[test]
+    fn a_deadline_before_the_workers_timings_still_names_prefill_and_decode() {
+        let message = message_with(Timings {
+            connect: Some(2.0),
+            ..Timings::default()
+        });
         assert!(
             message.contains("connect 2ms, queue, load and prefill 41ms, ran out during decode"),
             "{message}"
@@ -364,19 +370,12 @@ mod tests {
 
     #[test]
     fn the_workers_timings_replace_what_was_seen_here() {
-        let budget = Budget::new(Duration::from_secs(1));
-        let progress = Progress {
-            timings: Timings {
-                queue: Some(1.0),
-                prefill: Some(30.0),
-                decode: Some(900.0),
-                ..Timings::default()
-            },
-            stage: Some(("decode", Instant::now())),
-            first_token_ms: Some(41.0),
-            ..Progress::default()
-        };
-        let message = breakdown(budget.total(), &budget, &progress);
+        let message = message_with(Timings {
+            queue: Some(1.0),
+            prefill: Some(30.0),
+            decode: Some(900.0),
+            ..Timings::default()
+        });
         assert!(
             message.ends_with(": queue 1ms, prefill 30ms, decode 900ms"),
             "{message}"

@@ -254,9 +254,7 @@ impl Batcher<'_> {
             }
             if !self.active.is_empty() {
                 self.step();
-                // The tokens just sampled go out, and new requests come in, before the next pass.
-                tokio::task::yield_now().await;
-                make_way();
+                between_passes().await;
             }
         }
     }
@@ -311,9 +309,7 @@ impl Batcher<'_> {
                     first_token_at: None,
                 };
                 self.after_logits(slot, self.batch.n_tokens() - 1);
-                // The first token goes out before the next pass.
-                tokio::task::yield_now().await;
-                make_way();
+                between_passes().await;
             }
             Err(err) => {
                 self.forget(seq);
@@ -539,6 +535,13 @@ impl Batcher<'_> {
             .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
         self.cached[seq as usize].clear();
     }
+}
+
+/// After a pass that sampled tokens: they go out and new requests come in (the HTTP side runs),
+/// then the processes they woke get this core.
+async fn between_passes() {
+    tokio::task::yield_now().await;
+    make_way();
 }
 
 /// Lets the processes the last tokens woke (the hive, and on a local node the CLI) run now, on
