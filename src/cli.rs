@@ -11,28 +11,28 @@ use clap::{Args, Parser, Subcommand};
     about = "Run LLM inference on your own machines",
     propagate_version = true
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// nodes.toml to use (default: $RBEE_CONFIG, ./nodes.toml, $XDG_CONFIG_HOME/rbee/nodes.toml)
     #[arg(long, global = true, value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Print results as JSON on stdout (one object per line)
     #[arg(long, global = true)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Print nothing on stderr but errors
     #[arg(short, long, global = true)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     /// Record the host key of a node seen for the first time (a changed key is always refused)
     #[arg(long, global = true)]
-    pub accept_new_host_key: bool,
+    pub(crate) accept_new_host_key: bool,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Generate text on a node, streamed to stdout
     Infer(InferArgs),
     /// Start, stop and inspect the hive daemon on nodes
@@ -63,7 +63,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AuditCommand {
+pub(crate) enum AuditCommand {
     /// Check the hash chain (this machine's log, a node's, or all) and, for a node, that every
     /// record head this machine witnessed is in the node's log
     Verify {
@@ -84,38 +84,48 @@ pub enum AuditCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct InferArgs {
+pub(crate) struct InferArgs {
     /// Node to run on (default: the first node of the configuration)
     #[arg(long)]
-    pub node: Option<String>,
+    pub(crate) node: Option<String>,
     /// Model to use (default: the node's first model)
     #[arg(long)]
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// The prompt; `-` reads it from stdin
     #[arg(long)]
-    pub prompt: String,
+    pub(crate) prompt: String,
     /// System prompt
     #[arg(long)]
-    pub system: Option<String>,
+    pub(crate) system: Option<String>,
     /// Stop after this many generated tokens
     #[arg(long, default_value_t = 512)]
-    pub max_tokens: u32,
+    pub(crate) max_tokens: u32,
     /// Sampling temperature; 0 picks the most likely token every time
     #[arg(long, default_value_t = 0.8)]
-    pub temperature: f32,
+    pub(crate) temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this
     #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
+    pub(crate) top_p: f32,
     /// Sampling seed (default: random)
     #[arg(long)]
-    pub seed: Option<u32>,
+    pub(crate) seed: Option<u32>,
     /// Budget of the whole invocation, e.g. `30s`, `1500ms` (default: the node's `timeout`)
     #[arg(long, value_parser = parse_duration_arg)]
-    pub timeout: Option<std::time::Duration>,
+    pub(crate) timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum HiveCommand {
+pub(crate) enum HiveCommand {
+    #[command(flatten)]
+    Fleet(HiveOp),
+    /// Run the hive daemon in the foreground (started by `rbee` itself)
+    #[command(hide = true)]
+    Serve(crate::hive::args::ServeArgs),
+}
+
+/// What the queen does to hives.
+#[derive(Debug, Subcommand)]
+pub(crate) enum HiveOp {
     /// Start the hive on nodes (running is success)
     Start(NodeSelection),
     /// Stop the hive on nodes, with its workers
@@ -127,101 +137,29 @@ pub enum HiveCommand {
     Install(NodeSelection),
     /// Replace the signing key of nodes, without a moment where requests fail
     RotateKey(NodeSelection),
-    /// Run the hive daemon in the foreground (started by `rbee` itself)
-    #[command(hide = true)]
-    Serve(HiveServeArgs),
 }
 
 #[derive(Debug, Args)]
-pub struct NodeSelection {
+pub(crate) struct NodeSelection {
     /// Nodes to act on
-    pub nodes: Vec<String>,
+    pub(crate) nodes: Vec<String>,
     /// Act on every configured node
     #[arg(long)]
-    pub all: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct HiveServeArgs {
-    /// The node's rbee directory (pidfile, log, audit log)
-    #[arg(long)]
-    pub dir: PathBuf,
-    /// Port to listen on
-    #[arg(long)]
-    pub port: u16,
-    /// Address to listen on: the loopback (reached through SSH tunnels), or all interfaces for
-    /// nodes with `transport = "http"`
-    #[arg(long, default_value = "127.0.0.1")]
-    pub listen: std::net::IpAddr,
-    /// Name of the node this hive serves
-    #[arg(long, default_value = "local")]
-    pub node: String,
-    /// Idle time before a worker unloads its model
-    #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
-    pub keep_alive: std::time::Duration,
-    /// How far a request's timestamp may be from this node's clock
-    #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
-    pub clock_skew: std::time::Duration,
-    /// Restart policy: restarts in a row before giving up
-    #[arg(long, default_value_t = 3)]
-    pub max_attempts: u32,
-    #[arg(long, value_parser = parse_duration_arg, default_value = "1s")]
-    pub backoff_initial: std::time::Duration,
-    #[arg(long, value_parser = parse_duration_arg, default_value = "60s")]
-    pub backoff_max: std::time::Duration,
-    #[arg(long, default_value_t = 5)]
-    pub breaker_failures: u32,
-    #[arg(long, value_parser = parse_duration_arg, default_value = "5m")]
-    pub breaker_window: std::time::Duration,
-}
-
-impl HiveServeArgs {
-    pub fn restart_policy(&self) -> crate::config::RestartPolicy {
-        crate::config::RestartPolicy {
-            max_attempts: self.max_attempts,
-            backoff_initial: self.backoff_initial,
-            backoff_max: self.backoff_max,
-            breaker_failures: self.breaker_failures,
-            breaker_window: self.breaker_window,
-        }
-    }
-}
-
-/// The arguments after `hive serve --dir DIR` that carry a node's settings to its hive.
-pub fn hive_serve_args(node: &crate::config::Node) -> Vec<String> {
-    let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
-    let p = &node.restart;
-    let listen = if node.transport == crate::config::Transport::Http {
-        "0.0.0.0"
-    } else {
-        "127.0.0.1"
-    };
-    vec![
-        "--listen".to_string(),
-        listen.to_string(),
-        "--port".to_string(),
-        node.hive_port.to_string(),
-        "--node".to_string(),
-        node.name.clone(),
-        "--keep-alive".to_string(),
-        ms(node.keep_alive),
-        "--clock-skew".to_string(),
-        ms(node.clock_skew),
-        "--max-attempts".to_string(),
-        p.max_attempts.to_string(),
-        "--backoff-initial".to_string(),
-        ms(p.backoff_initial),
-        "--backoff-max".to_string(),
-        ms(p.backoff_max),
-        "--breaker-failures".to_string(),
-        p.breaker_failures.to_string(),
-        "--breaker-window".to_string(),
-        ms(p.breaker_window),
-    ]
+    pub(crate) all: bool,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum WorkerCommand {
+pub(crate) enum WorkerCommand {
+    #[command(flatten)]
+    Fleet(WorkerOp),
+    /// Run one llama.cpp worker in the foreground (started by the hive)
+    #[command(hide = true)]
+    Serve(crate::worker::args::ServeArgs),
+}
+
+/// What the queen asks of a node's workers.
+#[derive(Debug, Subcommand)]
+pub(crate) enum WorkerOp {
     /// List the workers of a node's hive
     List {
         #[arg(long)]
@@ -241,39 +179,10 @@ pub enum WorkerCommand {
         #[arg(long)]
         model: String,
     },
-    /// Run one llama.cpp worker in the foreground (started by the hive)
-    #[command(hide = true)]
-    Serve(WorkerServeArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct WorkerServeArgs {
-    /// Model name, for logs and reports
-    #[arg(long)]
-    pub model: String,
-    /// The GGUF file
-    #[arg(long)]
-    pub model_path: PathBuf,
-    /// Context length per request in tokens (default: the model's training context, at most
-    /// 4096)
-    #[arg(long)]
-    pub context: Option<u32>,
-    /// Requests decoded together, each in its own KV sequence
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=crate::config::MAX_SLOTS as i64))]
-    pub slots: u32,
-    /// CPU threads (default: all cores)
-    #[arg(long)]
-    pub threads: Option<u32>,
-    /// Layers to offload to the GPU
-    #[arg(long, default_value_t = 0)]
-    pub gpu_layers: u32,
-    /// The hive directory this worker belongs to (ties it to its hive in `ps`)
-    #[arg(long)]
-    pub hive_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum NodesCommand {
+pub(crate) enum NodesCommand {
     /// List the configured nodes and their models
     List,
     /// Check nodes: reachable, host key, authentication, platform, free disk, installed version
@@ -283,7 +192,7 @@ pub enum NodesCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ModelsCommand {
+pub(crate) enum ModelsCommand {
     /// The models a node serves, and whether their files are on it
     List {
         #[arg(long)]

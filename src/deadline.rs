@@ -5,20 +5,20 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 
-pub const BUDGET_HEADER: &str = "x-rbee-budget-ms";
+pub(crate) const BUDGET_HEADER: &str = "x-rbee-budget-ms";
 
 /// Kept back at each hop for the answer's way back, so the caller sees the stop before its own
 /// deadline fires.
-pub const RETURN_MARGIN: Duration = Duration::from_millis(50);
+pub(crate) const RETURN_MARGIN: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy)]
-pub struct Budget {
+pub(crate) struct Budget {
     started: Instant,
     deadline: Instant,
 }
 
 impl Budget {
-    pub fn new(total: Duration) -> Budget {
+    pub(crate) fn new(total: Duration) -> Budget {
         let started = Instant::now();
         Budget {
             started,
@@ -27,37 +27,37 @@ impl Budget {
     }
 
     /// The whole budget, as it was given.
-    pub fn total(&self) -> Duration {
+    pub(crate) fn total(&self) -> Duration {
         self.deadline - self.started
     }
 
-    pub fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         self.deadline
     }
 
-    pub fn remaining(&self) -> Duration {
+    pub(crate) fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
-    pub fn is_spent(&self) -> bool {
+    pub(crate) fn is_spent(&self) -> bool {
         self.remaining().is_zero()
     }
 
-    pub fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
 
     /// What the next hop may spend: the remainder less the margin for the way back.
-    pub fn for_next_hop(&self) -> Duration {
+    pub(crate) fn for_next_hop(&self) -> Duration {
         self.remaining().saturating_sub(RETURN_MARGIN)
     }
 
-    pub fn header_value(&self) -> String {
+    pub(crate) fn header_value(&self) -> String {
         self.for_next_hop().as_millis().to_string()
     }
 
     /// The budget a request arrived with; `None` when it carried none or an unreadable one.
-    pub fn from_headers(headers: &HeaderMap) -> Option<Budget> {
+    pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Budget> {
         let ms: u64 = headers
             .get(BUDGET_HEADER)?
             .to_str()

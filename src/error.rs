@@ -1,6 +1,10 @@
-//! The top-level error: which exit code it maps to and how it is shown to the user.
+//! The top-level error: what happened, typed by domain; the exit code each maps to (in one
+//! place, `Error::kind`); and how it is shown to the user.
 
-use std::fmt;
+use std::path::Path;
+
+pub use crate::config::ConfigError;
+pub use crate::ssh::SshError;
 
 /// Exit codes of the stable command-line contract (DESIGN.md, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +27,7 @@ impl ExitKind {
     }
 
     /// The wire name of an error class, shared by the hive, the worker and the CLI.
-    pub fn wire_code(self) -> &'static str {
+    pub(crate) fn wire_code(self) -> &'static str {
         match self {
             ExitKind::Internal => "internal",
             ExitKind::Usage => "usage",
@@ -38,97 +42,224 @@ impl ExitKind {
         }
     }
 
+    const ALL: [ExitKind; 10] = [
+        ExitKind::Internal,
+        ExitKind::Usage,
+        ExitKind::Config,
+        ExitKind::Ssh,
+        ExitKind::Unauthenticated,
+        ExitKind::HiveUnavailable,
+        ExitKind::WorkerUnavailable,
+        ExitKind::InvalidRequest,
+        ExitKind::Deadline,
+        ExitKind::Interrupted,
+    ];
+
     /// The kind behind an exit code (for results gathered from several nodes).
-    pub fn from_code(code: u8) -> ExitKind {
-        [
-            ExitKind::Usage,
-            ExitKind::Config,
-            ExitKind::Ssh,
-            ExitKind::Unauthenticated,
-            ExitKind::HiveUnavailable,
-            ExitKind::WorkerUnavailable,
-            ExitKind::InvalidRequest,
-            ExitKind::Deadline,
-            ExitKind::Interrupted,
-        ]
-        .into_iter()
-        .find(|k| k.code() == code)
-        .unwrap_or(ExitKind::Internal)
+    pub(crate) fn from_code(code: u8) -> ExitKind {
+        ExitKind::ALL
+            .into_iter()
+            .find(|k| k.code() == code)
+            .unwrap_or(ExitKind::Internal)
     }
 
-    pub fn from_wire_code(code: &str) -> ExitKind {
-        match code {
-            "usage" => ExitKind::Usage,
-            "config" => ExitKind::Config,
-            "ssh" => ExitKind::Ssh,
-            "unauthenticated" => ExitKind::Unauthenticated,
-            "hive_unavailable" => ExitKind::HiveUnavailable,
-            "worker_unavailable" => ExitKind::WorkerUnavailable,
-            "invalid_request" => ExitKind::InvalidRequest,
-            "deadline" => ExitKind::Deadline,
-            "interrupted" => ExitKind::Interrupted,
-            _ => ExitKind::Internal,
-        }
+    pub(crate) fn from_wire_code(code: &str) -> ExitKind {
+        ExitKind::ALL
+            .into_iter()
+            .find(|k| k.wire_code() == code)
+            .unwrap_or(ExitKind::Internal)
     }
 }
 
-/// An error that reaches the user: a class (exit code) and a message that says what failed,
-/// where, and what to do next.
-#[derive(Debug)]
-pub struct Error {
-    pub kind: ExitKind,
-    pub message: String,
+/// An error that reaches the user. Each variant says what happened; `kind` gives its exit code.
+/// Messages say what failed, where, and what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Boxed: its host key variants carry both fingerprints and would make every `Result` large.
+    #[error(transparent)]
+    Ssh(Box<SshError>),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Deadline(#[from] DeadlineError),
+    /// The request was refused as not signed by a key the peer holds, or a response did not
+    /// verify.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The hive is not running, is stopping, or cannot be reached.
+    #[error("{0}")]
+    Hive(String),
+    /// No worker can serve: the model failed to load, the breaker is open, the worker died.
+    #[error("{0}")]
+    Worker(String),
+    /// The request itself is not acceptable (too long for the context, out of range).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("interrupted")]
+    Interrupted,
+    #[error("{0}")]
+    Internal(String),
+    /// An error whose class is known only by its code: what a peer sent with a wire code this
+    /// side has no variant for, or the summary of several nodes' results.
+    #[error("{message}")]
+    Classified { kind: ExitKind, message: String },
+    /// Already reported to the user (per-node results were printed): only the exit code is left.
+    #[error("")]
+    Reported(ExitKind),
+}
+
+impl From<SshError> for Error {
+    fn from(err: SshError) -> Error {
+        Error::Ssh(Box::new(err))
+    }
 }
 
 impl Error {
-    pub fn new(kind: ExitKind, message: impl Into<String>) -> Error {
-        Error {
-            kind,
-            message: message.into(),
+    /// The error of class `kind` (as it came from a peer or from several nodes), as the variant
+    /// this side has for that class.
+    pub(crate) fn of_kind(kind: ExitKind, message: impl Into<String>) -> Error {
+        let message = message.into();
+        match kind {
+            ExitKind::Config => Error::Config(ConfigError::Invalid(message)),
+            ExitKind::Unauthenticated => Error::Unauthenticated(message),
+            ExitKind::HiveUnavailable => Error::Hive(message),
+            ExitKind::WorkerUnavailable => Error::Worker(message),
+            ExitKind::InvalidRequest => Error::Invalid(message),
+            ExitKind::Deadline => Error::Deadline(DeadlineError::During(message)),
+            ExitKind::Internal => Error::Internal(message),
+            ExitKind::Usage | ExitKind::Ssh | ExitKind::Interrupted => {
+                Error::Classified { kind, message }
+            }
         }
     }
 
-    pub fn config(message: impl Into<String>) -> Error {
-        Error::new(ExitKind::Config, message)
+    pub(crate) fn config(message: impl Into<String>) -> Error {
+        Error::Config(ConfigError::Invalid(message.into()))
     }
 
-    pub fn internal(message: impl Into<String>) -> Error {
-        Error::new(ExitKind::Internal, message)
+    pub(crate) fn internal(message: impl Into<String>) -> Error {
+        Error::Internal(message.into())
     }
 
-    pub fn hive(message: impl Into<String>) -> Error {
-        Error::new(ExitKind::HiveUnavailable, message)
+    pub(crate) fn hive(message: impl Into<String>) -> Error {
+        Error::Hive(message.into())
     }
 
-    pub fn worker(message: impl Into<String>) -> Error {
-        Error::new(ExitKind::WorkerUnavailable, message)
+    pub(crate) fn worker(message: impl Into<String>) -> Error {
+        Error::Worker(message.into())
     }
 
-    pub fn invalid(message: impl Into<String>) -> Error {
-        Error::new(ExitKind::InvalidRequest, message)
+    pub(crate) fn invalid(message: impl Into<String>) -> Error {
+        Error::Invalid(message.into())
     }
 
-    pub fn deadline(message: impl Into<String>) -> Error {
-        Error::new(ExitKind::Deadline, message)
+    /// A hop ran out of budget and says what it was doing.
+    pub(crate) fn deadline(message: impl Into<String>) -> Error {
+        Error::Deadline(DeadlineError::During(message.into()))
+    }
+
+    /// Which class of the exit-code table this error belongs to: the one place that decides.
+    pub fn kind(&self) -> ExitKind {
+        match self {
+            Error::Config(_) => ExitKind::Config,
+            Error::Ssh(_) => ExitKind::Ssh,
+            Error::Io(_) | Error::Internal(_) => ExitKind::Internal,
+            Error::Deadline(_) => ExitKind::Deadline,
+            Error::Unauthenticated(_) => ExitKind::Unauthenticated,
+            Error::Hive(_) => ExitKind::HiveUnavailable,
+            Error::Worker(_) => ExitKind::WorkerUnavailable,
+            Error::Invalid(_) => ExitKind::InvalidRequest,
+            Error::Interrupted => ExitKind::Interrupted,
+            Error::Classified { kind, .. } | Error::Reported(kind) => *kind,
+        }
     }
 
     pub fn code(&self) -> u8 {
-        self.kind.code()
+        self.kind().code()
     }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+/// How the budget ran out.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadlineError {
+    /// The invocation's whole budget, with how it was spent.
+    #[error("{0}")]
+    Spent(String),
+    /// A hop ran out and said what it was doing; the queen adds the breakdown.
+    #[error("{0}")]
+    During(String),
+}
+
+/// A failed file or socket operation, with what was being done and to which path.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what}: {source}")]
+pub struct IoError {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+impl IoError {
+    /// `op` is a verb phrase ("read", "create the directory"); the path follows it.
+    pub(crate) fn at(op: &str, path: &Path, source: std::io::Error) -> IoError {
+        IoError {
+            what: format!("{op} `{}`", path.display()),
+            source,
+        }
+    }
+
+    /// An operation on something that is not a path (a socket, the runtime).
+    pub(crate) fn doing(what: impl Into<String>, source: std::io::Error) -> IoError {
+        IoError {
+            what: what.into(),
+            source,
+        }
     }
 }
 
-impl std::error::Error for Error {}
+/// Adds what was being done to an `io::Result`.
+pub(crate) trait IoContext<T> {
+    fn at(self, op: &str, path: &Path) -> Result<T, IoError>;
+    fn doing(self, what: &str) -> Result<T, IoError>;
+}
 
-impl From<std::io::Error> for Error {
-    fn from(err: std::io::Error) -> Error {
-        Error::internal(err.to_string())
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, op: &str, path: &Path) -> Result<T, IoError> {
+        self.map_err(|e| IoError::at(op, path, e))
+    }
+
+    fn doing(self, what: &str) -> Result<T, IoError> {
+        self.map_err(|e| IoError::doing(what, e))
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_codes_and_exit_codes_round_trip() {
+        for kind in ExitKind::ALL {
+            assert_eq!(ExitKind::from_wire_code(kind.wire_code()), kind);
+            assert_eq!(ExitKind::from_code(kind.code()), kind);
+            assert_eq!(Error::of_kind(kind, "x").kind(), kind);
+        }
+        assert_eq!(ExitKind::from_wire_code("no such"), ExitKind::Internal);
+    }
+
+    #[test]
+    fn an_io_error_names_its_path_and_operation() {
+        let err: Result<(), IoError> = std::fs::read("/nonexistent/k.key")
+            .map(|_| ())
+            .at("read", Path::new("/nonexistent/k.key"));
+        let text = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            text.starts_with("cannot read `/nonexistent/k.key`: "),
+            "{text}"
+        );
+    }
+}

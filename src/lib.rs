@@ -25,24 +25,20 @@
 
 pub mod audit;
 pub mod auth;
-pub mod cli;
-pub mod client;
-pub mod cmd;
+mod cli;
+mod cmd;
 pub mod config;
-pub mod deadline;
+mod deadline;
 pub mod error;
 pub mod hive;
-pub mod http;
-pub mod install;
-pub mod lifecycle;
-pub mod node;
-pub mod output;
-pub mod paths;
-pub mod signals;
-pub mod sse;
-pub mod ssh;
-pub mod wire;
-pub mod worker;
+mod output;
+mod paths;
+pub mod protocol;
+mod queen;
+mod server;
+mod signals;
+mod ssh;
+mod worker;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -78,10 +74,11 @@ where
             json: cli.json,
             quiet: cli.quiet,
         },
-        connect: node::ConnectOptions {
+        connect: queen::node::ConnectOptions {
             accept_new_host_key: cli.accept_new_host_key,
         },
     };
+    let verbose = cli.verbose;
     let result = match cli.command {
         // The daemons set up their own logging and runtime.
         Command::Hive {
@@ -90,20 +87,26 @@ where
         Command::Worker {
             command: WorkerCommand::Serve(args),
         } => {
-            init_stderr_logging(cli.verbose, "warn,rbee=info", true);
+            init_stderr_logging(verbose, "warn,rbee=info", true);
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
             worker::serve(args)
         }
-        command => {
-            init_stderr_logging(cli.verbose, "warn", false);
-            dispatch(&ctx, command)
-        }
+        Command::Infer(args) => queen(&ctx, verbose, true, cmd::infer::run(&ctx, args)),
+        Command::Hive {
+            command: HiveCommand::Fleet(op),
+        } => queen(&ctx, verbose, true, cmd::hive::run(&ctx, op)),
+        Command::Worker {
+            command: WorkerCommand::Fleet(op),
+        } => queen(&ctx, verbose, true, cmd::worker::run(&ctx, op)),
+        Command::Models { command } => queen(&ctx, verbose, true, cmd::models::run(&ctx, command)),
+        Command::Nodes { command } => queen(&ctx, verbose, false, cmd::nodes::run(&ctx, command)),
+        Command::Audit { command } => queen(&ctx, verbose, false, cmd::audit::run(&ctx, command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            if !err.message.is_empty() {
-                eprintln!("rbee: {}", err.message);
+            if !matches!(err, Error::Reported(_)) {
+                eprintln!("rbee: {err}");
             }
             ExitCode::from(err.code())
         }
@@ -135,23 +138,23 @@ fn note_config(ctx: &Context) {
     }
 }
 
-fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
-    if !matches!(command, Command::Nodes { .. } | Command::Audit { .. }) {
+/// Runs one queen command on a single-threaded runtime. `note` records a changed nodes.toml
+/// first (commands that only read the configuration or the audit trail leave that alone).
+fn queen(
+    ctx: &Context,
+    verbose: u8,
+    note: bool,
+    work: impl std::future::Future<Output = Result<(), Error>>,
+) -> Result<(), Error> {
+    init_stderr_logging(verbose, "warn", false);
+    if note {
         note_config(ctx);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    let result = runtime.block_on(async {
-        match command {
-            Command::Infer(args) => cmd::infer::run(ctx, args).await,
-            Command::Hive { command } => cmd::hive::run(ctx, command).await,
-            Command::Worker { command } => cmd::worker::run(ctx, command).await,
-            Command::Nodes { command } => cmd::nodes::run(ctx, command).await,
-            Command::Models { command } => cmd::models::run(ctx, command).await,
-            Command::Audit { command } => cmd::audit::run(ctx, command).await,
-        }
-    });
+        .build()
+        .map_err(|e| error::IoError::doing("start the runtime", e))?;
+    let result = runtime.block_on(work);
     // The answer is out: exit now rather than wait on leftover blocking work (a file hash,
     // a stdin read) that no longer matters.
     runtime.shutdown_background();

@@ -6,21 +6,21 @@ use std::io::Write;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy)]
-pub struct Output {
-    pub json: bool,
-    pub quiet: bool,
+pub(crate) struct Output {
+    pub(crate) json: bool,
+    pub(crate) quiet: bool,
 }
 
 impl Output {
     /// A progress or status note for a person.
-    pub fn note(&self, message: impl std::fmt::Display) {
+    pub(crate) fn note(&self, message: impl std::fmt::Display) {
         if !self.quiet {
             eprintln!("{message}");
         }
     }
 
     /// One JSON value on one line of stdout.
-    pub fn json_line(&self, value: &impl Serialize) {
+    pub(crate) fn json_line(&self, value: &impl Serialize) {
         if let Ok(line) = serde_json::to_string(value) {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
@@ -29,7 +29,7 @@ impl Output {
     }
 
     /// The result of a command: JSON with `--json`, else the text.
-    pub fn result(&self, value: &impl Serialize, text: impl FnOnce() -> String) {
+    pub(crate) fn result(&self, value: &impl Serialize, text: impl FnOnce() -> String) {
         if self.json {
             self.json_line(value);
         } else {
@@ -45,7 +45,7 @@ impl Output {
 }
 
 /// Left-aligned columns separated by two spaces.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

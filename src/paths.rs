@@ -3,14 +3,14 @@
 use std::path::{Path, PathBuf};
 
 /// The user's home directory, from `$HOME`.
-pub fn home_dir() -> Option<PathBuf> {
+pub(crate) fn home_dir() -> Option<PathBuf> {
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from)
 }
 
 /// Expands a leading `~` or `~/` against `home`. Other forms (`~user`) are left as they are.
-pub fn expand_tilde_with(path: &str, home: Option<&Path>) -> PathBuf {
+pub(crate) fn expand_tilde_with(path: &str, home: Option<&Path>) -> PathBuf {
     match (path, home) {
         ("~", Some(home)) => home.to_path_buf(),
         (p, Some(home)) if p.starts_with("~/") => home.join(&p[2..]),
@@ -19,13 +19,13 @@ pub fn expand_tilde_with(path: &str, home: Option<&Path>) -> PathBuf {
 }
 
 /// Expands `~` against this machine's home directory.
-pub fn expand_tilde(path: &str) -> PathBuf {
+pub(crate) fn expand_tilde(path: &str) -> PathBuf {
     expand_tilde_with(path, home_dir().as_deref())
 }
 
 /// State directory of the machine running `rbee`: `$RBEE_HOME`, else `$XDG_STATE_HOME/rbee`,
 /// else `~/.local/state/rbee`.
-pub fn state_dir() -> PathBuf {
+pub(crate) fn state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("RBEE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
@@ -38,7 +38,7 @@ pub fn state_dir() -> PathBuf {
 }
 
 /// `$XDG_CONFIG_HOME/rbee/nodes.toml` (or `~/.config/rbee/nodes.toml`).
-pub fn user_config_file() -> Option<PathBuf> {
+pub(crate) fn user_config_file() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)

@@ -3,7 +3,7 @@
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn terminated() {
+pub(crate) async fn terminated() {
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     match (term, int) {

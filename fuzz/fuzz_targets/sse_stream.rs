@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rbee::sse::SseParser;
+use rbee::protocol::sse::SseParser;
 
 fuzz_target!(|data: &[u8]| {
     let cut = data.first().map_or(0, |b| usize::from(*b)).min(data.len());

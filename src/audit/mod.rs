@@ -9,38 +9,40 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-pub use verify::{Break, Verified, verify, verify_contents};
-pub use writer::{Audit, append, rotated};
+pub(crate) use verify::verify_contents;
+pub use verify::{Break, Verified, verify};
+pub use writer::append;
+pub(crate) use writer::{Audit, rotated};
 
-pub const FILE: &str = "audit.jsonl";
+pub(crate) const FILE: &str = "audit.jsonl";
 /// `prev` of the first record of a chain.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Record {
-    pub seq: u64,
-    pub ts: String,
-    pub actor: String,
-    pub event: String,
+pub(crate) struct Record {
+    pub(crate) seq: u64,
+    pub(crate) ts: String,
+    pub(crate) actor: String,
+    pub(crate) event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
+    pub(crate) request_id: Option<String>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
-    pub fields: Map<String, Value>,
-    pub prev: String,
+    pub(crate) fields: Map<String, Value>,
+    pub(crate) prev: String,
     #[serde(default)]
-    pub hash: String,
+    pub(crate) hash: String,
 }
 
 /// The last record of a chain, as a witness names it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Head {
-    pub seq: u64,
-    pub hash: String,
+    pub(crate) seq: u64,
+    pub(crate) hash: String,
 }
 
 impl Record {
     /// The record without its hash, keys sorted: what the hash covers.
-    pub fn canonical(&self) -> String {
+    pub(crate) fn canonical(&self) -> String {
         let mut value = match serde_json::to_value(self) {
             Ok(Value::Object(map)) => map,
             _ => Map::new(),
@@ -50,14 +52,14 @@ impl Record {
         Value::Object(value).to_string()
     }
 
-    pub fn compute_hash(&self) -> String {
+    pub(crate) fn compute_hash(&self) -> String {
         let mut hasher = Sha256::new();
         hasher.update(self.prev.as_bytes());
         hasher.update(self.canonical().as_bytes());
         hex::encode(hasher.finalize())
     }
 
-    pub fn head(&self) -> Head {
+    pub(crate) fn head(&self) -> Head {
         Head {
             seq: self.seq,
             hash: self.hash.clone(),
@@ -74,6 +76,6 @@ pub fn digest(text: &str) -> Value {
 }
 
 /// RFC 3339 with milliseconds, UTC.
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }

@@ -10,22 +10,21 @@ use super::{GENESIS, Head, Record};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
-    pub records: u64,
-    pub files: usize,
-    pub head: Option<Head>,
+    pub(crate) records: u64,
+    pub(crate) head: Option<Head>,
     #[serde(skip)]
-    pub hashes: HashMap<u64, String>,
+    pub(crate) hashes: HashMap<u64, String>,
     #[serde(skip)]
-    pub records_list: Vec<Record>,
+    pub(crate) records_list: Vec<Record>,
 }
 
 /// Where and why a chain breaks.
 #[derive(Debug, Clone, Serialize)]
 pub struct Break {
-    pub file: PathBuf,
-    pub line: usize,
-    pub seq: Option<u64>,
-    pub why: String,
+    pub(crate) file: PathBuf,
+    pub(crate) line: usize,
+    pub(crate) seq: Option<u64>,
+    pub(crate) why: String,
 }
 
 impl std::fmt::Display for Break {
@@ -61,12 +60,11 @@ pub fn verify(path: &Path) -> Result<Verified, Break> {
 }
 
 /// Verifies logs given as (name, bytes), oldest first.
-pub fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, Break> {
+pub(crate) fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, Break> {
     let mut prev = GENESIS.to_string();
     let mut last_seq = 0;
     let mut out = Verified {
         records: 0,
-        files: files.len(),
         head: None,
         hashes: HashMap::new(),
         records_list: Vec::new(),

@@ -21,13 +21,13 @@ const TAIL_BYTES: u64 = 256 << 10;
 
 /// An actor's audit log.
 #[derive(Debug, Clone)]
-pub struct Audit {
-    pub path: PathBuf,
-    pub actor: String,
+pub(crate) struct Audit {
+    pub(crate) path: PathBuf,
+    pub(crate) actor: String,
 }
 
 impl Audit {
-    pub fn new(path: PathBuf, actor: impl Into<String>) -> Audit {
+    pub(crate) fn new(path: PathBuf, actor: impl Into<String>) -> Audit {
         Audit {
             path,
             actor: actor.into(),
@@ -35,12 +35,17 @@ impl Audit {
     }
 
     /// Appends one record; returns the chain's new head.
-    pub fn record(&self, event: &str, request_id: Option<&str>, fields: Value) -> Result<Head> {
+    pub(crate) fn record(
+        &self,
+        event: &str,
+        request_id: Option<&str>,
+        fields: Value,
+    ) -> Result<Head> {
         append(&self.path, &self.actor, event, request_id, fields)
     }
 
     /// The same, off the async runtime's threads (a record waits for its fsync).
-    pub async fn record_async(
+    pub(crate) async fn record_async(
         &self,
         event: &'static str,
         request_id: Option<String>,
@@ -53,7 +58,12 @@ impl Audit {
     }
 
     /// Records, logging instead of failing: for events whose action must go on regardless.
-    pub async fn note(&self, event: &'static str, request_id: Option<String>, fields: Value) {
+    pub(crate) async fn note(
+        &self,
+        event: &'static str,
+        request_id: Option<String>,
+        fields: Value,
+    ) {
         if let Err(e) = self.record_async(event, request_id, fields).await {
             tracing::error!(event, "cannot write the audit record: {e}");
         }
@@ -211,7 +221,7 @@ fn tail(path: &Path, file: &mut File, actor: &str) -> Result<Option<Head>> {
 }
 
 /// Rotated files: `audit.jsonl.1` (oldest), `.2`, ...
-pub fn rotated(path: &Path) -> Vec<PathBuf> {
+pub(crate) fn rotated(path: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for n in 1.. {
         let file = PathBuf::from(format!("{}.{n}", path.display()));

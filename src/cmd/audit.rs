@@ -13,7 +13,7 @@ use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::ssh::quote::remote_join;
 
-pub async fn run(ctx: &Context, command: AuditCommand) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, command: AuditCommand) -> Result<()> {
     match command {
         AuditCommand::Verify { node, all } => verify(ctx, node.as_deref(), all).await,
         AuditCommand::Tail { node, n } => tail(ctx, node.as_deref(), n).await,
@@ -66,7 +66,7 @@ async fn verify(ctx: &Context, node: Option<&str>, all: bool) -> Result<()> {
                     records: 0,
                     head: None,
                     witnessed: 0,
-                    error: Some(e.message),
+                    error: Some(e.to_string()),
                 },
             });
         }
@@ -126,7 +126,7 @@ fn report(log: String, outcome: std::result::Result<(Verified, usize), audit::Br
 /// A node's log as stored on the node: (file name, bytes), oldest first.
 async fn fetch(ctx: &Context, node: &Node) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     if node.transport == Transport::Local {
-        let path = crate::lifecycle::local_dir(node).join(audit::FILE);
+        let path = crate::queen::lifecycle::local_dir(node).join(audit::FILE);
         let mut files = audit::rotated(&path);
         files.push(path);
         return Ok(files

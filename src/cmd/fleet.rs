@@ -12,37 +12,37 @@ use crate::cli::NodeSelection;
 use crate::cmd::{Context, PARALLEL_NODES};
 use crate::config::Node;
 use crate::error::{Error, ExitKind, Result};
-use crate::install::{Installed, Pushed};
-use crate::wire::WorkerInfo;
+use crate::protocol::WorkerInfo;
+use crate::queen::install::{Installed, Pushed};
 
 #[derive(Debug, Default, Serialize)]
-pub struct NodeResult {
-    pub node: String,
-    pub state: &'static str,
+pub(crate) struct NodeResult {
+    pub(crate) node: String,
+    pub(crate) state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
+    pub(crate) version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub uptime_s: Option<f64>,
-    pub elapsed_ms: f64,
+    pub(crate) uptime_s: Option<f64>,
+    pub(crate) elapsed_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub workers: Option<Vec<WorkerInfo>>,
+    pub(crate) workers: Option<Vec<WorkerInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub installed: Option<Installed>,
+    pub(crate) installed: Option<Installed>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub models: Vec<Pushed>,
+    pub(crate) models: Vec<Pushed>,
     /// What else the command has to say about this node (a host key fingerprint...).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
+    pub(crate) detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<u8>,
+    pub(crate) exit_code: Option<u8>,
 }
 
 impl NodeResult {
-    pub fn new(node: &Node, state: &'static str) -> NodeResult {
+    pub(crate) fn new(node: &Node, state: &'static str) -> NodeResult {
         NodeResult {
             node: node.name.clone(),
             state,
@@ -50,9 +50,9 @@ impl NodeResult {
         }
     }
 
-    pub fn failed(node: &Node, state: &'static str, err: &Error) -> NodeResult {
+    pub(crate) fn failed(node: &Node, state: &'static str, err: &Error) -> NodeResult {
         NodeResult {
-            error: Some(err.message.clone()),
+            error: Some(err.to_string()),
             exit_code: Some(err.code()),
             ..NodeResult::new(node, state)
         }
@@ -60,7 +60,7 @@ impl NodeResult {
 }
 
 /// Runs `action` on every selected node, at most `PARALLEL_NODES` at once, results in order.
-pub async fn each_node<F, Fut>(
+pub(crate) async fn each_node<F, Fut>(
     ctx: &Context,
     sel: &NodeSelection,
     action: F,
@@ -91,7 +91,7 @@ where
 }
 
 /// Prints each node's result, then turns failures into the worst exit code.
-pub fn finish(
+pub(crate) fn finish(
     ctx: &Context,
     results: &[NodeResult],
     text: impl Fn(&NodeResult) -> String,
@@ -121,7 +121,7 @@ pub fn finish(
     worst(ctx, results)
 }
 
-pub fn worst(ctx: &Context, results: &[NodeResult]) -> Result<()> {
+pub(crate) fn worst(ctx: &Context, results: &[NodeResult]) -> Result<()> {
     let failed: Vec<&NodeResult> = results.iter().filter(|r| r.exit_code.is_some()).collect();
     let Some(code) = failed.iter().filter_map(|r| r.exit_code).max() else {
         if results.len() > 1 && std::io::stderr().is_terminal() {
@@ -140,5 +140,8 @@ pub fn worst(ctx: &Context, results: &[NodeResult]) -> Result<()> {
         .iter()
         .map(|r| format!("{}: {}", r.node, r.error.as_deref().unwrap_or(r.state)))
         .collect();
-    Err(Error::new(ExitKind::from_code(code), detail.join("\n")))
+    Err(Error::Classified {
+        kind: ExitKind::from_code(code),
+        message: detail.join("\n"),
+    })
 }

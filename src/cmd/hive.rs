@@ -4,24 +4,23 @@
 
 use std::time::Duration;
 
-use crate::cli::{HiveCommand, NodeSelection};
+use crate::cli::{HiveOp, NodeSelection};
 use crate::cmd::Context;
 use crate::cmd::fleet::{NodeResult, each_node, finish, worst};
 use crate::config::Node;
 use crate::deadline::Budget;
 use crate::error::{Error, ExitKind, Result};
-use crate::install;
-use crate::lifecycle::{self, Probe, Stopped};
 use crate::output::table;
+use crate::queen::install;
+use crate::queen::lifecycle::{self, Probe, Stopped};
 
-pub async fn run(ctx: &Context, command: HiveCommand) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, command: HiveOp) -> Result<()> {
     match command {
-        HiveCommand::Start(sel) => start(ctx, sel).await,
-        HiveCommand::Stop(sel) => stop(ctx, sel).await,
-        HiveCommand::Status(sel) => status(ctx, sel).await,
-        HiveCommand::Install(sel) => install(ctx, sel).await,
-        HiveCommand::RotateKey(sel) => rotate_key(ctx, sel).await,
-        HiveCommand::Serve(args) => crate::hive::serve(args),
+        HiveOp::Start(sel) => start(ctx, sel).await,
+        HiveOp::Stop(sel) => stop(ctx, sel).await,
+        HiveOp::Status(sel) => status(ctx, sel).await,
+        HiveOp::Install(sel) => install(ctx, sel).await,
+        HiveOp::RotateKey(sel) => rotate_key(ctx, sel).await,
     }
 }
 
@@ -195,7 +194,7 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
     worst(ctx, &results)?;
     if results.iter().any(|r| r.state != "running") {
         // Scripts can write `rbee hive status NODE && ...`.
-        return Err(Error::new(ExitKind::HiveUnavailable, String::new()));
+        return Err(Error::Reported(ExitKind::HiveUnavailable));
     }
     Ok(())
 }

@@ -13,15 +13,15 @@ use crate::cli::InferArgs;
 use crate::cmd::Context;
 use crate::config::{Model, Node};
 use crate::deadline::Budget;
-use crate::error::{Error, ExitKind, Result};
-use crate::lifecycle;
-use crate::sse::events;
-use crate::wire::{
+use crate::error::{DeadlineError, Error, Result};
+use crate::protocol::sse::events;
+use crate::protocol::{
     DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, SamplingParams, StopReason, Timings,
     TokenEvent,
 };
+use crate::queen::lifecycle;
 
-pub async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
     let request_id = format!("{:032x}", rand::random::<u128>());
     let result = infer(ctx, args, &request_id).await;
     if let Err(err) = &result
@@ -30,8 +30,8 @@ pub async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
         ctx.out.json_line(&serde_json::json!({
             "event": "error",
             "request_id": request_id,
-            "code": err.kind.wire_code(),
-            "message": err.message,
+            "code": err.kind().wire_code(),
+            "message": err.to_string(),
             "exit_code": err.code(),
         }));
     }
@@ -100,10 +100,14 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let work = generate(ctx, node, model, &request, &budget, &progress);
     let outcome = tokio::select! {
         biased;
-        _ = tokio::signal::ctrl_c() => Err(Error::new(ExitKind::Interrupted, "interrupted")),
+        _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
         result = tokio::time::timeout_at(budget.deadline().into(), work) => match result {
             Ok(result) => result,
-            Err(_) => Err(Error::deadline(breakdown(budget.total(), &budget, &progress.borrow()))),
+            Err(_) => Err(Error::Deadline(DeadlineError::Spent(breakdown(
+                budget.total(),
+                &budget,
+                &progress.borrow(),
+            )))),
         },
     };
     let progress = progress.into_inner();
@@ -127,12 +131,11 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     );
     // A hop that ran out of budget says what it was doing; the user also needs the breakdown.
     match outcome {
-        Err(e) if e.kind == ExitKind::Deadline && !e.message.starts_with("deadline of") => {
-            Err(Error::deadline(format!(
-                "{} ({})",
+        Err(Error::Deadline(DeadlineError::During(what))) => {
+            Err(Error::Deadline(DeadlineError::Spent(format!(
+                "{} ({what})",
                 breakdown(budget.total(), &budget, &progress),
-                e.message
-            )))
+            ))))
         }
         other => other,
     }

@@ -1,44 +1,44 @@
 //! One module per subcommand; each takes the parsed arguments and the shared context.
 
-pub mod audit;
-pub mod fleet;
-pub mod hive;
-pub mod infer;
-pub mod models;
-pub mod nodes;
-pub mod worker;
+pub(crate) mod audit;
+pub(crate) mod fleet;
+pub(crate) mod hive;
+pub(crate) mod infer;
+pub(crate) mod models;
+pub(crate) mod nodes;
+pub(crate) mod worker;
 
 use std::path::PathBuf;
 
 use crate::config::{Config, Node};
 use crate::deadline::Budget;
-use crate::error::Result;
-use crate::node::{ConnectOptions, NodeConn};
+use crate::error::{Error, Result, SshError};
 use crate::output::Output;
+use crate::queen::node::{ConnectOptions, NodeConn};
 
 /// Nodes handled at once by commands over several nodes.
-pub const PARALLEL_NODES: usize = 8;
+pub(crate) const PARALLEL_NODES: usize = 8;
 
 /// What every command gets: the global options.
-pub struct Context {
-    pub config_path: Option<PathBuf>,
-    pub out: Output,
-    pub connect: ConnectOptions,
+pub(crate) struct Context {
+    pub(crate) config_path: Option<PathBuf>,
+    pub(crate) out: Output,
+    pub(crate) connect: ConnectOptions,
 }
 
 impl Context {
-    pub fn config(&self) -> Result<Config> {
+    pub(crate) fn config(&self) -> Result<Config> {
         Config::discover(self.config_path.as_deref())
     }
 
     /// The nodes named on the command line, or all with `--all` (or none named).
-    pub fn selected_nodes(&self, sel: &crate::cli::NodeSelection) -> Result<Vec<Node>> {
+    pub(crate) fn selected_nodes(&self, sel: &crate::cli::NodeSelection) -> Result<Vec<Node>> {
         let config = self.config()?;
         let nodes = config.select_nodes(&sel.nodes, sel.all)?;
         Ok(nodes.into_iter().cloned().collect())
     }
 
-    pub async fn open(&self, node: &Node, budget: &Budget) -> Result<NodeConn> {
+    pub(crate) async fn open(&self, node: &Node, budget: &Budget) -> Result<NodeConn> {
         let result = NodeConn::open(node, budget, self.connect).await;
         match &result {
             Ok(conn) => {
@@ -50,12 +50,10 @@ impl Context {
                     );
                 }
             }
-            Err(e) if e.kind == crate::error::ExitKind::Ssh && e.message.contains("host key") => {
-                self.audit_note(
-                    "host_key_refused",
-                    None,
-                    serde_json::json!({ "node": node.name, "reason": e.message }),
-                );
+            Err(Error::Ssh(refused)) => {
+                if let Some(fields) = host_key_refused(&node.name, refused) {
+                    self.audit_note("host_key_refused", None, fields);
+                }
             }
             Err(_) => {}
         }
@@ -63,12 +61,12 @@ impl Context {
     }
 
     /// This machine's audit log.
-    pub fn audit(&self) -> crate::audit::Audit {
+    pub(crate) fn audit(&self) -> crate::audit::Audit {
         crate::audit::Audit::new(crate::paths::state_dir().join(crate::audit::FILE), "queen")
     }
 
     /// Records an event; a failure to record is reported on stderr, the command goes on.
-    pub fn audit_note(
+    pub(crate) fn audit_note(
         &self,
         event: &str,
         request_id: Option<&str>,
@@ -82,4 +80,32 @@ impl Context {
             }
         }
     }
+}
+
+/// The audit fields of a refused host key: the node, and the fingerprints it presented and (for
+/// a changed key) the one known_hosts holds.
+fn host_key_refused(node: &str, err: &SshError) -> Option<serde_json::Value> {
+    let fields = match err {
+        SshError::HostKeyUnknown { fingerprint, .. } => serde_json::json!({
+            "node": node,
+            "cause": "unknown",
+            "fingerprint": fingerprint,
+            "reason": err.to_string(),
+        }),
+        SshError::HostKeyChanged {
+            fingerprint,
+            known,
+            line,
+            ..
+        } => serde_json::json!({
+            "node": node,
+            "cause": "changed",
+            "fingerprint": fingerprint,
+            "known_fingerprint": known,
+            "known_hosts_line": line,
+            "reason": err.to_string(),
+        }),
+        _ => return None,
+    };
+    Some(fields)
 }

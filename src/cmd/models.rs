@@ -7,8 +7,8 @@ use crate::cmd::Context;
 use crate::config::Transport;
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
-use crate::install;
 use crate::output::table;
+use crate::queen::install;
 use crate::ssh::quote::remote_path;
 
 #[derive(Serialize)]
@@ -20,7 +20,7 @@ struct ModelFile {
     default: bool,
 }
 
-pub async fn run(ctx: &Context, command: ModelsCommand) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, command: ModelsCommand) -> Result<()> {
     match command {
         ModelsCommand::List { node } => list(ctx, node.as_deref()).await,
         ModelsCommand::Push { node, model } => push(ctx, &node, &model).await,

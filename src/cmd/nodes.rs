@@ -11,8 +11,8 @@ use crate::cmd::fleet::{NodeResult, each_node, finish};
 use crate::config::{Model, Node, Transport};
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
-use crate::node::ConnectOptions;
 use crate::output::table;
+use crate::queen::node::ConnectOptions;
 use crate::ssh::{HostKey, Session, Target};
 
 #[derive(Serialize)]
@@ -22,7 +22,7 @@ struct Listing<'a> {
     models: Vec<&'a Model>,
 }
 
-pub async fn run(ctx: &Context, command: NodesCommand) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, command: NodesCommand) -> Result<()> {
     match command {
         NodesCommand::List => list(ctx),
         NodesCommand::Check(sel) => check(ctx, sel).await,
@@ -114,7 +114,7 @@ async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
         });
     }
     match checks.iter().filter_map(|c| c.exit_code).max() {
-        Some(code) => Err(Error::new(
+        Some(code) => Err(Error::of_kind(
             crate::error::ExitKind::from_code(code),
             String::new(),
         )),
@@ -129,7 +129,7 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
         ..Check::default()
     };
     if node.transport == Transport::Local {
-        let dir = crate::lifecycle::local_dir(&node);
+        let dir = crate::queen::lifecycle::local_dir(&node);
         check.reachable = true;
         check.authenticated = true;
         check.host_key = Some("local".to_string());
@@ -155,8 +155,8 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
     let session = match result {
         Ok(s) => s,
         Err(e) => {
-            check.reachable = !e.message.contains("no answer") && !e.message.contains("refused");
-            check.error = Some(e.message.clone());
+            check.reachable = matches!(&e, Error::Ssh(ssh) if ssh.reached());
+            check.error = Some(e.to_string());
             check.exit_code = Some(e.code());
             return check;
         }
@@ -203,7 +203,7 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
             }
         }
         Err(e) => {
-            check.error = Some(e.message.clone());
+            check.error = Some(e.to_string());
             check.exit_code = Some(e.code());
         }
     }

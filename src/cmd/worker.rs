@@ -2,32 +2,29 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::cli::WorkerCommand;
+use crate::cli::WorkerOp;
 use crate::cmd::Context;
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::output::table;
-use crate::wire::{RequestInfo, RequestStage, WorkerInfo, WorkerState};
+use crate::protocol::{RequestInfo, RequestStage, WorkerInfo, WorkerState};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn run(ctx: &Context, command: WorkerCommand) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, command: WorkerOp) -> Result<()> {
     match command {
-        WorkerCommand::List { node } => list(ctx, node.as_deref()).await,
-        WorkerCommand::Stop { node, model } => stop(ctx, node.as_deref(), &model).await,
-        WorkerCommand::Restart { node, model } => restart(ctx, node.as_deref(), &model).await,
-        WorkerCommand::Serve(args) => crate::worker::serve(args),
+        WorkerOp::List { node } => list(ctx, node.as_deref()).await,
+        WorkerOp::Stop { node, model } => stop(ctx, node.as_deref(), &model).await,
+        WorkerOp::Restart { node, model } => restart(ctx, node.as_deref(), &model).await,
     }
 }
 
-pub fn state_name(state: WorkerState) -> &'static str {
+pub(crate) fn state_name(state: WorkerState) -> &'static str {
     match state {
-        WorkerState::Starting => "starting",
         WorkerState::Loading => "loading",
         WorkerState::Ready => "ready",
         WorkerState::Busy => "busy",
         WorkerState::Restarting => "restarting",
-        WorkerState::Stopping => "stopping",
         WorkerState::Failed => "failed",
     }
 }

@@ -1,6 +1,7 @@
 //! nodes.toml -> validated `Config`: lookup order, defaults, the embedded `local` node, and
 //! errors that name the file, line and key. Loading has no side effects.
 
+mod error;
 mod raw;
 
 use std::fmt;
@@ -14,18 +15,22 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::paths;
 
-pub use raw::{Transport, parse_duration};
+pub use error::ConfigError;
+pub(crate) use raw::{Transport, parse_duration};
 
-pub const DEFAULT_MODEL: &str = "smollm2";
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str =
+pub(crate) const DEFAULT_MODEL: &str = "smollm2";
+pub(crate) const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-pub const DEFAULT_HIVE_PORT: u16 = 7835;
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
-pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_HIVE_PORT: u16 = 7835;
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// llama.cpp's limit on sequences in one context.
-pub const MAX_SLOTS: u32 = 256;
+pub(crate) const MAX_SLOTS: u32 = 256;
+/// Longest context per request when the user sets none: the training context can be far larger
+/// than what a small machine wants to allocate for the KV cache.
+pub(crate) const DEFAULT_MAX_CONTEXT: u32 = 4096;
 
 /// Where the configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,63 +50,62 @@ impl fmt::Display for Source {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub source: Source,
-    pub restart: RestartPolicy,
-    pub models: IndexMap<String, Model>,
-    pub nodes: IndexMap<String, Node>,
+    pub(crate) source: Source,
+    pub(crate) models: IndexMap<String, Model>,
+    pub(crate) nodes: IndexMap<String, Node>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Node {
-    pub name: String,
-    pub host: Option<String>,
-    pub user: Option<String>,
-    pub port: u16,
-    pub identity_file: Option<String>,
-    pub known_hosts: String,
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) host: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) port: u16,
+    pub(crate) identity_file: Option<String>,
+    pub(crate) known_hosts: String,
     /// As written: `~` means the node's home, so it is expanded on the node.
-    pub remote_dir: String,
-    pub hive_port: u16,
-    pub transport: Transport,
+    pub(crate) remote_dir: String,
+    pub(crate) hive_port: u16,
+    pub(crate) transport: Transport,
     #[serde(with = "duration_ms")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     #[serde(with = "duration_ms")]
-    pub keep_alive: Duration,
+    pub(crate) keep_alive: Duration,
     /// How far a request's timestamp may be from the node's clock.
     #[serde(with = "duration_ms")]
-    pub clock_skew: Duration,
-    pub models: Vec<String>,
+    pub(crate) clock_skew: Duration,
+    pub(crate) models: Vec<String>,
     /// The fleet's `[restart]` policy, which this node's hive applies.
     #[serde(skip)]
-    pub restart: RestartPolicy,
+    pub(crate) restart: RestartPolicy,
     /// This machine's copy of the node's signing key: the node's own file for a local node,
     /// else `keys/NODE.key` beside nodes.toml.
-    pub key_file: PathBuf,
+    pub(crate) key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct Model {
-    pub name: String,
+pub(crate) struct Model {
+    pub(crate) name: String,
     /// Node-side path, `~` expanded on the node.
-    pub path: String,
-    pub sha256: String,
-    pub source: Option<String>,
-    pub context: Option<u32>,
-    pub slots: u32,
-    pub gpu_layers: u32,
-    pub threads: Option<u32>,
+    pub(crate) path: String,
+    pub(crate) sha256: String,
+    pub(crate) source: Option<String>,
+    pub(crate) context: Option<u32>,
+    pub(crate) slots: u32,
+    pub(crate) gpu_layers: u32,
+    pub(crate) threads: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
-pub struct RestartPolicy {
-    pub max_attempts: u32,
+pub(crate) struct RestartPolicy {
+    pub(crate) max_attempts: u32,
     #[serde(with = "duration_ms")]
-    pub backoff_initial: Duration,
+    pub(crate) backoff_initial: Duration,
     #[serde(with = "duration_ms")]
-    pub backoff_max: Duration,
-    pub breaker_failures: u32,
+    pub(crate) backoff_max: Duration,
+    pub(crate) breaker_failures: u32,
     #[serde(with = "duration_ms")]
-    pub breaker_window: Duration,
+    pub(crate) breaker_window: Duration,
 }
 
 impl Default for RestartPolicy {
@@ -119,7 +123,7 @@ impl Default for RestartPolicy {
 impl Config {
     /// Finds the configuration: `--config`, `$RBEE_CONFIG`, `./nodes.toml`,
     /// `$XDG_CONFIG_HOME/rbee/nodes.toml`, else the embedded default.
-    pub fn discover(explicit: Option<&Path>) -> Result<Config> {
+    pub(crate) fn discover(explicit: Option<&Path>) -> Result<Config> {
         if let Some(path) = explicit {
             return Config::load(path);
         }
@@ -136,9 +140,12 @@ impl Config {
         Ok(Config::embedded())
     }
 
-    pub fn load(path: &Path) -> Result<Config> {
+    pub(crate) fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::config(format!("cannot read config file `{}`: {e}", path.display()))
+            Error::Config(ConfigError::Read {
+                path: path.to_path_buf(),
+                source: e,
+            })
         })?;
         Config::parse(&text, Source::File(path.to_path_buf()))
     }
@@ -153,7 +160,7 @@ impl Config {
     }
 
     /// One node `local` on this machine serving the default model.
-    pub fn embedded() -> Config {
+    pub(crate) fn embedded() -> Config {
         let model = Model {
             name: DEFAULT_MODEL.to_string(),
             path: format!("~/.cache/rbee/models/{DEFAULT_MODEL_FILE}"),
@@ -186,21 +193,20 @@ impl Config {
         };
         Config {
             source: Source::Embedded,
-            restart: RestartPolicy::default(),
             models: IndexMap::from([(model.name.clone(), model)]),
             nodes: IndexMap::from([(node.name.clone(), node)]),
         }
     }
 
     /// The named node, or the first one in the file.
-    pub fn node(&self, name: Option<&str>) -> Result<&Node> {
+    pub(crate) fn node(&self, name: Option<&str>) -> Result<&Node> {
         match name {
             Some(name) => self.nodes.get(name).ok_or_else(|| {
-                Error::config(format!(
-                    "unknown node `{name}` in {}; known nodes: {}",
-                    self.source,
-                    list(self.nodes.keys())
-                ))
+                Error::Config(ConfigError::UnknownNode {
+                    name: name.to_string(),
+                    file: self.source.to_string(),
+                    known: list(self.nodes.keys()),
+                })
             }),
             None => {
                 self.nodes.values().next().ok_or_else(|| {
@@ -211,7 +217,7 @@ impl Config {
     }
 
     /// The named model if `node` serves it, or the node's first model.
-    pub fn model(&self, node: &Node, name: Option<&str>) -> Result<&Model> {
+    pub(crate) fn model(&self, node: &Node, name: Option<&str>) -> Result<&Model> {
         let name = match name {
             Some(name) => name,
             None => node.models.first().ok_or_else(|| {
@@ -222,22 +228,22 @@ impl Config {
             })?,
         };
         if !node.models.iter().any(|m| m == name) {
-            return Err(Error::config(format!(
-                "unknown model `{name}` for node `{}`; it serves: {}",
-                node.name,
-                list(node.models.iter())
-            )));
+            return Err(Error::Config(ConfigError::NotServed {
+                name: name.to_string(),
+                node: node.name.clone(),
+                serves: list(node.models.iter()),
+            }));
         }
         self.models.get(name).ok_or_else(|| {
-            Error::config(format!(
-                "unknown model `{name}`; known models: {}",
-                list(self.models.keys())
-            ))
+            Error::Config(ConfigError::UnknownModel {
+                name: name.to_string(),
+                known: list(self.models.keys()),
+            })
         })
     }
 
     /// Nodes named on the command line, or all of them.
-    pub fn select_nodes(&self, names: &[String], all: bool) -> Result<Vec<&Node>> {
+    pub(crate) fn select_nodes(&self, names: &[String], all: bool) -> Result<Vec<&Node>> {
         if all || names.is_empty() {
             return Ok(self.nodes.values().collect());
         }
@@ -387,7 +393,6 @@ fn resolve(
     }
     Ok(Config {
         source,
-        restart,
         models,
         nodes,
     })
@@ -405,7 +410,7 @@ fn resolve_restart(r: &raw::RawRestart) -> RestartPolicy {
 }
 
 /// Names travel into paths, URLs and remote commands, so they stay plain.
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -436,16 +441,16 @@ fn locate(source: &Source, text: &str, span: Option<Range<usize>>, message: &str
 }
 
 /// Durations travel as whole milliseconds in JSON.
-pub mod duration_ms {
+pub(crate) mod duration_ms {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }

@@ -9,61 +9,61 @@ use toml::Spanned;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    pub defaults: RawNode,
+    pub(crate) defaults: RawNode,
     #[serde(default)]
-    pub restart: RawRestart,
+    pub(crate) restart: RawRestart,
     #[serde(default)]
-    pub models: IndexMap<String, Spanned<RawModel>>,
+    pub(crate) models: IndexMap<String, Spanned<RawModel>>,
     #[serde(default)]
-    pub nodes: IndexMap<String, Spanned<RawNode>>,
+    pub(crate) nodes: IndexMap<String, Spanned<RawNode>>,
 }
 
 /// The keys a node may set; `[defaults]` uses the same set (`host` and `models` included, so a
 /// fleet serving the same models can say so once).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawNode {
-    pub host: Option<String>,
-    pub user: Option<String>,
-    pub port: Option<u16>,
-    pub identity_file: Option<String>,
-    pub known_hosts: Option<String>,
-    pub remote_dir: Option<String>,
-    pub hive_port: Option<u16>,
-    pub transport: Option<Transport>,
-    pub timeout: Option<HumanDuration>,
-    pub keep_alive: Option<HumanDuration>,
-    pub clock_skew: Option<HumanDuration>,
-    pub models: Option<Vec<Spanned<String>>>,
+pub(crate) struct RawNode {
+    pub(crate) host: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) port: Option<u16>,
+    pub(crate) identity_file: Option<String>,
+    pub(crate) known_hosts: Option<String>,
+    pub(crate) remote_dir: Option<String>,
+    pub(crate) hive_port: Option<u16>,
+    pub(crate) transport: Option<Transport>,
+    pub(crate) timeout: Option<HumanDuration>,
+    pub(crate) keep_alive: Option<HumanDuration>,
+    pub(crate) clock_skew: Option<HumanDuration>,
+    pub(crate) models: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRestart {
-    pub max_attempts: Option<u32>,
-    pub backoff_initial: Option<HumanDuration>,
-    pub backoff_max: Option<HumanDuration>,
-    pub breaker_failures: Option<u32>,
-    pub breaker_window: Option<HumanDuration>,
+pub(crate) struct RawRestart {
+    pub(crate) max_attempts: Option<u32>,
+    pub(crate) backoff_initial: Option<HumanDuration>,
+    pub(crate) backoff_max: Option<HumanDuration>,
+    pub(crate) breaker_failures: Option<u32>,
+    pub(crate) breaker_window: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawModel {
-    pub path: String,
-    pub sha256: Sha256Hex,
-    pub source: Option<String>,
-    pub context: Option<u32>,
-    pub slots: Option<u32>,
-    pub gpu_layers: Option<u32>,
-    pub threads: Option<u32>,
+pub(crate) struct RawModel {
+    pub(crate) path: String,
+    pub(crate) sha256: Sha256Hex,
+    pub(crate) source: Option<String>,
+    pub(crate) context: Option<u32>,
+    pub(crate) slots: Option<u32>,
+    pub(crate) gpu_layers: Option<u32>,
+    pub(crate) threads: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub(crate) enum Transport {
     Ssh,
     Http,
     Local,
@@ -71,7 +71,7 @@ pub enum Transport {
 
 /// A duration written as `"1500ms"`, `"30s"`, `"5m"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
+pub(crate) struct HumanDuration(pub Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -84,7 +84,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 
 /// Parses a duration such as `1500ms`, `30s`, `5m`, `1h`; a bare number is refused because its
 /// unit would be a guess.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
         return Err(format!(
@@ -98,7 +98,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// A SHA-256 digest as 64 hex digits, kept in lowercase.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sha256Hex(pub String);
+pub(crate) struct Sha256Hex(pub String);
 
 impl<'de> Deserialize<'de> for Sha256Hex {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -77,33 +77,49 @@ fn unknown_key_names_file_line_and_key() {
     let err = parse(&text).expect_err("unknown key");
     assert_eq!(err.code(), 3);
     assert!(
-        err.message.starts_with("nodes.toml:8:1:"),
+        err.to_string().starts_with("nodes.toml:8:1:"),
         "{}",
-        err.message
+        err.to_string()
     );
-    assert!(err.message.contains("hots"), "{}", err.message);
+    assert!(err.to_string().contains("hots"), "{}", err.to_string());
 }
 
 #[test]
 fn bad_duration_is_located() {
     let text = format!("{MODEL}\n[nodes.a]\nhost = \"h\"\ntimeout = \"30\"\n");
     let err = parse(&text).expect_err("bad duration");
-    assert!(err.message.contains("nodes.toml:8:"), "{}", err.message);
-    assert!(err.message.contains("add a unit"), "{}", err.message);
+    assert!(
+        err.to_string().contains("nodes.toml:8:"),
+        "{}",
+        err.to_string()
+    );
+    assert!(
+        err.to_string().contains("add a unit"),
+        "{}",
+        err.to_string()
+    );
 }
 
 #[test]
 fn node_serving_unknown_model_is_located() {
     let text = format!("{MODEL}\n[nodes.a]\nhost = \"h\"\nmodels = [\"m\", \"nope\"]\n");
     let err = parse(&text).expect_err("unknown model");
-    assert!(err.message.contains("nodes.toml:8:"), "{}", err.message);
-    assert!(err.message.contains("`nope`"), "{}", err.message);
+    assert!(
+        err.to_string().contains("nodes.toml:8:"),
+        "{}",
+        err.to_string()
+    );
+    assert!(err.to_string().contains("`nope`"), "{}", err.to_string());
 }
 
 #[test]
 fn remote_node_needs_a_host() {
     let err = parse(&format!("{MODEL}\n[nodes.a]\nmodels = [\"m\"]\n")).expect_err("no host");
-    assert!(err.message.contains("has no `host`"), "{}", err.message);
+    assert!(
+        err.to_string().contains("has no `host`"),
+        "{}",
+        err.to_string()
+    );
     let ok = parse(&format!("{MODEL}\n[nodes.a]\ntransport = \"local\"\n")).expect("local");
     assert_eq!(ok.nodes["a"].transport, Transport::Local);
 }
@@ -112,12 +128,12 @@ fn remote_node_needs_a_host() {
 fn unknown_node_and_model_list_the_known_ones() {
     let config = Config::embedded();
     let err = config.node(Some("gpu9")).expect_err("unknown node");
-    assert!(err.message.contains("`local`"), "{}", err.message);
+    assert!(err.to_string().contains("`local`"), "{}", err.to_string());
     let node = config.node(None).expect("local");
     let err = config
         .model(node, Some("llama"))
         .expect_err("unknown model");
-    assert!(err.message.contains("`smollm2`"), "{}", err.message);
+    assert!(err.to_string().contains("`smollm2`"), "{}", err.to_string());
     assert_eq!(config.model(node, None).expect("default").name, "smollm2");
 }
 
@@ -142,10 +158,15 @@ fn slots_must_fit_llama_cpp() {
         let err = parse(&format!("{MODEL}slots = {bad}\n{node}")).expect_err("out of range");
         assert_eq!(err.code(), 3);
         assert!(
-            err.message.contains("`slots` must be between 1 and 256"),
+            err.to_string()
+                .contains("`slots` must be between 1 and 256"),
             "{}",
-            err.message
+            err.to_string()
         );
-        assert!(err.message.contains("nodes.toml:"), "{}", err.message);
+        assert!(
+            err.to_string().contains("nodes.toml:"),
+            "{}",
+            err.to_string()
+        );
     }
 }

@@ -8,17 +8,17 @@ use std::path::Path;
 /// The attention shape of a model, from its GGUF metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
-    pub layers: u64,
-    pub context_train: u64,
-    pub heads_kv: u64,
-    pub key_length: u64,
-    pub value_length: u64,
+    pub(crate) layers: u64,
+    pub(crate) context_train: u64,
+    pub(crate) heads_kv: u64,
+    pub(crate) key_length: u64,
+    pub(crate) value_length: u64,
 }
 
 impl Shape {
     /// Bytes of KV cache per token of context: keys and values of every layer, in f16 (what
     /// llama.cpp allocates by default).
-    pub fn kv_bytes_per_token(&self) -> u64 {
+    pub(crate) fn kv_bytes_per_token(&self) -> u64 {
         self.layers
             .saturating_mul(self.heads_kv)
             .saturating_mul(self.key_length.saturating_add(self.value_length))

@@ -7,22 +7,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{Key, Verifier};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
-pub const KEY_FILE: &str = "hive.key";
-pub const NEXT_KEY_FILE: &str = "hive.key.next";
+pub(crate) const KEY_FILE: &str = "hive.key";
+pub(crate) const NEXT_KEY_FILE: &str = "hive.key.next";
 /// The key the hive signs its requests to workers with, made anew at each start.
-pub const WORKER_KEY_FILE: &str = "worker.key";
+pub(crate) const WORKER_KEY_FILE: &str = "worker.key";
 const RETIRE_GRACE: Duration = Duration::from_secs(60);
 
-pub struct NodeKeys {
+pub(crate) struct NodeKeys {
     key: PathBuf,
     next: PathBuf,
     verifier: Arc<Verifier>,
 }
 
 impl NodeKeys {
-    pub fn open(dir: &Path, skew: Duration) -> Result<NodeKeys> {
+    pub(crate) fn open(dir: &Path, skew: Duration) -> Result<NodeKeys> {
         let keys = NodeKeys {
             key: dir.join(KEY_FILE),
             next: dir.join(NEXT_KEY_FILE),
@@ -32,12 +32,12 @@ impl NodeKeys {
         Ok(keys)
     }
 
-    pub fn verifier(&self) -> Arc<Verifier> {
+    pub(crate) fn verifier(&self) -> Arc<Verifier> {
         self.verifier.clone()
     }
 
     /// Accepts `hive.key`, and `hive.key.next` when there is one; returns their fingerprints.
-    pub fn reload(&self) -> Result<Vec<String>> {
+    pub(crate) fn reload(&self) -> Result<Vec<String>> {
         let mut keys = vec![Key::load_or_create(&self.key)?];
         if self.next.exists() {
             keys.push(Key::load(&self.next)?);
@@ -49,7 +49,7 @@ impl NodeKeys {
     }
 
     /// Makes `hive.key.next` the key.
-    pub fn retire(&self) -> Result<Vec<String>> {
+    pub(crate) fn retire(&self) -> Result<Vec<String>> {
         if !self.next.exists() {
             return Err(Error::invalid(format!(
                 "there is no `{}` to switch to",
@@ -58,7 +58,7 @@ impl NodeKeys {
         }
         let new = Key::load(&self.next)?;
         let old = Key::load(&self.key)?;
-        std::fs::rename(&self.next, &self.key)?;
+        std::fs::rename(&self.next, &self.key).at("put the next key in place at", &self.key)?;
         self.verifier.set_keys(vec![new.clone(), old.clone()]);
         let verifier = self.verifier.clone();
         tokio::spawn(async move {

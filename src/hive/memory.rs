@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
+use crate::config::DEFAULT_MAX_CONTEXT;
 use crate::error::{Error, Result};
 use crate::hive::gguf::{self, Shape};
-use crate::worker::engine::DEFAULT_MAX_CONTEXT;
 
 /// Room kept for compute buffers and the process itself, beside the weights and the KV cache.
 const OVERHEAD_BYTES: u64 = 128 << 20;
@@ -14,7 +14,7 @@ const FALLBACK_BYTES: u64 = 256 << 20;
 
 /// `context` and `slots` as the model's worker will get them: its KV cache holds
 /// `slots` x `context` tokens.
-pub fn check(model: &Path, context: Option<u32>, slots: u32) -> Result<()> {
+pub(crate) fn check(model: &Path, context: Option<u32>, slots: u32) -> Result<()> {
     let size = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
     let Some(available) = mem_available() else {
         // No /proc/meminfo (not Linux): nothing to check against.
@@ -39,7 +39,7 @@ pub fn kv_bytes(shape: &Shape, context: Option<u32>, slots: u32) -> u64 {
 
 /// The pure part: the file (mapped in full), the KV cache and overhead must fit in what is
 /// available.
-pub fn enough(model: &Path, size: u64, kv: Option<u64>, available: u64) -> Result<()> {
+pub(crate) fn enough(model: &Path, size: u64, kv: Option<u64>, available: u64) -> Result<()> {
     let rest = kv.map_or(FALLBACK_BYTES, |kv| kv.saturating_add(OVERHEAD_BYTES));
     let needed = size.saturating_add(size / 4).saturating_add(rest);
     if needed <= available {
@@ -83,9 +83,13 @@ mod tests {
         assert!(enough(path, gb, None, 4 * gb).is_ok());
         let err = enough(path, 8 * gb, None, 4 * gb).expect_err("refused");
         assert_eq!(err.code(), 7);
-        assert!(err.message.contains("not enough memory"), "{}", err.message);
-        assert!(err.message.contains("big.gguf"), "{}", err.message);
-        assert!(!err.message.contains("KV cache"), "{}", err.message);
+        assert!(
+            err.to_string().contains("not enough memory"),
+            "{}",
+            err.to_string()
+        );
+        assert!(err.to_string().contains("big.gguf"), "{}", err.to_string());
+        assert!(!err.to_string().contains("KV cache"), "{}", err.to_string());
         assert!(mem_available().is_some_and(|m| m > 0));
     }
 
@@ -106,8 +110,8 @@ mod tests {
         assert_eq!(kv_bytes(&shape, Some(1000), 2), 23_040 * 2000);
         let kv = kv_bytes(&shape, Some(32_768), 64);
         let err = enough(path, 98 * mb, Some(kv), 8 << 30).expect_err("refused");
-        assert!(err.message.contains("KV cache"), "{}", err.message);
-        assert!(err.message.contains("`slots`"), "{}", err.message);
+        assert!(err.to_string().contains("KV cache"), "{}", err.to_string());
+        assert!(err.to_string().contains("`slots`"), "{}", err.to_string());
         assert!(enough(path, 98 * mb, Some(kv_bytes(&shape, None, 4)), 1 << 30).is_ok());
     }
 }

@@ -5,18 +5,18 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::wire::{WorkerInfo, WorkerState};
+use crate::protocol::{WorkerInfo, WorkerState};
 
 const SECONDS_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
 #[derive(Default)]
-pub struct Metrics {
-    pub spawns: AtomicU64,
-    pub exits: AtomicU64,
-    pub restarts: AtomicU64,
-    pub breaker_opens: AtomicU64,
-    pub stuck_kills: AtomicU64,
-    pub tokens: AtomicU64,
+pub(crate) struct Metrics {
+    pub(crate) spawns: AtomicU64,
+    pub(crate) exits: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) breaker_opens: AtomicU64,
+    pub(crate) stuck_kills: AtomicU64,
+    pub(crate) tokens: AtomicU64,
     outcomes: Mutex<BTreeMap<&'static str, u64>>,
     duration: Histogram,
     ttft: Histogram,
@@ -55,12 +55,12 @@ impl Histogram {
 }
 
 impl Metrics {
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
     /// One finished request: `ok`, `deadline`, `cancelled`, `rejected` or `error`.
-    pub fn request(&self, outcome: &'static str, seconds: f64) {
+    pub(crate) fn request(&self, outcome: &'static str, seconds: f64) {
         *self
             .outcomes
             .lock()
@@ -70,11 +70,11 @@ impl Metrics {
         self.duration.observe(seconds);
     }
 
-    pub fn first_token(&self, seconds: f64) {
+    pub(crate) fn first_token(&self, seconds: f64) {
         self.ttft.observe(seconds);
     }
 
-    pub fn render(&self, workers: &[WorkerInfo]) -> String {
+    pub(crate) fn render(&self, workers: &[WorkerInfo]) -> String {
         let mut out = String::new();
         let states = [
             (WorkerState::Loading, "loading"),

@@ -3,19 +3,20 @@
 //! `POST /v1/shutdown` stops its workers and exits. It listens on 127.0.0.1 unless its node
 //! uses `transport = "http"`.
 
+pub(crate) mod args;
 pub mod gguf;
-pub mod keys;
+pub(crate) mod keys;
 pub mod memory;
-pub mod metrics;
-pub mod pidfile;
-pub mod policy;
-pub mod registry;
-pub mod relay;
-pub mod requests;
-pub mod routes;
-pub mod supervisor;
-pub mod verify;
-pub mod worker_proc;
+pub(crate) mod metrics;
+pub(crate) mod pidfile;
+pub(crate) mod policy;
+pub(crate) mod registry;
+pub(crate) mod relay;
+pub(crate) mod requests;
+pub(crate) mod routes;
+pub(crate) mod supervisor;
+pub(crate) mod verify;
+pub(crate) mod worker_proc;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -24,19 +25,19 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::HiveServeArgs;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
+use args::ServeArgs;
 use pidfile::PidFile;
 use registry::Registry;
 use routes::Hive;
 use worker_proc::STOP_GRACE;
 
-pub const PID_FILE: &str = "hive.pid";
+pub(crate) const PID_FILE: &str = "hive.pid";
 /// How long a stopping hive lets requests in flight finish.
-pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-pub const LOG_FILE: &str = "hive.log";
+pub(crate) const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const LOG_FILE: &str = "hive.log";
 
-pub fn serve(args: HiveServeArgs) -> Result<()> {
+pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     detach();
     std::fs::create_dir_all(&args.dir)
         .map_err(|e| Error::hive(format!("cannot create `{}`: {e}", args.dir.display())))?;
@@ -48,7 +49,8 @@ pub fn serve(args: HiveServeArgs) -> Result<()> {
     // a streamed token wakes takes a core from llama.cpp's spinning threads for a moment.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .doing("start the runtime")?;
     let result = runtime.block_on(run(args, &log));
     if let Err(e) = &result {
         tracing::error!("hive failed: {e}");
@@ -58,7 +60,7 @@ pub fn serve(args: HiveServeArgs) -> Result<()> {
     result
 }
 
-async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
+async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((args.listen, args.port))
         .await
         .map_err(|e| {
@@ -69,7 +71,7 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
         })?;
     supervisor::kill_orphans(&args.dir);
     let keys = Arc::new(keys::NodeKeys::open(&args.dir, args.clock_skew)?);
-    let exe = std::env::current_exe()?;
+    let exe = std::env::current_exe().doing("find this rbee binary")?;
     let audit = crate::audit::Audit::new(
         args.dir.join(crate::audit::FILE),
         format!("hive:{}", args.node),
@@ -142,14 +144,14 @@ async fn run(args: HiveServeArgs, log: &Path) -> Result<()> {
     ));
 
     let stopping = hive.clone();
-    let guard = Arc::new(crate::http::Guard {
+    let guard = Arc::new(crate::auth::layer::Guard {
         verifier: keys.verifier(),
         audit: Some(audit.clone()),
     });
     let app = routes::router(hive.clone(), guard)
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server =
-        axum::serve(crate::http::no_delay(listener), app).with_graceful_shutdown(async move {
+        axum::serve(crate::server::no_delay(listener), app).with_graceful_shutdown(async move {
             stopping.shutdown.cancelled().await;
             // New connections are refused from here on; requests in flight get a grace
             // period to finish before their workers are stopped.

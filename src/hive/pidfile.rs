@@ -7,16 +7,16 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
-pub struct PidFile {
+pub(crate) struct PidFile {
     path: PathBuf,
     _lock: Flock<File>,
 }
 
 impl PidFile {
     /// Takes the lock and writes our pid; fails when another live process holds it.
-    pub fn acquire(path: &Path) -> Result<PidFile> {
+    pub(crate) fn acquire(path: &Path) -> Result<PidFile> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -34,10 +34,11 @@ impl PidFile {
                 )));
             }
         };
-        lock.set_len(0)?;
-        lock.seek(SeekFrom::Start(0))?;
-        writeln!(lock, "{}", std::process::id())?;
-        lock.sync_data()?;
+        lock.set_len(0)
+            .and_then(|()| lock.seek(SeekFrom::Start(0)))
+            .and_then(|_| writeln!(lock, "{}", std::process::id()))
+            .and_then(|()| lock.sync_data())
+            .at("write the pidfile", path)?;
         Ok(PidFile {
             path: path.to_path_buf(),
             _lock: lock,
@@ -53,14 +54,14 @@ impl Drop for PidFile {
 }
 
 /// The pid written in a pidfile, if any.
-pub fn read_pid(path: &Path) -> Option<i32> {
+pub(crate) fn read_pid(path: &Path) -> Option<i32> {
     let mut text = String::new();
     File::open(path).ok()?.read_to_string(&mut text).ok()?;
     text.trim().parse().ok()
 }
 
 /// Whether some process holds the pidfile's lock (a live hive).
-pub fn is_locked(path: &Path) -> bool {
+pub(crate) fn is_locked(path: &Path) -> bool {
     let Ok(file) = File::open(path) else {
         return false;
     };
@@ -80,7 +81,11 @@ mod tests {
         assert!(is_locked(&path));
         let err = PidFile::acquire(&path).err().expect("second lock refused");
         assert_eq!(err.code(), 6);
-        assert!(err.message.contains("another hive"), "{}", err.message);
+        assert!(
+            err.to_string().contains("another hive"),
+            "{}",
+            err.to_string()
+        );
         drop(first);
         assert!(!path.exists());
         assert!(!is_locked(&path));

@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use crate::config::RestartPolicy;
 
 /// A worker that ran this long before exiting gets its attempt count back.
-pub const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+pub(crate) const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Start it again after `delay`; this is restart number `attempt` in a row.
     Restart { attempt: u32, delay: Duration },
     /// Stop restarting until `until` (or an operator acts).
@@ -21,7 +21,7 @@ pub enum Decision {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GiveUp {
+pub(crate) enum GiveUp {
     /// `max_attempts` restarts in a row all failed.
     Attempts(u32),
     /// `breaker_failures` failures within `breaker_window`.
@@ -29,19 +29,17 @@ pub enum GiveUp {
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct History {
+pub(crate) struct History {
     /// Restarts in a row since the worker last ran healthy.
     consecutive: u32,
     /// Failure times within the breaker window.
     failures: VecDeque<Instant>,
-    open_until: Option<Instant>,
-    breaker_opens: u64,
 }
 
 impl History {
     /// Records an unexpected exit after `uptime` and decides what to do. `seed` drives the
     /// backoff's jitter, so a test can fix it.
-    pub fn on_exit(
+    pub(crate) fn on_exit(
         &mut self,
         policy: &RestartPolicy,
         now: Instant,
@@ -62,8 +60,6 @@ impl History {
         let failures = u32::try_from(self.failures.len()).unwrap_or(u32::MAX);
         if policy.breaker_failures > 0 && failures >= policy.breaker_failures {
             let until = now + policy.breaker_window;
-            self.open_until = Some(until);
-            self.breaker_opens += 1;
             return Decision::GiveUp {
                 reason: GiveUp::Breaker(failures),
                 until,
@@ -71,7 +67,6 @@ impl History {
         }
         if self.consecutive >= policy.max_attempts {
             let until = now + policy.breaker_window;
-            self.open_until = Some(until);
             return Decision::GiveUp {
                 reason: GiveUp::Attempts(self.consecutive),
                 until,
@@ -84,26 +79,16 @@ impl History {
         }
     }
 
-    /// When restarting is allowed again, if it is held back now.
-    pub fn held_until(&self, now: Instant) -> Option<Instant> {
-        self.open_until.filter(|until| *until > now)
-    }
-
     /// An operator restart, or a window that has passed: start afresh.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.consecutive = 0;
         self.failures.clear();
-        self.open_until = None;
-    }
-
-    pub fn breaker_opens(&self) -> u64 {
-        self.breaker_opens
     }
 }
 
 /// The delay before restart number `attempt`: `backoff_initial`, doubling, capped at
 /// `backoff_max`, plus up to as much again of jitter (backon's exponential backoff).
-pub fn backoff(policy: &RestartPolicy, attempt: u32, seed: u64) -> Duration {
+pub(crate) fn backoff(policy: &RestartPolicy, attempt: u32, seed: u64) -> Duration {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(policy.backoff_initial)
         .with_max_delay(policy.backoff_max)
@@ -171,9 +156,6 @@ mod tests {
                 until: now + p.breaker_window
             }
         );
-        assert!(h.held_until(now).is_some());
-        tokio::time::advance(p.breaker_window + Duration::from_secs(1)).await;
-        assert!(h.held_until(Instant::now()).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -205,9 +187,11 @@ mod tests {
             ),
             "{third:?}"
         );
-        assert_eq!(h.breaker_opens(), 1);
         h.reset();
-        assert!(h.held_until(Instant::now()).is_none());
+        assert!(matches!(
+            h.on_exit(&p, Instant::now(), Duration::ZERO, 0),
+            Decision::Restart { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]

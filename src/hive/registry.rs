@@ -16,24 +16,24 @@ use crate::error::{Error, Result};
 use crate::hive::policy::History;
 use crate::hive::verify::Verifier;
 use crate::hive::worker_proc::{Exited, STOP_GRACE, SpawnOptions, WorkerProc, model_path};
-use crate::wire::{WorkerInfo, WorkerState};
+use crate::protocol::{WorkerInfo, WorkerState};
 
-pub struct Registry {
+pub(crate) struct Registry {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     verifier: Verifier,
     exe: PathBuf,
     dir: PathBuf,
     log: PathBuf,
-    pub keep_alive: Duration,
-    pub policy: RestartPolicy,
+    pub(crate) keep_alive: Duration,
+    pub(crate) policy: RestartPolicy,
     exits: mpsc::UnboundedSender<Exited>,
     /// Signs the hive's requests to its workers; made anew at each hive start.
-    pub worker_key: crate::auth::Key,
-    pub audit: crate::audit::Audit,
+    pub(crate) worker_key: crate::auth::Key,
+    pub(crate) audit: crate::audit::Audit,
 }
 
-pub struct Entry {
-    pub name: String,
+pub(crate) struct Entry {
+    pub(crate) name: String,
     /// One permit per slot. A changed `slots` swaps in a new semaphore; leases on the old one
     /// run out, and the worker holds any excess in its own queue until it respawns.
     queue: Mutex<(u32, Arc<Semaphore>)>,
@@ -43,7 +43,7 @@ pub struct Entry {
 
 /// What the supervisor is doing about a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Supervision {
+pub(crate) enum Supervision {
     /// Running, or not started (no process).
     Normal,
     /// Waiting out a backoff before starting it again.
@@ -52,25 +52,25 @@ pub enum Supervision {
     Failed { until: Instant },
 }
 
-pub struct EntryState {
-    pub spec: Model,
-    pub proc: Option<Arc<WorkerProc>>,
-    pub loading: bool,
-    pub supervision: Supervision,
-    pub failed_reason: Option<String>,
-    pub history: History,
-    pub queued: u32,
-    pub in_flight: u32,
-    pub served: u64,
-    pub last_used: Instant,
-    pub last_exit: Option<String>,
-    pub restart_count: u32,
-    pub last_restart: Option<SystemTime>,
-    pub last_backoff: Option<Duration>,
+pub(crate) struct EntryState {
+    pub(crate) spec: Model,
+    pub(crate) proc: Option<Arc<WorkerProc>>,
+    pub(crate) loading: bool,
+    pub(crate) supervision: Supervision,
+    pub(crate) failed_reason: Option<String>,
+    pub(crate) history: History,
+    pub(crate) queued: u32,
+    pub(crate) in_flight: u32,
+    pub(crate) served: u64,
+    pub(crate) last_used: Instant,
+    pub(crate) last_exit: Option<String>,
+    pub(crate) restart_count: u32,
+    pub(crate) last_restart: Option<SystemTime>,
+    pub(crate) last_backoff: Option<Duration>,
 }
 
 /// A place in a model's queue, held for the length of one generation.
-pub struct Lease {
+pub(crate) struct Lease {
     entry: Arc<Entry>,
     _permit: OwnedSemaphorePermit,
 }
@@ -85,7 +85,7 @@ impl Drop for Lease {
 }
 
 impl Registry {
-    pub fn new(
+    pub(crate) fn new(
         exe: PathBuf,
         dir: PathBuf,
         log: PathBuf,
@@ -108,19 +108,19 @@ impl Registry {
         }
     }
 
-    pub fn entries(&self) -> Vec<Arc<Entry>> {
+    pub(crate) fn entries(&self) -> Vec<Arc<Entry>> {
         let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         map.values().cloned().collect()
     }
 
-    pub fn find(&self, model: &str) -> Option<Arc<Entry>> {
+    pub(crate) fn find(&self, model: &str) -> Option<Arc<Entry>> {
         let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         map.get(model).cloned()
     }
 
     /// The entry for a model, created on first use; a changed spec replaces the stored one and
     /// takes effect at the next spawn.
-    pub fn entry(&self, model: &Model) -> Arc<Entry> {
+    pub(crate) fn entry(&self, model: &Model) -> Arc<Entry> {
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let entry = map.entry(model.name.clone()).or_insert_with(|| {
             Arc::new(Entry {
@@ -154,14 +154,14 @@ impl Registry {
         entry.clone()
     }
 
-    pub fn workers(&self) -> Vec<WorkerInfo> {
+    pub(crate) fn workers(&self) -> Vec<WorkerInfo> {
         let mut infos: Vec<WorkerInfo> = self.entries().iter().filter_map(|e| e.info()).collect();
         infos.sort_by(|a, b| a.model.cmp(&b.model));
         infos
     }
 
     /// Stops the model's worker; false when none was running.
-    pub async fn stop_worker(&self, model: &str) -> bool {
+    pub(crate) async fn stop_worker(&self, model: &str) -> bool {
         let proc = self.find(model).and_then(|e| {
             let mut st = e.lock();
             st.supervision = Supervision::Normal;
@@ -177,7 +177,7 @@ impl Registry {
         }
     }
 
-    pub async fn stop_all(&self) {
+    pub(crate) async fn stop_all(&self) {
         let procs: Vec<Arc<WorkerProc>> = self
             .entries()
             .iter()
@@ -191,12 +191,12 @@ impl Registry {
     }
 
     /// Requests in flight across all models.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.entries().iter().map(|e| e.lock().in_flight).sum()
     }
 
     /// Unloads workers idle for `keep_alive`.
-    pub async fn reap(&self) {
+    pub(crate) async fn reap(&self) {
         for entry in self.entries() {
             let idle = {
                 let mut st = entry.lock();
@@ -216,14 +216,14 @@ impl Registry {
     }
 
     /// Verifies the model and starts a worker for it within `wait`.
-    pub async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
+    pub(crate) async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
         let path = model_path(spec);
         let verified = tokio::time::timeout(wait, self.verifier.verify(&path, &spec.sha256))
             .await
             .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
         let (event, reason) = match &verified {
             Ok(()) => ("model_verified", None),
-            Err(e) => ("model_refused", Some(e.message.clone())),
+            Err(e) => ("model_refused", Some(e.to_string())),
         };
         self.audit
             .note(
@@ -262,17 +262,17 @@ impl Registry {
 }
 
 impl Entry {
-    pub fn lock(&self) -> MutexGuard<'_, EntryState> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, EntryState> {
         // The state holds plain values; one left half-updated by a panic is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub async fn spawn_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(crate) async fn spawn_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.spawn_lock.lock().await
     }
 
     /// Waits for this model's turn, until the budget runs out.
-    pub async fn lease(self: &Arc<Self>, budget: &Budget) -> Result<Lease> {
+    pub(crate) async fn lease(self: &Arc<Self>, budget: &Budget) -> Result<Lease> {
         self.lock().queued += 1;
         let queue = self
             .queue
@@ -302,7 +302,7 @@ impl Entry {
     /// The running worker, or a new one within the budget; waits out a restart under way and
     /// refuses while restarting is held back. The second value is the load time when this
     /// call started the worker.
-    pub async fn worker(
+    pub(crate) async fn worker(
         &self,
         registry: &Registry,
         budget: &Budget,
@@ -361,7 +361,7 @@ impl Entry {
         }
     }
 
-    pub fn info(&self) -> Option<WorkerInfo> {
+    pub(crate) fn info(&self) -> Option<WorkerInfo> {
         let st = self.lock();
         let now = Instant::now();
         let proc = st.proc.as_ref().filter(|p| p.exit_status().is_none());
@@ -412,7 +412,7 @@ fn failed_message(model: &str, st: &EntryState, until: Instant) -> String {
 }
 
 /// The wall-clock time of a monotonic instant, for people.
-pub fn wall_time(at: Instant) -> SystemTime {
+pub(crate) fn wall_time(at: Instant) -> SystemTime {
     let now = Instant::now();
     if at >= now {
         SystemTime::now() + (at - now)
@@ -421,6 +421,6 @@ pub fn wall_time(at: Instant) -> SystemTime {
     }
 }
 
-pub fn epoch_secs(t: SystemTime) -> u64 {
+pub(crate) fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

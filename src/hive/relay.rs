@@ -14,31 +14,31 @@ use crate::hive::metrics::Metrics;
 use crate::hive::registry::Lease;
 use crate::hive::requests::Tracked;
 use crate::hive::worker_proc::WorkerProc;
-use crate::http::sse_event;
-use crate::sse::{SseEvent, events};
-use crate::wire::{DoneEvent, ErrorBody, StopReason};
+use crate::protocol::sse::sse_event;
+use crate::protocol::sse::{SseEvent, events};
+use crate::protocol::{DoneEvent, ErrorBody, StopReason};
 
 /// Carries one generation from the worker to the client. It holds the model's queue place until
 /// the generation ends, and drops the worker's stream (which stops decoding) as soon as the
 /// client goes away.
-pub struct Relay {
-    pub request_id: String,
-    pub audit: crate::audit::Audit,
-    pub _tracked: Tracked,
-    pub lease: Lease,
-    pub proc: Arc<WorkerProc>,
-    pub metrics: Arc<Metrics>,
-    pub model: String,
-    pub queue_ms: f64,
-    pub load_ms: Option<f64>,
-    pub received: Instant,
+pub(crate) struct Relay {
+    pub(crate) request_id: String,
+    pub(crate) audit: crate::audit::Audit,
+    pub(crate) _tracked: Tracked,
+    pub(crate) lease: Lease,
+    pub(crate) proc: Arc<WorkerProc>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) model: String,
+    pub(crate) queue_ms: f64,
+    pub(crate) load_ms: Option<f64>,
+    pub(crate) received: Instant,
 }
 
 /// A busy worker that sends nothing for this long is taken as stuck.
-pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Relay {
-    pub async fn run(self, response: reqwest::Response, tx: mpsc::Sender<Event>) {
+    pub(crate) async fn run(self, response: reqwest::Response, tx: mpsc::Sender<Event>) {
         let mut upstream = std::pin::pin!(events(response));
         let mut outcome = "error";
         let mut first_token = true;

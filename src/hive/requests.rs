@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::deadline::Budget;
-use crate::wire::{RequestInfo, RequestStage};
+use crate::protocol::{RequestInfo, RequestStage};
 
 #[derive(Default)]
-pub struct Requests {
+pub(crate) struct Requests {
     table: Mutex<HashMap<String, Entry>>,
 }
 
@@ -21,7 +21,7 @@ struct Entry {
 }
 
 /// Removes its request from the table when dropped, however the request ended.
-pub struct Tracked {
+pub(crate) struct Tracked {
     requests: Arc<Requests>,
     id: String,
 }
@@ -32,7 +32,7 @@ impl Requests {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn track(self: &Arc<Self>, id: &str, model: &str, budget: Budget) -> Tracked {
+    pub(crate) fn track(self: &Arc<Self>, id: &str, model: &str, budget: Budget) -> Tracked {
         self.lock().insert(
             id.to_string(),
             Entry {
@@ -48,7 +48,7 @@ impl Requests {
         }
     }
 
-    pub fn list(&self) -> Vec<RequestInfo> {
+    pub(crate) fn list(&self) -> Vec<RequestInfo> {
         let mut list: Vec<RequestInfo> = self
             .lock()
             .iter()
@@ -66,7 +66,7 @@ impl Requests {
 }
 
 impl Tracked {
-    pub fn stage(&self, stage: RequestStage) {
+    pub(crate) fn stage(&self, stage: RequestStage) {
         if let Some(e) = self.requests.lock().get_mut(&self.id) {
             e.stage = stage;
         }

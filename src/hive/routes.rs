@@ -21,25 +21,26 @@ use crate::error::{Error, ExitKind};
 use crate::hive::metrics::Metrics;
 use crate::hive::registry::{Registry, Supervision};
 use crate::hive::requests::Requests;
-use crate::http::{ApiError, error_from_response};
-use crate::wire::{
+use crate::protocol::error_from_response;
+use crate::protocol::{
     GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, RequestStage,
     WorkerInfo,
 };
+use crate::server::ApiError;
 
-pub struct Hive {
-    pub node: String,
-    pub started: Instant,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub http: reqwest::Client,
-    pub shutdown: CancellationToken,
-    pub requests: Arc<Requests>,
-    pub keys: Arc<crate::hive::keys::NodeKeys>,
-    pub audit: crate::audit::Audit,
+pub(crate) struct Hive {
+    pub(crate) node: String,
+    pub(crate) started: Instant,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) requests: Arc<Requests>,
+    pub(crate) keys: Arc<crate::hive::keys::NodeKeys>,
+    pub(crate) audit: crate::audit::Audit,
 }
 
-pub fn router(hive: Arc<Hive>, verifier: Arc<crate::http::Guard>) -> Router {
+pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/workers", get(workers))
@@ -51,10 +52,10 @@ pub fn router(hive: Arc<Hive>, verifier: Arc<crate::http::Guard>) -> Router {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/keys/reload", post(keys_reload))
         .route("/v1/keys/retire", post(keys_retire))
-        .layer(DefaultBodyLimit::max(crate::http::BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(crate::auth::layer::BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             verifier,
-            crate::http::require_signature,
+            crate::auth::layer::require_signature,
         ))
         .with_state(hive)
 }
@@ -63,7 +64,7 @@ async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
     Json(HiveHealth {
         status: "ok".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        protocol: crate::wire::PROTOCOL_VERSION,
+        protocol: crate::protocol::PROTOCOL_VERSION,
         node: hive.node.clone(),
         pid: std::process::id(),
         uptime_s: hive.started.elapsed().as_secs_f64(),
@@ -163,7 +164,7 @@ async fn infer(
     let received = Instant::now();
     let result = start_generation(&hive, &headers, request, received).await;
     if let Err(err) = &result {
-        let outcome = match err.0.kind {
+        let outcome = match err.0.kind() {
             ExitKind::Deadline => "deadline",
             ExitKind::InvalidRequest => "rejected",
             _ => "error",

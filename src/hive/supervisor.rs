@@ -20,7 +20,7 @@ const RESTART_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn supervise(
+pub(crate) async fn supervise(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     mut exits: mpsc::UnboundedReceiver<Exited>,
@@ -167,7 +167,11 @@ async fn restart_after(
 
 /// Kills idle workers that no longer answer their health check; the supervisor restarts them.
 /// Busy workers are watched by their request instead (no token for a while).
-pub async fn liveness(registry: Arc<Registry>, metrics: Arc<Metrics>, stop: CancellationToken) {
+pub(crate) async fn liveness(
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let http = match reqwest::Client::builder().no_proxy().build() {
         Ok(c) => c,
         Err(e) => {
@@ -206,7 +210,7 @@ pub async fn liveness(registry: Arc<Registry>, metrics: Arc<Metrics>, stop: Canc
 }
 
 /// Workers of a previous hive on this directory (killed before it could stop them) are killed.
-pub fn kill_orphans(dir: &Path) {
+pub(crate) fn kill_orphans(dir: &Path) {
     let marker = format!("--hive-dir\0{}\0", dir.display());
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return;

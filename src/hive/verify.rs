@@ -9,22 +9,22 @@ use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
 #[derive(Default)]
-pub struct Verifier {
+pub(crate) struct Verifier {
     known: Mutex<HashMap<PathBuf, (u64, SystemTime, String)>>,
 }
 
 impl Verifier {
-    pub async fn verify(&self, path: &Path, expected: &str) -> Result<()> {
+    pub(crate) async fn verify(&self, path: &Path, expected: &str) -> Result<()> {
         let meta = tokio::fs::metadata(path).await.map_err(|e| {
             Error::worker(format!(
                 "model file `{}` is not readable: {e}",
                 path.display()
             ))
         })?;
-        let stamp = (meta.len(), meta.modified()?);
+        let stamp = (meta.len(), meta.modified().at("read the time of", path)?);
         let cached = self
             .known
             .lock()
@@ -58,13 +58,13 @@ impl Verifier {
     }
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path)
         .map_err(|e| Error::worker(format!("cannot open `{}`: {e}", path.display())))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read(&mut buf).at("read", path)?;
         if n == 0 {
             break;
         }
@@ -88,6 +88,10 @@ mod tests {
         std::fs::write(&path, b"abcd").expect("rewrite");
         let err = verifier.verify(&path, abc).await.expect_err("changed file");
         assert_eq!(err.code(), 7);
-        assert!(err.message.contains("refusing to load"), "{}", err.message);
+        assert!(
+            err.to_string().contains("refusing to load"),
+            "{}",
+            err.to_string()
+        );
     }
 }

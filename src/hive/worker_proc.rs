@@ -12,45 +12,44 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::config::Model;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::paths;
-use crate::wire::WorkerHello;
+use crate::protocol::WorkerHello;
 
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 
-pub struct WorkerProc {
-    pub pid: u32,
-    pub port: u16,
-    pub n_ctx: u32,
-    pub load_ms: f64,
-    pub started_at: SystemTime,
+pub(crate) struct WorkerProc {
+    pub(crate) pid: u32,
+    pub(crate) port: u16,
+    pub(crate) load_ms: f64,
+    pub(crate) started_at: SystemTime,
     exit: watch::Receiver<Option<String>>,
     /// Our end of the worker's stdin: while it is open the worker knows its hive lives.
     stdin: Mutex<Option<ChildStdin>>,
     _stdout: ChildStdout,
 }
 
-pub struct SpawnOptions<'a> {
-    pub exe: &'a Path,
-    pub hive_dir: &'a Path,
-    pub log: &'a Path,
+pub(crate) struct SpawnOptions<'a> {
+    pub(crate) exe: &'a Path,
+    pub(crate) hive_dir: &'a Path,
+    pub(crate) log: &'a Path,
     /// Where the worker's exit is reported, for the supervisor.
-    pub exits: mpsc::UnboundedSender<Exited>,
+    pub(crate) exits: mpsc::UnboundedSender<Exited>,
     /// The key the hive signs its requests to workers with.
-    pub key: &'a crate::auth::Key,
+    pub(crate) key: &'a crate::auth::Key,
 }
 
 /// A worker process that has exited.
 #[derive(Debug, Clone)]
-pub struct Exited {
-    pub model: String,
-    pub pid: u32,
-    pub status: String,
-    pub uptime: Duration,
+pub(crate) struct Exited {
+    pub(crate) model: String,
+    pub(crate) pid: u32,
+    pub(crate) status: String,
+    pub(crate) uptime: Duration,
 }
 
 impl WorkerProc {
-    pub async fn spawn(
+    pub(crate) async fn spawn(
         model: &Model,
         opts: &SpawnOptions<'_>,
         wait: Duration,
@@ -59,7 +58,8 @@ impl WorkerProc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(opts.log)?;
+            .open(opts.log)
+            .at("open the log", opts.log)?;
         let mut cmd = Command::new(opts.exe);
         cmd.arg("worker")
             .arg("serve")
@@ -120,12 +120,8 @@ impl WorkerProc {
                 )));
             }
         };
-        let (port, n_ctx, load_ms) = match hello {
-            WorkerHello::Ready {
-                port,
-                n_ctx,
-                load_ms,
-            } => (port, n_ctx, load_ms),
+        let (port, load_ms) = match hello {
+            WorkerHello::Ready { port, load_ms, .. } => (port, load_ms),
             WorkerHello::Failed { message } => {
                 let _ = child.wait().await;
                 return Err(Error::worker(format!(
@@ -144,7 +140,6 @@ impl WorkerProc {
         Ok(WorkerProc {
             pid,
             port,
-            n_ctx,
             load_ms,
             started_at: SystemTime::now(),
             exit: exit_rx,
@@ -154,22 +149,22 @@ impl WorkerProc {
     }
 
     /// How it exited, once it has.
-    pub fn exit_status(&self) -> Option<String> {
+    pub(crate) fn exit_status(&self) -> Option<String> {
         self.exit.borrow().clone()
     }
 
-    pub fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL at once: for a worker that is stuck (stopped, or not answering).
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
         let _ = kill(pid, Signal::SIGKILL);
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL.
-    pub async fn stop(&self, grace: Duration) {
+    pub(crate) async fn stop(&self, grace: Duration) {
         let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
         let mut exit = self.exit.clone();
         let _ = kill(pid, Signal::SIGTERM);
@@ -187,7 +182,10 @@ impl WorkerProc {
 
 async fn read_hello(stdout: &mut ChildStdout) -> Result<WorkerHello> {
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).await?;
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .doing("read the worker's first line")?;
     if line.is_empty() {
         return Err(Error::worker("it printed nothing"));
     }
@@ -217,7 +215,7 @@ async fn watch_exit(
 }
 
 /// `exit code N` or `signal NAME`, as a person reads it.
-pub fn describe_exit(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     if let Some(code) = status.code() {
         format!("exit code {code}")
@@ -232,6 +230,6 @@ pub fn describe_exit(status: std::process::ExitStatus) -> String {
 }
 
 /// The model path on this node (`~` is this node's home).
-pub fn model_path(model: &Model) -> PathBuf {
+pub(crate) fn model_path(model: &Model) -> PathBuf {
     paths::expand_tilde(&model.path)
 }

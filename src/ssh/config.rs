@@ -4,29 +4,29 @@
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct HostEntry {
-    pub host_name: Option<String>,
-    pub user: Option<String>,
-    pub port: Option<u16>,
-    pub identity_files: Vec<String>,
+pub(crate) struct HostEntry {
+    pub(crate) host_name: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) port: Option<u16>,
+    pub(crate) identity_files: Vec<String>,
 }
 
 /// Reads the user's `~/.ssh/config`; a missing or unreadable file means no entries.
-pub fn lookup(alias: &str) -> HostEntry {
+pub(crate) fn lookup(alias: &str) -> HostEntry {
     let Some(home) = crate::paths::home_dir() else {
         return HostEntry::default();
     };
     lookup_in(&home.join(".ssh/config"), alias)
 }
 
-pub fn lookup_in(path: &Path, alias: &str) -> HostEntry {
+pub(crate) fn lookup_in(path: &Path, alias: &str) -> HostEntry {
     match std::fs::read_to_string(path) {
         Ok(text) => parse(&text, alias),
         Err(_) => HostEntry::default(),
     }
 }
 
-pub fn parse(text: &str, alias: &str) -> HostEntry {
+pub(crate) fn parse(text: &str, alias: &str) -> HostEntry {
     let mut entry = HostEntry::default();
     let mut active = true;
     for line in text.lines() {
@@ -100,7 +100,7 @@ fn glob(pattern: &str, text: &str) -> bool {
 }
 
 /// Identity files as written, `~` expanded.
-pub fn expand(files: &[String]) -> Vec<PathBuf> {
+pub(crate) fn expand(files: &[String]) -> Vec<PathBuf> {
     files
         .iter()
         .map(|f| crate::paths::expand_tilde(f))

@@ -1,8 +1,10 @@
 //! SSH to nodes through russh: connection and authentication, known_hosts, `~/.ssh/config`
 //! aliases, quoting of remote commands.
 
-pub mod config;
-pub mod quote;
-pub mod session;
+pub(crate) mod config;
+mod error;
+pub(crate) mod quote;
+pub(crate) mod session;
 
-pub use session::{Exec, HostKey, Session, Target};
+pub use error::SshError;
+pub(crate) use session::{HostKey, Session, Target};

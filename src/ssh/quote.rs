@@ -2,7 +2,7 @@
 //! names, paths and model names cannot inject shell syntax.
 
 /// `'text'`, with embedded single quotes closed, escaped and reopened.
-pub fn quote(text: &str) -> String {
+pub(crate) fn quote(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('\'');
     for c in text.chars() {
@@ -17,7 +17,7 @@ pub fn quote(text: &str) -> String {
 }
 
 /// A node-side path as a shell word: a leading `~` becomes `"$HOME"`, the rest is quoted.
-pub fn remote_path(path: &str) -> String {
+pub(crate) fn remote_path(path: &str) -> String {
     if path == "~" {
         "\"$HOME\"".to_string()
     } else if let Some(rest) = path.strip_prefix("~/") {
@@ -28,7 +28,7 @@ pub fn remote_path(path: &str) -> String {
 }
 
 /// `dir/name` for a node-side directory given as written in nodes.toml.
-pub fn remote_join(dir: &str, name: &str) -> String {
+pub(crate) fn remote_join(dir: &str, name: &str) -> String {
     let dir = dir.trim_end_matches('/');
     remote_path(&format!("{dir}/{name}"))
 }

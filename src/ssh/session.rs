@@ -12,26 +12,27 @@ use tokio::io::AsyncRead;
 use tokio::task::JoinHandle;
 
 use crate::config::Node;
-use crate::error::{Error, ExitKind, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::paths;
+use crate::ssh::SshError;
 use crate::ssh::config as ssh_config;
 
 /// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and as whom to connect, after `~/.ssh/config` has been applied.
 #[derive(Debug, Clone)]
-pub struct Target {
-    pub node: String,
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub identity_files: Vec<PathBuf>,
-    pub known_hosts: PathBuf,
+pub(crate) struct Target {
+    pub(crate) node: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) user: String,
+    pub(crate) identity_files: Vec<PathBuf>,
+    pub(crate) known_hosts: PathBuf,
 }
 
 impl Target {
-    pub fn for_node(node: &Node) -> Result<Target> {
+    pub(crate) fn for_node(node: &Node) -> Result<Target> {
         let alias = node.host.clone().ok_or_else(|| {
             Error::config(format!("node `{}` has no `host` to connect to", node.name))
         })?;
@@ -69,21 +70,25 @@ impl Target {
     }
 
     /// `node (user@host:port)`, for messages.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "`{}` ({}@{}:{})",
             self.node, self.user, self.host, self.port
         )
     }
 
-    fn fail(&self, what: impl std::fmt::Display) -> Error {
-        Error::new(ExitKind::Ssh, format!("ssh to {}: {what}", self.describe()))
+    /// The connection or a channel on it failed.
+    fn broke(&self, detail: impl std::fmt::Display) -> Error {
+        Error::from(SshError::Protocol {
+            target: self.describe(),
+            detail: detail.to_string(),
+        })
     }
 }
 
 /// What the host key check decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostKey {
+pub(crate) enum HostKey {
     Known,
     /// Unknown, and recorded because the user asked for it.
     Accepted {
@@ -158,30 +163,30 @@ impl client::Handler for Checker {
 
 /// Output of a remote command.
 #[derive(Debug, Default)]
-pub struct Exec {
-    pub code: Option<u32>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
+pub(crate) struct Exec {
+    pub(crate) code: Option<u32>,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) stderr: Vec<u8>,
 }
 
 impl Exec {
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.code == Some(0)
     }
 
-    pub fn stdout_text(&self) -> String {
+    pub(crate) fn stdout_text(&self) -> String {
         String::from_utf8_lossy(&self.stdout).trim().to_string()
     }
 
-    pub fn stderr_text(&self) -> String {
+    pub(crate) fn stderr_text(&self) -> String {
         String::from_utf8_lossy(&self.stderr).trim().to_string()
     }
 }
 
-pub struct Session {
+pub(crate) struct Session {
     handle: Arc<client::Handle<Checker>>,
-    pub target: Target,
-    pub host_key: HostKey,
+    pub(crate) target: Target,
+    pub(crate) host_key: HostKey,
     forwards: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -197,7 +202,11 @@ impl Drop for Session {
 
 impl Session {
     /// Connects and authenticates before `deadline`.
-    pub async fn connect(target: &Target, deadline: Instant, accept_new: bool) -> Result<Session> {
+    pub(crate) async fn connect(
+        target: &Target,
+        deadline: Instant,
+        accept_new: bool,
+    ) -> Result<Session> {
         let verdict = Arc::new(Mutex::new(None));
         let checker = Checker {
             host: target.host.clone(),
@@ -225,7 +234,9 @@ impl Session {
             Ok(Ok(handle)) => handle,
             Ok(Err(e)) => {
                 let verdict = verdict.lock().ok().and_then(|v| v.clone());
-                return Err(host_key_error(target, verdict).unwrap_or_else(|| target.fail(e)));
+                return Err(
+                    host_key_error(target, verdict).unwrap_or_else(|| connect_error(target, e))
+                );
             }
             Err(_) if budget_limited => {
                 return Err(Error::deadline(format!(
@@ -234,7 +245,10 @@ impl Session {
                 )));
             }
             Err(_) => {
-                return Err(target.fail(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())));
+                return Err(Error::from(SshError::Timeout {
+                    target: target.describe(),
+                    secs: CONNECT_TIMEOUT.as_secs(),
+                }));
             }
         };
         let host_key = verdict
@@ -262,7 +276,7 @@ impl Session {
     }
 
     /// Runs `command` through the remote user's shell, feeding it `input` on stdin.
-    pub async fn exec(&self, command: &str, input: Option<&[u8]>) -> Result<Exec> {
+    pub(crate) async fn exec(&self, command: &str, input: Option<&[u8]>) -> Result<Exec> {
         match input {
             Some(bytes) => self.exec_reader(command, bytes).await,
             None => self.exec_reader(command, tokio::io::empty()).await,
@@ -270,24 +284,27 @@ impl Session {
     }
 
     /// Runs `command`, streaming `input` to its stdin (uploads).
-    pub async fn exec_reader<R: AsyncRead + Unpin>(&self, command: &str, input: R) -> Result<Exec> {
-        let mut channel = self
-            .handle
-            .channel_open_session()
-            .await
-            .map_err(|e| self.target.fail(format!("cannot open a session: {e}")))?;
+    pub(crate) async fn exec_reader<R: AsyncRead + Unpin>(
+        &self,
+        command: &str,
+        input: R,
+    ) -> Result<Exec> {
+        let mut channel = self.handle.channel_open_session().await.map_err(|e| {
+            self.target
+                .broke(format_args!("cannot open a session: {e}"))
+        })?;
         channel
             .exec(true, command)
             .await
-            .map_err(|e| self.target.fail(format!("cannot run a command: {e}")))?;
+            .map_err(|e| self.target.broke(format_args!("cannot run a command: {e}")))?;
         channel
             .data(input)
             .await
-            .map_err(|e| self.target.fail(format!("sending data failed: {e}")))?;
+            .map_err(|e| self.target.broke(format_args!("sending data failed: {e}")))?;
         channel
             .eof()
             .await
-            .map_err(|e| self.target.fail(format!("sending data failed: {e}")))?;
+            .map_err(|e| self.target.broke(format_args!("sending data failed: {e}")))?;
         let mut out = Exec::default();
         while let Some(msg) = channel.wait().await {
             match msg {
@@ -305,12 +322,12 @@ impl Session {
     }
 
     /// Like `exec`, but a non-zero exit is an error naming `what`.
-    pub async fn run(&self, what: &str, command: &str) -> Result<Exec> {
+    pub(crate) async fn run(&self, what: &str, command: &str) -> Result<Exec> {
         self.run_reader(what, command, tokio::io::empty()).await
     }
 
     /// Like `exec_reader`, but a non-zero exit is an error naming `what`.
-    pub async fn run_reader<R: AsyncRead + Unpin>(
+    pub(crate) async fn run_reader<R: AsyncRead + Unpin>(
         &self,
         what: &str,
         command: &str,
@@ -320,19 +337,25 @@ impl Session {
         if out.ok() {
             Ok(out)
         } else {
-            Err(self.target.fail(format!(
-                "{what} failed (exit {}): {}",
-                out.code.map_or("?".to_string(), |c| c.to_string()),
-                out.stderr_text()
-            )))
+            Err(Error::from(SshError::Command {
+                target: self.target.describe(),
+                what: what.to_string(),
+                code: out.code.map_or("?".to_string(), |c| c.to_string()),
+                stderr: out.stderr_text(),
+            }))
         }
     }
 
     /// A port on this machine's loopback whose connections reach `127.0.0.1:remote_port` on
     /// the node through direct-tcpip channels of this connection.
-    pub async fn forward(&self, remote_port: u16) -> Result<u16> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-        let local_port = listener.local_addr()?.port();
+    pub(crate) async fn forward(&self, remote_port: u16) -> Result<u16> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .doing("listen on the loopback for a forward")?;
+        let local_port = listener
+            .local_addr()
+            .doing("read the forward's local port")?
+            .port();
         let handle = self.handle.clone();
         let node = self.target.node.clone();
         let task = tokio::spawn(async move {
@@ -426,26 +449,57 @@ impl tokio::io::AsyncWrite for QuickAck {
 }
 
 fn host_key_error(target: &Target, verdict: Option<HostKey>) -> Option<Error> {
-    let known_hosts = target.known_hosts.display();
-    let message = match verdict? {
-        HostKey::Unknown { fingerprint } => format!(
-            "host key of {} is not known: {fingerprint}. If that is the node's key, record it \
-             with `rbee nodes trust {}` (or add --accept-new-host-key); it goes to `{known_hosts}`",
-            target.describe(),
-            target.node
-        ),
-        HostKey::Changed { fingerprint, line } => format!(
-            "HOST KEY CHANGED for {}: it now presents {fingerprint}, but `{known_hosts}` line \
-             {line} holds another key. Someone may be intercepting the connection; if the key \
-             changed on purpose, delete that line and trust the node again",
-            target.describe()
-        ),
-        HostKey::Unsupported(why) => {
-            format!("cannot check the host key of {}: {why}", target.describe())
-        }
+    let err = match verdict? {
+        HostKey::Unknown { fingerprint } => SshError::HostKeyUnknown {
+            target: target.describe(),
+            node: target.node.clone(),
+            fingerprint,
+            known_hosts: target.known_hosts.clone(),
+        },
+        HostKey::Changed { fingerprint, line } => SshError::HostKeyChanged {
+            target: target.describe(),
+            node: target.node.clone(),
+            fingerprint,
+            known: known_fingerprint(target, line),
+            known_hosts: target.known_hosts.clone(),
+            line,
+        },
+        HostKey::Unsupported(why) => SshError::HostKeyUnchecked {
+            target: target.describe(),
+            why,
+        },
         HostKey::Known | HostKey::Accepted { .. } => return None,
     };
-    Some(Error::new(ExitKind::Ssh, message))
+    Some(Error::from(err))
+}
+
+/// The fingerprint of the key that known_hosts holds for the target at `line`.
+fn known_fingerprint(target: &Target, line: usize) -> Option<String> {
+    let known = russh::keys::known_hosts::known_host_keys_path(
+        &target.host,
+        target.port,
+        &target.known_hosts,
+    )
+    .ok()?;
+    known
+        .into_iter()
+        .find(|(l, _)| *l == line)
+        .map(|(_, key)| key.fingerprint(HashAlg::Sha256).to_string())
+}
+
+/// A failed connection attempt: no TCP connection at all, or a handshake that broke.
+fn connect_error(target: &Target, err: russh::Error) -> Error {
+    let err = match err {
+        russh::Error::IO(e) => SshError::Unreachable {
+            target: target.describe(),
+            detail: e.to_string(),
+        },
+        other => SshError::Protocol {
+            target: target.describe(),
+            detail: other.to_string(),
+        },
+    };
+    Error::from(err)
 }
 
 async fn authenticate(handle: &mut client::Handle<Checker>, target: &Target) -> Result<()> {
@@ -487,7 +541,7 @@ async fn authenticate(handle: &mut client::Handle<Checker>, target: &Target) -> 
                 PrivateKeyWithHashAlg::new(Arc::new(key), hash),
             )
             .await
-            .map_err(|e| target.fail(format!("authentication failed: {e}")))?;
+            .map_err(|e| target.broke(format_args!("authentication failed: {e}")))?;
         if result.success() {
             return Ok(());
         }
@@ -498,10 +552,11 @@ async fn authenticate(handle: &mut client::Handle<Checker>, target: &Target) -> 
     } else {
         format!("tried {}", tried.join(", "))
     };
-    Err(target.fail(format!(
-        "authentication as `{}` was refused; {tried}",
-        target.user
-    )))
+    Err(Error::from(SshError::AuthRefused {
+        target: target.describe(),
+        user: target.user.clone(),
+        tried,
+    }))
 }
 
 async fn rsa_hash(handle: &client::Handle<Checker>, key: &PublicKey) -> Option<HashAlg> {

@@ -23,53 +23,49 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Error;
-use crate::wire::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
+use crate::protocol::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
 use crate::worker::utf8::Utf8Buffer;
 
-/// Longest context per request when the user sets none: the training context can be far larger
-/// than what a small machine wants to allocate for the KV cache.
-pub const DEFAULT_MAX_CONTEXT: u32 = 4096;
-
 #[derive(Debug, Clone)]
-pub struct EngineOptions {
-    pub model_path: PathBuf,
+pub(crate) struct EngineOptions {
+    pub(crate) model_path: PathBuf,
     /// Tokens of context per request; the KV cache holds `slots` times this.
-    pub context: Option<u32>,
-    pub threads: Option<u32>,
-    pub gpu_layers: u32,
+    pub(crate) context: Option<u32>,
+    pub(crate) threads: Option<u32>,
+    pub(crate) gpu_layers: u32,
     /// Generations decoded together, each in its own KV sequence.
-    pub slots: u32,
+    pub(crate) slots: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     /// Tokens of context per request.
-    pub n_ctx: u32,
-    pub slots: u32,
-    pub load_ms: f64,
+    pub(crate) n_ctx: u32,
+    pub(crate) slots: u32,
+    pub(crate) load_ms: f64,
 }
 
 /// What the engine reports about one job, in order: `Started` or `Failed` first, then tokens,
 /// then `Done` (or `Failed` if decoding broke).
 #[derive(Debug)]
-pub enum EngineEvent {
+pub(crate) enum EngineEvent {
     Started { tokens_in: u32 },
     Token(String),
     Done(DoneEvent),
     Failed(Error),
 }
 
-pub struct Job {
-    pub request: GenerateRequest,
-    pub deadline: Option<Instant>,
-    pub events: UnboundedSender<EngineEvent>,
+pub(crate) struct Job {
+    pub(crate) request: GenerateRequest,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) events: UnboundedSender<EngineEvent>,
 }
 
 /// What the engine is doing, for `GET /health`: the generations under way and the last one.
 #[derive(Debug, Default, Clone)]
-pub struct Activity {
-    pub active: Vec<Generation>,
-    pub last: Option<Generation>,
+pub(crate) struct Activity {
+    pub(crate) active: Vec<Generation>,
+    pub(crate) last: Option<Generation>,
 }
 
 type SharedActivity = Arc<Mutex<Activity>>;
@@ -81,20 +77,20 @@ fn update(activity: &SharedActivity, f: impl FnOnce(&mut Activity)) {
 
 /// Where requests enter the batcher: what the HTTP side holds.
 #[derive(Clone)]
-pub struct Engine {
+pub(crate) struct Engine {
     jobs: UnboundedSender<Job>,
     activity: SharedActivity,
 }
 
 impl Engine {
-    pub fn activity(&self) -> Activity {
+    pub(crate) fn activity(&self) -> Activity {
         self.activity
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), Error> {
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Error> {
         self.jobs
             .send(job)
             .map_err(|_| Error::worker("the batcher has stopped"))
@@ -102,7 +98,7 @@ impl Engine {
 }
 
 /// The model and the llama.cpp backend it was loaded with.
-pub struct Weights {
+pub(crate) struct Weights {
     // Declared before the backend: the model is freed first.
     model: LlamaModel,
     backend: LlamaBackend,
@@ -110,7 +106,7 @@ pub struct Weights {
 }
 
 impl Weights {
-    pub fn load(options: &EngineOptions) -> Result<Weights, Error> {
+    pub(crate) fn load(options: &EngineOptions) -> Result<Weights, Error> {
         let started = Instant::now();
         let backend = LlamaBackend::init()
             .map_err(|e| Error::worker(format!("cannot start llama.cpp: {e}")))?;
@@ -131,11 +127,16 @@ impl Weights {
 
     /// A context with one KV sequence per slot, the batcher that drives it, and the handle
     /// requests come in by.
-    pub fn batcher(&self, options: &EngineOptions) -> Result<(Batcher<'_>, Engine, Loaded), Error> {
+    pub(crate) fn batcher(
+        &self,
+        options: &EngineOptions,
+    ) -> Result<(Batcher<'_>, Engine, Loaded), Error> {
         let model = &self.model;
-        let per_seq = options
-            .context
-            .unwrap_or_else(|| model.n_ctx_train().clamp(1, DEFAULT_MAX_CONTEXT));
+        let per_seq = options.context.unwrap_or_else(|| {
+            model
+                .n_ctx_train()
+                .clamp(1, crate::config::DEFAULT_MAX_CONTEXT)
+        });
         let slots = options.slots.max(1);
         let threads = options.threads.map_or_else(default_threads, |t| t.max(1));
         let threads = i32::try_from(threads).unwrap_or(i32::MAX);
@@ -209,7 +210,7 @@ struct Slot {
     first_token_at: Option<Instant>,
 }
 
-pub struct Batcher<'m> {
+pub(crate) struct Batcher<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
@@ -234,7 +235,7 @@ impl Batcher<'_> {
     /// the tokens of a step go out, and new requests come in, without waking another thread,
     /// which on a machine with as many cores as llama.cpp threads would take a core from
     /// llama.cpp in the middle of a pass.
-    pub async fn serve(mut self) {
+    pub(crate) async fn serve(mut self) {
         loop {
             // Idle: sleep until a job comes. Busy: take what is waiting, without blocking.
             if self.active.is_empty() {
@@ -425,7 +426,7 @@ impl Batcher<'_> {
             // cells, and carry on with the next requests.
             for slot in slots {
                 self.forget(slot.seq);
-                self.finish_failed(slot, Error::new(err.kind, err.message.clone()));
+                self.finish_failed(slot, Error::of_kind(err.kind(), err.to_string()));
             }
             return;
         }

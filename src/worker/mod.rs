@@ -2,22 +2,26 @@
 //! stdout (its port, or why it failed), serves on 127.0.0.1, and exits when its hive goes away
 //! (stdin closes) or on SIGTERM.
 
-pub mod engine;
-pub mod server;
-pub mod utf8;
+pub(crate) mod args;
+pub(crate) mod engine;
+pub(crate) mod server;
+pub(crate) mod utf8;
 
 use std::io::{Read, Write};
 
-use crate::cli::WorkerServeArgs;
-use crate::error::{Error, Result};
-use crate::wire::WorkerHello;
+use crate::error::{Error, IoContext, Result};
+use crate::protocol::WorkerHello;
+use args::ServeArgs;
 use engine::{EngineOptions, Weights};
 
-pub fn serve(args: WorkerServeArgs) -> Result<()> {
+pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     // The hive hands over the key it signs our requests with on stdin, never in argv or env.
     let key = read_key()?;
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    let port = listener.local_addr()?.port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).doing("listen on the loopback")?;
+    let port = listener
+        .local_addr()
+        .doing("read the listening port")?
+        .port();
     let options = EngineOptions {
         model_path: args.model_path.clone(),
         context: args.context,
@@ -38,11 +42,14 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .doing("start the runtime")?;
     runtime.block_on(async move {
-        listener.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let verifier = std::sync::Arc::new(crate::http::Guard {
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            .doing("listen on the loopback")?;
+        let verifier = std::sync::Arc::new(crate::auth::layer::Guard {
             verifier: std::sync::Arc::new(crate::auth::Verifier::new(
                 vec![key],
                 crate::auth::DEFAULT_SKEW,
@@ -59,7 +66,7 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
             verifier,
         );
         let server = axum::serve(
-            crate::http::no_delay(listener),
+            crate::server::no_delay(listener),
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(crate::signals::terminated());
@@ -76,7 +83,7 @@ pub fn serve(args: WorkerServeArgs) -> Result<()> {
 /// Tells the hive why the model cannot be served.
 fn failed(err: Error) -> Error {
     hello(&WorkerHello::Failed {
-        message: err.message.clone(),
+        message: err.to_string(),
     });
     err
 }
@@ -84,7 +91,9 @@ fn failed(err: Error) -> Error {
 /// The first line of stdin: the hex key this worker's requests are signed with.
 fn read_key() -> Result<crate::auth::Key> {
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
+    std::io::stdin()
+        .read_line(&mut line)
+        .doing("read the signing key from stdin")?;
     crate::auth::Key::from_hex(&line).ok_or_else(|| {
         Error::worker("the worker expects its signing key on the first line of stdin")
     })

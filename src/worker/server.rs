@@ -14,26 +14,30 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::deadline::Budget;
 use crate::error::Error;
-use crate::http::{ApiError, sse_event};
-use crate::wire::{ErrorBody, GenerateRequest, TokenEvent, WorkerHealth};
+use crate::protocol::sse::sse_event;
+use crate::protocol::{ErrorBody, GenerateRequest, TokenEvent, WorkerHealth};
+use crate::server::ApiError;
 use crate::worker::engine::{Engine, EngineEvent, Job};
 
 #[derive(Clone)]
-pub struct WorkerState {
-    pub engine: Engine,
-    pub model: String,
-    pub n_ctx: u32,
-    pub slots: u32,
+pub(crate) struct WorkerState {
+    pub(crate) engine: Engine,
+    pub(crate) model: String,
+    pub(crate) n_ctx: u32,
+    pub(crate) slots: u32,
 }
 
-pub fn router(state: WorkerState, verifier: std::sync::Arc<crate::http::Guard>) -> Router {
+pub(crate) fn router(
+    state: WorkerState,
+    verifier: std::sync::Arc<crate::auth::layer::Guard>,
+) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/generate", post(generate))
-        .layer(DefaultBodyLimit::max(crate::http::BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(crate::auth::layer::BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             verifier,
-            crate::http::require_signature,
+            crate::auth::layer::require_signature,
         ))
         .with_state(state)
 }

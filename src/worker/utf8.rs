@@ -1,13 +1,13 @@
 //! Token pieces end mid-character now and then; this holds the bytes back until they form text.
 
 #[derive(Debug, Default)]
-pub struct Utf8Buffer {
+pub(crate) struct Utf8Buffer {
     pending: Vec<u8>,
 }
 
 impl Utf8Buffer {
     /// Adds bytes and returns the text that is complete so far.
-    pub fn push(&mut self, bytes: &[u8]) -> String {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         loop {
@@ -38,7 +38,7 @@ impl Utf8Buffer {
     }
 
     /// What is left when generation stops, made printable.
-    pub fn finish(&mut self) -> String {
+    pub(crate) fn finish(&mut self) -> String {
         let rest = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
         rest

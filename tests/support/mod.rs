@@ -8,17 +8,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub mod netns;
-pub mod sshd;
+pub(crate) mod netns;
+pub(crate) mod sshd;
 
-pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub(crate) const MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
-pub fn bin() -> PathBuf {
+pub(crate) fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rbee"))
 }
 
 /// The test model. In CI a missing model is a failure; elsewhere the test is skipped with a note.
-pub fn model() -> Option<PathBuf> {
+pub(crate) fn model() -> Option<PathBuf> {
     let path = std::env::var_os("RBEE_TEST_MODEL")
         .map(PathBuf::from)
         .or_else(|| {
@@ -45,7 +46,7 @@ pub fn model() -> Option<PathBuf> {
 /// A free port for a test's hive or sshd. It comes from below the kernel's ephemeral range
 /// (32768 and up by default), where the workers and tunnels of other tests bind their own
 /// ports, and is never handed out twice in one run.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let _ = NEXT.compare_exchange(
@@ -65,14 +66,14 @@ pub fn free_port() -> u16 {
 
 /// The `[models.smollm2]` table for the test model; one llama.cpp thread, so that tests running
 /// side by side do not starve each other.
-pub fn model_table(model: &Path, sha256: &str) -> String {
+pub(crate) fn model_table(model: &Path, sha256: &str) -> String {
     format!(
         "[models.smollm2]\npath = {:?}\nsha256 = \"{sha256}\"\nthreads = 1\n",
         model.display().to_string()
     )
 }
 
-pub fn tempdir() -> tempfile::TempDir {
+pub(crate) fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("rbee-test-")
         .tempdir()
@@ -80,20 +81,20 @@ pub fn tempdir() -> tempfile::TempDir {
 }
 
 /// One private rbee world: state dir, config, node dir and hive port of its own.
-pub struct Env {
-    pub dir: tempfile::TempDir,
-    pub port: u16,
-    pub config: PathBuf,
+pub(crate) struct Env {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) port: u16,
+    pub(crate) config: PathBuf,
 }
 
-pub struct Run {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Run {
-    pub fn from(output: Output) -> Run {
+    pub(crate) fn from(output: Output) -> Run {
         use std::os::unix::process::ExitStatusExt;
         Run {
             code: output
@@ -106,14 +107,14 @@ impl Run {
     }
 
     /// The `--json` lines of stdout.
-    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn json_lines(&self) -> Vec<serde_json::Value> {
         self.stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
             .collect()
     }
 
-    pub fn done(&self) -> serde_json::Value {
+    pub(crate) fn done(&self) -> serde_json::Value {
         let lines = self.json_lines();
         let last = lines.last().cloned().expect("at least one JSON line");
         assert_eq!(
@@ -124,7 +125,7 @@ impl Run {
         last
     }
 
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         self.json_lines()
             .iter()
             .filter(|l| l["event"] == "token")
@@ -133,7 +134,7 @@ impl Run {
     }
 
     #[track_caller]
-    pub fn expect(&self, code: i32) -> &Run {
+    pub(crate) fn expect(&self, code: i32) -> &Run {
         assert_eq!(
             self.code, code,
             "expected exit {code}, got {}\nstdout: {}\nstderr: {}",
@@ -145,12 +146,12 @@ impl Run {
 
 impl Env {
     /// A local node `n1` serving the test model; `extra` is appended to its node table.
-    pub fn new(extra: &str) -> Option<Env> {
+    pub(crate) fn new(extra: &str) -> Option<Env> {
         let model = model()?;
         Some(Env::with_model(&model, MODEL_SHA256, extra))
     }
 
-    pub fn with_model(model: &Path, sha256: &str, extra: &str) -> Env {
+    pub(crate) fn with_model(model: &Path, sha256: &str, extra: &str) -> Env {
         Env::custom(|dir, port| {
             format!(
                 "{}\n[nodes.n1]\ntransport = \"local\"\nremote_dir = {node_dir:?}\n\
@@ -162,14 +163,14 @@ impl Env {
     }
 
     /// An environment whose nodes.toml `config` writes, given its directory and a free port.
-    pub fn custom(config: impl FnOnce(&Path, u16) -> String) -> Env {
+    pub(crate) fn custom(config: impl FnOnce(&Path, u16) -> String) -> Env {
         let dir = tempdir();
         let port = free_port();
         let text = config(dir.path(), port);
         Env::from_dir(dir, port, &text)
     }
 
-    pub fn from_dir(dir: tempfile::TempDir, port: u16, config: &str) -> Env {
+    pub(crate) fn from_dir(dir: tempfile::TempDir, port: u16, config: &str) -> Env {
         let path = dir.path().join("nodes.toml");
         std::fs::write(&path, config).expect("write nodes.toml");
         Env {
@@ -179,16 +180,16 @@ impl Env {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    pub fn node_dir(&self) -> PathBuf {
+    pub(crate) fn node_dir(&self) -> PathBuf {
         self.path().join("node")
     }
 
     /// The binary with this environment: its config and state, nothing from the caller's.
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin());
         cmd.args(args)
             .current_dir(self.path())
@@ -201,11 +202,11 @@ impl Env {
         cmd
     }
 
-    pub fn run(&self, args: &[&str]) -> Run {
+    pub(crate) fn run(&self, args: &[&str]) -> Run {
         Run::from(self.command(args).output().expect("run rbee"))
     }
 
-    pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Run {
+    pub(crate) fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Run {
         let mut child = self
             .command(args)
             .stdin(Stdio::piped())
@@ -222,7 +223,7 @@ impl Env {
         Run::from(child.wait_with_output().expect("wait rbee"))
     }
 
-    pub fn spawn(&self, args: &[&str]) -> Child {
+    pub(crate) fn spawn(&self, args: &[&str]) -> Child {
         self.command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -231,13 +232,13 @@ impl Env {
     }
 
     /// `infer --json` with the given extra arguments.
-    pub fn infer(&self, args: &[&str]) -> Run {
+    pub(crate) fn infer(&self, args: &[&str]) -> Run {
         let mut all = vec!["--json", "infer"];
         all.extend_from_slice(args);
         self.run(&all)
     }
 
-    pub fn workers(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn workers(&self) -> Vec<serde_json::Value> {
         let run = self.run(&["worker", "list", "--json"]);
         run.expect(0);
         let value: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("JSON");
@@ -246,7 +247,7 @@ impl Env {
 
     /// Pids of every process started for this environment (hive and workers carry its
     /// directory in their command line).
-    pub fn processes(&self) -> Vec<i32> {
+    pub(crate) fn processes(&self) -> Vec<i32> {
         processes_mentioning(&self.path().display().to_string())
             .into_iter()
             .filter(|pid| {
@@ -270,7 +271,7 @@ impl Drop for Env {
     }
 }
 
-pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+pub(crate) fn processes_mentioning(needle: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
     let mut pids = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -299,14 +300,14 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
     pids
 }
 
-pub fn alive(pid: i32) -> bool {
+pub(crate) fn alive(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // A zombie ("Z") has exited; only its parent has not collected it yet.
     !stat.is_empty() && stat.split(' ').nth(2).is_none_or(|s| s != "Z")
 }
 
 /// Polls `check` until it holds or `limit` passes; returns whether it held.
-pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+pub(crate) fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + limit;
     loop {
         if check() {
@@ -320,7 +321,7 @@ pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
 }
 
 /// A plain HTTP/1.0 exchange with a server on loopback: (status, body).
-pub fn http(
+pub(crate) fn http(
     port: u16,
     method: &str,
     path: &str,
@@ -358,7 +359,7 @@ pub fn http(
 }
 
 /// `GET /health` of the hive's worker for the test model.
-pub fn worker_health(env: &Env) -> serde_json::Value {
+pub(crate) fn worker_health(env: &Env) -> serde_json::Value {
     let workers = env.workers();
     let port = workers[0]["port"].as_u64().expect("worker port") as u16;
     let (status, body) = http(port, "GET", "/health", &[], b"");
@@ -366,11 +367,11 @@ pub fn worker_health(env: &Env) -> serde_json::Value {
     serde_json::from_str(&body).expect("JSON")
 }
 
-pub fn home() -> PathBuf {
+pub(crate) fn home() -> PathBuf {
     PathBuf::from(std::env::var_os("HOME").expect("HOME"))
 }
 
-pub fn sha256(path: &Path) -> String {
+pub(crate) fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
         .output()
@@ -383,7 +384,7 @@ pub fn sha256(path: &Path) -> String {
 }
 
 /// Signs a request the way the README documents it, written independently of rbee's code.
-pub fn sign_with(
+pub(crate) fn sign_with(
     key_hex: &str,
     method: &str,
     path: &str,
@@ -403,14 +404,14 @@ pub fn sign_with(
     format!("v1 kid={kid},ts={ts},nonce={nonce},sig={sig}")
 }
 
-pub fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs() as i64
 }
 
-pub fn fresh_nonce() -> String {
+pub(crate) fn fresh_nonce() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     format!(
@@ -422,12 +423,12 @@ pub fn fresh_nonce() -> String {
 
 impl Env {
     /// The local node's signing key (hex).
-    pub fn node_key(&self) -> String {
+    pub(crate) fn node_key(&self) -> String {
         std::fs::read_to_string(self.node_dir().join("hive.key")).expect("node key")
     }
 
     /// A signed request to the hive.
-    pub fn signed(
+    pub(crate) fn signed(
         &self,
         method: &str,
         path: &str,
@@ -453,7 +454,7 @@ impl Env {
 
 /// Near-uniform sampling: the end-of-generation token is as likely as any of ~49k others, so
 /// the generation runs until something stops it.
-pub const ENDLESS: [&str; 8] = [
+pub(crate) const ENDLESS: [&str; 8] = [
     "--prompt",
     "Tell me a story.",
     "--temperature",
@@ -464,11 +465,11 @@ pub const ENDLESS: [&str; 8] = [
     "100000",
 ];
 
-pub type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+pub(crate) type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
 
 impl Env {
     /// `--json infer` of an endless generation (plus `extra`), once its first `tokens` arrived.
-    pub fn spawn_endless(&self, extra: &[&str], tokens: usize) -> (Child, Lines) {
+    pub(crate) fn spawn_endless(&self, extra: &[&str], tokens: usize) -> (Child, Lines) {
         use std::io::BufRead;
         let mut args = vec!["--json", "infer"];
         args.extend(ENDLESS);
@@ -482,7 +483,7 @@ impl Env {
     }
 
     /// Rewrites nodes.toml, replacing `from` with `to`.
-    pub fn edit_config(&self, from: &str, to: &str) {
+    pub(crate) fn edit_config(&self, from: &str, to: &str) {
         let text = std::fs::read_to_string(&self.config).expect("read nodes.toml");
         assert!(text.contains(from), "nodes.toml has no `{from}`");
         std::fs::write(&self.config, text.replace(from, to)).expect("write nodes.toml");

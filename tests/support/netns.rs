@@ -3,10 +3,10 @@
 
 use std::process::Command;
 
-pub struct Netns {
-    pub name: String,
-    pub host_ip: String,
-    pub node_ip: String,
+pub(crate) struct Netns {
+    pub(crate) name: String,
+    pub(crate) host_ip: String,
+    pub(crate) node_ip: String,
     veth: String,
 }
 
@@ -19,7 +19,7 @@ fn ip(args: &[&str]) -> bool {
 
 impl Netns {
     /// Root only; `None` (with a note) elsewhere.
-    pub fn create(tag: u8) -> Option<Netns> {
+    pub(crate) fn create(tag: u8) -> Option<Netns> {
         if !nix::unistd::geteuid().is_root() || Command::new("ip").arg("-V").output().is_err() {
             eprintln!("skipped: network namespaces need root and iproute2");
             return None;
@@ -66,7 +66,7 @@ impl Netns {
     }
 
     /// Cuts (`false`) or restores (`true`) the link.
-    pub fn link(&self, up: bool) {
+    pub(crate) fn link(&self, up: bool) {
         assert!(ip(&[
             "link",
             "set",

@@ -5,20 +5,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub const SSHD: &str = "/usr/sbin/sshd";
+pub(crate) const SSHD: &str = "/usr/sbin/sshd";
 
-pub struct Sshd {
-    pub port: u16,
-    pub dir: PathBuf,
+pub(crate) struct Sshd {
+    pub(crate) port: u16,
+    pub(crate) dir: PathBuf,
     /// `KEYTYPE BASE64` of the server's host key.
-    pub host_key: String,
+    pub(crate) host_key: String,
     child: Child,
 }
 
 /// A client key pair the test authenticates with.
-pub struct ClientKey {
-    pub private: PathBuf,
-    pub public: String,
+pub(crate) struct ClientKey {
+    pub(crate) private: PathBuf,
+    pub(crate) public: String,
 }
 
 fn keygen(path: &Path, kind: &str) {
@@ -32,7 +32,7 @@ fn keygen(path: &Path, kind: &str) {
 }
 
 /// Whether sshd can run here; in CI its absence is a failure, elsewhere a skip.
-pub fn available() -> bool {
+pub(crate) fn available() -> bool {
     let ok = Path::new(SSHD).exists()
         && Command::new("ssh-keygen")
             .arg("-?")
@@ -51,7 +51,7 @@ pub fn available() -> bool {
 }
 
 impl ClientKey {
-    pub fn new(dir: &Path, name: &str, kind: &str) -> ClientKey {
+    pub(crate) fn new(dir: &Path, name: &str, kind: &str) -> ClientKey {
         let private = dir.join(name);
         keygen(&private, kind);
         let public = std::fs::read_to_string(private.with_extension("pub"))
@@ -64,12 +64,16 @@ impl ClientKey {
 
 impl Sshd {
     /// Starts sshd on a free loopback port, trusting `authorized` client keys.
-    pub fn start(dir: &Path, authorized: &[&ClientKey]) -> Sshd {
+    pub(crate) fn start(dir: &Path, authorized: &[&ClientKey]) -> Sshd {
         Sshd::start_in(dir, authorized, None)
     }
 
     /// The same, inside a network namespace, listening on its address.
-    pub fn start_in(dir: &Path, authorized: &[&ClientKey], netns: Option<(&str, &str)>) -> Sshd {
+    pub(crate) fn start_in(
+        dir: &Path,
+        authorized: &[&ClientKey],
+        netns: Option<(&str, &str)>,
+    ) -> Sshd {
         std::fs::create_dir_all(dir).expect("sshd dir");
         let host_key = dir.join("host_ed25519");
         keygen(&host_key, "ed25519");
@@ -144,16 +148,16 @@ impl Sshd {
     }
 
     /// The known_hosts line for this server.
-    pub fn known_hosts_line(&self) -> String {
+    pub(crate) fn known_hosts_line(&self) -> String {
         self.known_hosts_line_at("127.0.0.1")
     }
 
-    pub fn known_hosts_line_at(&self, host: &str) -> String {
+    pub(crate) fn known_hosts_line_at(&self, host: &str) -> String {
         format!("[{host}]:{} {}\n", self.port, self.host_key)
     }
 
     /// The SHA256 fingerprint as ssh-keygen prints it.
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         let out = Command::new("ssh-keygen")
             .arg("-l")
             .arg("-f")
@@ -176,7 +180,7 @@ impl Drop for Sshd {
 }
 
 /// The user the tests log in as: the one running them.
-pub fn user() -> String {
+pub(crate) fn user() -> String {
     let uid = nix::unistd::geteuid();
     nix::unistd::User::from_uid(uid)
         .ok()

@@ -1,17 +1,20 @@
-//! A server-sent-events reader: turns the bytes of a `text/event-stream` body into events.
-//! The hive reads its workers with it and the CLI reads its hive.
+//! Server-sent events: the reader that turns the bytes of a `text/event-stream` body into
+//! events (the hive reads its workers with it and the CLI reads its hive), and the writer's
+//! event helper.
 
+use axum::response::sse::Event;
 use futures::{Stream, StreamExt};
+use serde::Serialize;
 
 use crate::error::Error;
 
 /// Refuse an event larger than this rather than buffer without bound.
-pub const MAX_EVENT_BYTES: usize = 1 << 20;
+pub(crate) const MAX_EVENT_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
-    pub event: String,
-    pub data: String,
+    pub(crate) event: String,
+    pub(crate) data: String,
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +78,7 @@ impl SseParser {
 }
 
 /// Events of an HTTP response body, in order; ends when the body ends.
-pub fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent, Error>> {
+pub(crate) fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent, Error>> {
     let body = response.bytes_stream();
     futures::stream::unfold(
         (
@@ -102,6 +105,18 @@ pub fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent
             }
         },
     )
+}
+
+/// An SSE event named `name` carrying `data` as JSON.
+pub(crate) fn sse_event(name: &str, data: &impl Serialize) -> Event {
+    match serde_json::to_string(data) {
+        Ok(json) => Event::default().event(name).data(json),
+        // Our event types serialize infallibly; if one ever does not, the client sees why.
+        Err(e) => Event::default().event("error").data(
+            serde_json::json!({"code": "internal", "message": format!("cannot encode event: {e}")})
+                .to_string(),
+        ),
+    }
 }
 
 #[cfg(test)]

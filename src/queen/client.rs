@@ -9,11 +9,11 @@ use serde::de::DeserializeOwned;
 use crate::auth::Key;
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, Result};
-use crate::http::error_from_response;
-use crate::wire::{HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, WorkerInfo};
+use crate::protocol::error_from_response;
+use crate::protocol::{HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, WorkerInfo};
 
-pub struct HiveClient {
-    pub node: String,
+pub(crate) struct HiveClient {
+    pub(crate) node: String,
     base: String,
     http: reqwest::Client,
     key: Key,
@@ -21,7 +21,7 @@ pub struct HiveClient {
 
 impl HiveClient {
     /// A client for the hive of `node` at `host:port` (a tunnel's local end, or the node).
-    pub fn new(node: &str, host: &str, port: u16, key: Key) -> Result<HiveClient> {
+    pub(crate) fn new(node: &str, host: &str, port: u16, key: Key) -> Result<HiveClient> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
@@ -38,10 +38,6 @@ impl HiveClient {
             http,
             key,
         })
-    }
-
-    pub fn address(&self) -> &str {
-        &self.base
     }
 
     /// Every request to the hive is built here, signed over its method, path and body.
@@ -104,26 +100,30 @@ impl HiveClient {
         }
     }
 
-    pub async fn health(&self, timeout: Duration) -> Result<HiveHealth> {
+    pub(crate) async fn health(&self, timeout: Duration) -> Result<HiveHealth> {
         self.call(Method::GET, "/health", timeout).await
     }
 
-    pub async fn workers(&self, timeout: Duration) -> Result<Vec<WorkerInfo>> {
+    pub(crate) async fn workers(&self, timeout: Duration) -> Result<Vec<WorkerInfo>> {
         self.call(Method::GET, "/v1/workers", timeout).await
     }
 
-    pub async fn requests(&self, timeout: Duration) -> Result<Vec<RequestInfo>> {
+    pub(crate) async fn requests(&self, timeout: Duration) -> Result<Vec<RequestInfo>> {
         self.call(Method::GET, "/v1/requests", timeout).await
     }
 
-    pub async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {
+    pub(crate) async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {
         let body: serde_json::Value = self
             .call(Method::DELETE, &format!("/v1/workers/{model}"), timeout)
             .await?;
         Ok(body.get("stopped").and_then(serde_json::Value::as_bool) == Some(true))
     }
 
-    pub async fn restart_worker(&self, model: &str, timeout: Duration) -> Result<WorkerInfo> {
+    pub(crate) async fn restart_worker(
+        &self,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<WorkerInfo> {
         let response = self
             .request(
                 Method::POST,
@@ -137,34 +137,21 @@ impl HiveClient {
         self.json(response).await
     }
 
-    pub async fn metrics(&self, timeout: Duration) -> Result<String> {
-        let response = self
-            .request(Method::GET, "/metrics", Vec::new())
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        response
-            .text()
-            .await
-            .map_err(|e| Error::hive(format!("unreadable metrics from `{}`: {e}", self.node)))
-    }
-
     /// Key rotation: `reload` (accept the next key too) or `retire` (switch to it).
-    pub async fn keys(&self, step: &str, timeout: Duration) -> Result<()> {
+    pub(crate) async fn keys(&self, step: &str, timeout: Duration) -> Result<()> {
         let _: serde_json::Value = self
             .call(Method::POST, &format!("/v1/keys/{step}"), timeout)
             .await?;
         Ok(())
     }
 
-    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
+    pub(crate) async fn shutdown(&self, timeout: Duration) -> Result<()> {
         let _: serde_json::Value = self.call(Method::POST, "/v1/shutdown", timeout).await?;
         Ok(())
     }
 
     /// Starts a generation; the response body is the event stream.
-    pub async fn infer(
+    pub(crate) async fn infer(
         &self,
         request: &InferRequest,
         budget: &Budget,

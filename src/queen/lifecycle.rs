@@ -10,27 +10,27 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::client::HiveClient;
 use crate::config::Node;
 use crate::deadline::Budget;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::hive::{LOG_FILE, PID_FILE, pidfile};
-use crate::install;
-use crate::node::NodeConn;
 use crate::paths;
-use crate::wire::{HiveHealth, PROTOCOL_VERSION};
+use crate::protocol::{HiveHealth, PROTOCOL_VERSION};
+use crate::queen::client::HiveClient;
+use crate::queen::install;
+use crate::queen::node::NodeConn;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
-pub enum Probe {
+pub(crate) enum Probe {
     Ready(HiveHealth),
     /// A hive answers, but of another version or protocol.
     NeedsRestart(HiveHealth),
     Unreachable(Error),
 }
 
-pub async fn probe(client: &HiveClient, timeout: Duration) -> Probe {
+pub(crate) async fn probe(client: &HiveClient, timeout: Duration) -> Probe {
     match client.health(timeout.min(PROBE_TIMEOUT)).await {
         Ok(h) if h.protocol == PROTOCOL_VERSION && h.version == env!("CARGO_PKG_VERSION") => {
             Probe::Ready(h)
@@ -41,19 +41,19 @@ pub async fn probe(client: &HiveClient, timeout: Duration) -> Probe {
 }
 
 /// The outcome of making sure a hive runs.
-pub struct Running {
-    pub health: HiveHealth,
+pub(crate) struct Running {
+    pub(crate) health: HiveHealth,
     /// Whether this call started it.
-    pub started: bool,
-    pub elapsed: Duration,
+    pub(crate) started: bool,
+    pub(crate) elapsed: Duration,
 }
 
 /// The node's directory on this machine (local transport only).
-pub fn local_dir(node: &Node) -> PathBuf {
+pub(crate) fn local_dir(node: &Node) -> PathBuf {
     paths::expand_tilde(&node.remote_dir)
 }
 
-pub async fn ensure_running(conn: &mut NodeConn, budget: &Budget) -> Result<Running> {
+pub(crate) async fn ensure_running(conn: &mut NodeConn, budget: &Budget) -> Result<Running> {
     let t0 = Instant::now();
     match probe(&conn.client, budget.remaining()).await {
         Probe::Ready(health) => Ok(Running {
@@ -106,7 +106,7 @@ async fn start(conn: &mut NodeConn, budget: &Budget, t0: Instant) -> Result<Runn
             Probe::NeedsRestart(h) => {
                 last_error = format!("a hive of version {} answers", h.version);
             }
-            Probe::Unreachable(e) => last_error = e.message,
+            Probe::Unreachable(e) => last_error = e.to_string(),
         }
         // Our child may exit because a concurrent `rbee` started the hive first; give that
         // one a moment to answer before reporting the failure.
@@ -137,13 +137,13 @@ fn spawn_local(node: &Node) -> Result<std::process::Child> {
     let dir = local_dir(node);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::hive(format!("cannot create `{}`: {e}", dir.display())))?;
-    let exe = std::env::current_exe()?;
+    let exe = std::env::current_exe().doing("find this rbee binary")?;
     std::process::Command::new(exe)
         .arg("hive")
         .arg("serve")
         .arg("--dir")
         .arg(&dir)
-        .args(crate::cli::hive_serve_args(node))
+        .args(crate::hive::args::ServeArgs::settings_for(node))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -160,13 +160,13 @@ fn log_tail(path: &std::path::Path) -> Option<String> {
         .map(|l| l.split("ERROR").last().unwrap_or(l).trim().to_string())
 }
 
-pub enum Stopped {
+pub(crate) enum Stopped {
     Stopped { pid: i32 },
     NotRunning,
 }
 
 /// Asks the hive to shut down, waits for it to go, and kills it if it will not.
-pub async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped> {
+pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped> {
     let pid = match probe(&conn.client, PROBE_TIMEOUT).await {
         Probe::Ready(h) | Probe::NeedsRestart(h) => {
             let pid = i32::try_from(h.pid).unwrap_or(i32::MAX);
@@ -253,7 +253,7 @@ async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
     Ok(Stopped::Stopped { pid })
 }
 
-pub fn is_alive(pid: i32) -> bool {
+pub(crate) fn is_alive(pid: i32) -> bool {
     !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
 }
 

@@ -17,10 +17,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
-pub const SIGNATURE_HEADER: &str = "x-rbee-signature";
-pub const DEFAULT_SKEW: Duration = Duration::from_secs(300);
+pub(crate) mod layer;
+
+pub(crate) const SIGNATURE_HEADER: &str = "x-rbee-signature";
+pub(crate) const DEFAULT_SKEW: Duration = Duration::from_secs(300);
 /// Nonces remembered at most; the oldest go first (they are outside the window by then on
 /// any hive that is not under a flood).
 const NONCE_CAPACITY: usize = 200_000;
@@ -50,12 +52,12 @@ impl Key {
         })
     }
 
-    pub fn to_hex(&self) -> String {
+    pub(crate) fn to_hex(&self) -> String {
         hex::encode(self.bytes)
     }
 
     /// The first 8 bytes of the key's SHA-256, in hex: how a key is named anywhere visible.
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         hex::encode(&Sha256::digest(self.bytes)[..8])
     }
 
@@ -68,7 +70,7 @@ impl Key {
     }
 
     /// Reads a key file, refusing one that group or others can read.
-    pub fn load(path: &Path) -> Result<Key> {
+    pub(crate) fn load(path: &Path) -> Result<Key> {
         let meta = std::fs::metadata(path).map_err(|e| {
             Error::config(format!("cannot read key file `{}`: {e}", path.display()))
         })?;
@@ -92,9 +94,9 @@ impl Key {
     }
 
     /// Writes the key to a new file of mode 0600 (atomically: a temp file, then a rename).
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).at("create the directory", dir)?;
         }
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let mut file = std::fs::OpenOptions::new()
@@ -102,19 +104,21 @@ impl Key {
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)?;
-        writeln!(file, "{}", self.to_hex())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+            .open(&tmp)
+            .at("create the key file", &tmp)?;
+        writeln!(file, "{}", self.to_hex())
+            .and_then(|()| file.sync_all())
+            .at("write the key file", &tmp)?;
+        std::fs::rename(&tmp, path).at("put the key file in place at", path)?;
         Ok(())
     }
 
     /// The key at `path`, created there first if there is none.
-    pub fn load_or_create(path: &Path) -> Result<Key> {
+    pub(crate) fn load_or_create(path: &Path) -> Result<Key> {
         if !path.exists() {
             let key = Key::random();
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+                std::fs::create_dir_all(dir).at("create the directory", dir)?;
             }
             // create_new: of two processes creating the key at once, one wins; both read it.
             let created = std::fs::OpenOptions::new()
@@ -123,8 +127,9 @@ impl Key {
                 .mode(0o600)
                 .open(path);
             if let Ok(mut file) = created {
-                writeln!(file, "{}", key.to_hex())?;
-                file.sync_all()?;
+                writeln!(file, "{}", key.to_hex())
+                    .and_then(|()| file.sync_all())
+                    .at("write the key file", path)?;
                 return Ok(key);
             }
         }
@@ -144,7 +149,14 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-pub fn canonical(method: &str, path: &str, ts: i64, nonce: &str, body: &[u8], kid: &str) -> String {
+pub(crate) fn canonical(
+    method: &str,
+    path: &str,
+    ts: i64,
+    nonce: &str,
+    body: &[u8],
+    kid: &str,
+) -> String {
     let body_sha = hex::encode(Sha256::digest(body));
     format!("RBEE-HMAC-SHA256\n{method}\n{path}\n{ts}\n{nonce}\n{body_sha}\n{kid}")
 }
@@ -161,7 +173,14 @@ pub fn sign(key: &Key, method: &str, path: &str, body: &[u8]) -> String {
     )
 }
 
-pub fn sign_at(key: &Key, method: &str, path: &str, body: &[u8], ts: i64, nonce: &str) -> String {
+pub(crate) fn sign_at(
+    key: &Key,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    ts: i64,
+    nonce: &str,
+) -> String {
     let kid = key.fingerprint();
     let mut mac = key.mac();
     mac.update(canonical(method, path, ts, nonce, body, &kid).as_bytes());
@@ -181,7 +200,7 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub fn class(self) -> &'static str {
+    pub(crate) fn class(self) -> &'static str {
         match self {
             Reject::Missing => "missing",
             Reject::Malformed => "malformed",
@@ -192,7 +211,7 @@ impl Reject {
         }
     }
 
-    pub fn explain(self) -> &'static str {
+    pub(crate) fn explain(self) -> &'static str {
         match self {
             Reject::Missing => "the request carries no signature",
             Reject::Malformed => "the signature header cannot be read",
@@ -205,10 +224,10 @@ impl Reject {
 }
 
 pub struct Signature<'a> {
-    pub kid: &'a str,
-    pub ts: i64,
-    pub nonce: &'a str,
-    pub sig: Vec<u8>,
+    pub(crate) kid: &'a str,
+    pub(crate) ts: i64,
+    pub(crate) nonce: &'a str,
+    pub(crate) sig: Vec<u8>,
 }
 
 /// Parses a signature header; anything unexpected is `Malformed`.
@@ -259,11 +278,11 @@ impl Verifier {
         }
     }
 
-    pub fn set_keys(&self, keys: Vec<Key>) {
+    pub(crate) fn set_keys(&self, keys: Vec<Key>) {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
     }
 
-    pub fn fingerprints(&self) -> Vec<String> {
+    pub(crate) fn fingerprints(&self) -> Vec<String> {
         self.keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -283,7 +302,7 @@ impl Verifier {
         self.verify_at(method, path, header, body, unix_now())
     }
 
-    pub fn verify_at(
+    pub(crate) fn verify_at(
         &self,
         method: &str,
         path: &str,
@@ -410,8 +429,8 @@ mod tests {
         assert_eq!(Key::load_or_create(&path).expect("again"), key);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let err = Key::load(&path).expect_err("0644 refused");
-        assert!(err.message.contains("k.key"), "{}", err.message);
-        assert!(err.message.contains("0644"), "{}", err.message);
-        assert!(!err.message.contains(&key.to_hex()));
+        assert!(err.to_string().contains("k.key"), "{}", err.to_string());
+        assert!(err.to_string().contains("0644"), "{}", err.to_string());
+        assert!(!err.to_string().contains(&key.to_hex()));
     }
 }

@@ -10,21 +10,21 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 
 use crate::config::{Model, Node};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::hive::verify::sha256_file;
 use crate::ssh::Session;
 use crate::ssh::quote::{quote, remote_join, remote_path};
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Installed {
+pub(crate) struct Installed {
     /// Whether the binary was uploaded (false: the node already had this one).
-    pub uploaded: bool,
-    pub bytes: u64,
-    pub os: String,
+    pub(crate) uploaded: bool,
+    pub(crate) bytes: u64,
+    pub(crate) os: String,
 }
 
 /// Makes sure `<remote_dir>/bin/rbee` is this very binary.
-pub async fn install_binary(session: &Session, node: &Node) -> Result<Installed> {
+pub(crate) async fn install_binary(session: &Session, node: &Node) -> Result<Installed> {
     let dir = remote_path(&node.remote_dir);
     let bin = remote_join(&node.remote_dir, "bin/rbee");
     let probe = format!(
@@ -41,7 +41,7 @@ pub async fn install_binary(session: &Session, node: &Node) -> Result<Installed>
         .unwrap_or_default()
         .to_string();
 
-    let exe = std::env::current_exe()?;
+    let exe = std::env::current_exe().doing("find this rbee binary")?;
     let exe_for_hash = exe.clone();
     let local_sha = tokio::task::spawn_blocking(move || sha256_file(&exe_for_hash))
         .await
@@ -53,8 +53,8 @@ pub async fn install_binary(session: &Session, node: &Node) -> Result<Installed>
             os,
         });
     }
-    let file = tokio::fs::File::open(&exe).await?;
-    let bytes = file.metadata().await?.len();
+    let file = tokio::fs::File::open(&exe).await.at("open", &exe)?;
+    let bytes = file.metadata().await.at("read the size of", &exe)?.len();
     let tmp = format!("{bin}.upload");
     // The temp file is checked before it replaces the binary: a cut connection leaves a
     // partial temp file, never a partial `rbee`.
@@ -100,17 +100,17 @@ fn check_platform(node: &Node, uname: &str) -> Result<()> {
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Pushed {
-    pub model: String,
+pub(crate) struct Pushed {
+    pub(crate) model: String,
     /// `present` (already there and verified), `uploaded`, or `resumed`.
-    pub action: &'static str,
-    pub bytes_sent: u64,
-    pub resumed_from: u64,
+    pub(crate) action: &'static str,
+    pub(crate) bytes_sent: u64,
+    pub(crate) resumed_from: u64,
 }
 
 /// Copies a model's `source` to its `path` on the node: skips a verified file, resumes a partial
 /// upload (`<path>.part`), checks the SHA-256 on the node before moving it into place.
-pub async fn push_model(session: &Session, node: &Node, model: &Model) -> Result<Pushed> {
+pub(crate) async fn push_model(session: &Session, node: &Node, model: &Model) -> Result<Pushed> {
     let source = model.source.as_deref().ok_or_else(|| {
         Error::config(format!(
             "model `{}` has no `source` to push from; set `source = \"PATH\"` in its table",
@@ -148,8 +148,10 @@ pub async fn push_model(session: &Session, node: &Node, model: &Model) -> Result
     if offset > size {
         offset = 0;
     }
-    let mut file = tokio::fs::File::open(&source).await?;
-    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut file = tokio::fs::File::open(&source).await.at("open", &source)?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .at("seek in", &source)?;
     let append = if offset == 0 { ">" } else { ">>" };
     let command = format!("mkdir -p \"$(dirname {path})\" && umask 077 && cat {append} {part}");
     let label = format!("{} to {}", model.name, node.name);
@@ -241,10 +243,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
 /// The command that starts the hive on a node, detached from the SSH session: only the hive
 /// runs in the background, with none of the channel's streams, so the channel closes at once
 /// (the hive then leaves the session with setsid itself).
-pub fn start_command(node: &Node) -> String {
+pub(crate) fn start_command(node: &Node) -> String {
     let bin = remote_join(&node.remote_dir, "bin/rbee");
     let dir = remote_path(&node.remote_dir);
-    let args: Vec<String> = crate::cli::hive_serve_args(node)
+    let args: Vec<String> = crate::hive::args::ServeArgs::settings_for(node)
         .iter()
         .map(|a| quote(a))
         .collect();
@@ -255,7 +257,7 @@ pub fn start_command(node: &Node) -> String {
 }
 
 /// Signals the hive named in the node's pidfile, if that process is an rbee hive.
-pub fn signal_command(node: &Node, signal: &str) -> String {
+pub(crate) fn signal_command(node: &Node, signal: &str) -> String {
     let pidfile = remote_join(&node.remote_dir, crate::hive::PID_FILE);
     format!(
         "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && \
@@ -265,7 +267,7 @@ pub fn signal_command(node: &Node, signal: &str) -> String {
 
 /// Puts this machine's copy of the node's signing key in `<remote_dir>/hive.key` (mode 0600)
 /// when the node's differs; `name` may be `hive.key.next` during a rotation.
-pub async fn install_key(
+pub(crate) async fn install_key(
     session: &Session,
     node: &Node,
     key: &crate::auth::Key,

@@ -5,30 +5,34 @@
 use std::time::{Duration, Instant};
 
 use crate::auth::Key;
-use crate::client::HiveClient;
 use crate::config::{Node, Transport};
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
+use crate::queen::client::HiveClient;
 use crate::ssh::{Session, Target};
 
 /// Choices that apply to every node of an invocation.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ConnectOptions {
+pub(crate) struct ConnectOptions {
     /// Record an unknown host key instead of refusing it (a changed key is always refused).
-    pub accept_new_host_key: bool,
+    pub(crate) accept_new_host_key: bool,
 }
 
-pub struct NodeConn {
-    pub node: Node,
-    pub client: HiveClient,
+pub(crate) struct NodeConn {
+    pub(crate) node: Node,
+    pub(crate) client: HiveClient,
     ssh: Option<Session>,
     options: ConnectOptions,
     /// Time spent reaching the node (SSH connect and authentication).
-    pub connect_time: Duration,
+    pub(crate) connect_time: Duration,
 }
 
 impl NodeConn {
-    pub async fn open(node: &Node, budget: &Budget, options: ConnectOptions) -> Result<NodeConn> {
+    pub(crate) async fn open(
+        node: &Node,
+        budget: &Budget,
+        options: ConnectOptions,
+    ) -> Result<NodeConn> {
         let started = Instant::now();
         let key = Key::load_or_create(&node.key_file)?;
         let (client, ssh) = match node.transport {
@@ -65,19 +69,19 @@ impl NodeConn {
     }
 
     /// The fingerprint of a host key recorded while connecting, if one was.
-    pub fn accepted_host_key(&self) -> Option<String> {
+    pub(crate) fn accepted_host_key(&self) -> Option<String> {
         match self.ssh.as_ref().map(|s| &s.host_key) {
             Some(crate::ssh::HostKey::Accepted { fingerprint }) => Some(fingerprint.clone()),
             _ => None,
         }
     }
 
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         self.node.transport == Transport::Local
     }
 
     /// The SSH session, connected on first use for `transport = "http"` nodes.
-    pub async fn ssh(&mut self, budget: &Budget) -> Result<&Session> {
+    pub(crate) async fn ssh(&mut self, budget: &Budget) -> Result<&Session> {
         if self.is_local() {
             return Err(Error::internal(format!(
                 "node `{}` is local; there is no SSH session to it",

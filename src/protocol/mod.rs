@@ -1,30 +1,32 @@
 //! What travels between queen, hive and worker: request bodies, stream events, status views.
 
+pub mod sse;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::Model;
 use crate::error::{Error, ExitKind};
 
 /// Bumped when a hive and a CLI of different versions can no longer talk.
-pub const PROTOCOL_VERSION: u32 = 1;
-pub const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
 
 /// Upper bounds that keep a single request from taking a worker hostage.
-pub const MAX_PROMPT_BYTES: usize = 1 << 20;
-pub const MAX_TEMPERATURE: f32 = 5.0;
-pub const MAX_TOKENS_LIMIT: u32 = 1_000_000;
+pub(crate) const MAX_PROMPT_BYTES: usize = 1 << 20;
+pub(crate) const MAX_TEMPERATURE: f32 = 5.0;
+pub(crate) const MAX_TOKENS_LIMIT: u32 = 1_000_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SamplingParams {
-    pub max_tokens: u32,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub seed: Option<u32>,
+pub(crate) struct SamplingParams {
+    pub(crate) max_tokens: u32,
+    pub(crate) temperature: f32,
+    pub(crate) top_p: f32,
+    pub(crate) seed: Option<u32>,
 }
 
 impl SamplingParams {
     /// Bounds every hop checks before doing any work.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.max_tokens == 0 || self.max_tokens > MAX_TOKENS_LIMIT {
             return Err(Error::invalid(format!(
                 "`max_tokens` must be between 1 and {MAX_TOKENS_LIMIT}, got {}",
@@ -49,25 +51,25 @@ impl SamplingParams {
 
 /// Queen -> hive: run a prompt on a model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InferRequest {
-    pub request_id: String,
-    pub model: Model,
-    pub system: Option<String>,
-    pub prompt: String,
-    pub params: SamplingParams,
+pub(crate) struct InferRequest {
+    pub(crate) request_id: String,
+    pub(crate) model: Model,
+    pub(crate) system: Option<String>,
+    pub(crate) prompt: String,
+    pub(crate) params: SamplingParams,
 }
 
 /// Hive -> worker: the same, without the model (a worker serves one).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenerateRequest {
-    pub request_id: String,
-    pub system: Option<String>,
-    pub prompt: String,
-    pub params: SamplingParams,
+pub(crate) struct GenerateRequest {
+    pub(crate) request_id: String,
+    pub(crate) system: Option<String>,
+    pub(crate) prompt: String,
+    pub(crate) params: SamplingParams,
 }
 
 impl GenerateRequest {
-    pub fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         let len = self.prompt.len() + self.system.as_ref().map_or(0, String::len);
         if len > MAX_PROMPT_BYTES {
             return Err(Error::invalid(format!(
@@ -80,7 +82,7 @@ impl GenerateRequest {
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum StopReason {
+pub(crate) enum StopReason {
     /// The model produced its end-of-generation token.
     Eos,
     MaxTokens,
@@ -92,106 +94,106 @@ pub enum StopReason {
 
 /// Milliseconds per stage; each hop fills the stages it owns.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Timings {
+pub(crate) struct Timings {
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub connect: Option<f64>,
+    pub(crate) connect: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub hive_start: Option<f64>,
+    pub(crate) hive_start: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub queue: Option<f64>,
+    pub(crate) queue: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub load: Option<f64>,
+    pub(crate) load: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub prefill: Option<f64>,
+    pub(crate) prefill: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub decode: Option<f64>,
+    pub(crate) decode: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub total: Option<f64>,
+    pub(crate) total: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenEvent {
-    pub text: String,
+pub(crate) struct TokenEvent {
+    pub(crate) text: String,
 }
 
 /// The last event of a generation that ran (whatever made it stop).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DoneEvent {
-    pub tokens_in: u32,
-    pub tokens_out: u32,
-    pub stop_reason: StopReason,
-    pub timings_ms: Timings,
+pub(crate) struct DoneEvent {
+    pub(crate) tokens_in: u32,
+    pub(crate) tokens_out: u32,
+    pub(crate) stop_reason: StopReason,
+    pub(crate) timings_ms: Timings,
     /// Decode speed as the worker measured it (tokens after the first / decode time).
-    pub decode_tokens_per_s: Option<f64>,
+    pub(crate) decode_tokens_per_s: Option<f64>,
     /// Process id of the worker that served the request.
     #[serde(default)]
-    pub worker_pid: Option<u32>,
+    pub(crate) worker_pid: Option<u32>,
     /// The node's audit record for this request (seq and hash): the queen's witness of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_audit: Option<crate::audit::Head>,
+    pub(crate) node_audit: Option<crate::audit::Head>,
 }
 
 /// An error as a JSON body (HTTP errors) or an `error` event (mid-stream).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
+pub(crate) struct ErrorBody {
+    pub(crate) code: String,
+    pub(crate) message: String,
 }
 
 impl From<&Error> for ErrorBody {
     fn from(err: &Error) -> ErrorBody {
         ErrorBody {
-            code: err.kind.wire_code().to_string(),
-            message: err.message.clone(),
+            code: err.kind().wire_code().to_string(),
+            message: err.to_string(),
         }
     }
 }
 
 impl From<ErrorBody> for Error {
     fn from(body: ErrorBody) -> Error {
-        Error::new(ExitKind::from_wire_code(&body.code), body.message)
+        Error::of_kind(ExitKind::from_wire_code(&body.code), body.message)
     }
 }
 
 /// `GET /health` of a hive.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HiveHealth {
-    pub status: String,
-    pub version: String,
-    pub protocol: u32,
-    pub node: String,
-    pub pid: u32,
-    pub uptime_s: f64,
+pub(crate) struct HiveHealth {
+    pub(crate) status: String,
+    pub(crate) version: String,
+    pub(crate) protocol: u32,
+    pub(crate) node: String,
+    pub(crate) pid: u32,
+    pub(crate) uptime_s: f64,
 }
 
 /// `GET /health` of a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerHealth {
-    pub status: String,
-    pub model: String,
+pub(crate) struct WorkerHealth {
+    pub(crate) status: String,
+    pub(crate) model: String,
     /// Tokens of context per request.
-    pub n_ctx: u32,
+    pub(crate) n_ctx: u32,
     /// Generations decoded together.
-    pub slots: u32,
-    pub pid: u32,
+    pub(crate) slots: u32,
+    pub(crate) pid: u32,
     /// The generations being decoded now.
-    pub active: Vec<Generation>,
+    pub(crate) active: Vec<Generation>,
     /// The last generation that ended.
-    pub last: Option<Generation>,
+    pub(crate) last: Option<Generation>,
 }
 
 /// A generation as the worker sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Generation {
-    pub request_id: String,
-    pub tokens_out: u32,
-    pub stop_reason: Option<StopReason>,
+pub(crate) struct Generation {
+    pub(crate) request_id: String,
+    pub(crate) tokens_out: u32,
+    pub(crate) stop_reason: Option<StopReason>,
 }
 
 /// Where an in-flight request is in the hive.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum RequestStage {
+pub(crate) enum RequestStage {
     Queued,
     Loading,
     Generating,
@@ -199,61 +201,80 @@ pub enum RequestStage {
 
 /// One request the hive is working on, and what is left of its budget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RequestInfo {
-    pub request_id: String,
-    pub model: String,
-    pub stage: RequestStage,
-    pub age_ms: u64,
-    pub remaining_ms: u64,
+pub(crate) struct RequestInfo {
+    pub(crate) request_id: String,
+    pub(crate) model: String,
+    pub(crate) stage: RequestStage,
+    pub(crate) age_ms: u64,
+    pub(crate) remaining_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum WorkerState {
-    Starting,
+pub(crate) enum WorkerState {
     Loading,
     Ready,
     Busy,
     Restarting,
-    Stopping,
     Failed,
 }
 
 /// One worker as the hive sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerInfo {
+pub(crate) struct WorkerInfo {
     /// `MODEL@PID` for a running process, else the model's name.
-    pub id: String,
-    pub model: String,
-    pub state: WorkerState,
-    pub pid: Option<u32>,
-    pub port: Option<u16>,
-    pub restart_count: u32,
-    pub last_exit: Option<String>,
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) state: WorkerState,
+    pub(crate) pid: Option<u32>,
+    pub(crate) port: Option<u16>,
+    pub(crate) restart_count: u32,
+    pub(crate) last_exit: Option<String>,
     /// Seconds since the Unix epoch.
-    pub last_restart: Option<u64>,
-    pub started_at: Option<u64>,
-    pub load_ms: Option<f64>,
-    pub requests_served: u64,
-    pub in_flight: u32,
-    pub queued: u32,
-    pub idle_s: Option<f64>,
+    pub(crate) last_restart: Option<u64>,
+    pub(crate) started_at: Option<u64>,
+    pub(crate) load_ms: Option<f64>,
+    pub(crate) requests_served: u64,
+    pub(crate) in_flight: u32,
+    pub(crate) queued: u32,
+    pub(crate) idle_s: Option<f64>,
     /// The delay chosen before the latest restart.
-    pub last_backoff_ms: Option<u64>,
+    pub(crate) last_backoff_ms: Option<u64>,
     /// `closed`, or `open` while restarting is held back (breaker or attempts exhausted).
-    pub breaker: String,
+    pub(crate) breaker: String,
     /// Seconds since the Unix epoch at which restarting is allowed again.
-    pub breaker_closes_at: Option<u64>,
+    pub(crate) breaker_closes_at: Option<u64>,
     /// Why restarting is held back.
-    pub failed_reason: Option<String>,
+    pub(crate) failed_reason: Option<String>,
 }
 
 /// The first line a worker prints on stdout: where it listens, or why it could not start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
-pub enum WorkerHello {
+pub(crate) enum WorkerHello {
     Ready { port: u16, n_ctx: u32, load_ms: f64 },
     Failed { message: String },
+}
+
+/// Reads an error body a peer sent with a failure status.
+pub(crate) async fn error_from_response(response: reqwest::Response, peer: &str) -> Error {
+    let status = response.status();
+    match response.json::<ErrorBody>().await {
+        Ok(body) if status == reqwest::StatusCode::UNAUTHORIZED => Error::of_kind(
+            ExitKind::Unauthenticated,
+            format!("{peer} rejected the request: {}", body.message),
+        ),
+        Ok(body) => body.into(),
+        Err(_) => {
+            let kind = match status.as_u16() {
+                400 | 413 | 422 => ExitKind::InvalidRequest,
+                401 => ExitKind::Unauthenticated,
+                504 => ExitKind::Deadline,
+                _ => ExitKind::Internal,
+            };
+            Error::of_kind(kind, format!("{peer} answered {status}"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +326,6 @@ mod tests {
         let err = Error::worker("model refused");
         let back: Error = ErrorBody::from(&err).into();
         assert_eq!(back.code(), 7);
-        assert_eq!(back.message, "model refused");
+        assert_eq!(back.to_string(), "model refused");
     }
 }

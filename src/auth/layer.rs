@@ -1,0 +1,89 @@
+//! The axum layer that checks every request's signature before a handler sees it.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::{Error, ExitKind};
+use crate::protocol::ErrorBody;
+
+/// Largest request body any route accepts; the signature layer reads at most this much.
+pub(crate) const BODY_LIMIT: usize = crate::protocol::MAX_PROMPT_BYTES * 2 + 16 * 1024;
+
+/// What the signature layer checks with, and where it records what it decided.
+pub(crate) struct Guard {
+    pub(crate) verifier: std::sync::Arc<crate::auth::Verifier>,
+    pub(crate) audit: Option<crate::audit::Audit>,
+}
+
+/// Axum layer: every request but `GET /health` and `GET /metrics` must carry a valid signature.
+pub(crate) async fn require_signature(
+    axum::extract::State(guard): axum::extract::State<std::sync::Arc<Guard>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let open = request.method() == axum::http::Method::GET
+        && matches!(request.uri().path(), "/health" | "/metrics");
+    if open {
+        return next.run(request).await;
+    }
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "-".to_string(), |c| c.0.to_string());
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        let err = Error::invalid(format!("the request body is over {BODY_LIMIT} bytes"));
+        return (StatusCode::PAYLOAD_TOO_LARGE, Json(ErrorBody::from(&err))).into_response();
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let header = parts
+        .headers
+        .get(crate::auth::SIGNATURE_HEADER)
+        .and_then(|h| h.to_str().ok());
+    let result = guard
+        .verifier
+        .verify(parts.method.as_str(), &path, header, &bytes);
+    if let Some(audit) = &guard.audit {
+        let request_id = parts
+            .headers
+            .get(crate::protocol::REQUEST_ID_HEADER)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let (event, fields) = match &result {
+            Ok(kid) => (
+                "auth_success",
+                serde_json::json!({ "kid": kid, "peer": peer, "path": path }),
+            ),
+            Err(reject) => (
+                "auth_failure",
+                serde_json::json!({
+                    "kid": header.and_then(|h| crate::auth::parse(h).ok()).map(|s| s.kid.to_string()),
+                    "peer": peer,
+                    "path": path,
+                    "reason": reject.class(),
+                }),
+            ),
+        };
+        audit.note(event, request_id, fields).await;
+    }
+    match result {
+        Ok(kid) => {
+            tracing::debug!(kid = %kid, peer = %peer, path = %path, "request authenticated");
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        Err(reject) => {
+            tracing::warn!(peer = %peer, path = %path, reason = reject.class(), "request rejected");
+            let err = Error::of_kind(
+                ExitKind::Unauthenticated,
+                format!("{} ({})", reject.explain(), reject.class()),
+            );
+            (StatusCode::UNAUTHORIZED, Json(ErrorBody::from(&err))).into_response()
+        }
+    }
+}

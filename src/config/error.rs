@@ -1,0 +1,30 @@
+//! What can be wrong with a configuration, each naming the file (and line, column and key where
+//! there is one) and what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file parses but says something invalid, or does not parse; the message is located.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read config file `{}`: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unknown node `{name}` in {file}; known nodes: {known}")]
+    UnknownNode {
+        name: String,
+        file: String,
+        known: String,
+    },
+    #[error("unknown model `{name}` for node `{node}`; it serves: {serves}")]
+    NotServed {
+        name: String,
+        node: String,
+        serves: String,
+    },
+    #[error("unknown model `{name}`; known models: {known}")]
+    UnknownModel { name: String, known: String },
+}

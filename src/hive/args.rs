@@ -1,0 +1,85 @@
+//! The hive daemon's start arguments: what `hive serve` takes, and how the queen writes them.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// The node's rbee directory (pidfile, log, audit log)
+    #[arg(long)]
+    pub(crate) dir: PathBuf,
+    /// Port to listen on
+    #[arg(long)]
+    pub(crate) port: u16,
+    /// Address to listen on: the loopback (reached through SSH tunnels), or all interfaces for
+    /// nodes with `transport = "http"`
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) listen: std::net::IpAddr,
+    /// Name of the node this hive serves
+    #[arg(long, default_value = "local")]
+    pub(crate) node: String,
+    /// Idle time before a worker unloads its model
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "5m")]
+    pub(crate) keep_alive: std::time::Duration,
+    /// How far a request's timestamp may be from this node's clock
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "5m")]
+    pub(crate) clock_skew: std::time::Duration,
+    /// Restart policy: restarts in a row before giving up
+    #[arg(long, default_value_t = 3)]
+    pub(crate) max_attempts: u32,
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "1s")]
+    pub(crate) backoff_initial: std::time::Duration,
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "60s")]
+    pub(crate) backoff_max: std::time::Duration,
+    #[arg(long, default_value_t = 5)]
+    pub(crate) breaker_failures: u32,
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "5m")]
+    pub(crate) breaker_window: std::time::Duration,
+}
+
+impl ServeArgs {
+    pub(crate) fn restart_policy(&self) -> crate::config::RestartPolicy {
+        crate::config::RestartPolicy {
+            max_attempts: self.max_attempts,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            breaker_failures: self.breaker_failures,
+            breaker_window: self.breaker_window,
+        }
+    }
+
+    /// The arguments after `hive serve --dir DIR` that carry a node's settings to its hive:
+    /// the queen starts a hive with these.
+    pub(crate) fn settings_for(node: &crate::config::Node) -> Vec<String> {
+        let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+        let p = &node.restart;
+        let listen = if node.transport == crate::config::Transport::Http {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        vec![
+            "--listen".to_string(),
+            listen.to_string(),
+            "--port".to_string(),
+            node.hive_port.to_string(),
+            "--node".to_string(),
+            node.name.clone(),
+            "--keep-alive".to_string(),
+            ms(node.keep_alive),
+            "--clock-skew".to_string(),
+            ms(node.clock_skew),
+            "--max-attempts".to_string(),
+            p.max_attempts.to_string(),
+            "--backoff-initial".to_string(),
+            ms(p.backoff_initial),
+            "--backoff-max".to_string(),
+            ms(p.backoff_max),
+            "--breaker-failures".to_string(),
+            p.breaker_failures.to_string(),
+            "--breaker-window".to_string(),
+            ms(p.breaker_window),
+        ]
+    }
+}
