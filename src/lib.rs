@@ -136,7 +136,11 @@ fn note_config(ctx: &Context) {
 }
 
 fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
-    if !matches!(command, Command::Nodes { .. } | Command::Audit { .. }) {
+    // `completions` only prints a script: nothing to record in the audit log.
+    if !matches!(
+        command,
+        Command::Nodes { .. } | Command::Audit { .. } | Command::Completions { .. }
+    ) {
         note_config(ctx);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -150,6 +154,7 @@ fn dispatch(ctx: &Context, command: Command) -> Result<(), Error> {
             Command::Nodes { command } => cmd::nodes::run(ctx, command).await,
             Command::Models { command } => cmd::models::run(ctx, command).await,
             Command::Audit { command } => cmd::audit::run(ctx, command).await,
+            Command::Completions { shell } => cmd::completions::run(shell),
         }
     });
     // The answer is out: exit now rather than wait on leftover blocking work (a file hash,

@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes the parsed arguments and the shared context.
 
 pub mod audit;
+pub mod completions;
 pub mod fleet;
 pub mod hive;
 pub mod infer;
