@@ -101,6 +101,8 @@ where
         Command::Models { command } => queen(&ctx, verbose, true, cmd::models::run(&ctx, command)),
         Command::Nodes { command } => queen(&ctx, verbose, false, cmd::nodes::run(&ctx, command)),
         Command::Audit { command } => queen(&ctx, verbose, false, cmd::audit::run(&ctx, command)),
+        // Only prints a script: no runtime, nothing to record in the audit log.
+        Command::Completions { shell } => cmd::completions::run(shell),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

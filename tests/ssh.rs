@@ -661,3 +661,5 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
     env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
         .expect(0);
 }
+
+mod refusals;

@@ -6,6 +6,7 @@ mod support;
 
 mod audit;
 mod batching;
+mod completions;
 mod config_errors;
 mod daemon;
 mod deadline;

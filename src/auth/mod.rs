@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, IoError, Result};
 
 pub(crate) mod layer;
 
@@ -118,7 +118,7 @@ impl Key {
         if !path.exists() {
             let key = Key::random();
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).at("create the directory", dir)?;
+                std::fs::create_dir_all(dir).at("create the key file", path)?;
             }
             // create_new: of two processes creating the key at once, one wins; both read it.
             let created = std::fs::OpenOptions::new()
@@ -126,11 +126,16 @@ impl Key {
                 .create_new(true)
                 .mode(0o600)
                 .open(path);
-            if let Ok(mut file) = created {
-                writeln!(file, "{}", key.to_hex())
-                    .and_then(|()| file.sync_all())
-                    .at("write the key file", path)?;
-                return Ok(key);
+            match created {
+                Ok(mut file) => {
+                    writeln!(file, "{}", key.to_hex())
+                        .and_then(|()| file.sync_all())
+                        .at("write the key file", path)?;
+                    return Ok(key);
+                }
+                // Another process made it first: read theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(IoError::at("create the key file", path, e).into()),
             }
         }
         Key::load(path)

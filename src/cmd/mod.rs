@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes the parsed arguments and the shared context.
 
 pub(crate) mod audit;
+pub(crate) mod completions;
 pub(crate) mod fleet;
 pub(crate) mod hive;
 pub(crate) mod infer;
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 
 use crate::config::{Config, Node};
 use crate::deadline::Budget;
-use crate::error::{Error, Result, SshError};
+use crate::error::Result;
 use crate::output::Output;
 use crate::queen::node::{ConnectOptions, NodeConn};
 
@@ -39,30 +40,12 @@ impl Context {
     }
 
     pub(crate) async fn open(&self, node: &Node, budget: &Budget) -> Result<NodeConn> {
-        let result = NodeConn::open(node, budget, self.connect).await;
-        match &result {
-            Ok(conn) => {
-                if let Some(fingerprint) = conn.accepted_host_key() {
-                    self.audit_note(
-                        "host_key_accepted",
-                        None,
-                        serde_json::json!({ "node": node.name, "fingerprint": fingerprint }),
-                    );
-                }
-            }
-            Err(Error::Ssh(refused)) => {
-                if let Some(fields) = host_key_refused(&node.name, refused) {
-                    self.audit_note("host_key_refused", None, fields);
-                }
-            }
-            Err(_) => {}
-        }
-        result
+        NodeConn::open(node, budget, self.connect).await
     }
 
     /// This machine's audit log.
     pub(crate) fn audit(&self) -> crate::audit::Audit {
-        crate::audit::Audit::new(crate::paths::state_dir().join(crate::audit::FILE), "queen")
+        crate::queen::audit()
     }
 
     /// Records an event; a failure to record is reported on stderr, the command goes on.
@@ -72,40 +55,6 @@ impl Context {
         request_id: Option<&str>,
         fields: serde_json::Value,
     ) -> Option<crate::audit::Head> {
-        match self.audit().record(event, request_id, fields) {
-            Ok(head) => Some(head),
-            Err(e) => {
-                eprintln!("rbee: warning: {e}");
-                None
-            }
-        }
+        crate::queen::audit_note(event, request_id, fields)
     }
-}
-
-/// The audit fields of a refused host key: the node, and the fingerprints it presented and (for
-/// a changed key) the one known_hosts holds.
-fn host_key_refused(node: &str, err: &SshError) -> Option<serde_json::Value> {
-    let fields = match err {
-        SshError::HostKeyUnknown { fingerprint, .. } => serde_json::json!({
-            "node": node,
-            "cause": "unknown",
-            "fingerprint": fingerprint,
-            "reason": err.to_string(),
-        }),
-        SshError::HostKeyChanged {
-            fingerprint,
-            known,
-            line,
-            ..
-        } => serde_json::json!({
-            "node": node,
-            "cause": "changed",
-            "fingerprint": fingerprint,
-            "known_fingerprint": known,
-            "known_hosts_line": line,
-            "reason": err.to_string(),
-        }),
-        _ => return None,
-    };
-    Some(fields)
 }

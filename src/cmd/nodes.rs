@@ -13,7 +13,8 @@ use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::output::table;
 use crate::queen::node::ConnectOptions;
-use crate::ssh::{HostKey, Session, Target};
+use crate::queen::node::connect_ssh;
+use crate::ssh::HostKey;
 
 #[derive(Serialize)]
 struct Listing<'a> {
@@ -39,11 +40,7 @@ async fn trust(ctx: &Context, sel: NodeSelection) -> Result<()> {
             return NodeResult::new(&node, "local");
         }
         let budget = Budget::new(node.timeout);
-        let target = match Target::for_node(&node) {
-            Ok(t) => t,
-            Err(e) => return NodeResult::failed(&node, "failed", &e),
-        };
-        match Session::connect(&target, budget.deadline(), options.accept_new_host_key).await {
+        match connect_ssh(&node, &budget, options.accept_new_host_key).await {
             Ok(session) => match &session.host_key {
                 HostKey::Accepted { fingerprint } => NodeResult {
                     detail: Some(fingerprint.clone()),
@@ -145,14 +142,7 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
         return check;
     }
     let budget = Budget::new(node.timeout);
-    let result = async {
-        let target = Target::for_node(&node)?;
-        let session =
-            Session::connect(&target, budget.deadline(), ctx.connect.accept_new_host_key).await?;
-        Ok::<_, Error>(session)
-    }
-    .await;
-    let session = match result {
+    let session = match connect_ssh(&node, &budget, ctx.connect.accept_new_host_key).await {
         Ok(s) => s,
         Err(e) => {
             check.reachable = matches!(&e, Error::Ssh(ssh) if ssh.reached());

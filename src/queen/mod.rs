@@ -5,3 +5,24 @@ pub(crate) mod client;
 pub(crate) mod install;
 pub(crate) mod lifecycle;
 pub(crate) mod node;
+
+/// This machine's audit log.
+pub(crate) fn audit() -> crate::audit::Audit {
+    crate::audit::Audit::new(crate::paths::state_dir().join(crate::audit::FILE), "queen")
+}
+
+/// Records an event in this machine's audit log; a failure to record is reported on stderr and
+/// the command goes on.
+pub(crate) fn audit_note(
+    event: &str,
+    request_id: Option<&str>,
+    fields: serde_json::Value,
+) -> Option<crate::audit::Head> {
+    match audit().record(event, request_id, fields) {
+        Ok(head) => Some(head),
+        Err(e) => {
+            eprintln!("rbee: warning: {e}");
+            None
+        }
+    }
+}

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use crate::auth::Key;
 use crate::config::{Node, Transport};
 use crate::deadline::Budget;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SshError};
 use crate::queen::client::HiveClient;
-use crate::ssh::{Session, Target};
+use crate::ssh::{HostKey, Session, Target};
 
 /// Choices that apply to every node of an invocation.
 #[derive(Debug, Clone, Copy, Default)]
@@ -41,10 +41,7 @@ impl NodeConn {
                 None,
             ),
             Transport::Ssh => {
-                let target = Target::for_node(node)?;
-                let session =
-                    Session::connect(&target, budget.deadline(), options.accept_new_host_key)
-                        .await?;
+                let session = connect_ssh(node, budget, options.accept_new_host_key).await?;
                 let port = session.forward(node.hive_port).await?;
                 (
                     HiveClient::new(&node.name, "127.0.0.1", port, key)?,
@@ -68,14 +65,6 @@ impl NodeConn {
         })
     }
 
-    /// The fingerprint of a host key recorded while connecting, if one was.
-    pub(crate) fn accepted_host_key(&self) -> Option<String> {
-        match self.ssh.as_ref().map(|s| &s.host_key) {
-            Some(crate::ssh::HostKey::Accepted { fingerprint }) => Some(fingerprint.clone()),
-            _ => None,
-        }
-    }
-
     pub(crate) fn is_local(&self) -> bool {
         self.node.transport == Transport::Local
     }
@@ -89,14 +78,64 @@ impl NodeConn {
             )));
         }
         if self.ssh.is_none() {
-            let target = Target::for_node(&self.node)?;
-            let session =
-                Session::connect(&target, budget.deadline(), self.options.accept_new_host_key)
-                    .await?;
+            let session = connect_ssh(&self.node, budget, self.options.accept_new_host_key).await?;
             self.ssh = Some(session);
         }
         self.ssh
             .as_ref()
             .ok_or_else(|| Error::internal("ssh session vanished"))
     }
+}
+
+/// Connects to the node over SSH within the budget, and records in this machine's audit log a
+/// host key accepted now or refused: every command that reaches a node comes through here.
+pub(crate) async fn connect_ssh(node: &Node, budget: &Budget, accept_new: bool) -> Result<Session> {
+    let target = Target::for_node(node)?;
+    let result = Session::connect(&target, budget.deadline(), accept_new).await;
+    match &result {
+        Ok(session) => {
+            if let HostKey::Accepted { fingerprint } = &session.host_key {
+                super::audit_note(
+                    "host_key_accepted",
+                    None,
+                    serde_json::json!({ "node": node.name, "fingerprint": fingerprint }),
+                );
+            }
+        }
+        Err(Error::Ssh(refused)) => {
+            if let Some(fields) = host_key_refused(&node.name, refused) {
+                super::audit_note("host_key_refused", None, fields);
+            }
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+/// The audit fields of a refused host key: the node, and the fingerprints it presented and (for
+/// a changed key) the one known_hosts holds.
+fn host_key_refused(node: &str, err: &SshError) -> Option<serde_json::Value> {
+    let fields = match err {
+        SshError::HostKeyUnknown { fingerprint, .. } => serde_json::json!({
+            "node": node,
+            "cause": "unknown",
+            "fingerprint": fingerprint,
+            "reason": err.to_string(),
+        }),
+        SshError::HostKeyChanged {
+            fingerprint,
+            known,
+            line,
+            ..
+        } => serde_json::json!({
+            "node": node,
+            "cause": "changed",
+            "fingerprint": fingerprint,
+            "known_fingerprint": known,
+            "known_hosts_line": line,
+            "reason": err.to_string(),
+        }),
+        _ => return None,
+    };
+    Some(fields)
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) mod netns;
 pub(crate) mod sshd;
+pub(crate) mod user;
 
 pub(crate) const MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -190,7 +191,12 @@ impl Env {
 
     /// The binary with this environment: its config and state, nothing from the caller's.
     pub(crate) fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin());
+        self.command_of(&bin(), args)
+    }
+
+    /// The same for a copy of the binary at `program`.
+    pub(crate) fn command_of(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .current_dir(self.path())
             .env("RBEE_CONFIG", &self.config)

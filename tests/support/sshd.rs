@@ -50,6 +50,21 @@ pub(crate) fn available() -> bool {
     ok
 }
 
+/// The SHA256 fingerprint of a public key file, as ssh-keygen prints it.
+pub(crate) fn fingerprint(public_key: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-l")
+        .arg("-f")
+        .arg(public_key)
+        .output()
+        .expect("ssh-keygen -l");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint")
+        .to_string()
+}
+
 impl ClientKey {
     pub(crate) fn new(dir: &Path, name: &str, kind: &str) -> ClientKey {
         let private = dir.join(name);
@@ -59,6 +74,11 @@ impl ClientKey {
             .trim()
             .to_string();
         ClientKey { private, public }
+    }
+
+    /// The SHA256 fingerprint of the public half.
+    pub(crate) fn fingerprint(&self) -> String {
+        fingerprint(&self.private.with_extension("pub"))
     }
 }
 
@@ -158,17 +178,7 @@ impl Sshd {
 
     /// The SHA256 fingerprint as ssh-keygen prints it.
     pub(crate) fn fingerprint(&self) -> String {
-        let out = Command::new("ssh-keygen")
-            .arg("-l")
-            .arg("-f")
-            .arg(self.dir.join("host_ed25519.pub"))
-            .output()
-            .expect("ssh-keygen -l");
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(1)
-            .expect("fingerprint")
-            .to_string()
+        fingerprint(&self.dir.join("host_ed25519.pub"))
     }
 }
 
