@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 
+use crate::config::MAX_DURATION;
+
 pub(crate) const BUDGET_HEADER: &str = "x-rbee-budget-ms";
 
 /// Kept back at each hop for the answer's way back, so the caller sees the stop before its own
@@ -18,11 +20,14 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
+    /// A budget of `total` from now; one past `MAX_DURATION` (which no parser lets through) is
+    /// cut to it rather than overflow the clock.
     pub(crate) fn new(total: Duration) -> Budget {
         let started = Instant::now();
+        let total = total.min(MAX_DURATION);
         Budget {
             started,
-            deadline: started + total,
+            deadline: started.checked_add(total).unwrap_or(started),
         }
     }
 

@@ -255,3 +255,32 @@ fn usage_errors_exit_2_and_bad_parameters_exit_8() {
         "a process was started for a rejected request"
     );
 }
+
+#[test]
+fn durations_too_long_for_the_clock_are_refused_not_a_panic() {
+    let text =
+        format!("{MODEL}[nodes.a]\nhost = \"h\"\nmodels = [\"m\"]\ntimeout = \"500000000000y\"\n");
+    let (_dir, path) = env_with(&text);
+    for args in [&["nodes", "list"][..], &["hive", "status", "a"][..]] {
+        let run = run_with_config(&path, args);
+        run.expect(3);
+        assert!(
+            run.stderr.contains(&format!("{}:7:", path.display())),
+            "{}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("500000000000y"), "{}", run.stderr);
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    }
+    // The same on the command line is a usage error, for every command that takes one.
+    let (_dir, path) = env_with(&format!(
+        "{MODEL}[nodes.a]\nhost = \"h\"\nmodels = [\"m\"]\n"
+    ));
+    let run = run_with_config(
+        &path,
+        &["infer", "--timeout", "300000000000y", "--prompt", "hi"],
+    );
+    run.expect(2);
+    assert!(run.stderr.contains("300000000000y"), "{}", run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::paths;
 
 pub use error::ConfigError;
-pub(crate) use raw::{Transport, parse_duration};
+pub(crate) use raw::{MAX_DURATION, Transport, parse_duration};
 
 pub(crate) const DEFAULT_MODEL: &str = "smollm2";
 pub(crate) const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -28,6 +28,12 @@ pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
 pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// llama.cpp's limit on sequences in one context.
 pub(crate) const MAX_SLOTS: u32 = 256;
+/// Tokens of context per request: llama.cpp's largest trained contexts are 1M tokens, and each
+/// slot's KV cache is sized from this, so a larger number is a typo.
+pub(crate) const MAX_CONTEXT: u32 = 1 << 21;
+pub(crate) const MAX_THREADS: u32 = 1024;
+/// More layers than any model has; llama.cpp offloads what there is.
+pub(crate) const MAX_GPU_LAYERS: u32 = 100_000;
 /// Longest context per request when the user sets none: the training context can be far larger
 /// than what a small machine wants to allocate for the KV cache.
 pub(crate) const DEFAULT_MAX_CONTEXT: u32 = 4096;
@@ -281,8 +287,23 @@ fn resolve(
                 &format!("`slots` must be between 1 and {MAX_SLOTS}"),
             ));
         }
-        if m.context == Some(0) {
-            return Err(located(Some(span), "`context` must be at least 1"));
+        if m.context.is_some_and(|c| !(1..=MAX_CONTEXT).contains(&c)) {
+            return Err(located(
+                Some(span),
+                &format!("`context` must be between 1 and {MAX_CONTEXT} tokens"),
+            ));
+        }
+        if m.threads.is_some_and(|t| !(1..=MAX_THREADS).contains(&t)) {
+            return Err(located(
+                Some(span),
+                &format!("`threads` must be between 1 and {MAX_THREADS}"),
+            ));
+        }
+        if m.gpu_layers.is_some_and(|l| l > MAX_GPU_LAYERS) {
+            return Err(located(
+                Some(span),
+                &format!("`gpu_layers` must be at most {MAX_GPU_LAYERS}"),
+            ));
         }
         models.insert(
             name.clone(),
@@ -451,7 +472,14 @@ pub(crate) mod duration_ms {
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
+        let ms = u64::deserialize(d)?;
+        let duration = Duration::from_millis(ms);
+        if duration > super::MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "a duration of {ms} ms is over the 366 days any duration may be"
+            )));
+        }
+        Ok(duration)
     }
 }
 

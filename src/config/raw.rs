@@ -82,8 +82,13 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// The longest duration any setting, flag or header may carry: far beyond any real budget or
+/// idle time, and far enough from the limits of the monotonic clock that adding it to "now"
+/// cannot overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Parses a duration such as `1500ms`, `30s`, `5m`, `1h`; a bare number is refused because its
-/// unit would be a guess.
+/// unit would be a guess, and one longer than `MAX_DURATION` because no clock can hold it.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
@@ -91,9 +96,15 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
             "invalid duration `{text}`: add a unit, for example `{trimmed}s` or `{trimmed}ms`"
         ));
     }
-    humantime::parse_duration(trimmed).map_err(|e| {
+    let duration = humantime::parse_duration(trimmed).map_err(|e| {
         format!("invalid duration `{text}` ({e}); expected a value like `1500ms`, `30s` or `5m`")
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "invalid duration `{text}`: at most 366 days (`366d`)"
+        ));
+    }
+    Ok(duration)
 }
 
 /// A SHA-256 digest as 64 hex digits, kept in lowercase.
@@ -124,5 +135,30 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("30").unwrap_err().contains("add a unit"));
         assert!(parse_duration("soon").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_a_bounded_duration_or_an_error(text in "\\PC{0,24}") {
+            if let Ok(d) = parse_duration(&text) {
+                proptest::prop_assert!(d <= MAX_DURATION);
+            }
+        }
+
+        #[test]
+        fn any_number_with_any_unit_is_a_bounded_duration_or_an_error(
+            n in proptest::prelude::any::<u64>(),
+            unit in proptest::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d", "w", "M", "y"]),
+        ) {
+            let text = format!("{n}{unit}");
+            match parse_duration(&text) {
+                Ok(d) => {
+                    proptest::prop_assert!(d <= MAX_DURATION);
+                    // What the parser lets through, the budget and the clock can hold.
+                    let _ = crate::deadline::Budget::new(d).deadline();
+                }
+                Err(e) => proptest::prop_assert!(e.contains(&text), "{}", e),
+            }
+        }
     }
 }

@@ -170,3 +170,31 @@ fn slots_must_fit_llama_cpp() {
         );
     }
 }
+
+proptest::proptest! {
+    /// Whatever a nodes.toml says for a node's durations and a model's counts, loading gives a
+    /// config whose budget fits the clock, or a configuration error: never a panic.
+    #[test]
+    fn any_duration_or_count_in_nodes_toml_loads_or_is_a_config_error(
+        timeout in "[0-9]{1,22}(ns|ms|s|m|h|d|y)",
+        keep_alive in "[0-9]{1,22}(ms|s|m|d|y)",
+        context in proptest::prelude::any::<u32>(),
+        threads in proptest::prelude::any::<u32>(),
+        slots in proptest::prelude::any::<u32>(),
+    ) {
+        let text = format!(
+            "[models.m]\npath = \"/m.gguf\"\nsha256 = \"{}\"\ncontext = {context}\nthreads = {threads}\n\
+             slots = {slots}\n[nodes.a]\nhost = \"h\"\nmodels = [\"m\"]\ntimeout = \"{timeout}\"\n\
+             keep_alive = \"{keep_alive}\"\n",
+            "ab".repeat(32)
+        );
+        match parse(&text) {
+            Ok(config) => {
+                let node = config.node(Some("a")).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+                proptest::prop_assert!(node.timeout <= crate::config::MAX_DURATION);
+                let _ = crate::deadline::Budget::new(node.timeout).deadline();
+            }
+            Err(e) => proptest::prop_assert_eq!(e.code(), 3),
+        }
+    }
+}
