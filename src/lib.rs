@@ -8,6 +8,7 @@
 //! - `config`: nodes.toml -> validated `Config`, the embedded `local` node
 //! - `error`: the top-level error and its exit code
 //! - `output`: stdout/stderr discipline, tables and `--json`
+//! - `progress`: bars and spinners on stderr, only for a person at a terminal
 //! - `cmd`: one module per subcommand, and the runner for commands over several nodes
 //! - `lifecycle`: a node's hive seen from the queen: probe, start, stop
 //! - `client`: the queen's HTTP client for a hive
@@ -38,6 +39,7 @@ pub mod lifecycle;
 pub mod node;
 pub mod output;
 pub mod paths;
+pub mod progress;
 pub mod signals;
 pub mod sse;
 pub mod ssh;
@@ -72,12 +74,14 @@ where
             };
         }
     };
+    let out = Output {
+        json: cli.json,
+        quiet: cli.quiet,
+    };
     let ctx = Context {
         config_path: cli.config.clone(),
-        out: Output {
-            json: cli.json,
-            quiet: cli.quiet,
-        },
+        out,
+        progress: progress::Progress::new(out),
         connect: node::ConnectOptions {
             accept_new_host_key: cli.accept_new_host_key,
         },

@@ -15,6 +15,7 @@ use crate::deadline::Budget;
 use crate::error::Result;
 use crate::node::{ConnectOptions, NodeConn};
 use crate::output::Output;
+use crate::progress::Progress;
 
 /// Nodes handled at once by commands over several nodes.
 pub const PARALLEL_NODES: usize = 8;
@@ -23,6 +24,7 @@ pub const PARALLEL_NODES: usize = 8;
 pub struct Context {
     pub config_path: Option<PathBuf>,
     pub out: Output,
+    pub progress: Progress,
     pub connect: ConnectOptions,
 }
 
