@@ -8,6 +8,7 @@
 //! - `config`: nodes.toml -> validated `Config`, the embedded `local` node
 //! - `error`: the top-level error and its exit code
 //! - `output`: stdout/stderr discipline, tables and `--json`
+//! - `progress`: bars and spinners on stderr, only for a person at a terminal
 //! - `cmd`: one module per subcommand, and the runner for commands over several nodes
 //! - `lifecycle`: a node's hive seen from the queen: probe, start, stop
 //! - `client`: the queen's HTTP client for a hive
@@ -33,6 +34,7 @@ pub mod error;
 pub mod hive;
 mod output;
 mod paths;
+mod progress;
 pub mod protocol;
 mod queen;
 mod server;
@@ -68,12 +70,14 @@ where
             };
         }
     };
+    let out = Output {
+        json: cli.json,
+        quiet: cli.quiet,
+    };
     let ctx = Context {
         config_path: cli.config.clone(),
-        out: Output {
-            json: cli.json,
-            quiet: cli.quiet,
-        },
+        out,
+        progress: progress::Progress::new(out),
         connect: queen::node::ConnectOptions {
             accept_new_host_key: cli.accept_new_host_key,
         },

@@ -663,3 +663,117 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
 }
 
 mod refusals;
+/// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into
+/// the node's own directory; returns it with the node's binary and model paths.
+fn fleet_with_a_model_to_push() -> Option<(Fleet, PathBuf, PathBuf)> {
+    let model = crate::support::model()?;
+    let source = format!("source = {:?}\n", model.display().to_string());
+    let fleet = Fleet::build(&[node("a")], true, &source)?;
+    let remote_model = fleet.remote_dir("a").join("models/smollm2.gguf");
+    let config = std::fs::read_to_string(&fleet.env.config)
+        .expect("config")
+        .replacen(
+            &format!("path = {:?}", model.display().to_string()),
+            &format!("path = {:?}", remote_model.display().to_string()),
+            1,
+        );
+    std::fs::write(&fleet.env.config, config).expect("write");
+    let remote_bin = fleet.remote_dir("a").join("bin/rbee");
+    Some((fleet, remote_bin, remote_model))
+}
+
+/// Runs rbee with its stderr on a pseudo-terminal (24x100) and returns its exit code and
+/// everything it wrote there.
+fn on_a_terminal(env: &Env, args: &[&str]) -> (i32, String) {
+    use std::io::Read;
+    let winsize = nix::pty::Winsize {
+        ws_row: 24,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&winsize), None).expect("openpty");
+    let mut child = env
+        .command(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(pty.slave))
+        .spawn()
+        .expect("spawn rbee");
+    let mut master = std::fs::File::from(pty.master);
+    // The terminal is read while rbee runs, so that a full buffer never blocks it; the read
+    // ends (EIO) once rbee, the only holder of the other side, has exited.
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let status = child.wait().expect("wait rbee");
+    (status.code().unwrap_or(-1), reader.join().expect("reader"))
+}
+
+#[track_caller]
+fn assert_no_progress(what: &str, stderr: &str) {
+    for needle in ["\r", "\x1b[", "rbee to a", "smollm2 to a", "eta "] {
+        assert!(
+            !stderr.contains(needle),
+            "{what} wrote progress ({needle:?}) on stderr: {stderr:?}"
+        );
+    }
+}
+
+#[test]
+fn uploads_show_progress_only_on_a_terminal_and_never_under_q() {
+    let Some((fleet, remote_bin, remote_model)) = fleet_with_a_model_to_push() else {
+        return;
+    };
+    let env = &fleet.env;
+    let forget = || {
+        let _ = std::fs::remove_file(&remote_bin);
+        let _ = std::fs::remove_file(&remote_model);
+    };
+
+    // Into a pipe (a script, cron): the results, no progress.
+    let piped = env.run(&["hive", "install", "a"]);
+    piped.expect(0);
+    assert!(
+        piped.stdout.contains("uploaded rbee") && piped.stdout.contains("smollm2 uploaded"),
+        "{}",
+        piped.stdout
+    );
+    assert_no_progress("`hive install` into a pipe", &piped.stderr);
+    let _ = std::fs::remove_file(&remote_model);
+    let pushed = env.run(&["models", "push", "--node", "a", "smollm2"]);
+    pushed.expect(0);
+    assert!(pushed.stdout.contains("uploaded"), "{}", pushed.stdout);
+    assert_no_progress("`models push` into a pipe", &pushed.stderr);
+
+    // On a terminal, `-q` and `--json` still mean no progress.
+    forget();
+    let (code, quiet) = on_a_terminal(env, &["-q", "hive", "install", "a"]);
+    assert_eq!(code, 0, "{quiet}");
+    assert_eq!(quiet, "", "`-q hive install` on a terminal");
+    let _ = std::fs::remove_file(&remote_model);
+    let (code, json) = on_a_terminal(env, &["--json", "models", "push", "--node", "a", "smollm2"]);
+    assert_eq!(code, 0, "{json}");
+    assert_no_progress("`--json models push` on a terminal", &json);
+
+    // A person at a terminal sees both uploads.
+    forget();
+    let (code, shown) = on_a_terminal(env, &["hive", "install", "a"]);
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("rbee to a"),
+        "no binary upload bar in {shown:?}"
+    );
+    assert!(
+        shown.contains("smollm2 to a"),
+        "no model upload bar in {shown:?}"
+    );
+    assert!(remote_bin.exists() && remote_model.exists());
+}

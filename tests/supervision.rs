@@ -225,6 +225,12 @@ fn a_stopping_hive_lets_the_request_in_flight_finish() {
     let rest: Vec<String> = lines.map(|l| l.expect("read")).collect();
     assert_eq!(status.code(), Some(0), "{rest:?}");
     let done: serde_json::Value = serde_json::from_str(rest.last().expect("done")).expect("JSON");
-    assert_eq!(done["tokens_out"], 120);
+    // At temperature 5 the model may also draw its end token: the generation ran its course
+    // either way, and was not cut by the stop.
+    match done["stop_reason"].as_str() {
+        Some("max_tokens") => assert_eq!(done["tokens_out"], 120),
+        Some("eos") => {}
+        other => panic!("the stop cut the generation short: {other:?} in {done}"),
+    }
     env.run(&["hive", "status", "n1"]).expect(6);
 }

@@ -79,7 +79,8 @@ where
                 let mut result = fut.await;
                 result.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                 if show_progress {
-                    eprintln!("  {}: {}", result.node, result.state);
+                    ctx.progress
+                        .suspend(|| eprintln!("  {}: {}", result.node, result.state));
                 }
                 result
             }

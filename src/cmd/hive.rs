@@ -31,7 +31,7 @@ async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
             Ok(c) => c,
             Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        match lifecycle::ensure_running(&mut conn, &budget).await {
+        match lifecycle::ensure_running(&mut conn, &budget, &ctx.progress).await {
             Ok(running) => NodeResult {
                 pid: Some(running.health.pid),
                 version: Some(running.health.version),
@@ -101,7 +101,7 @@ async fn install(ctx: &Context, sel: NodeSelection) -> Result<()> {
             Ok(s) => s,
             Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        let installed = match install::install_binary(session, &node).await {
+        let installed = match install::install_binary(session, &node, &ctx.progress).await {
             Ok(i) => i,
             Err(e) => return NodeResult::failed(&node, "failed", &e),
         };
@@ -120,7 +120,7 @@ async fn install(ctx: &Context, sel: NodeSelection) -> Result<()> {
             let Some(model) = config.models.get(name).filter(|m| m.source.is_some()) else {
                 continue;
             };
-            match install::push_model(session, &node, model).await {
+            match install::push_model(session, &node, model, &ctx.progress).await {
                 Ok(pushed) => models.push(pushed),
                 Err(e) => {
                     return NodeResult {

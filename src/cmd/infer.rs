@@ -156,7 +156,7 @@ async fn generate(
         p.timings.connect = Some(conn.connect_time.as_secs_f64() * 1000.0);
         p.stage = Some(("hive start", Instant::now()));
     }
-    let running = lifecycle::ensure_running(&mut conn, budget).await?;
+    let running = lifecycle::ensure_running(&mut conn, budget, &ctx.progress).await?;
     {
         let mut p = progress.borrow_mut();
         let ms = running.elapsed.as_secs_f64() * 1000.0;
@@ -171,10 +171,19 @@ async fn generate(
     }
 
     progress.borrow_mut().stage = Some(("queue, load and prefill", Instant::now()));
+    // On stderr, and gone before anything else is written: the first token, the summary, an
+    // error (dropping it clears it too).
+    let mut waiting = Some(ctx.progress.spinner(format!(
+        "waiting for `{}` on `{}`: queue, load and prefill",
+        model.name, node.name
+    )));
     let response = conn.client.infer(request, budget).await?;
     let mut stream = std::pin::pin!(events(response));
     let stdout = std::io::stdout();
     while let Some(event) = stream.next().await {
+        if let Some(spinner) = waiting.take() {
+            spinner.finish_and_clear();
+        }
         let event = event?;
         match event.event.as_str() {
             "token" => {

@@ -15,6 +15,7 @@ use crate::config::{Config, Node};
 use crate::deadline::Budget;
 use crate::error::Result;
 use crate::output::Output;
+use crate::progress::Progress;
 use crate::queen::node::{ConnectOptions, NodeConn};
 
 /// Nodes handled at once by commands over several nodes.
@@ -24,6 +25,7 @@ pub(crate) const PARALLEL_NODES: usize = 8;
 pub(crate) struct Context {
     pub(crate) config_path: Option<PathBuf>,
     pub(crate) out: Output,
+    pub(crate) progress: Progress,
     pub(crate) connect: ConnectOptions,
 }
 

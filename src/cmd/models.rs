@@ -93,7 +93,7 @@ async fn push(ctx: &Context, node: &str, model: &str) -> Result<()> {
     let budget = Budget::new(node.timeout);
     let mut conn = ctx.open(node, &budget).await?;
     let session = conn.ssh(&budget).await?;
-    let pushed = install::push_model(session, node, model).await?;
+    let pushed = install::push_model(session, node, model, &ctx.progress).await?;
     ctx.out.result(&pushed, || match pushed.action {
         "present" => format!(
             "{}: `{}` already present and verified",

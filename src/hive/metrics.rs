@@ -1,72 +1,123 @@
-//! The hive's Prometheus metrics (`GET /metrics`, text exposition format).
+//! The hive's Prometheus metrics (`GET /metrics`, text exposition format 0.0.4): one
+//! prometheus-client registry holding every counter, gauge and histogram.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::protocol::{WorkerInfo, WorkerState};
 
+/// The `Content-Type` of what `render` returns.
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
 const SECONDS_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
-#[derive(Default)]
+const OUTCOMES: [&str; 5] = ["ok", "deadline", "cancelled", "rejected", "error"];
+
+const STATES: [(WorkerState, &str); 5] = [
+    (WorkerState::Loading, "loading"),
+    (WorkerState::Ready, "ready"),
+    (WorkerState::Busy, "busy"),
+    (WorkerState::Restarting, "restarting"),
+    (WorkerState::Failed, "failed"),
+];
+
+/// One label, such as `outcome="ok"`.
+type Label = [(&'static str, &'static str); 1];
+
 pub(crate) struct Metrics {
-    pub(crate) spawns: AtomicU64,
-    pub(crate) exits: AtomicU64,
-    pub(crate) restarts: AtomicU64,
-    pub(crate) breaker_opens: AtomicU64,
-    pub(crate) stuck_kills: AtomicU64,
-    pub(crate) tokens: AtomicU64,
-    outcomes: Mutex<BTreeMap<&'static str, u64>>,
+    pub(crate) spawns: Counter,
+    pub(crate) exits: Counter,
+    pub(crate) restarts: Counter,
+    pub(crate) breaker_opens: Counter,
+    pub(crate) stuck_kills: Counter,
+    pub(crate) tokens: Counter,
+    outcomes: Family<Label, Counter>,
+    workers: Family<Label, Gauge>,
     duration: Histogram,
     ttft: Histogram,
+    registry: Registry,
 }
 
-#[derive(Default)]
-struct Histogram {
-    inner: Mutex<(Vec<u64>, f64, u64)>,
-}
-
-impl Histogram {
-    fn observe(&self, seconds: f64) {
-        let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if h.0.is_empty() {
-            h.0 = vec![0; SECONDS_BUCKETS.len()];
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let seconds = || Histogram::new(SECONDS_BUCKETS.iter().copied());
+        let m = Metrics {
+            spawns: Counter::default(),
+            exits: Counter::default(),
+            restarts: Counter::default(),
+            breaker_opens: Counter::default(),
+            stuck_kills: Counter::default(),
+            tokens: Counter::default(),
+            outcomes: Family::default(),
+            workers: Family::default(),
+            duration: seconds(),
+            ttft: seconds(),
+            registry: Registry::default(),
+        };
+        // Every outcome and state is exposed from the start, at zero.
+        for outcome in OUTCOMES {
+            let _ = m.outcomes.get_or_create(&[("outcome", outcome)]);
         }
-        for (i, bound) in SECONDS_BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                h.0[i] += 1;
-            }
+        for (_, state) in STATES {
+            let _ = m.workers.get_or_create(&[("state", state)]);
         }
-        h.1 += seconds;
-        h.2 += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, bound) in SECONDS_BUCKETS.iter().enumerate() {
-            let count = h.0.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        let mut registry = Registry::default();
+        // The registry appends `_total` to counter names and a full stop to help texts.
+        registry.register("rbee_workers", "Workers by state", m.workers.clone());
+        let counters = [
+            ("rbee_worker_spawns", "Worker processes started", &m.spawns),
+            (
+                "rbee_worker_exits",
+                "Worker processes that exited unexpectedly",
+                &m.exits,
+            ),
+            (
+                "rbee_worker_restarts",
+                "Workers restarted by the supervisor",
+                &m.restarts,
+            ),
+            (
+                "rbee_breaker_opens",
+                "Times restarting was held back",
+                &m.breaker_opens,
+            ),
+            (
+                "rbee_worker_stuck_kills",
+                "Workers killed as stuck",
+                &m.stuck_kills,
+            ),
+            ("rbee_tokens_generated", "Tokens generated", &m.tokens),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.2);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", h.1, h.2);
+        registry.register("rbee_requests", "Requests by outcome", m.outcomes.clone());
+        registry.register(
+            "rbee_request_duration_seconds",
+            "Time from a request's arrival to its end",
+            m.duration.clone(),
+        );
+        registry.register(
+            "rbee_time_to_first_token_seconds",
+            "Time from a request's arrival to its first token",
+            m.ttft.clone(),
+        );
+        Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub(crate) fn add(counter: &Counter, n: u64) {
+        counter.inc_by(n);
     }
 
     /// One finished request: `ok`, `deadline`, `cancelled`, `rejected` or `error`.
     pub(crate) fn request(&self, outcome: &'static str, seconds: f64) {
-        *self
-            .outcomes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(outcome)
-            .or_default() += 1;
+        self.outcomes.get_or_create(&[("outcome", outcome)]).inc();
         self.duration.observe(seconds);
     }
 
@@ -74,82 +125,18 @@ impl Metrics {
         self.ttft.observe(seconds);
     }
 
+    /// The exposition, with the workers gauge set from `workers`.
     pub(crate) fn render(&self, workers: &[WorkerInfo]) -> String {
-        let mut out = String::new();
-        let states = [
-            (WorkerState::Loading, "loading"),
-            (WorkerState::Ready, "ready"),
-            (WorkerState::Busy, "busy"),
-            (WorkerState::Restarting, "restarting"),
-            (WorkerState::Failed, "failed"),
-        ];
-        let _ = writeln!(
-            out,
-            "# HELP rbee_workers Workers by state.\n# TYPE rbee_workers gauge"
-        );
-        for (state, name) in states {
+        for (state, name) in STATES {
             let n = workers.iter().filter(|w| w.state == state).count();
-            let _ = writeln!(out, "rbee_workers{{state=\"{name}\"}} {n}");
+            self.workers
+                .get_or_create(&[("state", name)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        let counters = [
-            (
-                "rbee_worker_spawns_total",
-                "Worker processes started.",
-                &self.spawns,
-            ),
-            (
-                "rbee_worker_exits_total",
-                "Worker processes that exited unexpectedly.",
-                &self.exits,
-            ),
-            (
-                "rbee_worker_restarts_total",
-                "Workers restarted by the supervisor.",
-                &self.restarts,
-            ),
-            (
-                "rbee_breaker_opens_total",
-                "Times restarting was held back.",
-                &self.breaker_opens,
-            ),
-            (
-                "rbee_worker_stuck_kills_total",
-                "Workers killed as stuck.",
-                &self.stuck_kills,
-            ),
-            (
-                "rbee_tokens_generated_total",
-                "Tokens generated.",
-                &self.tokens,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
+        let mut out = String::new();
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
+            tracing::warn!("encoding the metrics failed: {e}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP rbee_requests_total Requests by outcome.\n# TYPE rbee_requests_total counter"
-        );
-        let outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
-        for outcome in ["ok", "deadline", "cancelled", "rejected", "error"] {
-            let n = outcomes.get(outcome).copied().unwrap_or(0);
-            let _ = writeln!(out, "rbee_requests_total{{outcome=\"{outcome}\"}} {n}");
-        }
-        drop(outcomes);
-        self.duration.render(
-            &mut out,
-            "rbee_request_duration_seconds",
-            "Time from a request's arrival to its end.",
-        );
-        self.ttft.render(
-            &mut out,
-            "rbee_time_to_first_token_seconds",
-            "Time from a request's arrival to its first token.",
-        );
         out
     }
 }
@@ -172,5 +159,104 @@ mod tests {
         assert!(text.contains("rbee_request_duration_seconds_bucket{le=\"2.5\"} 2\n"));
         assert!(text.contains("rbee_request_duration_seconds_count 2\n"));
         assert!(text.contains("rbee_time_to_first_token_seconds_bucket{le=\"0.1\"} 1\n"));
+    }
+
+    /// The families, their types and the series a scrape sees before anything happened: what
+    /// dashboards and alerts are written against.
+    #[test]
+    fn exposition_keeps_its_names_types_labels_and_buckets() {
+        let text = Metrics::default().render(&[]);
+        for (name, kind) in [
+            ("rbee_workers", "gauge"),
+            ("rbee_worker_spawns_total", "counter"),
+            ("rbee_worker_exits_total", "counter"),
+            ("rbee_worker_restarts_total", "counter"),
+            ("rbee_breaker_opens_total", "counter"),
+            ("rbee_worker_stuck_kills_total", "counter"),
+            ("rbee_tokens_generated_total", "counter"),
+            ("rbee_requests_total", "counter"),
+            ("rbee_request_duration_seconds", "histogram"),
+            ("rbee_time_to_first_token_seconds", "histogram"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "no `# TYPE {name} {kind}` in\n{text}"
+            );
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{text}"
+            );
+        }
+        for (_, state) in STATES {
+            assert!(
+                text.contains(&format!("\nrbee_workers{{state=\"{state}\"}} 0\n")),
+                "{text}"
+            );
+        }
+        for outcome in OUTCOMES {
+            assert!(
+                text.contains(&format!(
+                    "\nrbee_requests_total{{outcome=\"{outcome}\"}} 0\n"
+                )),
+                "{text}"
+            );
+        }
+        for name in [
+            "rbee_request_duration_seconds",
+            "rbee_time_to_first_token_seconds",
+        ] {
+            for le in [
+                "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "+Inf",
+            ] {
+                assert!(
+                    text.contains(&format!("\n{name}_bucket{{le=\"{le}\"}} 0\n")),
+                    "no {name} bucket {le} in\n{text}"
+                );
+            }
+            assert_eq!(
+                text.matches(&format!("{name}_bucket{{")).count(),
+                12,
+                "{text}"
+            );
+        }
+        assert!(
+            !text.contains(".."),
+            "a help text ends in two full stops:\n{text}"
+        );
+    }
+
+    #[test]
+    fn the_workers_gauge_follows_the_registry() {
+        let m = Metrics::default();
+        let worker = |state| WorkerInfo {
+            id: String::new(),
+            model: String::new(),
+            state,
+            pid: None,
+            port: None,
+            restart_count: 0,
+            last_exit: None,
+            last_restart: None,
+            started_at: None,
+            load_ms: None,
+            requests_served: 0,
+            in_flight: 0,
+            queued: 0,
+            idle_s: None,
+            last_backoff_ms: None,
+            breaker: String::new(),
+            breaker_closes_at: None,
+            failed_reason: None,
+        };
+        let text = m.render(&[
+            worker(WorkerState::Ready),
+            worker(WorkerState::Ready),
+            worker(WorkerState::Busy),
+        ]);
+        assert!(text.contains("rbee_workers{state=\"ready\"} 2\n"), "{text}");
+        assert!(text.contains("rbee_workers{state=\"busy\"} 1\n"), "{text}");
+        let text = m.render(&[]);
+        assert!(text.contains("rbee_workers{state=\"ready\"} 0\n"), "{text}");
     }
 }

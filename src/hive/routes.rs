@@ -79,7 +79,7 @@ async fn metrics(State(hive): State<Arc<Hive>>) -> impl IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            crate::hive::metrics::CONTENT_TYPE,
         )],
         hive.metrics.render(&hive.registry.workers()),
     )

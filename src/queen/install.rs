@@ -1,17 +1,16 @@
 //! Putting rbee on a node over SSH: the binary (only when its SHA-256 differs, atomically) and
 //! model files (resumable, verified on the node). Every path travels shell-quoted.
 
-use std::io::IsTerminal;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 
 use crate::config::{Model, Node};
 use crate::error::{Error, IoContext, Result};
 use crate::hive::verify::sha256_file;
+use crate::progress::Progress;
 use crate::ssh::Session;
 use crate::ssh::quote::{quote, remote_join, remote_path};
 
@@ -24,7 +23,11 @@ pub(crate) struct Installed {
 }
 
 /// Makes sure `<remote_dir>/bin/rbee` is this very binary.
-pub(crate) async fn install_binary(session: &Session, node: &Node) -> Result<Installed> {
+pub(crate) async fn install_binary(
+    session: &Session,
+    node: &Node,
+    progress: &Progress,
+) -> Result<Installed> {
     let dir = remote_path(&node.remote_dir);
     let bin = remote_join(&node.remote_dir, "bin/rbee");
     let probe = format!(
@@ -64,13 +67,9 @@ pub(crate) async fn install_binary(session: &Session, node: &Node) -> Result<Ins
          chmod 755 {tmp} && mv -f {tmp} {bin}",
         sha = quote(&local_sha)
     );
-    let label = format!("rbee to {}", node.name);
+    let bar = progress.bytes(&format!("rbee to {}", node.name), bytes);
     session
-        .run_reader(
-            "uploading rbee",
-            &command,
-            Counting::new(file, bytes, &label),
-        )
+        .run_reader("uploading rbee", &command, Counting { inner: file, bar })
         .await?;
     Ok(Installed {
         uploaded: true,
@@ -110,7 +109,12 @@ pub(crate) struct Pushed {
 
 /// Copies a model's `source` to its `path` on the node: skips a verified file, resumes a partial
 /// upload (`<path>.part`), checks the SHA-256 on the node before moving it into place.
-pub(crate) async fn push_model(session: &Session, node: &Node, model: &Model) -> Result<Pushed> {
+pub(crate) async fn push_model(
+    session: &Session,
+    node: &Node,
+    model: &Model,
+    progress: &Progress,
+) -> Result<Pushed> {
     let source = model.source.as_deref().ok_or_else(|| {
         Error::config(format!(
             "model `{}` has no `source` to push from; set `source = \"PATH\"` in its table",
@@ -154,12 +158,14 @@ pub(crate) async fn push_model(session: &Session, node: &Node, model: &Model) ->
         .at("seek in", &source)?;
     let append = if offset == 0 { ">" } else { ">>" };
     let command = format!("mkdir -p \"$(dirname {path})\" && umask 077 && cat {append} {part}");
-    let label = format!("{} to {}", model.name, node.name);
+    let bar = progress.bytes(&format!("{} to {}", model.name, node.name), size);
+    bar.set_position(offset);
+    bar.reset_eta();
     session
         .run_reader(
             &format!("pushing `{}`", model.name),
             &command,
-            Counting::new(file, size - offset, &label),
+            Counting { inner: file, bar },
         )
         .await?;
     let finish = format!(
@@ -183,47 +189,10 @@ pub(crate) async fn push_model(session: &Session, node: &Node, model: &Model) ->
     })
 }
 
-/// Counts bytes as they are read, and shows progress on a terminal.
+/// Advances `bar` by the bytes read through it; the bar clears its line when the upload ends.
 struct Counting<R> {
     inner: R,
-    sent: Arc<AtomicU64>,
-    ticker: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl<R> Counting<R> {
-    fn new(inner: R, total: u64, label: &str) -> Counting<R> {
-        let sent = Arc::new(AtomicU64::new(0));
-        let ticker = std::io::stderr().is_terminal().then(|| {
-            let sent = sent.clone();
-            let label = label.to_string();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                    let done = sent.load(Ordering::Relaxed);
-                    let pct = (done * 100).checked_div(total).unwrap_or(100);
-                    eprint!(
-                        "\r{label}: {pct:>3}% ({:.1}/{:.1} MB)",
-                        done as f64 / 1e6,
-                        total as f64 / 1e6
-                    );
-                }
-            })
-        });
-        Counting {
-            inner,
-            sent,
-            ticker,
-        }
-    }
-}
-
-impl<R> Drop for Counting<R> {
-    fn drop(&mut self) {
-        if let Some(ticker) = self.ticker.take() {
-            ticker.abort();
-            eprintln!();
-        }
-    }
+    bar: ProgressBar,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
@@ -235,7 +204,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
-        self.sent.fetch_add(read as u64, Ordering::Relaxed);
+        self.bar.inc(read as u64);
         poll
     }
 }

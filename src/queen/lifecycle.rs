@@ -15,6 +15,7 @@ use crate::deadline::Budget;
 use crate::error::{Error, IoContext, Result};
 use crate::hive::{LOG_FILE, PID_FILE, pidfile};
 use crate::paths;
+use crate::progress::Progress;
 use crate::protocol::{HiveHealth, PROTOCOL_VERSION};
 use crate::queen::client::HiveClient;
 use crate::queen::install;
@@ -53,7 +54,11 @@ pub(crate) fn local_dir(node: &Node) -> PathBuf {
     paths::expand_tilde(&node.remote_dir)
 }
 
-pub(crate) async fn ensure_running(conn: &mut NodeConn, budget: &Budget) -> Result<Running> {
+pub(crate) async fn ensure_running(
+    conn: &mut NodeConn,
+    budget: &Budget,
+    progress: &Progress,
+) -> Result<Running> {
     let t0 = Instant::now();
     match probe(&conn.client, budget.remaining()).await {
         Probe::Ready(health) => Ok(Running {
@@ -64,23 +69,30 @@ pub(crate) async fn ensure_running(conn: &mut NodeConn, budget: &Budget) -> Resu
         Probe::NeedsRestart(h) => {
             tracing::info!(node = %conn.node.name, version = %h.version, protocol = h.protocol, "restarting a hive of another version");
             stop(conn, budget).await?;
-            start(conn, budget, t0).await
+            start(conn, budget, t0, progress).await
         }
         Probe::Unreachable(e) => {
             tracing::debug!(node = %conn.node.name, "hive not reachable ({e}); starting it");
-            start(conn, budget, t0).await
+            start(conn, budget, t0, progress).await
         }
     }
 }
 
-async fn start(conn: &mut NodeConn, budget: &Budget, t0: Instant) -> Result<Running> {
+async fn start(
+    conn: &mut NodeConn,
+    budget: &Budget,
+    t0: Instant,
+    progress: &Progress,
+) -> Result<Running> {
+    // Cleared when this returns, however it returns.
+    let _spinner = progress.spinner(format!("starting the hive on `{}`", conn.node.name));
     let mut child = None;
     if conn.is_local() {
         child = Some(spawn_local(&conn.node)?);
     } else {
         let node = conn.node.clone();
         let session = conn.ssh(budget).await?;
-        let installed = install::install_binary(session, &node).await?;
+        let installed = install::install_binary(session, &node, progress).await?;
         let key = crate::auth::Key::load_or_create(&node.key_file)?;
         install::install_key(session, &node, &key, crate::hive::keys::KEY_FILE).await?;
         if installed.uploaded {
