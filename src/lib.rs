@@ -3,25 +3,26 @@
 //!
 //! # Layout
 //! - `audit`: the hash-chained audit log: writer, verify
-//! - `auth`: request signing (HMAC-SHA256), key files
+//! - `auth`: request signing (HMAC-SHA256): the key and its file, the verifier, the axum layer
 //! - `cli`: clap types (raw values only)
-//! - `config`: nodes.toml -> validated `Config`, the embedded `local` node
+//! - `config`: nodes.toml -> validated `Config`: where it comes from (the embedded `local` node
+//!   last), how defaults resolve, the lookups on it
 //! - `error`: the top-level error and its exit code
 //! - `output`: stdout/stderr discipline, tables and `--json`
 //! - `progress`: bars and spinners on stderr, only for a person at a terminal
 //! - `cmd`: one module per subcommand, and the runner for commands over several nodes
-//! - `lifecycle`: a node's hive seen from the queen: probe, start, stop
-//! - `client`: the queen's HTTP client for a hive
-//! - `node`: a connection to a node: hive client, tunnel, SSH session
-//! - `ssh`: russh sessions, known_hosts, `~/.ssh/config`, quoting
-//! - `install`: the binary and model files on nodes
-//! - `hive`: the hive daemon: pidfile, registry of workers, supervisor and restart policy,
-//!   routes and relay, keys, metrics, model verification
-//! - `worker`: the llama.cpp worker: the batcher and the HTTP server, on one thread
-//! - `wire`: request bodies, stream events and status views shared by every hop
+//! - `queen`: what only the CLI side does: a connection to a node (hive client, tunnel, SSH
+//!   session), a node's hive seen from the queen (probe, start, stop), installing the binary
+//!   and model files
+//! - `ssh`: russh sessions: known_hosts, authentication, forwards; `~/.ssh/config`, quoting
+//! - `hive`: the hive daemon: pidfile, the table of workers and each model's entry, supervisor
+//!   and restart policy, routes and relay, keys, metrics, model verification
+//! - `worker`: the llama.cpp worker: loading the weights, the prompt, the batcher and the HTTP
+//!   server, on one thread
+//! - `protocol`: request bodies, stream events and status views shared by every hop, and the
+//!   server-sent events reader
 //! - `deadline`: the invocation's budget and how it travels
-//! - `sse`: server-sent events reader
-//! - `http`: errors as HTTP responses, SSE event helpers, the signature layer
+//! - `server`: what the HTTP servers share: errors as HTTP responses, the listener
 //! - `paths`, `signals`: files and signals
 
 pub mod audit;

@@ -4,6 +4,7 @@
 //! uses `transport = "http"`.
 
 pub(crate) mod args;
+pub(crate) mod entry;
 pub mod gguf;
 pub(crate) mod keys;
 pub mod memory;

@@ -10,8 +10,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::error::Error;
+use crate::hive::entry::Lease;
 use crate::hive::metrics::Metrics;
-use crate::hive::registry::Lease;
 use crate::hive::requests::Tracked;
 use crate::hive::worker_proc::WorkerProc;
 use crate::protocol::sse::sse_event;

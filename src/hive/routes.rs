@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, DEFAULT_TIMEOUT};
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, ExitKind};
+use crate::hive::entry::Supervision;
 use crate::hive::metrics::Metrics;
-use crate::hive::registry::{Registry, Supervision};
+use crate::hive::registry::Registry;
 use crate::hive::requests::Requests;
 use crate::protocol::error_from_response;
 use crate::protocol::{

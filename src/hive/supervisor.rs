@@ -9,9 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::hive::entry::{Entry, Supervision};
 use crate::hive::metrics::Metrics;
 use crate::hive::policy::{Decision, GiveUp};
-use crate::hive::registry::{Entry, Registry, Supervision};
+use crate::hive::registry::Registry;
 use crate::hive::worker_proc::Exited;
 
 /// How long a restarted worker may take to load.
@@ -86,7 +87,7 @@ pub(crate) async fn supervise(
 
 fn decide(
     registry: &Registry,
-    st: &mut crate::hive::registry::EntryState,
+    st: &mut crate::hive::entry::EntryState,
     uptime: Duration,
     metrics: &Metrics,
 ) -> Decision {

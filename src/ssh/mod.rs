@@ -1,10 +1,15 @@
 //! SSH to nodes through russh: connection and authentication, known_hosts, `~/.ssh/config`
 //! aliases, quoting of remote commands.
 
+mod auth;
 pub(crate) mod config;
 mod error;
+mod forward;
+mod known_hosts;
+mod quick_ack;
 pub(crate) mod quote;
 pub(crate) mod session;
 
 pub use error::SshError;
-pub(crate) use session::{HostKey, Session, Target};
+pub(crate) use known_hosts::HostKey;
+pub(crate) use session::{Session, Target};

@@ -6,17 +6,12 @@
 //! and the HTTP side runs between passes (see `Batcher::serve`).
 
 use std::collections::BTreeSet;
-use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::error::TryRecvError;
@@ -24,26 +19,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Error;
 use crate::protocol::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
+use crate::worker::prompt::{render_prompt, sampler};
 use crate::worker::utf8::Utf8Buffer;
-
-#[derive(Debug, Clone)]
-pub(crate) struct EngineOptions {
-    pub(crate) model_path: PathBuf,
-    /// Tokens of context per request; the KV cache holds `slots` times this.
-    pub(crate) context: Option<u32>,
-    pub(crate) threads: Option<u32>,
-    pub(crate) gpu_layers: u32,
-    /// Generations decoded together, each in its own KV sequence.
-    pub(crate) slots: u32,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Loaded {
-    /// Tokens of context per request.
-    pub(crate) n_ctx: u32,
-    pub(crate) slots: u32,
-    pub(crate) load_ms: f64,
-}
 
 /// What the engine reports about one job, in order: `Started` or `Failed` first, then tokens,
 /// then `Done` (or `Failed` if decoding broke).
@@ -97,97 +74,7 @@ impl Engine {
     }
 }
 
-/// The model and the llama.cpp backend it was loaded with.
-pub(crate) struct Weights {
-    // Declared before the backend: the model is freed first.
-    model: LlamaModel,
-    backend: LlamaBackend,
-    started: Instant,
-}
-
-impl Weights {
-    pub(crate) fn load(options: &EngineOptions) -> Result<Weights, Error> {
-        let started = Instant::now();
-        let backend = LlamaBackend::init()
-            .map_err(|e| Error::worker(format!("cannot start llama.cpp: {e}")))?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
-        let model =
-            LlamaModel::load_from_file(&backend, &options.model_path, &params).map_err(|e| {
-                Error::worker(format!(
-                    "llama.cpp cannot load `{}`: {e}",
-                    options.model_path.display()
-                ))
-            })?;
-        Ok(Weights {
-            model,
-            backend,
-            started,
-        })
-    }
-
-    /// A context with one KV sequence per slot, the batcher that drives it, and the handle
-    /// requests come in by.
-    pub(crate) fn batcher(
-        &self,
-        options: &EngineOptions,
-    ) -> Result<(Batcher<'_>, Engine, Loaded), Error> {
-        let model = &self.model;
-        let per_seq = options.context.unwrap_or_else(|| {
-            model
-                .n_ctx_train()
-                .clamp(1, crate::config::DEFAULT_MAX_CONTEXT)
-        });
-        let slots = options.slots.max(1);
-        let threads = options.threads.map_or_else(default_threads, |t| t.max(1));
-        let threads = i32::try_from(threads).unwrap_or(i32::MAX);
-        // One KV stream per sequence (not a unified cache): a sequence's cells and attention do
-        // not depend on what the others hold, so a generation comes out the same batched or
-        // alone.
-        let ctx_params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(per_seq.saturating_mul(slots)))
-            .with_n_seq_max(slots)
-            .with_kv_unified(false)
-            .with_n_batch(per_seq.max(slots))
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
-        let ctx = model.new_context(&self.backend, ctx_params).map_err(|e| {
-            Error::worker(format!(
-                "llama.cpp cannot create a context of {per_seq} tokens for {slots} slots: {e}"
-            ))
-        })?;
-        // llama.cpp rounds each sequence's share up to its padding.
-        let n_ctx = ctx.n_ctx() / slots;
-        let (jobs_tx, jobs) = tokio::sync::mpsc::unbounded_channel();
-        let activity = SharedActivity::default();
-        let batcher = Batcher {
-            model,
-            batch: LlamaBatch::new(ctx.n_batch().max(slots) as usize, 1),
-            ctx,
-            n_ctx,
-            jobs,
-            free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
-            cached: vec![Vec::new(); slots as usize],
-            active: Vec::new(),
-            activity: activity.clone(),
-        };
-        let engine = Engine {
-            jobs: jobs_tx,
-            activity,
-        };
-        let loaded = Loaded {
-            n_ctx,
-            slots,
-            load_ms: ms(self.started),
-        };
-        Ok((batcher, engine, loaded))
-    }
-}
-
-fn default_threads() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
-}
-
-fn ms(since: Instant) -> f64 {
+pub(super) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
@@ -225,6 +112,36 @@ pub(crate) struct Batcher<'m> {
     /// Ordered by sequence id.
     active: Vec<Slot>,
     activity: SharedActivity,
+}
+
+impl<'m> Batcher<'m> {
+    /// The batcher over a context with `slots` KV sequences of `n_ctx` tokens each, and the
+    /// handle requests come in by.
+    pub(super) fn new(
+        model: &'m LlamaModel,
+        ctx: LlamaContext<'m>,
+        n_ctx: u32,
+        slots: u32,
+    ) -> (Batcher<'m>, Engine) {
+        let (jobs_tx, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let activity = SharedActivity::default();
+        let batcher = Batcher {
+            model,
+            batch: LlamaBatch::new(ctx.n_batch().max(slots) as usize, 1),
+            ctx,
+            n_ctx,
+            jobs,
+            free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
+            cached: vec![Vec::new(); slots as usize],
+            active: Vec::new(),
+            activity: activity.clone(),
+        };
+        let engine = Engine {
+            jobs: jobs_tx,
+            activity,
+        };
+        (batcher, engine)
+    }
 }
 
 impl Batcher<'_> {
@@ -571,38 +488,4 @@ fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
 
 fn decode_error(e: impl std::fmt::Display) -> Error {
     Error::worker(format!("llama.cpp decode failed: {e}"))
-}
-
-/// The prompt as the model expects it: its own chat template when it has one.
-fn render_prompt(model: &LlamaModel, request: &GenerateRequest) -> Result<String, Error> {
-    let template = match model.chat_template(None) {
-        Ok(t) => t,
-        // A base model without a template gets the text as it is.
-        Err(_) => return Ok(request.prompt.clone()),
-    };
-    let message = |role: &str, content: &str| {
-        LlamaChatMessage::new(role.to_string(), content.to_string())
-            .map_err(|_| Error::invalid("the prompt contains a NUL byte"))
-    };
-    let mut chat = Vec::new();
-    if let Some(system) = &request.system {
-        chat.push(message("system", system)?);
-    }
-    chat.push(message("user", &request.prompt)?);
-    model
-        .apply_chat_template(&template, &chat, true)
-        .map_err(|e| Error::worker(format!("cannot apply the model's chat template: {e}")))
-}
-
-fn sampler(request: &GenerateRequest) -> LlamaSampler {
-    let p = &request.params;
-    if p.temperature <= 0.0 {
-        return LlamaSampler::greedy();
-    }
-    let seed = p.seed.unwrap_or_else(rand::random);
-    LlamaSampler::chain_simple([
-        LlamaSampler::top_p(p.top_p, 1),
-        LlamaSampler::temp(p.temperature),
-        LlamaSampler::dist(seed),
-    ])
 }

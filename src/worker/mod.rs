@@ -4,15 +4,17 @@
 
 pub(crate) mod args;
 pub(crate) mod engine;
+pub(crate) mod prompt;
 pub(crate) mod server;
 pub(crate) mod utf8;
+pub(crate) mod weights;
 
 use std::io::{Read, Write};
 
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::WorkerHello;
 use args::ServeArgs;
-use engine::{EngineOptions, Weights};
+use weights::{EngineOptions, Weights};
 
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     // The hive hands over the key it signs our requests with on stdin, never in argv or env.

@@ -1,0 +1,85 @@
+//! Logging in to the node: each identity in ssh-agent, then each key file, until one is
+//! accepted.
+
+use std::sync::Arc;
+
+use russh::client;
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
+
+use crate::error::{Error, Result};
+use crate::ssh::SshError;
+use crate::ssh::known_hosts::Checker;
+use crate::ssh::session::Target;
+
+pub(super) async fn authenticate(
+    handle: &mut client::Handle<Checker>,
+    target: &Target,
+) -> Result<()> {
+    let mut tried = Vec::new();
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        match russh::keys::agent::client::AgentClient::connect_env().await {
+            Ok(mut agent) => {
+                let identities = agent.request_identities().await.unwrap_or_default();
+                for identity in identities {
+                    let key = identity.public_key().into_owned();
+                    let hash = rsa_hash(handle, &key).await;
+                    let result = handle
+                        .authenticate_publickey_with(&target.user, key, hash, &mut agent)
+                        .await;
+                    if matches!(result, Ok(r) if r.success()) {
+                        return Ok(());
+                    }
+                }
+                tried.push("ssh-agent".to_string());
+            }
+            Err(e) => tracing::debug!("ssh-agent unavailable: {e}"),
+        }
+    }
+    for file in &target.identity_files {
+        if !file.exists() {
+            continue;
+        }
+        let key = match russh::keys::load_secret_key(file, None) {
+            Ok(key) => key,
+            Err(e) => {
+                tried.push(format!("{} (unusable: {e})", file.display()));
+                continue;
+            }
+        };
+        let hash = rsa_hash(handle, key.public_key()).await;
+        let result = handle
+            .authenticate_publickey(
+                &target.user,
+                PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+            )
+            .await
+            .map_err(|e| target.broke(format_args!("authentication failed: {e}")))?;
+        if result.success() {
+            return Ok(());
+        }
+        tried.push(file.display().to_string());
+    }
+    let tried = if tried.is_empty() {
+        "no key found (set `identity_file`, or load a key into ssh-agent)".to_string()
+    } else {
+        format!("tried {}", tried.join(", "))
+    };
+    Err(Error::from(SshError::AuthRefused {
+        target: target.describe(),
+        user: target.user.clone(),
+        tried,
+    }))
+}
+
+async fn rsa_hash(handle: &client::Handle<Checker>, key: &PublicKey) -> Option<HashAlg> {
+    if key.algorithm().is_rsa() {
+        handle
+            .best_supported_rsa_hash()
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+    } else {
+        None
+    }
+}
