@@ -306,6 +306,33 @@ fn an_rsa_client_key_works_too() {
 }
 
 #[test]
+fn a_remote_dir_with_a_newline_and_a_backslash_installs_serves_and_stops() {
+    // GNU sha256sum escapes such a name in its output; nothing may parse that output.
+    let weird = "line\nbreak\\slash";
+    let spec = NodeSpec {
+        name: "a",
+        remote_dir: Some(weird),
+        extra: "",
+    };
+    let Some(fleet) = Fleet::new(&[spec]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.run(&["hive", "install", "a"]).expect(0);
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let dir = env.path().join(weird);
+    assert!(dir.join("bin/rbee").is_file(), "nothing at the literal path");
+    // A second install finds the binary and the key in place and sends neither again.
+    let again = fleet.json(&["hive", "install", "a"]);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["state"], "installed", "{again:?}");
+    assert_eq!(again[0]["installed"]["uploaded"], false, "{again:?}");
+    env.run(&["hive", "stop", "a"]).expect(0);
+    env.run(&["hive", "status", "a"]).expect(6);
+}
+
+#[test]
 fn a_remote_dir_with_spaces_and_shell_metacharacters_works() {
     let weird = "we ird $(touch PWNED) ;echo x 'q' `touch PWNED2`";
     let spec = NodeSpec {

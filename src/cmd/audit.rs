@@ -11,7 +11,7 @@ use crate::cmd::Context;
 use crate::config::{Node, Transport};
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
-use crate::ssh::quote::remote_join;
+use crate::ssh::remote;
 
 pub(crate) async fn run(ctx: &Context, command: AuditCommand) -> Result<()> {
     match command {
@@ -141,10 +141,7 @@ async fn fetch(ctx: &Context, node: &Node) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     for n in 1.. {
         let name = format!("{}.{n}", audit::FILE);
         let out = session
-            .exec(
-                &format!("cat {}", remote_join(&node.remote_dir, &name)),
-                None,
-            )
+            .exec(&remote::read_file(&node.remote_dir, &name), None)
             .await?;
         if !out.ok() {
             break;
@@ -152,10 +149,7 @@ async fn fetch(ctx: &Context, node: &Node) -> Result<Vec<(PathBuf, Vec<u8>)>> {
         files.push((PathBuf::from(name), out.stdout));
     }
     let out = session
-        .exec(
-            &format!("cat {}", remote_join(&node.remote_dir, audit::FILE)),
-            None,
-        )
+        .exec(&remote::read_file(&node.remote_dir, audit::FILE), None)
         .await?;
     if out.ok() {
         files.push((

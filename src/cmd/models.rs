@@ -9,7 +9,7 @@ use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::output::table;
 use crate::queen::install;
-use crate::ssh::quote::remote_path;
+use crate::ssh::remote;
 
 #[derive(Serialize)]
 struct ModelFile {
@@ -47,9 +47,7 @@ async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
                 Some(c) => c.ssh(&budget).await?,
                 None => return Err(Error::internal("no connection")),
             };
-            let out = session
-                .exec(&format!("stat -c %s {}", remote_path(&model.path)), None)
-                .await?;
+            let out = session.exec(&remote::file_size(&model.path), None).await?;
             out.ok().then(|| out.stdout_text().parse().ok()).flatten()
         };
         files.push(ModelFile {

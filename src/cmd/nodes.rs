@@ -157,13 +157,10 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
         HostKey::Accepted { fingerprint } => format!("{fingerprint} (recorded now)"),
         _ => "known".to_string(),
     });
-    let dir = crate::ssh::quote::remote_path(&node.remote_dir);
-    let bin = crate::ssh::quote::remote_join(&node.remote_dir, "bin/rbee");
-    let probe = format!(
-        "uname -sm; d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; \
-         df -Pk \"$d\" | awk 'NR==2 {{print $4}}'; {bin} --version 2>/dev/null || echo none"
-    );
-    match session.exec(&probe, None).await {
+    match session
+        .exec(&crate::ssh::remote::node_probe(&node.remote_dir), None)
+        .await
+    {
         Ok(out) => {
             let text = out.stdout_text();
             let mut lines = text.lines();

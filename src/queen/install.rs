@@ -12,7 +12,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::hive::verify::sha256_file;
 use crate::progress::Progress;
 use crate::ssh::Session;
-use crate::ssh::quote::{quote, remote_join, remote_path};
+use crate::ssh::remote;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Installed {
@@ -28,12 +28,12 @@ pub(crate) async fn install_binary(
     node: &Node,
     progress: &Progress,
 ) -> Result<Installed> {
-    let dir = remote_path(&node.remote_dir);
-    let bin = remote_join(&node.remote_dir, "bin/rbee");
-    let probe = format!(
-        "uname -sm && mkdir -p {dir}/bin && chmod 700 {dir} && {{ sha256sum {bin} 2>/dev/null || true; }}"
-    );
-    let out = session.run("checking the node", &probe).await?;
+    let out = session
+        .run(
+            "checking the node",
+            &remote::install_probe(&node.remote_dir),
+        )
+        .await?;
     let text = out.stdout_text();
     let mut lines = text.lines();
     let os = lines.next().unwrap_or_default().to_string();
@@ -58,15 +58,7 @@ pub(crate) async fn install_binary(
     }
     let file = tokio::fs::File::open(&exe).await.at("open", &exe)?;
     let bytes = file.metadata().await.at("read the size of", &exe)?.len();
-    let tmp = format!("{bin}.upload");
-    // The temp file is checked before it replaces the binary: a cut connection leaves a
-    // partial temp file, never a partial `rbee`.
-    let command = format!(
-        "umask 077 && cat > {tmp} && {{ [ \"$(sha256sum {tmp} | cut -c1-64)\" = {sha} ] || \
-         {{ echo 'the checksum on the node did not match' >&2; exit 1; }}; }} && \
-         chmod 755 {tmp} && mv -f {tmp} {bin}",
-        sha = quote(&local_sha)
-    );
+    let command = remote::install_binary(&node.remote_dir, &local_sha);
     let bar = progress.bytes(&format!("rbee to {}", node.name), bytes);
     session
         .run_reader("uploading rbee", &command, Counting { inner: file, bar })
@@ -125,14 +117,11 @@ pub(crate) async fn push_model(
     let size = std::fs::metadata(&source)
         .map_err(|e| Error::config(format!("model source `{}`: {e}", source.display())))?
         .len();
-    let path = remote_path(&model.path);
-    let part = remote_path(&format!("{}.part", model.path));
-    let probe = format!(
-        "if [ -f {path} ]; then sha256sum {path} | cut -c1-64; else echo missing; fi; \
-         stat -c %s {part} 2>/dev/null || echo 0"
-    );
     let out = session
-        .run("checking the model on the node", &probe)
+        .run(
+            "checking the model on the node",
+            &remote::model_probe(&model.path),
+        )
         .await?;
     let text = out.stdout_text();
     let mut lines = text.lines();
@@ -156,8 +145,7 @@ pub(crate) async fn push_model(
     file.seek(std::io::SeekFrom::Start(offset))
         .await
         .at("seek in", &source)?;
-    let append = if offset == 0 { ">" } else { ">>" };
-    let command = format!("mkdir -p \"$(dirname {path})\" && umask 077 && cat {append} {part}");
+    let command = remote::model_upload(&model.path, offset > 0);
     let bar = progress.bytes(&format!("{} to {}", model.name, node.name), size);
     bar.set_position(offset);
     bar.reset_eta();
@@ -168,12 +156,9 @@ pub(crate) async fn push_model(
             Counting { inner: file, bar },
         )
         .await?;
-    let finish = format!(
-        "if [ \"$(sha256sum {part} | cut -c1-64)\" = {sha} ]; then mv -f {part} {path}; \
-         else rm -f {part}; echo 'checksum mismatch' >&2; exit 3; fi",
-        sha = quote(&model.sha256)
-    );
-    let out = session.exec(&finish, None).await?;
+    let out = session
+        .exec(&remote::model_finish(&model.path, &model.sha256), None)
+        .await?;
     if !out.ok() {
         return Err(Error::worker(format!(
             "the copy of `{}` on `{}` does not match its sha256 {}; the partial file was removed, \
@@ -209,31 +194,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     }
 }
 
-/// The command that starts the hive on a node, detached from the SSH session: only the hive
-/// runs in the background, with none of the channel's streams, so the channel closes at once
-/// (the hive then leaves the session with setsid itself).
-pub(crate) fn start_command(node: &Node) -> String {
-    let bin = remote_join(&node.remote_dir, "bin/rbee");
-    let dir = remote_path(&node.remote_dir);
-    let args: Vec<String> = crate::hive::args::ServeArgs::settings_for(node)
-        .iter()
-        .map(|a| quote(a))
-        .collect();
-    format!(
-        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 &",
-        args.join(" ")
-    )
-}
-
-/// Signals the hive named in the node's pidfile, if that process is an rbee hive.
-pub(crate) fn signal_command(node: &Node, signal: &str) -> String {
-    let pidfile = remote_join(&node.remote_dir, crate::hive::PID_FILE);
-    format!(
-        "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && \
-         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && echo \"$pid\""
-    )
-}
-
 /// Puts this machine's copy of the node's signing key in `<remote_dir>/hive.key` (mode 0600)
 /// when the node's differs; `name` may be `hive.key.next` during a rotation.
 pub(crate) async fn install_key(
@@ -242,19 +202,18 @@ pub(crate) async fn install_key(
     key: &crate::auth::Key,
     name: &str,
 ) -> Result<bool> {
-    let path = remote_join(&node.remote_dir, name);
     let content = format!("{}\n", key.to_hex());
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content.as_bytes()));
-    let probe = format!("sha256sum {path} 2>/dev/null | cut -c1-64");
+    let probe = remote::file_sha256(&node.remote_dir, name);
     if session.exec(&probe, None).await?.stdout_text() == sha {
         return Ok(false);
     }
-    let dir = remote_path(&node.remote_dir);
-    let command = format!(
-        "mkdir -p {dir} && umask 077 && cat > {path}.tmp && chmod 600 {path}.tmp && mv -f {path}.tmp {path}"
-    );
     session
-        .run_reader("writing the signing key", &command, content.as_bytes())
+        .run_reader(
+            "writing the signing key",
+            &remote::write_private_file(&node.remote_dir, name),
+            content.as_bytes(),
+        )
         .await?;
     tracing::info!(node = %node.name, key = %key.fingerprint(), "installed the signing key");
     Ok(true)

@@ -20,6 +20,7 @@ use crate::protocol::{HiveHealth, PROTOCOL_VERSION};
 use crate::queen::client::HiveClient;
 use crate::queen::install;
 use crate::queen::node::NodeConn;
+use crate::ssh::remote;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 const STOP_WAIT: Duration = Duration::from_secs(15);
@@ -99,7 +100,13 @@ async fn start(
             tracing::info!(node = %node.name, bytes = installed.bytes, "uploaded rbee");
         }
         session
-            .run("starting the hive", &install::start_command(&node))
+            .run(
+                "starting the hive",
+                &remote::start_hive(
+                    &node.remote_dir,
+                    &crate::hive::args::ServeArgs::settings_for(&node),
+                ),
+            )
             .await?;
     }
     tracing::info!(node = %conn.node.name, "hive starting");
@@ -199,7 +206,10 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
         let node = conn.node.clone();
         let session = conn.ssh(budget).await?;
         let out = session
-            .exec(&install::signal_command(&node, "TERM"), None)
+            .exec(
+                &remote::signal_hive(&node.remote_dir, PID_FILE, "TERM"),
+                None,
+            )
             .await?;
         return Ok(match out.stdout_text().parse() {
             Ok(pid) => Stopped::Stopped { pid },
@@ -233,7 +243,7 @@ async fn signal(conn: &mut NodeConn, budget: &Budget, pid: i32, name: &str) -> R
     let node = conn.node.clone();
     let session = conn.ssh(budget).await?;
     session
-        .exec(&install::signal_command(&node, name), None)
+        .exec(&remote::signal_hive(&node.remote_dir, PID_FILE, name), None)
         .await?;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! SSH to nodes through russh: connection and authentication, known_hosts, `~/.ssh/config`
-//! aliases, quoting of remote commands.
+//! aliases, quoting, and every command string run on a node (`remote`).
 
 mod auth;
 pub(crate) mod config;
@@ -8,6 +8,7 @@ mod forward;
 mod known_hosts;
 mod quick_ack;
 pub(crate) mod quote;
+pub(crate) mod remote;
 pub(crate) mod session;
 
 pub use error::SshError;

@@ -1,0 +1,185 @@
+//! Every command rbee runs on a node, built here beside the quoting rules: each path and
+//! argument is one quoted shell word (`quote`, `remote_path`), and a file is hashed from stdin,
+//! so no file name ever reaches `sha256sum`'s output (GNU escapes a name holding a newline or a
+//! backslash, and the digest would no longer be the first 64 characters).
+
+use crate::ssh::quote::{quote, remote_join, remote_path};
+
+/// The SHA-256 of the file at `word` (a shell word), or nothing when it cannot be read.
+fn sha256_of(word: &str) -> String {
+    format!("{{ sha256sum < {word} | cut -c1-64; }} 2>/dev/null")
+}
+
+/// `uname -sm`, then the SHA-256 of the installed binary (an empty line when there is none);
+/// makes `<remote_dir>/bin` on the way, with the directory private to the node's user.
+pub(crate) fn install_probe(remote_dir: &str) -> String {
+    let dir = remote_path(remote_dir);
+    let bin = remote_join(remote_dir, "bin/rbee");
+    format!(
+        "uname -sm && mkdir -p {dir}/bin && chmod 700 {dir} && {{ {} || echo; }}",
+        sha256_of(&bin)
+    )
+}
+
+/// Reads the binary from stdin into a temp file, checks it against `sha256`, then moves it
+/// into place: a cut connection leaves a partial temp file, never a partial `rbee`.
+pub(crate) fn install_binary(remote_dir: &str, sha256: &str) -> String {
+    let bin = remote_join(remote_dir, "bin/rbee");
+    let tmp = remote_join(remote_dir, "bin/rbee.upload");
+    format!(
+        "umask 077 && cat > {tmp} && {{ [ \"$(sha256sum < {tmp} | cut -c1-64)\" = {sha} ] || \
+         {{ echo 'the checksum on the node did not match' >&2; exit 1; }}; }} && \
+         chmod 755 {tmp} && mv -f {tmp} {bin}",
+        sha = quote(sha256)
+    )
+}
+
+/// The SHA-256 of the model at `path` (or `missing`), then the size of its partial upload.
+pub(crate) fn model_probe(path: &str) -> String {
+    let file = remote_path(path);
+    let part = remote_path(&format!("{path}.part"));
+    format!(
+        "if [ -f {file} ]; then {}; else echo missing; fi; stat -c %s {part} 2>/dev/null || echo 0",
+        sha256_of(&file)
+    )
+}
+
+/// Writes stdin to the model's partial file, from its start or appended to what it holds.
+pub(crate) fn model_upload(path: &str, append: bool) -> String {
+    let file = remote_path(path);
+    let part = remote_path(&format!("{path}.part"));
+    let op = if append { ">>" } else { ">" };
+    format!("mkdir -p \"$(dirname {file})\" && umask 077 && cat {op} {part}")
+}
+
+/// Moves a complete partial file into place when it matches `sha256`; removes it and exits 3
+/// when it does not.
+pub(crate) fn model_finish(path: &str, sha256: &str) -> String {
+    let file = remote_path(path);
+    let part = remote_path(&format!("{path}.part"));
+    format!(
+        "if [ \"$(sha256sum < {part} | cut -c1-64)\" = {sha} ]; then mv -f {part} {file}; \
+         else rm -f {part}; echo 'checksum mismatch' >&2; exit 3; fi",
+        sha = quote(sha256)
+    )
+}
+
+/// The size in bytes of the file at `path`.
+pub(crate) fn file_size(path: &str) -> String {
+    format!("stat -c %s {}", remote_path(path))
+}
+
+/// The contents of `<remote_dir>/<name>`; exits non-zero when there is no such file.
+pub(crate) fn read_file(remote_dir: &str, name: &str) -> String {
+    format!("cat {}", remote_join(remote_dir, name))
+}
+
+/// The SHA-256 of `<remote_dir>/<name>`, empty when it does not exist.
+pub(crate) fn file_sha256(remote_dir: &str, name: &str) -> String {
+    sha256_of(&remote_join(remote_dir, name))
+}
+
+/// Writes stdin to `<remote_dir>/<name>` with mode 0600, atomically.
+pub(crate) fn write_private_file(remote_dir: &str, name: &str) -> String {
+    let dir = remote_path(remote_dir);
+    let path = remote_join(remote_dir, name);
+    let tmp = remote_join(remote_dir, &format!("{name}.tmp"));
+    format!("mkdir -p {dir} && umask 077 && cat > {tmp} && chmod 600 {tmp} && mv -f {tmp} {path}")
+}
+
+/// Starts the hive detached from the SSH session: only the hive runs in the background, with
+/// none of the channel's streams, so the channel closes at once (the hive then leaves the
+/// session with setsid itself). `settings` are the hive's own arguments after `--dir`.
+pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
+    let bin = remote_join(remote_dir, "bin/rbee");
+    let dir = remote_path(remote_dir);
+    let args: Vec<String> = settings.iter().map(|a| quote(a)).collect();
+    format!(
+        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 &",
+        args.join(" ")
+    )
+}
+
+/// Sends `signal` to the hive named in the pidfile `<remote_dir>/<pid_file>`, if that process
+/// is an rbee hive, and prints its pid.
+pub(crate) fn signal_hive(remote_dir: &str, pid_file: &str, signal: &str) -> String {
+    let pidfile = remote_join(remote_dir, pid_file);
+    format!(
+        "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && \
+         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && echo \"$pid\"",
+        signal = quote(signal)
+    )
+}
+
+/// `uname -sm`, the free kilobytes of the filesystem that holds (or would hold) `remote_dir`,
+/// and the installed rbee's version (`none` when there is none).
+pub(crate) fn node_probe(remote_dir: &str) -> String {
+    let dir = remote_path(remote_dir);
+    let bin = remote_join(remote_dir, "bin/rbee");
+    format!(
+        "uname -sm; d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; \
+         df -Pk \"$d\" | awk 'NR==2 {{print $4}}'; {bin} --version 2>/dev/null || echo none"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> std::process::Output {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("sh")
+    }
+
+    #[test]
+    fn a_file_whose_name_holds_a_newline_and_a_backslash_hashes_to_its_digest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote_dir = dir.path().join("a\nb\\c").display().to_string();
+        std::fs::create_dir_all(&remote_dir).expect("mkdir");
+        std::fs::write(format!("{remote_dir}/f"), b"hello\n").expect("write");
+        let out = sh(&file_sha256(&remote_dir, "f"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
+        assert!(sh(&file_sha256(&remote_dir, "none")).stdout.is_empty());
+    }
+
+    #[test]
+    fn a_model_upload_lands_only_when_its_digest_matches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m\nx\\y/m.gguf").display().to_string();
+        let upload = |bytes: &[u8], append: bool| {
+            let mut child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(model_upload(&path, append))
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("sh");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(bytes)
+                .expect("write");
+            assert!(child.wait().expect("wait").success());
+        };
+        upload(b"hel", false);
+        upload(b"lo\n", true);
+        let probe = String::from_utf8_lossy(&sh(&model_probe(&path)).stdout).into_owned();
+        assert_eq!(probe, "missing\n6\n");
+        assert_eq!(
+            sh(&model_finish(&path, &"0".repeat(64))).status.code(),
+            Some(3)
+        );
+        upload(b"hello\n", false);
+        let sha = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03";
+        assert!(sh(&model_finish(&path, sha)).status.success());
+        let probe = String::from_utf8_lossy(&sh(&model_probe(&path)).stdout).into_owned();
+        assert_eq!(probe, format!("{sha}\n0\n"));
+    }
+}
