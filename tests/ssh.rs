@@ -322,7 +322,10 @@ fn a_remote_dir_with_a_newline_and_a_backslash_installs_serves_and_stops() {
     env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let dir = env.path().join(weird);
-    assert!(dir.join("bin/rbee").is_file(), "nothing at the literal path");
+    assert!(
+        dir.join("bin/rbee").is_file(),
+        "nothing at the literal path"
+    );
     // A second install finds the binary and the key in place and sends neither again.
     let again = fleet.json(&["hive", "install", "a"]);
     assert_eq!(again.len(), 1, "{again:?}");

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod architecture;
 mod audit;
 mod batching;
 mod completions;
