@@ -5,23 +5,27 @@
 
 use std::time::{Duration, Instant};
 
-use rbee::auth::{Key, Verifier, sign};
+use rbee::auth::{Covered, Key, Verifier, sign};
 
 fn main() {
     let key = Key::random();
     let verifier = Verifier::new(vec![key.clone()], Duration::from_secs(300));
+    let covered = Covered {
+        budget_ms: "59950",
+        request_id: "0123456789abcdef0123456789abcdef",
+    };
     for body_len in [256usize, 4096, 65536] {
         let body = vec![b'x'; body_len];
         let n = 20_000;
         let t = Instant::now();
         let headers: Vec<String> = (0..n)
-            .map(|_| sign(&key, "POST", "/v1/infer", &body))
+            .map(|_| sign(&key, "POST", "/v1/infer", covered, &body))
             .collect();
         let signing = t.elapsed();
         let t = Instant::now();
         for header in &headers {
             verifier
-                .verify("POST", "/v1/infer", Some(header), &body)
+                .verify("POST", "/v1/infer", covered, Some(header), &body)
                 .expect("verifies");
         }
         let verifying = t.elapsed();

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Env, fresh_nonce, http, sign_with, unix_now};
+use crate::support::{Env, fresh_nonce, http, sign_covering, sign_with, unix_now};
 
 fn rejected(status: u16, body: &str, class: &str) {
     assert_eq!(status, 401, "{body}");
@@ -51,7 +51,40 @@ fn forgeries_refused(port: u16, key: &str, method: &str, path: &str, body: &[u8]
     let sig = sign_with(key, method, path, body, now, &fresh_nonce());
     let (s, b) = send(&format!("{path}?x=1"), Some(&sig), body);
     rejected(s, &b, "bad_signature");
-    // Ten minutes old, ten minutes ahead.
+    // The budget and the request id are signed: one added or changed after signing is refused.
+    let sig = sign_covering(key, method, path, ("1500", "r1"), body, now, &fresh_nonce());
+    let (s, b) = http(
+        port,
+        method,
+        path,
+        &[
+            ("content-type", "application/json"),
+            ("x-rbee-signature", &sig),
+            ("x-rbee-budget-ms", "999999999"),
+            ("x-rbee-request-id", "r1"),
+        ],
+        body,
+    );
+    rejected(s, &b, "bad_signature");
+    let sig = sign_with(key, method, path, body, now, &fresh_nonce());
+    let (s, b) = http(
+        port,
+        method,
+        path,
+        &[
+            ("content-type", "application/json"),
+            ("x-rbee-signature", &sig),
+            ("x-rbee-request-id", "someone-else"),
+        ],
+        body,
+    );
+    rejected(s, &b, "bad_signature");
+    // Ten minutes old, ten minutes ahead, and at the ends of the range.
+    for ts in [i64::MIN, i64::MAX] {
+        let sig = sign_with(key, method, path, body, ts, &fresh_nonce());
+        let (s, b) = send(path, Some(&sig), body);
+        rejected(s, &b, "stale");
+    }
     for ts in [now - 600, now + 600] {
         let sig = sign_with(key, method, path, body, ts, &fresh_nonce());
         let (s, b) = send(path, Some(&sig), body);
@@ -228,4 +261,52 @@ fn hostile_input_is_refused_with_a_clear_4xx_and_the_hive_keeps_serving() {
     assert_eq!(s, 400, "{b}");
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
+}
+
+#[test]
+fn an_exact_replay_after_the_hive_restarts_is_refused() {
+    let Some(env) = Env::new("") else { return };
+    env.run(&["hive", "start", "n1"]).expect(0);
+    let key = env.node_key();
+    let sig = sign_with(&key, "GET", "/v1/workers", b"", unix_now(), &fresh_nonce());
+    let send = || {
+        http(
+            env.port,
+            "GET",
+            "/v1/workers",
+            &[("x-rbee-signature", sig.as_str())],
+            b"",
+        )
+    };
+    let (s, b) = send();
+    assert_eq!(s, 200, "{b}");
+    env.run(&["hive", "stop", "n1"]).expect(0);
+    env.run(&["hive", "start", "n1"]).expect(0);
+    let (s, b) = send();
+    rejected(s, &b, "replayed");
+}
+
+#[test]
+fn two_rotations_five_seconds_apart_fail_no_request_for_seventy_seconds() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+    env.run(&["hive", "rotate-key", "n1"]).expect(0);
+    std::thread::sleep(Duration::from_secs(5));
+    env.run(&["hive", "rotate-key", "n1"]).expect(0);
+    // Past the first rotation's grace (60 s), where a timer once left only the key the second
+    // rotation retired.
+    let started = std::time::Instant::now();
+    let mut failures = Vec::new();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(70) {
+        let run = env.run(&["--json", "worker", "list", "--node", "n1"]);
+        sent += 1;
+        if run.code != 0 {
+            failures.push(format!("{:?}: {}", started.elapsed(), run.stderr));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(sent >= 60, "only {sent} requests in 70 s");
+    assert!(failures.is_empty(), "{failures:?}");
 }

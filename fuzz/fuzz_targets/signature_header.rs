@@ -13,5 +13,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = rbee::auth::parse(header);
     let key = Key::from_hex(&"11".repeat(32)).expect("fixed key");
     let verifier = Verifier::new(vec![key], std::time::Duration::from_secs(300));
-    assert!(verifier.verify("POST", "/v1/infer", Some(header), body).is_err());
+    assert!(verifier.verify("POST", "/v1/infer", rbee::auth::Covered::default(), Some(header), body).is_err());
 });

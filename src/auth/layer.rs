@@ -32,7 +32,19 @@ pub(crate) async fn require_signature(
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map_or_else(|| "-".to_string(), |c| c.0.to_string());
     let (parts, body) = request.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+    let header = parts
+        .headers
+        .get(crate::auth::SIGNATURE_HEADER)
+        .and_then(|h| h.to_str().ok());
+    // Who is not a signer gets nothing read of the body: a stalled or huge body from a stranger
+    // costs no memory.
+    let early = guard.verifier.precheck(header);
+    let bytes = if early.is_ok() {
+        axum::body::to_bytes(body, BODY_LIMIT).await
+    } else {
+        Ok(axum::body::Bytes::new())
+    };
+    let Ok(bytes) = bytes else {
         let err = Error::invalid(format!("the request body is over {BODY_LIMIT} bytes"));
         return (StatusCode::PAYLOAD_TOO_LARGE, Json(ErrorBody::from(&err))).into_response();
     };
@@ -41,13 +53,31 @@ pub(crate) async fn require_signature(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let header = parts
-        .headers
-        .get(crate::auth::SIGNATURE_HEADER)
-        .and_then(|h| h.to_str().ok());
-    let result = guard
-        .verifier
-        .verify(parts.method.as_str(), &path, header, &bytes);
+    let covered_header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .map_or(Some(""), |h| h.to_str().ok())
+    };
+    let result = match (
+        early,
+        covered_header(crate::deadline::BUDGET_HEADER),
+        covered_header(crate::protocol::REQUEST_ID_HEADER),
+    ) {
+        (Err(reject), _, _) => Err(reject),
+        // A covered header that is not text cannot have been signed as sent.
+        (Ok(()), None, _) | (Ok(()), _, None) => Err(crate::auth::Reject::BadSignature),
+        (Ok(()), Some(budget_ms), Some(request_id)) => guard.verifier.verify(
+            parts.method.as_str(),
+            &path,
+            crate::auth::Covered {
+                budget_ms,
+                request_id,
+            },
+            header,
+            &bytes,
+        ),
+    };
     if let Some(audit) = &guard.audit {
         let request_id = parts
             .headers

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::auth::{Key, Verifier};
 use crate::error::{Error, IoContext, Result};
@@ -14,6 +14,8 @@ pub(crate) const NEXT_KEY_FILE: &str = "hive.key.next";
 /// The key the hive signs its requests to workers with, made anew at each start.
 pub(crate) const WORKER_KEY_FILE: &str = "worker.key";
 const RETIRE_GRACE: Duration = Duration::from_secs(60);
+/// The nonces of the requests accepted within the skew window, kept across restarts.
+pub(crate) const NONCE_FILE: &str = "nonces";
 
 pub(crate) struct NodeKeys {
     key: PathBuf,
@@ -29,6 +31,10 @@ impl NodeKeys {
             verifier: Arc::new(Verifier::new(Vec::new(), skew)),
         };
         keys.reload()?;
+        let nonces = dir.join(NONCE_FILE);
+        keys.verifier
+            .keep_nonces_in(&nonces)
+            .at("keep the nonces of signed requests in", &nonces)?;
         Ok(keys)
     }
 
@@ -36,19 +42,23 @@ impl NodeKeys {
         self.verifier.clone()
     }
 
-    /// Accepts `hive.key`, and `hive.key.next` when there is one; returns their fingerprints.
+    /// Accepts `hive.key`, and `hive.key.next` when there is one, and keeps accepting a key
+    /// retired less than the grace ago; returns the fingerprints accepted now.
     pub(crate) fn reload(&self) -> Result<Vec<String>> {
         let mut keys = vec![Key::load_or_create(&self.key)?];
         if self.next.exists() {
             keys.push(Key::load(&self.next)?);
         }
-        self.verifier.set_keys(keys);
+        let leaving = self.verifier.leaving(Instant::now());
+        self.verifier.replace_keys(keys, leaving);
         let fingerprints = self.verifier.fingerprints();
         tracing::info!(keys = ?fingerprints, "signing keys loaded");
         Ok(fingerprints)
     }
 
-    /// Makes `hive.key.next` the key.
+    /// Makes `hive.key.next` the key. The key it replaces stays accepted for the grace, each
+    /// key until its own time: a second rotation inside the grace of the first retires the key
+    /// in between and leaves the first one's time as it was, so no request fails.
     pub(crate) fn retire(&self) -> Result<Vec<String>> {
         if !self.next.exists() {
             return Err(Error::invalid(format!(
@@ -59,13 +69,11 @@ impl NodeKeys {
         let new = Key::load(&self.next)?;
         let old = Key::load(&self.key)?;
         std::fs::rename(&self.next, &self.key).at("put the next key in place at", &self.key)?;
-        self.verifier.set_keys(vec![new.clone(), old.clone()]);
-        let verifier = self.verifier.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(RETIRE_GRACE).await;
-            verifier.set_keys(vec![new]);
-            tracing::info!(old = %old.fingerprint(), "old signing key no longer accepted");
-        });
+        let now = Instant::now();
+        let mut leaving = self.verifier.leaving(now);
+        leaving.push((old.clone(), now + RETIRE_GRACE));
+        self.verifier.replace_keys(vec![new], leaving);
+        tracing::info!(old = %old.fingerprint(), "old signing key accepted for {}s more", RETIRE_GRACE.as_secs());
         Ok(self.verifier.fingerprints())
     }
 }

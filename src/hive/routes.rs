@@ -232,11 +232,22 @@ async fn start_generation(
 
     let body = serde_json::to_vec(&generate)
         .map_err(|e| Error::internal(format!("cannot encode the request: {e}")))?;
-    let signature = crate::auth::sign(&hive.registry.worker_key, "POST", "/v1/generate", &body);
+    let budget_ms = budget.header_value();
+    let covered = crate::auth::Covered {
+        budget_ms: &budget_ms,
+        request_id: &generate.request_id,
+    };
+    let signature = crate::auth::sign(
+        &hive.registry.worker_key,
+        "POST",
+        "/v1/generate",
+        covered,
+        &body,
+    );
     let response = hive
         .http
         .post(format!("{}/v1/generate", proc.base_url()))
-        .header(BUDGET_HEADER, budget.header_value())
+        .header(BUDGET_HEADER, &budget_ms)
         .header(REQUEST_ID_HEADER, &generate.request_id)
         .header(crate::auth::SIGNATURE_HEADER, signature)
         .header(axum::http::header::CONTENT_TYPE, "application/json")

@@ -6,6 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
+use crate::auth::Covered;
 use crate::auth::Key;
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, Result};
@@ -40,13 +41,30 @@ impl HiveClient {
         })
     }
 
-    /// Every request to the hive is built here, signed over its method, path and body.
+    /// Every request to the hive is built here, signed over its method, path, body and the
+    /// headers it carries in `covered`.
     fn request(&self, method: Method, path: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
-        let signature = crate::auth::sign(&self.key, method.as_str(), path, &body);
-        let builder = self
+        self.request_covering(method, path, Covered::default(), body)
+    }
+
+    fn request_covering(
+        &self,
+        method: Method,
+        path: &str,
+        covered: Covered<'_>,
+        body: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
+        let signature = crate::auth::sign(&self.key, method.as_str(), path, covered, &body);
+        let mut builder = self
             .http
             .request(method, format!("{}{path}", self.base))
             .header(crate::auth::SIGNATURE_HEADER, signature);
+        if !covered.budget_ms.is_empty() {
+            builder = builder.header(BUDGET_HEADER, covered.budget_ms);
+        }
+        if !covered.request_id.is_empty() {
+            builder = builder.header(REQUEST_ID_HEADER, covered.request_id);
+        }
         if body.is_empty() {
             builder
         } else {
@@ -158,10 +176,13 @@ impl HiveClient {
     ) -> Result<reqwest::Response> {
         let body = serde_json::to_vec(request)
             .map_err(|e| Error::internal(format!("cannot encode the request: {e}")))?;
+        let budget_ms = budget.header_value();
+        let covered = Covered {
+            budget_ms: &budget_ms,
+            request_id: &request.request_id,
+        };
         let response = self
-            .request(Method::POST, "/v1/infer", body)
-            .header(BUDGET_HEADER, budget.header_value())
-            .header(REQUEST_ID_HEADER, &request.request_id)
+            .request_covering(Method::POST, "/v1/infer", covered, body)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;

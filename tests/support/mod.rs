@@ -389,11 +389,25 @@ pub(crate) fn sha256(path: &Path) -> String {
         .to_string()
 }
 
-/// Signs a request the way the README documents it, written independently of rbee's code.
+/// Signs a request that carries no budget or request id header, the way the README documents.
 pub(crate) fn sign_with(
     key_hex: &str,
     method: &str,
     path: &str,
+    body: &[u8],
+    ts: i64,
+    nonce: &str,
+) -> String {
+    sign_covering(key_hex, method, path, ("", ""), body, ts, nonce)
+}
+
+/// Signs a request the way the README documents it, written independently of rbee's code;
+/// `covered` is the budget and request id headers' values (empty when the request has none).
+pub(crate) fn sign_covering(
+    key_hex: &str,
+    method: &str,
+    path: &str,
+    covered: (&str, &str),
     body: &[u8],
     ts: i64,
     nonce: &str,
@@ -403,7 +417,10 @@ pub(crate) fn sign_with(
     let key = hex::decode(key_hex.trim()).expect("hex key");
     let kid = hex::encode(&sha2::Sha256::digest(&key)[..8]);
     let body_sha = hex::encode(sha2::Sha256::digest(body));
-    let canonical = format!("RBEE-HMAC-SHA256\n{method}\n{path}\n{ts}\n{nonce}\n{body_sha}\n{kid}");
+    let (budget, request_id) = covered;
+    let canonical = format!(
+        "RBEE-HMAC-SHA256\n{method}\n{path}\n{ts}\n{nonce}\n{body_sha}\n{kid}\n{budget}\n{request_id}"
+    );
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).expect("hmac key");
     mac.update(canonical.as_bytes());
     let sig = hex::encode(mac.finalize().into_bytes());
@@ -441,10 +458,17 @@ impl Env {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (u16, String) {
-        let header = sign_with(
+        let covered = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map_or("", |(_, v)| *v)
+        };
+        let header = sign_covering(
             &self.node_key(),
             method,
             path,
+            (covered("x-rbee-budget-ms"), covered("x-rbee-request-id")),
             body,
             unix_now(),
             &fresh_nonce(),
