@@ -78,6 +78,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         format!("hive:{}", args.node),
     );
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
     let registry = Arc::new(Registry::new(
         exe,
         args.dir.clone(),
@@ -86,6 +87,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         args.restart_policy(),
         exits_tx,
         audit.clone(),
+        shutdown.clone(),
     ));
     // The workers' key also sits beside the node key (0600), so the node's owner can talk to a
     // worker directly when debugging, as the hive does.
@@ -101,7 +103,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
             .no_proxy()
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?,
-        shutdown: CancellationToken::new(),
+        shutdown,
         requests: Arc::default(),
         keys: keys.clone(),
         audit: audit.clone(),

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Model, RestartPolicy};
 use crate::error::{Error, Result};
@@ -28,6 +29,8 @@ pub(crate) struct Registry {
     /// Signs the hive's requests to its workers; made anew at each hive start.
     pub(crate) worker_key: crate::auth::Key,
     pub(crate) audit: crate::audit::Audit,
+    /// Cancelled when the hive begins to stop: from then on it takes no new work.
+    pub(crate) stopping: CancellationToken,
 }
 
 impl Registry {
@@ -39,6 +42,7 @@ impl Registry {
         policy: RestartPolicy,
         exits: mpsc::UnboundedSender<Exited>,
         audit: crate::audit::Audit,
+        stopping: CancellationToken,
     ) -> Registry {
         Registry {
             entries: Mutex::new(HashMap::new()),
@@ -51,6 +55,7 @@ impl Registry {
             exits,
             worker_key: crate::auth::Key::random(),
             audit,
+            stopping,
         }
     }
 
@@ -139,9 +144,12 @@ impl Registry {
     /// Verifies the model and starts a worker for it within `wait`.
     pub(crate) async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
         let path = model_path(spec);
-        let verified = tokio::time::timeout(wait, self.verifier.verify(&path, &spec.sha256))
-            .await
-            .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
+        let verified = tokio::time::timeout(
+            wait,
+            self.verifier.verify(&path, &spec.sha256, &self.stopping),
+        )
+        .await
+        .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
         let (event, reason) = match &verified {
             Ok(()) => ("model_verified", None),
             Err(e) => ("model_refused", Some(e.to_string())),
