@@ -18,6 +18,8 @@ use crate::hive::worker_proc::{Exited, STOP_GRACE, SpawnOptions, WorkerProc, mod
 use crate::protocol::WorkerInfo;
 
 pub(crate) struct Registry {
+    /// The node this hive serves, for messages.
+    pub(crate) node: String,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     verifier: Verifier,
     exe: PathBuf,
@@ -34,7 +36,9 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        node: String,
         exe: PathBuf,
         dir: PathBuf,
         log: PathBuf,
@@ -45,6 +49,7 @@ impl Registry {
         stopping: CancellationToken,
     ) -> Registry {
         Registry {
+            node,
             entries: Mutex::new(HashMap::new()),
             verifier: Verifier::default(),
             exe,
@@ -57,6 +62,15 @@ impl Registry {
             audit,
             stopping,
         }
+    }
+
+    /// What a request hears once the hive has begun to stop.
+    pub(crate) fn stopping_error(&self) -> Error {
+        Error::hive(format!(
+            "the hive on `{}` is stopping and takes no new requests; start it again with \
+             `rbee hive start {}`",
+            self.node, self.node
+        ))
     }
 
     pub(crate) fn entries(&self) -> Vec<Arc<Entry>> {

@@ -36,6 +36,8 @@ pub(crate) struct Hive {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) http: reqwest::Client,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when a stopping hive's drain time is over: generations still under way end.
+    pub(crate) drained: CancellationToken,
     pub(crate) requests: Arc<Requests>,
     pub(crate) keys: Arc<crate::hive::keys::NodeKeys>,
     pub(crate) audit: crate::audit::Audit,
@@ -63,7 +65,12 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
 
 async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
     Json(HiveHealth {
-        status: "ok".to_string(),
+        status: if hive.shutdown.is_cancelled() {
+            "stopping"
+        } else {
+            "ok"
+        }
+        .to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: crate::protocol::PROTOCOL_VERSION,
         node: hive.node.clone(),
@@ -91,6 +98,9 @@ async fn restart_worker(
     State(hive): State<Arc<Hive>>,
     Path(model): Path<String>,
 ) -> Result<Json<WorkerInfo>, ApiError> {
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
     let entry = hive.registry.find(&model).ok_or_else(|| {
         Error::config(format!("no worker for `{model}` has run on this hive yet"))
     })?;
@@ -182,6 +192,9 @@ async fn start_generation(
     request: InferRequest,
     received: Instant,
 ) -> Result<Response, ApiError> {
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
     if !config::valid_name(&request.model.name) {
         return Err(Error::invalid(format!("invalid model name `{}`", request.model.name)).into());
     }
@@ -221,7 +234,7 @@ async fn start_generation(
         .track(&generate.request_id, &request.model.name, budget);
     let entry = hive.registry.entry(&request.model);
     let queued_at = Instant::now();
-    let lease = entry.lease(&budget).await?;
+    let lease = entry.lease(&budget, &hive.registry).await?;
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
     tracked.stage(RequestStage::Loading);
     let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
@@ -262,6 +275,8 @@ async fn start_generation(
         proc,
         metrics: hive.metrics.clone(),
         model: request.model.name,
+        node: hive.node.clone(),
+        drained: hive.drained.clone(),
         queue_ms,
         load_ms,
         received,
