@@ -10,6 +10,7 @@ mod completions;
 mod config_errors;
 mod daemon;
 mod deadline;
+mod faults;
 mod infer;
 mod model_files;
 mod signing;

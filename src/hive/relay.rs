@@ -37,7 +37,9 @@ pub(crate) struct Relay {
     pub(crate) received: Instant,
 }
 
-/// A busy worker that sends nothing for this long is taken as stuck.
+/// A busy worker that sends nothing for this long is taken as stuck. Every event counts, the
+/// worker's `prefill` progress between prompt chunks included, so a long prompt is not mistaken
+/// for a hang while a stopped worker still is.
 pub(crate) const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Relay {

@@ -246,7 +246,7 @@ async fn start_generation(
     let body = serde_json::to_vec(&generate)
         .map_err(|e| Error::internal(format!("cannot encode the request: {e}")))?;
     let signature = crate::auth::sign(&hive.registry.worker_key, "POST", "/v1/generate", &body);
-    let response = hive
+    let sent = hive
         .http
         .post(format!("{}/v1/generate", proc.base_url()))
         .header(BUDGET_HEADER, budget.header_value())
@@ -254,8 +254,21 @@ async fn start_generation(
         .header(crate::auth::SIGNATURE_HEADER, signature)
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .body(body)
-        .send()
+        .send();
+    // A worker answers at once with its `started` event; one that does not is stuck (stopped,
+    // or wedged in llama.cpp) and is treated as one that stops sending mid-stream.
+    let response = tokio::time::timeout(crate::hive::relay::STALL_TIMEOUT, sent)
         .await
+        .map_err(|_| {
+            Metrics::add(&hive.metrics.stuck_kills, 1);
+            proc.kill();
+            Error::worker(format!(
+                "the worker for `{}` did not answer for {}s and was killed as stuck; the hive \
+                 restarts it per its restart policy",
+                request.model.name,
+                crate::hive::relay::STALL_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| {
             Error::worker(format!(
                 "cannot reach the worker for `{}`: {e}",
