@@ -16,8 +16,8 @@ use crate::deadline::Budget;
 use crate::error::{DeadlineError, Error, Result};
 use crate::protocol::sse::events;
 use crate::protocol::{
-    DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, SamplingParams, StopReason, Timings,
-    TokenEvent,
+    DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, SamplingParams, StopReason,
+    Timings, TokenEvent,
 };
 use crate::queen::lifecycle;
 
@@ -181,10 +181,22 @@ async fn generate(
     let mut stream = std::pin::pin!(events(response));
     let stdout = std::io::stdout();
     while let Some(event) = stream.next().await {
-        if let Some(spinner) = waiting.take() {
+        let event = event?;
+        if event.event == "prefill" {
+            // Progress for a person at a terminal, never on stdout.
+            if let (Some(spinner), Ok(p)) = (&waiting, parse::<PrefillEvent>(&event.data)) {
+                spinner.set_message(format!(
+                    "waiting for `{}` on `{}`: prefill {}/{} tokens",
+                    model.name, node.name, p.done, p.total
+                ));
+            }
+            continue;
+        }
+        if event.event != "started"
+            && let Some(spinner) = waiting.take()
+        {
             spinner.finish_and_clear();
         }
-        let event = event?;
         match event.event.as_str() {
             "token" => {
                 let token: TokenEvent = parse(&event.data)?;

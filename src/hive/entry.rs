@@ -113,8 +113,12 @@ impl Entry {
         self.spawn_lock.lock().await
     }
 
-    /// Waits for this model's turn, until the budget runs out.
-    pub(crate) async fn lease(self: &Arc<Self>, budget: &Budget) -> Result<Lease> {
+    /// Waits for this model's turn, until the budget runs out or the hive begins to stop.
+    pub(crate) async fn lease(
+        self: &Arc<Self>,
+        budget: &Budget,
+        registry: &Registry,
+    ) -> Result<Lease> {
         self.lock().queued += 1;
         let queue = self
             .queue
@@ -122,10 +126,18 @@ impl Entry {
             .unwrap_or_else(|p| p.into_inner())
             .1
             .clone();
-        let acquired =
-            tokio::time::timeout_at(budget.deadline().into(), queue.acquire_owned()).await;
+        let acquired = tokio::select! {
+            biased;
+            () = registry.stopping.cancelled() => None,
+            acquired = tokio::time::timeout_at(budget.deadline().into(), queue.acquire_owned()) => {
+                Some(acquired)
+            }
+        };
         let mut st = self.lock();
         st.queued = st.queued.saturating_sub(1);
+        let Some(acquired) = acquired else {
+            return Err(registry.stopping_error());
+        };
         match acquired {
             Ok(Ok(permit)) => {
                 st.in_flight += 1;
@@ -151,6 +163,10 @@ impl Entry {
     ) -> Result<(Arc<WorkerProc>, Option<f64>)> {
         loop {
             let _spawning = self.spawn_lock.lock().await;
+            // A stopping hive starts no worker, for a request or otherwise.
+            if registry.stopping.is_cancelled() {
+                return Err(registry.stopping_error());
+            }
             let spec = {
                 let mut st = self.lock();
                 let alive = st.proc.clone().filter(|p| p.exit_status().is_none());

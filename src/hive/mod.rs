@@ -37,6 +37,8 @@ pub(crate) const PID_FILE: &str = "hive.pid";
 /// How long a stopping hive lets requests in flight finish.
 pub(crate) const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const LOG_FILE: &str = "hive.log";
+/// How long the relays cut at the end of the drain may take to send their last event.
+const RELAY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     detach();
@@ -78,7 +80,9 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         format!("hive:{}", args.node),
     );
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
     let registry = Arc::new(Registry::new(
+        args.node.clone(),
         exe,
         args.dir.clone(),
         log.to_path_buf(),
@@ -86,6 +90,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         args.restart_policy(),
         exits_tx,
         audit.clone(),
+        shutdown.clone(),
     ));
     // The workers' key also sits beside the node key (0600), so the node's owner can talk to a
     // worker directly when debugging, as the hive does.
@@ -101,7 +106,8 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
             .no_proxy()
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?,
-        shutdown: CancellationToken::new(),
+        shutdown,
+        drained: CancellationToken::new(),
         requests: Arc::default(),
         keys: keys.clone(),
         audit: audit.clone(),
@@ -154,11 +160,18 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     let server =
         axum::serve(crate::server::no_delay(listener), app).with_graceful_shutdown(async move {
             stopping.shutdown.cancelled().await;
-            // New connections are refused from here on; requests in flight get a grace
-            // period to finish before their workers are stopped.
+            // From here on requests are refused and queued ones answered (see
+            // `Registry::stopping`); those in flight get the drain time to finish. Then the
+            // ones left are ended with an error event, which drops their workers' streams, and
+            // the workers are stopped. New connections are refused once this returns.
             let until = Instant::now() + DRAIN_GRACE;
             while stopping.registry.in_flight() > 0 && Instant::now() < until {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            stopping.drained.cancel();
+            let until = Instant::now() + RELAY_GRACE;
+            while stopping.registry.in_flight() > 0 && Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             stopping.registry.stop_all().await;
         });
@@ -167,7 +180,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     let token = hive.shutdown.clone();
     tokio::select! {
         result = server => result.map_err(|e| Error::internal(format!("hive server failed: {e}")))?,
-        _ = async move { token.cancelled().await; tokio::time::sleep(DRAIN_GRACE + STOP_GRACE * 2).await } => {
+        _ = async move { token.cancelled().await; tokio::time::sleep(DRAIN_GRACE + RELAY_GRACE + STOP_GRACE + std::time::Duration::from_secs(1)).await } => {
             tracing::warn!("connections still open after the grace period; exiting anyway");
         }
     }

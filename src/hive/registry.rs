@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Model, RestartPolicy};
 use crate::error::{Error, Result};
@@ -17,6 +18,8 @@ use crate::hive::worker_proc::{Exited, STOP_GRACE, SpawnOptions, WorkerProc, mod
 use crate::protocol::WorkerInfo;
 
 pub(crate) struct Registry {
+    /// The node this hive serves, for messages.
+    pub(crate) node: String,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     verifier: Verifier,
     exe: PathBuf,
@@ -28,10 +31,14 @@ pub(crate) struct Registry {
     /// Signs the hive's requests to its workers; made anew at each hive start.
     pub(crate) worker_key: crate::auth::Key,
     pub(crate) audit: crate::audit::Audit,
+    /// Cancelled when the hive begins to stop: from then on it takes no new work.
+    pub(crate) stopping: CancellationToken,
 }
 
 impl Registry {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        node: String,
         exe: PathBuf,
         dir: PathBuf,
         log: PathBuf,
@@ -39,8 +46,10 @@ impl Registry {
         policy: RestartPolicy,
         exits: mpsc::UnboundedSender<Exited>,
         audit: crate::audit::Audit,
+        stopping: CancellationToken,
     ) -> Registry {
         Registry {
+            node,
             entries: Mutex::new(HashMap::new()),
             verifier: Verifier::default(),
             exe,
@@ -51,7 +60,17 @@ impl Registry {
             exits,
             worker_key: crate::auth::Key::random(),
             audit,
+            stopping,
         }
+    }
+
+    /// What a request hears once the hive has begun to stop.
+    pub(crate) fn stopping_error(&self) -> Error {
+        Error::hive(format!(
+            "the hive on `{}` is stopping and takes no new requests; start it again with \
+             `rbee hive start {}`",
+            self.node, self.node
+        ))
     }
 
     pub(crate) fn entries(&self) -> Vec<Arc<Entry>> {
@@ -139,9 +158,12 @@ impl Registry {
     /// Verifies the model and starts a worker for it within `wait`.
     pub(crate) async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
         let path = model_path(spec);
-        let verified = tokio::time::timeout(wait, self.verifier.verify(&path, &spec.sha256))
-            .await
-            .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
+        let verified = tokio::time::timeout(
+            wait,
+            self.verifier.verify(&path, &spec.sha256, &self.stopping),
+        )
+        .await
+        .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
         let (event, reason) = match &verified {
             Ok(()) => ("model_verified", None),
             Err(e) => ("model_refused", Some(e.to_string())),

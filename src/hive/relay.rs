@@ -29,12 +29,17 @@ pub(crate) struct Relay {
     pub(crate) proc: Arc<WorkerProc>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) model: String,
+    pub(crate) node: String,
+    /// Cancelled when a stopping hive's drain time is over.
+    pub(crate) drained: tokio_util::sync::CancellationToken,
     pub(crate) queue_ms: f64,
     pub(crate) load_ms: Option<f64>,
     pub(crate) received: Instant,
 }
 
-/// A busy worker that sends nothing for this long is taken as stuck.
+/// A busy worker that sends nothing for this long is taken as stuck. Every event counts, the
+/// worker's `prefill` progress between prompt chunks included, so a long prompt is not mistaken
+/// for a hang while a stopped worker still is.
 pub(crate) const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Relay {
@@ -43,12 +48,18 @@ impl Relay {
         let mut outcome = "error";
         let mut first_token = true;
         let mut stalled = false;
+        let mut cut = false;
         loop {
             let next = tokio::select! {
                 biased;
                 _ = tx.closed() => {
                     tracing::info!(model = %self.model, "client went away; cancelling generation");
                     outcome = "cancelled";
+                    break;
+                }
+                () = self.drained.cancelled() => {
+                    tracing::info!(model = %self.model, "the drain time is over; ending the generation");
+                    cut = true;
                     break;
                 }
                 next = tokio::time::timeout(STALL_TIMEOUT, upstream.next()) => next,
@@ -90,7 +101,9 @@ impl Relay {
         if outcome != "ok" && outcome != "deadline" {
             self.audit_end(outcome, None).await;
         }
-        if outcome == "error" && !tx.is_closed() {
+        if cut {
+            let _ = tx.send(self.cut_by_stop()).await;
+        } else if outcome == "error" && !tx.is_closed() {
             let _ = tx.send(self.crashed(stalled).await).await;
         }
         self.metrics
@@ -155,6 +168,18 @@ impl Relay {
         }
         // Tokens pass through untouched: no re-encoding on the hot path.
         Event::default().event(event.event).data(event.data)
+    }
+
+    /// The hive is stopping and its drain time ran out before this generation ended; dropping
+    /// the worker's stream (when the relay returns) stops the decoding.
+    fn cut_by_stop(&self) -> Event {
+        let err = Error::hive(format!(
+            "the hive on `{}` is stopping: the generation had not finished when its drain time \
+             ({}s) ran out, so it was ended there",
+            self.node,
+            crate::hive::DRAIN_GRACE.as_secs()
+        ));
+        sse_event("error", &ErrorBody::from(&err))
     }
 
     async fn crashed(&self, stalled: bool) -> Event {

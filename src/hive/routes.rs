@@ -36,6 +36,8 @@ pub(crate) struct Hive {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) http: reqwest::Client,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when a stopping hive's drain time is over: generations still under way end.
+    pub(crate) drained: CancellationToken,
     pub(crate) requests: Arc<Requests>,
     pub(crate) keys: Arc<crate::hive::keys::NodeKeys>,
     pub(crate) audit: crate::audit::Audit,
@@ -63,7 +65,12 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
 
 async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
     Json(HiveHealth {
-        status: "ok".to_string(),
+        status: if hive.shutdown.is_cancelled() {
+            "stopping"
+        } else {
+            "ok"
+        }
+        .to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: crate::protocol::PROTOCOL_VERSION,
         node: hive.node.clone(),
@@ -91,6 +98,9 @@ async fn restart_worker(
     State(hive): State<Arc<Hive>>,
     Path(model): Path<String>,
 ) -> Result<Json<WorkerInfo>, ApiError> {
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
     let entry = hive.registry.find(&model).ok_or_else(|| {
         Error::config(format!("no worker for `{model}` has run on this hive yet"))
     })?;
@@ -182,6 +192,9 @@ async fn start_generation(
     request: InferRequest,
     received: Instant,
 ) -> Result<Response, ApiError> {
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
     if !config::valid_name(&request.model.name) {
         return Err(Error::invalid(format!("invalid model name `{}`", request.model.name)).into());
     }
@@ -221,7 +234,7 @@ async fn start_generation(
         .track(&generate.request_id, &request.model.name, budget);
     let entry = hive.registry.entry(&request.model);
     let queued_at = Instant::now();
-    let lease = entry.lease(&budget).await?;
+    let lease = entry.lease(&budget, &hive.registry).await?;
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
     tracked.stage(RequestStage::Loading);
     let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
@@ -244,7 +257,7 @@ async fn start_generation(
         covered,
         &body,
     );
-    let response = hive
+    let sent = hive
         .http
         .post(format!("{}/v1/generate", proc.base_url()))
         .header(BUDGET_HEADER, &budget_ms)
@@ -252,8 +265,21 @@ async fn start_generation(
         .header(crate::auth::SIGNATURE_HEADER, signature)
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .body(body)
-        .send()
+        .send();
+    // A worker answers at once with its `started` event; one that does not is stuck (stopped,
+    // or wedged in llama.cpp) and is treated as one that stops sending mid-stream.
+    let response = tokio::time::timeout(crate::hive::relay::STALL_TIMEOUT, sent)
         .await
+        .map_err(|_| {
+            Metrics::add(&hive.metrics.stuck_kills, 1);
+            proc.kill();
+            Error::worker(format!(
+                "the worker for `{}` did not answer for {}s and was killed as stuck; the hive \
+                 restarts it per its restart policy",
+                request.model.name,
+                crate::hive::relay::STALL_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| {
             Error::worker(format!(
                 "cannot reach the worker for `{}`: {e}",
@@ -273,6 +299,8 @@ async fn start_generation(
         proc,
         metrics: hive.metrics.clone(),
         model: request.model.name,
+        node: hive.node.clone(),
+        drained: hive.drained.clone(),
         queue_ms,
         load_ms,
         received,

@@ -128,6 +128,9 @@ async fn restart_after(
     loop {
         tokio::time::sleep(delay).await;
         let _spawning = entry.spawn_lock().await;
+        if registry.stopping.is_cancelled() {
+            return;
+        }
         let spec = {
             let mut st = entry.lock();
             // An operator (stop, restart) took over in the meantime.

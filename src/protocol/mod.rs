@@ -116,6 +116,15 @@ pub(crate) struct TokenEvent {
     pub(crate) text: String,
 }
 
+/// How far a prompt's prefill has got: `done` of its `total` tokens. The worker sends it between
+/// chunks; the hive counts it as a sign of life and passes it on; the CLI shows it on its
+/// spinner only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PrefillEvent {
+    pub(crate) done: u32,
+    pub(crate) total: u32,
+}
+
 /// The last event of a generation that ran (whatever made it stop).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct DoneEvent {

@@ -46,9 +46,11 @@ pub(crate) async fn install_binary(
 
     let exe = std::env::current_exe().doing("find this rbee binary")?;
     let exe_for_hash = exe.clone();
-    let local_sha = tokio::task::spawn_blocking(move || sha256_file(&exe_for_hash))
-        .await
-        .map_err(|e| Error::internal(format!("hashing task failed: {e}")))??;
+    let local_sha = tokio::task::spawn_blocking(move || {
+        sha256_file(&exe_for_hash, &tokio_util::sync::CancellationToken::new())
+    })
+    .await
+    .map_err(|e| Error::internal(format!("hashing task failed: {e}")))??;
     if remote_sha == local_sha {
         return Ok(Installed {
             uploaded: false,

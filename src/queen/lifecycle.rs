@@ -23,7 +23,11 @@ use crate::queen::node::NodeConn;
 use crate::ssh::remote;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
-const STOP_WAIT: Duration = Duration::from_secs(15);
+/// How long a stopping hive may take before it is killed: its drain time, then its workers'
+/// grace period, and a margin.
+const STOP_WAIT: Duration = Duration::from_secs(
+    crate::hive::DRAIN_GRACE.as_secs() + crate::hive::worker_proc::STOP_GRACE.as_secs() + 5,
+);
 
 pub(crate) enum Probe {
     Ready(HiveHealth),
@@ -275,8 +279,18 @@ async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
     Ok(Stopped::Stopped { pid })
 }
 
+/// Whether the process runs. A zombie has exited: the hive is nobody's child here (it was
+/// started detached), and the init process may take its time to collect it.
 pub(crate) fn is_alive(pid: i32) -> bool {
-    !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
+    if matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH)) {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    state != Some("Z")
 }
 
 async fn wait_gone(pid: i32, limit: Duration) -> bool {

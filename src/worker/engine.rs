@@ -1,11 +1,12 @@
 //! llama.cpp with continuous batching: one context holds one KV sequence per slot; every decode
 //! step feeds the next token of every active generation in one batch, so concurrent requests
 //! share each pass over the weights. A request joins between steps (its prompt is prefilled on
-//! its own, then it rides along) and leaves between steps; each keeps its own sampler and seed.
+//! its own, in chunks, with a decode step for the others after each chunk; then it rides along)
+//! and leaves between steps; each keeps its own sampler and seed.
 //! The batcher is a future on the worker's single-threaded runtime: a pass blocks the thread,
 //! and the HTTP side runs between passes (see `Batcher::serve`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -26,7 +27,14 @@ use crate::worker::utf8::Utf8Buffer;
 /// then `Done` (or `Failed` if decoding broke).
 #[derive(Debug)]
 pub(crate) enum EngineEvent {
-    Started { tokens_in: u32 },
+    Started {
+        tokens_in: u32,
+    },
+    /// `done` of the prompt's `total` tokens are prefilled; sent between chunks.
+    Prefill {
+        done: u32,
+        total: u32,
+    },
     Token(String),
     Done(DoneEvent),
     Failed(Error),
@@ -97,6 +105,17 @@ struct Slot {
     first_token_at: Option<Instant>,
 }
 
+/// A prompt on its way into its KV sequence, one chunk per turn.
+struct Prefill {
+    seq: i32,
+    job: Job,
+    tokens: Vec<LlamaToken>,
+    /// How many of `tokens` the sequence holds so far.
+    held: usize,
+    tokens_in: u32,
+    started: Instant,
+}
+
 pub(crate) struct Batcher<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
@@ -109,6 +128,8 @@ pub(crate) struct Batcher<'m> {
     /// By sequence id: the tokens a free sequence still holds from its last request, so that a
     /// prompt starting the same way (a shared system prompt, a repeated request) skips them.
     cached: Vec<Vec<LlamaToken>>,
+    /// Prompts being prefilled, taking turns chunk by chunk.
+    prefills: VecDeque<Prefill>,
     /// Ordered by sequence id.
     active: Vec<Slot>,
     activity: SharedActivity,
@@ -133,6 +154,7 @@ impl<'m> Batcher<'m> {
             jobs,
             free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
             cached: vec![Vec::new(); slots as usize],
+            prefills: VecDeque::new(),
             active: Vec::new(),
             activity: activity.clone(),
         };
@@ -146,7 +168,9 @@ impl<'m> Batcher<'m> {
 
 impl Batcher<'_> {
     /// Runs until every `Engine` handle is gone and the generations under way have ended:
-    /// admits jobs while there are free sequences, then steps.
+    /// admits jobs while there are free sequences, runs one chunk of a prompt being prefilled,
+    /// then one decode step, so that a long prompt neither holds back the generations already
+    /// decoding nor the short prompts that come after it.
     ///
     /// It runs on the thread that serves HTTP, and yields to it between passes over the model:
     /// the tokens of a step go out, and new requests come in, without waking another thread,
@@ -155,20 +179,38 @@ impl Batcher<'_> {
     pub(crate) async fn serve(mut self) {
         loop {
             // Idle: sleep until a job comes. Busy: take what is waiting, without blocking.
-            if self.active.is_empty() {
+            let idle = self.active.is_empty() && self.prefills.is_empty();
+            let mut admitted = false;
+            if idle {
                 match self.jobs.recv().await {
-                    Some(job) => self.admit(job).await,
+                    Some(job) => self.admit(job),
                     None => return,
                 }
+                admitted = true;
             }
             while !self.free.is_empty() {
                 match self.jobs.try_recv() {
-                    Ok(job) => self.admit(job).await,
+                    Ok(job) => {
+                        self.admit(job);
+                        admitted = true;
+                    }
                     Err(TryRecvError::Empty) => break,
                     // Finish what is under way; the loop ends when nothing is left.
-                    Err(TryRecvError::Disconnected) if self.active.is_empty() => return,
+                    Err(TryRecvError::Disconnected)
+                        if self.active.is_empty() && self.prefills.is_empty() =>
+                    {
+                        return;
+                    }
                     Err(TryRecvError::Disconnected) => break,
                 }
+            }
+            if admitted {
+                // The `started` events go out (and the hive has its response) before the pass.
+                tokio::task::yield_now().await;
+            }
+            if let Some(prefill) = self.prefills.pop_front() {
+                self.prefill_chunk(prefill);
+                between_chunks().await;
             }
             if !self.active.is_empty() {
                 self.step();
@@ -177,9 +219,10 @@ impl Batcher<'_> {
         }
     }
 
-    /// Prefills a job's prompt in a free sequence and takes its first token.
-    async fn admit(&mut self, job: Job) {
-        let mut tokens = match self.tokenize(&job.request) {
+    /// Takes a job into a free sequence: what the sequence still holds of the prompt is kept,
+    /// and the rest waits for its chunks in `prefills`.
+    fn admit(&mut self, job: Job) {
+        let tokens = match self.tokenize(&job.request) {
             Ok(tokens) => tokens,
             Err(err) => {
                 let _ = job.events.send(EngineEvent::Failed(err));
@@ -199,42 +242,26 @@ impl Batcher<'_> {
             self.free.insert(seq);
             return;
         }
-        let started = Instant::now();
-        match self.prefill(seq, &tokens, &job).await {
-            Ok(held) => {
-                // Cut short (client gone, deadline passed): the generation ends at its first
-                // check, and the sequence is known to hold only what was decoded.
-                tokens.truncate(held);
-                update(&self.activity, |a| {
-                    a.active.push(Generation {
-                        request_id: job.request.request_id.clone(),
-                        tokens_out: 0,
-                        stop_reason: None,
-                    });
-                });
-                let slot = Slot {
-                    seq,
-                    sampler: sampler(&job.request),
-                    job,
-                    utf8: Utf8Buffer::default(),
-                    piece: Vec::new(),
-                    tokens,
-                    next: LlamaToken(0),
-                    tokens_in,
-                    tokens_out: 0,
-                    prefill_ms: ms(started),
-                    decode_started: Instant::now(),
-                    first_token_at: None,
-                };
-                self.after_logits(slot, self.batch.n_tokens() - 1);
-                between_passes().await;
-            }
-            Err(err) => {
-                self.forget(seq);
-                self.free.insert(seq);
-                let _ = job.events.send(EngineEvent::Failed(err));
-            }
+        // At least the last token is decoded again, for its logits.
+        let mut keep = common_prefix(&self.cached[seq as usize], &tokens).min(tokens.len() - 1);
+        let from = u32::try_from(keep).ok();
+        if !matches!(
+            self.ctx
+                .clear_kv_cache_seq(u32::try_from(seq).ok(), from, None),
+            Ok(true)
+        ) {
+            self.forget(seq);
+            keep = 0;
         }
+        self.cached[seq as usize].clear();
+        self.prefills.push_back(Prefill {
+            seq,
+            job,
+            tokens,
+            held: keep,
+            tokens_in,
+            started: Instant::now(),
+        });
     }
 
     /// The free sequence for a prompt: the lowest id, unless another holds a much longer start
@@ -255,51 +282,83 @@ impl Batcher<'_> {
         })
     }
 
-    /// Runs the prompt through the model alone, after the part of it the sequence still holds
-    /// from its last request, in chunks with a yield between them so that a long prompt does
-    /// not keep `/health` and new requests waiting for all of it. Stops between chunks once the
-    /// job's client has gone or its deadline has passed. Returns how many of the prompt's
-    /// tokens the sequence now holds.
-    async fn prefill(
-        &mut self,
-        seq: i32,
-        tokens: &[LlamaToken],
-        job: &Job,
-    ) -> Result<usize, Error> {
-        // At least the last token is decoded again, for its logits.
-        let mut keep = common_prefix(&self.cached[seq as usize], tokens).min(tokens.len() - 1);
-        let from = u32::try_from(keep).ok();
-        if !matches!(
-            self.ctx
-                .clear_kv_cache_seq(u32::try_from(seq).ok(), from, None),
-            Ok(true)
-        ) {
-            self.forget(seq);
-            keep = 0;
+    /// Runs the next chunk of a prompt through the model, alone. After the last chunk the
+    /// generation takes its first token and joins the decode steps; before it, the prompt goes
+    /// back in line behind the other prefills and the client hears how far it got (which also
+    /// tells the hive that the worker is not stuck). A prompt whose client has gone or whose
+    /// deadline has passed ends before its next chunk.
+    fn prefill_chunk(&mut self, mut p: Prefill) {
+        let stop = if p.job.events.is_closed() {
+            Some(StopReason::Cancelled)
+        } else if p.job.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(StopReason::Deadline)
+        } else {
+            None
+        };
+        if let Some(reason) = stop {
+            // The sequence holds only what was decoded.
+            p.tokens.truncate(p.held);
+            let slot = self.slot(p);
+            self.finish(slot, reason);
+            return;
         }
-        self.cached[seq as usize].clear();
         let n_batch = (self.ctx.n_batch() as usize).clamp(1, PREFILL_CHUNK);
-        let rest = &tokens[keep..];
-        let chunks: Vec<&[LlamaToken]> = rest.chunks(n_batch).collect();
-        let mut pos = i32::try_from(keep).unwrap_or(i32::MAX);
-        for (ci, chunk) in chunks.iter().enumerate() {
-            self.batch.clear();
-            for (i, token) in chunk.iter().enumerate() {
-                let last = ci + 1 == chunks.len() && i + 1 == chunk.len();
-                self.batch
-                    .add(*token, pos, &[seq], last)
-                    .map_err(|e| Error::internal(format!("batch: {e}")))?;
-                pos += 1;
-            }
-            self.ctx.decode(&mut self.batch).map_err(decode_error)?;
-            if ci + 1 < chunks.len() {
-                tokio::task::yield_now().await;
-                if job.events.is_closed() || job.deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(usize::try_from(pos).unwrap_or(0));
-                }
-            }
+        let end = (p.held + n_batch).min(p.tokens.len());
+        let last = end == p.tokens.len();
+        self.batch.clear();
+        let mut added = Ok(());
+        for (i, token) in p.tokens[p.held..end].iter().enumerate() {
+            let pos = i32::try_from(p.held + i).unwrap_or(i32::MAX);
+            let logits = last && p.held + i + 1 == end;
+            added = added.and_then(|()| self.batch.add(*token, pos, &[p.seq], logits));
         }
-        Ok(tokens.len())
+        let result = match added {
+            Err(e) => Err(Error::internal(format!("batch: {e}"))),
+            Ok(()) => self.ctx.decode(&mut self.batch).map_err(decode_error),
+        };
+        if let Err(err) = result {
+            self.forget(p.seq);
+            self.free.insert(p.seq);
+            let _ = p.job.events.send(EngineEvent::Failed(err));
+            return;
+        }
+        p.held = end;
+        if !last {
+            let done = u32::try_from(end).unwrap_or(u32::MAX);
+            let _ = p.job.events.send(EngineEvent::Prefill {
+                done,
+                total: p.tokens_in,
+            });
+            self.prefills.push_back(p);
+            return;
+        }
+        update(&self.activity, |a| {
+            a.active.push(Generation {
+                request_id: p.job.request.request_id.clone(),
+                tokens_out: 0,
+                stop_reason: None,
+            });
+        });
+        let slot = self.slot(p);
+        self.after_logits(slot, self.batch.n_tokens() - 1);
+    }
+
+    /// The generation of a prompt whose prefill has ended.
+    fn slot(&self, p: Prefill) -> Slot {
+        Slot {
+            seq: p.seq,
+            sampler: sampler(&p.job.request),
+            job: p.job,
+            utf8: Utf8Buffer::default(),
+            piece: Vec::new(),
+            tokens: p.tokens,
+            next: LlamaToken(0),
+            tokens_in: p.tokens_in,
+            tokens_out: 0,
+            prefill_ms: ms(p.started),
+            decode_started: Instant::now(),
+            first_token_at: None,
+        }
     }
 
     fn tokenize(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, Error> {
@@ -461,6 +520,19 @@ async fn between_passes() {
     tokio::task::yield_now().await;
     make_way();
 }
+
+/// After a prefill chunk, a pass far longer than a decode step: the HTTP side gets several turns,
+/// since taking a request in (accept, read, verify, hand over) and answering it need one turn
+/// each, and with one turn per chunk a request arriving during a long prompt would wait many
+/// chunks for its `started` event. A turn with nothing to do costs one poll of the sockets.
+async fn between_chunks() {
+    for _ in 0..HTTP_TURNS_PER_CHUNK {
+        tokio::task::yield_now().await;
+    }
+    make_way();
+}
+
+const HTTP_TURNS_PER_CHUNK: usize = 8;
 
 /// Lets the processes the last tokens woke (the hive, and on a local node the CLI) run now, on
 /// this core, between passes. Left to the scheduler, they preempt a llama.cpp thread in the

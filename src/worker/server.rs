@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::deadline::Budget;
 use crate::error::Error;
 use crate::protocol::sse::sse_event;
-use crate::protocol::{ErrorBody, GenerateRequest, TokenEvent, WorkerHealth};
+use crate::protocol::{ErrorBody, GenerateRequest, PrefillEvent, TokenEvent, WorkerHealth};
 use crate::server::ApiError;
 use crate::worker::engine::{Engine, EngineEvent, Job};
 
@@ -96,6 +96,7 @@ async fn generate(
 fn to_sse(event: EngineEvent) -> Event {
     match event {
         EngineEvent::Token(text) => sse_event("token", &TokenEvent { text }),
+        EngineEvent::Prefill { done, total } => sse_event("prefill", &PrefillEvent { done, total }),
         EngineEvent::Done(done) => sse_event("done", &done),
         EngineEvent::Failed(err) => sse_event("error", &ErrorBody::from(&err)),
         EngineEvent::Started { tokens_in } => {

@@ -1,0 +1,315 @@
+//! Real workloads and faults: a prompt that fills most of the context on one thread, a stop in
+//! the middle of busy traffic, model paths that are not model files.
+
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::support::{ENDLESS, Env, alive, eventually};
+
+/// The hive's stall timeout and drain time (src/hive), which these tests hold it to.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN: Duration = Duration::from_secs(10);
+
+fn signal(pid: i64, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
+}
+
+fn hive_pid(env: &Env) -> i32 {
+    let run = env.run(&["--json", "hive", "status", "n1"]);
+    run.expect(0);
+    let status: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("JSON");
+    status["pid"].as_i64().expect("hive pid") as i32
+}
+
+/// The hive's in-flight requests (`GET /v1/requests`).
+fn requests(env: &Env) -> Vec<serde_json::Value> {
+    let (status, body) = env.signed("GET", "/v1/requests", &[], b"");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// A prompt of about `words` words of varied English, so that it tokenizes to about as many
+/// tokens and no two parts of it are the same.
+fn long_prompt(words: usize) -> String {
+    const WORDS: [&str; 24] = [
+        "river", "stone", "garden", "window", "market", "winter", "silver", "forest", "letter",
+        "engine", "harbor", "candle", "mountain", "village", "copper", "meadow", "thunder",
+        "bridge", "lantern", "orchard", "island", "castle", "valley", "shadow",
+    ];
+    let mut text = String::from("Summarize the following list of words in one sentence:");
+    for i in 0..words {
+        text.push(' ');
+        text.push_str(WORDS[(i * 7 + i / 24) % WORDS.len()]);
+    }
+    text
+}
+
+/// Words that make a prompt of ~90% of the default 4,096-token context, chat template included.
+const LONG_WORDS: usize = 3_640;
+
+/// A `--json infer` child whose stdout is read on a thread: its lines, when the first arrived,
+/// and when it ended.
+struct Watched {
+    child: Arc<Mutex<Child>>,
+    seen: Arc<Mutex<Seen>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+#[derive(Default, Clone)]
+struct Seen {
+    lines: Vec<serde_json::Value>,
+    first_at: Option<Instant>,
+    ended_at: Option<Instant>,
+}
+
+impl Watched {
+    fn spawn(env: &Env, args: &[&str]) -> Watched {
+        let mut all = vec!["--json", "infer"];
+        all.extend_from_slice(args);
+        let mut child = env.spawn(&all);
+        let stdout = child.stdout.take().expect("stdout");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let into = seen.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let line = line.expect("read");
+                let value = serde_json::from_str(&line).expect("JSON line");
+                let mut seen = into.lock().unwrap();
+                seen.first_at.get_or_insert_with(Instant::now);
+                seen.lines.push(value);
+            }
+            into.lock().unwrap().ended_at = Some(Instant::now());
+        });
+        Watched {
+            child: Arc::new(Mutex::new(child)),
+            seen,
+            reader,
+        }
+    }
+
+    fn seen(&self) -> Seen {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn has_token(&self) -> bool {
+        self.seen().lines.iter().any(|l| l["event"] == "token")
+    }
+
+    /// Waits for the child; its exit code, stderr, and what its stdout carried.
+    fn finish(self) -> (i32, String, Seen) {
+        self.reader.join().expect("reader");
+        let mut child = self.child.lock().unwrap();
+        let status = child.wait().expect("wait");
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("stderr");
+        let seen = self.seen.lock().unwrap().clone();
+        (status.code().unwrap_or(-1), stderr, seen)
+    }
+}
+
+/// Waits until the hive has handed the request to its worker (so the worker is prefilling it).
+fn wait_generating(env: &Env) {
+    let generating = eventually(Duration::from_secs(30), || {
+        requests(env).iter().any(|r| r["stage"] == "generating")
+    });
+    assert!(generating, "the request never reached the worker");
+}
+
+#[test]
+fn a_prompt_filling_most_of_the_context_completes_on_one_thread_beside_a_short_request() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let prompt = long_prompt(LONG_WORDS);
+    let long_args = [
+        "--prompt",
+        &prompt,
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--timeout",
+        "300s",
+    ];
+    let long = Watched::spawn(&env, &long_args);
+    wait_generating(&env);
+    // Well into the prefill, which takes many seconds on one thread.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!long.has_token(), "the long prompt was prefilled already");
+    let short = Watched::spawn(
+        &env,
+        &[
+            "--prompt",
+            "Say hi",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--timeout",
+            "300s",
+        ],
+    );
+    let (short_code, short_err, short_seen) = short.finish();
+    let (long_code, long_err, long_seen) = long.finish();
+    assert_eq!(
+        long_code,
+        0,
+        "the long request failed: {long_err}\nhive.log:\n{}",
+        std::fs::read_to_string(env.node_dir().join("hive.log")).unwrap_or_default()
+    );
+    assert_eq!(short_code, 0, "the short request failed: {short_err}");
+    let done = long_seen.lines.last().expect("done").clone();
+    assert_eq!(done["event"], "done", "{done}");
+    let tokens_in = done["tokens_in"].as_u64().expect("tokens_in");
+    assert!(
+        (3_600..4_000).contains(&tokens_in),
+        "the long prompt is {tokens_in} tokens, not ~90% of 4096"
+    );
+    assert_eq!(
+        done["worker_pid"],
+        short_seen.lines.last().expect("done")["worker_pid"],
+        "the two requests were not served by the same worker"
+    );
+    let (short_first, long_first) = (
+        short_seen.first_at.expect("short token"),
+        long_seen.first_at.expect("long token"),
+    );
+    assert!(
+        short_first < long_first,
+        "the short request's first token came {:?} after the long prompt's prefill ended \
+         (prefill {}ms)",
+        short_first - long_first,
+        done["timings_ms"]["prefill"]
+    );
+    assert!(
+        long_seen
+            .lines
+            .iter()
+            .all(|l| l["event"] == "token" || l["event"] == "done"),
+        "--json carried other events: {:?}",
+        long_seen.lines
+    );
+    assert_eq!(env.workers()[0]["restart_count"], 0);
+}
+
+#[test]
+fn a_worker_stopped_in_the_middle_of_a_long_prefill_is_still_replaced_as_stuck() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let pid = env.workers()[0]["pid"].as_i64().expect("pid");
+    let prompt = long_prompt(LONG_WORDS);
+    let long = Watched::spawn(
+        &env,
+        &[
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "8",
+            "--timeout",
+            "300s",
+        ],
+    );
+    wait_generating(&env);
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let stopped = Instant::now();
+    let (code, stderr, seen) = long.finish();
+    let waited = stopped.elapsed();
+    assert_eq!(code, 7, "{stderr}");
+    let error = seen.lines.last().expect("error line");
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("stuck"),
+        "{error}"
+    );
+    assert!(
+        waited < STALL_TIMEOUT + Duration::from_secs(5),
+        "the stopped worker was caught only after {waited:?}"
+    );
+    let back = eventually(Duration::from_secs(40), || {
+        let w = &env.workers()[0];
+        w["state"] == "ready" && w["pid"].as_i64().is_some_and(|p| p != pid)
+    });
+    assert!(back, "the worker was not replaced: {:?}", env.workers());
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+}
+
+#[test]
+fn a_hive_stopped_under_load_drains_refuses_the_queue_and_exits_by_itself() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let hive = hive_pid(&env);
+    let clients: Vec<Watched> = (0..8)
+        .map(|_| Watched::spawn(&env, &[&ENDLESS[..], &["--timeout", "120s"]].concat()))
+        .collect();
+    let busy = eventually(Duration::from_secs(60), || {
+        let queued = requests(&env)
+            .iter()
+            .filter(|r| r["stage"] == "queued")
+            .count();
+        clients.iter().filter(|c| c.has_token()).count() == 4 && queued == 4
+    });
+    assert!(busy, "never saw 4 requests streaming and 4 queued");
+    let streaming: Vec<bool> = clients.iter().map(Watched::has_token).collect();
+
+    let stop_began = Instant::now();
+    let stop = env.spawn(&["hive", "stop", "n1"]);
+    let gone = eventually(DRAIN * 3, || !alive(hive));
+    let stop_took = stop_began.elapsed();
+    let stop = crate::support::Run::from(stop.wait_with_output().expect("hive stop"));
+    stop.expect(0);
+    assert!(gone, "the hive survived `hive stop`");
+    assert!(
+        stop_took < DRAIN + Duration::from_secs(1),
+        "the hive took {stop_took:?} to exit; its log:\n{}",
+        std::fs::read_to_string(env.node_dir().join("hive.log")).unwrap_or_default()
+    );
+
+    for (client, was_streaming) in clients.into_iter().zip(streaming) {
+        let (code, stderr, seen) = client.finish();
+        let last = seen.lines.last().cloned().unwrap_or_default();
+        let message = last["message"].as_str().unwrap_or_default().to_string();
+        if was_streaming {
+            // A generation may end by itself in the drain; otherwise the drain cuts it.
+            match code {
+                0 => assert_eq!(last["event"], "done", "{last}"),
+                6 => assert!(message.contains("stopping"), "{message}"),
+                _ => panic!("a streaming client exited {code}: {stderr}"),
+            }
+        } else {
+            assert_eq!(code, 6, "a queued client: {stderr}");
+            assert!(message.contains("stopping"), "{message}");
+            assert!(!seen.lines.iter().any(|l| l["event"] == "token"));
+            let answered = seen.ended_at.expect("ended") - stop_began;
+            assert!(
+                answered < DRAIN / 2,
+                "a queued client was answered only after {answered:?}"
+            );
+        }
+        assert!(!message.contains("restarts it"), "{message}");
+    }
+
+    let log = std::fs::read_to_string(env.node_dir().join("audit.jsonl")).expect("audit");
+    let spawned = log.matches("\"worker_spawned\"").count();
+    assert_eq!(
+        spawned, 1,
+        "a worker was spawned after the stop began:\n{log}"
+    );
+    assert!(
+        log.contains("\"hive_stopped\""),
+        "no hive_stopped in:\n{log}"
+    );
+}
