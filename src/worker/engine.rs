@@ -130,6 +130,8 @@ pub(crate) struct Batcher<'m> {
     cached: Vec<Vec<LlamaToken>>,
     /// Prompts being prefilled, taking turns chunk by chunk.
     prefills: VecDeque<Prefill>,
+    /// Prompt tokens in the next prefill chunk (see `CHUNK_TARGET`).
+    chunk: usize,
     /// Ordered by sequence id.
     active: Vec<Slot>,
     activity: SharedActivity,
@@ -155,6 +157,7 @@ impl<'m> Batcher<'m> {
             free: (0..i32::try_from(slots).unwrap_or(i32::MAX)).collect(),
             cached: vec![Vec::new(); slots as usize],
             prefills: VecDeque::new(),
+            chunk: PREFILL_CHUNK,
             active: Vec::new(),
             activity: activity.clone(),
         };
@@ -302,7 +305,8 @@ impl Batcher<'_> {
             self.finish(slot, reason);
             return;
         }
-        let n_batch = (self.ctx.n_batch() as usize).clamp(1, PREFILL_CHUNK);
+        let n_batch = (self.ctx.n_batch() as usize).clamp(1, self.chunk);
+        let chunk_started = Instant::now();
         let end = (p.held + n_batch).min(p.tokens.len());
         let last = end == p.tokens.len();
         self.batch.clear();
@@ -322,7 +326,20 @@ impl Batcher<'_> {
             let _ = p.job.events.send(EngineEvent::Failed(err));
             return;
         }
+        // The next chunk is sized from this one's speed, so that it takes about CHUNK_TARGET.
+        let took = chunk_started.elapsed().as_secs_f64().max(1e-3);
+        let per_target = ((end - p.held) as f64 * CHUNK_TARGET.as_secs_f64() / took) as usize;
+        self.chunk = per_target.clamp(MIN_PREFILL_CHUNK, PREFILL_CHUNK);
         p.held = end;
+        // Every prompt waiting its turn hears of this chunk too: with several long prompts
+        // taking turns, each one's own chunk comes only every few chunks, and on a loaded
+        // machine that gap alone would outlast the hive's stall timeout.
+        for waiting in &self.prefills {
+            let _ = waiting.job.events.send(EngineEvent::Prefill {
+                done: u32::try_from(waiting.held).unwrap_or(u32::MAX),
+                total: waiting.tokens_in,
+            });
+        }
         if !last {
             let done = u32::try_from(end).unwrap_or(u32::MAX);
             let _ = p.job.events.send(EngineEvent::Prefill {
@@ -546,9 +563,15 @@ fn make_way() {
     }
 }
 
-/// Prompt tokens per prefill pass, between which the worker answers HTTP: small enough for a
-/// slow CPU to finish one in well under the hive's 2 s health check.
+/// Prompt tokens per prefill pass at most, between which the worker answers HTTP: small enough
+/// for a slow CPU to finish one in well under the hive's 2 s health check.
 const PREFILL_CHUNK: usize = 256;
+/// The fewest prompt tokens a chunk is cut to on a starved CPU.
+const MIN_PREFILL_CHUNK: usize = 16;
+/// How long one chunk should take: the chunk shrinks when the last one took longer (a loaded
+/// machine, a large model), so the worker still answers and reports progress well inside the
+/// hive's 10 s stall timeout.
+const CHUNK_TARGET: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many more prompt tokens a free sequence must already hold than the lowest free one to be
 /// picked over it.
