@@ -15,8 +15,12 @@ pub(crate) mod user;
 pub(crate) const MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
+/// The binary under test: `RBEE_TEST_BIN` when set (a target directory shared by several
+/// checkouts holds one `target/release/rbee`, relinked by whichever built last), else cargo's.
 pub(crate) fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_rbee"))
+    std::env::var_os("RBEE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rbee")))
 }
 
 /// The test model. In CI a missing model is a failure; elsewhere the test is skipped with a note.
