@@ -5,6 +5,7 @@
 mod support;
 
 mod audit;
+mod audit_closed;
 mod batching;
 mod completions;
 mod config_errors;

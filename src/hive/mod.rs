@@ -76,7 +76,8 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     let audit = crate::audit::Audit::new(
         args.dir.join(crate::audit::FILE),
         format!("hive:{}", args.node),
-    );
+    )
+    .with_policy(args.audit);
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let registry = Arc::new(Registry::new(
         exe,
@@ -115,6 +116,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
                 "version": env!("CARGO_PKG_VERSION"),
                 "port": args.port,
                 "keys": keys.verifier().fingerprints(),
+                "audit": args.audit.name(),
             }),
         )
         .await;

@@ -160,10 +160,12 @@ async fn shutdown(State(hive): State<Arc<Hive>>) -> impl IntoResponse {
 async fn infer(
     State(hive): State<Arc<Hive>>,
     headers: HeaderMap,
+    lost: Option<axum::Extension<crate::auth::layer::LostRecord>>,
     Json(request): Json<InferRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let result = start_generation(&hive, &headers, request, received).await;
+    let lost = lost.map(|l| l.0.0);
+    let result = start_generation(&hive, &headers, request, received, lost).await;
     if let Err(err) = &result {
         let outcome = match err.0.kind() {
             ExitKind::Deadline => "deadline",
@@ -181,10 +183,12 @@ async fn start_generation(
     headers: &HeaderMap,
     request: InferRequest,
     received: Instant,
+    mut lost: Option<String>,
 ) -> Result<Response, ApiError> {
     if !config::valid_name(&request.model.name) {
         return Err(Error::invalid(format!("invalid model name `{}`", request.model.name)).into());
     }
+    request.validate()?;
     let generate = GenerateRequest {
         request_id: request.request_id.clone(),
         system: request.system,
@@ -205,8 +209,9 @@ async fn start_generation(
         "request received"
     );
 
-    hive.audit
-        .note(
+    let started = hive
+        .audit
+        .record_work(
             "request_started",
             Some(generate.request_id.clone()),
             serde_json::json!({
@@ -215,7 +220,10 @@ async fn start_generation(
                 "budget_ms": u64::try_from(budget.remaining().as_millis()).unwrap_or(u64::MAX),
             }),
         )
-        .await;
+        .await?;
+    if let crate::audit::Recorded::Lost(why) = started {
+        lost.get_or_insert(why);
+    }
     let tracked = hive
         .requests
         .track(&generate.request_id, &request.model.name, budget);
@@ -265,6 +273,7 @@ async fn start_generation(
         queue_ms,
         load_ms,
         received,
+        lost,
     };
     tokio::spawn(relay.run(response, tx));
     let stream = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);

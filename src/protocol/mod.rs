@@ -59,6 +59,27 @@ pub(crate) struct InferRequest {
     pub(crate) params: SamplingParams,
 }
 
+/// Longest request id a hop accepts (the queen makes 32 hex digits).
+pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
+
+impl InferRequest {
+    /// What the hive checks before it keeps any of it.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let id = &self.request_id;
+        if id.is_empty()
+            || id.len() > MAX_REQUEST_ID_BYTES
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::invalid(format!(
+                "the request id must be 1 to {MAX_REQUEST_ID_BYTES} letters, digits, `-` or `_`"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Hive -> worker: the same, without the model (a worker serves one).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct GenerateRequest {
@@ -131,6 +152,10 @@ pub(crate) struct DoneEvent {
     /// The node's audit record for this request (seq and hash): the queen's witness of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) node_audit: Option<crate::audit::Head>,
+    /// Set when the node served the request without recording all of it in its audit trail
+    /// (`audit = "best-effort"`): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) audit_warning: Option<String>,
 }
 
 /// An error as a JSON body (HTTP errors) or an `error` event (mid-stream).

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub(crate) mod mount;
 pub(crate) mod netns;
 pub(crate) mod sshd;
 pub(crate) mod user;
@@ -498,4 +499,13 @@ impl Env {
         assert!(text.contains(from), "nodes.toml has no `{from}`");
         std::fs::write(&self.config, text.replace(from, to)).expect("write nodes.toml");
     }
+}
+
+/// The records of an audit log, parsed.
+pub(crate) fn records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a record: {l:?}: {e}")))
+        .collect()
 }
