@@ -6,6 +6,7 @@ mod support;
 
 mod audit;
 mod audit_closed;
+mod audit_witness;
 mod batching;
 mod completions;
 mod config_errors;

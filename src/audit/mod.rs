@@ -40,6 +40,25 @@ pub struct Head {
     pub(crate) hash: String,
 }
 
+/// The head of a queen's log as a node keeps it: which queen (`queen_id`), and the seq and hash
+/// of that queen's record of the request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct QueenHead {
+    pub(crate) queen: String,
+    pub(crate) seq: u64,
+    pub(crate) hash: String,
+}
+
+impl QueenHead {
+    pub(crate) fn is_valid(&self) -> bool {
+        let hex = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit());
+        (1..=64).contains(&self.queen.len())
+            && hex(&self.queen)
+            && self.hash.len() == 64
+            && hex(&self.hash)
+    }
+}
+
 impl Record {
     /// The record without its hash, keys sorted: what the hash covers.
     pub(crate) fn canonical(&self) -> String {

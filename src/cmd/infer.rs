@@ -76,12 +76,13 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     };
     params.validate()?;
     let budget = Budget::new(args.timeout.unwrap_or(node.timeout));
-    let request = InferRequest {
+    let mut request = InferRequest {
         request_id: request_id.to_string(),
         model: model.clone(),
         system: args.system,
         prompt,
         params,
+        queen_audit: None,
     };
 
     let requested = ctx.audit().record(
@@ -96,8 +97,15 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
             "timeout_ms": u64::try_from(budget.total().as_millis()).unwrap_or(u64::MAX),
         }),
     );
-    if let Err(e) = requested {
-        trail::unrecorded_request(node, &e)?;
+    match requested {
+        Ok(head) => {
+            request.queen_audit = Some(crate::audit::QueenHead {
+                queen: trail::audit_id(),
+                seq: head.seq,
+                hash: head.hash,
+            })
+        }
+        Err(e) => trail::unrecorded_request(node, &e)?,
     }
     let progress = RefCell::new(Progress::default());
     let work = generate(ctx, node, &request, &budget, &progress);

@@ -209,6 +209,8 @@ async fn start_generation(
         "request received"
     );
 
+    // The queen's head travels with the request so that this log witnesses the queen's, as the
+    // queen's keeps this one's head from the done event.
     let started = hive
         .audit
         .record_work(
@@ -218,6 +220,7 @@ async fn start_generation(
                 "model": request.model.name,
                 "prompt": crate::audit::digest(&generate.prompt),
                 "budget_ms": u64::try_from(budget.remaining().as_millis()).unwrap_or(u64::MAX),
+                "queen_audit": request.queen_audit,
             }),
         )
         .await?;

@@ -57,6 +57,10 @@ pub(crate) struct InferRequest {
     pub(crate) system: Option<String>,
     pub(crate) prompt: String,
     pub(crate) params: SamplingParams,
+    /// The head of the queen's audit log (its record of this request), which the node keeps in
+    /// its own record of the request: the node's witness of the queen's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) queen_audit: Option<crate::audit::QueenHead>,
 }
 
 /// Longest request id a hop accepts (the queen makes 32 hex digits).
@@ -75,6 +79,13 @@ impl InferRequest {
             return Err(Error::invalid(format!(
                 "the request id must be 1 to {MAX_REQUEST_ID_BYTES} letters, digits, `-` or `_`"
             )));
+        }
+        if let Some(head) = &self.queen_audit
+            && !head.is_valid()
+        {
+            return Err(Error::invalid(
+                "`queen_audit` must name a queen (1 to 64 hex digits) and a record hash (64 hex digits)",
+            ));
         }
         Ok(())
     }

@@ -1,10 +1,25 @@
-//! This machine's side of the audit trail around one request: what an invocation does with a
-//! record that one end could not keep (`audit = "required"`: exit 10; `"best-effort"`: a
-//! warning on stderr each time).
+//! This machine's side of the audit trail around one request: its id among the queen heads the
+//! nodes keep, and what an invocation does with a record that one end could not keep
+//! (`audit = "required"`: exit 10; `"best-effort"`: a warning on stderr each time).
 
 use crate::config::{AuditPolicy, Node};
 use crate::error::{Error, Result};
 use crate::protocol::DoneEvent;
+
+/// This machine's log among those the nodes witness: a digest of the host name and the log's
+/// path, so that it stays the same when the log itself is deleted, and tells apart the queens
+/// (other machines, other state directories) that share a node.
+pub(crate) fn audit_id() -> String {
+    use sha2::Digest;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let path = super::audit().path;
+    let dir = path
+        .parent()
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .unwrap_or_else(|| path.clone());
+    let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
+    hex::encode(&digest[..8])
+}
 
 /// `infer_requested` could not be written: the request is not sent (`required`), or it goes
 /// out with a warning.

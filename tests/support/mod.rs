@@ -501,6 +501,29 @@ impl Env {
     }
 }
 
+/// An audit log's records after `edit`, every `prev` and `hash` recomputed the way the README
+/// defines the chain (`hash = sha256(prev ‖ record without hash)`, keys sorted, compact JSON),
+/// so the result verifies on its own: what someone rewriting a log would do.
+pub(crate) fn rechain(records: Vec<serde_json::Value>) -> Vec<String> {
+    use sha2::Digest;
+    let mut prev = "0".repeat(64);
+    records
+        .into_iter()
+        .map(|mut r| {
+            r["prev"] = serde_json::json!(prev);
+            let mut without = r.clone();
+            without
+                .as_object_mut()
+                .expect("a record is an object")
+                .remove("hash");
+            let hash = hex::encode(sha2::Sha256::digest(format!("{prev}{without}").as_bytes()));
+            r["hash"] = serde_json::json!(hash);
+            prev = hash;
+            r.to_string()
+        })
+        .collect()
+}
+
 /// The records of an audit log, parsed.
 pub(crate) fn records(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
