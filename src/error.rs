@@ -17,6 +17,9 @@ pub enum ExitKind {
     HiveUnavailable = 6,
     WorkerUnavailable = 7,
     InvalidRequest = 8,
+    /// The node (or this machine) could not record the work in its audit trail, and so
+    /// refused it.
+    Audit = 10,
     Deadline = 124,
     Interrupted = 130,
 }
@@ -37,12 +40,13 @@ impl ExitKind {
             ExitKind::HiveUnavailable => "hive_unavailable",
             ExitKind::WorkerUnavailable => "worker_unavailable",
             ExitKind::InvalidRequest => "invalid_request",
+            ExitKind::Audit => "audit_unavailable",
             ExitKind::Deadline => "deadline",
             ExitKind::Interrupted => "interrupted",
         }
     }
 
-    const ALL: [ExitKind; 10] = [
+    const ALL: [ExitKind; 11] = [
         ExitKind::Internal,
         ExitKind::Usage,
         ExitKind::Config,
@@ -51,6 +55,7 @@ impl ExitKind {
         ExitKind::HiveUnavailable,
         ExitKind::WorkerUnavailable,
         ExitKind::InvalidRequest,
+        ExitKind::Audit,
         ExitKind::Deadline,
         ExitKind::Interrupted,
     ];
@@ -97,6 +102,10 @@ pub enum Error {
     /// The request itself is not acceptable (too long for the context, out of range).
     #[error("{0}")]
     Invalid(String),
+    /// An audit record could not be appended; the work it would record is refused (fail
+    /// closed) unless the node is `audit = "best-effort"`.
+    #[error("{0}")]
+    Audit(String),
     #[error("interrupted")]
     Interrupted,
     #[error("{0}")]
@@ -127,6 +136,7 @@ impl Error {
             ExitKind::HiveUnavailable => Error::Hive(message),
             ExitKind::WorkerUnavailable => Error::Worker(message),
             ExitKind::InvalidRequest => Error::Invalid(message),
+            ExitKind::Audit => Error::Audit(message),
             ExitKind::Deadline => Error::Deadline(DeadlineError::During(message)),
             ExitKind::Internal => Error::Internal(message),
             ExitKind::Usage | ExitKind::Ssh | ExitKind::Interrupted => {
@@ -171,6 +181,7 @@ impl Error {
             Error::Hive(_) => ExitKind::HiveUnavailable,
             Error::Worker(_) => ExitKind::WorkerUnavailable,
             Error::Invalid(_) => ExitKind::InvalidRequest,
+            Error::Audit(_) => ExitKind::Audit,
             Error::Interrupted => ExitKind::Interrupted,
             Error::Classified { kind, .. } | Error::Reported(kind) => *kind,
         }

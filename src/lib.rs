@@ -2,7 +2,7 @@
 //! ephemeral queen), the hive daemon on each node, and the llama.cpp worker processes.
 //!
 //! # Layout
-//! - `audit`: the hash-chained audit log: writer, verify
+//! - `audit`: the hash-chained audit log: writer (fail-closed policy, bounded records), verify
 //! - `auth`: request signing (HMAC-SHA256): the key and its file, the verifier, the axum layer
 //! - `cli`: clap types (raw values only)
 //! - `config`: nodes.toml -> validated `Config`: where it comes from (the embedded `local` node
@@ -13,7 +13,7 @@
 //! - `cmd`: one module per subcommand, and the runner for commands over several nodes
 //! - `queen`: what only the CLI side does: a connection to a node (hive client, tunnel, SSH
 //!   session), a node's hive seen from the queen (probe, start, stop), installing the binary
-//!   and model files
+//!   and model files, this machine's side of the audit trail around a request
 //! - `ssh`: russh sessions: known_hosts, authentication, forwards; `~/.ssh/config`, quoting
 //! - `hive`: the hive daemon: pidfile, the table of workers and each model's entry, supervisor
 //!   and restart policy, routes and relay, keys, metrics, model verification

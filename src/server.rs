@@ -24,7 +24,9 @@ pub(crate) fn status_for(kind: ExitKind) -> StatusCode {
         ExitKind::Unauthenticated => StatusCode::UNAUTHORIZED,
         ExitKind::Config => StatusCode::NOT_FOUND,
         ExitKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
-        ExitKind::WorkerUnavailable | ExitKind::HiveUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ExitKind::WorkerUnavailable | ExitKind::HiveUnavailable | ExitKind::Audit => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ExitKind::Ssh | ExitKind::Internal | ExitKind::Interrupted => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

@@ -6,6 +6,8 @@ mod support;
 
 mod architecture;
 mod audit;
+mod audit_closed;
+mod audit_witness;
 mod batching;
 mod completions;
 mod config_errors;

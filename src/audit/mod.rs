@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 pub(crate) use verify::verify_contents;
 pub use verify::{Break, Verified, verify};
 pub use writer::append;
-pub(crate) use writer::{Audit, rotated};
+pub(crate) use writer::{Audit, Recorded, rotated};
 
 pub(crate) const FILE: &str = "audit.jsonl";
 /// `prev` of the first record of a chain.
@@ -40,6 +40,25 @@ pub struct Head {
     pub(crate) hash: String,
 }
 
+/// The head of a queen's log as a node keeps it: which queen (`queen_id`), and the seq and hash
+/// of that queen's record of the request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct QueenHead {
+    pub(crate) queen: String,
+    pub(crate) seq: u64,
+    pub(crate) hash: String,
+}
+
+impl QueenHead {
+    pub(crate) fn is_valid(&self) -> bool {
+        let hex = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit());
+        (1..=64).contains(&self.queen.len())
+            && hex(&self.queen)
+            && self.hash.len() == 64
+            && hex(&self.hash)
+    }
+}
+
 impl Record {
     /// The record without its hash, keys sorted: what the hash covers.
     pub(crate) fn canonical(&self) -> String {
@@ -65,6 +84,57 @@ impl Record {
             hash: self.hash.clone(),
         }
     }
+}
+
+/// Longest text a record keeps whole from what arrived unauthenticated (a header, a path).
+pub(crate) const UNTRUSTED_BYTES: usize = 256;
+/// Longest string any record keeps whole; longer ones become their length, hash and head.
+const FIELD_BYTES: usize = 4096;
+/// How much of a capped text is kept, to tell one from another when reading the log.
+const HEAD_BYTES: usize = 64;
+
+/// `text` itself when it has at most `limit` bytes, else `{"len", "sha256", "head"}`: a record
+/// stays small whatever a request carried, and still identifies what it was.
+pub(crate) fn bounded(text: &str, limit: usize) -> Value {
+    if text.len() <= limit {
+        return Value::String(text.to_string());
+    }
+    let mut end = HEAD_BYTES.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    serde_json::json!({
+        "len": text.len(),
+        "sha256": hex::encode(Sha256::digest(text.as_bytes())),
+        "head": &text[..end],
+    })
+}
+
+/// The request id and fields as a record keeps them: strings past `FIELD_BYTES` capped, and a
+/// request id past `UNTRUSTED_BYTES` moved, capped, into the fields.
+pub(crate) fn bounded_record(
+    request_id: Option<&str>,
+    fields: Map<String, Value>,
+) -> (Option<String>, Map<String, Value>) {
+    fn cap(value: Value) -> Value {
+        match value {
+            Value::String(s) if s.len() > FIELD_BYTES => bounded(&s, FIELD_BYTES),
+            Value::Array(items) => Value::Array(items.into_iter().map(cap).collect()),
+            Value::Object(map) => {
+                Value::Object(map.into_iter().map(|(k, v)| (k, cap(v))).collect())
+            }
+            other => other,
+        }
+    }
+    let mut fields: Map<String, Value> = fields.into_iter().map(|(k, v)| (k, cap(v))).collect();
+    let request_id = match request_id {
+        Some(id) if id.len() > UNTRUSTED_BYTES => {
+            fields.insert("request_id".into(), bounded(id, UNTRUSTED_BYTES));
+            None
+        }
+        other => other.map(str::to_string),
+    };
+    (request_id, fields)
 }
 
 /// SHA-256 and length of a text that must not be written itself (a prompt, an output).

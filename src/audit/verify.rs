@@ -16,6 +16,24 @@ pub struct Verified {
     pub(crate) hashes: HashMap<u64, String>,
     #[serde(skip)]
     pub(crate) records_list: Vec<Record>,
+    /// Where each record is: file and line.
+    #[serde(skip)]
+    pub(crate) places: HashMap<u64, (PathBuf, usize)>,
+    /// The line after the last one, where a record missing from the end would be.
+    #[serde(skip)]
+    pub(crate) end: Option<(PathBuf, usize)>,
+}
+
+impl Verified {
+    /// Where the record `seq` is, or where it would be if it is missing: the line after the
+    /// last of the newest file (the first line of `path` when there are no files).
+    pub(crate) fn place_of(&self, seq: u64, path: &Path) -> (PathBuf, usize) {
+        self.places
+            .get(&seq)
+            .or(self.end.as_ref())
+            .cloned()
+            .unwrap_or_else(|| (path.to_path_buf(), 1))
+    }
 }
 
 /// Where and why a chain breaks.
@@ -68,6 +86,8 @@ pub(crate) fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, 
         head: None,
         hashes: HashMap::new(),
         records_list: Vec::new(),
+        places: HashMap::new(),
+        end: None,
     };
     for (file, bytes) in files {
         let broken = |line: usize, seq: Option<u64>, why: String| Break {
@@ -84,11 +104,13 @@ pub(crate) fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, 
                 "the last line is cut short (a torn write); the next append records the cut".into(),
             ));
         }
+        let mut lines = 0;
         for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
             let n = i + 1;
+            lines = n;
             let record: Record = serde_json::from_slice(line)
                 .map_err(|e| broken(n, None, format!("not an audit record: {e}")))?;
             let seq = Some(record.seq);
@@ -120,8 +142,10 @@ pub(crate) fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, 
             out.records += 1;
             out.hashes.insert(record.seq, record.hash.clone());
             out.head = Some(record.head());
+            out.places.insert(record.seq, (file.clone(), n));
             out.records_list.push(record);
         }
+        out.end = Some((file.clone(), lines + 1));
     }
     Ok(out)
 }

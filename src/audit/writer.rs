@@ -12,18 +12,29 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::{GENESIS, Head, Record, now_rfc3339};
+use crate::config::AuditPolicy;
 use crate::error::{Error, Result};
 
 /// Rotate when the current file passes this size (`RBEE_AUDIT_MAX_BYTES` overrides).
 const MAX_BYTES: u64 = 64 << 20;
-/// How much of the file's end is read to find the last record.
-const TAIL_BYTES: u64 = 256 << 10;
+/// Longest line a record may take; the fields are bounded well below it (`super::bounded`),
+/// so only a bug reaches it, and it is refused rather than written.
+const MAX_RECORD_BYTES: usize = 64 << 10;
 
-/// An actor's audit log.
+/// An actor's audit log, and what the actor does with work it cannot record there.
 #[derive(Debug, Clone)]
 pub(crate) struct Audit {
     pub(crate) path: PathBuf,
     pub(crate) actor: String,
+    pub(crate) policy: AuditPolicy,
+}
+
+/// What became of the record of some work, when the work went on.
+#[derive(Debug)]
+pub(crate) enum Recorded {
+    Kept(Head),
+    /// Not recorded, and served anyway (`best-effort`): why, for the client's warning.
+    Lost(String),
 }
 
 impl Audit {
@@ -31,7 +42,47 @@ impl Audit {
         Audit {
             path,
             actor: actor.into(),
+            policy: AuditPolicy::Required,
         }
+    }
+
+    pub(crate) fn with_policy(self, policy: AuditPolicy) -> Audit {
+        Audit { policy, ..self }
+    }
+
+    /// Records work that must not go unrecorded. Under `required` a record that cannot be
+    /// written refuses the work (exit 10, with the reason); under `best-effort` the work goes on
+    /// and the reason comes back for the client's warning.
+    pub(crate) async fn record_work(
+        &self,
+        event: &'static str,
+        request_id: Option<String>,
+        fields: Value,
+    ) -> Result<Recorded> {
+        match self.record_async(event, request_id, fields).await {
+            Ok(head) => Ok(Recorded::Kept(head)),
+            Err(e) => {
+                tracing::error!(
+                    event,
+                    policy = self.policy.name(),
+                    "cannot write the audit record: {e}"
+                );
+                match self.policy {
+                    AuditPolicy::Required => Err(self.refusal(&e)),
+                    AuditPolicy::BestEffort => Ok(Recorded::Lost(e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// The error that refuses work this log could not record.
+    pub(crate) fn refusal(&self, e: &Error) -> Error {
+        Error::Audit(format!(
+            "`{}` refused the work because it cannot record it in its audit trail: {e}; make \
+             the audit log writable, or set `audit = \"best-effort\"` for the node to serve \
+             without it",
+            self.actor
+        ))
     }
 
     /// Appends one record; returns the chain's new head.
@@ -71,7 +122,7 @@ impl Audit {
 }
 
 fn audit_error(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::internal(format!("audit log `{}`: {e}", path.display()))
+    Error::Audit(format!("audit log `{}`: {e}", path.display()))
 }
 
 pub fn append(
@@ -138,12 +189,13 @@ fn write(
     fields: Map<String, Value>,
     last: Option<&Head>,
 ) -> Result<Record> {
+    let (request_id, fields) = super::bounded_record(request_id, fields);
     let mut record = Record {
         seq: last.map_or(1, |h| h.seq + 1),
         ts: now_rfc3339(),
         actor: actor.to_string(),
         event: event.to_string(),
-        request_id: request_id.map(str::to_string),
+        request_id,
         fields,
         prev: last.map_or_else(|| GENESIS.to_string(), |h| h.hash.clone()),
         hash: String::new(),
@@ -151,9 +203,25 @@ fn write(
     record.hash = record.compute_hash();
     let mut line = serde_json::to_string(&record).map_err(|e| audit_error(path, e))?;
     line.push('\n');
-    file.write_all(line.as_bytes())
+    if line.len() > MAX_RECORD_BYTES {
+        return Err(audit_error(
+            path,
+            format!(
+                "a `{event}` record of {} bytes is over the {MAX_RECORD_BYTES} a record may take",
+                line.len()
+            ),
+        ));
+    }
+    let before = file.metadata().map_err(|e| audit_error(path, e))?.len();
+    if let Err(e) = file
+        .write_all(line.as_bytes())
         .and_then(|()| file.sync_data())
-        .map_err(|e| audit_error(path, e))?;
+    {
+        // A record that could not be made durable is taken back, so a full disk leaves no
+        // torn line behind and the refused work leaves no record claiming it was done.
+        let _ = file.set_len(before);
+        return Err(audit_error(path, e));
+    }
     Ok(record)
 }
 
@@ -164,30 +232,18 @@ fn tail(path: &Path, file: &mut File, actor: &str) -> Result<Option<Head>> {
     if len == 0 {
         return Ok(previous_file_head(path));
     }
-    let start = len.saturating_sub(TAIL_BYTES);
-    let mut buf = Vec::new();
-    file.seek(SeekFrom::Start(start))
-        .and_then(|_| file.read_to_end(&mut buf))
-        .map_err(|e| audit_error(path, e))?;
-    let complete = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    let torn = buf[complete..].to_vec();
-    let body = &buf[..complete];
-    let last_line = body[..body.len().saturating_sub(1)]
-        .rsplit(|b| *b == b'\n')
-        .next()
-        .unwrap_or_default();
-    let last = if last_line.is_empty() {
-        previous_file_head(path)
-    } else {
-        let record: Record = serde_json::from_slice(last_line).map_err(|_| {
-            audit_error(
+    let complete = after_last_newline(file, len).map_err(|e| audit_error(path, e))?;
+    let last = match last_record(file, complete).map_err(|e| audit_error(path, e))? {
+        LastLine::None => previous_file_head(path),
+        LastLine::Record(record) => Some(record.head()),
+        LastLine::Unreadable => {
+            return Err(audit_error(
                 path,
                 "its last record is unreadable; run `rbee audit verify` to find where it breaks",
-            )
-        })?;
-        Some(record.head())
+            ));
+        }
     };
-    if torn.is_empty() {
+    if complete == len {
         return Ok(last);
     }
     let kept = path.with_extension(format!(
@@ -196,13 +252,13 @@ fn tail(path: &Path, file: &mut File, actor: &str) -> Result<Option<Head>> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis())
     ));
-    std::fs::write(&kept, &torn).map_err(|e| audit_error(path, e))?;
-    file.set_len(start + complete as u64)
-        .map_err(|e| audit_error(path, e))?;
-    tracing::warn!(bytes = torn.len(), kept = %kept.display(), "audit log had a torn last line");
+    let (cut_bytes, cut_sha256) =
+        keep_aside(file, complete, len, &kept).map_err(|e| audit_error(path, e))?;
+    file.set_len(complete).map_err(|e| audit_error(path, e))?;
+    tracing::warn!(bytes = cut_bytes, kept = %kept.display(), "audit log had a torn last line");
     let fields = serde_json::json!({
-        "cut_bytes": torn.len(),
-        "cut_sha256": hex::encode(Sha256::digest(&torn)),
+        "cut_bytes": cut_bytes,
+        "cut_sha256": cut_sha256,
         "kept_in": kept.display().to_string(),
     });
     let Value::Object(fields) = fields else {
@@ -220,6 +276,77 @@ fn tail(path: &Path, file: &mut File, actor: &str) -> Result<Option<Head>> {
     Ok(Some(record.head()))
 }
 
+/// How far back the file is read at a time when looking for a line's start.
+const CHUNK: usize = 64 << 10;
+
+/// The position just past the last newline before `end`, or 0 when there is none. The file is
+/// read backwards a chunk at a time, so a line of any length is found.
+fn after_last_newline(file: &mut File, end: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0; CHUNK];
+    let mut pos = end;
+    while pos > 0 {
+        let start = pos.saturating_sub(CHUNK as u64);
+        let n = usize::try_from(pos - start).unwrap_or(CHUNK);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().rposition(|b| *b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        pos = start;
+    }
+    Ok(0)
+}
+
+enum LastLine {
+    /// No complete line, or an empty one.
+    None,
+    Record(Record),
+    Unreadable,
+}
+
+/// The last complete line of `file[..complete]` (`complete` is just past a newline, or 0),
+/// whatever its length.
+fn last_record(file: &mut File, complete: u64) -> std::io::Result<LastLine> {
+    if complete == 0 {
+        return Ok(LastLine::None);
+    }
+    let end = complete - 1;
+    let start = after_last_newline(file, end)?;
+    let mut line = vec![0; usize::try_from(end - start).unwrap_or(usize::MAX)];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut line)?;
+    if line.is_empty() {
+        return Ok(LastLine::None);
+    }
+    Ok(match serde_json::from_slice::<Record>(&line) {
+        Ok(record) => LastLine::Record(record),
+        Err(_) => LastLine::Unreadable,
+    })
+}
+
+/// Copies `file[start..end]` into `kept`, a chunk at a time; returns its length and SHA-256.
+fn keep_aside(
+    file: &mut File,
+    start: u64,
+    end: u64,
+    kept: &Path,
+) -> std::io::Result<(u64, String)> {
+    let mut out = open(kept, false)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; CHUNK];
+    let mut pos = start;
+    file.seek(SeekFrom::Start(start))?;
+    while pos < end {
+        let n = usize::try_from(end - pos).map_or(CHUNK, |left| left.min(CHUNK));
+        file.read_exact(&mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        pos += n as u64;
+    }
+    out.sync_data()?;
+    Ok((end - start, hex::encode(hasher.finalize())))
+}
+
 /// Rotated files: `audit.jsonl.1` (oldest), `.2`, ...
 pub(crate) fn rotated(path: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -235,9 +362,13 @@ pub(crate) fn rotated(path: &Path) -> Vec<PathBuf> {
 
 fn previous_file_head(path: &Path) -> Option<Head> {
     let last = rotated(path).pop()?;
-    let text = std::fs::read_to_string(last).ok()?;
-    let line = text.lines().last()?;
-    serde_json::from_str::<Record>(line).ok().map(|r| r.head())
+    let mut file = File::open(last).ok()?;
+    let len = file.metadata().ok()?.len();
+    let complete = after_last_newline(&mut file, len).ok()?;
+    match last_record(&mut file, complete).ok()? {
+        LastLine::Record(record) => Some(record.head()),
+        LastLine::None | LastLine::Unreadable => None,
+    }
 }
 
 fn rotate(path: &Path, actor: &str, last: Option<&Head>) -> Result<(File, Head)> {
@@ -249,4 +380,86 @@ fn rotate(path: &Path, actor: &str, last: Option<&Head>) -> Result<(File, Head)>
     fields.insert("previous_file".into(), to.display().to_string().into());
     let record = write(&mut file, path, actor, "audit_rotated", None, fields, last)?;
     Ok((file, record.head()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_log() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        (dir, path)
+    }
+
+    /// A record with a field of `len` bytes, chained after `prev`, as a line: what an older
+    /// writer (or another tool) may have left at the end of a log.
+    fn big_record_line(seq: u64, prev: &str, len: usize) -> (String, String) {
+        let mut fields = Map::new();
+        fields.insert("blob".into(), Value::String("x".repeat(len)));
+        let mut record = Record {
+            seq,
+            ts: now_rfc3339(),
+            actor: "t".into(),
+            event: "big".into(),
+            request_id: None,
+            fields,
+            prev: prev.to_string(),
+            hash: String::new(),
+        };
+        record.hash = record.compute_hash();
+        let line = serde_json::to_string(&record).expect("JSON") + "\n";
+        (line, record.hash)
+    }
+
+    #[test]
+    fn the_last_record_is_found_whatever_its_size() {
+        for len in [10, CHUNK - 300, CHUNK, 300 << 10, 3 << 20] {
+            let (_dir, path) = temp_log();
+            let first = append(&path, "t", "first", None, Value::Null).expect("append");
+            let (line, hash) = big_record_line(2, &first.hash, len);
+            let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+            file.write_all(line.as_bytes()).expect("write");
+            let head = append(&path, "t", "after", None, Value::Null).expect("append after");
+            assert_eq!(head.seq, 3, "len {len}");
+            let verified = super::super::verify(&path).expect("a valid chain");
+            assert_eq!(verified.hashes.get(&2), Some(&hash));
+            assert_eq!(verified.records, 3);
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_of_any_size_is_kept_aside_and_recorded() {
+        let (_dir, path) = temp_log();
+        append(&path, "t", "first", None, Value::Null).expect("append");
+        let torn = vec![b'y'; 200 << 10];
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(&torn).expect("write");
+        append(&path, "t", "after", None, Value::Null).expect("append after");
+        let verified = super::super::verify(&path).expect("a valid chain");
+        let recovered = &verified.records_list[1];
+        assert_eq!(recovered.event, "audit_recovered");
+        assert_eq!(recovered.fields["cut_bytes"], torn.len());
+        let kept = recovered.fields["kept_in"].as_str().expect("kept_in");
+        assert_eq!(std::fs::read(kept).expect("kept"), torn);
+    }
+
+    #[test]
+    fn no_record_exceeds_its_bound() {
+        let (_dir, path) = temp_log();
+        let huge = "h".repeat(1 << 20);
+        let fields = serde_json::json!({ "note": huge, "nested": { "list": [huge] } });
+        append(&path, "t", "huge", Some(&huge), fields).expect("append");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.len() < 2048, "{} bytes", text.len());
+        let record: Record = serde_json::from_str(text.trim()).expect("record");
+        assert_eq!(record.request_id, None);
+        assert_eq!(record.fields["request_id"]["len"], 1 << 20);
+        assert_eq!(record.fields["note"]["len"], 1 << 20);
+        assert_eq!(record.fields["nested"]["list"][0]["len"], 1 << 20);
+        assert_eq!(
+            record.fields["note"]["sha256"],
+            hex::encode(Sha256::digest(huge.as_bytes()))
+        );
+    }
 }

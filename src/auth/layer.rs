@@ -16,6 +16,11 @@ pub(crate) struct Guard {
     pub(crate) audit: Option<crate::audit::Audit>,
 }
 
+/// A record the signature layer could not write for a request it let through
+/// (`audit = "best-effort"`): the handler passes the reason on to the client.
+#[derive(Debug, Clone)]
+pub(crate) struct LostRecord(pub(crate) String);
+
 /// Axum layer: every request but `GET /health` and `GET /metrics` must carry a valid signature.
 pub(crate) async fn require_signature(
     axum::extract::State(guard): axum::extract::State<std::sync::Arc<Guard>>,
@@ -78,33 +83,55 @@ pub(crate) async fn require_signature(
             &bytes,
         ),
     };
+    let mut lost = None;
     if let Some(audit) = &guard.audit {
+        // Nothing here is authenticated yet (and the request id header never is): what goes in
+        // the record is capped, so no request can make a record of any size.
+        let untrusted = |text: &str| crate::audit::bounded(text, crate::audit::UNTRUSTED_BYTES);
         let request_id = parts
             .headers
             .get(crate::protocol::REQUEST_ID_HEADER)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string);
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+        let kid = header
+            .and_then(|h| crate::auth::parse(h).ok())
+            .map(|s| untrusted(s.kid));
         let (event, fields) = match &result {
             Ok(kid) => (
                 "auth_success",
-                serde_json::json!({ "kid": kid, "peer": peer, "path": path }),
+                serde_json::json!({ "kid": kid, "peer": peer, "path": untrusted(&path) }),
             ),
             Err(reject) => (
                 "auth_failure",
                 serde_json::json!({
-                    "kid": header.and_then(|h| crate::auth::parse(h).ok()).map(|s| s.kid.to_string()),
+                    "kid": kid,
                     "peer": peer,
-                    "path": path,
+                    "path": untrusted(&path),
                     "reason": reject.class(),
                 }),
             ),
         };
-        audit.note(event, request_id, fields).await;
+        if result.is_ok() {
+            // What an authenticated request goes on to do is work the node must record.
+            match audit.record_work(event, request_id, fields).await {
+                Ok(crate::audit::Recorded::Kept(_)) => {}
+                Ok(crate::audit::Recorded::Lost(why)) => lost = Some(LostRecord(why)),
+                Err(err) => {
+                    let status = crate::server::status_for(err.kind());
+                    return (status, Json(ErrorBody::from(&err))).into_response();
+                }
+            }
+        } else {
+            audit.note(event, request_id, fields).await;
+        }
     }
     match result {
         Ok(kid) => {
             tracing::debug!(kid = %kid, peer = %peer, path = %path, "request authenticated");
-            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            let mut request =
+                axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            if let Some(lost) = lost {
+                request.extensions_mut().insert(lost);
+            }
             next.run(request).await
         }
         Err(reject) => {

@@ -41,25 +41,28 @@ struct Report {
 }
 
 async fn verify(ctx: &Context, node: Option<&str>, all: bool) -> Result<()> {
-    let mut reports = Vec::new();
-    let queen = audit::verify(&ctx.audit().path);
+    let queen_path = ctx.audit().path;
+    let queen = audit::verify(&queen_path);
     let queen_records = queen
         .as_ref()
         .map(|v| v.records_list.clone())
         .unwrap_or_default();
-    if node.is_none() {
-        reports.push(report("queen".to_string(), queen.map(|v| (v, 0))));
-    }
+    let mut node_reports = Vec::new();
+    let mut witnesses = Vec::new();
     if node.is_some() || all {
         let config = ctx.config()?;
         let nodes: Vec<&Node> = match node {
             Some(name) => vec![config.node(Some(name))?],
             None => config.nodes.values().collect(),
         };
+        let me = crate::queen::trail::audit_id();
         for node in nodes {
-            let result = verify_node(ctx, node, &queen_records).await;
-            reports.push(match result {
-                Ok(outcome) => report(node.name.clone(), outcome),
+            let result = verify_node(ctx, node, &queen_records, &me).await;
+            node_reports.push(match result {
+                Ok(checked) => {
+                    witnesses.extend(checked.witnesses);
+                    report(node.name.clone(), checked.outcome)
+                }
                 Err(e) => Report {
                     log: node.name.clone(),
                     ok: false,
@@ -71,6 +74,15 @@ async fn verify(ctx: &Context, node: Option<&str>, all: bool) -> Result<()> {
             });
         }
     }
+    let mut reports = Vec::new();
+    if node.is_none() {
+        let outcome = queen.and_then(|v| {
+            let held = witnessed_by_nodes(&queen_path, &v, &witnesses)?;
+            Ok((v, held))
+        });
+        reports.push(report("queen".to_string(), outcome));
+    }
+    reports.extend(node_reports);
     for r in &reports {
         ctx.out.result(r, || match &r.error {
             None => format!(
@@ -100,6 +112,60 @@ async fn verify(ctx: &Context, node: Option<&str>, all: bool) -> Result<()> {
                 .join(", ")
         )))
     }
+}
+
+/// A head of this machine's log that a node kept with a request it served.
+struct Witness {
+    node: String,
+    head: audit::QueenHead,
+    request_id: Option<String>,
+    /// The node's record that keeps it: file and line.
+    at: (PathBuf, usize),
+}
+
+/// Checks this machine's log against the heads the nodes kept of it: a log rewritten (even
+/// with its chain recomputed), cut or deleted no longer holds them. Returns how many it holds.
+fn witnessed_by_nodes(
+    path: &std::path::Path,
+    log: &Verified,
+    witnesses: &[Witness],
+) -> std::result::Result<usize, audit::Break> {
+    for w in witnesses {
+        let head = &w.head;
+        if log.hashes.get(&head.seq) == Some(&head.hash) {
+            continue;
+        }
+        let what = if log.hashes.contains_key(&head.seq) {
+            "this log holds another record there: it was rewritten".to_string()
+        } else if log.records == 0 {
+            "this log holds no records: it was deleted".to_string()
+        } else {
+            format!(
+                "this log ends at seq {}: records were cut from its end",
+                log.head.as_ref().map_or(0, |h| h.seq)
+            )
+        };
+        let (file, line) = log.place_of(head.seq, path);
+        return Err(audit::Break {
+            file,
+            line,
+            seq: Some(head.seq),
+            why: format!(
+                "node `{}` witnessed seq {} ({}) for request {} (its record at {}:{}), but {what}",
+                w.node,
+                head.seq,
+                short(&head.hash),
+                w.request_id.as_deref().unwrap_or("?"),
+                w.at.0.display(),
+                w.at.1,
+            ),
+        });
+    }
+    Ok(witnesses.len())
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..16.min(hash.len())]
 }
 
 fn report(log: String, outcome: std::result::Result<(Verified, usize), audit::Break>) -> Report {
@@ -160,16 +226,45 @@ async fn fetch(ctx: &Context, node: &Node) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     Ok(files)
 }
 
+/// What checking a node's log found, and the heads of this machine's log that it keeps.
+struct NodeChecked {
+    outcome: std::result::Result<(Verified, usize), audit::Break>,
+    witnesses: Vec<Witness>,
+}
+
 async fn verify_node(
     ctx: &Context,
     node: &Node,
     queen: &[Record],
-) -> Result<std::result::Result<(Verified, usize), audit::Break>> {
+    me: &str,
+) -> Result<NodeChecked> {
     let files = fetch(ctx, node).await?;
     let verified = match audit::verify_contents(&files) {
         Ok(v) => v,
-        Err(b) => return Ok(Err(b)),
+        Err(b) => {
+            return Ok(NodeChecked {
+                outcome: Err(b),
+                witnesses: Vec::new(),
+            });
+        }
     };
+    let node_path = PathBuf::from(format!("{}:{}", node.name, audit::FILE));
+    let witnesses = verified
+        .records_list
+        .iter()
+        .filter(|r| r.event == "request_started")
+        .filter_map(|r| {
+            let head = r.fields.get("queen_audit")?;
+            let head = serde_json::from_value::<audit::QueenHead>(head.clone()).ok()?;
+            // Heads of other queens sharing this node are theirs to check.
+            (head.queen == me).then(|| Witness {
+                node: node.name.clone(),
+                head,
+                request_id: r.request_id.clone(),
+                at: verified.place_of(r.seq, &node_path),
+            })
+        })
+        .collect();
     // Every head the node returned to this machine must still be in its log: a node-side
     // truncation or rewrite shows even when the chain was recomputed.
     let mut witnessed = 0;
@@ -185,22 +280,40 @@ async fn verify_node(
             continue;
         };
         if verified.hashes.get(&head.seq) != Some(&head.hash) {
-            return Ok(Err(audit::Break {
-                file: files.last().map(|f| f.0.clone()).unwrap_or_default(),
-                line: 0,
-                seq: Some(head.seq),
-                why: format!(
-                    "the record seq {} ({}) that the node returned for request {} is missing \
-                     from its log: the log was truncated or rewritten",
-                    head.seq,
-                    &head.hash[..16.min(head.hash.len())],
-                    record.request_id.as_deref().unwrap_or("?")
-                ),
-            }));
+            let (file, line) = verified.place_of(head.seq, &node_path);
+            let what = if verified.hashes.contains_key(&head.seq) {
+                format!(
+                    "another record holds seq {}: the log was rewritten",
+                    head.seq
+                )
+            } else {
+                format!(
+                    "the log ends at seq {}: it was cut",
+                    verified.head.as_ref().map_or(0, |h| h.seq)
+                )
+            };
+            return Ok(NodeChecked {
+                outcome: Err(audit::Break {
+                    file,
+                    line,
+                    seq: Some(head.seq),
+                    why: format!(
+                        "the record seq {} ({}) that the node returned for request {} is missing \
+                         from its log: {what}",
+                        head.seq,
+                        short(&head.hash),
+                        record.request_id.as_deref().unwrap_or("?")
+                    ),
+                }),
+                witnesses,
+            });
         }
         witnessed += 1;
     }
-    Ok(Ok((verified, witnessed)))
+    Ok(NodeChecked {
+        outcome: Ok((verified, witnessed)),
+        witnesses,
+    })
 }
 
 async fn tail(ctx: &Context, node: Option<&str>, n: usize) -> Result<()> {

@@ -19,7 +19,7 @@ use crate::protocol::{
     DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, SamplingParams, StopReason,
     Timings, TokenEvent,
 };
-use crate::queen::lifecycle;
+use crate::queen::{lifecycle, trail};
 
 pub(crate) async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
     let request_id = format!("{:032x}", rand::random::<u128>());
@@ -76,15 +76,16 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     };
     params.validate()?;
     let budget = Budget::new(args.timeout.unwrap_or(node.timeout));
-    let request = InferRequest {
+    let mut request = InferRequest {
         request_id: request_id.to_string(),
         model: model.clone(),
         system: args.system,
         prompt,
         params,
+        queen_audit: None,
     };
 
-    ctx.audit_note(
+    let requested = ctx.audit().record(
         "infer_requested",
         Some(request_id),
         serde_json::json!({
@@ -96,8 +97,18 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
             "timeout_ms": u64::try_from(budget.total().as_millis()).unwrap_or(u64::MAX),
         }),
     );
+    match requested {
+        Ok(head) => {
+            request.queen_audit = Some(crate::audit::QueenHead {
+                queen: trail::audit_id(),
+                seq: head.seq,
+                hash: head.hash,
+            })
+        }
+        Err(e) => trail::unrecorded_request(node, &e)?,
+    }
     let progress = RefCell::new(Progress::default());
-    let work = generate(ctx, node, model, &request, &budget, &progress);
+    let work = generate(ctx, node, &request, &budget, &progress);
     let outcome = tokio::select! {
         biased;
         _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
@@ -115,7 +126,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         let _ = writeln!(std::io::stdout());
     }
     let done = progress.done.as_ref();
-    ctx.audit_note(
+    let completed = ctx.audit().record(
         "infer_completed",
         Some(request_id),
         serde_json::json!({
@@ -129,6 +140,13 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
             "node_audit": done.and_then(|d| d.node_audit.clone()),
         }),
     );
+    let outcome = trail::audited(node, outcome, done, completed.err());
+    // Success (or how the generation ended) is reported only once both ends have it on record.
+    if let Some(done) = done
+        && !matches!(outcome, Err(Error::Audit(_)))
+    {
+        report_done(ctx, node, model, &request, done);
+    }
     // A hop that ran out of budget says what it was doing; the user also needs the breakdown.
     match outcome {
         Err(Error::Deadline(DeadlineError::During(what))) => {
@@ -144,7 +162,6 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
 async fn generate(
     ctx: &Context,
     node: &Node,
-    model: &Model,
     request: &InferRequest,
     budget: &Budget,
     progress: &RefCell<Progress>,
@@ -175,7 +192,7 @@ async fn generate(
     // error (dropping it clears it too).
     let mut waiting = Some(ctx.progress.spinner(format!(
         "waiting for `{}` on `{}`: queue, load and prefill",
-        model.name, node.name
+        request.model.name, node.name
     )));
     let response = conn.client.infer(request, budget).await?;
     let mut stream = std::pin::pin!(events(response));
@@ -187,7 +204,7 @@ async fn generate(
             if let (Some(spinner), Ok(p)) = (&waiting, parse::<PrefillEvent>(&event.data)) {
                 spinner.set_message(format!(
                     "waiting for `{}` on `{}`: prefill {}/{} tokens",
-                    model.name, node.name, p.done, p.total
+                    request.model.name, node.name, p.done, p.total
                 ));
             }
             continue;
@@ -226,7 +243,7 @@ async fn generate(
                 p.timings = done.timings_ms.clone();
                 p.done = Some(done.clone());
                 drop(p);
-                return finish(ctx, node, model, request, budget, &done);
+                return finish(node, budget, &done);
             }
             "error" => {
                 let body: ErrorBody = parse(&event.data)?;
@@ -241,14 +258,32 @@ async fn generate(
     )))
 }
 
-fn finish(
+/// How the generation ended, as the exit code sees it.
+fn finish(node: &Node, budget: &Budget, done: &DoneEvent) -> Result<()> {
+    match done.stop_reason {
+        StopReason::Deadline => {
+            let p = Progress {
+                timings: done.timings_ms.clone(),
+                ..Progress::default()
+            };
+            Err(Error::deadline(breakdown(budget.total(), budget, &p)))
+        }
+        StopReason::Cancelled => Err(Error::worker(format!(
+            "the generation was cancelled on `{}`",
+            node.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The `done` line (`--json`), or the summary on a terminal.
+fn report_done(
     ctx: &Context,
     node: &Node,
     model: &Model,
     request: &InferRequest,
-    budget: &Budget,
     done: &DoneEvent,
-) -> Result<()> {
+) {
     if ctx.out.json {
         ctx.out.json_line(&DoneLine {
             event: "done",
@@ -269,20 +304,6 @@ fn finish(
             done.tokens_out,
             stop_name(done.stop_reason)
         );
-    }
-    match done.stop_reason {
-        StopReason::Deadline => {
-            let p = Progress {
-                timings: done.timings_ms.clone(),
-                ..Progress::default()
-            };
-            Err(Error::deadline(breakdown(budget.total(), budget, &p)))
-        }
-        StopReason::Cancelled => Err(Error::worker(format!(
-            "the generation was cancelled on `{}`",
-            node.name
-        ))),
-        _ => Ok(()),
     }
 }
 

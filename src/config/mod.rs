@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 pub use error::ConfigError;
-pub(crate) use raw::{MAX_DURATION, Transport, parse_duration};
+pub(crate) use raw::{AuditPolicy, MAX_DURATION, Transport, parse_duration};
 pub(crate) use resolve::valid_name;
 pub use source::Source;
 
@@ -65,6 +65,8 @@ pub(crate) struct Node {
     /// How far a request's timestamp may be from the node's clock.
     #[serde(with = "duration_ms")]
     pub(crate) clock_skew: Duration,
+    /// Whether the node refuses work it cannot record (`required`) or serves it with a warning.
+    pub(crate) audit: AuditPolicy,
     pub(crate) models: Vec<String>,
     /// The fleet's `[restart]` policy, which this node's hive applies.
     #[serde(skip)]

@@ -36,6 +36,7 @@ pub(crate) struct RawNode {
     pub(crate) timeout: Option<HumanDuration>,
     pub(crate) keep_alive: Option<HumanDuration>,
     pub(crate) clock_skew: Option<HumanDuration>,
+    pub(crate) audit: Option<AuditPolicy>,
     pub(crate) models: Option<Vec<Spanned<String>>>,
 }
 
@@ -67,6 +68,28 @@ pub(crate) enum Transport {
     Ssh,
     Http,
     Local,
+}
+
+/// What a node does with work it cannot record in its audit trail.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum AuditPolicy {
+    /// Refuse it (exit 10): each record is durable before the work it records is done.
+    #[default]
+    Required,
+    /// Do it anyway, and warn on stderr of every invocation whose records were lost.
+    BestEffort,
+}
+
+impl AuditPolicy {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            AuditPolicy::Required => "required",
+            AuditPolicy::BestEffort => "best-effort",
+        }
+    }
 }
 
 /// A duration written as `"1500ms"`, `"30s"`, `"5m"`.

@@ -144,6 +144,7 @@ pub(super) fn resolve(
                     .clock_skew
                     .or(defaults.clock_skew)
                     .map_or(DEFAULT_CLOCK_SKEW, |d| d.0),
+                audit: n.audit.or(defaults.audit).unwrap_or_default(),
                 key_file: if transport == Transport::Local {
                     paths::expand_tilde(remote_dir.trim_end_matches('/')).join("hive.key")
                 } else {

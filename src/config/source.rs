@@ -99,6 +99,7 @@ impl Config {
             timeout: DEFAULT_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,
             clock_skew: DEFAULT_CLOCK_SKEW,
+            audit: super::AuditPolicy::default(),
             models: vec![DEFAULT_MODEL.to_string()],
             restart: RestartPolicy::default(),
             key_file: paths::state_dir().join("nodes/local/hive.key"),

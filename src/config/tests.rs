@@ -27,6 +27,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "timeout",
         "keep_alive",
         "clock_skew",
+        "audit",
         "max_attempts",
         "backoff_initial",
         "backoff_max",
@@ -197,4 +198,27 @@ proptest::proptest! {
             Err(e) => proptest::prop_assert_eq!(e.code(), 3),
         }
     }
+}
+
+#[test]
+fn audit_fails_closed_unless_a_node_opts_out() {
+    let text = format!(
+        "{MODEL}\n[defaults]\naudit = \"best-effort\"\n\
+         [nodes.a]\nhost = \"h1\"\n[nodes.b]\nhost = \"h2\"\naudit = \"required\"\n"
+    );
+    let config = parse(&text).expect("valid config");
+    assert_eq!(config.nodes["a"].audit, AuditPolicy::BestEffort);
+    assert_eq!(config.nodes["b"].audit, AuditPolicy::Required);
+    let plain = parse(&format!("{MODEL}\n[nodes.a]\nhost = \"h\"\n")).expect("valid");
+    assert_eq!(plain.nodes["a"].audit, AuditPolicy::Required);
+    assert_eq!(
+        Config::embedded().nodes["local"].audit,
+        AuditPolicy::Required
+    );
+    let err = parse(&format!(
+        "{MODEL}\n[nodes.a]\nhost = \"h\"\naudit = \"off\"\n"
+    ))
+    .expect_err("an unknown policy");
+    assert_eq!(err.code(), 3);
+    assert!(err.to_string().contains("best-effort"), "{err}");
 }

@@ -25,6 +25,10 @@ pub(crate) struct ServeArgs {
     /// How far a request's timestamp may be from this node's clock
     #[arg(long, value_parser = crate::config::parse_duration, default_value = "5m")]
     pub(crate) clock_skew: std::time::Duration,
+    /// Refuse work that cannot be recorded in the audit log (`required`), or serve it with a
+    /// warning to the client (`best-effort`)
+    #[arg(long, value_enum, default_value = "required")]
+    pub(crate) audit: crate::config::AuditPolicy,
     /// Restart policy: restarts in a row before giving up
     #[arg(long, default_value_t = 3)]
     pub(crate) max_attempts: u32,
@@ -70,6 +74,8 @@ impl ServeArgs {
             ms(node.keep_alive),
             "--clock-skew".to_string(),
             ms(node.clock_skew),
+            "--audit".to_string(),
+            node.audit.name().to_string(),
             "--max-attempts".to_string(),
             p.max_attempts.to_string(),
             "--backoff-initial".to_string(),
@@ -81,5 +87,38 @@ impl ServeArgs {
             "--breaker-window".to_string(),
             ms(p.breaker_window),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn the_hive_starts_with_the_nodes_audit_policy() {
+        use clap::Parser;
+        let text = "[models.m]\npath = \"m.gguf\"\n\
+                    sha256 = \"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53\"\n\
+                    [nodes.a]\nhost = \"h\"\naudit = \"best-effort\"\n[nodes.b]\nhost = \"h\"\n";
+        let config = crate::config::Config::parse(
+            text,
+            crate::config::Source::File(PathBuf::from("nodes.toml")),
+        )
+        .expect("valid config");
+        for (node, policy) in [
+            ("a", crate::config::AuditPolicy::BestEffort),
+            ("b", crate::config::AuditPolicy::Required),
+        ] {
+            let mut argv = vec!["serve".to_string(), "--dir".into(), "/d".into()];
+            argv.extend(ServeArgs::settings_for(&config.nodes[node]));
+            let parsed = Serve::try_parse_from(argv).expect("the hive takes its settings");
+            assert_eq!(parsed.args.audit, policy, "{node}");
+        }
     }
 }

@@ -78,7 +78,8 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     let audit = crate::audit::Audit::new(
         args.dir.join(crate::audit::FILE),
         format!("hive:{}", args.node),
-    );
+    )
+    .with_policy(args.audit);
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let registry = Arc::new(Registry::new(
@@ -121,6 +122,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
                 "version": env!("CARGO_PKG_VERSION"),
                 "port": args.port,
                 "keys": keys.verifier().fingerprints(),
+                "audit": args.audit.name(),
             }),
         )
         .await;

@@ -9,6 +9,7 @@ use axum::response::sse::Event;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use crate::audit::Recorded;
 use crate::error::Error;
 use crate::hive::entry::Lease;
 use crate::hive::metrics::Metrics;
@@ -35,6 +36,8 @@ pub(crate) struct Relay {
     pub(crate) queue_ms: f64,
     pub(crate) load_ms: Option<f64>,
     pub(crate) received: Instant,
+    /// Why a record of this request was lost (`audit = "best-effort"`), for the done event.
+    pub(crate) lost: Option<String>,
 }
 
 /// A busy worker that sends nothing for this long is taken as stuck. Every event counts, the
@@ -43,12 +46,13 @@ pub(crate) struct Relay {
 pub(crate) const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Relay {
-    pub(crate) async fn run(self, response: reqwest::Response, tx: mpsc::Sender<Event>) {
+    pub(crate) async fn run(mut self, response: reqwest::Response, tx: mpsc::Sender<Event>) {
         let mut upstream = std::pin::pin!(events(response));
         let mut outcome = "error";
         let mut first_token = true;
         let mut stalled = false;
         let mut cut = false;
+        let mut ended = false;
         loop {
             let next = tokio::select! {
                 biased;
@@ -88,7 +92,22 @@ impl Relay {
             let mut head = None;
             if event.event == "done" {
                 outcome = self.record_done(&event);
-                head = self.audit_end(outcome, Some(&event)).await;
+                ended = true;
+                match self.audit_end(outcome, Some(&event)).await {
+                    Ok(Recorded::Kept(h)) => head = Some(h),
+                    Ok(Recorded::Lost(why)) => {
+                        self.lost.get_or_insert(why);
+                    }
+                    Err(refused) => {
+                        // The generation ran, but it is not reported done: its end is not on
+                        // record.
+                        outcome = "error";
+                        let _ = tx
+                            .send(sse_event("error", &ErrorBody::from(&refused)))
+                            .await;
+                        break;
+                    }
+                }
             }
             if tx.send(self.forward(event, head)).await.is_err() {
                 outcome = "cancelled";
@@ -98,12 +117,16 @@ impl Relay {
                 break;
             }
         }
-        if outcome != "ok" && outcome != "deadline" {
-            self.audit_end(outcome, None).await;
+        if !ended {
+            // The request failed or was cancelled: the record is kept if it can be, and there
+            // is nothing left to refuse.
+            if let Err(e) = self.audit_end(outcome, None).await {
+                tracing::error!("{e}");
+            }
         }
         if cut {
             let _ = tx.send(self.cut_by_stop()).await;
-        } else if outcome == "error" && !tx.is_closed() {
+        } else if outcome == "error" && !ended && !tx.is_closed() {
             let _ = tx.send(self.crashed(stalled).await).await;
         }
         self.metrics
@@ -128,7 +151,7 @@ impl Relay {
         &self,
         outcome: &'static str,
         done: Option<&SseEvent>,
-    ) -> Option<crate::audit::Head> {
+    ) -> crate::error::Result<Recorded> {
         let done = done.and_then(|e| serde_json::from_str::<DoneEvent>(&e.data).ok());
         let event = match outcome {
             "ok" => "request_completed",
@@ -144,17 +167,9 @@ impl Relay {
             "duration_ms": u64::try_from(self.received.elapsed().as_millis()).unwrap_or(u64::MAX),
             "worker_pid": self.proc.pid,
         });
-        match self
-            .audit
-            .record_async(event, Some(self.request_id.clone()), fields)
+        self.audit
+            .record_work(event, Some(self.request_id.clone()), fields)
             .await
-        {
-            Ok(head) => Some(head),
-            Err(e) => {
-                tracing::error!("cannot write the audit record: {e}");
-                None
-            }
-        }
     }
 
     fn forward(&self, event: SseEvent, head: Option<crate::audit::Head>) -> Event {
@@ -164,6 +179,7 @@ impl Relay {
             done.timings_ms.queue = Some(self.queue_ms);
             done.timings_ms.load = self.load_ms;
             done.node_audit = head;
+            done.audit_warning = self.lost.clone();
             return sse_event("done", &done);
         }
         // Tokens pass through untouched: no re-encoding on the hot path.

@@ -170,10 +170,12 @@ async fn shutdown(State(hive): State<Arc<Hive>>) -> impl IntoResponse {
 async fn infer(
     State(hive): State<Arc<Hive>>,
     headers: HeaderMap,
+    lost: Option<axum::Extension<crate::auth::layer::LostRecord>>,
     Json(request): Json<InferRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let result = start_generation(&hive, &headers, request, received).await;
+    let lost = lost.map(|l| l.0.0);
+    let result = start_generation(&hive, &headers, request, received, lost).await;
     if let Err(err) = &result {
         let outcome = match err.0.kind() {
             ExitKind::Deadline => "deadline",
@@ -191,6 +193,7 @@ async fn start_generation(
     headers: &HeaderMap,
     request: InferRequest,
     received: Instant,
+    mut lost: Option<String>,
 ) -> Result<Response, ApiError> {
     if hive.shutdown.is_cancelled() {
         return Err(hive.registry.stopping_error().into());
@@ -198,6 +201,7 @@ async fn start_generation(
     if !config::valid_name(&request.model.name) {
         return Err(Error::invalid(format!("invalid model name `{}`", request.model.name)).into());
     }
+    request.validate()?;
     let generate = GenerateRequest {
         request_id: request.request_id.clone(),
         system: request.system,
@@ -218,17 +222,24 @@ async fn start_generation(
         "request received"
     );
 
-    hive.audit
-        .note(
+    // The queen's head travels with the request so that this log witnesses the queen's, as the
+    // queen's keeps this one's head from the done event.
+    let started = hive
+        .audit
+        .record_work(
             "request_started",
             Some(generate.request_id.clone()),
             serde_json::json!({
                 "model": request.model.name,
                 "prompt": crate::audit::digest(&generate.prompt),
                 "budget_ms": u64::try_from(budget.remaining().as_millis()).unwrap_or(u64::MAX),
+                "queen_audit": request.queen_audit,
             }),
         )
-        .await;
+        .await?;
+    if let crate::audit::Recorded::Lost(why) = started {
+        lost.get_or_insert(why);
+    }
     let tracked = hive
         .requests
         .track(&generate.request_id, &request.model.name, budget);
@@ -304,6 +315,7 @@ async fn start_generation(
         queue_ms,
         load_ms,
         received,
+        lost,
     };
     tokio::spawn(relay.run(response, tx));
     let stream = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);

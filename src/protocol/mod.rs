@@ -57,6 +57,38 @@ pub(crate) struct InferRequest {
     pub(crate) system: Option<String>,
     pub(crate) prompt: String,
     pub(crate) params: SamplingParams,
+    /// The head of the queen's audit log (its record of this request), which the node keeps in
+    /// its own record of the request: the node's witness of the queen's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) queen_audit: Option<crate::audit::QueenHead>,
+}
+
+/// Longest request id a hop accepts (the queen makes 32 hex digits).
+pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
+
+impl InferRequest {
+    /// What the hive checks before it keeps any of it.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let id = &self.request_id;
+        if id.is_empty()
+            || id.len() > MAX_REQUEST_ID_BYTES
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::invalid(format!(
+                "the request id must be 1 to {MAX_REQUEST_ID_BYTES} letters, digits, `-` or `_`"
+            )));
+        }
+        if let Some(head) = &self.queen_audit
+            && !head.is_valid()
+        {
+            return Err(Error::invalid(
+                "`queen_audit` must name a queen (1 to 64 hex digits) and a record hash (64 hex digits)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Hive -> worker: the same, without the model (a worker serves one).
@@ -140,6 +172,10 @@ pub(crate) struct DoneEvent {
     /// The node's audit record for this request (seq and hash): the queen's witness of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) node_audit: Option<crate::audit::Head>,
+    /// Set when the node served the request without recording all of it in its audit trail
+    /// (`audit = "best-effort"`): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) audit_warning: Option<String>,
 }
 
 /// An error as a JSON body (HTTP errors) or an `error` event (mid-stream).

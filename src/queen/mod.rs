@@ -5,6 +5,7 @@ pub(crate) mod client;
 pub(crate) mod install;
 pub(crate) mod lifecycle;
 pub(crate) mod node;
+pub(crate) mod trail;
 
 /// This machine's audit log.
 pub(crate) fn audit() -> crate::audit::Audit {

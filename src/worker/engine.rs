@@ -497,6 +497,7 @@ impl Batcher<'_> {
             decode_tokens_per_s,
             worker_pid: Some(std::process::id()),
             node_audit: None,
+            audit_warning: None,
         };
         let _ = slot.job.events.send(EngineEvent::Done(done));
         self.retire(&slot, Some(stop_reason));

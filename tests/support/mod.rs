@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub(crate) mod mount;
 pub(crate) mod netns;
 pub(crate) mod sshd;
 pub(crate) mod user;
@@ -15,8 +16,12 @@ pub(crate) mod user;
 pub(crate) const MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
+/// The binary under test: `RBEE_TEST_BIN` when set (a target directory shared by several
+/// checkouts holds one `target/release/rbee`, relinked by whichever built last), else cargo's.
 pub(crate) fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_rbee"))
+    std::env::var_os("RBEE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rbee")))
 }
 
 /// The test model. In CI a missing model is a failure; elsewhere the test is skipped with a note.
@@ -518,4 +523,36 @@ impl Env {
         assert!(text.contains(from), "nodes.toml has no `{from}`");
         std::fs::write(&self.config, text.replace(from, to)).expect("write nodes.toml");
     }
+}
+
+/// An audit log's records after `edit`, every `prev` and `hash` recomputed the way the README
+/// defines the chain (`hash = sha256(prev ‖ record without hash)`, keys sorted, compact JSON),
+/// so the result verifies on its own: what someone rewriting a log would do.
+pub(crate) fn rechain(records: Vec<serde_json::Value>) -> Vec<String> {
+    use sha2::Digest;
+    let mut prev = "0".repeat(64);
+    records
+        .into_iter()
+        .map(|mut r| {
+            r["prev"] = serde_json::json!(prev);
+            let mut without = r.clone();
+            without
+                .as_object_mut()
+                .expect("a record is an object")
+                .remove("hash");
+            let hash = hex::encode(sha2::Sha256::digest(format!("{prev}{without}").as_bytes()));
+            r["hash"] = serde_json::json!(hash);
+            prev = hash;
+            r.to_string()
+        })
+        .collect()
+}
+
+/// The records of an audit log, parsed.
+pub(crate) fn records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a record: {l:?}: {e}")))
+        .collect()
 }

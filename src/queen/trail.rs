@@ -1,0 +1,88 @@
+//! This machine's side of the audit trail around one request: its id among the queen heads the
+//! nodes keep, and what an invocation does with a record that one end could not keep
+//! (`audit = "required"`: exit 10; `"best-effort"`: a warning on stderr each time).
+
+use crate::config::{AuditPolicy, Node};
+use crate::error::{Error, Result};
+use crate::protocol::DoneEvent;
+
+/// This machine's log among those the nodes witness: a digest of the host name and the log's
+/// path, so that it stays the same when the log itself is deleted, and tells apart the queens
+/// (other machines, other state directories) that share a node.
+pub(crate) fn audit_id() -> String {
+    use sha2::Digest;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let path = super::audit().path;
+    let dir = path
+        .parent()
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .unwrap_or_else(|| path.clone());
+    let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// `infer_requested` could not be written: the request is not sent (`required`), or it goes
+/// out with a warning.
+pub(crate) fn unrecorded_request(node: &Node, e: &Error) -> Result<()> {
+    match node.audit {
+        AuditPolicy::Required => Err(Error::Audit(format!(
+            "this machine cannot record the request in its audit trail, so it was not sent: \
+             {e}; make the log writable, or set `audit = \"best-effort\"` for node `{}` to go \
+             on without it",
+            node.name
+        ))),
+        AuditPolicy::BestEffort => {
+            warn_unrecorded("this machine", &e.to_string());
+            Ok(())
+        }
+    }
+}
+
+/// The outcome once what each end could not record is weighed: under `required` a generation
+/// whose end is not on record, here or on the node, is not a success (exit 10); under
+/// `best-effort` each loss is a warning.
+pub(crate) fn audited(
+    node: &Node,
+    outcome: Result<()>,
+    done: Option<&DoneEvent>,
+    completed: Option<Error>,
+) -> Result<()> {
+    let mut outcome = outcome;
+    if let Some(why) = done.and_then(|d| d.audit_warning.as_deref()) {
+        match node.audit {
+            AuditPolicy::BestEffort => warn_unrecorded(&format!("node `{}`", node.name), why),
+            // The hive runs with a `best-effort` it was started with; this machine's setting
+            // for the node is the stricter one.
+            AuditPolicy::Required if outcome.is_ok() => {
+                outcome = Err(Error::Audit(format!(
+                    "node `{}` served the request without recording it in its audit trail \
+                     ({why}); it is `audit = \"required\"` here, a setting its hive takes when \
+                     it next starts (`rbee hive stop {}`)",
+                    node.name, node.name
+                )));
+            }
+            AuditPolicy::Required => warn_unrecorded(&format!("node `{}`", node.name), why),
+        }
+    }
+    if let Some(e) = completed {
+        match node.audit {
+            AuditPolicy::Required if outcome.is_ok() => {
+                outcome = Err(Error::Audit(format!(
+                    "the request ran on `{}`, but this machine cannot record its end in its \
+                     audit trail: {e}; make the log writable, or set `audit = \"best-effort\"` \
+                     for the node to go on without it",
+                    node.name
+                )));
+            }
+            _ => warn_unrecorded("this machine", &e.to_string()),
+        }
+    }
+    outcome
+}
+
+/// The warning of a `best-effort` invocation whose records were lost, on every such invocation.
+fn warn_unrecorded(who: &str, why: &str) {
+    eprintln!(
+        "rbee: warning: {who} could not record this request in its audit trail (audit = \"best-effort\"): {why}"
+    );
+}

@@ -1,0 +1,121 @@
+//! The audit trail fails closed: a node or a queen that cannot append a record refuses the
+//! work it would record (exit 10) unless the node is `audit = "best-effort"`, and no request,
+//! however large its unauthenticated parts, can stop a node's trail.
+
+use crate::support::mount::Mount;
+use crate::support::{Env, records};
+
+const HI: [&str; 4] = ["--prompt", "Hi", "--max-tokens", "2"];
+
+fn node_log(env: &Env) -> std::path::PathBuf {
+    env.node_dir().join("audit.jsonl")
+}
+
+#[test]
+fn a_node_whose_audit_log_is_read_only_refuses_the_work() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    let before = records(&node_log(&env)).len();
+    let Some(_ro) = Mount::read_only(&env.node_dir()) else {
+        return;
+    };
+    for _ in 0..2 {
+        let run = env.infer(&HI);
+        run.expect(10);
+        let error = run.json_lines().pop().expect("an error event");
+        assert_eq!(error["event"], "error", "{}", run.stdout);
+        assert_eq!(error["code"], "audit_unavailable", "{error}");
+        assert_eq!(error["exit_code"], 10, "{error}");
+        // The node's own reason reaches the user.
+        assert!(
+            run.stderr.contains("n1") && run.stderr.contains("Read-only file system"),
+            "{}",
+            run.stderr
+        );
+        assert!(run.text().is_empty(), "no work was done: {}", run.stdout);
+    }
+    assert_eq!(records(&node_log(&env)).len(), before);
+}
+
+#[test]
+fn a_best_effort_node_serves_with_a_warning_on_every_invocation() {
+    let Some(env) = Env::new("audit = \"best-effort\"") else {
+        return;
+    };
+    env.infer(&HI).expect(0);
+    let Some(_ro) = Mount::read_only(&env.node_dir()) else {
+        return;
+    };
+    for _ in 0..2 {
+        let run = env.infer(&HI);
+        run.expect(0);
+        assert!(!run.text().is_empty(), "{}", run.stdout);
+        assert!(
+            run.stderr.contains("warning")
+                && run.stderr.contains("n1")
+                && run.stderr.contains("Read-only file system"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn the_queen_refuses_to_report_work_its_own_log_cannot_record() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    let node_before = records(&node_log(&env)).len();
+    let Some(_ro) = Mount::read_only(&env.path().join("state")) else {
+        return;
+    };
+    let run = env.infer(&HI);
+    run.expect(10);
+    assert!(
+        run.stderr.contains("Read-only file system"),
+        "{}",
+        run.stderr
+    );
+    // Refused before it was sent: the node saw no request.
+    assert_eq!(records(&node_log(&env)).len(), node_before);
+    let run = env.run(&["audit", "note", "cannot be kept"]);
+    run.expect(10);
+}
+
+#[test]
+fn a_huge_unauthenticated_header_cannot_stop_the_node_trail() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    let huge = "r".repeat(300_000);
+    let (status, body) = crate::support::http(
+        env.port,
+        "POST",
+        "/v1/infer",
+        &[("x-rbee-request-id", &huge)],
+        b"{}",
+    );
+    assert_eq!(status, 401, "{body}");
+    let after_refusal = records(&node_log(&env)).len();
+    for _ in 0..2 {
+        env.infer(&HI).expect(0);
+    }
+    let after = records(&node_log(&env));
+    let completed = after[after_refusal..]
+        .iter()
+        .filter(|r| r["event"] == "request_completed")
+        .count();
+    assert_eq!(completed, 2, "the node's chain stopped growing");
+    let run = env.run(&["--json", "audit", "verify", "--all"]);
+    run.expect(0);
+    assert_eq!(run.json_lines()[1]["witnessed"], 3, "{}", run.stdout);
+
+    // The header is kept as its length, hash and first bytes, never whole.
+    let failure = after
+        .iter()
+        .find(|r| r["event"] == "auth_failure")
+        .expect("the refusal is recorded");
+    let id = &failure["fields"]["request_id"];
+    assert_eq!(id["len"], 300_000, "{}", failure["fields"]);
+    assert_eq!(id["sha256"].as_str().map(str::len), Some(64), "{id}");
+    let text = std::fs::read_to_string(node_log(&env)).expect("node log");
+    assert!(text.lines().all(|l| l.len() < 4096), "an oversized record");
+}
