@@ -11,6 +11,7 @@ mod config_errors;
 mod daemon;
 mod deadline;
 mod infer;
+mod pipes;
 mod signing;
 mod ssh;
 mod supervision;

@@ -14,6 +14,7 @@ use crate::cmd::Context;
 use crate::config::{Model, Node};
 use crate::deadline::Budget;
 use crate::error::{DeadlineError, Error, Result};
+use crate::output::reader_gone;
 use crate::protocol::sse::events;
 use crate::protocol::{
     DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, SamplingParams, StopReason, Timings,
@@ -50,6 +51,8 @@ struct Progress {
     first_token_ms: Option<f64>,
     printed_any: bool,
     ends_with_newline: bool,
+    /// Stdout's reader went away: the invocation ended there, successfully.
+    reader_gone: bool,
     done: Option<DoneEvent>,
 }
 
@@ -101,6 +104,11 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let outcome = tokio::select! {
         biased;
         _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
+        // Dropping the request future closes its connection, which stops the generation.
+        () = crate::output::stdout_closed() => {
+            progress.borrow_mut().reader_gone = true;
+            Ok(())
+        }
         result = tokio::time::timeout_at(budget.deadline().into(), work) => match result {
             Ok(result) => result,
             Err(_) => Err(Error::Deadline(DeadlineError::Spent(breakdown(
@@ -111,7 +119,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         },
     };
     let progress = progress.into_inner();
-    if !ctx.out.json && progress.printed_any && !progress.ends_with_newline {
+    if !ctx.out.json && progress.printed_any && !progress.ends_with_newline && !progress.reader_gone
+    {
         let _ = writeln!(std::io::stdout());
     }
     let done = progress.done.as_ref();
@@ -127,6 +136,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
             "tokens_out": done.map(|d| d.tokens_out),
             "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
             "node_audit": done.and_then(|d| d.node_audit.clone()),
+            "stdout_closed": progress.reader_gone,
         }),
     );
     // A hop that ran out of budget says what it was doing; the user also needs the breakdown.
@@ -188,14 +198,22 @@ async fn generate(
         match event.event.as_str() {
             "token" => {
                 let token: TokenEvent = parse(&event.data)?;
-                if ctx.out.json {
+                let written = if ctx.out.json {
                     ctx.out
-                        .json_line(&serde_json::json!({ "event": "token", "text": token.text }));
+                        .try_json_line(&serde_json::json!({ "event": "token", "text": token.text }))
                 } else {
                     let mut out = stdout.lock();
                     out.write_all(token.text.as_bytes())
                         .and_then(|()| out.flush())
-                        .map_err(|e| Error::internal(format!("cannot write to stdout: {e}")))?;
+                };
+                match written {
+                    Ok(()) => {}
+                    // Returning drops the stream, and so cancels the generation on the node.
+                    Err(e) if reader_gone(&e) => {
+                        progress.borrow_mut().reader_gone = true;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(Error::internal(format!("cannot write to stdout: {e}"))),
                 }
                 let mut p = progress.borrow_mut();
                 if p.first_token_ms.is_none() {
