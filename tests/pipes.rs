@@ -75,3 +75,57 @@ fn json_piped_into_head_ends_quietly_and_stops_the_worker() {
     assert_eq!(line["event"], "token", "{head}");
     assert_worker_stopped(&env);
 }
+
+#[test]
+fn a_reader_gone_before_the_first_token_takes_the_request_out_of_the_queue() {
+    let Some(env) = Env::new("") else { return };
+    // One slot, held by another generation: the piped request waits in the hive's queue and
+    // writes nothing, so only watching stdout can tell that its reader has gone.
+    env.edit_config("threads = 1\n", "threads = 1\nslots = 1\n");
+    let (mut holder, _lines) = env.spawn_endless(&[], 1);
+    let mut args = vec!["infer", "--prompt", "Hi", "--max-tokens", "4"];
+    args.extend(["--timeout", "60s"]);
+    let mut queued = env
+        .command(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rbee");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            env.workers()
+                .first()
+                .is_some_and(|w| w["queued"].as_u64() == Some(1))
+        }),
+        "the second request never queued: {:?}",
+        env.workers()
+    );
+    drop(queued.stdout.take());
+    if !eventually(Duration::from_secs(5), || {
+        queued.try_wait().expect("try_wait").is_some()
+    }) {
+        let _ = queued.kill();
+        let _ = queued.wait();
+        panic!("rbee waits in the queue for a reader that has gone");
+    }
+    let run = Run::from(queued.wait_with_output().expect("output"));
+    run.expect(0);
+    assert_eq!(run.stderr, "");
+    // The hive let go of it: only the holder's request is in flight, and nothing is queued
+    // (a queue count left behind would also keep the model from ever unloading).
+    let hive_side = || {
+        let run = env.run(&["--json", "worker", "list"]);
+        serde_json::from_str::<serde_json::Value>(run.stdout.trim()).expect("JSON")
+    };
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let list = hive_side();
+            list["requests"].as_array().map(Vec::len) == Some(1)
+                && list["workers"][0]["queued"] == 0
+        }),
+        "the hive still holds the request: {}",
+        hive_side()
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

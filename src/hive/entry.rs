@@ -59,6 +59,24 @@ pub(crate) struct Lease {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A request's place in the `queued` count, given back however its wait ends: with a slot, at
+/// its deadline, or dropped when its client goes away before its turn.
+struct Queued<'a>(&'a Entry);
+
+impl<'a> Queued<'a> {
+    fn enter(entry: &'a Entry) -> Queued<'a> {
+        entry.lock().queued += 1;
+        Queued(entry)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.queued = st.queued.saturating_sub(1);
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut st = self.entry.lock();
@@ -115,7 +133,7 @@ impl Entry {
 
     /// Waits for this model's turn, until the budget runs out.
     pub(crate) async fn lease(self: &Arc<Self>, budget: &Budget) -> Result<Lease> {
-        self.lock().queued += 1;
+        let waiting = Queued::enter(self);
         let queue = self
             .queue
             .lock()
@@ -124,8 +142,8 @@ impl Entry {
             .clone();
         let acquired =
             tokio::time::timeout_at(budget.deadline().into(), queue.acquire_owned()).await;
+        drop(waiting);
         let mut st = self.lock();
-        st.queued = st.queued.saturating_sub(1);
         match acquired {
             Ok(Ok(permit)) => {
                 st.in_flight += 1;
