@@ -6,6 +6,7 @@ mod support;
 
 mod audit;
 mod batching;
+mod broken_streams;
 mod completions;
 mod config_errors;
 mod daemon;

@@ -15,7 +15,7 @@ use crate::config::{Model, Node};
 use crate::deadline::Budget;
 use crate::error::{DeadlineError, Error, Result};
 use crate::output::reader_gone;
-use crate::protocol::sse::events;
+use crate::protocol::sse::{StreamError, events};
 use crate::protocol::{
     DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, SamplingParams, StopReason, Timings,
     TokenEvent,
@@ -194,7 +194,14 @@ async fn generate(
         if let Some(spinner) = waiting.take() {
             spinner.finish_and_clear();
         }
-        let event = event?;
+        let event = event.map_err(|e| match e {
+            StreamError::Broke(cause) => Error::hive(format!(
+                "the connection to the hive on `{0}` broke in the middle of the generation \
+                 ({cause}); `rbee hive status {0}` tells whether the hive still runs",
+                node.name
+            )),
+            StreamError::Malformed(e) => e,
+        })?;
         match event.event.as_str() {
             "token" => {
                 let token: TokenEvent = parse(&event.data)?;
@@ -241,8 +248,10 @@ async fn generate(
             _ => {}
         }
     }
-    Err(Error::worker(format!(
-        "the stream from the hive on `{}` ended before the generation finished",
+    // The hive ends every stream with `done` or `error`, even when its worker dies: a stream
+    // that just stops is the hive's own failure.
+    Err(Error::hive(format!(
+        "the hive on `{}` ended the stream before the generation finished",
         node.name
     )))
 }
