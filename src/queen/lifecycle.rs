@@ -275,6 +275,22 @@ async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
     Ok(Stopped::Stopped { pid })
 }
 
+/// The pid of the hive that holds the node's pidfile lock: a live hive, whether it answers or
+/// not (stopped with SIGSTOP, overloaded). `None` when no hive runs.
+pub(crate) async fn lock_holder(conn: &mut NodeConn, budget: &Budget) -> Result<Option<u32>> {
+    if conn.is_local() {
+        let pidfile = local_dir(&conn.node).join(PID_FILE);
+        let pid = pidfile::read_pid(&pidfile).filter(|_| pidfile::is_locked(&pidfile));
+        return Ok(pid.and_then(|p| u32::try_from(p).ok()));
+    }
+    let node = conn.node.clone();
+    let session = conn.ssh(budget).await?;
+    let out = session
+        .exec(&remote::pidfile_holder(&node.remote_dir, PID_FILE), None)
+        .await?;
+    Ok(out.stdout_text().parse().ok())
+}
+
 pub(crate) fn is_alive(pid: i32) -> bool {
     !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
 }
