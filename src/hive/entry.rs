@@ -59,6 +59,13 @@ pub(crate) struct Lease {
     _permit: OwnedSemaphorePermit,
 }
 
+impl Lease {
+    /// The model's entry this lease holds a place of.
+    pub(crate) fn entry(&self) -> &Entry {
+        &self.entry
+    }
+}
+
 /// A request's place in the `queued` count, given back however its wait ends: with a slot, at
 /// its deadline, or dropped when its client goes away before its turn.
 struct Queued<'a>(&'a Entry);

@@ -265,6 +265,7 @@ async fn start_generation(
         queue_ms,
         load_ms,
         received,
+        stopping: hive.shutdown.clone(),
     };
     tokio::spawn(relay.run(response, tx));
     let stream = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
