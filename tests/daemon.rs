@@ -217,4 +217,16 @@ fn a_hive_that_holds_its_pidfile_but_does_not_answer_is_not_answering() {
     let again: serde_json::Value = serde_json::from_str(again.stdout.trim()).expect("JSON");
     assert_eq!(again["state"], "running");
     assert_eq!(again["pid"], pid);
+    // `hive stop` ends a suspended hive too, and gracefully: it is woken to handle its SIGTERM
+    // rather than left for the SIGKILL 15s later.
+    nix::sys::signal::kill(hive, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    env.run(&["hive", "stop", "n1"]).expect(0);
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(pid)),
+        "the suspended hive survived `hive stop`"
+    );
+    assert!(
+        !env.node_dir().join("hive.pid").exists(),
+        "not a graceful exit"
+    );
 }

@@ -840,4 +840,12 @@ fn a_hive_on_an_ssh_node_killed_mid_stream_exits_6_and_one_stopped_is_not_answer
     assert_eq!(line["state"], "not_answering", "{line}");
     assert_eq!(line["pid"], hive.as_raw(), "{line}");
     env.run(&["hive", "status", "a"]).expect(0);
+    // `hive stop` ends a suspended hive on the node too, and waits until it is gone.
+    kill(hive, Signal::SIGSTOP).expect("SIGSTOP");
+    env.run(&["hive", "stop", "a"]).expect(0);
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(hive.as_raw())),
+        "the suspended hive survived `hive stop`"
+    );
+    env.run(&["hive", "status", "a"]).expect(6);
 }

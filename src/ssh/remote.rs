@@ -101,12 +101,14 @@ pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
 }
 
 /// Sends `signal` to the hive named in the pidfile `<remote_dir>/<pid_file>`, if that process
-/// is an rbee hive, and prints its pid.
+/// is an rbee hive, and prints its pid; then SIGCONT, since a suspended hive handles its
+/// signal only once woken (as systemd does).
 pub(crate) fn signal_hive(remote_dir: &str, pid_file: &str, signal: &str) -> String {
     let pidfile = remote_join(remote_dir, pid_file);
     format!(
         "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && \
-         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && echo \"$pid\"",
+         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && \
+         {{ kill -CONT \"$pid\" 2>/dev/null; echo \"$pid\"; }}",
         signal = quote(signal)
     )
 }
