@@ -246,6 +246,15 @@ impl<T> IoContext<T> for std::io::Result<T> {
     }
 }
 
+/// The innermost cause of an error (a library's outer layers say only "request failed").
+pub(crate) fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]

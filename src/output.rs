@@ -21,11 +21,16 @@ impl Output {
 
     /// One JSON value on one line of stdout.
     pub(crate) fn json_line(&self, value: &impl Serialize) {
-        if let Ok(line) = serde_json::to_string(value) {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
-        }
+        let _ = self.try_json_line(value);
+    }
+
+    /// One JSON value on one line of stdout, saying whether it could be written (see
+    /// `reader_gone` for the failure that is not an error).
+    pub(crate) fn try_json_line(&self, value: &impl Serialize) -> std::io::Result<()> {
+        let line = serde_json::to_string(value).map_err(std::io::Error::other)?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()
     }
 
     /// The result of a command: JSON with `--json`, else the text.
@@ -40,6 +45,48 @@ impl Output {
                 let _ = writeln!(out);
             }
             let _ = out.flush();
+        }
+    }
+}
+
+/// Whether a failed write to stdout means that its reader has gone (`rbee infer | head -1`):
+/// the reader has what it wanted, so the command ends quietly with success, as ripgrep does.
+pub(crate) fn reader_gone(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::BrokenPipe
+}
+
+/// Resolves once stdout's reader has gone (the read end of its pipe is closed), which a command
+/// that prints nothing for a while (waiting in a queue, prefilling) would otherwise learn only
+/// at its next write. Never resolves for a stdout that cannot go away that way (a regular file,
+/// `/dev/null`).
+pub(crate) async fn stdout_closed() {
+    match tokio::task::spawn_blocking(wait_stdout_closed).await {
+        Ok(true) => {}
+        _ => std::future::pending().await,
+    }
+}
+
+/// Blocks until stdout reports an error or a hang-up: a pipe's write end does once no reader is
+/// left, a socket once its peer is gone. Polling for no event at all reports only those; a file
+/// that is always writable reports nothing. `false` when stdout cannot be polled.
+fn wait_stdout_closed() -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    loop {
+        let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::empty())];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {
+                let revents = fds[0].revents().unwrap_or_else(PollFlags::empty);
+                if revents.intersects(PollFlags::POLLNVAL) {
+                    return false;
+                }
+                if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+                    return true;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
         }
     }
 }

@@ -284,3 +284,89 @@ fn durations_too_long_for_the_clock_are_refused_not_a_panic() {
     assert!(run.stderr.contains("300000000000y"), "{}", run.stderr);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
+
+/// `rbee --config PATH nodes list`, bounded in time (a FIFO blocks its reader until a writer
+/// comes) and in memory (`/dev/zero` never ends), so that a regression fails instead of
+/// hanging or starving the machine.
+fn run_bounded(config: &std::path::Path) -> crate::support::Run {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 2097152 && exec \"$0\" \"$@\"")
+        .arg(bin())
+        .arg("--config")
+        .arg(config)
+        .args(["nodes", "list"])
+        .current_dir(dir.path())
+        .env("RBEE_HOME", dir.path().join("state"))
+        .env_remove("RBEE_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run rbee");
+    let finished = crate::support::eventually(std::time::Duration::from_secs(20), || {
+        child.try_wait().expect("try_wait").is_some()
+    });
+    if !finished {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("rbee still reads `{}`", config.display());
+    }
+    crate::support::Run::from(child.wait_with_output().expect("output"))
+}
+
+#[track_caller]
+fn assert_refused(run: &crate::support::Run, path: &std::path::Path, needle: &str) {
+    run.expect(3);
+    let named = format!("`{}`", path.display());
+    assert!(run.stderr.contains(&named), "no {named} in: {}", run.stderr);
+    assert!(
+        run.stderr.contains(needle),
+        "no `{needle}` in: {}",
+        run.stderr
+    );
+    assert!(run.stdout.is_empty(), "stdout not empty: {}", run.stdout);
+}
+
+#[test]
+fn a_fifo_or_a_device_is_refused_not_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("nodes.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    assert_refused(&run_bounded(&fifo), &fifo, "not a regular file");
+    let zero = std::path::Path::new("/dev/zero");
+    assert_refused(&run_bounded(zero), zero, "not a regular file");
+    assert_refused(&run_bounded(dir.path()), dir.path(), "not a regular file");
+}
+
+#[test]
+fn a_config_file_over_one_mib_is_refused() {
+    let node = "[nodes.a]\nhost = \"h\"\nmodels = [\"m\"]\n";
+    let padding = "# padding\n".repeat(110_000);
+    let (_dir, path) = env_with(&format!("{MODEL}{node}{padding}"));
+    assert_refused(&run_bounded(&path), &path, "1 MiB");
+    // Just under the bound is read as usual.
+    let padding = "# padding\n".repeat(100_000);
+    let (_dir, path) = env_with(&format!("{MODEL}{node}{padding}"));
+    run_bounded(&path).expect(0);
+}
+
+#[test]
+fn bytes_that_are_not_utf8_are_located_by_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nodes.toml");
+    let mut text = format!("{MODEL}[nodes.a]\n").into_bytes();
+    text.extend_from_slice("host = \"é".as_bytes());
+    text.extend_from_slice(b"\xff\"\nmodels = [\"m\"]\n");
+    std::fs::write(&path, text).expect("write");
+    let run = run_with_config(&path, &["nodes", "list"]);
+    run.expect(3);
+    let location = format!("{}:5:10:", path.display());
+    assert!(
+        run.stderr.contains(&location),
+        "no `{location}` in: {}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("UTF-8"), "{}", run.stderr);
+}

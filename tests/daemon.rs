@@ -182,3 +182,51 @@ fn the_embedded_default_works_with_no_config_at_all() {
     // Its files went where the contract says: <state>/nodes/local.
     assert!(dir.path().join("state/nodes/local/hive.log").exists());
 }
+
+#[test]
+fn a_hive_that_holds_its_pidfile_but_does_not_answer_is_not_answering() {
+    let Some(env) = Env::new("") else { return };
+    env.run(&["hive", "start", "n1"]).expect(0);
+    let text = std::fs::read_to_string(env.node_dir().join("hive.pid")).expect("hive.pid");
+    let pid: i32 = text.trim().parse().expect("pid");
+    let hive = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(hive, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let json = env.run(&["--json", "hive", "status", "n1"]);
+    let table = env.run(&["hive", "status", "n1"]);
+    nix::sys::signal::kill(hive, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+
+    json.expect(6);
+    let status: serde_json::Value = serde_json::from_str(json.stdout.trim()).expect("JSON");
+    assert_eq!(status["state"], "not_answering", "{status}");
+    assert_eq!(status["pid"], pid, "{status}");
+    assert_eq!(status["exit_code"], 6, "{status}");
+    table.expect(6);
+    assert!(
+        table.stdout.contains("not_answering") && table.stdout.contains(&pid.to_string()),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table.stderr.contains(&format!("pid {pid}")) && table.stderr.contains("rbee hive stop n1"),
+        "{}",
+        table.stderr
+    );
+    // Once it answers again it is running, under the same pid.
+    let again = env.run(&["--json", "hive", "status", "n1"]);
+    again.expect(0);
+    let again: serde_json::Value = serde_json::from_str(again.stdout.trim()).expect("JSON");
+    assert_eq!(again["state"], "running");
+    assert_eq!(again["pid"], pid);
+    // `hive stop` ends a suspended hive too, and gracefully: it is woken to handle its SIGTERM
+    // rather than left for the SIGKILL 15s later.
+    nix::sys::signal::kill(hive, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    env.run(&["hive", "stop", "n1"]).expect(0);
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(pid)),
+        "the suspended hive survived `hive stop`"
+    );
+    assert!(
+        !env.node_dir().join("hive.pid").exists(),
+        "not a graceful exit"
+    );
+}

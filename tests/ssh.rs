@@ -807,3 +807,45 @@ fn uploads_show_progress_only_on_a_terminal_and_never_under_q() {
     );
     assert!(remote_bin.exists() && remote_model.exists());
 }
+
+#[test]
+fn a_hive_on_an_ssh_node_killed_mid_stream_exits_6_and_one_stopped_is_not_answering() {
+    use nix::sys::signal::{Signal, kill};
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let pid_of_hive = || -> i32 {
+        let text = std::fs::read_to_string(fleet.remote_dir("a").join("hive.pid")).expect("pid");
+        text.trim().parse().expect("a pid")
+    };
+    let (mut child, lines) = env.spawn_endless(&["--node", "a"], 3);
+    let hive = pid_of_hive();
+    kill(nix::unistd::Pid::from_raw(hive), Signal::SIGKILL).expect("SIGKILL");
+    assert_eq!(child.wait().expect("wait").code(), Some(6));
+    let rest: Vec<serde_json::Value> = lines
+        .map(|l| serde_json::from_str(&l.expect("read")).expect("JSON"))
+        .collect();
+    let error = rest.last().expect("an error line");
+    assert_eq!(error["code"], "hive_unavailable", "{rest:?}");
+    assert!(eventually(Duration::from_secs(5), || !alive(hive)));
+
+    env.run(&["hive", "start", "a"]).expect(0);
+    let hive = nix::unistd::Pid::from_raw(pid_of_hive());
+    kill(hive, Signal::SIGSTOP).expect("SIGSTOP");
+    let status = env.run(&["--json", "hive", "status", "a"]);
+    kill(hive, Signal::SIGCONT).expect("SIGCONT");
+    status.expect(6);
+    let line = &status.json_lines()[0];
+    assert_eq!(line["state"], "not_answering", "{line}");
+    assert_eq!(line["pid"], hive.as_raw(), "{line}");
+    env.run(&["hive", "status", "a"]).expect(0);
+    // `hive stop` ends a suspended hive on the node too, and waits until it is gone.
+    kill(hive, Signal::SIGSTOP).expect("SIGSTOP");
+    env.run(&["hive", "stop", "a"]).expect(0);
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(hive.as_raw())),
+        "the suspended hive survived `hive stop`"
+    );
+    env.run(&["hive", "status", "a"]).expect(6);
+}

@@ -158,23 +158,45 @@ async fn install(ctx: &Context, sel: NodeSelection) -> Result<()> {
     })
 }
 
+/// The state of a hive that runs but does not answer its health check.
+const NOT_ANSWERING: &str = "not_answering";
+
 async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
     let timeout = Duration::from_secs(5);
     let results = each_node(ctx, &sel, |node| async move {
         let budget = Budget::new(node.timeout);
-        let conn = match ctx.open(&node, &budget).await {
+        let mut conn = match ctx.open(&node, &budget).await {
             Ok(c) => c,
             Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        match lifecycle::probe(&conn.client, timeout).await {
-            Probe::Ready(h) | Probe::NeedsRestart(h) => NodeResult {
-                pid: Some(h.pid),
-                version: Some(h.version),
-                uptime_s: Some(h.uptime_s),
-                workers: conn.client.workers(timeout).await.ok(),
-                ..NodeResult::new(&node, "running")
-            },
-            Probe::Unreachable(_) => NodeResult::new(&node, "stopped"),
+        let unanswered = match lifecycle::probe(&conn.client, timeout).await {
+            Probe::Ready(h) | Probe::NeedsRestart(h) => {
+                return NodeResult {
+                    pid: Some(h.pid),
+                    version: Some(h.version),
+                    uptime_s: Some(h.uptime_s),
+                    workers: conn.client.workers(timeout).await.ok(),
+                    ..NodeResult::new(&node, "running")
+                };
+            }
+            Probe::Unreachable(e) => e,
+        };
+        // No answer: a hive holding its pidfile lock still runs, it only does not answer.
+        match lifecycle::lock_holder(&mut conn, &budget).await {
+            Ok(None) => NodeResult::new(&node, "stopped"),
+            Ok(Some(pid)) => {
+                let err = Error::hive(format!(
+                    "the hive on `{name}` runs (pid {pid} holds its pidfile) but does not \
+                     answer: {unanswered}; it may be suspended or overloaded, and \
+                     `rbee hive stop {name}` stops it",
+                    name = node.name
+                ));
+                NodeResult {
+                    pid: Some(pid),
+                    ..NodeResult::failed(&node, NOT_ANSWERING, &err)
+                }
+            }
+            Err(e) => NodeResult::failed(&node, "unreachable", &e),
         }
     })
     .await?;

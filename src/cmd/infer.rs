@@ -14,7 +14,8 @@ use crate::cmd::Context;
 use crate::config::{Model, Node};
 use crate::deadline::Budget;
 use crate::error::{DeadlineError, Error, Result};
-use crate::protocol::sse::events;
+use crate::output::reader_gone;
+use crate::protocol::sse::{StreamError, events};
 use crate::protocol::{
     DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, SamplingParams, StopReason,
     Timings, TokenEvent,
@@ -50,6 +51,8 @@ struct Progress {
     first_token_ms: Option<f64>,
     printed_any: bool,
     ends_with_newline: bool,
+    /// Stdout's reader went away: the invocation ended there, successfully.
+    reader_gone: bool,
     done: Option<DoneEvent>,
 }
 
@@ -112,6 +115,11 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let outcome = tokio::select! {
         biased;
         _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
+        // Dropping the request future closes its connection, which stops the generation.
+        () = crate::output::stdout_closed() => {
+            progress.borrow_mut().reader_gone = true;
+            Ok(())
+        }
         result = tokio::time::timeout_at(budget.deadline().into(), work) => match result {
             Ok(result) => result,
             Err(_) => Err(Error::Deadline(DeadlineError::Spent(breakdown(
@@ -122,7 +130,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         },
     };
     let progress = progress.into_inner();
-    if !ctx.out.json && progress.printed_any && !progress.ends_with_newline {
+    if !ctx.out.json && progress.printed_any && !progress.ends_with_newline && !progress.reader_gone
+    {
         let _ = writeln!(std::io::stdout());
     }
     let done = progress.done.as_ref();
@@ -138,6 +147,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
             "tokens_out": done.map(|d| d.tokens_out),
             "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
             "node_audit": done.and_then(|d| d.node_audit.clone()),
+            "stdout_closed": progress.reader_gone,
         }),
     );
     let outcome = trail::audited(node, outcome, done, completed.err());
@@ -198,7 +208,14 @@ async fn generate(
     let mut stream = std::pin::pin!(events(response));
     let stdout = std::io::stdout();
     while let Some(event) = stream.next().await {
-        let event = event?;
+        let event = event.map_err(|e| match e {
+            StreamError::Broke(cause) => Error::hive(format!(
+                "the connection to the hive on `{0}` broke in the middle of the generation \
+                 ({cause}); `rbee hive status {0}` tells whether the hive still runs",
+                node.name
+            )),
+            StreamError::Malformed(e) => e,
+        })?;
         if event.event == "prefill" {
             // Progress for a person at a terminal, never on stdout.
             if let (Some(spinner), Ok(p)) = (&waiting, parse::<PrefillEvent>(&event.data)) {
@@ -217,14 +234,22 @@ async fn generate(
         match event.event.as_str() {
             "token" => {
                 let token: TokenEvent = parse(&event.data)?;
-                if ctx.out.json {
+                let written = if ctx.out.json {
                     ctx.out
-                        .json_line(&serde_json::json!({ "event": "token", "text": token.text }));
+                        .try_json_line(&serde_json::json!({ "event": "token", "text": token.text }))
                 } else {
                     let mut out = stdout.lock();
                     out.write_all(token.text.as_bytes())
                         .and_then(|()| out.flush())
-                        .map_err(|e| Error::internal(format!("cannot write to stdout: {e}")))?;
+                };
+                match written {
+                    Ok(()) => {}
+                    // Returning drops the stream, and so cancels the generation on the node.
+                    Err(e) if reader_gone(&e) => {
+                        progress.borrow_mut().reader_gone = true;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(Error::internal(format!("cannot write to stdout: {e}"))),
                 }
                 let mut p = progress.borrow_mut();
                 if p.first_token_ms.is_none() {
@@ -252,8 +277,10 @@ async fn generate(
             _ => {}
         }
     }
-    Err(Error::worker(format!(
-        "the stream from the hive on `{}` ended before the generation finished",
+    // The hive ends every stream with `done` or `error`, even when its worker dies: a stream
+    // that just stops is the hive's own failure.
+    Err(Error::hive(format!(
+        "the hive on `{}` ended the stream before the generation finished",
         node.name
     )))
 }

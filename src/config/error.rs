@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+/// The largest nodes.toml read: a fleet of hundreds of nodes fits many times over.
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file parses but says something invalid, or does not parse; the message is located.
@@ -13,6 +16,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A FIFO, a device or a directory: reading it could block or never end.
+    #[error("config file `{}` is not a regular file ({kind}); point --config or RBEE_CONFIG at a nodes.toml", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("config file `{}` is over {} MiB ({size} bytes); a nodes.toml is far smaller", path.display(), MAX_CONFIG_BYTES >> 20)]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("unknown node `{name}` in {file}; known nodes: {known}")]
     UnknownNode {
         name: String,

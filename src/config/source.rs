@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 
+use crate::config::error::MAX_CONFIG_BYTES;
 use crate::config::resolve::resolve;
 use crate::config::{
     Config, ConfigError, DEFAULT_CLOCK_SKEW, DEFAULT_HIVE_PORT, DEFAULT_KEEP_ALIVE, DEFAULT_MODEL,
@@ -53,12 +54,25 @@ impl Config {
     }
 
     pub(crate) fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(ConfigError::Read {
-                path: path.to_path_buf(),
-                source: e,
-            })
-        })?;
+        let bytes = read_bounded(path)?;
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let bad = e.utf8_error().valid_up_to();
+                let byte = e.as_bytes().get(bad).copied().unwrap_or_default();
+                // The valid prefix locates the first bad byte like any other error.
+                let valid = String::from_utf8_lossy(&e.as_bytes()[..bad]).into_owned();
+                let source = Source::File(path.to_path_buf());
+                let message =
+                    format!("byte 0x{byte:02x} is not valid UTF-8; nodes.toml must be UTF-8");
+                return Err(Error::config(locate(
+                    &source,
+                    &valid,
+                    Some(bad..bad),
+                    &message,
+                )));
+            }
+        };
         Config::parse(&text, Source::File(path.to_path_buf()))
     }
 
@@ -110,6 +124,61 @@ impl Config {
             nodes: IndexMap::from([(node.name.clone(), node)]),
         }
     }
+}
+
+/// The bytes of a config file, which must be a regular file of at most `MAX_CONFIG_BYTES`. It is
+/// opened without blocking, so a FIFO is refused instead of waiting for a writer, and read no
+/// further than the bound, in case it grows while being read.
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let unreadable = |e: std::io::Error| {
+        Error::Config(ConfigError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a plain file"
+        };
+        return Err(Error::Config(ConfigError::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        }));
+    }
+    let too_large = |size| {
+        Error::Config(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+        })
+    };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// `FILE:LINE:COL: message`, then the offending line, so the key is in view.

@@ -59,6 +59,31 @@ pub(crate) struct Lease {
     _permit: OwnedSemaphorePermit,
 }
 
+impl Lease {
+    /// The model's entry this lease holds a place of.
+    pub(crate) fn entry(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+/// A request's place in the `queued` count, given back however its wait ends: with a slot, at
+/// its deadline, or dropped when its client goes away before its turn.
+struct Queued<'a>(&'a Entry);
+
+impl<'a> Queued<'a> {
+    fn enter(entry: &'a Entry) -> Queued<'a> {
+        entry.lock().queued += 1;
+        Queued(entry)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.queued = st.queued.saturating_sub(1);
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut st = self.entry.lock();
@@ -119,7 +144,7 @@ impl Entry {
         budget: &Budget,
         registry: &Registry,
     ) -> Result<Lease> {
-        self.lock().queued += 1;
+        let waiting = Queued::enter(self);
         let queue = self
             .queue
             .lock()
@@ -133,11 +158,11 @@ impl Entry {
                 Some(acquired)
             }
         };
-        let mut st = self.lock();
-        st.queued = st.queued.saturating_sub(1);
+        drop(waiting);
         let Some(acquired) = acquired else {
             return Err(registry.stopping_error());
         };
+        let mut st = self.lock();
         match acquired {
             Ok(Ok(permit)) => {
                 st.in_flight += 1;

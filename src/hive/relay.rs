@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::audit::Recorded;
 use crate::error::Error;
-use crate::hive::entry::Lease;
+use crate::hive::entry::{EntryState, Lease, Supervision};
 use crate::hive::metrics::Metrics;
 use crate::hive::requests::Tracked;
 use crate::hive::worker_proc::WorkerProc;
@@ -38,6 +38,8 @@ pub(crate) struct Relay {
     pub(crate) received: Instant,
     /// Why a record of this request was lost (`audit = "best-effort"`), for the done event.
     pub(crate) lost: Option<String>,
+    /// Cancelled once the hive is stopping: then it, not a crash, ended the worker.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 /// A busy worker that sends nothing for this long is taken as stuck. Every event counts, the
@@ -198,6 +200,19 @@ impl Relay {
         sse_event("error", &ErrorBody::from(&err))
     }
 
+    /// What the hive does about the worker that exited, as its supervisor decided: said only
+    /// once the decision is made, so that the message is what happens.
+    async fn what_next(&self) -> String {
+        let entry = self.lease.entry();
+        for _ in 0..50 {
+            if let Some(next) = decided(&entry.lock(), self.proc.pid, &self.model) {
+                return next;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        "the hive has not yet decided whether to restart it".to_string()
+    }
+
     async fn crashed(&self, stalled: bool) -> Event {
         let mut exit = None;
         for _ in 0..20 {
@@ -207,12 +222,23 @@ impl Relay {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        if self.stopping.is_cancelled() {
+            let err = Error::hive(format!(
+                "the hive is stopping: it let the request run for {}s, then stopped the worker \
+                 for `{}` in the middle of it",
+                crate::hive::DRAIN_GRACE.as_secs(),
+                self.model
+            ));
+            tracing::warn!("{err}");
+            return sse_event("error", &ErrorBody::from(&err));
+        }
         let how = match exit {
             _ if stalled => format!(
-                "it sent nothing for {}s and was killed as stuck; the hive restarts it per its restart policy",
-                STALL_TIMEOUT.as_secs()
+                "it sent nothing for {}s and was killed as stuck; {}",
+                STALL_TIMEOUT.as_secs(),
+                self.what_next().await
             ),
-            Some(s) => format!("it exited: {s}; the hive restarts it per its restart policy"),
+            Some(s) => format!("it exited: {s}; {}", self.what_next().await),
             None => "its stream ended".to_string(),
         };
         let err = Error::worker(format!(
@@ -222,4 +248,26 @@ impl Relay {
         tracing::warn!("{err}");
         sse_event("error", &ErrorBody::from(&err))
     }
+}
+
+/// The supervisor's decision about the worker `pid`, in words, once it has made one (it takes
+/// the process out of the entry when it decides).
+fn decided(st: &EntryState, pid: u32, model: &str) -> Option<String> {
+    if st.proc.as_ref().is_some_and(|p| p.pid == pid) {
+        return None;
+    }
+    Some(match (&st.supervision, &st.proc) {
+        (Supervision::Restarting { at }, _) => format!(
+            "the hive restarts it in {:.1}s",
+            at.saturating_duration_since(Instant::now()).as_secs_f64()
+        ),
+        (Supervision::Failed { until }, _) => format!(
+            "the hive does not restart it for {}s: {}; `rbee worker restart --model {model}` \
+             restarts it now",
+            until.saturating_duration_since(Instant::now()).as_secs(),
+            st.failed_reason.as_deref().unwrap_or("it kept crashing"),
+        ),
+        (Supervision::Normal, Some(_)) => "the hive has started a new one".to_string(),
+        (Supervision::Normal, None) => "it was stopped on request".to_string(),
+    })
 }

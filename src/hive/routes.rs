@@ -316,6 +316,7 @@ async fn start_generation(
         load_ms,
         received,
         lost,
+        stopping: hive.shutdown.clone(),
     };
     tokio::spawn(relay.run(response, tx));
     let stream = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);

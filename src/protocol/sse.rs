@@ -77,8 +77,22 @@ impl SseParser {
     }
 }
 
+/// Why an event stream could not be read to its end: callers tell a peer that went away from
+/// one that sent something that is not an event stream.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StreamError {
+    /// The connection ended before the body did: the peer died, or the way to it broke.
+    #[error("the connection broke: {0}")]
+    Broke(String),
+    /// The body is not a well-formed event stream.
+    #[error(transparent)]
+    Malformed(Error),
+}
+
 /// Events of an HTTP response body, in order; ends when the body ends.
-pub(crate) fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent, Error>> {
+pub(crate) fn events(
+    response: reqwest::Response,
+) -> impl Stream<Item = Result<SseEvent, StreamError>> {
     let body = response.bytes_stream();
     futures::stream::unfold(
         (
@@ -94,12 +108,14 @@ pub(crate) fn events(response: reqwest::Response) -> impl Stream<Item = Result<S
                 match body.next().await {
                     None => return None,
                     Some(Err(e)) => {
-                        let err = Error::internal(format!("event stream broke: {e}"));
+                        let err = StreamError::Broke(crate::error::root_cause(&e));
                         return Some((Err(err), (body, parser, ready)));
                     }
                     Some(Ok(bytes)) => match parser.push(&bytes) {
                         Ok(events) => ready.extend(events),
-                        Err(e) => return Some((Err(e), (body, parser, ready))),
+                        Err(e) => {
+                            return Some((Err(StreamError::Malformed(e)), (body, parser, ready)));
+                        }
                     },
                 }
             }

@@ -113,7 +113,7 @@ impl HiveClient {
                 "hive on `{}` is not reachable at {}: {}",
                 self.node,
                 self.base,
-                root_cause(&err)
+                crate::error::root_cause(&err)
             ))
         }
     }
@@ -192,12 +192,4 @@ impl HiveClient {
             Err(error_from_response(response, &format!("hive on `{}`", self.node)).await)
         }
     }
-}
-
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause: &(dyn std::error::Error + 'static) = err;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }

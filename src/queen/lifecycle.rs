@@ -206,19 +206,7 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
     }
     // Remote: wait until the hive stops answering, then make sure its process is gone.
     let Some(pid) = pid else {
-        // Not answering, but maybe alive (stuck): the pidfile knows.
-        let node = conn.node.clone();
-        let session = conn.ssh(budget).await?;
-        let out = session
-            .exec(
-                &remote::signal_hive(&node.remote_dir, PID_FILE, "TERM"),
-                None,
-            )
-            .await?;
-        return Ok(match out.stdout_text().parse() {
-            Ok(pid) => Stopped::Stopped { pid },
-            Err(_) => Stopped::NotRunning,
-        });
+        return stop_unanswering(conn, budget).await;
     };
     let until = Instant::now() + STOP_WAIT;
     while Instant::now() < until {
@@ -229,6 +217,25 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
             return Ok(Stopped::Stopped { pid });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(conn, budget, pid, "KILL").await?;
+    Ok(Stopped::Stopped { pid })
+}
+
+/// Stops a remote hive that does not answer but may be alive (suspended, stuck), as the pidfile
+/// lock tells: SIGTERM, then SIGKILL when it still holds the lock after `STOP_WAIT`.
+async fn stop_unanswering(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped> {
+    let Some(pid) = lock_holder(conn, budget).await? else {
+        return Ok(Stopped::NotRunning);
+    };
+    let pid = i32::try_from(pid).unwrap_or(i32::MAX);
+    signal(conn, budget, pid, "TERM").await?;
+    let until = Instant::now() + STOP_WAIT;
+    while Instant::now() < until {
+        if lock_holder(conn, budget).await?.is_none() {
+            return Ok(Stopped::Stopped { pid });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     signal(conn, budget, pid, "KILL").await?;
     Ok(Stopped::Stopped { pid })
@@ -260,6 +267,8 @@ async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
             match pidfile::read_pid(&pidfile).filter(|_| pidfile::is_locked(&pidfile)) {
                 Some(pid) => {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                    // A suspended hive handles its SIGTERM only once woken (as systemd does).
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
                     pid
                 }
                 None => return Ok(Stopped::NotRunning),
@@ -277,6 +286,22 @@ async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
         }
     }
     Ok(Stopped::Stopped { pid })
+}
+
+/// The pid of the hive that holds the node's pidfile lock: a live hive, whether it answers or
+/// not (stopped with SIGSTOP, overloaded). `None` when no hive runs.
+pub(crate) async fn lock_holder(conn: &mut NodeConn, budget: &Budget) -> Result<Option<u32>> {
+    if conn.is_local() {
+        let pidfile = local_dir(&conn.node).join(PID_FILE);
+        let pid = pidfile::read_pid(&pidfile).filter(|_| pidfile::is_locked(&pidfile));
+        return Ok(pid.and_then(|p| u32::try_from(p).ok()));
+    }
+    let node = conn.node.clone();
+    let session = conn.ssh(budget).await?;
+    let out = session
+        .exec(&remote::pidfile_holder(&node.remote_dir, PID_FILE), None)
+        .await?;
+    Ok(out.stdout_text().parse().ok())
 }
 
 /// Whether the process runs. A zombie has exited: the hive is nobody's child here (it was

@@ -101,13 +101,29 @@ pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
 }
 
 /// Sends `signal` to the hive named in the pidfile `<remote_dir>/<pid_file>`, if that process
-/// is an rbee hive, and prints its pid.
+/// is an rbee hive, and prints its pid; then SIGCONT, since a suspended hive handles its
+/// signal only once woken (as systemd does).
 pub(crate) fn signal_hive(remote_dir: &str, pid_file: &str, signal: &str) -> String {
     let pidfile = remote_join(remote_dir, pid_file);
     format!(
         "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && \
-         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && echo \"$pid\"",
+         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && \
+         {{ kill -CONT \"$pid\" 2>/dev/null; echo \"$pid\"; }}",
         signal = quote(signal)
+    )
+}
+
+/// Prints the pid in the pidfile `<remote_dir>/<pid_file>` when a live hive holds its lock, even
+/// one that does not answer; prints nothing for a stale file or none. Where `flock` is missing
+/// it falls back to the process itself: alive, and an rbee hive.
+pub(crate) fn pidfile_holder(remote_dir: &str, pid_file: &str) -> String {
+    let pidfile = remote_join(remote_dir, pid_file);
+    format!(
+        "f={pidfile}; pid=$(cat \"$f\" 2>/dev/null); [ -n \"$pid\" ] || exit 0; \
+         if command -v flock >/dev/null 2>&1; then \
+         if flock -n -s 9 9<\"$f\" 2>/dev/null || [ ! -f \"$f\" ]; then exit 0; fi; \
+         elif ! kill -0 \"$pid\" 2>/dev/null || ! grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null; then \
+         exit 0; fi; echo \"$pid\""
     )
 }
 
@@ -146,6 +162,30 @@ mod tests {
             "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
         );
         assert!(sh(&file_sha256(&remote_dir, "none")).stdout.is_empty());
+    }
+
+    #[test]
+    fn the_pidfile_holder_is_named_only_while_it_holds_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote_dir = dir.path().join("a b\nc").display().to_string();
+        std::fs::create_dir_all(&remote_dir).expect("mkdir");
+        let holder = || {
+            let out = sh(&pidfile_holder(&remote_dir, "hive.pid"));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(holder(), "");
+        let path = std::path::Path::new(&remote_dir).join("hive.pid");
+        // Held the way a hive holds its pidfile: an exclusive flock on it, the pid inside.
+        std::fs::write(&path, format!("{}\n", std::process::id())).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .expect("lock");
+        assert_eq!(holder(), std::process::id().to_string());
+        drop(lock);
+        // A stale file, as a killed hive leaves it: a pid, but no lock.
+        std::fs::write(&path, format!("{}\n", std::process::id())).expect("write");
+        assert_eq!(holder(), "");
     }
 
     #[test]
