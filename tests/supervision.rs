@@ -27,7 +27,7 @@ fn wait_restarted(env: &Env, old_pid: i64) -> (serde_json::Value, Duration) {
 }
 
 fn metric(env: &Env, name: &str) -> f64 {
-    let (status, body) = http(env.port, "GET", "/metrics", &[], b"");
+    let (status, body) = http(env.socket(), "GET", "/metrics", &[], b"");
     assert_eq!(status, 200);
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

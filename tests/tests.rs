@@ -12,6 +12,7 @@ mod config_errors;
 mod daemon;
 mod deadline;
 mod infer;
+pub(crate) mod isolation;
 mod signing;
 mod ssh;
 mod supervision;
