@@ -1,5 +1,6 @@
 //! What the hive's and the worker's HTTP servers share: errors as JSON responses with the
-//! status of their class, and a listener with Nagle's algorithm off.
+//! status of their class, the Unix socket they listen on (a TCP listener with Nagle's algorithm
+//! off where a node opts into HTTP), and who is on the other end of a connection.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -39,17 +40,94 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The listener with Nagle's algorithm off on every connection. A token or done event is one
+/// A TCP listener with Nagle's algorithm off on every connection. A token or done event is one
 /// small write; with Nagle on, the write after it waits for the peer's (delayed, up to 40 ms)
 /// acknowledgement of the one before.
-pub(crate) fn no_delay(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn set(tcp: &mut tokio::net::TcpStream) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
+pub(crate) struct NoDelay(pub(crate) tokio::net::TcpListener);
+
+impl axum::serve::Listener for NoDelay {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((tcp, addr)) => {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
+                    }
+                    return (tcp, addr);
+                }
+                // Out of descriptors and the like: wait for some to be released, as axum does.
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
         }
     }
-    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// Who is on the other end of a connection, for logs and audit records: an address for TCP,
+/// the peer's uid and pid (from the kernel) for a Unix socket.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer(pub(crate) String);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Peer {
+        Peer(stream.remote_addr().to_string())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
+        Peer(match stream.io().peer_cred() {
+            Ok(cred) => format!(
+                "unix:uid={},pid={}",
+                cred.uid(),
+                cred.pid()
+                    .map_or_else(|| "-".to_string(), |p| p.to_string())
+            ),
+            Err(_) => "unix".to_string(),
+        })
+    }
+}
+
+/// Listens on the Unix socket at `path`, replacing a stale one (a server killed before it could
+/// remove its socket). Only the directory's owner can reach it: the directory is 0700, and the
+/// socket itself is made 0600.
+pub(crate) fn bind_unix(
+    path: &std::path::Path,
+) -> crate::error::Result<std::os::unix::net::UnixListener> {
+    use crate::error::IoContext;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if path.as_os_str().len() > crate::paths::MAX_SOCKET_PATH {
+        return Err(Error::from(crate::config::ConfigError::SocketPathTooLong {
+            path: path.display().to_string(),
+            bytes: path.as_os_str().len(),
+            max: crate::paths::MAX_SOCKET_PATH,
+            dir_max: crate::paths::MAX_SOCKET_PATH - 1 - crate::paths::MAX_SOCKET_NAME,
+        }));
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path).at("remove the stale socket", path)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).at("listen on the socket", path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .at("make the socket private", path)?;
+    Ok(listener)
 }

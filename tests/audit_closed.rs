@@ -87,7 +87,7 @@ fn a_huge_unauthenticated_header_cannot_stop_the_node_trail() {
     env.infer(&HI).expect(0);
     let huge = "r".repeat(300_000);
     let (status, body) = crate::support::http(
-        env.port,
+        env.socket(),
         "POST",
         "/v1/infer",
         &[("x-rbee-request-id", &huge)],

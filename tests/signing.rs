@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Env, fresh_nonce, http, sign_covering, sign_with, unix_now};
+use crate::support::{At, Env, fresh_nonce, http, sign_covering, sign_with, unix_now};
 
 fn rejected(status: u16, body: &str, class: &str) {
     assert_eq!(status, 401, "{body}");
@@ -20,14 +20,15 @@ fn random_key() -> String {
 
 /// Every way a request can be wrong, against one endpoint: each is refused with its class, a
 /// correct request passes once, its replay is refused.
-fn forgeries_refused(port: u16, key: &str, method: &str, path: &str, body: &[u8]) {
+fn forgeries_refused(port: impl Into<At>, key: &str, method: &str, path: &str, body: &[u8]) {
+    let port: At = port.into();
     let now = unix_now();
     let send = |path: &str, sig: Option<&str>, body: &[u8]| {
         let mut headers = vec![("content-type", "application/json")];
         if let Some(sig) = sig {
             headers.push(("x-rbee-signature", sig));
         }
-        http(port, method, path, &headers, body)
+        http(port.clone(), method, path, &headers, body)
     };
     let (s, b) = send(path, None, body);
     rejected(s, &b, "missing");
@@ -54,7 +55,7 @@ fn forgeries_refused(port: u16, key: &str, method: &str, path: &str, body: &[u8]
     // The budget and the request id are signed: one added or changed after signing is refused.
     let sig = sign_covering(key, method, path, ("1500", "r1"), body, now, &fresh_nonce());
     let (s, b) = http(
-        port,
+        port.clone(),
         method,
         path,
         &[
@@ -68,7 +69,7 @@ fn forgeries_refused(port: u16, key: &str, method: &str, path: &str, body: &[u8]
     rejected(s, &b, "bad_signature");
     let sig = sign_with(key, method, path, body, now, &fresh_nonce());
     let (s, b) = http(
-        port,
+        port.clone(),
         method,
         path,
         &[
@@ -103,11 +104,11 @@ fn forged_stale_and_replayed_requests_are_refused_by_the_hive() {
     let Some(env) = Env::new("") else { return };
     env.run(&["hive", "start", "n1"]).expect(0);
     let key = env.node_key();
-    forgeries_refused(env.port, &key, "GET", "/v1/workers", b"");
-    forgeries_refused(env.port, &key, "DELETE", "/v1/workers/smollm2", b"");
+    forgeries_refused(env.socket(), &key, "GET", "/v1/workers", b"");
+    forgeries_refused(env.socket(), &key, "DELETE", "/v1/workers/smollm2", b"");
     // Health and metrics stay open; nothing secret leaks anywhere.
-    assert_eq!(http(env.port, "GET", "/health", &[], b"").0, 200);
-    assert_eq!(http(env.port, "GET", "/metrics", &[], b"").0, 200);
+    assert_eq!(http(env.socket(), "GET", "/health", &[], b"").0, 200);
+    assert_eq!(http(env.socket(), "GET", "/metrics", &[], b"").0, 200);
     let log = std::fs::read_to_string(env.node_dir().join("hive.log")).expect("log");
     assert!(!log.contains(key.trim()), "the key is in the log");
     let rejection = log
@@ -115,7 +116,7 @@ fn forged_stale_and_replayed_requests_are_refused_by_the_hive() {
         .find(|l| l.contains("request rejected") && l.contains("replayed"))
         .expect("rejections are logged");
     assert!(
-        rejection.contains("/v1/workers") && rejection.contains("peer=127.0.0.1"),
+        rejection.contains("/v1/workers") && rejection.contains("peer=unix:uid="),
         "{rejection}"
     );
 }
@@ -126,7 +127,7 @@ fn forged_stale_and_replayed_requests_are_refused_by_a_worker() {
     let Some(env) = Env::new("") else { return };
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
-    let port = env.workers()[0]["port"].as_u64().expect("port") as u16;
+    let port = env.worker_socket();
     let key_file = env.node_dir().join("worker.key");
     let mode = std::fs::metadata(&key_file)
         .expect("worker key")
@@ -137,7 +138,7 @@ fn forged_stale_and_replayed_requests_are_refused_by_a_worker() {
     let worker_key = std::fs::read_to_string(&key_file).expect("worker key");
     assert_ne!(worker_key, env.node_key());
     let body = br#"{"request_id":"x","system":null,"prompt":"Hi","params":{"max_tokens":2,"temperature":0.0,"top_p":1.0,"seed":null}}"#;
-    forgeries_refused(port, &worker_key, "POST", "/v1/generate", body);
+    forgeries_refused(&port, &worker_key, "POST", "/v1/generate", body);
     // The node's own key is not the worker's.
     let sig = sign_with(
         &env.node_key(),
@@ -149,14 +150,14 @@ fn forged_stale_and_replayed_requests_are_refused_by_a_worker() {
     );
     let json = ("content-type", "application/json");
     let (s, b) = http(
-        port,
+        &port,
         "POST",
         "/v1/generate",
         &[json, ("x-rbee-signature", &sig)],
         body,
     );
     rejected(s, &b, "unknown_key");
-    assert_eq!(http(port, "GET", "/health", &[], b"").0, 200);
+    assert_eq!(http(&port, "GET", "/health", &[], b"").0, 200);
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
 }
@@ -271,7 +272,7 @@ fn an_exact_replay_after_the_hive_restarts_is_refused() {
     let sig = sign_with(&key, "GET", "/v1/workers", b"", unix_now(), &fresh_nonce());
     let send = || {
         http(
-            env.port,
+            env.socket(),
             "GET",
             "/v1/workers",
             &[("x-rbee-signature", sig.as_str())],

@@ -849,3 +849,123 @@ fn a_hive_on_an_ssh_node_killed_mid_stream_exits_6_and_one_stopped_is_not_answer
     );
     env.run(&["hive", "status", "a"]).expect(6);
 }
+
+#[test]
+fn an_ssh_node_is_reached_through_streamlocal_with_no_tcp_listener_on_either_end() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+    let pids = crate::isolation::pids(env, "a");
+    let listeners = crate::isolation::tcp_listeners_of(&pids);
+    assert!(listeners.is_empty(), "{listeners:?}");
+    assert!(fleet.remote_dir("a").join("hive.sock").exists());
+    // The queen's end of each forward is a socket in its private directory, gone with it.
+    let run = env.path().join("state/run");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&run)
+        .expect("run dir")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .expect("read run dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "forward sockets left behind: {left:?}");
+    env.run(&["hive", "stop", "a"]).expect(0);
+    assert!(
+        eventually(Duration::from_secs(5), || pids.iter().all(|p| !alive(*p))),
+        "hive or worker survived the stop"
+    );
+}
+
+#[test]
+fn a_remote_dir_under_the_nodes_home_runs_no_command_once_the_home_is_known() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    // The same directory, written relative to the node user's home (as sshd sees it).
+    let home = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .expect("user")
+        .expect("user entry")
+        .dir;
+    let up = "../".repeat(home.components().count() - 1);
+    let absolute = fleet.remote_dir("a").display().to_string();
+    let relative = format!("~/{up}{}", absolute.trim_start_matches('/'));
+    env.edit_config(
+        &format!("remote_dir = {absolute:?}"),
+        &format!("remote_dir = {relative:?}"),
+    );
+    let infer = [
+        "-vv",
+        "--json",
+        "infer",
+        "--node",
+        "a",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "1",
+    ];
+    let cold = env.run(&infer);
+    cold.expect(0);
+    assert!(
+        cold.stderr.contains("running a command on the node"),
+        "{}",
+        cold.stderr
+    );
+    let cached = std::fs::read_to_string(env.path().join("state/homes/a.home")).expect("cache");
+    assert!(
+        cached.ends_with(&format!("\n{}", home.display())),
+        "{cached}"
+    );
+    let warm = env.run(&infer);
+    warm.expect(0);
+    assert!(
+        !warm.stderr.contains("running a command on the node"),
+        "a warm infer ran a command on the node"
+    );
+    assert!(warm.done()["timings_ms"]["hive_start"].is_null());
+    env.run(&["hive", "stop", "a"]).expect(0);
+    env.run(&["hive", "status", "a"]).expect(6);
+}
+
+#[test]
+fn a_remote_dir_too_long_for_a_socket_is_refused_before_anything_runs_there() {
+    let long = "d".repeat(100);
+    let spec = NodeSpec {
+        name: "a",
+        remote_dir: Some(&long),
+        extra: "",
+    };
+    let Some(fleet) = Fleet::new(&[spec]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let run = env.run(&[
+        "infer",
+        "--node",
+        "a",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "1",
+    ]);
+    run.expect(3);
+    let path = env.path().join(&long).join("hive.sock");
+    assert!(
+        run.stderr.contains(&path.display().to_string()),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("107 bytes"), "{}", run.stderr);
+    assert!(
+        !env.path().join(&long).exists(),
+        "something ran on the node"
+    );
+}

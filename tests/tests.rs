@@ -16,6 +16,7 @@ mod daemon;
 mod deadline;
 mod faults;
 mod infer;
+pub(crate) mod isolation;
 mod model_files;
 mod pipes;
 mod signing;

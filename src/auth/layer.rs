@@ -21,7 +21,13 @@ pub(crate) struct Guard {
 #[derive(Debug, Clone)]
 pub(crate) struct LostRecord(pub(crate) String);
 
-/// Axum layer: every request but `GET /health` and `GET /metrics` must carry a valid signature.
+/// Put on a request whose signature verified, so that an open route (`GET /health`) can tell a
+/// signer, who may see more, from anyone else.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Authenticated;
+
+/// Axum layer: every request but `GET /health` and `GET /metrics` must carry a valid signature;
+/// those two may carry one, and then it is checked like any other.
 pub(crate) async fn require_signature(
     axum::extract::State(guard): axum::extract::State<std::sync::Arc<Guard>>,
     request: axum::extract::Request,
@@ -29,12 +35,16 @@ pub(crate) async fn require_signature(
 ) -> Response {
     let open = request.method() == axum::http::Method::GET
         && matches!(request.uri().path(), "/health" | "/metrics");
-    if open {
+    if open
+        && !request
+            .headers()
+            .contains_key(crate::auth::SIGNATURE_HEADER)
+    {
         return next.run(request).await;
     }
     let peer = request
         .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .get::<axum::extract::ConnectInfo<crate::server::Peer>>()
         .map_or_else(|| "-".to_string(), |c| c.0.to_string());
     let (parts, body) = request.into_parts();
     let header = parts
@@ -84,7 +94,10 @@ pub(crate) async fn require_signature(
         ),
     };
     let mut lost = None;
-    if let Some(audit) = &guard.audit {
+    // A signed status read is not work on the node: only its refusals go to the audit log, or
+    // every `infer` would write one more record for its health check.
+    let audited = !(open && result.is_ok());
+    if let Some(audit) = guard.audit.as_ref().filter(|_| audited) {
         // Nothing here is authenticated yet (and the request id header never is): what goes in
         // the record is capped, so no request can make a record of any size.
         let untrusted = |text: &str| crate::audit::bounded(text, crate::audit::UNTRUSTED_BYTES);
@@ -132,6 +145,7 @@ pub(crate) async fn require_signature(
             if let Some(lost) = lost {
                 request.extensions_mut().insert(lost);
             }
+            request.extensions_mut().insert(Authenticated);
             next.run(request).await
         }
         Err(reject) => {

@@ -33,9 +33,9 @@ async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
         };
         match lifecycle::ensure_running(&mut conn, &budget, &ctx.progress).await {
             Ok(running) => NodeResult {
-                pid: Some(running.health.pid),
+                pid: running.health.signed.as_ref().map(|d| d.pid),
+                uptime_s: running.health.signed.as_ref().map(|d| d.uptime_s),
                 version: Some(running.health.version),
-                uptime_s: Some(running.health.uptime_s),
                 ..NodeResult::new(
                     &node,
                     if running.started {
@@ -172,9 +172,9 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
         let unanswered = match lifecycle::probe(&conn.client, timeout).await {
             Probe::Ready(h) | Probe::NeedsRestart(h) => {
                 return NodeResult {
-                    pid: Some(h.pid),
+                    pid: h.signed.as_ref().map(|d| d.pid),
+                    uptime_s: h.signed.as_ref().map(|d| d.uptime_s),
                     version: Some(h.version),
-                    uptime_s: Some(h.uptime_s),
                     workers: conn.client.workers(timeout).await.ok(),
                     ..NodeResult::new(&node, "running")
                 };

@@ -51,7 +51,7 @@ async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
             "MODEL",
             "STATE",
             "PID",
-            "PORT",
+            "SOCKET",
             "UP",
             "LOAD",
             "SERVED",
@@ -96,7 +96,11 @@ fn row(w: &WorkerInfo) -> Vec<String> {
         w.model.clone(),
         state_name(w.state).to_string(),
         w.pid.map_or_else(dash, |p| p.to_string()),
-        w.port.map_or_else(dash, |p| p.to_string()),
+        w.socket.as_deref().map_or_else(dash, |s| {
+            std::path::Path::new(s)
+                .file_name()
+                .map_or_else(|| s.to_string(), |n| n.to_string_lossy().into_owned())
+        }),
         w.started_at
             .map_or_else(dash, |t| format!("{}s", now.saturating_sub(t))),
         w.load_ms.map_or_else(dash, |ms| format!("{ms:.0}ms")),

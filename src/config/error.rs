@@ -35,4 +35,17 @@ pub enum ConfigError {
     },
     #[error("unknown model `{name}`; known models: {known}")]
     UnknownModel { name: String, known: String },
+    /// A node's directory too long to hold its Unix sockets: the kernel takes at most
+    /// `max` bytes for a socket's path.
+    #[error(
+        "the socket path `{path}` would be {bytes} bytes, over the {max} bytes the \
+         kernel allows for a Unix socket; choose a shorter `remote_dir` (at most {dir_max} bytes \
+         once `~` is expanded)"
+    )]
+    SocketPathTooLong {
+        path: String,
+        bytes: usize,
+        max: usize,
+        dir_max: usize,
+    },
 }

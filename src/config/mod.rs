@@ -56,7 +56,10 @@ pub(crate) struct Node {
     pub(crate) known_hosts: String,
     /// As written: `~` means the node's home, so it is expanded on the node.
     pub(crate) remote_dir: String,
+    /// The hive's TCP port, for `transport = "http"` only.
     pub(crate) hive_port: u16,
+    /// A TCP port serving `GET /metrics` only, on all the node's interfaces.
+    pub(crate) metrics_port: Option<u16>,
     pub(crate) transport: Transport,
     #[serde(with = "duration_ms")]
     pub(crate) timeout: Duration,

@@ -32,6 +32,7 @@ pub(crate) struct RawNode {
     pub(crate) known_hosts: Option<String>,
     pub(crate) remote_dir: Option<String>,
     pub(crate) hive_port: Option<u16>,
+    pub(crate) metrics_port: Option<u16>,
     pub(crate) transport: Option<Transport>,
     pub(crate) timeout: Option<HumanDuration>,
     pub(crate) keep_alive: Option<HumanDuration>,

@@ -131,6 +131,7 @@ pub(super) fn resolve(
                     .hive_port
                     .or(defaults.hive_port)
                     .unwrap_or(DEFAULT_HIVE_PORT),
+                metrics_port: n.metrics_port.or(defaults.metrics_port),
                 transport,
                 timeout: n
                     .timeout

@@ -109,6 +109,7 @@ impl Config {
                 .to_string_lossy()
                 .into_owned(),
             hive_port: DEFAULT_HIVE_PORT,
+            metrics_port: None,
             transport: Transport::Local,
             timeout: DEFAULT_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,

@@ -23,6 +23,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "known_hosts",
         "remote_dir",
         "hive_port",
+        "metrics_port",
         "transport",
         "timeout",
         "keep_alive",

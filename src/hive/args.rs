@@ -9,13 +9,16 @@ pub(crate) struct ServeArgs {
     /// The node's rbee directory (pidfile, log, audit log)
     #[arg(long)]
     pub(crate) dir: PathBuf,
-    /// Port to listen on
+    /// TCP port to serve on, for nodes with `transport = "http"`; without it the hive serves on
+    /// the Unix socket `hive.sock` in its directory only
     #[arg(long)]
-    pub(crate) port: u16,
-    /// Address to listen on: the loopback (reached through SSH tunnels), or all interfaces for
-    /// nodes with `transport = "http"`
-    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) port: Option<u16>,
+    /// Address the TCP port listens on
+    #[arg(long, default_value = "0.0.0.0", requires = "port")]
     pub(crate) listen: std::net::IpAddr,
+    /// TCP port that serves `GET /metrics` and nothing else, on all interfaces
+    #[arg(long)]
+    pub(crate) metrics_port: Option<u16>,
     /// Name of the node this hive serves
     #[arg(long, default_value = "local")]
     pub(crate) node: String,
@@ -58,16 +61,19 @@ impl ServeArgs {
     pub(crate) fn settings_for(node: &crate::config::Node) -> Vec<String> {
         let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
         let p = &node.restart;
-        let listen = if node.transport == crate::config::Transport::Http {
-            "0.0.0.0"
-        } else {
-            "127.0.0.1"
-        };
-        vec![
-            "--listen".to_string(),
-            listen.to_string(),
-            "--port".to_string(),
-            node.hive_port.to_string(),
+        let mut args = Vec::new();
+        if node.transport == crate::config::Transport::Http {
+            args.extend([
+                "--listen".to_string(),
+                "0.0.0.0".to_string(),
+                "--port".to_string(),
+                node.hive_port.to_string(),
+            ]);
+        }
+        if let Some(port) = node.metrics_port {
+            args.extend(["--metrics-port".to_string(), port.to_string()]);
+        }
+        args.extend([
             "--node".to_string(),
             node.name.clone(),
             "--keep-alive".to_string(),
@@ -86,7 +92,8 @@ impl ServeArgs {
             p.breaker_failures.to_string(),
             "--breaker-window".to_string(),
             ms(p.breaker_window),
-        ]
+        ]);
+        args
     }
 }
 

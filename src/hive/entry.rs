@@ -265,7 +265,7 @@ impl Entry {
             model: self.name.clone(),
             state,
             pid: proc.map(|p| p.pid),
-            port: proc.map(|p| p.port),
+            socket: proc.map(|p| p.socket.display().to_string()),
             restart_count: st.restart_count,
             last_exit: st.last_exit.clone(),
             last_restart: st.last_restart.map(epoch_secs),

@@ -234,7 +234,7 @@ mod tests {
             model: String::new(),
             state,
             pid: None,
-            port: None,
+            socket: None,
             restart_count: 0,
             last_exit: None,
             last_restart: None,

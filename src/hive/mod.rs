@@ -1,7 +1,7 @@
 //! `rbee hive serve`: the per-node daemon. It detaches from whoever started it, holds its
-//! pidfile, logs to `hive.log`, serves on 127.0.0.1, and on SIGTERM, SIGINT or
-//! `POST /v1/shutdown` stops its workers and exits. It listens on 127.0.0.1 unless its node
-//! uses `transport = "http"`.
+//! pidfile, logs to `hive.log`, serves on the Unix socket `hive.sock` in its directory (on a TCP
+//! port instead when its node uses `transport = "http"`; `GET /metrics` alone on an optional
+//! TCP port), and on SIGTERM, SIGINT or a signed `POST /v1/shutdown` stops its workers and exits.
 
 pub(crate) mod args;
 pub(crate) mod entry;
@@ -64,15 +64,17 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn run(args: ServeArgs, log: &Path) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind((args.listen, args.port))
-        .await
-        .map_err(|e| {
-            Error::hive(format!(
-                "cannot listen on {}:{}: {e}",
-                args.listen, args.port
-            ))
-        })?;
+    let listener = Listener::open(&args).await?;
+    let metrics_listener = match args.metrics_port {
+        Some(port) => Some(
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .map_err(|e| Error::hive(format!("cannot listen on 0.0.0.0:{port}: {e}")))?,
+        ),
+        None => None,
+    };
     supervisor::kill_orphans(&args.dir);
+    registry::remove_stale_sockets(&args.dir);
     let keys = Arc::new(keys::NodeKeys::open(&args.dir, args.clock_skew)?);
     let exe = std::env::current_exe().doing("find this rbee binary")?;
     let audit = crate::audit::Audit::new(
@@ -103,10 +105,6 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         started: Instant::now(),
         registry: registry.clone(),
         metrics: Arc::default(),
-        http: reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .map_err(|e| Error::internal(format!("http client: {e}")))?,
         shutdown,
         drained: CancellationToken::new(),
         requests: Arc::default(),
@@ -121,6 +119,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
                 "pid": std::process::id(),
                 "version": env!("CARGO_PKG_VERSION"),
                 "port": args.port,
+                "metrics_port": args.metrics_port,
                 "keys": keys.verifier().fingerprints(),
                 "audit": args.audit.name(),
             }),
@@ -128,7 +127,8 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         .await;
     tracing::info!(
         node = %args.node,
-        port = args.port,
+        listen = %listener.describe(),
+        metrics_port = args.metrics_port,
         pid = std::process::id(),
         version = env!("CARGO_PKG_VERSION"),
         "hive listening"
@@ -157,26 +157,51 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         verifier: keys.verifier(),
         audit: Some(audit.clone()),
     });
-    let app = routes::router(hive.clone(), guard)
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server =
-        axum::serve(crate::server::no_delay(listener), app).with_graceful_shutdown(async move {
-            stopping.shutdown.cancelled().await;
-            // From here on requests are refused and queued ones answered (see
-            // `Registry::stopping`); those in flight get the drain time to finish. Then the
-            // ones left are ended with an error event, which drops their workers' streams, and
-            // the workers are stopped. New connections are refused once this returns.
-            let until = Instant::now() + DRAIN_GRACE;
-            while stopping.registry.in_flight() > 0 && Instant::now() < until {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    if let Some(metrics_listener) = metrics_listener {
+        let app = routes::metrics_router(hive.clone());
+        let stop = hive.shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(crate::server::NoDelay(metrics_listener), app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!("the metrics port stopped serving: {e}");
             }
-            stopping.drained.cancel();
-            let until = Instant::now() + RELAY_GRACE;
-            while stopping.registry.in_flight() > 0 && Instant::now() < until {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-            stopping.registry.stop_all().await;
         });
+    }
+    let app = routes::router(hive.clone(), guard)
+        .into_make_service_with_connect_info::<crate::server::Peer>();
+    let drained = async move {
+        stopping.shutdown.cancelled().await;
+        // From here on requests are refused and queued ones answered (see
+        // `Registry::stopping`); those in flight get the drain time to finish. Then the ones
+        // left are ended with an error event, which drops their workers' streams, and the
+        // workers are stopped. New connections are refused once this returns.
+        let until = Instant::now() + DRAIN_GRACE;
+        while stopping.registry.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        stopping.drained.cancel();
+        let until = Instant::now() + RELAY_GRACE;
+        while stopping.registry.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        stopping.registry.stop_all().await;
+    };
+    let server = async move {
+        match listener {
+            Listener::Unix(listener, _socket) => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(drained)
+                    .await
+            }
+            Listener::Tcp(listener) => {
+                axum::serve(crate::server::NoDelay(listener), app)
+                    .with_graceful_shutdown(drained)
+                    .await
+            }
+        }
+    };
     // In-flight streams end once their workers stop; a client that lingers after that does not
     // keep the hive alive.
     let token = hive.shutdown.clone();
@@ -195,6 +220,52 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
         )
         .await;
     Ok(())
+}
+
+/// Where the hive serves: its Unix socket (removed again when the hive ends), or a TCP port.
+enum Listener {
+    Unix(tokio::net::UnixListener, SocketFile),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    async fn open(args: &ServeArgs) -> Result<Listener> {
+        if let Some(port) = args.port {
+            let listener = tokio::net::TcpListener::bind((args.listen, port))
+                .await
+                .map_err(|e| {
+                    Error::hive(format!("cannot listen on {}:{port}: {e}", args.listen))
+                })?;
+            return Ok(Listener::Tcp(listener));
+        }
+        let path = args.dir.join(crate::paths::HIVE_SOCKET);
+        let listener = crate::server::bind_unix(&path)?;
+        listener
+            .set_nonblocking(true)
+            .doing("listen on the hive's socket")?;
+        let listener =
+            tokio::net::UnixListener::from_std(listener).doing("listen on the hive's socket")?;
+        Ok(Listener::Unix(listener, SocketFile(path)))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Listener::Unix(_, socket) => socket.0.display().to_string(),
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| "tcp".to_string(), |a| a.to_string()),
+        }
+    }
+}
+
+/// The hive's socket file, removed when the hive stops serving: the pidfile lock makes this
+/// hive the only one on its directory, so the file is ours to remove.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 async fn reaper(hive: Arc<Hive>) {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ pub(crate) struct Registry {
     pub(crate) audit: crate::audit::Audit,
     /// Cancelled when the hive begins to stop: from then on it takes no new work.
     pub(crate) stopping: CancellationToken,
+    /// Names each worker's socket: a new one per spawn, so a replacement never binds the path
+    /// of a worker that is still going away.
+    sockets: AtomicU32,
 }
 
 impl Registry {
@@ -61,6 +65,7 @@ impl Registry {
             worker_key: crate::auth::Key::random(),
             audit,
             stopping,
+            sockets: AtomicU32::new(0),
         }
     }
 
@@ -182,7 +187,10 @@ impl Registry {
             .await;
         verified?;
         crate::hive::memory::check(&path, spec.context, spec.slots)?;
+        let n = self.sockets.fetch_add(1, Ordering::Relaxed);
+        let socket = self.dir.join(worker_socket_name(n));
         let opts = SpawnOptions {
+            socket: &socket,
             exe: &self.exe,
             hive_dir: &self.dir,
             log: &self.log,
@@ -195,11 +203,42 @@ impl Registry {
                 "worker_spawned",
                 None,
                 serde_json::json!({
-                    "model": spec.name, "pid": proc.pid, "port": proc.port, "load_ms": proc.load_ms,
+                    "model": spec.name, "pid": proc.pid, "load_ms": proc.load_ms,
                 }),
             )
             .await;
-        tracing::info!(model = %spec.name, pid = proc.pid, port = proc.port, load_ms = proc.load_ms, "worker ready");
+        tracing::info!(model = %spec.name, pid = proc.pid, socket = %socket.display(), load_ms = proc.load_ms, "worker ready");
         Ok(proc)
+    }
+}
+
+/// `w<hex>.sock`: at most `paths::MAX_SOCKET_NAME` bytes, so the queen's check of the node's
+/// directory covers every worker's socket too.
+pub(crate) fn worker_socket_name(n: u32) -> String {
+    format!("w{n:x}.sock")
+}
+
+/// Removes worker sockets left by a hive that was killed before it could remove them.
+pub(crate) fn remove_stale_sockets(dir: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.starts_with('w') && name.ends_with(".sock");
+        if ours && entry.file_type().is_ok_and(|t| t.is_socket()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    #[test]
+    fn worker_socket_names_fit_the_budget_the_queen_checks() {
+        assert!(super::worker_socket_name(u32::MAX).len() <= crate::paths::MAX_SOCKET_NAME);
+        assert!(crate::paths::HIVE_SOCKET.len() <= crate::paths::MAX_SOCKET_NAME);
     }
 }

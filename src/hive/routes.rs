@@ -24,8 +24,8 @@ use crate::hive::registry::Registry;
 use crate::hive::requests::Requests;
 use crate::protocol::error_from_response;
 use crate::protocol::{
-    GenerateRequest, HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, RequestStage,
-    WorkerInfo,
+    GenerateRequest, HiveDetail, HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo,
+    RequestStage, WorkerInfo,
 };
 use crate::server::ApiError;
 
@@ -34,7 +34,6 @@ pub(crate) struct Hive {
     pub(crate) started: Instant,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) http: reqwest::Client,
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when a stopping hive's drain time is over: generations still under way end.
     pub(crate) drained: CancellationToken,
@@ -63,7 +62,18 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .with_state(hive)
 }
 
-async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
+/// `GET /metrics` alone, for the node's optional TCP port: nothing else of the hive is
+/// reachable there.
+pub(crate) fn metrics_router(hive: Arc<Hive>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(hive)
+}
+
+async fn health(
+    State(hive): State<Arc<Hive>>,
+    signer: Option<axum::Extension<crate::auth::layer::Authenticated>>,
+) -> Json<HiveHealth> {
     Json(HiveHealth {
         status: if hive.shutdown.is_cancelled() {
             "stopping"
@@ -73,9 +83,11 @@ async fn health(State(hive): State<Arc<Hive>>) -> Json<HiveHealth> {
         .to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: crate::protocol::PROTOCOL_VERSION,
-        node: hive.node.clone(),
-        pid: std::process::id(),
-        uptime_s: hive.started.elapsed().as_secs_f64(),
+        signed: signer.map(|_| HiveDetail {
+            node: hive.node.clone(),
+            pid: std::process::id(),
+            uptime_s: hive.started.elapsed().as_secs_f64(),
+        }),
     })
 }
 
@@ -268,9 +280,9 @@ async fn start_generation(
         covered,
         &body,
     );
-    let sent = hive
+    let sent = proc
         .http
-        .post(format!("{}/v1/generate", proc.base_url()))
+        .post(proc.url("/v1/generate"))
         .header(BUDGET_HEADER, &budget_ms)
         .header(REQUEST_ID_HEADER, &generate.request_id)
         .header(crate::auth::SIGNATURE_HEADER, signature)

@@ -176,13 +176,6 @@ pub(crate) async fn liveness(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let http = match reqwest::Client::builder().no_proxy().build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("liveness checks disabled: {e}");
-            return;
-        }
-    };
     loop {
         tokio::select! {
             biased;
@@ -198,8 +191,9 @@ pub(crate) async fn liveness(
                 st.proc.clone().filter(|p| p.exit_status().is_none())
             };
             let Some(proc) = proc else { continue };
-            let healthy = http
-                .get(format!("{}/health", proc.base_url()))
+            let healthy = proc
+                .http
+                .get(proc.url("/health"))
                 .timeout(LIVENESS_TIMEOUT)
                 .send()
                 .await

@@ -20,7 +20,9 @@ pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) struct WorkerProc {
     pub(crate) pid: u32,
-    pub(crate) port: u16,
+    /// The Unix socket it serves on, and a client that connects there.
+    pub(crate) socket: PathBuf,
+    pub(crate) http: reqwest::Client,
     pub(crate) load_ms: f64,
     pub(crate) started_at: SystemTime,
     exit: watch::Receiver<Option<String>>,
@@ -30,6 +32,8 @@ pub(crate) struct WorkerProc {
 }
 
 pub(crate) struct SpawnOptions<'a> {
+    /// Where the worker listens, inside the hive's directory.
+    pub(crate) socket: &'a Path,
     pub(crate) exe: &'a Path,
     pub(crate) hive_dir: &'a Path,
     pub(crate) log: &'a Path,
@@ -72,7 +76,9 @@ impl WorkerProc {
             .arg("--slots")
             .arg(model.slots.to_string())
             .arg("--hive-dir")
-            .arg(opts.hive_dir);
+            .arg(opts.hive_dir)
+            .arg("--socket")
+            .arg(opts.socket);
         if let Some(context) = model.context {
             cmd.arg("--context").arg(context.to_string());
         }
@@ -120,8 +126,8 @@ impl WorkerProc {
                 )));
             }
         };
-        let (port, load_ms) = match hello {
-            WorkerHello::Ready { port, load_ms, .. } => (port, load_ms),
+        let load_ms = match hello {
+            WorkerHello::Ready { load_ms, .. } => load_ms,
             WorkerHello::Failed { message } => {
                 let _ = child.wait().await;
                 return Err(Error::worker(format!(
@@ -130,16 +136,22 @@ impl WorkerProc {
                 )));
             }
         };
+        let http = reqwest::Client::builder()
+            .unix_socket(opts.socket)
+            .build()
+            .map_err(|e| Error::internal(format!("http client: {e}")))?;
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(watch_exit(
             child,
             exit_tx,
             opts.exits.clone(),
             model.name.clone(),
+            opts.socket.to_path_buf(),
         ));
         Ok(WorkerProc {
             pid,
-            port,
+            socket: opts.socket.to_path_buf(),
+            http,
             load_ms,
             started_at: SystemTime::now(),
             exit: exit_rx,
@@ -153,8 +165,10 @@ impl WorkerProc {
         self.exit.borrow().clone()
     }
 
-    pub(crate) fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+    /// The URL of `path` on this worker; the host part is a name only, `http` connects to the
+    /// worker's socket whatever it says.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://worker{path}")
     }
 
     /// SIGKILL at once: for a worker that is stuck (stopped, or not answering).
@@ -197,6 +211,7 @@ async fn watch_exit(
     tx: watch::Sender<Option<String>>,
     exits: mpsc::UnboundedSender<Exited>,
     model: String,
+    socket: PathBuf,
 ) {
     let started = std::time::Instant::now();
     let pid = child.id().unwrap_or(0);
@@ -205,6 +220,8 @@ async fn watch_exit(
         Err(e) => format!("unknown ({e})"),
     };
     tracing::info!(model = %model, pid, status = %status, "worker exited");
+    // Its socket names a path no one listens on any more; each spawn gets a new one.
+    let _ = std::fs::remove_file(&socket);
     let _ = tx.send(Some(status.clone()));
     let _ = exits.send(Exited {
         model,

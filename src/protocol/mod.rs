@@ -200,21 +200,37 @@ impl From<ErrorBody> for Error {
     }
 }
 
-/// `GET /health` of a hive.
+/// `GET /health` of a hive. Anyone who can reach the socket learns that a hive answers, and its
+/// version and protocol; the rest only a signed request sees.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct HiveHealth {
     pub(crate) status: String,
     pub(crate) version: String,
     pub(crate) protocol: u32,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub(crate) signed: Option<HiveDetail>,
+}
+
+/// What `GET /health` of a hive tells a signer only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HiveDetail {
     pub(crate) node: String,
     pub(crate) pid: u32,
     pub(crate) uptime_s: f64,
 }
 
-/// `GET /health` of a worker.
+/// `GET /health` of a worker: its status to anyone, the rest to a signer only (the requests it
+/// works on are not anyone's business).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct WorkerHealth {
     pub(crate) status: String,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub(crate) signed: Option<WorkerDetail>,
+}
+
+/// What `GET /health` of a worker tells a signer only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WorkerDetail {
     pub(crate) model: String,
     /// Tokens of context per request.
     pub(crate) n_ctx: u32,
@@ -272,7 +288,8 @@ pub(crate) struct WorkerInfo {
     pub(crate) model: String,
     pub(crate) state: WorkerState,
     pub(crate) pid: Option<u32>,
-    pub(crate) port: Option<u16>,
+    /// The Unix socket it listens on.
+    pub(crate) socket: Option<String>,
     pub(crate) restart_count: u32,
     pub(crate) last_exit: Option<String>,
     /// Seconds since the Unix epoch.
@@ -293,11 +310,12 @@ pub(crate) struct WorkerInfo {
     pub(crate) failed_reason: Option<String>,
 }
 
-/// The first line a worker prints on stdout: where it listens, or why it could not start.
+/// The first line a worker prints on stdout: that it listens on the socket its hive named, or
+/// why it could not start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub(crate) enum WorkerHello {
-    Ready { port: u16, n_ctx: u32, load_ms: f64 },
+    Ready { n_ctx: u32, load_ms: f64 },
     Failed { message: String },
 }
 

@@ -1,5 +1,6 @@
-//! The queen's HTTP client for one node's hive. Every request goes through `request()`, the one
-//! place where the transport, and later the signature, are applied.
+//! The queen's HTTP client for one node's hive, over a Unix socket (the hive's own, or the local
+//! end of an SSH forward) or, for `transport = "http"`, TCP. Every request goes through
+//! `request()`, the one place where the signature is applied.
 
 use std::time::Duration;
 
@@ -15,14 +16,32 @@ use crate::protocol::{HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, 
 
 pub(crate) struct HiveClient {
     pub(crate) node: String,
+    /// The URL requests go to; over a socket its host is a name only.
     base: String,
+    /// Where the hive is reached, for messages: a socket path, or `host:port`.
+    place: String,
     http: reqwest::Client,
     key: Key,
 }
 
 impl HiveClient {
-    /// A client for the hive of `node` at `host:port` (a tunnel's local end, or the node).
-    pub(crate) fn new(node: &str, host: &str, port: u16, key: Key) -> Result<HiveClient> {
+    /// A client for the hive of `node` behind the Unix socket at `socket`.
+    pub(crate) fn unix(node: &str, socket: &std::path::Path, key: Key) -> Result<HiveClient> {
+        let http = reqwest::Client::builder()
+            .unix_socket(socket)
+            .build()
+            .map_err(|e| Error::internal(format!("http client: {e}")))?;
+        Ok(HiveClient {
+            node: node.to_string(),
+            base: "http://hive".to_string(),
+            place: socket.display().to_string(),
+            http,
+            key,
+        })
+    }
+
+    /// A client for the hive of `node` at `host:port` (`transport = "http"`).
+    pub(crate) fn tcp(node: &str, host: &str, port: u16, key: Key) -> Result<HiveClient> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
@@ -36,6 +55,7 @@ impl HiveClient {
         Ok(HiveClient {
             node: node.to_string(),
             base: format!("http://{host}:{port}"),
+            place: format!("{host}:{port}"),
             http,
             key,
         })
@@ -97,7 +117,7 @@ impl HiveClient {
         response.json().await.map_err(|e| {
             Error::hive(format!(
                 "hive on `{}` ({}) sent an unreadable answer: {e}",
-                self.node, self.base
+                self.node, self.place
             ))
         })
     }
@@ -106,13 +126,13 @@ impl HiveClient {
         if err.is_timeout() {
             Error::hive(format!(
                 "hive on `{}` ({}) did not answer in time",
-                self.node, self.base
+                self.node, self.place
             ))
         } else {
             Error::hive(format!(
                 "hive on `{}` is not reachable at {}: {}",
                 self.node,
-                self.base,
+                self.place,
                 crate::error::root_cause(&err)
             ))
         }
@@ -163,9 +183,14 @@ impl HiveClient {
         Ok(())
     }
 
-    pub(crate) async fn shutdown(&self, timeout: Duration) -> Result<()> {
-        let _: serde_json::Value = self.call(Method::POST, "/v1/shutdown", timeout).await?;
-        Ok(())
+    /// Asks the hive to stop by a signed request; its pid, as the hive that took the request
+    /// says.
+    pub(crate) async fn shutdown(&self, timeout: Duration) -> Result<Option<i32>> {
+        let body: serde_json::Value = self.call(Method::POST, "/v1/shutdown", timeout).await?;
+        Ok(body
+            .get("pid")
+            .and_then(serde_json::Value::as_i64)
+            .and_then(|p| i32::try_from(p).ok()))
     }
 
     /// Starts a generation; the response body is the event stream.

@@ -20,6 +20,9 @@ pub(crate) struct Installed {
     pub(crate) uploaded: bool,
     pub(crate) bytes: u64,
     pub(crate) os: String,
+    /// The node user's home, as the node printed it.
+    #[serde(skip)]
+    pub(crate) home: String,
 }
 
 /// Makes sure `<remote_dir>/bin/rbee` is this very binary.
@@ -34,9 +37,10 @@ pub(crate) async fn install_binary(
             &remote::install_probe(&node.remote_dir),
         )
         .await?;
-    let text = out.stdout_text();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut lines = text.lines();
-    let os = lines.next().unwrap_or_default().to_string();
+    let home = lines.next().unwrap_or_default().to_string();
+    let os = lines.next().unwrap_or_default().trim().to_string();
     check_platform(node, &os)?;
     let remote_sha = lines
         .next()
@@ -56,6 +60,7 @@ pub(crate) async fn install_binary(
             uploaded: false,
             bytes: 0,
             os,
+            home,
         });
     }
     let file = tokio::fs::File::open(&exe).await.at("open", &exe)?;
@@ -69,6 +74,7 @@ pub(crate) async fn install_binary(
         uploaded: true,
         bytes,
         os,
+        home,
     })
 }
 

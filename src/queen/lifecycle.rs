@@ -1,6 +1,7 @@
 //! A node's hive as a small state machine seen from the queen: probe it (ready, needs a
 //! restart, unreachable), start it detached (locally, or over SSH after installing) and wait
-//! until it is ready, stop it gracefully.
+//! until it is ready, stop it: by a signed request, else through the process that holds the
+//! pidfile's lock, never through a pid that something answering on the socket reported.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -76,6 +77,8 @@ pub(crate) async fn ensure_running(
             stop(conn, budget).await?;
             start(conn, budget, t0, progress).await
         }
+        // A hive answers but refuses our signature: starting another would not help.
+        Probe::Unreachable(e @ Error::Unauthenticated(_)) => Err(e),
         Probe::Unreachable(e) => {
             tracing::debug!(node = %conn.node.name, "hive not reachable ({e}); starting it");
             start(conn, budget, t0, progress).await
@@ -98,6 +101,7 @@ async fn start(
         let node = conn.node.clone();
         let session = conn.ssh(budget).await?;
         let installed = install::install_binary(session, &node, progress).await?;
+        let session = conn.ssh(budget).await?;
         let key = crate::auth::Key::load_or_create(&node.key_file)?;
         install::install_key(session, &node, &key, crate::hive::keys::KEY_FILE).await?;
         if installed.uploaded {
@@ -112,6 +116,7 @@ async fn start(
                 ),
             )
             .await?;
+        conn.home_seen(&installed.home)?;
     }
     tracing::info!(node = %conn.node.name, "hive starting");
 
@@ -188,97 +193,77 @@ pub(crate) enum Stopped {
     NotRunning,
 }
 
-/// Asks the hive to shut down, waits for it to go, and kills it if it will not.
+/// Asks the hive to shut down by a signed request, waits for it to go, and if it would not
+/// take the request or does not go, stops the process that holds its pidfile's lock.
 pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped> {
-    let pid = match probe(&conn.client, PROBE_TIMEOUT).await {
-        Probe::Ready(h) | Probe::NeedsRestart(h) => {
-            let pid = i32::try_from(h.pid).unwrap_or(i32::MAX);
-            if let Err(e) = conn.client.shutdown(PROBE_TIMEOUT).await {
-                tracing::warn!(node = %conn.node.name, "shutdown request failed ({e}); sending SIGTERM");
-                signal(conn, budget, pid, "TERM").await?;
+    if conn.is_local() {
+        return stop_local(conn).await;
+    }
+    let asked = match conn.client.shutdown(PROBE_TIMEOUT).await {
+        Ok(pid) => Some(pid),
+        Err(e) => {
+            tracing::debug!(node = %conn.node.name, "shutdown request not taken ({e})");
+            None
+        }
+    };
+    if let Some(pid) = asked {
+        // Not answering is enough to report it stopped (it finishes its requests in flight);
+        // a hive that still answers after the wait is stopped through its pidfile.
+        let until = Instant::now() + STOP_WAIT;
+        while Instant::now() < until {
+            if matches!(
+                probe(&conn.client, PROBE_TIMEOUT).await,
+                Probe::Unreachable(_)
+            ) {
+                return Ok(Stopped::Stopped {
+                    pid: pid.unwrap_or_default(),
+                });
             }
-            Some(pid)
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Probe::Unreachable(_) => None,
-    };
-    if conn.is_local() {
-        return stop_local(&conn.node, pid).await;
-    }
-    // Remote: wait until the hive stops answering, then make sure its process is gone.
-    let Some(pid) = pid else {
-        return stop_unanswering(conn, budget).await;
-    };
-    let until = Instant::now() + STOP_WAIT;
-    while Instant::now() < until {
-        if matches!(
-            probe(&conn.client, PROBE_TIMEOUT).await,
-            Probe::Unreachable(_)
-        ) {
-            return Ok(Stopped::Stopped { pid });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    signal(conn, budget, pid, "KILL").await?;
-    Ok(Stopped::Stopped { pid })
-}
-
-/// Stops a remote hive that does not answer but may be alive (suspended, stuck), as the pidfile
-/// lock tells: SIGTERM, then SIGKILL when it still holds the lock after `STOP_WAIT`.
-async fn stop_unanswering(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped> {
-    let Some(pid) = lock_holder(conn, budget).await? else {
-        return Ok(Stopped::NotRunning);
-    };
-    let pid = i32::try_from(pid).unwrap_or(i32::MAX);
-    signal(conn, budget, pid, "TERM").await?;
-    let until = Instant::now() + STOP_WAIT;
-    while Instant::now() < until {
-        if lock_holder(conn, budget).await?.is_none() {
-            return Ok(Stopped::Stopped { pid });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    signal(conn, budget, pid, "KILL").await?;
-    Ok(Stopped::Stopped { pid })
-}
-
-async fn signal(conn: &mut NodeConn, budget: &Budget, pid: i32, name: &str) -> Result<()> {
-    if conn.is_local() {
-        let sig = if name == "KILL" {
-            Signal::SIGKILL
-        } else {
-            Signal::SIGTERM
-        };
-        let _ = kill(Pid::from_raw(pid), sig);
-        return Ok(());
     }
     let node = conn.node.clone();
     let session = conn.ssh(budget).await?;
-    session
-        .exec(&remote::signal_hive(&node.remote_dir, PID_FILE, name), None)
+    let out = session
+        .run(
+            "stopping the hive",
+            &remote::stop_hive(&node.remote_dir, PID_FILE, 15),
+        )
         .await?;
-    Ok(())
+    Ok(match out.stdout_text().parse() {
+        Ok(pid) => Stopped::Stopped { pid },
+        Err(_) => Stopped::NotRunning,
+    })
 }
 
-async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
-    let pid = match answered {
-        Some(pid) => pid,
-        None => {
-            let pidfile = local_dir(node).join(PID_FILE);
-            match pidfile::read_pid(&pidfile).filter(|_| pidfile::is_locked(&pidfile)) {
-                Some(pid) => {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-                    // A suspended hive handles its SIGTERM only once woken (as systemd does).
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-                    pid
-                }
-                None => return Ok(Stopped::NotRunning),
-            }
+/// The pid in the pidfile, if a live process holds its lock: the hive of this directory.
+fn locked_pid(pidfile: &std::path::Path) -> Option<i32> {
+    pidfile::read_pid(pidfile).filter(|_| pidfile::is_locked(pidfile))
+}
+
+async fn stop_local(conn: &NodeConn) -> Result<Stopped> {
+    let node = &conn.node;
+    let pidfile = local_dir(node).join(PID_FILE);
+    let held = locked_pid(&pidfile);
+    let asked = conn.client.shutdown(PROBE_TIMEOUT).await;
+    let pid = match (held, asked) {
+        (Some(pid), Ok(_)) => pid,
+        (Some(pid), Err(e)) => {
+            tracing::warn!(node = %node.name, "shutdown request not taken ({e}); sending SIGTERM to pid {pid}");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            // A suspended hive handles its SIGTERM only once woken (as systemd does).
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            pid
         }
+        (None, _) => return Ok(Stopped::NotRunning),
     };
-    if !wait_gone(pid, STOP_WAIT).await {
-        tracing::warn!(node = %node.name, pid, "hive did not stop in time; killing it");
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        if !wait_gone(pid, Duration::from_secs(2)).await {
+    if !wait_released(&pidfile, pid, STOP_WAIT).await {
+        // Still holding the lock: it is still the hive of this directory.
+        if locked_pid(&pidfile) == Some(pid) {
+            tracing::warn!(node = %node.name, pid, "hive did not stop in time; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if !wait_released(&pidfile, pid, Duration::from_secs(2)).await {
             return Err(Error::hive(format!(
                 "the hive on `{}` (pid {pid}) did not stop",
                 node.name
@@ -293,8 +278,7 @@ async fn stop_local(node: &Node, answered: Option<i32>) -> Result<Stopped> {
 pub(crate) async fn lock_holder(conn: &mut NodeConn, budget: &Budget) -> Result<Option<u32>> {
     if conn.is_local() {
         let pidfile = local_dir(&conn.node).join(PID_FILE);
-        let pid = pidfile::read_pid(&pidfile).filter(|_| pidfile::is_locked(&pidfile));
-        return Ok(pid.and_then(|p| u32::try_from(p).ok()));
+        return Ok(locked_pid(&pidfile).and_then(|p| u32::try_from(p).ok()));
     }
     let node = conn.node.clone();
     let session = conn.ssh(budget).await?;
@@ -318,13 +302,14 @@ pub(crate) fn is_alive(pid: i32) -> bool {
     state != Some("Z")
 }
 
-async fn wait_gone(pid: i32, limit: Duration) -> bool {
+/// Waits until no process holds the pidfile's lock and the process that held it has gone.
+async fn wait_released(pidfile: &std::path::Path, pid: i32, limit: Duration) -> bool {
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if !is_alive(pid) {
+        if !pidfile::is_locked(pidfile) && !is_alive(pid) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    !is_alive(pid)
+    !pidfile::is_locked(pidfile) && !is_alive(pid)
 }

@@ -2,6 +2,7 @@
 //! stopping it, installing the binary, keys and models.
 
 pub(crate) mod client;
+pub(crate) mod home;
 pub(crate) mod install;
 pub(crate) mod lifecycle;
 pub(crate) mod node;

@@ -1,6 +1,6 @@
-//! A connection to one node as the queen needs it: an HTTP client for its hive (direct on
-//! loopback, through an SSH tunnel, or plain HTTP), and an SSH session where one is needed to
-//! run commands there.
+//! A connection to one node as the queen needs it: an HTTP client for its hive (at its Unix
+//! socket, through an SSH direct-streamlocal forward to that socket, or plain HTTP), and an SSH
+//! session where one is needed to run commands there.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,8 @@ use crate::config::{Node, Transport};
 use crate::deadline::Budget;
 use crate::error::{Error, Result, SshError};
 use crate::queen::client::HiveClient;
-use crate::ssh::{HostKey, Session, Target};
+use crate::queen::home;
+use crate::ssh::{Forward, HostKey, Session, Target};
 
 /// Choices that apply to every node of an invocation.
 #[derive(Debug, Clone, Copy, Default)]
@@ -22,6 +23,9 @@ pub(crate) struct NodeConn {
     pub(crate) node: Node,
     pub(crate) client: HiveClient,
     ssh: Option<Session>,
+    /// The local end of the forward to the hive's socket (`transport = "ssh"`), and the home
+    /// its remote path was made with, when `remote_dir` needed one.
+    forward: Option<(Forward, Option<String>)>,
     options: ConnectOptions,
     /// Time spent reaching the node (SSH connect and authentication).
     pub(crate) connect_time: Duration,
@@ -35,31 +39,39 @@ impl NodeConn {
     ) -> Result<NodeConn> {
         let started = Instant::now();
         let key = Key::load_or_create(&node.key_file)?;
-        let (client, ssh) = match node.transport {
-            Transport::Local => (
-                HiveClient::new(&node.name, "127.0.0.1", node.hive_port, key)?,
-                None,
-            ),
+        let (client, ssh, forward) = match node.transport {
+            Transport::Local => {
+                let dir = crate::queen::lifecycle::local_dir(node);
+                let socket = crate::paths::hive_socket(&dir.to_string_lossy())?;
+                let client = HiveClient::unix(&node.name, std::path::Path::new(&socket), key)?;
+                (client, None, None)
+            }
             Transport::Ssh => {
                 let session = connect_ssh(node, budget, options.accept_new_host_key).await?;
-                let port = session.forward(node.hive_port).await?;
-                (
-                    HiveClient::new(&node.name, "127.0.0.1", port, key)?,
-                    Some(session),
-                )
+                let home = if node.remote_dir.starts_with('/') {
+                    None
+                } else {
+                    match home::cached(&session.target) {
+                        Some(home) => Some(home),
+                        None => Some(home::learn(&session).await?),
+                    }
+                };
+                let dir = home::absolute(&node.remote_dir, home.as_deref().unwrap_or("/"));
+                let forward = session.forward(&crate::paths::hive_socket(&dir)?).await?;
+                let client = HiveClient::unix(&node.name, &forward.local, key)?;
+                (client, Some(session), Some((forward, home)))
             }
             Transport::Http => {
                 let target = Target::for_node(node)?;
-                (
-                    HiveClient::new(&node.name, &target.host, node.hive_port, key)?,
-                    None,
-                )
+                let client = HiveClient::tcp(&node.name, &target.host, node.hive_port, key)?;
+                (client, None, None)
             }
         };
         Ok(NodeConn {
             node: node.clone(),
             client,
             ssh,
+            forward,
             options,
             connect_time: started.elapsed(),
         })
@@ -67,6 +79,25 @@ impl NodeConn {
 
     pub(crate) fn is_local(&self) -> bool {
         self.node.transport == Transport::Local
+    }
+
+    /// What the node said its user's home is (at install or start): a home other than the one
+    /// the forward was made with is remembered, and the forward follows it.
+    pub(crate) fn home_seen(&mut self, seen: &str) -> Result<()> {
+        let Some((forward, used)) = self.forward.as_mut() else {
+            return Ok(());
+        };
+        let Some(session) = self.ssh.as_ref() else {
+            return Ok(());
+        };
+        if used.is_none() || used.as_deref() == Some(seen) {
+            return Ok(());
+        }
+        let home = home::checked(&session.target, seen.to_string())?;
+        let dir = home::absolute(&self.node.remote_dir, &home);
+        forward.retarget(&crate::paths::hive_socket(&dir)?);
+        *used = Some(home);
+        Ok(())
     }
 
     /// The SSH session, connected on first use for `transport = "http"` nodes.

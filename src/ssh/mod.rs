@@ -12,5 +12,6 @@ pub(crate) mod remote;
 pub(crate) mod session;
 
 pub use error::SshError;
+pub(crate) use forward::Forward;
 pub(crate) use known_hosts::HostKey;
 pub(crate) use session::{Session, Target};

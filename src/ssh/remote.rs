@@ -10,13 +10,20 @@ fn sha256_of(word: &str) -> String {
     format!("{{ sha256sum < {word} | cut -c1-64; }} 2>/dev/null")
 }
 
-/// `uname -sm`, then the SHA-256 of the installed binary (an empty line when there is none);
-/// makes `<remote_dir>/bin` on the way, with the directory private to the node's user.
+/// The user's home directory, exactly (no newline added).
+pub(crate) fn home() -> String {
+    "printf %s \"$HOME\"".to_string()
+}
+
+/// The user's home, `uname -sm`, then the SHA-256 of the installed binary (an empty line when
+/// there is none); makes `<remote_dir>/bin` on the way, with the directory private to the
+/// node's user.
 pub(crate) fn install_probe(remote_dir: &str) -> String {
     let dir = remote_path(remote_dir);
     let bin = remote_join(remote_dir, "bin/rbee");
     format!(
-        "uname -sm && mkdir -p {dir}/bin && chmod 700 {dir} && {{ {} || echo; }}",
+        "printf '%s\\n' \"$HOME\" && uname -sm && mkdir -p {dir}/bin && chmod 700 {dir} && \
+         {{ {} || echo; }}",
         sha256_of(&bin)
     )
 }
@@ -100,16 +107,22 @@ pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
     )
 }
 
-/// Sends `signal` to the hive named in the pidfile `<remote_dir>/<pid_file>`, if that process
-/// is an rbee hive, and prints its pid; then SIGCONT, since a suspended hive handles its
-/// signal only once woken (as systemd does).
-pub(crate) fn signal_hive(remote_dir: &str, pid_file: &str, signal: &str) -> String {
+/// Stops the hive that holds the lock on the pidfile `<remote_dir>/<pid_file>`: SIGTERM, up to
+/// `wait_s` seconds for the lock to be released, then SIGKILL; prints its pid, or nothing when
+/// no process holds the lock (a pid in a stale file is never signalled). The lock is checked
+/// with flock(1) on a descriptor opened for reading, which cannot create the file.
+pub(crate) fn stop_hive(remote_dir: &str, pid_file: &str, wait_s: u32) -> String {
     let pidfile = remote_join(remote_dir, pid_file);
     format!(
-        "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && \
-         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null && kill -{signal} \"$pid\" && \
-         {{ kill -CONT \"$pid\" 2>/dev/null; echo \"$pid\"; }}",
-        signal = quote(signal)
+        "command -v flock >/dev/null 2>&1 || {{ echo 'flock(1) (util-linux) is needed on the node \
+         to stop its hive' >&2; exit 2; }}; \
+         p={pidfile}; locked() {{ [ -f \"$p\" ] && ! flock -n -s 9 9<\"$p\" 2>/dev/null; }}; \
+         locked || exit 0; pid=$(cat \"$p\" 2>/dev/null); [ -n \"$pid\" ] || exit 0; \
+         grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null || exit 0; \
+         kill -TERM \"$pid\" 2>/dev/null; kill -CONT \"$pid\" 2>/dev/null; echo \"$pid\"; i=0; \
+         while locked && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; \
+         if locked; then kill -KILL \"$pid\" 2>/dev/null; fi; exit 0",
+        ticks = wait_s * 10
     )
 }
 
@@ -186,6 +199,49 @@ mod tests {
         // A stale file, as a killed hive leaves it: a pid, but no lock.
         std::fs::write(&path, format!("{}\n", std::process::id())).expect("write");
         assert_eq!(holder(), "");
+    }
+
+    #[test]
+    fn the_stop_signals_only_the_process_that_holds_the_pidfile_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote_dir = dir.path().display().to_string();
+        let pidfile = dir.path().join("hive.pid");
+        // A live process named in a pidfile that nobody holds: stale, never signalled.
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        std::fs::write(&pidfile, format!("{}\n", bystander.id())).expect("pidfile");
+        let out = sh(&stop_hive(&remote_dir, "hive.pid", 1));
+        assert!(out.status.success());
+        assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+        assert!(bystander.try_wait().expect("try_wait").is_none());
+        let _ = bystander.kill();
+        let _ = bystander.wait();
+        // The lock holder (its command line names the pidfile, as a hive's names its dir).
+        let mut holder = std::process::Command::new("flock")
+            .args(["-x", "-o"])
+            .arg(&pidfile)
+            .args(["sleep", "30"])
+            .spawn()
+            .expect("flock");
+        let held = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            !sh(&format!("flock -n -s {} true", pidfile.display()))
+                .status
+                .success()
+        });
+        assert!(held, "flock never took the lock");
+        std::fs::write(&pidfile, format!("{}\n", holder.id())).expect("pidfile");
+        let out = sh(&stop_hive(&remote_dir, "hive.pid", 1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            holder.id().to_string()
+        );
+        assert!(
+            holder.wait().expect("wait").code().is_none(),
+            "not signalled"
+        );
     }
 
     #[test]

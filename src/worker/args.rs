@@ -28,4 +28,7 @@ pub(crate) struct ServeArgs {
     /// The hive directory this worker belongs to (ties it to its hive in `ps`)
     #[arg(long)]
     pub(crate) hive_dir: Option<PathBuf>,
+    /// The Unix socket to listen on, inside the hive's private directory
+    #[arg(long)]
+    pub(crate) socket: PathBuf,
 }

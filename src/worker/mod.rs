@@ -1,6 +1,6 @@
 //! `rbee worker serve`: one process per loaded model. It loads the model, prints a hello line on
-//! stdout (its port, or why it failed), serves on 127.0.0.1, and exits when its hive goes away
-//! (stdin closes) or on SIGTERM.
+//! stdout (ready, or why it failed), serves on the Unix socket its hive named, and exits when its
+//! hive goes away (stdin closes) or on SIGTERM.
 
 pub(crate) mod args;
 pub(crate) mod engine;
@@ -19,11 +19,7 @@ use weights::{EngineOptions, Weights};
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     // The hive hands over the key it signs our requests with on stdin, never in argv or env.
     let key = read_key()?;
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).doing("listen on the loopback")?;
-    let port = listener
-        .local_addr()
-        .doing("read the listening port")?
-        .port();
+    let listener = crate::server::bind_unix(&args.socket)?;
     let options = EngineOptions {
         model_path: args.model_path.clone(),
         context: args.context,
@@ -35,11 +31,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let weights = Weights::load(&options).map_err(failed)?;
     let (batcher, engine, loaded) = weights.batcher(&options).map_err(failed)?;
     hello(&WorkerHello::Ready {
-        port,
         n_ctx: loaded.n_ctx,
         load_ms: loaded.load_ms,
     });
-    tracing::info!(model = %args.model, port, load_ms = loaded.load_ms, "worker ready");
+    tracing::info!(model = %args.model, socket = %args.socket.display(), load_ms = loaded.load_ms, "worker ready");
     exit_when_stdin_closes();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -49,8 +44,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     runtime.block_on(async move {
         let listener = listener
             .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpListener::from_std(listener))
-            .doing("listen on the loopback")?;
+            .and_then(|()| tokio::net::UnixListener::from_std(listener))
+            .doing("listen on the worker's socket")?;
         let verifier = std::sync::Arc::new(crate::auth::layer::Guard {
             verifier: std::sync::Arc::new(crate::auth::Verifier::new(
                 vec![key],
@@ -68,8 +63,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             verifier,
         );
         let server = axum::serve(
-            crate::server::no_delay(listener),
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            listener,
+            app.into_make_service_with_connect_info::<crate::server::Peer>(),
         )
         .with_graceful_shutdown(crate::signals::terminated());
         let server = tokio::spawn(async move { server.await });

@@ -1,5 +1,5 @@
 //! The worker's HTTP server: `POST /v1/generate` streams one generation as server-sent events,
-//! `GET /health` says which model is loaded.
+//! `GET /health` says whether it is busy, and to a signer which model it holds and what it works on.
 
 use std::convert::Infallible;
 
@@ -15,7 +15,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::deadline::Budget;
 use crate::error::Error;
 use crate::protocol::sse::sse_event;
-use crate::protocol::{ErrorBody, GenerateRequest, PrefillEvent, TokenEvent, WorkerHealth};
+use crate::protocol::{
+    ErrorBody, GenerateRequest, PrefillEvent, TokenEvent, WorkerDetail, WorkerHealth,
+};
 use crate::server::ApiError;
 use crate::worker::engine::{Engine, EngineEvent, Job};
 
@@ -42,21 +44,26 @@ pub(crate) fn router(
         .with_state(state)
 }
 
-async fn health(State(state): State<WorkerState>) -> Json<WorkerHealth> {
+async fn health(
+    State(state): State<WorkerState>,
+    signer: Option<axum::Extension<crate::auth::layer::Authenticated>>,
+) -> Json<WorkerHealth> {
     let activity = state.engine.activity();
+    let status = if activity.active.is_empty() {
+        "ready"
+    } else {
+        "busy"
+    };
     Json(WorkerHealth {
-        status: if !activity.active.is_empty() {
-            "busy"
-        } else {
-            "ready"
-        }
-        .to_string(),
-        model: state.model.clone(),
-        n_ctx: state.n_ctx,
-        slots: state.slots,
-        pid: std::process::id(),
-        active: activity.active,
-        last: activity.last,
+        status: status.to_string(),
+        signed: signer.map(|_| WorkerDetail {
+            model: state.model.clone(),
+            n_ctx: state.n_ctx,
+            slots: state.slots,
+            pid: std::process::id(),
+            active: activity.active,
+            last: activity.last,
+        }),
     })
 }
 
