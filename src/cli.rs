@@ -98,10 +98,11 @@ pub(crate) enum AuditCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct InferArgs {
-    /// Node to run on (default: the first node of the configuration)
+    /// Node to run on (no failover), a comma-separated list or a `[groups]` name to choose
+    /// from (default: any node serving the model)
     #[arg(long)]
     pub(crate) node: Option<String>,
-    /// Model to use (default: the node's first model)
+    /// Model to use (default: the first candidate node's first model)
     #[arg(long)]
     pub(crate) model: Option<String>,
     /// The prompt; `-` reads it from stdin

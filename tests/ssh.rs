@@ -693,6 +693,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
 }
 
 mod refusals;
+mod routing;
 /// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into
 /// the node's own directory; returns it with the node's binary and model paths.
 fn fleet_with_a_model_to_push() -> Option<(Fleet, PathBuf, PathBuf)> {

@@ -149,6 +149,8 @@ pub(crate) async fn require_signature(
             next.run(request).await
         }
         Err(reject) => {
+            // The path is the stranger's: capped as in the audit record.
+            let path = crate::audit::bounded(&path, crate::audit::UNTRUSTED_BYTES);
             tracing::warn!(peer = %peer, path = %path, reason = reject.class(), "request rejected");
             let err = Error::of_kind(
                 ExitKind::Unauthenticated,

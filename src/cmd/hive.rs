@@ -179,6 +179,10 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
                     ..NodeResult::new(&node, "running")
                 };
             }
+            // It answered, and refused this machine's key: it runs, and says who may ask.
+            Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
+                return NodeResult::failed(&node, "refused", &e);
+            }
             Probe::Unreachable(e) => e,
         };
         // No answer: a hive holding its pidfile lock still runs, it only does not answer.

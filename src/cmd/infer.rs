@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::cli::InferArgs;
 use crate::cmd::Context;
-use crate::config::{Model, Node};
+use crate::config::{Model, Node, Route};
 use crate::deadline::Budget;
 use crate::error::{DeadlineError, Error, Result};
 use crate::output::reader_gone;
@@ -20,7 +20,8 @@ use crate::protocol::{
     DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, SamplingParams, StopReason,
     Timings, TokenEvent,
 };
-use crate::queen::{lifecycle, trail};
+use crate::queen::node::NodeConn;
+use crate::queen::{lifecycle, route, trail};
 
 pub(crate) async fn run(ctx: &Context, args: InferArgs) -> Result<()> {
     let request_id = format!("{:032x}", rand::random::<u128>());
@@ -54,6 +55,26 @@ struct Progress {
     /// Stdout's reader went away: the invocation ended there, successfully.
     reader_gone: bool,
     done: Option<DoneEvent>,
+    /// The node the request is on now (after a failover, the one that took it).
+    node: Option<Node>,
+    /// Every node tried, in order, with how it went.
+    attempts: Vec<Attempt>,
+}
+
+impl Progress {
+    /// Whether anything of the answer has reached the user: after that nothing is retried.
+    fn answered(&self) -> bool {
+        self.printed_any || self.first_token_ms.is_some() || self.done.is_some()
+    }
+}
+
+/// One node tried for a request, as the `done` event and the audit trail list it.
+#[derive(Debug, Clone, Serialize)]
+struct Attempt {
+    node: String,
+    /// `ok`, or why the node did not serve (`unreachable`, `breaker_open`, or an error class).
+    outcome: String,
+    ms: f64,
 }
 
 #[derive(Serialize)]
@@ -64,13 +85,19 @@ struct DoneLine<'a> {
     model: &'a str,
     #[serde(flatten)]
     done: &'a DoneEvent,
+    /// Every node tried, the one that served last; present when the request was routed.
+    #[serde(skip_serializing_if = "<[Attempt]>::is_empty")]
+    attempts: &'a [Attempt],
 }
 
 async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let prompt = read_prompt(&args.prompt)?;
     let config = ctx.config()?;
-    let node = config.node(args.node.as_deref())?;
-    let model = config.model(node, args.model.as_deref())?;
+    let route = config.route(args.node.as_deref(), args.model.as_deref())?;
+    let model = route.model;
+    // The first candidate's settings (budget, audit policy) stand for the request until a node
+    // takes it.
+    let first = route.nodes[0];
     let params = SamplingParams {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
@@ -78,7 +105,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         seed: args.seed,
     };
     params.validate()?;
-    let budget = Budget::new(args.timeout.unwrap_or(node.timeout));
+    let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
     let mut request = InferRequest {
         request_id: request_id.to_string(),
         model: model.clone(),
@@ -92,7 +119,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         "infer_requested",
         Some(request_id),
         serde_json::json!({
-            "node": node.name,
+            "node": first.name,
+            "candidates": (!route.pinned).then(|| route.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>()),
             "model": model.name,
             "prompt": crate::audit::digest(&request.prompt),
             "system": request.system.as_deref().map(crate::audit::digest),
@@ -108,10 +136,10 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
                 hash: head.hash,
             })
         }
-        Err(e) => trail::unrecorded_request(node, &e)?,
+        Err(e) => trail::unrecorded_request(first, &e)?,
     }
     let progress = RefCell::new(Progress::default());
-    let work = generate(ctx, node, &request, &budget, &progress);
+    let work = place(ctx, &route, &request, &budget, &progress);
     let outcome = tokio::select! {
         biased;
         _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
@@ -130,6 +158,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         },
     };
     let progress = progress.into_inner();
+    let node = progress.node.as_ref().unwrap_or(first);
     if !ctx.out.json && progress.printed_any && !progress.ends_with_newline && !progress.reader_gone
     {
         let _ = writeln!(std::io::stdout());
@@ -155,7 +184,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     if let Some(done) = done
         && !matches!(outcome, Err(Error::Audit(_)))
     {
-        report_done(ctx, node, model, &request, done);
+        report_done(ctx, node, model, &request, done, &progress.attempts);
     }
     // A hop that ran out of budget says what it was doing; the user also needs the breakdown.
     match outcome {
@@ -169,15 +198,143 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     }
 }
 
+/// Runs the request on its node, or (when routed) on the best candidate, moving to the next one
+/// while no part of the answer has come back.
+async fn place(
+    ctx: &Context,
+    route: &Route<'_>,
+    request: &InferRequest,
+    budget: &Budget,
+    progress: &RefCell<Progress>,
+) -> Result<()> {
+    if route.pinned || route.nodes.len() == 1 {
+        let node = route.nodes[0];
+        progress.borrow_mut().node = Some(node.clone());
+        return generate(ctx, node, None, request, budget, progress).await;
+    }
+    progress.borrow_mut().stage = Some(("connect", Instant::now()));
+    let (ranked, skipped) = route::rank(&route.nodes, route.model, budget, ctx.connect).await;
+    let mut failures: Vec<(String, Error)> = Vec::new();
+    for s in skipped {
+        attempted(ctx, request, progress, &s.node.name, s.outcome, s.ms);
+        failures.push((s.node.name, s.error));
+    }
+    for candidate in ranked {
+        let started = Instant::now();
+        {
+            // A fresh account of this attempt; the attempts so far carry on.
+            let mut p = progress.borrow_mut();
+            let attempts = std::mem::take(&mut p.attempts);
+            *p = Progress {
+                node: Some(candidate.node.clone()),
+                attempts,
+                ..Progress::default()
+            };
+        }
+        let result = generate(
+            ctx,
+            &candidate.node,
+            Some(candidate.conn),
+            request,
+            budget,
+            progress,
+        )
+        .await;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(()) => {
+                attempted(ctx, request, progress, &candidate.node.name, "ok", ms);
+                return Ok(());
+            }
+            Err(e) if fails_over(&e) && !progress.borrow().answered() && !budget.is_spent() => {
+                attempted(
+                    ctx,
+                    request,
+                    progress,
+                    &candidate.node.name,
+                    e.kind().wire_code(),
+                    ms,
+                );
+                tracing::info!(node = %candidate.node.name, "failing over: {e}");
+                failures.push((candidate.node.name.clone(), e));
+            }
+            Err(e) => {
+                attempted(
+                    ctx,
+                    request,
+                    progress,
+                    &candidate.node.name,
+                    e.kind().wire_code(),
+                    ms,
+                );
+                return Err(e);
+            }
+        }
+    }
+    Err(every_candidate_failed(&route.model.name, failures))
+}
+
+/// What a node's failure before the first token says about the next node: none of these is
+/// about the request itself, so another node may well serve it.
+fn fails_over(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Ssh(_) | Error::Hive(_) | Error::Worker(_) | Error::Internal(_) | Error::Io(_)
+    )
+}
+
+/// One node tried: in the `done` event, on stderr under `-v`, and in this machine's audit log.
+fn attempted(
+    ctx: &Context,
+    request: &InferRequest,
+    progress: &RefCell<Progress>,
+    node: &str,
+    outcome: &str,
+    ms: f64,
+) {
+    ctx.audit_note(
+        "infer_attempt",
+        Some(&request.request_id),
+        serde_json::json!({ "node": node, "outcome": outcome, "ms": ms.round() }),
+    );
+    progress.borrow_mut().attempts.push(Attempt {
+        node: node.to_string(),
+        outcome: outcome.to_string(),
+        ms,
+    });
+}
+
+/// Every candidate failed: the exit code of the last failure, and each node with its reason.
+fn every_candidate_failed(model: &str, failures: Vec<(String, Error)>) -> Error {
+    let kind = failures
+        .last()
+        .map_or(crate::error::ExitKind::Config, |(_, e)| e.kind());
+    let reasons: Vec<String> = failures
+        .iter()
+        .map(|(node, e)| format!("  {node}: {e}"))
+        .collect();
+    Error::Classified {
+        kind,
+        message: format!(
+            "no node could serve `{model}`; each one tried:\n{}",
+            reasons.join("\n")
+        ),
+    }
+}
+
 async fn generate(
     ctx: &Context,
     node: &Node,
+    conn: Option<NodeConn>,
     request: &InferRequest,
     budget: &Budget,
     progress: &RefCell<Progress>,
 ) -> Result<()> {
     progress.borrow_mut().stage = Some(("connect", Instant::now()));
-    let mut conn = ctx.open(node, budget).await?;
+    let mut conn = match conn {
+        Some(conn) => conn,
+        None => ctx.open(node, budget).await?,
+    };
     {
         let mut p = progress.borrow_mut();
         p.timings.connect = Some(conn.connect_time.as_secs_f64() * 1000.0);
@@ -310,6 +467,7 @@ fn report_done(
     model: &Model,
     request: &InferRequest,
     done: &DoneEvent,
+    attempts: &[Attempt],
 ) {
     if ctx.out.json {
         ctx.out.json_line(&DoneLine {
@@ -318,6 +476,7 @@ fn report_done(
             node: &node.name,
             model: &model.name,
             done,
+            attempts,
         });
     } else if std::io::stderr().is_terminal() && !ctx.out.quiet {
         let speed = done

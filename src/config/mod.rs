@@ -44,6 +44,18 @@ pub struct Config {
     pub(crate) source: Source,
     pub(crate) models: IndexMap<String, Model>,
     pub(crate) nodes: IndexMap<String, Node>,
+    /// `[groups]`: names for sets of nodes.
+    pub(crate) groups: IndexMap<String, Vec<String>>,
+}
+
+/// Where a request may run: its model and the nodes that serve it, in the order they are
+/// preferred on a tie (the file's, or the order given).
+#[derive(Debug)]
+pub(crate) struct Route<'a> {
+    pub(crate) model: &'a Model,
+    pub(crate) nodes: Vec<&'a Node>,
+    /// One node was named: it alone runs the request, with no failover.
+    pub(crate) pinned: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,6 +170,62 @@ impl Config {
                 name: name.to_string(),
                 known: list(self.models.keys()),
             })
+        })
+    }
+
+    /// The nodes a request for `model` may run on. `selector` is `--node`: one node (pinned),
+    /// a comma-separated list or a group (restricting the candidates), or none (every node
+    /// serving the model). With no model, it is the default model of the first candidate node.
+    pub(crate) fn route(&self, selector: Option<&str>, model: Option<&str>) -> Result<Route<'_>> {
+        let (listed, pinned): (Vec<&Node>, bool) = match selector {
+            None => (self.nodes.values().collect(), false),
+            Some(s) if self.groups.contains_key(s) => (
+                self.groups[s]
+                    .iter()
+                    .map(|n| self.node(Some(n)))
+                    .collect::<Result<_>>()?,
+                false,
+            ),
+            Some(s) if s.contains(',') => (
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| self.node(Some(n)))
+                    .collect::<Result<_>>()?,
+                false,
+            ),
+            Some(s) => (vec![self.node(Some(s))?], true),
+        };
+        let first = listed
+            .first()
+            .copied()
+            .ok_or_else(|| Error::config(format!("no nodes are defined in {}", self.source)))?;
+        let model = match model {
+            Some(name) if !pinned => self.models.get(name).ok_or_else(|| {
+                Error::Config(ConfigError::UnknownModel {
+                    name: name.to_string(),
+                    known: list(self.models.keys()),
+                })
+            })?,
+            // A pinned node must serve the model: the same check and message as before.
+            _ => self.model(first, model)?,
+        };
+        let nodes: Vec<&Node> = listed
+            .into_iter()
+            .filter(|n| n.models.contains(&model.name))
+            .collect();
+        if nodes.is_empty() {
+            return Err(Error::config(format!(
+                "no node {}serves model `{}`; add it to a node's `models` in {}",
+                selector.map_or(String::new(), |s| format!("in `{s}` ")),
+                model.name,
+                self.source
+            )));
+        }
+        Ok(Route {
+            model,
+            nodes,
+            pinned,
         })
     }
 

@@ -18,6 +18,9 @@ pub(crate) struct RawConfig {
     pub(crate) models: IndexMap<String, Spanned<RawModel>>,
     #[serde(default)]
     pub(crate) nodes: IndexMap<String, Spanned<RawNode>>,
+    /// Names for sets of nodes, usable wherever `--node` takes a name.
+    #[serde(default)]
+    pub(crate) groups: IndexMap<String, Spanned<Vec<String>>>,
 }
 
 /// The keys a node may set; `[defaults]` uses the same set (`host` and `models` included, so a

@@ -162,10 +162,41 @@ pub(super) fn resolve(
             "{source}: no nodes defined; add a `[nodes.NAME]` table (see nodes.toml.example)"
         )));
     }
+    let mut groups = IndexMap::new();
+    for (name, spanned) in raw.groups {
+        let span = spanned.span();
+        let members = spanned.into_inner();
+        if !valid_name(&name) {
+            return Err(located(Some(span), &bad_name("group", &name)));
+        }
+        if nodes.contains_key(&name) {
+            return Err(located(
+                Some(span),
+                &format!("group `{name}` has the name of a node; `--node {name}` would mean both"),
+            ));
+        }
+        if members.is_empty() {
+            return Err(located(
+                Some(span),
+                &format!("group `{name}` names no nodes"),
+            ));
+        }
+        if let Some(unknown) = members.iter().find(|m| !nodes.contains_key(*m)) {
+            return Err(located(
+                Some(span),
+                &format!(
+                    "group `{name}` names `{unknown}`, which is not a node; known nodes: {}",
+                    list(nodes.keys())
+                ),
+            ));
+        }
+        groups.insert(name, members);
+    }
     Ok(Config {
         source,
         models,
         nodes,
+        groups,
     })
 }
 

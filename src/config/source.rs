@@ -123,6 +123,7 @@ impl Config {
             source: Source::Embedded,
             models: IndexMap::from([(model.name.clone(), model)]),
             nodes: IndexMap::from([(node.name.clone(), node)]),
+            groups: IndexMap::new(),
         }
     }
 }

@@ -14,6 +14,10 @@ sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 fn the_example_file_parses_and_documents_every_key() {
     let text = include_str!("../../nodes.toml.example");
     let config = parse(text).expect("nodes.toml.example must parse");
+    assert!(
+        text.contains("\n[groups]"),
+        "nodes.toml.example does not document `[groups]`"
+    );
     assert!(config.nodes.contains_key("gpu1"));
     // Every key of the contract appears in the example, commented or not.
     for key in [
@@ -222,4 +226,62 @@ fn audit_fails_closed_unless_a_node_opts_out() {
     .expect_err("an unknown policy");
     assert_eq!(err.code(), 3);
     assert!(err.to_string().contains("best-effort"), "{err}");
+}
+
+#[test]
+fn routes_follow_the_model_and_the_selector() {
+    let sha = "ab".repeat(32);
+    let config = parse(&format!(
+        "[models.m]\npath = \"/m\"\nsha256 = \"{sha}\"\n[models.o]\npath = \"/o\"\nsha256 = \"{sha}\"\n\
+         [groups]\ngpus = [\"c\", \"a\"]\n\
+         [nodes.a]\nhost = \"a\"\nmodels = [\"m\"]\n[nodes.b]\nhost = \"b\"\nmodels = [\"o\"]\n\
+         [nodes.c]\nhost = \"c\"\nmodels = [\"o\", \"m\"]\n"
+    ))
+    .expect("config");
+    let names = |r: &crate::config::Route<'_>| -> Vec<String> {
+        r.nodes.iter().map(|n| n.name.clone()).collect()
+    };
+    let any = config.route(None, Some("m")).expect("route");
+    assert_eq!(
+        (names(&any), any.pinned),
+        (vec!["a".into(), "c".into()], false)
+    );
+    // No model: the first node's default, on every node serving it.
+    let default = config.route(None, None).expect("route");
+    assert_eq!(
+        (default.model.name.as_str(), names(&default)),
+        ("m", vec!["a".into(), "c".into()])
+    );
+    let group = config.route(Some("gpus"), Some("m")).expect("route");
+    assert_eq!(names(&group), vec!["c".to_string(), "a".to_string()]);
+    let listed = config.route(Some("b,c"), Some("o")).expect("route");
+    assert_eq!(names(&listed), vec!["b".to_string(), "c".to_string()]);
+    let pinned = config.route(Some("c"), None).expect("route");
+    assert_eq!((pinned.model.name.as_str(), pinned.pinned), ("o", true));
+    let err = config
+        .route(Some("b"), Some("m"))
+        .expect_err("b does not serve m");
+    assert!(err.to_string().contains("it serves: `o`"), "{err}");
+    let err = config.route(Some("a,b"), Some("o")).map(|r| names(&r));
+    assert_eq!(err.expect("b serves o"), vec!["b".to_string()]);
+    assert_eq!(
+        config
+            .route(Some("a"), Some("o"))
+            .map(|_| ())
+            .expect_err("no")
+            .code(),
+        3
+    );
+}
+
+#[test]
+fn a_group_naming_an_unknown_node_is_located() {
+    let sha = "ab".repeat(32);
+    let err = parse(&format!(
+        "[models.m]\npath = \"/m\"\nsha256 = \"{sha}\"\n[groups]\ng = [\"a\", \"zz\"]\n\
+         [nodes.a]\nhost = \"a\"\nmodels = [\"m\"]\n"
+    ))
+    .expect_err("unknown member");
+    assert!(err.to_string().contains("nodes.toml:5:"), "{err}");
+    assert!(err.to_string().contains("`zz`"), "{err}");
 }

@@ -55,6 +55,7 @@ impl Relay {
         let mut stalled = false;
         let mut cut = false;
         let mut ended = false;
+        let mut told = false;
         loop {
             let next = tokio::select! {
                 biased;
@@ -91,6 +92,8 @@ impl Relay {
                     .first_token(self.received.elapsed().as_secs_f64());
             }
             let last = event.event == "done" || event.event == "error";
+            // The worker said itself why the generation failed: that is what the client hears.
+            told |= event.event == "error";
             let mut head = None;
             if event.event == "done" {
                 outcome = self.record_done(&event);
@@ -128,7 +131,7 @@ impl Relay {
         }
         if cut {
             let _ = tx.send(self.cut_by_stop()).await;
-        } else if outcome == "error" && !ended && !tx.is_closed() {
+        } else if outcome == "error" && !ended && !told && !tx.is_closed() {
             let _ = tx.send(self.crashed(stalled).await).await;
         }
         self.metrics

@@ -207,27 +207,31 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
         }
     };
     if let Some(pid) = asked {
-        // Not answering is enough to report it stopped (it finishes its requests in flight);
-        // a hive that still answers after the wait is stopped through its pidfile.
+        // It stops answering first, then finishes its requests, stops its workers, records
+        // `hive_stopped` and lets go of its pidfile: only then is it gone (a new hive started
+        // before that would find the lock held). One that is still there after the wait is
+        // stopped through its pidfile.
         let until = Instant::now() + STOP_WAIT;
         while Instant::now() < until {
             if matches!(
                 probe(&conn.client, PROBE_TIMEOUT).await,
                 Probe::Unreachable(_)
-            ) {
+            ) && lock_holder(conn, budget).await?.is_none()
+            {
                 return Ok(Stopped::Stopped {
                     pid: pid.unwrap_or_default(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     let node = conn.node.clone();
+    let wait_s = u32::try_from(STOP_WAIT.as_secs()).unwrap_or(u32::MAX);
     let session = conn.ssh(budget).await?;
     let out = session
         .run(
             "stopping the hive",
-            &remote::stop_hive(&node.remote_dir, PID_FILE, 15),
+            &remote::stop_hive(&node.remote_dir, PID_FILE, wait_s),
         )
         .await?;
     Ok(match out.stdout_text().parse() {

@@ -1,0 +1,189 @@
+//! Placing a request on the fleet: every candidate node's hive is asked at once, within a small
+//! slice of the budget, what it holds of the model, and the candidates are tried in order of
+//! how soon they could start: the model loaded with a free slot, the model loaded (shortest
+//! queue), a running hive, a node whose hive must be started. Ties keep the configured order.
+//! A node whose worker for the model is held by the circuit breaker is left out.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+
+use crate::config::{Model, Node};
+use crate::deadline::Budget;
+use crate::error::Error;
+use crate::protocol::{WorkerInfo, WorkerState};
+use crate::queen::node::{ConnectOptions, NodeConn};
+
+/// The most of the budget the probes may take together.
+const PROBE_SLICE: Duration = Duration::from_millis(1500);
+
+/// How soon a node could start on the request, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Standing {
+    /// The model is loaded and a slot is free.
+    Free,
+    /// The model is loaded; every slot is busy and `queued` wait.
+    Loaded { queued: u32 },
+    /// The hive runs; the model must be loaded.
+    Running,
+    /// The hive must be started first.
+    Stopped,
+}
+
+/// A candidate after its probe: where it stands, and the connection made to ask, kept for the
+/// request itself.
+pub(crate) struct Ranked {
+    pub(crate) node: Node,
+    pub(crate) standing: Standing,
+    pub(crate) conn: NodeConn,
+}
+
+/// A candidate that cannot take the request: unreachable, or its worker held by the breaker.
+pub(crate) struct Skipped {
+    pub(crate) node: Node,
+    pub(crate) outcome: &'static str,
+    pub(crate) error: Error,
+    pub(crate) ms: f64,
+}
+
+/// Where `model`'s worker on a node stands, from the hive's worker list; `None` when the
+/// breaker holds it.
+pub(crate) fn standing(workers: &[WorkerInfo], model: &Model) -> Option<Standing> {
+    let Some(worker) = workers.iter().find(|w| w.model == model.name) else {
+        return Some(Standing::Running);
+    };
+    match worker.state {
+        WorkerState::Failed => None,
+        WorkerState::Ready | WorkerState::Busy if worker.in_flight < model.slots => {
+            Some(Standing::Free)
+        }
+        WorkerState::Ready | WorkerState::Busy => Some(Standing::Loaded {
+            queued: worker.queued,
+        }),
+        WorkerState::Loading | WorkerState::Restarting => Some(Standing::Running),
+    }
+}
+
+/// Probes `nodes` at once and returns them best first, with those that cannot serve.
+pub(crate) async fn rank(
+    nodes: &[&Node],
+    model: &Model,
+    budget: &Budget,
+    options: ConnectOptions,
+) -> (Vec<Ranked>, Vec<Skipped>) {
+    let slice =
+        Budget::new((budget.remaining() / 10).clamp(Duration::from_millis(200), PROBE_SLICE));
+    let probes = nodes.iter().map(|node| async move {
+        let started = std::time::Instant::now();
+        let ms = || started.elapsed().as_secs_f64() * 1000.0;
+        let mut conn = match NodeConn::open(node, &slice, options).await {
+            Ok(conn) => conn,
+            Err(error) => {
+                return Err(Skipped {
+                    node: (*node).clone(),
+                    outcome: "unreachable",
+                    error,
+                    ms: ms(),
+                });
+            }
+        };
+        let standing = match conn.client.workers(slice.remaining()).await {
+            Ok(workers) => standing(&workers, model),
+            Err(_) => Some(Standing::Stopped),
+        };
+        conn.connect_time = started.elapsed();
+        match standing {
+            Some(standing) => Ok(Ranked {
+                node: (*node).clone(),
+                standing,
+                conn,
+            }),
+            None => Err(Skipped {
+                node: (*node).clone(),
+                outcome: "breaker_open",
+                error: Error::worker(format!(
+                    "the worker for `{}` on `{}` is held by its circuit breaker",
+                    model.name, node.name
+                )),
+                ms: ms(),
+            }),
+        }
+    });
+    let mut ranked = Vec::new();
+    let mut skipped = Vec::new();
+    for result in join_all(probes).await {
+        match result {
+            Ok(r) => ranked.push(r),
+            Err(s) => skipped.push(s),
+        }
+    }
+    // A stable sort: ties keep the configured order.
+    ranked.sort_by_key(|r| r.standing);
+    (ranked, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(state: WorkerState, in_flight: u32, queued: u32) -> WorkerInfo {
+        serde_json::from_value(serde_json::json!({
+            "id": "m@1", "model": "m", "state": state, "pid": 1, "port": 1,
+            "restart_count": 0, "last_exit": null, "last_restart": null, "started_at": null,
+            "load_ms": null, "requests_served": 0, "in_flight": in_flight, "queued": queued,
+            "idle_s": null, "last_backoff_ms": null, "breaker": "closed",
+            "breaker_closes_at": null, "failed_reason": null
+        }))
+        .expect("worker info")
+    }
+
+    fn model(slots: u32) -> Model {
+        Model {
+            name: "m".into(),
+            path: "/m".into(),
+            sha256: "ab".repeat(32),
+            source: None,
+            context: None,
+            slots,
+            gpu_layers: 0,
+            threads: None,
+        }
+    }
+
+    #[test]
+    fn a_loaded_model_with_a_free_slot_comes_first_and_a_held_one_not_at_all() {
+        let m = model(4);
+        assert_eq!(
+            standing(&[worker(WorkerState::Busy, 3, 0)], &m),
+            Some(Standing::Free)
+        );
+        assert_eq!(
+            standing(&[worker(WorkerState::Busy, 4, 2)], &m),
+            Some(Standing::Loaded { queued: 2 })
+        );
+        assert_eq!(standing(&[], &m), Some(Standing::Running));
+        assert_eq!(
+            standing(&[worker(WorkerState::Loading, 0, 0)], &m),
+            Some(Standing::Running)
+        );
+        assert_eq!(standing(&[worker(WorkerState::Failed, 0, 0)], &m), None);
+        let mut order = [
+            Standing::Stopped,
+            Standing::Loaded { queued: 3 },
+            Standing::Running,
+            Standing::Loaded { queued: 1 },
+            Standing::Free,
+        ];
+        order.sort();
+        assert_eq!(
+            order,
+            [
+                Standing::Free,
+                Standing::Loaded { queued: 1 },
+                Standing::Loaded { queued: 3 },
+                Standing::Running,
+                Standing::Stopped
+            ]
+        );
+    }
+}
