@@ -313,3 +313,26 @@ fn a_hive_stopped_under_load_drains_refuses_the_queue_and_exits_by_itself() {
         "no hive_stopped in:\n{log}"
     );
 }
+
+#[test]
+fn an_infer_during_a_stop_waits_for_the_old_hive_and_starts_a_new_one() {
+    let Some(env) = Env::new("") else { return };
+    let (mut holder, _lines) = env.spawn_endless(&[], 1);
+    let old = std::fs::read_to_string(env.node_dir().join("hive.pid")).expect("pidfile");
+    // The stop drains for its grace period while the endless generation runs.
+    let mut stopping = env.spawn(&["hive", "stop", "n1"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2"]);
+    run.expect(0);
+    let done = run.done();
+    assert!(done["timings_ms"]["hive_start"].is_number(), "{done}");
+    let new = std::fs::read_to_string(env.node_dir().join("hive.pid")).expect("pidfile");
+    assert_ne!(
+        old.trim(),
+        new.trim(),
+        "the stopping hive served the request"
+    );
+    assert!(stopping.wait().expect("wait").success());
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

@@ -76,7 +76,7 @@ async fn health(
 ) -> Json<HiveHealth> {
     Json(HiveHealth {
         status: if hive.shutdown.is_cancelled() {
-            "stopping"
+            crate::protocol::HIVE_STOPPING
         } else {
             "ok"
         }

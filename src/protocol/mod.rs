@@ -10,6 +10,8 @@ use crate::error::{Error, ExitKind};
 /// Bumped when a hive and a CLI of different versions can no longer talk.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
 pub(crate) const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
+/// The `status` of a hive's `/health` once it has begun to stop (else `ok`).
+pub(crate) const HIVE_STOPPING: &str = "stopping";
 
 /// Upper bounds that keep a single request from taking a worker hostage.
 pub(crate) const MAX_PROMPT_BYTES: usize = 1 << 20;

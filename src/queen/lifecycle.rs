@@ -24,6 +24,7 @@ use crate::queen::node::NodeConn;
 use crate::ssh::remote;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// How long a stopping hive may take before it is killed: its drain time, then its workers'
 /// grace period, and a margin.
 const STOP_WAIT: Duration = Duration::from_secs(
@@ -67,6 +68,21 @@ pub(crate) async fn ensure_running(
 ) -> Result<Running> {
     let t0 = Instant::now();
     match probe(&conn.client, budget.remaining()).await {
+        // A hive on its way out takes no new work: wait for it to let go of its pidfile, then
+        // start the next one.
+        Probe::Ready(health) if health.status == crate::protocol::HIVE_STOPPING => {
+            tracing::info!(node = %conn.node.name, "the hive is stopping; starting a new one once it is gone");
+            while lock_holder(conn, budget).await?.is_some() {
+                if budget.is_spent() {
+                    return Err(Error::deadline(format!(
+                        "the budget ran out while the hive on `{}` was stopping",
+                        conn.node.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            start(conn, budget, t0, progress).await
+        }
         Probe::Ready(health) => Ok(Running {
             health,
             started: false,
