@@ -75,17 +75,26 @@ impl axum::serve::Listener for NoDelay {
 /// Who is on the other end of a connection, for logs and audit records: an address for TCP,
 /// the peer's uid and pid (from the kernel) for a Unix socket.
 #[derive(Debug, Clone)]
-pub(crate) struct Peer(pub(crate) String);
+pub(crate) struct Peer {
+    shown: String,
+    /// Who it is across connections (the address without its port, the uid without the pid):
+    /// what refusals are counted by.
+    pub(crate) source: String,
+}
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.shown)
     }
 }
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Peer {
-        Peer(stream.remote_addr().to_string())
+        let addr = stream.remote_addr();
+        Peer {
+            shown: addr.to_string(),
+            source: addr.ip().to_string(),
+        }
     }
 }
 
@@ -95,15 +104,21 @@ impl
     > for Peer
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
-        Peer(match stream.io().peer_cred() {
-            Ok(cred) => format!(
-                "unix:uid={},pid={}",
-                cred.uid(),
-                cred.pid()
-                    .map_or_else(|| "-".to_string(), |p| p.to_string())
-            ),
-            Err(_) => "unix".to_string(),
-        })
+        match stream.io().peer_cred() {
+            Ok(cred) => Peer {
+                shown: format!(
+                    "unix:uid={},pid={}",
+                    cred.uid(),
+                    cred.pid()
+                        .map_or_else(|| "-".to_string(), |p| p.to_string())
+                ),
+                source: format!("unix:uid={}", cred.uid()),
+            },
+            Err(_) => Peer {
+                shown: "unix".to_string(),
+                source: "unix".to_string(),
+            },
+        }
     }
 }
 

@@ -311,3 +311,39 @@ fn two_rotations_five_seconds_apart_fail_no_request_for_seventy_seconds() {
     assert!(sent >= 60, "only {sent} requests in 70 s");
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+#[test]
+fn two_thousand_unsigned_requests_add_a_handful_of_audit_records() {
+    let Some(env) = Env::new("") else { return };
+    env.run(&["hive", "start", "n1"]).expect(0);
+    let records = |event: &str| -> usize {
+        std::fs::read_to_string(env.node_dir().join("audit.jsonl"))
+            .expect("node audit log")
+            .lines()
+            .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
+            .count()
+    };
+    let before = records("auth_failure");
+    for i in 0..2000 {
+        let sig = if i % 2 == 0 {
+            None
+        } else {
+            Some("v1 nonsense")
+        };
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(sig) = sig {
+            headers.push(("x-rbee-signature", sig));
+        }
+        let (s, _) = http(env.socket(), "GET", "/v1/workers", &headers, b"");
+        assert_eq!(s, 401);
+    }
+    let added = records("auth_failure") - before;
+    // One per class (missing, malformed) in the minute this took.
+    assert!(
+        (1..=4).contains(&added),
+        "{added} auth_failure records for 2000 refusals"
+    );
+    // The hive still serves its owner.
+    env.infer(&["--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+}

@@ -12,8 +12,61 @@ pub(crate) const BODY_LIMIT: usize = crate::protocol::MAX_PROMPT_BYTES * 2 + 16 
 
 /// What the signature layer checks with, and where it records what it decided.
 pub(crate) struct Guard {
-    pub(crate) verifier: std::sync::Arc<crate::auth::Verifier>,
-    pub(crate) audit: Option<crate::audit::Audit>,
+    verifier: std::sync::Arc<crate::auth::Verifier>,
+    audit: Option<crate::audit::Audit>,
+    refusals: std::sync::Mutex<Refusals>,
+}
+
+impl Guard {
+    pub(crate) fn new(
+        verifier: std::sync::Arc<crate::auth::Verifier>,
+        audit: Option<crate::audit::Audit>,
+    ) -> Guard {
+        Guard {
+            verifier,
+            audit,
+            refusals: std::sync::Mutex::default(),
+        }
+    }
+}
+
+/// How often one source's refusals of one class are recorded: once a minute, the record naming
+/// how many came since the last one. A flood of unsigned requests writes a handful of records.
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Sources remembered at most; past this the counts start over (a flood from many sources
+/// costs this much memory, not more).
+const REFUSAL_SOURCES: usize = 4096;
+
+#[derive(Default)]
+struct Refusals {
+    /// By (source, class): when the last record was written, and the refusals since.
+    seen: std::collections::HashMap<(String, &'static str), (std::time::Instant, u64)>,
+}
+
+impl Refusals {
+    /// Whether this refusal gets a record now, and how many of the same were left out before it.
+    fn record(&mut self, source: &str, class: &'static str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self.seen.len() >= REFUSAL_SOURCES {
+            self.seen.clear();
+        }
+        match self.seen.get_mut(&(source.to_string(), class)) {
+            Some((at, skipped)) if now.duration_since(*at) < REFUSAL_WINDOW => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                let left_out = *skipped;
+                *at = now;
+                *skipped = 0;
+                Some(left_out)
+            }
+            None => {
+                self.seen.insert((source.to_string(), class), (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 /// A record the signature layer could not write for a request it let through
@@ -42,10 +95,13 @@ pub(crate) async fn require_signature(
     {
         return next.run(request).await;
     }
-    let peer = request
+    let (peer, source) = request
         .extensions()
         .get::<axum::extract::ConnectInfo<crate::server::Peer>>()
-        .map_or_else(|| "-".to_string(), |c| c.0.to_string());
+        .map_or_else(
+            || ("-".to_string(), "-".to_string()),
+            |c| (c.0.to_string(), c.0.source.clone()),
+        );
     let (parts, body) = request.into_parts();
     let header = parts
         .headers
@@ -133,8 +189,17 @@ pub(crate) async fn require_signature(
                     return (status, Json(ErrorBody::from(&err))).into_response();
                 }
             }
-        } else {
-            audit.note(event, request_id, fields).await;
+        } else if let Err(reject) = &result {
+            let left_out = guard
+                .refusals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(&source, reject.class());
+            if let Some(left_out) = left_out {
+                let mut fields = fields;
+                fields["refused_since_last_record"] = serde_json::json!(left_out);
+                audit.note(event, request_id, fields).await;
+            }
         }
     }
     match result {

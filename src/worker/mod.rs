@@ -46,13 +46,13 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixListener::from_std(listener))
             .doing("listen on the worker's socket")?;
-        let verifier = std::sync::Arc::new(crate::auth::layer::Guard {
-            verifier: std::sync::Arc::new(crate::auth::Verifier::new(
+        let verifier = std::sync::Arc::new(crate::auth::layer::Guard::new(
+            std::sync::Arc::new(crate::auth::Verifier::new(
                 vec![key],
                 crate::auth::DEFAULT_SKEW,
             )),
-            audit: None,
-        });
+            None,
+        ));
         let app = server::router(
             server::WorkerState {
                 engine,
