@@ -232,7 +232,16 @@ fn status_row(r: &NodeResult) -> Vec<String> {
             "none".to_string()
         } else {
             w.iter()
-                .map(|w| format!("{} ({})", w.model, crate::cmd::worker::state_name(w.state)))
+                .map(|w| {
+                    format!(
+                        "{} ({}, {}/{} busy, {} queued)",
+                        w.model,
+                        crate::cmd::worker::state_name(w.state),
+                        w.in_flight,
+                        w.slots,
+                        w.queued
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         }

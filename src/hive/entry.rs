@@ -273,6 +273,7 @@ impl Entry {
             load_ms: proc.map(|p| p.load_ms),
             requests_served: st.served,
             in_flight: st.in_flight,
+            slots: self.queue.lock().unwrap_or_else(|p| p.into_inner()).0,
             queued: st.queued,
             idle_s: (st.in_flight == 0).then(|| st.last_used.elapsed().as_secs_f64()),
             last_backoff_ms: st

@@ -242,6 +242,7 @@ mod tests {
             load_ms: None,
             requests_served: 0,
             in_flight: 0,
+            slots: 4,
             queued: 0,
             idle_s: None,
             last_backoff_ms: None,

@@ -300,6 +300,9 @@ pub(crate) struct WorkerInfo {
     pub(crate) load_ms: Option<f64>,
     pub(crate) requests_served: u64,
     pub(crate) in_flight: u32,
+    /// Requests the worker decodes together: `in_flight` of them are busy.
+    #[serde(default)]
+    pub(crate) slots: u32,
     pub(crate) queued: u32,
     pub(crate) idle_s: Option<f64>,
     /// The delay chosen before the latest restart.

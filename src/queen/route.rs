@@ -52,11 +52,15 @@ pub(crate) fn standing(workers: &[WorkerInfo], model: &Model) -> Option<Standing
     let Some(worker) = workers.iter().find(|w| w.model == model.name) else {
         return Some(Standing::Running);
     };
+    // The hive's own count of slots, where it tells one (it runs with the spec it was given).
+    let slots = if worker.slots > 0 {
+        worker.slots
+    } else {
+        model.slots
+    };
     match worker.state {
         WorkerState::Failed => None,
-        WorkerState::Ready | WorkerState::Busy if worker.in_flight < model.slots => {
-            Some(Standing::Free)
-        }
+        WorkerState::Ready | WorkerState::Busy if worker.in_flight < slots => Some(Standing::Free),
         WorkerState::Ready | WorkerState::Busy => Some(Standing::Loaded {
             queued: worker.queued,
         }),

@@ -110,6 +110,16 @@ fn a_node_with_the_model_loaded_and_a_free_slot_is_chosen_first() {
         assert_eq!(done["node"], "b", "{selector:?}: {done}");
         assert!(done["timings_ms"]["load"].is_null(), "{done}");
     }
+    // What the choice was made from, as `hive status` shows it.
+    let status = env.run(&["hive", "status", "b"]);
+    status.expect(0);
+    assert!(
+        status
+            .stdout
+            .contains("smollm2 (ready, 0/4 busy, 0 queued)"),
+        "{}",
+        status.stdout
+    );
     // Pinned to a: it runs there, loading the model.
     let run = env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"]);
     run.expect(0);
