@@ -15,6 +15,8 @@
 #   8. llama-server --parallel 4 (scripts/llama-server.sh builds it once): 1-token request
 #      latency (curl) and 4-way streamed aggregate throughput
 #   9. how far past `--timeout 1s` an invocation ends, local and SSH (OVERSHOOT_RUNS each)
+#  10. routing: warm `infer --max-tokens 1 --model M` (every node a candidate, probed at once)
+#      against `--node local`
 # Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
 # and reported as medians; latencies are medians of LATENCY_RUNS per round.
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=3, DECODE_PAIRS=4 (per round),
@@ -220,14 +222,17 @@ for round in $(seq "$ROUNDS"); do
     fig llama_server_4_tps "$(python3 -c "print(round($ls_tokens / ($ls_ms / 1000), 1))")"
 
     say "round $round: warm 1-token latency, local, SSH, llama-server"
-    loc=(); tun=(); lsl=(); eng=()
+    loc=(); tun=(); lsl=(); eng=(); rtd=()
     for _ in $(seq "$LATENCY_RUNS"); do
         loc+=("$(timed "$RBEE" --json infer --node local --prompt hi --max-tokens 1 --temperature 0)")
         eng+=("$(engine_ms "$work/last")")
         tun+=("$(timed "$RBEE" --json infer --node ssh1 --prompt hi --max-tokens 1 --temperature 0)")
         eng+=("$(engine_ms "$work/last")")
         lsl+=("$(timed ls_one)")
+        # Routed: every node serving the model is a candidate, the loaded local one is chosen.
+        rtd+=("$(timed "$RBEE" --json infer --model smollm2 --prompt hi --max-tokens 1 --temperature 0)")
     done
+    fig infer1_routed_ms "$(median "${rtd[@]}")"
     fig infer1_local_ms "$(median "${loc[@]}")"
     fig infer1_ssh_ms "$(median "${tun[@]}")"
     fig infer1_engine_ms "$(median "${eng[@]}")"
@@ -266,6 +271,7 @@ rows = [
     ("3. raw engine time to first token (\"hi\")", f"{m['raw_first_token_ms']} ms"),
     ("3. warm infer --max-tokens 1, local", f"{m['infer1_local_ms']} ms (minus raw: {round(m['infer1_local_ms'] - m['raw_first_token_ms'], 1)} ms)"),
     ("3. warm infer --max-tokens 1, SSH", f"{m['infer1_ssh_ms']} ms (minus raw: {round(m['infer1_ssh_ms'] - m['raw_first_token_ms'], 1)} ms)"),
+    (f"3. routed: infer --model, {int(nodes) + 1} candidates (probed at once)", f"{m['infer1_routed_ms']} ms ({round(m['infer1_routed_ms'] - m['infer1_local_ms'], 1)} ms over --node local)"),
     ("3. of which in llama.cpp (cached prompt prefix)", f"{m['infer1_engine_ms']} ms: rbee's own cost is {round(m['infer1_local_ms'] - m['infer1_engine_ms'], 1)} ms local, {round(m['infer1_ssh_ms'] - m['infer1_engine_ms'], 1)} ms SSH"),
 ]
 for n in (1, 2, 4, 8):

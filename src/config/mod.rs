@@ -186,14 +186,17 @@ impl Config {
                     .collect::<Result<_>>()?,
                 false,
             ),
-            Some(s) if s.contains(',') => (
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(|n| self.node(Some(n)))
-                    .collect::<Result<_>>()?,
-                false,
-            ),
+            Some(s) if s.contains(',') => {
+                let mut listed: Vec<&Node> = Vec::new();
+                for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let node = self.node(Some(name))?;
+                    // Named twice is one candidate, at its first place.
+                    if !listed.iter().any(|n| n.name == node.name) {
+                        listed.push(node);
+                    }
+                }
+                (listed, false)
+            }
             Some(s) => (vec![self.node(Some(s))?], true),
         };
         let first = listed
