@@ -37,6 +37,12 @@ pub(super) async fn authenticate(
     }
     for file in &target.identity_files {
         if !file.exists() {
+            if target.named_identity.as_ref() == Some(file) {
+                tried.push(format!(
+                    "`{}` (the `identity_file` of nodes.toml: it does not exist)",
+                    file.display()
+                ));
+            }
             continue;
         }
         let key = match russh::keys::load_secret_key(file, None) {

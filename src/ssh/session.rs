@@ -32,6 +32,9 @@ pub(crate) struct Target {
     pub(crate) port: u16,
     pub(crate) user: String,
     pub(crate) identity_files: Vec<PathBuf>,
+    /// The key nodes.toml names: when it is missing and nothing else authenticates, the
+    /// refusal says so (the agent may still hold the key, as OpenSSH allows).
+    pub(crate) named_identity: Option<PathBuf>,
     pub(crate) known_hosts: PathBuf,
 }
 
@@ -41,16 +44,23 @@ impl Target {
             Error::config(format!("node `{}` has no `host` to connect to", node.name))
         })?;
         let entry = ssh_config::lookup(&alias);
+        // As OpenSSH does: the passwd name of this process's uid, whatever `$USER` says (cron
+        // with `env -i` and containers have none).
         let user = node
             .user
             .clone()
             .or(entry.user)
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::getuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "root".to_string());
         let mut identity_files = Vec::new();
-        if let Some(file) = &node.identity_file {
-            identity_files.push(paths::expand_tilde(file));
-        }
+        let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
+        identity_files.extend(named_identity.clone());
         identity_files.extend(ssh_config::expand(&entry.identity_files));
         if identity_files.is_empty() {
             for default in ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"] {
@@ -69,6 +79,7 @@ impl Target {
             port,
             user,
             identity_files,
+            named_identity,
             known_hosts: paths::expand_tilde(&node.known_hosts),
         })
     }

@@ -185,3 +185,30 @@ fn a_key_file_this_user_may_not_read_or_create_is_named() {
     );
     assert!(!keys.exists());
 }
+
+#[test]
+fn an_identity_file_that_does_not_exist_is_named_in_the_refusal() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.edit_config(
+        &format!(
+            "identity_file = {:?}",
+            fleet.key.private.display().to_string()
+        ),
+        "identity_file = \"/nonexistent/rbee-key\"",
+    );
+    let run = env
+        .command(&["hive", "status", "a"])
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("`/nonexistent/rbee-key`") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("no key found"), "{stderr}");
+}
