@@ -341,6 +341,30 @@ fn print_token(ctx: &Context, text: &str) -> std::io::Result<()> {
     }
 }
 
+/// Runs one request on `node` (on `conn` when one is open already) and returns the generated
+/// text with its `done` event, printing nothing: what `rbee batch` needs of a node.
+pub(crate) async fn generate_text(
+    ctx: &Context,
+    node: &Node,
+    request: &InferRequest,
+    budget: &Budget,
+) -> Result<(String, DoneEvent)> {
+    let progress = RefCell::new(Progress::default());
+    let mut text = String::new();
+    let mut keep = |t: &str| {
+        text.push_str(t);
+        Ok(())
+    };
+    generate(ctx, node, None, request, budget, &progress, &mut keep).await?;
+    let done = progress.into_inner().done.ok_or_else(|| {
+        Error::hive(format!(
+            "the hive on `{}` ended the stream before the generation finished",
+            node.name
+        ))
+    })?;
+    Ok((text, done))
+}
+
 async fn generate(
     ctx: &Context,
     node: &Node,
