@@ -159,3 +159,37 @@ fn an_interrupted_batch_resumes_with_the_same_output_and_runs_each_id_once() {
     rerun.expect(0);
     every_id_once(&results(&output), 60);
 }
+
+#[test]
+fn an_item_the_node_rejects_is_an_error_line_and_the_batch_exits_9() {
+    // A small context, so that one prompt is too long for it.
+    let Some(fleet) = Fleet::build(&[node("a")], true, "context = 256\n") else {
+        return;
+    };
+    let env = &fleet.env;
+    let input = env.path().join("in.jsonl");
+    let long = "word ".repeat(600);
+    let lines = [
+        serde_json::json!({"id": "short1", "prompt": "Hi", "max_tokens": 2}),
+        serde_json::json!({"id": "long", "prompt": long, "max_tokens": 2}),
+        serde_json::json!({"id": "short2", "prompt": "Hello", "max_tokens": 2}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&input, text).expect("input");
+    let run = env.run(&["batch", input.to_str().expect("path")]);
+    run.expect(9);
+    assert!(
+        run.stderr.contains("some items failed: 1 of 3"),
+        "{}",
+        run.stderr
+    );
+    let out = run.json_lines();
+    assert_eq!(out.len(), 3, "{}", run.stdout);
+    let long = out.iter().find(|l| l["id"] == "long").expect("long's line");
+    assert_eq!(long["error"]["exit_code"], 8, "{long}");
+    assert_eq!(long["error"]["code"], "invalid_request", "{long}");
+    for id in ["short1", "short2"] {
+        let line = out.iter().find(|l| l["id"] == id).expect("a short line");
+        assert_eq!(line["node"], "a", "{line}");
+    }
+}
