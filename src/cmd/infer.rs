@@ -341,7 +341,7 @@ fn print_token(ctx: &Context, text: &str) -> std::io::Result<()> {
     }
 }
 
-/// Runs one request on `node` (on `conn` when one is open already) and returns the generated
+/// Runs one request on `node`, on a connection of its own, and returns the generated
 /// text with its `done` event, printing nothing: what `rbee batch` needs of a node.
 pub(crate) async fn generate_text(
     ctx: &Context,
