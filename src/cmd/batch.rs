@@ -22,6 +22,7 @@ use crate::deadline::Budget;
 use crate::error::{Error, ExitKind, IoContext, Result};
 use crate::progress::Progress;
 use crate::protocol::{DoneEvent, InferRequest};
+use crate::queen::trail;
 use input::Item;
 
 pub(crate) async fn run(ctx: &Context, args: BatchArgs) -> Result<()> {
@@ -253,7 +254,7 @@ impl Batch<'_> {
         let node = self.nodes[n];
         let started = Instant::now();
         let budget = Budget::new(self.timeout.unwrap_or(node.timeout));
-        let request = InferRequest {
+        let mut request = InferRequest {
             request_id: format!("{:032x}", rand::random::<u128>()),
             model: self.model.clone(),
             system: item.system.clone(),
@@ -261,14 +262,20 @@ impl Batch<'_> {
             params: item.params.clone(),
             queen_audit: None,
         };
-        let work = generate_text(&self.item_ctx, node, &request, &budget);
-        let result = match tokio::time::timeout_at(budget.deadline().into(), work).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::deadline(format!(
-                "the item's deadline of {} passed on `{}`",
-                humantime::format_duration(budget.total()),
-                node.name
-            ))),
+        let result = match self.requested(node, &mut request, &budget) {
+            Ok(()) => {
+                let work = generate_text(&self.item_ctx, node, &request, &budget);
+                let result = match tokio::time::timeout_at(budget.deadline().into(), work).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::deadline(format!(
+                        "the item's deadline of {} passed on `{}`",
+                        humantime::format_duration(budget.total()),
+                        node.name
+                    ))),
+                };
+                self.completed(node, &request, &budget, result)
+            }
+            Err(e) => Err(e),
         };
         Tried {
             node: n,
@@ -277,6 +284,69 @@ impl Batch<'_> {
             ms: started.elapsed().as_secs_f64() * 1000.0,
             result,
         }
+    }
+}
+
+impl Batch<'_> {
+    /// Each try is on this machine's record as an `infer` is, and its head goes with the
+    /// request for the node's log to witness; under `audit = "required"` an unrecorded try is
+    /// not sent (the item fails with exit 10, not retried: every node would refuse it alike).
+    fn requested(&self, node: &Node, request: &mut InferRequest, budget: &Budget) -> Result<()> {
+        let recorded = self.item_ctx.audit().record(
+            "infer_requested",
+            Some(&request.request_id),
+            json!({
+                "node": node.name,
+                "model": self.model.name,
+                "batch": true,
+                "prompt": crate::audit::digest(&request.prompt),
+                "system": request.system.as_deref().map(crate::audit::digest),
+                "max_tokens": request.params.max_tokens,
+                "timeout_ms": u64::try_from(budget.total().as_millis()).unwrap_or(u64::MAX),
+            }),
+        );
+        match recorded {
+            Ok(head) => {
+                request.queen_audit = Some(crate::audit::QueenHead {
+                    queen: trail::audit_id(),
+                    seq: head.seq,
+                    hash: head.hash,
+                });
+                Ok(())
+            }
+            Err(e) => trail::unrecorded_request(node, &e),
+        }
+    }
+
+    /// Records how the try ended and weighs what either end could not record, as `infer` does.
+    fn completed(
+        &self,
+        node: &Node,
+        request: &InferRequest,
+        budget: &Budget,
+        result: Result<(String, DoneEvent)>,
+    ) -> Result<(String, DoneEvent)> {
+        let (outcome, answer) = match result {
+            Ok(answer) => (Ok(()), Some(answer)),
+            Err(e) => (Err(e), None),
+        };
+        let done = answer.as_ref().map(|(_, d)| d);
+        let completed = self.item_ctx.audit().record(
+            "infer_completed",
+            Some(&request.request_id),
+            json!({
+                "node": node.name,
+                "model": self.model.name,
+                "exit_code": outcome.as_ref().err().map_or(0, Error::code),
+                "stop_reason": done.map(|d| d.stop_reason),
+                "tokens_in": done.map(|d| d.tokens_in),
+                "tokens_out": done.map(|d| d.tokens_out),
+                "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "node_audit": done.and_then(|d| d.node_audit.clone()),
+            }),
+        );
+        trail::audited(node, outcome, done, completed.err())?;
+        answer.ok_or_else(|| Error::internal("a try succeeded without an answer"))
     }
 }
 

@@ -73,6 +73,11 @@ fn a_batch_is_spread_over_both_nodes_and_every_id_comes_back_once() {
     let by_node = every_id_once(&run.json_lines(), 40);
     assert!(by_node.get("a").is_some_and(|&n| n > 0), "{by_node:?}");
     assert!(by_node.get("b").is_some_and(|&n| n > 0), "{by_node:?}");
+    // Each item is on this machine's record, start and end, as an `infer` is.
+    let log = crate::support::records(&env.path().join("state/audit.jsonl"));
+    let count = |event: &str| log.iter().filter(|r| r["event"] == event).count();
+    assert_eq!(count("infer_requested"), 40);
+    assert_eq!(count("infer_completed"), 40);
 
     // A bad line is named before anything runs.
     std::fs::write(
