@@ -35,6 +35,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Generate text on a node, streamed to stdout
     Infer(InferArgs),
+    /// Run a JSON-lines file of prompts over the fleet, one result line per prompt
+    Batch(BatchArgs),
     /// Start, stop and inspect the hive daemon on nodes
     Hive {
         #[command(subcommand)]
@@ -126,6 +128,28 @@ pub(crate) struct InferArgs {
     /// Budget of the whole invocation, e.g. `30s`, `1500ms` (default: the node's `timeout`)
     #[arg(long, value_parser = parse_duration_arg)]
     pub(crate) timeout: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BatchArgs {
+    /// Nodes to spread the work over: one, a comma-separated list or a `[groups]` name
+    /// (default: every node serving the model)
+    #[arg(long)]
+    pub(crate) node: Option<String>,
+    /// Model to use (default: the first candidate node's first model)
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+    /// Append results to this file as they finish; a rerun skips the ids already in it
+    #[arg(long, value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+    /// How many times an item whose node fails is tried again on another node
+    #[arg(long, default_value_t = 2)]
+    pub(crate) retries: u32,
+    /// Budget of each item (each try starts over), e.g. `30s` (default: the node's `timeout`)
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub(crate) timeout: Option<std::time::Duration>,
+    /// JSON lines, one `{"id", "prompt", ...}` per line; `-` reads stdin
+    pub(crate) input: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

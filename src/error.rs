@@ -17,6 +17,8 @@ pub enum ExitKind {
     HiveUnavailable = 6,
     WorkerUnavailable = 7,
     InvalidRequest = 8,
+    /// `rbee batch`: some items failed; the others are in the output.
+    BatchFailed = 9,
     /// The node (or this machine) could not record the work in its audit trail, and so
     /// refused it.
     Audit = 10,
@@ -40,13 +42,14 @@ impl ExitKind {
             ExitKind::HiveUnavailable => "hive_unavailable",
             ExitKind::WorkerUnavailable => "worker_unavailable",
             ExitKind::InvalidRequest => "invalid_request",
+            ExitKind::BatchFailed => "batch_failed",
             ExitKind::Audit => "audit_unavailable",
             ExitKind::Deadline => "deadline",
             ExitKind::Interrupted => "interrupted",
         }
     }
 
-    const ALL: [ExitKind; 11] = [
+    const ALL: [ExitKind; 12] = [
         ExitKind::Internal,
         ExitKind::Usage,
         ExitKind::Config,
@@ -55,6 +58,7 @@ impl ExitKind {
         ExitKind::HiveUnavailable,
         ExitKind::WorkerUnavailable,
         ExitKind::InvalidRequest,
+        ExitKind::BatchFailed,
         ExitKind::Audit,
         ExitKind::Deadline,
         ExitKind::Interrupted,
@@ -139,7 +143,7 @@ impl Error {
             ExitKind::Audit => Error::Audit(message),
             ExitKind::Deadline => Error::Deadline(DeadlineError::During(message)),
             ExitKind::Internal => Error::Internal(message),
-            ExitKind::Usage | ExitKind::Ssh | ExitKind::Interrupted => {
+            ExitKind::Usage | ExitKind::Ssh | ExitKind::BatchFailed | ExitKind::Interrupted => {
                 Error::Classified { kind, message }
             }
         }

@@ -97,6 +97,7 @@ where
             worker::serve(args)
         }
         Command::Infer(args) => queen(&ctx, verbose, true, cmd::infer::run(&ctx, args)),
+        Command::Batch(args) => queen(&ctx, verbose, true, cmd::batch::run(&ctx, args)),
         Command::Hive {
             command: HiveCommand::Fleet(op),
         } => queen(&ctx, verbose, true, cmd::hive::run(&ctx, op)),

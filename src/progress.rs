@@ -28,6 +28,23 @@ impl Progress {
         Progress::drawn(allowed(out, std::io::stderr().is_terminal()))
     }
 
+    /// Draws nothing: for work whose own bar already tells the story (each item of a batch).
+    pub(crate) fn hidden() -> Progress {
+        Progress::drawn(false)
+    }
+
+    /// A bar over `total` items, with a message the caller keeps current.
+    pub(crate) fn items(&self, total: u64) -> ProgressBar {
+        let style = ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let bar = self.multi.add(ProgressBar::new(total).with_style(style));
+        if !self.multi.is_hidden() {
+            bar.enable_steady_tick(TICK);
+        }
+        bar
+    }
+
     fn drawn(visible: bool) -> Progress {
         let target = if visible {
             ProgressDrawTarget::stderr()

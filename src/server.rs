@@ -28,7 +28,7 @@ pub(crate) fn status_for(kind: ExitKind) -> StatusCode {
         ExitKind::WorkerUnavailable | ExitKind::HiveUnavailable | ExitKind::Audit => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        ExitKind::Ssh | ExitKind::Internal | ExitKind::Interrupted => {
+        ExitKind::Ssh | ExitKind::Internal | ExitKind::BatchFailed | ExitKind::Interrupted => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     }

@@ -692,6 +692,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
         .expect(0);
 }
 
+mod batch;
 mod refusals;
 mod routing;
 /// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into

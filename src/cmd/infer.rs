@@ -210,7 +210,10 @@ async fn place(
     if route.pinned || route.nodes.len() == 1 {
         let node = route.nodes[0];
         progress.borrow_mut().node = Some(node.clone());
-        return generate(ctx, node, None, request, budget, progress).await;
+        return generate(ctx, node, None, request, budget, progress, &mut |t| {
+            print_token(ctx, t)
+        })
+        .await;
     }
     progress.borrow_mut().stage = Some(("connect", Instant::now()));
     let (ranked, skipped) = route::rank(&route.nodes, route.model, budget, ctx.connect).await;
@@ -238,6 +241,7 @@ async fn place(
             request,
             budget,
             progress,
+            &mut |t| print_token(ctx, t),
         )
         .await;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -276,7 +280,7 @@ async fn place(
 
 /// What a node's failure before the first token says about the next node: none of these is
 /// about the request itself, so another node may well serve it.
-fn fails_over(err: &Error) -> bool {
+pub(crate) fn fails_over(err: &Error) -> bool {
     matches!(
         err,
         Error::Ssh(_) | Error::Hive(_) | Error::Worker(_) | Error::Internal(_) | Error::Io(_)
@@ -322,6 +326,45 @@ fn every_candidate_failed(model: &str, failures: Vec<(String, Error)>) -> Error 
     }
 }
 
+/// Where the generated tokens go: infer prints them as they come, batch keeps them for its line.
+/// `Err` with a reader gone ends the request quietly (and cancels it on the node).
+type TokenSink<'a> = &'a mut dyn FnMut(&str) -> std::io::Result<()>;
+
+/// Prints one token on stdout (or as a `--json` event) as soon as it arrives.
+fn print_token(ctx: &Context, text: &str) -> std::io::Result<()> {
+    if ctx.out.json {
+        ctx.out
+            .try_json_line(&serde_json::json!({ "event": "token", "text": text }))
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes()).and_then(|()| out.flush())
+    }
+}
+
+/// Runs one request on `node`, on a connection of its own, and returns the generated
+/// text with its `done` event, printing nothing: what `rbee batch` needs of a node.
+pub(crate) async fn generate_text(
+    ctx: &Context,
+    node: &Node,
+    request: &InferRequest,
+    budget: &Budget,
+) -> Result<(String, DoneEvent)> {
+    let progress = RefCell::new(Progress::default());
+    let mut text = String::new();
+    let mut keep = |t: &str| {
+        text.push_str(t);
+        Ok(())
+    };
+    generate(ctx, node, None, request, budget, &progress, &mut keep).await?;
+    let done = progress.into_inner().done.ok_or_else(|| {
+        Error::hive(format!(
+            "the hive on `{}` ended the stream before the generation finished",
+            node.name
+        ))
+    })?;
+    Ok((text, done))
+}
+
 async fn generate(
     ctx: &Context,
     node: &Node,
@@ -329,6 +372,7 @@ async fn generate(
     request: &InferRequest,
     budget: &Budget,
     progress: &RefCell<Progress>,
+    sink: TokenSink<'_>,
 ) -> Result<()> {
     progress.borrow_mut().stage = Some(("connect", Instant::now()));
     let mut conn = match conn {
@@ -363,7 +407,6 @@ async fn generate(
     )));
     let response = conn.client.infer(request, budget).await?;
     let mut stream = std::pin::pin!(events(response));
-    let stdout = std::io::stdout();
     while let Some(event) = stream.next().await {
         let event = event.map_err(|e| match e {
             StreamError::Broke(cause) => Error::hive(format!(
@@ -391,15 +434,7 @@ async fn generate(
         match event.event.as_str() {
             "token" => {
                 let token: TokenEvent = parse(&event.data)?;
-                let written = if ctx.out.json {
-                    ctx.out
-                        .try_json_line(&serde_json::json!({ "event": "token", "text": token.text }))
-                } else {
-                    let mut out = stdout.lock();
-                    out.write_all(token.text.as_bytes())
-                        .and_then(|()| out.flush())
-                };
-                match written {
+                match sink(&token.text) {
                     Ok(()) => {}
                     // Returning drops the stream, and so cancels the generation on the node.
                     Err(e) if reader_gone(&e) => {
@@ -493,7 +528,7 @@ fn report_done(
     }
 }
 
-fn stop_name(reason: StopReason) -> String {
+pub(crate) fn stop_name(reason: StopReason) -> String {
     serde_json::to_value(reason)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))

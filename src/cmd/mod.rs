@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes the parsed arguments and the shared context.
 
 pub(crate) mod audit;
+pub(crate) mod batch;
 pub(crate) mod completions;
 pub(crate) mod fleet;
 pub(crate) mod hive;
