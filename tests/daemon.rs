@@ -80,7 +80,9 @@ fn start_status_stop_and_no_leftovers() {
     status.expect(0);
     assert!(status.stdout.contains("running"), "{}", status.stdout);
     assert!(
-        status.stdout.contains("smollm2 (ready, 0/4 busy, 0 queued)"),
+        status
+            .stdout
+            .contains("smollm2 (ready, 0/4 busy, 0 queued)"),
         "{}",
         status.stdout
     );
