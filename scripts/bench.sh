@@ -15,7 +15,8 @@
 #   8. llama-server --parallel 4 (scripts/llama-server.sh builds it once): 1-token request
 #      latency (curl) and 4-way streamed aggregate throughput
 #   9. how far past `--timeout 1s` an invocation ends, local and SSH (OVERSHOOT_RUNS each)
-#  10. routing: warm `infer --max-tokens 1 --model M` (every node a candidate, probed at once)
+#  10. rbee batch of 16 items over one node against the same 16 as waves of 4 concurrent infer
+#  11. routing: warm `infer --max-tokens 1 --model M` (every node a candidate, probed at once)
 #      against `--node local`
 # Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
 # and reported as medians; latencies are medians of LATENCY_RUNS per round.
@@ -217,6 +218,28 @@ for round in $(seq "$ROUNDS"); do
         fig "rbee_concurrent_${n}_tps" "$(python3 -c "print(round($total / (($t1 - $t0) / 1000), 1))")"
     done
 
+    say "round $round: rbee batch over one node against 4 concurrent infer"
+    printf '%s\n' "${PROMPTS[@]:0:4}" > "$work/prompts"
+    python3 -c "import json; [print(json.dumps({'id': i, 'prompt': p, 'max_tokens': $TOKENS, 'temperature': 0})) for i, p in enumerate(open('$work/prompts').read().splitlines() * 4)]" > "$work/batch.jsonl"
+    rm -f "$work/batch.out"
+    t0=$(now_ms)
+    "$RBEE" batch --node local --output "$work/batch.out" "$work/batch.jsonl" 2>/dev/null || true
+    t1=$(now_ms)
+    total=$(python3 -c "import json; print(sum(json.loads(l).get('tokens_out', 0) for l in open('$work/batch.out')))")
+    fig batch_16_tps "$(python3 -c "print(round($total / (($t1 - $t0) / 1000), 1))")"
+    t0=$(now_ms); total=0
+    for wave in 0 1 2 3; do
+        clients=()
+        for i in 0 1 2 3; do
+            "$RBEE" --json infer --node local --prompt "${PROMPTS[$i]}" --max-tokens "$TOKENS" --temperature 0 > "$work/w$i.json" &
+            clients+=($!)
+        done
+        wait "${clients[@]}"
+        for i in 0 1 2 3; do total=$((total + $(done_field "$work/w$i.json" tokens_out))); done
+    done
+    t1=$(now_ms)
+    fig infer_waves_16_tps "$(python3 -c "print(round($total / (($t1 - $t0) / 1000), 1))")"
+
     say "round $round: llama-server 4-way"
     read -r ls_tokens ls_ms < <(ls_many 4)
     fig llama_server_4_tps "$(python3 -c "print(round($ls_tokens / ($ls_ms / 1000), 1))")"
@@ -279,6 +302,7 @@ for n in (1, 2, 4, 8):
     same = "differ from alone" if f"differs_{n}" in m else "texts as alone"
     rows.append((f"4. {n} concurrent infer, aggregate", f"{m[f'rbee_concurrent_{n}_tps']} tokens/s ({same}{raw})"))
 rows += [
+    ("4. rbee batch, 16 items over one node (4 slots)", f"{m['batch_16_tps']} tokens/s ({ratio('batch_16_tps', 'infer_waves_16_tps')}% of the same 16 as 4 waves of 4 concurrent infer: {m['infer_waves_16_tps']} tokens/s)"),
     ("5. cold: hive start until ready", f"{m['cold_hive_start_ms']} ms"),
     ("5. cold: first infer incl. model load", f"{m['cold_first_infer_ms']} ms"),
     ("6. hive status, 1 SSH node", f"{m['status_1_ms']} ms"),
