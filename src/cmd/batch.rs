@@ -292,30 +292,13 @@ impl Batch<'_> {
     /// request for the node's log to witness; under `audit = "required"` an unrecorded try is
     /// not sent (the item fails with exit 10, not retried: every node would refuse it alike).
     fn requested(&self, node: &Node, request: &mut InferRequest, budget: &Budget) -> Result<()> {
-        let recorded = self.item_ctx.audit().record(
-            "infer_requested",
-            Some(&request.request_id),
-            json!({
-                "node": node.name,
-                "model": self.model.name,
-                "batch": true,
-                "prompt": crate::audit::digest(&request.prompt),
-                "system": request.system.as_deref().map(crate::audit::digest),
-                "max_tokens": request.params.max_tokens,
-                "timeout_ms": u64::try_from(budget.total().as_millis()).unwrap_or(u64::MAX),
-            }),
-        );
-        match recorded {
-            Ok(head) => {
-                request.queen_audit = Some(crate::audit::QueenHead {
-                    queen: trail::audit_id(),
-                    seq: head.seq,
-                    hash: head.hash,
-                });
-                Ok(())
-            }
-            Err(e) => trail::unrecorded_request(node, &e),
-        }
+        trail::record_request(
+            &self.item_ctx.audit(),
+            request,
+            node,
+            budget,
+            json!({ "batch": true }),
+        )
     }
 
     /// Records how the try ended and weighs what either end could not record, as `infer` does.

@@ -115,29 +115,16 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         queen_audit: None,
     };
 
-    let requested = ctx.audit().record(
-        "infer_requested",
-        Some(request_id),
+    trail::record_request(
+        &ctx.audit(),
+        &mut request,
+        first,
+        &budget,
         serde_json::json!({
-            "node": first.name,
-            "candidates": (!route.pinned).then(|| route.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>()),
-            "model": model.name,
-            "prompt": crate::audit::digest(&request.prompt),
-            "system": request.system.as_deref().map(crate::audit::digest),
-            "max_tokens": request.params.max_tokens,
-            "timeout_ms": u64::try_from(budget.total().as_millis()).unwrap_or(u64::MAX),
+            "candidates": (!route.pinned)
+                .then(|| route.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>()),
         }),
-    );
-    match requested {
-        Ok(head) => {
-            request.queen_audit = Some(crate::audit::QueenHead {
-                queen: trail::audit_id(),
-                seq: head.seq,
-                hash: head.hash,
-            })
-        }
-        Err(e) => trail::unrecorded_request(first, &e)?,
-    }
+    )?;
     let progress = RefCell::new(Progress::default());
     let work = place(ctx, &route, &request, &budget, &progress);
     let outcome = tokio::select! {

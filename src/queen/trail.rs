@@ -4,7 +4,7 @@
 
 use crate::config::{AuditPolicy, Node};
 use crate::error::{Error, Result};
-use crate::protocol::DoneEvent;
+use crate::protocol::{DoneEvent, InferRequest};
 
 /// This machine's log among those the nodes witness: a digest of the host name and the log's
 /// path, so that it stays the same when the log itself is deleted, and tells apart the queens
@@ -19,6 +19,40 @@ pub(crate) fn audit_id() -> String {
         .unwrap_or_else(|| path.clone());
     let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
     hex::encode(&digest[..8])
+}
+
+/// Records `infer_requested` for `request` (its prompt and system prompt by digest only, with
+/// `extra` fields beside them), and puts the record's head in the request for the node to
+/// witness. A record that cannot be written stops the request under `node`'s `required`.
+pub(crate) fn record_request(
+    audit: &crate::audit::Audit,
+    request: &mut InferRequest,
+    node: &Node,
+    budget: &crate::deadline::Budget,
+    extra: serde_json::Value,
+) -> Result<()> {
+    let mut fields = serde_json::json!({
+        "node": node.name,
+        "model": request.model.name,
+        "prompt": crate::audit::digest(&request.prompt),
+        "system": request.system.as_deref().map(crate::audit::digest),
+        "max_tokens": request.params.max_tokens,
+        "timeout_ms": u64::try_from(budget.total().as_millis()).unwrap_or(u64::MAX),
+    });
+    if let (Some(fields), serde_json::Value::Object(extra)) = (fields.as_object_mut(), extra) {
+        fields.extend(extra);
+    }
+    match audit.record("infer_requested", Some(&request.request_id), fields) {
+        Ok(head) => {
+            request.queen_audit = Some(crate::audit::QueenHead {
+                queen: audit_id(),
+                seq: head.seq,
+                hash: head.hash,
+            });
+            Ok(())
+        }
+        Err(e) => unrecorded_request(node, &e),
+    }
 }
 
 /// `infer_requested` could not be written: the request is not sent (`required`), or it goes
