@@ -232,34 +232,15 @@ async fn place(
         )
         .await;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let outcome = result.as_ref().err().map_or("ok", |e| e.kind().wire_code());
+        attempted(ctx, request, progress, &candidate.node.name, outcome, ms);
         match result {
-            Ok(()) => {
-                attempted(ctx, request, progress, &candidate.node.name, "ok", ms);
-                return Ok(());
-            }
+            Ok(()) => return Ok(()),
             Err(e) if fails_over(&e) && !progress.borrow().answered() && !budget.is_spent() => {
-                attempted(
-                    ctx,
-                    request,
-                    progress,
-                    &candidate.node.name,
-                    e.kind().wire_code(),
-                    ms,
-                );
                 tracing::info!(node = %candidate.node.name, "failing over: {e}");
                 failures.push((candidate.node.name.clone(), e));
             }
-            Err(e) => {
-                attempted(
-                    ctx,
-                    request,
-                    progress,
-                    &candidate.node.name,
-                    e.kind().wire_code(),
-                    ms,
-                );
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         }
     }
     Err(every_candidate_failed(&route.model.name, failures))
