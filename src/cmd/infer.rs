@@ -224,7 +224,7 @@ async fn place(
         let result = generate(
             ctx,
             &candidate.node,
-            Some(candidate.conn),
+            candidate.conn,
             request,
             budget,
             progress,

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use crate::config::{Model, Node};
 use crate::deadline::Budget;
@@ -28,14 +29,17 @@ pub(crate) enum Standing {
     Running,
     /// The hive must be started first.
     Stopped,
+    /// Not asked: an earlier node in the file already had the model loaded with a free slot,
+    /// which no later answer could beat.
+    Unprobed,
 }
 
 /// A candidate after its probe: where it stands, and the connection made to ask, kept for the
-/// request itself.
+/// request itself (none for a candidate left unprobed).
 pub(crate) struct Ranked {
     pub(crate) node: Node,
     pub(crate) standing: Standing,
-    pub(crate) conn: NodeConn,
+    pub(crate) conn: Option<NodeConn>,
 }
 
 /// A candidate that cannot take the request: unreachable, or its worker held by the breaker.
@@ -68,7 +72,11 @@ pub(crate) fn standing(workers: &[WorkerInfo], model: &Model) -> Option<Standing
     }
 }
 
-/// Probes `nodes` at once and returns them best first, with those that cannot serve.
+/// Probes `nodes` at once and returns them best first, with those that cannot serve. The ranking
+/// is decided as soon as it cannot change: when the first node in file order that has the model
+/// loaded with a free slot has answered and so has every node before it, the slower probes
+/// (typically SSH nodes still connecting) are dropped and their nodes come last, unprobed, for
+/// failover.
 pub(crate) async fn rank(
     nodes: &[&Node],
     model: &Model,
@@ -77,53 +85,96 @@ pub(crate) async fn rank(
 ) -> (Vec<Ranked>, Vec<Skipped>) {
     let slice =
         Budget::new((budget.remaining() / 10).clamp(Duration::from_millis(200), PROBE_SLICE));
-    let probes = nodes.iter().map(|node| async move {
-        let started = std::time::Instant::now();
-        let ms = || started.elapsed().as_secs_f64() * 1000.0;
-        let mut conn = match NodeConn::open(node, &slice, options).await {
-            Ok(conn) => conn,
-            Err(error) => {
-                return Err(Skipped {
-                    node: (*node).clone(),
-                    outcome: "unreachable",
-                    error,
-                    ms: ms(),
-                });
-            }
-        };
-        let standing = match conn.client.workers(slice.remaining()).await {
-            Ok(workers) => standing(&workers, model),
-            Err(_) => Some(Standing::Stopped),
-        };
-        conn.connect_time = started.elapsed();
-        match standing {
-            Some(standing) => Ok(Ranked {
-                node: (*node).clone(),
-                standing,
-                conn,
-            }),
-            None => Err(Skipped {
-                node: (*node).clone(),
-                outcome: "breaker_open",
-                error: Error::worker(format!(
-                    "the worker for `{}` on `{}` is held by its circuit breaker",
-                    model.name, node.name
-                )),
-                ms: ms(),
-            }),
+    let mut probes: FuturesUnordered<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| async move { (i, probe(node, model, &slice, options).await) })
+        .collect();
+    let mut answers: Vec<Option<Result<Ranked, Skipped>>> = nodes.iter().map(|_| None).collect();
+    while let Some((i, answer)) = probes.next().await {
+        answers[i] = Some(answer);
+        let seen = answers
+            .iter()
+            .map(|a| a.as_ref().map(|r| r.as_ref().ok().map(|r| r.standing)));
+        if settled(seen) {
+            break;
         }
-    });
+    }
+    drop(probes);
     let mut ranked = Vec::new();
     let mut skipped = Vec::new();
-    for result in join_all(probes).await {
-        match result {
-            Ok(r) => ranked.push(r),
-            Err(s) => skipped.push(s),
+    for (node, answer) in nodes.iter().zip(answers) {
+        match answer {
+            Some(Ok(r)) => ranked.push(r),
+            Some(Err(s)) => skipped.push(s),
+            None => ranked.push(Ranked {
+                node: (*node).clone(),
+                standing: Standing::Unprobed,
+                conn: None,
+            }),
         }
     }
     // A stable sort: ties keep the configured order.
     ranked.sort_by_key(|r| r.standing);
     (ranked, skipped)
+}
+
+/// Whether the answers so far decide the ranking: some node has a free slot and every node
+/// before it in the file has answered. Each answer, in file order: `None` while its probe runs,
+/// `Some(None)` for a node that cannot serve, else where it stands.
+fn settled(answers: impl IntoIterator<Item = Option<Option<Standing>>>) -> bool {
+    for answer in answers {
+        match answer {
+            None => return false,
+            Some(Some(Standing::Free)) => return true,
+            Some(_) => {}
+        }
+    }
+    // Every node answered.
+    true
+}
+
+/// Asks one node's hive where the model stands, on a connection kept for the request.
+async fn probe(
+    node: &Node,
+    model: &Model,
+    slice: &Budget,
+    options: ConnectOptions,
+) -> Result<Ranked, Skipped> {
+    let started = std::time::Instant::now();
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let mut conn = match NodeConn::open(node, slice, options).await {
+        Ok(conn) => conn,
+        Err(error) => {
+            return Err(Skipped {
+                node: node.clone(),
+                outcome: "unreachable",
+                error,
+                ms: ms(),
+            });
+        }
+    };
+    let standing = match conn.client.workers(slice.remaining()).await {
+        Ok(workers) => standing(&workers, model),
+        Err(_) => Some(Standing::Stopped),
+    };
+    conn.connect_time = started.elapsed();
+    match standing {
+        Some(standing) => Ok(Ranked {
+            node: node.clone(),
+            standing,
+            conn: Some(conn),
+        }),
+        None => Err(Skipped {
+            node: node.clone(),
+            outcome: "breaker_open",
+            error: Error::worker(format!(
+                "the worker for `{}` on `{}` is held by its circuit breaker",
+                model.name, node.name
+            )),
+            ms: ms(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -189,5 +240,20 @@ mod tests {
                 Standing::Stopped
             ]
         );
+    }
+
+    #[test]
+    fn the_ranking_is_settled_once_a_free_node_has_answered_and_every_node_before_it() {
+        // A free node whose predecessors answered decides it, whatever comes later.
+        let running = Some(Some(Standing::Running));
+        let free = Some(Some(Standing::Free));
+        let skipped = Some(None);
+        assert!(settled([running, skipped, free, None]));
+        // An earlier node could still answer free: wait for it.
+        assert!(!settled([None, free]));
+        // No free node yet: wait for every answer.
+        assert!(!settled([running, None]));
+        assert!(settled([running, skipped, Some(Some(Standing::Stopped))]));
+        assert!(settled([]));
     }
 }

@@ -155,3 +155,35 @@ fn when_every_candidate_is_down_the_last_failure_decides_and_every_node_is_named
     );
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+#[test]
+fn a_free_node_first_in_the_file_is_chosen_without_waiting_for_a_node_that_never_answers() {
+    let Some(mut fleet) = Fleet::new(&[node("a"), node("b")]) else {
+        return;
+    };
+    fleet
+        .env
+        .infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+    // b's sshd gives way to a listener that accepts and never says a word: its probe could
+    // only end when the probe's slice of the budget runs out.
+    let port = fleet.servers[1].port;
+    drop(fleet.servers.remove(1));
+    let tarpit = std::net::TcpListener::bind(("127.0.0.1", port)).expect("b's port");
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for conn in tarpit.incoming().take(4) {
+            conns.push(conn);
+        }
+        conns
+    });
+    let run = fleet
+        .env
+        .infer(&["--model", "smollm2", "--prompt", "Hi", "--max-tokens", "1"]);
+    run.expect(0);
+    let done = run.done();
+    assert_eq!(done["node"], "a", "{done}");
+    // b was never waited for: it is no attempt (a probe that ran out would be "unreachable").
+    assert_eq!(attempts(&done), [("a".into(), "ok".into())], "{done}");
+    drop(held);
+}
