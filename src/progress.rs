@@ -35,9 +35,11 @@ impl Progress {
 
     /// A bar over `total` items, with a message the caller keeps current.
     pub(crate) fn items(&self, total: u64) -> ProgressBar {
-        let style = ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} ({elapsed})")
-            .map(|s| s.progress_chars("=> "))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style = ProgressStyle::with_template(
+            "[{bar:30}] {pos}/{len} done, {msg} ({elapsed}, ETA {eta})",
+        )
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
         let bar = self.multi.add(ProgressBar::new(total).with_style(style));
         if !self.multi.is_hidden() {
             bar.enable_steady_tick(TICK);

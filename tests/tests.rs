@@ -8,6 +8,7 @@ mod architecture;
 mod audit;
 mod audit_closed;
 mod audit_witness;
+mod batch_controls;
 mod batching;
 mod broken_streams;
 mod completions;

@@ -131,6 +131,7 @@ impl Batch<'_> {
         let mut down = vec![false; self.nodes.len()];
         let mut last_failure: Option<Error> = None;
         let mut running = FuturesUnordered::new();
+        let mut in_flight = vec![0u32; self.nodes.len()];
         let bar = ctx.progress.items(queue.len() as u64);
         let started = Instant::now();
         let mut tokens_out: u64 = 0;
@@ -142,15 +143,23 @@ impl Batch<'_> {
                 && let Some((item, tries)) = queue.pop_front()
             {
                 free[n] -= 1;
+                in_flight[n] += 1;
                 running.push(self.try_item(n, item, tries));
             }
             if running.is_empty() {
                 break;
             }
+            let per_node: Vec<String> = self
+                .nodes
+                .iter()
+                .zip(&in_flight)
+                .filter(|(_, n)| **n > 0)
+                .map(|(node, n)| format!("{} {n}", node.name))
+                .collect();
             bar.set_message(format!(
                 "failed {}, in flight {}, {:.1} tokens/s",
                 outcome.failed,
-                running.len(),
+                per_node.join(" "),
                 tokens_out as f64 / started.elapsed().as_secs_f64().max(0.001)
             ));
             let tried = tokio::select! {
@@ -185,6 +194,7 @@ impl Batch<'_> {
                 result,
             } = tried;
             free[node] += 1;
+            in_flight[node] -= 1;
             let line = match result {
                 Ok((text, done)) => {
                     if !warm[node] {
