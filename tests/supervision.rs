@@ -66,12 +66,21 @@ fn a_worker_killed_mid_generation_fails_the_request_and_comes_back() {
         "{waited:?}"
     );
     assert_eq!(info["restart_count"], 1);
-    assert_eq!(info["last_exit"], "signal SIGKILL");
+    // Killed from outside, on a machine with memory to spare: a signal, not the OOM killer.
+    assert_eq!(info["last_exit"], "signal SIGKILL (not sent by the hive)");
+    assert_eq!(info["last_exit_reason"], "signal");
     let last = env.infer(&["--prompt", "Hi", "--max-tokens", "2"]);
     last.expect(0);
 
     assert_eq!(metric(&env, "rbee_worker_restarts_total"), 1.0);
     assert_eq!(metric(&env, "rbee_worker_exits_total"), 1.0);
+    assert_eq!(
+        metric(
+            &env,
+            "rbee_worker_exits_by_reason_total{model=\"smollm2\",reason=\"signal\"}"
+        ),
+        1.0
+    );
     assert_eq!(metric(&env, "rbee_requests_total{outcome=\"error\"}"), 1.0);
     assert_eq!(metric(&env, "rbee_requests_total{outcome=\"ok\"}"), 2.0);
     assert_eq!(metric(&env, "rbee_workers{state=\"ready\"}"), 1.0);
@@ -189,6 +198,7 @@ fn a_stopped_busy_worker_is_detected_as_stuck_and_replaced() {
     );
     let (info, _) = wait_restarted(&env, pid);
     assert_eq!(info["restart_count"], 1);
+    assert_eq!(info["last_exit_reason"], "stuck", "{info}");
     assert_eq!(metric(&env, "rbee_worker_stuck_kills_total"), 1.0);
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
@@ -196,14 +206,60 @@ fn a_stopped_busy_worker_is_detected_as_stuck_and_replaced() {
 
 #[test]
 fn an_idle_worker_that_stops_answering_is_replaced() {
-    let Some(env) = Env::new("") else { return };
+    // One miss is enough here, so that the test does not wait out three.
+    let Some(env) = Env::new("health_misses = 1\n") else {
+        return;
+    };
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let pid = worker(&env)["pid"].as_i64().expect("pid");
     signal(pid, nix::sys::signal::Signal::SIGSTOP);
     let (info, _) = wait_restarted(&env, pid);
-    assert_eq!(info["last_exit"], "signal SIGKILL");
+    assert_eq!(
+        info["last_exit"],
+        "signal SIGKILL (killed by the hive: it missed its health checks)"
+    );
+    assert_eq!(info["last_exit_reason"], "health");
     assert_eq!(metric(&env, "rbee_worker_stuck_kills_total"), 1.0);
+    assert_eq!(
+        metric(
+            &env,
+            "rbee_worker_exits_by_reason_total{model=\"smollm2\",reason=\"health\"}"
+        ),
+        1.0
+    );
+    // The audit trail says why.
+    let exited: Vec<serde_json::Value> =
+        crate::support::records(&env.node_dir().join("audit.jsonl"))
+            .into_iter()
+            .filter(|r| r["event"] == "worker_exited")
+            .collect();
+    assert_eq!(exited.len(), 1, "{exited:?}");
+    assert_eq!(exited[0]["fields"]["reason"], "health", "{}", exited[0]);
+}
+
+#[test]
+fn an_idle_worker_that_misses_one_health_check_is_not_killed() {
+    // The default: three misses in a row. A stop of 6 s spans one check (every 5 s).
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let pid = worker(&env)["pid"].as_i64().expect("pid");
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(6));
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let info = worker(&env);
+    assert_eq!(info["pid"].as_i64(), Some(pid), "{info}");
+    assert_eq!(info["restart_count"], 0, "{info}");
+    assert_eq!(metric(&env, "rbee_worker_stuck_kills_total"), 0.0);
+    // It really missed one: the hive's log says so.
+    let log = std::fs::read_to_string(env.node_dir().join("hive.log")).expect("hive.log");
+    assert!(
+        log.contains("missed a health check (1 of 3 in a row)"),
+        "{log}"
+    );
 }
 
 #[test]

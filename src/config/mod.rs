@@ -27,6 +27,9 @@ pub(crate) const DEFAULT_MODEL_SHA256: &str =
 pub(crate) const DEFAULT_HIVE_PORT: u16 = 7835;
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
+/// Health checks an idle worker may miss in a row before it is replaced: one miss is as likely
+/// a busy machine as a dead worker.
+pub(crate) const DEFAULT_HEALTH_MISSES: u32 = 3;
 pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// llama.cpp's limit on sequences in one context.
 pub(crate) const MAX_SLOTS: u32 = 256;
@@ -82,6 +85,8 @@ pub(crate) struct Node {
     pub(crate) clock_skew: Duration,
     /// Whether the node refuses work it cannot record (`required`) or serves it with a warning.
     pub(crate) audit: AuditPolicy,
+    /// Missed health checks in a row before the hive replaces an idle worker.
+    pub(crate) health_misses: u32,
     pub(crate) models: Vec<String>,
     /// The fleet's `[restart]` policy, which this node's hive applies.
     #[serde(skip)]

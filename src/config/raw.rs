@@ -41,6 +41,7 @@ pub(crate) struct RawNode {
     pub(crate) keep_alive: Option<HumanDuration>,
     pub(crate) clock_skew: Option<HumanDuration>,
     pub(crate) audit: Option<AuditPolicy>,
+    pub(crate) health_misses: Option<u32>,
     pub(crate) models: Option<Vec<Spanned<String>>>,
 }
 

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use indexmap::IndexMap;
 
 use crate::config::{
-    Config, DEFAULT_CLOCK_SKEW, DEFAULT_HIVE_PORT, DEFAULT_KEEP_ALIVE, DEFAULT_TIMEOUT,
-    MAX_CONTEXT, MAX_GPU_LAYERS, MAX_SLOTS, MAX_THREADS, Model, Node, RestartPolicy, Source,
-    Transport, list, raw,
+    Config, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT, DEFAULT_KEEP_ALIVE,
+    DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_GPU_LAYERS, MAX_SLOTS, MAX_THREADS, Model, Node,
+    RestartPolicy, Source, Transport, list, raw,
 };
 use crate::error::{Error, Result};
 use crate::paths;
@@ -114,6 +114,16 @@ pub(super) fn resolve(
             }
             served.push(m.into_inner());
         }
+        let health_misses = n
+            .health_misses
+            .or(defaults.health_misses)
+            .unwrap_or(DEFAULT_HEALTH_MISSES);
+        if health_misses == 0 {
+            return Err(located(
+                Some(span),
+                &format!("node `{name}`: `health_misses` must be at least 1"),
+            ));
+        }
         let key_name = format!("{name}.key");
         nodes.insert(
             name.clone(),
@@ -146,6 +156,7 @@ pub(super) fn resolve(
                     .or(defaults.clock_skew)
                     .map_or(DEFAULT_CLOCK_SKEW, |d| d.0),
                 audit: n.audit.or(defaults.audit).unwrap_or_default(),
+                health_misses,
                 key_file: if transport == Transport::Local {
                     paths::expand_tilde(remote_dir.trim_end_matches('/')).join("hive.key")
                 } else {

@@ -10,9 +10,9 @@ use indexmap::IndexMap;
 use crate::config::error::MAX_CONFIG_BYTES;
 use crate::config::resolve::resolve;
 use crate::config::{
-    Config, ConfigError, DEFAULT_CLOCK_SKEW, DEFAULT_HIVE_PORT, DEFAULT_KEEP_ALIVE, DEFAULT_MODEL,
-    DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_TIMEOUT, Model, Node, RestartPolicy,
-    Transport, raw,
+    Config, ConfigError, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT,
+    DEFAULT_KEEP_ALIVE, DEFAULT_MODEL, DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_TIMEOUT,
+    Model, Node, RestartPolicy, Transport, raw,
 };
 use crate::error::{Error, Result};
 use crate::paths;
@@ -115,6 +115,7 @@ impl Config {
             keep_alive: DEFAULT_KEEP_ALIVE,
             clock_skew: DEFAULT_CLOCK_SKEW,
             audit: super::AuditPolicy::default(),
+            health_misses: DEFAULT_HEALTH_MISSES,
             models: vec![DEFAULT_MODEL.to_string()],
             restart: RestartPolicy::default(),
             key_file: paths::state_dir().join("nodes/local/hive.key"),

@@ -33,6 +33,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "keep_alive",
         "clock_skew",
         "audit",
+        "health_misses",
         "max_attempts",
         "backoff_initial",
         "backoff_max",

@@ -32,6 +32,9 @@ pub(crate) struct ServeArgs {
     /// warning to the client (`best-effort`)
     #[arg(long, value_enum, default_value = "required")]
     pub(crate) audit: crate::config::AuditPolicy,
+    /// Missed health checks in a row before an idle worker is killed and replaced
+    #[arg(long, default_value_t = crate::config::DEFAULT_HEALTH_MISSES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) health_misses: u32,
     /// Restart policy: restarts in a row before giving up
     #[arg(long, default_value_t = 3)]
     pub(crate) max_attempts: u32,
@@ -82,6 +85,8 @@ impl ServeArgs {
             ms(node.clock_skew),
             "--audit".to_string(),
             node.audit.name().to_string(),
+            "--health-misses".to_string(),
+            node.health_misses.to_string(),
             "--max-attempts".to_string(),
             p.max_attempts.to_string(),
             "--backoff-initial".to_string(),

@@ -36,6 +36,8 @@ pub(crate) struct Metrics {
     pub(crate) stuck_kills: Counter,
     pub(crate) tokens: Counter,
     outcomes: Family<Label, Counter>,
+    /// Unexpected exits by model and what they most likely were.
+    exits_by: Family<[(&'static str, String); 2], Counter>,
     workers: Family<Label, Gauge>,
     duration: Histogram,
     ttft: Histogram,
@@ -53,6 +55,7 @@ impl Default for Metrics {
             stuck_kills: Counter::default(),
             tokens: Counter::default(),
             outcomes: Family::default(),
+            exits_by: Family::default(),
             workers: Family::default(),
             duration: seconds(),
             ttft: seconds(),
@@ -97,6 +100,11 @@ impl Default for Metrics {
         }
         registry.register("rbee_requests", "Requests by outcome", m.outcomes.clone());
         registry.register(
+            "rbee_worker_exits_by_reason",
+            "Unexpected worker exits by model and reason (crash, stuck, health, oom, likely_oom, signal)",
+            m.exits_by.clone(),
+        );
+        registry.register(
             "rbee_request_duration_seconds",
             "Time from a request's arrival to its end",
             m.duration.clone(),
@@ -113,6 +121,13 @@ impl Default for Metrics {
 impl Metrics {
     pub(crate) fn add(counter: &Counter, n: u64) {
         counter.inc_by(n);
+    }
+
+    /// One unexpected exit of `model`'s worker, by what it most likely was.
+    pub(crate) fn exit_of(&self, model: &str, reason: &'static str) {
+        self.exits_by
+            .get_or_create(&[("model", model.to_string()), ("reason", reason.to_string())])
+            .inc();
     }
 
     /// One finished request: `ok`, `deadline`, `cancelled`, `rejected` or `error`.
@@ -237,6 +252,7 @@ mod tests {
             socket: None,
             restart_count: 0,
             last_exit: None,
+            last_exit_reason: None,
             last_restart: None,
             started_at: None,
             load_ms: None,

@@ -149,6 +149,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     tokio::spawn(supervisor::liveness(
         registry.clone(),
         hive.metrics.clone(),
+        args.health_misses,
         hive.shutdown.clone(),
     ));
 

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::hive::entry::{EntryState, Lease, Supervision};
 use crate::hive::metrics::Metrics;
 use crate::hive::requests::Tracked;
-use crate::hive::worker_proc::WorkerProc;
+use crate::hive::worker_proc::{KillReason, WorkerProc};
 use crate::protocol::sse::sse_event;
 use crate::protocol::sse::{SseEvent, events};
 use crate::protocol::{DoneEvent, ErrorBody, StopReason};
@@ -81,7 +81,7 @@ impl Relay {
                 Err(_) => {
                     tracing::warn!(model = %self.model, pid = self.proc.pid, "worker sent nothing for {}s; killing it as stuck", STALL_TIMEOUT.as_secs());
                     Metrics::add(&self.metrics.stuck_kills, 1);
-                    self.proc.kill();
+                    self.proc.kill(KillReason::Stuck);
                     stalled = true;
                     break;
                 }

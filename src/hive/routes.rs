@@ -295,7 +295,7 @@ async fn start_generation(
         .await
         .map_err(|_| {
             Metrics::add(&hive.metrics.stuck_kills, 1);
-            proc.kill();
+            proc.kill(crate::hive::worker_proc::KillReason::Stuck);
             Error::worker(format!(
                 "the worker for `{}` did not answer for {}s and was killed as stuck; the hive \
                  restarts it per its restart policy",

@@ -13,7 +13,7 @@ use crate::hive::entry::{Entry, Supervision};
 use crate::hive::metrics::Metrics;
 use crate::hive::policy::{Decision, GiveUp};
 use crate::hive::registry::Registry;
-use crate::hive::worker_proc::Exited;
+use crate::hive::worker_proc::{Exited, KillReason};
 
 /// How long a restarted worker may take to load.
 const RESTART_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,9 +38,11 @@ pub(crate) async fn supervise(
             }
             st.proc = None;
             st.last_exit = Some(exit.status.clone());
+            st.last_exit_reason = Some(exit.reason);
             decide(&registry, &mut st, exit.uptime, &metrics)
         };
         Metrics::add(&metrics.exits, 1);
+        metrics.exit_of(&exit.model, exit.reason);
         tracing::warn!(model = %exit.model, pid = exit.pid, status = %exit.status, ?decision, "worker exited unexpectedly");
         let (next, detail) = match decision {
             Decision::Restart { attempt, delay } => (
@@ -59,6 +61,7 @@ pub(crate) async fn supervise(
                 None,
                 serde_json::json!({
                     "model": exit.model, "pid": exit.pid, "status": exit.status,
+                    "reason": exit.reason,
                     "uptime_ms": u64::try_from(exit.uptime.as_millis()).unwrap_or(u64::MAX),
                     "next": next, "detail": detail,
                 }),
@@ -169,13 +172,16 @@ async fn restart_after(
     }
 }
 
-/// Kills idle workers that no longer answer their health check; the supervisor restarts them.
-/// Busy workers are watched by their request instead (no token for a while).
+/// Kills idle workers that missed `misses` health checks in a row; the supervisor restarts
+/// them. Busy workers are watched by their request instead (no token for a while).
 pub(crate) async fn liveness(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    misses: u32,
     stop: CancellationToken,
 ) {
+    // Missed checks in a row, by worker pid: a new process starts from zero.
+    let mut missed: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
     loop {
         tokio::select! {
             biased;
@@ -186,6 +192,10 @@ pub(crate) async fn liveness(
             let proc = {
                 let st = entry.lock();
                 if st.in_flight > 0 {
+                    // It answers its requests: earlier misses are not in a row any more.
+                    if let Some(p) = &st.proc {
+                        missed.remove(&p.pid);
+                    }
                     continue;
                 }
                 st.proc.clone().filter(|p| p.exit_status().is_none())
@@ -198,12 +208,28 @@ pub(crate) async fn liveness(
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
-            if !healthy && proc.exit_status().is_none() {
-                tracing::warn!(model = %entry.name, pid = proc.pid, "worker does not answer its health check; killing it");
-                Metrics::add(&metrics.stuck_kills, 1);
-                proc.kill();
+            if healthy || proc.exit_status().is_some() {
+                missed.remove(&proc.pid);
+                continue;
             }
+            let count = missed.entry(proc.pid).or_default();
+            *count += 1;
+            if *count < misses {
+                tracing::warn!(model = %entry.name, pid = proc.pid, "worker missed a health check ({count} of {misses} in a row)");
+                continue;
+            }
+            missed.remove(&proc.pid);
+            tracing::warn!(model = %entry.name, pid = proc.pid, "worker missed {misses} health checks in a row; killing it");
+            Metrics::add(&metrics.stuck_kills, 1);
+            proc.kill(KillReason::Health);
         }
+        // Forget workers that are gone.
+        let live: std::collections::HashSet<u32> = registry
+            .entries()
+            .iter()
+            .filter_map(|e| e.lock().proc.as_ref().map(|p| p.pid))
+            .collect();
+        missed.retain(|pid, _| live.contains(pid));
     }
 }
 

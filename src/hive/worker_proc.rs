@@ -26,6 +26,9 @@ pub(crate) struct WorkerProc {
     pub(crate) load_ms: f64,
     pub(crate) started_at: SystemTime,
     exit: watch::Receiver<Option<String>>,
+    /// Why the hive killed it, set just before the signal, so that its exit is told as that
+    /// and not as a crash.
+    killed: std::sync::Arc<std::sync::Mutex<Option<KillReason>>>,
     /// Our end of the worker's stdin: while it is open the worker knows its hive lives.
     stdin: Mutex<Option<ChildStdin>>,
     _stdout: ChildStdout,
@@ -49,7 +52,111 @@ pub(crate) struct Exited {
     pub(crate) model: String,
     pub(crate) pid: u32,
     pub(crate) status: String,
+    /// What the exit most likely was: `crash`, a [`KillReason`], `oom`, `likely_oom` or
+    /// `signal` (killed from outside the hive).
+    pub(crate) reason: &'static str,
     pub(crate) uptime: Duration,
+}
+
+/// Why the hive itself killed a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KillReason {
+    /// A request's worker sent nothing for the stall timeout.
+    Stuck,
+    /// An idle worker missed its health check too many times in a row.
+    Health,
+}
+
+impl KillReason {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            KillReason::Stuck => "stuck",
+            KillReason::Health => "health",
+        }
+    }
+
+    fn told(self) -> &'static str {
+        match self {
+            KillReason::Stuck => "killed by the hive: it sent nothing during a request",
+            KillReason::Health => "killed by the hive: it missed its health checks",
+        }
+    }
+}
+
+/// The node's memory at one moment, from /proc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemoryView {
+    /// The kernel's count of OOM kills (`oom_kill` in /proc/vmstat).
+    pub(crate) oom_kills: Option<u64>,
+    pub(crate) available_kib: Option<u64>,
+    pub(crate) total_kib: Option<u64>,
+}
+
+impl MemoryView {
+    pub(crate) fn now() -> MemoryView {
+        let field = |text: &str, name: &str| {
+            text.lines().find_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                rest.trim_start_matches(':')
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+        };
+        let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        MemoryView {
+            oom_kills: field(&vmstat, "oom_kill "),
+            available_kib: field(&meminfo, "MemAvailable:"),
+            total_kib: field(&meminfo, "MemTotal:"),
+        }
+    }
+
+    /// Under a tenth of the memory is available: what the OOM killer acts on.
+    fn low(&self) -> bool {
+        match (self.available_kib, self.total_kib) {
+            (Some(a), Some(t)) => a.saturating_mul(10) < t,
+            _ => false,
+        }
+    }
+}
+
+/// Tells an exit as it most likely happened: a SIGKILL the hive did not send, while the kernel
+/// counted an OOM kill or memory was short, is the OOM killer's; a kill the hive sent is told by
+/// its reason; anything else is a crash (or a signal from someone else).
+pub(crate) fn classify(
+    status: &str,
+    sigkill: bool,
+    killed: Option<KillReason>,
+    at_spawn: MemoryView,
+    at_exit: MemoryView,
+) -> (String, &'static str) {
+    if let Some(reason) = killed {
+        return (format!("{status} ({})", reason.told()), reason.name());
+    }
+    if sigkill {
+        if let (Some(before), Some(after)) = (at_spawn.oom_kills, at_exit.oom_kills)
+            && after > before
+        {
+            return (
+                format!("{status} (killed by the kernel's OOM killer)"),
+                "oom",
+            );
+        }
+        if at_exit.low() {
+            return (
+                format!(
+                    "{status} (likely the OOM killer: memory was low, {} MiB of {} MiB available)",
+                    at_exit.available_kib.unwrap_or(0) / 1024,
+                    at_exit.total_kib.unwrap_or(0) / 1024
+                ),
+                "likely_oom",
+            );
+        }
+        return (format!("{status} (not sent by the hive)"), "signal");
+    }
+    (status.to_string(), "crash")
 }
 
 impl WorkerProc {
@@ -141,12 +248,14 @@ impl WorkerProc {
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
         let (exit_tx, exit_rx) = watch::channel(None);
+        let killed = std::sync::Arc::new(std::sync::Mutex::new(None));
         tokio::spawn(watch_exit(
             child,
             exit_tx,
             opts.exits.clone(),
             model.name.clone(),
             opts.socket.to_path_buf(),
+            killed.clone(),
         ));
         Ok(WorkerProc {
             pid,
@@ -155,6 +264,7 @@ impl WorkerProc {
             load_ms,
             started_at: SystemTime::now(),
             exit: exit_rx,
+            killed,
             stdin: Mutex::new(stdin),
             _stdout: stdout,
         })
@@ -172,7 +282,10 @@ impl WorkerProc {
     }
 
     /// SIGKILL at once: for a worker that is stuck (stopped, or not answering).
-    pub(crate) fn kill(&self) {
+    pub(crate) fn kill(&self, reason: KillReason) {
+        if let Ok(mut killed) = self.killed.lock() {
+            killed.get_or_insert(reason);
+        }
         let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
         let _ = kill(pid, Signal::SIGKILL);
     }
@@ -212,13 +325,23 @@ async fn watch_exit(
     exits: mpsc::UnboundedSender<Exited>,
     model: String,
     socket: PathBuf,
+    killed: std::sync::Arc<std::sync::Mutex<Option<KillReason>>>,
 ) {
     let started = std::time::Instant::now();
+    let at_spawn = MemoryView::now();
     let pid = child.id().unwrap_or(0);
-    let status = match child.wait().await {
-        Ok(status) => describe_exit(status),
-        Err(e) => format!("unknown ({e})"),
+    let (status, sigkill) = match child.wait().await {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            (
+                describe_exit(status),
+                status.signal() == Some(Signal::SIGKILL as i32),
+            )
+        }
+        Err(e) => (format!("unknown ({e})"), false),
     };
+    let killed = killed.lock().ok().and_then(|k| *k);
+    let (status, reason) = classify(&status, sigkill, killed, at_spawn, MemoryView::now());
     tracing::info!(model = %model, pid, status = %status, "worker exited");
     // Its socket names a path no one listens on any more; each spawn gets a new one.
     let _ = std::fs::remove_file(&socket);
@@ -227,6 +350,7 @@ async fn watch_exit(
         model,
         pid,
         status,
+        reason,
         uptime: started.elapsed(),
     });
 }
@@ -249,4 +373,55 @@ pub(crate) fn describe_exit(status: std::process::ExitStatus) -> String {
 /// The model path on this node (`~` is this node's home).
 pub(crate) fn model_path(model: &Model) -> PathBuf {
     paths::expand_tilde(&model.path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(oom_kills: u64, available_mib: u64) -> MemoryView {
+        MemoryView {
+            oom_kills: Some(oom_kills),
+            available_kib: Some(available_mib * 1024),
+            total_kib: Some(16 * 1024 * 1024),
+        }
+    }
+
+    #[test]
+    fn an_exit_is_told_as_what_it_most_likely_was() {
+        let plenty = view(0, 8 * 1024);
+        let told =
+            |sigkill, killed, at_exit| classify("signal SIGKILL", sigkill, killed, plenty, at_exit);
+        // The hive's own kill is told by its reason, whatever the memory.
+        assert_eq!(
+            told(true, Some(KillReason::Health), view(1, 10)).1,
+            "health"
+        );
+        assert_eq!(told(true, Some(KillReason::Stuck), plenty).1, "stuck");
+        // The kernel counted an OOM kill while the worker lived.
+        let (status, reason) = told(true, None, view(1, 8 * 1024));
+        assert_eq!(reason, "oom");
+        assert!(status.contains("OOM killer"), "{status}");
+        // No count (a kernel or container that hides it), but memory under a tenth.
+        let low = view(0, 1024);
+        let (status, reason) = told(true, None, low);
+        assert_eq!(reason, "likely_oom");
+        assert!(
+            status.contains("1024 MiB of 16384 MiB available"),
+            "{status}"
+        );
+        assert_eq!(told(true, None, plenty).1, "signal");
+        // A crash is a crash, even with memory short.
+        assert_eq!(
+            classify("exit code 134", false, None, plenty, low),
+            ("exit code 134".to_string(), "crash")
+        );
+    }
+
+    #[test]
+    fn the_memory_view_reads_this_machine() {
+        let v = MemoryView::now();
+        assert!(v.total_kib.is_some_and(|t| t > 0), "{v:?}");
+        assert!(v.available_kib.is_some(), "{v:?}");
+    }
 }

@@ -294,6 +294,10 @@ pub(crate) struct WorkerInfo {
     pub(crate) socket: Option<String>,
     pub(crate) restart_count: u32,
     pub(crate) last_exit: Option<String>,
+    /// What the last exit most likely was: `crash`, `stuck` or `health` (killed by the hive),
+    /// `oom`, `likely_oom`, or `signal` (killed from outside the hive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_exit_reason: Option<String>,
     /// Seconds since the Unix epoch.
     pub(crate) last_restart: Option<u64>,
     pub(crate) started_at: Option<u64>,
