@@ -259,6 +259,8 @@ impl Batch<'_> {
             model: self.model.clone(),
             system: item.system.clone(),
             prompt: item.prompt.clone(),
+            messages: Vec::new(),
+            raw: false,
             params: item.params.clone(),
             queen_audit: None,
         };

@@ -17,8 +17,8 @@ use crate::error::{DeadlineError, Error, Result};
 use crate::output::reader_gone;
 use crate::protocol::sse::{StreamError, events};
 use crate::protocol::{
-    DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, SamplingParams, StopReason,
-    Timings, TokenEvent,
+    DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, ResponseFormat,
+    SamplingParams, StopReason, Timings, TokenEvent,
 };
 use crate::queen::node::NodeConn;
 use crate::queen::{lifecycle, route, trail};
@@ -103,6 +103,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
+        stop: Vec::new(),
+        format: ResponseFormat::Text,
     };
     params.validate()?;
     let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
@@ -111,6 +113,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         model: model.clone(),
         system: args.system,
         prompt,
+        messages: Vec::new(),
+        raw: false,
         params,
         queen_audit: None,
     };
