@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::cli::InferArgs;
+use crate::cli::{InferArgs, OutputFormat};
 use crate::cmd::Context;
 use crate::config::{Model, Node, Route};
 use crate::deadline::Budget;
-use crate::error::{DeadlineError, Error, Result};
+use crate::error::{DeadlineError, Error, ExitKind, Result};
 use crate::output::reader_gone;
 use crate::protocol::sse::{StreamError, events};
 use crate::protocol::{
@@ -103,8 +103,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        stop: Vec::new(),
-        format: ResponseFormat::Text,
+        stop: args.stop,
+        format: response_format(args.json_schema.as_deref(), args.format)?,
     };
     params.validate()?;
     let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
@@ -114,7 +114,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         system: args.system,
         prompt,
         messages: Vec::new(),
-        raw: false,
+        raw: args.raw,
         params,
         queen_audit: None,
     };
@@ -543,6 +543,31 @@ fn breakdown(total: Duration, budget: &Budget, p: &Progress) -> String {
 fn parse<T: serde::de::DeserializeOwned>(data: &str) -> Result<T> {
     serde_json::from_str(data)
         .map_err(|e| Error::internal(format!("unreadable event from the hive: {e}")))
+}
+
+/// The format `--json-schema FILE` or `--format json` asks for. A schema file that cannot be
+/// read or is not JSON is a usage error naming the file; whether llama.cpp can turn the schema
+/// into a grammar the worker decides (exit 8).
+pub(crate) fn response_format(
+    schema: Option<&std::path::Path>,
+    format: Option<OutputFormat>,
+) -> Result<ResponseFormat> {
+    let Some(path) = schema else {
+        return Ok(match format {
+            Some(OutputFormat::Json) => ResponseFormat::JsonObject,
+            None => ResponseFormat::Text,
+        });
+    };
+    let usage = |why: String| {
+        Error::of_kind(
+            ExitKind::Usage,
+            format!("--json-schema `{}`: {why}", path.display()),
+        )
+    };
+    let bytes = std::fs::read(path).map_err(|e| usage(format!("cannot read it: {e}")))?;
+    let schema: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| usage(format!("not JSON: {e}")))?;
+    Ok(ResponseFormat::JsonSchema { schema })
 }
 
 fn read_prompt(arg: &str) -> Result<String> {
