@@ -91,7 +91,7 @@ struct DoneLine<'a> {
 }
 
 async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
-    let prompt = read_prompt(&args.prompt)?;
+    let prompt = read_prompt(&args.prompt, args.raw)?;
     let config = ctx.config()?;
     let route = config.route(args.node.as_deref(), args.model.as_deref())?;
     let model = route.model;
@@ -570,7 +570,9 @@ pub(crate) fn response_format(
     Ok(ResponseFormat::JsonSchema { schema })
 }
 
-fn read_prompt(arg: &str) -> Result<String> {
+/// The prompt of `--prompt` (`-`: stdin). A raw prompt is taken byte for byte; otherwise the
+/// newline that ends piped text is dropped.
+fn read_prompt(arg: &str, raw: bool) -> Result<String> {
     let prompt = if arg == "-" {
         let mut bytes = Vec::new();
         std::io::stdin()
@@ -579,8 +581,9 @@ fn read_prompt(arg: &str) -> Result<String> {
             .map_err(|e| Error::invalid(format!("cannot read the prompt from stdin: {e}")))?;
         let mut text = String::from_utf8(bytes)
             .map_err(|_| Error::invalid("the prompt read from stdin is not valid UTF-8"))?;
-        // `echo hi | rbee infer --prompt -` should not ask about "hi\n".
-        while text.ends_with('\n') || text.ends_with('\r') {
+        // `echo hi | rbee infer --prompt -` should not ask about "hi\n"; a raw prompt ends where
+        // its author ended it (a chat template's last line ends with a newline).
+        while !raw && (text.ends_with('\n') || text.ends_with('\r')) {
             text.pop();
         }
         text
