@@ -232,6 +232,16 @@ pub(crate) struct GenerateRequest {
 }
 
 impl GenerateRequest {
+    /// What the request asks, as one text for an audit digest: the prompt, or the conversation
+    /// as JSON (so that a conversation is not recorded as the empty prompt beside it).
+    pub(crate) fn input_text(&self) -> std::borrow::Cow<'_, str> {
+        if self.messages.is_empty() {
+            std::borrow::Cow::Borrowed(&self.prompt)
+        } else {
+            std::borrow::Cow::Owned(serde_json::to_string(&self.messages).unwrap_or_default())
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         check_input(
             self.system.as_deref(),
@@ -550,6 +560,13 @@ mod tests {
         assert_eq!(back.messages, request.messages);
         assert_eq!(back.params, request.params);
         assert!(back.validate().is_ok());
+        // The audit digest covers the conversation, not the empty prompt beside it.
+        assert!(
+            back.input_text().contains("\"bye\""),
+            "{}",
+            back.input_text()
+        );
+        assert_eq!(generate().input_text(), "hi");
 
         let raw = GenerateRequest {
             raw: true,
