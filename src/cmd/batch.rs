@@ -269,6 +269,8 @@ impl Batch<'_> {
             model: self.model.clone(),
             system: item.system.clone(),
             prompt: item.prompt.clone(),
+            messages: Vec::new(),
+            raw: item.raw,
             params: item.params.clone(),
             queen_audit: None,
         };

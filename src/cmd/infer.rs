@@ -9,16 +9,16 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::cli::InferArgs;
+use crate::cli::{InferArgs, OutputFormat};
 use crate::cmd::Context;
 use crate::config::{Model, Node, Route};
 use crate::deadline::Budget;
-use crate::error::{DeadlineError, Error, Result};
+use crate::error::{DeadlineError, Error, ExitKind, Result};
 use crate::output::reader_gone;
 use crate::protocol::sse::{StreamError, events};
 use crate::protocol::{
-    DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, SamplingParams, StopReason,
-    Timings, TokenEvent,
+    DoneEvent, ErrorBody, InferRequest, MAX_PROMPT_BYTES, PrefillEvent, ResponseFormat,
+    SamplingParams, StopReason, Timings, TokenEvent,
 };
 use crate::queen::node::NodeConn;
 use crate::queen::{lifecycle, route, trail};
@@ -91,7 +91,7 @@ struct DoneLine<'a> {
 }
 
 async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
-    let prompt = read_prompt(&args.prompt)?;
+    let prompt = read_prompt(&args.prompt, args.raw)?;
     let config = ctx.config()?;
     let route = config.route(args.node.as_deref(), args.model.as_deref())?;
     let model = route.model;
@@ -103,6 +103,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
+        stop: args.stop,
+        format: response_format(args.json_schema.as_deref(), args.format)?,
     };
     params.validate()?;
     let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
@@ -111,6 +113,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         model: model.clone(),
         system: args.system,
         prompt,
+        messages: Vec::new(),
+        raw: args.raw,
         params,
         queen_audit: None,
     };
@@ -541,7 +545,34 @@ fn parse<T: serde::de::DeserializeOwned>(data: &str) -> Result<T> {
         .map_err(|e| Error::internal(format!("unreadable event from the hive: {e}")))
 }
 
-fn read_prompt(arg: &str) -> Result<String> {
+/// The format `--json-schema FILE` or `--format json` asks for. A schema file that cannot be
+/// read or is not JSON is a usage error naming the file; whether llama.cpp can turn the schema
+/// into a grammar the worker decides (exit 8).
+pub(crate) fn response_format(
+    schema: Option<&std::path::Path>,
+    format: Option<OutputFormat>,
+) -> Result<ResponseFormat> {
+    let Some(path) = schema else {
+        return Ok(match format {
+            Some(OutputFormat::Json) => ResponseFormat::JsonObject,
+            None => ResponseFormat::Text,
+        });
+    };
+    let usage = |why: String| {
+        Error::of_kind(
+            ExitKind::Usage,
+            format!("--json-schema `{}`: {why}", path.display()),
+        )
+    };
+    let bytes = std::fs::read(path).map_err(|e| usage(format!("cannot read it: {e}")))?;
+    let schema: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| usage(format!("not JSON: {e}")))?;
+    Ok(ResponseFormat::JsonSchema { schema })
+}
+
+/// The prompt of `--prompt` (`-`: stdin). A raw prompt is taken byte for byte; otherwise the
+/// newline that ends piped text is dropped.
+fn read_prompt(arg: &str, raw: bool) -> Result<String> {
     let prompt = if arg == "-" {
         let mut bytes = Vec::new();
         std::io::stdin()
@@ -550,8 +581,9 @@ fn read_prompt(arg: &str) -> Result<String> {
             .map_err(|e| Error::invalid(format!("cannot read the prompt from stdin: {e}")))?;
         let mut text = String::from_utf8(bytes)
             .map_err(|_| Error::invalid("the prompt read from stdin is not valid UTF-8"))?;
-        // `echo hi | rbee infer --prompt -` should not ask about "hi\n".
-        while text.ends_with('\n') || text.ends_with('\r') {
+        // `echo hi | rbee infer --prompt -` should not ask about "hi\n"; a raw prompt ends where
+        // its author ended it (a chat template's last line ends with a newline).
+        while !raw && (text.ends_with('\n') || text.ends_with('\r')) {
             text.pop();
         }
         text

@@ -218,6 +218,8 @@ async fn start_generation(
         request_id: request.request_id.clone(),
         system: request.system,
         prompt: request.prompt,
+        messages: request.messages,
+        raw: request.raw,
         params: request.params,
     };
     generate.validate()?;
@@ -243,7 +245,7 @@ async fn start_generation(
             Some(generate.request_id.clone()),
             serde_json::json!({
                 "model": request.model.name,
-                "prompt": crate::audit::digest(&generate.prompt),
+                "prompt": crate::audit::digest(&generate.input_text()),
                 "budget_ms": u64::try_from(budget.remaining().as_millis()).unwrap_or(u64::MAX),
                 "queen_audit": request.queen_audit,
             }),
