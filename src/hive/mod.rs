@@ -153,10 +153,9 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     ));
 
     let stopping = hive.clone();
-    let guard = Arc::new(crate::auth::layer::Guard::new(
-        keys.verifier(),
-        Some(audit.clone()),
-    ));
+    let guard = Arc::new(
+        crate::auth::layer::Guard::new(keys.verifier(), Some(audit.clone())).proving_answers(),
+    );
     if let Some(metrics_listener) = metrics_listener {
         let app = routes::metrics_router(hive.clone());
         let stop = hive.shutdown.clone();
