@@ -12,6 +12,7 @@ mod batching;
 mod broken_streams;
 mod completions;
 mod config_errors;
+mod crowd;
 mod daemon;
 mod deadline;
 mod faults;

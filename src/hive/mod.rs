@@ -48,13 +48,14 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let log = args.dir.join(LOG_FILE);
     init_file_logging(&log)?;
     let pid = PidFile::acquire(&args.dir.join(PID_FILE)).inspect_err(|e| tracing::error!("{e}"))?;
+    let fd_limit = crate::server::bounded::raise_fd_limit();
     // One thread: the hive's work is light (blocking parts go to spawn_blocking), and each thread
     // a streamed token wakes takes a core from llama.cpp's spinning threads for a moment.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .doing("start the runtime")?;
-    let result = runtime.block_on(run(args, &log));
+    let result = runtime.block_on(run(args, &log, fd_limit));
     if let Err(e) = &result {
         tracing::error!("hive failed: {e}");
     }
@@ -63,7 +64,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     result
 }
 
-async fn run(args: ServeArgs, log: &Path) -> Result<()> {
+async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
     let listener = Listener::open(&args).await?;
     let metrics_listener = match args.metrics_port {
         Some(port) => Some(
@@ -125,9 +126,12 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
             }),
         )
         .await;
+    let cap = crate::server::bounded::connection_cap(fd_limit);
     tracing::info!(
         node = %args.node,
         listen = %listener.describe(),
+        fd_limit,
+        connections = cap,
         metrics_port = args.metrics_port,
         pid = std::process::id(),
         version = env!("CARGO_PKG_VERSION"),
@@ -168,8 +172,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
             }
         });
     }
-    let app = routes::router(hive.clone(), guard)
-        .into_make_service_with_connect_info::<crate::server::Peer>();
+    let app = routes::router(hive.clone(), guard);
     let drained = async move {
         stopping.shutdown.cancelled().await;
         // From here on requests are refused and queued ones answered (see
@@ -190,14 +193,10 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     let server = async move {
         match listener {
             Listener::Unix(listener, _socket) => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(drained)
-                    .await
+                crate::server::bounded::serve(listener, app, cap, drained).await;
             }
             Listener::Tcp(listener) => {
-                axum::serve(crate::server::NoDelay(listener), app)
-                    .with_graceful_shutdown(drained)
-                    .await
+                crate::server::bounded::serve(listener, app, cap, drained).await;
             }
         }
     };
@@ -205,7 +204,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     // keep the hive alive.
     let token = hive.shutdown.clone();
     tokio::select! {
-        result = server => result.map_err(|e| Error::internal(format!("hive server failed: {e}")))?,
+        () = server => {}
         _ = async move { token.cancelled().await; tokio::time::sleep(DRAIN_GRACE + RELAY_GRACE + STOP_GRACE + std::time::Duration::from_secs(1)).await } => {
             tracing::warn!("connections still open after the grace period; exiting anyway");
         }

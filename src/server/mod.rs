@@ -1,6 +1,9 @@
 //! What the hive's and the worker's HTTP servers share: errors as JSON responses with the
 //! status of their class, the Unix socket they listen on (a TCP listener with Nagle's algorithm
-//! off where a node opts into HTTP), and who is on the other end of a connection.
+//! off where a node opts into HTTP), who is on the other end of a connection, and the hive's
+//! bounded serving loop (`bounded`).
+
+pub(crate) mod bounded;
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -88,23 +91,16 @@ impl std::fmt::Display for Peer {
     }
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Peer {
-        let addr = stream.remote_addr();
+impl Peer {
+    pub(crate) fn of_tcp(addr: &std::net::SocketAddr) -> Peer {
         Peer {
             shown: addr.to_string(),
             source: addr.ip().to_string(),
         }
     }
-}
 
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
-    > for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
-        match stream.io().peer_cred() {
+    pub(crate) fn of_unix(stream: &tokio::net::UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(cred) => Peer {
                 shown: format!(
                     "unix:uid={},pid={}",
@@ -119,6 +115,22 @@ impl
                 source: "unix".to_string(),
             },
         }
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Peer {
+        Peer::of_tcp(stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
+        Peer::of_unix(stream.io())
     }
 }
 
