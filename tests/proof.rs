@@ -114,13 +114,29 @@ struct Proxy(Child);
 
 impl Proxy {
     fn start(dir: &Path, mode: &str, port: u16, upstream: &Path, n: usize) -> Proxy {
+        Proxy::speaking(dir, mode, port, upstream, n, 2)
+    }
+
+    /// The same, claiming protocol `protocol` in its health.
+    fn speaking(
+        dir: &Path,
+        mode: &str,
+        port: u16,
+        upstream: &Path,
+        n: usize,
+        protocol: u32,
+    ) -> Proxy {
         let script = dir.join("proxy.py");
         std::fs::write(&script, PROXY).expect("write the proxy");
         let child = Command::new("python3")
             .arg(&script)
             .args([mode, &port.to_string()])
             .arg(upstream)
-            .args([&n.to_string(), env!("CARGO_PKG_VERSION"), "2"])
+            .args([
+                &n.to_string(),
+                env!("CARGO_PKG_VERSION"),
+                &protocol.to_string(),
+            ])
             .stdin(Stdio::null())
             .spawn()
             .expect("python3");

@@ -37,6 +37,9 @@ pub(crate) const PID_FILE: &str = "hive.pid";
 /// How long a stopping hive lets requests in flight finish.
 pub(crate) const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const LOG_FILE: &str = "hive.log";
+/// Connections the metrics port takes at most (within the descriptors kept free of the
+/// hive's own connection cap).
+const METRICS_CONNECTIONS: usize = 16;
 /// How long the relays cut at the end of the drain may take to send their last event.
 const RELAY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -164,12 +167,11 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         let app = routes::metrics_router(hive.clone());
         let stop = hive.shutdown.clone();
         tokio::spawn(async move {
-            let served = axum::serve(crate::server::NoDelay(metrics_listener), app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!("the metrics port stopped serving: {e}");
-            }
+            // A scraper needs a connection or two; the port is bounded like the hive's own.
+            crate::server::bounded::serve(metrics_listener, app, METRICS_CONNECTIONS, async move {
+                stop.cancelled().await;
+            })
+            .await;
         });
     }
     let app = routes::router(hive.clone(), guard);

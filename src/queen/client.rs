@@ -116,6 +116,24 @@ impl HiveClient {
         ))
     }
 
+    /// Why a whole answer is not taken. A hive of a protocol from before answers were signed
+    /// says so in its health: the way out is to stop it, which goes through its pidfile, never
+    /// through what it says; nothing it said is acted on here.
+    fn unproven_answer(&self, why: Unproven, body: &[u8]) -> Error {
+        match serde_json::from_slice::<HiveHealth>(body) {
+            Ok(old) if old.protocol < crate::protocol::PROTOCOL_VERSION => {
+                Error::Unauthenticated(format!(
+                    "the hive answering for `{0}` ({1}) says it is rbee {2} (protocol {3}), which \
+                     does not sign its answers, so it cannot prove it is the node's; if it is the \
+                     node's own older hive, `rbee hive stop {0}` stops it (through its pidfile) \
+                     and the next command starts this version",
+                    self.node, self.place, old.version, old.protocol
+                ))
+            }
+            _ => self.unproven(why),
+        }
+    }
+
     /// Checks that a whole answer is the node's own, over the request's nonce; its body on
     /// success. A refusal (401) needs no proof: it fails the request either way, and its
     /// message says why.
@@ -135,7 +153,7 @@ impl HiveClient {
                 Body::Whole(&body),
                 header.as_deref(),
             )
-            .map_err(|why| self.unproven(why))?;
+            .map_err(|why| self.unproven_answer(why, &body))?;
         }
         if !status.is_success() {
             return Err(error_from_body(
