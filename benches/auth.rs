@@ -1,11 +1,11 @@
-//! Cost of signing and verifying one request (`cargo bench --bench auth`): prints figures,
-//! asserts nothing about speed.
+//! Cost of signing and verifying one request, and one event of a stream, the per-token cost of
+//! the hive's proof (`cargo bench --bench auth`): prints figures, asserts nothing about speed.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
-use rbee::auth::{Covered, Key, Verifier, sign};
+use rbee::auth::{Covered, EventChain, Key, Verifier, sign};
 
 fn main() {
     let key = Key::random();
@@ -35,4 +35,26 @@ fn main() {
             verifying.as_secs_f64() * 1e6 / f64::from(n),
         );
     }
+    // One token event as the hive sends it: signed by the hive, verified by the queen before
+    // the token is printed.
+    let nonce = "0123456789abcdef0123456789abcdef";
+    let data = r#"{"text":" blue"}"#;
+    let n = 200_000u32;
+    let mut hive = EventChain::new(&key, nonce);
+    let t = Instant::now();
+    let sigs: Vec<String> = (0..n).map(|_| hive.sign("token", data)).collect();
+    let signing = t.elapsed();
+    let mut queen = EventChain::new(&key, nonce);
+    let t = Instant::now();
+    for sig in &sigs {
+        queen.verify("token", data, Some(sig)).expect("verifies");
+    }
+    let verifying = t.elapsed();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+    println!(
+        "token event: sign {:>6.2} us, verify {:>6.2} us, together {:>6.2} us per token ({n} events)",
+        per(signing),
+        per(verifying),
+        per(signing + verifying),
+    );
 }

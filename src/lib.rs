@@ -22,7 +22,8 @@
 //! - `protocol`: request bodies, stream events and status views shared by every hop, and the
 //!   server-sent events reader
 //! - `deadline`: the invocation's budget and how it travels
-//! - `server`: what the HTTP servers share: errors as HTTP responses, the listener
+//! - `server`: what the HTTP servers share: errors as HTTP responses, the listener; the
+//!   hive's bounded serving loop (connection cap, head limits, idle timeout)
 //! - `paths`, `signals`: files and signals
 
 pub mod audit;

@@ -142,6 +142,65 @@ fn rotation_keeps_the_chain_across_files() {
 }
 
 #[test]
+fn rotated_files_past_the_retention_bound_are_dropped_saying_so_and_the_rest_verifies() {
+    let Some(env) = Env::new("") else { return };
+    let mut warnings = Vec::new();
+    for i in 0..40 {
+        let out = env
+            .command(&["audit", "note", &format!("rotating {i}")])
+            .env("RBEE_AUDIT_MAX_BYTES", "2000")
+            .env("RBEE_AUDIT_KEEP", "2")
+            .output()
+            .expect("run");
+        assert!(out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !stderr.is_empty() {
+            warnings.push(stderr);
+        }
+    }
+    let state = env.path().join("state");
+    assert!(state.join("audit.jsonl.2").exists());
+    assert!(
+        !state.join("audit.jsonl.3").exists(),
+        "more than 2 rotated files kept"
+    );
+    assert!(!warnings.is_empty(), "nothing said what was dropped");
+    for w in &warnings {
+        assert!(
+            w.contains("dropped the oldest rotated file") && w.contains("audit.jsonl"),
+            "{w}"
+        );
+    }
+    let pruned: Vec<serde_json::Value> = crate::support::records(&state.join("audit.jsonl"))
+        .into_iter()
+        .chain(crate::support::records(&state.join("audit.jsonl.2")))
+        .filter(|r| r["event"] == "audit_pruned")
+        .collect();
+    assert!(!pruned.is_empty());
+    assert!(
+        pruned[0]["fields"]["through_seq"].as_u64().is_some(),
+        "{}",
+        pruned[0]
+    );
+    let run = env.run(&["--json", "audit", "verify"]);
+    run.expect(0);
+    // Intact, from the first record kept on.
+    let report = &run.json_lines()[0];
+    let head = report["head"]["seq"].as_u64().expect("head");
+    assert!(
+        report["records"].as_u64().expect("records") < head,
+        "{report}"
+    );
+    // What is kept is still checked: a change in a kept rotated file is found.
+    let kept = state.join("audit.jsonl.1");
+    let text = std::fs::read_to_string(&kept).expect("read");
+    let changed = text.replacen("rotating", "rewritten", 1);
+    assert_ne!(changed, text);
+    std::fs::write(&kept, changed).expect("write");
+    env.run(&["audit", "verify"]).expect(1);
+}
+
+#[test]
 fn the_node_chain_continues_across_restarts_and_the_queen_witnesses_it() {
     let Some(env) = Env::new("") else { return };
     let first = env

@@ -22,6 +22,9 @@ pub struct Verified {
     /// The line after the last one, where a record missing from the end would be.
     #[serde(skip)]
     pub(crate) end: Option<(PathBuf, usize)>,
+    /// The last seq of the rotated files dropped by the retention bound (their `audit_pruned`
+    /// record says so): the chain is verified from the record after it.
+    pub(crate) pruned_through: Option<u64>,
 }
 
 impl Verified {
@@ -77,10 +80,34 @@ pub fn verify(path: &Path) -> Result<Verified, Break> {
     verify_contents(&contents)
 }
 
+/// Where the kept records start when the retention bound dropped older files: the last record
+/// of the newest file dropped, as the `audit_pruned` records name it. The records themselves
+/// are checked with the rest of the chain.
+const PRUNED: &[u8] = b"\"event\":\"audit_pruned\"";
+
+fn pruned_through(files: &[(PathBuf, Vec<u8>)]) -> Option<Head> {
+    files
+        .iter()
+        .flat_map(|(_, bytes)| bytes.split(|b| *b == b'\n'))
+        .filter(|line| line.windows(PRUNED.len()).any(|w| w == PRUNED))
+        .filter_map(|line| serde_json::from_slice::<Record>(line).ok())
+        .filter(|r| r.event == "audit_pruned")
+        .filter_map(|r| {
+            Some(Head {
+                seq: r.fields.get("through_seq")?.as_u64()?,
+                hash: r.fields.get("through_hash")?.as_str()?.to_string(),
+            })
+        })
+        .max_by_key(|h| h.seq)
+}
+
 /// Verifies logs given as (name, bytes), oldest first.
 pub(crate) fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, Break> {
-    let mut prev = GENESIS.to_string();
-    let mut last_seq = 0;
+    let pruned = pruned_through(files);
+    let mut prev = pruned
+        .as_ref()
+        .map_or_else(|| GENESIS.to_string(), |h| h.hash.clone());
+    let mut last_seq = pruned.as_ref().map_or(0, |h| h.seq);
     let mut out = Verified {
         records: 0,
         head: None,
@@ -88,6 +115,7 @@ pub(crate) fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Verified, 
         records_list: Vec::new(),
         places: HashMap::new(),
         end: None,
+        pruned_through: pruned.map(|h| h.seq),
     };
     for (file, bytes) in files {
         let broken = |line: usize, seq: Option<u64>, why: String| Break {

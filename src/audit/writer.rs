@@ -1,6 +1,7 @@
 //! Appending to an audit log: a lock file around read-last + append (many `rbee` processes at
 //! once), one fsync per record, torn last lines cut, kept aside and recorded, rotation by size
-//! with the chain carried into the new file.
+//! with the chain carried into the new file, and a bound on the rotated files kept: the oldest
+//! past it is dropped, and an `audit_pruned` record and a warning name it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,6 +18,9 @@ use crate::error::{Error, Result};
 
 /// Rotate when the current file passes this size (`RBEE_AUDIT_MAX_BYTES` overrides).
 const MAX_BYTES: u64 = 64 << 20;
+/// Rotated files kept at most (`RBEE_AUDIT_KEEP` overrides): with `MAX_BYTES`, 1 GiB of past
+/// records besides the current file.
+const KEEP_ROTATED: usize = 16;
 /// Longest line a record may take; the fields are bounded well below it (`super::bounded`),
 /// so only a bug reaches it, and it is refused rather than written.
 const MAX_RECORD_BYTES: usize = 64 << 10;
@@ -132,6 +136,28 @@ pub fn append(
     request_id: Option<&str>,
     fields: Value,
 ) -> Result<Head> {
+    let bounds = Bounds {
+        max_bytes: max_bytes(),
+        keep: keep_rotated(),
+    };
+    append_within(path, actor, event, request_id, fields, bounds)
+}
+
+/// How large the current file grows, and how many rotated files are kept.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    max_bytes: u64,
+    keep: usize,
+}
+
+fn append_within(
+    path: &Path,
+    actor: &str,
+    event: &str,
+    request_id: Option<&str>,
+    fields: Value,
+    bounds: Bounds,
+) -> Result<Head> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| audit_error(path, e))?;
     }
@@ -140,10 +166,19 @@ pub fn append(
         .map_err(|(_, e)| audit_error(path, format!("cannot lock: {e}")))?;
     let mut file = open(path, true).map_err(|e| audit_error(path, e))?;
     let mut last = tail(path, &mut file, actor)?;
-    if file.metadata().map_err(|e| audit_error(path, e))?.len() > max_bytes() {
+    if file.metadata().map_err(|e| audit_error(path, e))?.len() > bounds.max_bytes {
         let (new_file, head) = rotate(path, actor, last.as_ref())?;
         file = new_file;
         last = Some(head);
+        while rotated(path).len() > bounds.keep {
+            last = Some(prune_oldest(
+                path,
+                actor,
+                &mut file,
+                last.as_ref(),
+                bounds.keep,
+            )?);
+        }
     }
     let fields = match fields {
         Value::Object(map) => map,
@@ -159,6 +194,59 @@ pub fn append(
         fields,
         last.as_ref(),
     )?;
+    Ok(record.head())
+}
+
+fn keep_rotated() -> usize {
+    std::env::var("RBEE_AUDIT_KEEP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(KEEP_ROTATED)
+        .max(1)
+}
+
+/// Drops the oldest rotated file (the others move down one number, so the files stay
+/// `.1`, `.2`, ...), and says so: an `audit_pruned` record in the chain names the file, its
+/// size, SHA-256 and the last record it held (where verifying now starts), and a warning on
+/// stderr and in the log names it too. A witness of a record in it then reads as pruned, not
+/// as a log cut in secret.
+fn prune_oldest(
+    path: &Path,
+    actor: &str,
+    file: &mut File,
+    last: Option<&Head>,
+    keep: usize,
+) -> Result<Head> {
+    let files = rotated(path);
+    let Some(oldest) = files.first() else {
+        return Err(audit_error(path, "no rotated file to drop"));
+    };
+    let through = last_head_of(oldest)
+        .ok_or_else(|| audit_error(oldest, "the oldest rotated file ends in no record"))?;
+    let bytes = std::fs::read(oldest).map_err(|e| audit_error(oldest, e))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    std::fs::remove_file(oldest).map_err(|e| audit_error(oldest, e))?;
+    for pair in files.windows(2) {
+        std::fs::rename(&pair[1], &pair[0]).map_err(|e| audit_error(&pair[1], e))?;
+    }
+    let mut fields = Map::new();
+    fields.insert("dropped_file".into(), oldest.display().to_string().into());
+    fields.insert("bytes".into(), bytes.len().into());
+    fields.insert("sha256".into(), sha256.clone().into());
+    fields.insert("through_seq".into(), through.seq.into());
+    fields.insert("through_hash".into(), through.hash.clone().into());
+    fields.insert("keep".into(), keep.into());
+    let record = write(file, path, actor, "audit_pruned", None, fields, last)?;
+    let warning = format!(
+        "audit log `{}`: dropped the oldest rotated file (records up to seq {}, {} bytes, \
+         sha256 {sha256}) to keep {keep} rotated files (`RBEE_AUDIT_KEEP`); record seq {} says so",
+        path.display(),
+        through.seq,
+        bytes.len(),
+        record.seq
+    );
+    tracing::warn!("{warning}");
+    eprintln!("rbee: warning: {warning}");
     Ok(record.head())
 }
 
@@ -361,8 +449,12 @@ pub(crate) fn rotated(path: &Path) -> Vec<PathBuf> {
 }
 
 fn previous_file_head(path: &Path) -> Option<Head> {
-    let last = rotated(path).pop()?;
-    let mut file = File::open(last).ok()?;
+    last_head_of(&rotated(path).pop()?)
+}
+
+/// The head of the last record in the file at `path`.
+fn last_head_of(path: &Path) -> Option<Head> {
+    let mut file = File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
     let complete = after_last_newline(&mut file, len).ok()?;
     match last_record(&mut file, complete).ok()? {
@@ -442,6 +534,40 @@ mod tests {
         assert_eq!(recovered.fields["cut_bytes"], torn.len());
         let kept = recovered.fields["kept_in"].as_str().expect("kept_in");
         assert_eq!(std::fs::read(kept).expect("kept"), torn);
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_rotated_file_is_dropped_and_recorded_and_the_rest_verifies() {
+        let (_dir, path) = temp_log();
+        let bounds = Bounds {
+            max_bytes: 600,
+            keep: 2,
+        };
+        for i in 0..40 {
+            let fields = serde_json::json!({ "i": i });
+            append_within(&path, "t", "note", None, fields, bounds).expect("append");
+        }
+        let files = rotated(&path);
+        assert_eq!(files.len(), 2, "{files:?}");
+        let verified = super::super::verify(&path).expect("what is kept verifies");
+        let pruned: Vec<&Record> = verified
+            .records_list
+            .iter()
+            .filter(|r| r.event == "audit_pruned")
+            .collect();
+        let through = verified.pruned_through.expect("a pruned start");
+        assert!(through > 0);
+        assert!(verified.records_list[0].seq == through + 1);
+        let last = pruned.last().expect("an audit_pruned record");
+        assert_eq!(last.fields["through_seq"], through);
+        assert!(
+            last.fields["sha256"]
+                .as_str()
+                .is_some_and(|s| s.len() == 64)
+        );
+        // The newest record is the 40th note plus every rotation and prune record.
+        let mut notes = verified.records_list.iter().filter(|r| r.event == "note");
+        assert_eq!(notes.next_back().expect("notes").fields["i"], 39);
     }
 
     #[test]

@@ -10,11 +10,18 @@ use crate::protocol::ErrorBody;
 /// Largest request body any route accepts; the signature layer reads at most this much.
 pub(crate) const BODY_LIMIT: usize = crate::protocol::MAX_PROMPT_BYTES * 2 + 16 * 1024;
 
+/// Largest answer body the layer reads to sign it: the hive's JSON answers are lists of a
+/// few workers or requests.
+const ANSWER_LIMIT: usize = 16 << 20;
+
 /// What the signature layer checks with, and where it records what it decided.
 pub(crate) struct Guard {
     verifier: std::sync::Arc<crate::auth::Verifier>,
     audit: Option<crate::audit::Audit>,
     refusals: std::sync::Mutex<Refusals>,
+    /// Sign every answer to an authenticated request (the hive, whose answers cross a network
+    /// or an SSH forward); a worker, reached only by its hive on a private socket, does not.
+    proves_answers: bool,
 }
 
 impl Guard {
@@ -26,7 +33,15 @@ impl Guard {
             verifier,
             audit,
             refusals: std::sync::Mutex::default(),
+            proves_answers: false,
         }
+    }
+
+    /// Signs every answer to an authenticated request with the key that signed it (see
+    /// `auth::proof`).
+    pub(crate) fn proving_answers(mut self) -> Guard {
+        self.proves_answers = true;
+        self
     }
 }
 
@@ -75,9 +90,62 @@ impl Refusals {
 pub(crate) struct LostRecord(pub(crate) String);
 
 /// Put on a request whose signature verified, so that an open route (`GET /health`) can tell a
-/// signer, who may see more, from anyone else.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Authenticated;
+/// signer, who may see more, from anyone else; it holds what the answer is proven with.
+#[derive(Debug, Clone)]
+pub(crate) struct Authenticated {
+    key: crate::auth::Key,
+    nonce: String,
+}
+
+impl Authenticated {
+    /// The chain that signs the events of a streamed answer, seeded with the request's nonce.
+    pub(crate) fn chain(&self) -> crate::auth::EventChain {
+        crate::auth::EventChain::new(&self.key, &self.nonce)
+    }
+}
+
+async fn proven(signer: Option<&Authenticated>, response: Response) -> Response {
+    match signer {
+        Some(signer) => prove(response, signer).await,
+        None => response,
+    }
+}
+
+/// Adds the `x-rbee-response` header: the key's HMAC over the request's nonce, the status and
+/// the body (read whole; an event stream's events are signed one by one instead).
+async fn prove(response: Response, signer: &Authenticated) -> Response {
+    use crate::auth::proof::{Body, RESPONSE_HEADER, sign_response};
+    let (mut parts, body) = response.into_parts();
+    let status = parts.status.as_u16();
+    let stream = parts
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let (header, body) = if stream {
+        let header = sign_response(&signer.key, &signer.nonce, status, Body::Stream);
+        (header, body)
+    } else {
+        match axum::body::to_bytes(body, ANSWER_LIMIT).await {
+            Ok(bytes) => {
+                let header = sign_response(&signer.key, &signer.nonce, status, Body::Whole(&bytes));
+                (header, axum::body::Body::from(bytes))
+            }
+            Err(e) => {
+                let err = Error::internal(format!("cannot read the answer to sign it: {e}"));
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(ErrorBody::from(&err)),
+                )
+                    .into_response();
+            }
+        }
+    };
+    // Hex and ASCII only: always a valid header value.
+    if let Ok(value) = axum::http::HeaderValue::from_str(&header) {
+        parts.headers.insert(RESPONSE_HEADER, value);
+    }
+    Response::from_parts(parts, body)
+}
 
 /// Axum layer: every request but `GET /health` and `GET /metrics` must carry a valid signature;
 /// those two may carry one, and then it is checked like any other.
@@ -138,7 +206,7 @@ pub(crate) async fn require_signature(
         (Err(reject), _, _) => Err(reject),
         // A covered header that is not text cannot have been signed as sent.
         (Ok(()), None, _) | (Ok(()), _, None) => Err(crate::auth::Reject::BadSignature),
-        (Ok(()), Some(budget_ms), Some(request_id)) => guard.verifier.verify(
+        (Ok(()), Some(budget_ms), Some(request_id)) => guard.verifier.authenticate(
             parts.method.as_str(),
             &path,
             crate::auth::Covered {
@@ -149,6 +217,15 @@ pub(crate) async fn require_signature(
             &bytes,
         ),
     };
+    // Who signed the request gets an answer proven with the same key, over its nonce.
+    let signer = match (&result, header.and_then(|h| crate::auth::parse(h).ok())) {
+        (Ok(key), Some(sig)) => Some(Authenticated {
+            key: key.clone(),
+            nonce: sig.nonce.to_string(),
+        }),
+        _ => None,
+    };
+    let proof = signer.as_ref().filter(|_| guard.proves_answers);
     let mut lost = None;
     // A signed status read is not work on the node: only its refusals go to the audit log, or
     // every `infer` would write one more record for its health check.
@@ -165,9 +242,9 @@ pub(crate) async fn require_signature(
             .and_then(|h| crate::auth::parse(h).ok())
             .map(|s| untrusted(s.kid));
         let (event, fields) = match &result {
-            Ok(kid) => (
+            Ok(key) => (
                 "auth_success",
-                serde_json::json!({ "kid": kid, "peer": peer, "path": untrusted(&path) }),
+                serde_json::json!({ "kid": key.fingerprint(), "peer": peer, "path": untrusted(&path) }),
             ),
             Err(reject) => (
                 "auth_failure",
@@ -186,7 +263,8 @@ pub(crate) async fn require_signature(
                 Ok(crate::audit::Recorded::Lost(why)) => lost = Some(LostRecord(why)),
                 Err(err) => {
                     let status = crate::server::status_for(err.kind());
-                    return (status, Json(ErrorBody::from(&err))).into_response();
+                    return proven(proof, (status, Json(ErrorBody::from(&err))).into_response())
+                        .await;
                 }
             }
         } else if let Err(reject) = &result {
@@ -202,18 +280,28 @@ pub(crate) async fn require_signature(
             }
         }
     }
-    match result {
-        Ok(kid) => {
-            tracing::debug!(kid = %kid, peer = %peer, path = %path, "request authenticated");
+    match (result, signer.clone()) {
+        (Ok(key), Some(signer)) => {
+            tracing::debug!(kid = %key.fingerprint(), peer = %peer, path = %path, "request authenticated");
             let mut request =
                 axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
             if let Some(lost) = lost {
                 request.extensions_mut().insert(lost);
             }
-            request.extensions_mut().insert(Authenticated);
-            next.run(request).await
+            let proof = proof.cloned();
+            request.extensions_mut().insert(signer);
+            proven(proof.as_ref(), next.run(request).await).await
         }
-        Err(reject) => {
+        (Ok(_), None) => {
+            // A request that verified has a header that parses: this cannot be reached.
+            let err = Error::internal("an authenticated request without its signature");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(ErrorBody::from(&err)),
+            )
+                .into_response()
+        }
+        (Err(reject), _) => {
             // The path is the stranger's: capped as in the audit record.
             let path = crate::audit::bounded(&path, crate::audit::UNTRUSTED_BYTES);
             tracing::warn!(peer = %peer, path = %path, reason = reject.class(), "request rejected");

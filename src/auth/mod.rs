@@ -15,9 +15,11 @@ use sha2::{Digest, Sha256};
 
 mod key;
 pub(crate) mod layer;
+pub(crate) mod proof;
 mod verify;
 
 pub use key::Key;
+pub use proof::{EventChain, Unproven};
 pub use verify::{Reject, Signature, Verifier, parse};
 
 /// The headers a signature covers besides the method, path and body: what a hop acts on (how
@@ -65,15 +67,21 @@ impl Canonical<'_> {
 
 /// The signature header for one request.
 pub fn sign(key: &Key, method: &str, path: &str, covered: Covered<'_>, body: &[u8]) -> String {
-    sign_at(
-        key,
-        method,
-        path,
-        covered,
-        body,
-        unix_now(),
-        &hex::encode(rand::random::<[u8; 16]>()),
-    )
+    sign_nonced(key, method, path, covered, body).0
+}
+
+/// The signature header for one request, and the nonce it carries: what the answer's proof is
+/// made over (see `proof`).
+pub(crate) fn sign_nonced(
+    key: &Key,
+    method: &str,
+    path: &str,
+    covered: Covered<'_>,
+    body: &[u8],
+) -> (String, String) {
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    let header = sign_at(key, method, path, covered, body, unix_now(), &nonce);
+    (header, nonce)
 }
 
 pub(crate) fn sign_at(

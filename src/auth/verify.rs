@@ -260,6 +260,19 @@ impl Verifier {
         body: &[u8],
     ) -> Result<String, Reject> {
         self.verify_at(method, path, covered, header, body, unix_now())
+            .map(|key| key.fingerprint())
+    }
+
+    /// Checks a request; returns the key that signed it, which signs the answer.
+    pub(crate) fn authenticate(
+        &self,
+        method: &str,
+        path: &str,
+        covered: Covered<'_>,
+        header: Option<&str>,
+        body: &[u8],
+    ) -> Result<Key, Reject> {
+        self.verify_at(method, path, covered, header, body, unix_now())
     }
 
     pub(crate) fn verify_at(
@@ -270,7 +283,7 @@ impl Verifier {
         header: Option<&str>,
         body: &[u8],
         now: i64,
-    ) -> Result<String, Reject> {
+    ) -> Result<Key, Reject> {
         let sig = parse(header.ok_or(Reject::Missing)?)?;
         let key = self.key(sig.kid, Instant::now())?;
         let mut mac = key.mac();
@@ -291,7 +304,7 @@ impl Verifier {
             return Err(Reject::Stale);
         }
         self.remember(sig.nonce, now)?;
-        Ok(key.fingerprint())
+        Ok(key)
     }
 
     fn remember(&self, nonce: &str, now: i64) -> Result<(), Reject> {

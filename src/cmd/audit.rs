@@ -135,6 +135,19 @@ fn witnessed_by_nodes(
         if log.hashes.get(&head.seq) == Some(&head.hash) {
             continue;
         }
+        if log
+            .pruned_through
+            .is_some_and(|through| head.seq <= through)
+        {
+            eprintln!(
+                "rbee: note: node `{}` witnessed seq {} of {}, in a rotated file the retention \
+                 bound dropped (an `audit_pruned` record says so)",
+                w.node,
+                head.seq,
+                path.display()
+            );
+            continue;
+        }
         let what = if log.hashes.contains_key(&head.seq) {
             "this log holds another record there: it was rewritten".to_string()
         } else if log.records == 0 {
@@ -279,6 +292,17 @@ async fn verify_node(
         else {
             continue;
         };
+        if verified
+            .pruned_through
+            .is_some_and(|through| head.seq <= through)
+        {
+            eprintln!(
+                "rbee: note: this machine witnessed seq {} of node `{}`'s log, in a rotated file \
+                 its retention bound dropped (an `audit_pruned` record says so)",
+                head.seq, node.name
+            );
+            continue;
+        }
         if verified.hashes.get(&head.seq) != Some(&head.hash) {
             let (file, line) = verified.place_of(head.seq, &node_path);
             let what = if verified.hashes.contains_key(&head.seq) {

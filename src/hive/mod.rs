@@ -37,6 +37,9 @@ pub(crate) const PID_FILE: &str = "hive.pid";
 /// How long a stopping hive lets requests in flight finish.
 pub(crate) const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const LOG_FILE: &str = "hive.log";
+/// Connections the metrics port takes at most (within the descriptors kept free of the
+/// hive's own connection cap).
+const METRICS_CONNECTIONS: usize = 16;
 /// How long the relays cut at the end of the drain may take to send their last event.
 const RELAY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -48,13 +51,14 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let log = args.dir.join(LOG_FILE);
     init_file_logging(&log)?;
     let pid = PidFile::acquire(&args.dir.join(PID_FILE)).inspect_err(|e| tracing::error!("{e}"))?;
+    let fd_limit = crate::server::bounded::raise_fd_limit();
     // One thread: the hive's work is light (blocking parts go to spawn_blocking), and each thread
     // a streamed token wakes takes a core from llama.cpp's spinning threads for a moment.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .doing("start the runtime")?;
-    let result = runtime.block_on(run(args, &log));
+    let result = runtime.block_on(run(args, &log, fd_limit));
     if let Err(e) = &result {
         tracing::error!("hive failed: {e}");
     }
@@ -63,7 +67,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     result
 }
 
-async fn run(args: ServeArgs, log: &Path) -> Result<()> {
+async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
     let listener = Listener::open(&args).await?;
     let metrics_listener = match args.metrics_port {
         Some(port) => Some(
@@ -125,9 +129,12 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
             }),
         )
         .await;
+    let cap = crate::server::bounded::connection_cap(fd_limit);
     tracing::info!(
         node = %args.node,
         listen = %listener.describe(),
+        fd_limit,
+        connections = cap,
         metrics_port = args.metrics_port,
         pid = std::process::id(),
         version = env!("CARGO_PKG_VERSION"),
@@ -154,24 +161,21 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     ));
 
     let stopping = hive.clone();
-    let guard = Arc::new(crate::auth::layer::Guard::new(
-        keys.verifier(),
-        Some(audit.clone()),
-    ));
+    let guard = Arc::new(
+        crate::auth::layer::Guard::new(keys.verifier(), Some(audit.clone())).proving_answers(),
+    );
     if let Some(metrics_listener) = metrics_listener {
         let app = routes::metrics_router(hive.clone());
         let stop = hive.shutdown.clone();
         tokio::spawn(async move {
-            let served = axum::serve(crate::server::NoDelay(metrics_listener), app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!("the metrics port stopped serving: {e}");
-            }
+            // A scraper needs a connection or two; the port is bounded like the hive's own.
+            crate::server::bounded::serve(metrics_listener, app, METRICS_CONNECTIONS, async move {
+                stop.cancelled().await;
+            })
+            .await;
         });
     }
-    let app = routes::router(hive.clone(), guard)
-        .into_make_service_with_connect_info::<crate::server::Peer>();
+    let app = routes::router(hive.clone(), guard);
     let drained = async move {
         stopping.shutdown.cancelled().await;
         // From here on requests are refused and queued ones answered (see
@@ -192,14 +196,10 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     let server = async move {
         match listener {
             Listener::Unix(listener, _socket) => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(drained)
-                    .await
+                crate::server::bounded::serve(listener, app, cap, drained).await;
             }
             Listener::Tcp(listener) => {
-                axum::serve(crate::server::NoDelay(listener), app)
-                    .with_graceful_shutdown(drained)
-                    .await
+                crate::server::bounded::serve(listener, app, cap, drained).await;
             }
         }
     };
@@ -207,7 +207,7 @@ async fn run(args: ServeArgs, log: &Path) -> Result<()> {
     // keep the hive alive.
     let token = hive.shutdown.clone();
     tokio::select! {
-        result = server => result.map_err(|e| Error::internal(format!("hive server failed: {e}")))?,
+        () = server => {}
         _ = async move { token.cancelled().await; tokio::time::sleep(DRAIN_GRACE + RELAY_GRACE + STOP_GRACE + std::time::Duration::from_secs(1)).await } => {
             tracing::warn!("connections still open after the grace period; exiting anyway");
         }

@@ -1,11 +1,11 @@
 //! Carries one generation from the worker to the client: tokens pass through untouched, the
 //! final event gains the hive's timings and its audit head, a stuck or dead worker becomes an
-//! error event, and a client that goes away stops the generation.
+//! error event, and a client that goes away stops the generation. (The route signs each event
+//! on its way out, chained to the one before.)
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::response::sse::Event;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -15,7 +15,6 @@ use crate::hive::entry::{EntryState, Lease, Supervision};
 use crate::hive::metrics::Metrics;
 use crate::hive::requests::Tracked;
 use crate::hive::worker_proc::{KillReason, WorkerProc};
-use crate::protocol::sse::sse_event;
 use crate::protocol::sse::{SseEvent, events};
 use crate::protocol::{DoneEvent, ErrorBody, StopReason};
 
@@ -48,7 +47,7 @@ pub(crate) struct Relay {
 pub(crate) const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Relay {
-    pub(crate) async fn run(mut self, response: reqwest::Response, tx: mpsc::Sender<Event>) {
+    pub(crate) async fn run(mut self, response: reqwest::Response, tx: mpsc::Sender<SseEvent>) {
         let mut upstream = std::pin::pin!(events(response));
         let mut outcome = "error";
         let mut first_token = true;
@@ -108,7 +107,7 @@ impl Relay {
                         // record.
                         outcome = "error";
                         let _ = tx
-                            .send(sse_event("error", &ErrorBody::from(&refused)))
+                            .send(SseEvent::json("error", &ErrorBody::from(&refused)))
                             .await;
                         break;
                     }
@@ -177,7 +176,7 @@ impl Relay {
             .await
     }
 
-    fn forward(&self, event: SseEvent, head: Option<crate::audit::Head>) -> Event {
+    fn forward(&self, event: SseEvent, head: Option<crate::audit::Head>) -> SseEvent {
         if event.event == "done"
             && let Ok(mut done) = serde_json::from_str::<DoneEvent>(&event.data)
         {
@@ -185,22 +184,23 @@ impl Relay {
             done.timings_ms.load = self.load_ms;
             done.node_audit = head;
             done.audit_warning = self.lost.clone();
-            return sse_event("done", &done);
+            return SseEvent::json("done", &done);
         }
-        // Tokens pass through untouched: no re-encoding on the hot path.
-        Event::default().event(event.event).data(event.data)
+        // Tokens pass through untouched: no re-encoding on the hot path. The worker's id, if it
+        // sent one, is not the hive's signature: the hive signs what it sends on its way out.
+        SseEvent { id: None, ..event }
     }
 
     /// The hive is stopping and its drain time ran out before this generation ended; dropping
     /// the worker's stream (when the relay returns) stops the decoding.
-    fn cut_by_stop(&self) -> Event {
+    fn cut_by_stop(&self) -> SseEvent {
         let err = Error::hive(format!(
             "the hive on `{}` is stopping: the generation had not finished when its drain time \
              ({}s) ran out, so it was ended there",
             self.node,
             crate::hive::DRAIN_GRACE.as_secs()
         ));
-        sse_event("error", &ErrorBody::from(&err))
+        SseEvent::json("error", &ErrorBody::from(&err))
     }
 
     /// What the hive does about the worker that exited, as its supervisor decided: said only
@@ -216,7 +216,7 @@ impl Relay {
         "the hive has not yet decided whether to restart it".to_string()
     }
 
-    async fn crashed(&self, stalled: bool) -> Event {
+    async fn crashed(&self, stalled: bool) -> SseEvent {
         let mut exit = None;
         for _ in 0..20 {
             exit = self.proc.exit_status();
@@ -233,7 +233,7 @@ impl Relay {
                 self.model
             ));
             tracing::warn!("{err}");
-            return sse_event("error", &ErrorBody::from(&err));
+            return SseEvent::json("error", &ErrorBody::from(&err));
         }
         let how = match exit {
             _ if stalled => format!(
@@ -249,7 +249,7 @@ impl Relay {
             self.model
         ));
         tracing::warn!("{err}");
-        sse_event("error", &ErrorBody::from(&err))
+        SseEvent::json("error", &ErrorBody::from(&err))
     }
 }
 

@@ -183,11 +183,13 @@ async fn infer(
     State(hive): State<Arc<Hive>>,
     headers: HeaderMap,
     lost: Option<axum::Extension<crate::auth::layer::LostRecord>>,
+    axum::Extension(signer): axum::Extension<crate::auth::layer::Authenticated>,
     Json(request): Json<InferRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let lost = lost.map(|l| l.0.0);
-    let result = start_generation(&hive, &headers, request, received, lost).await;
+    let chain = signer.chain();
+    let result = start_generation(&hive, &headers, request, received, lost, chain).await;
     if let Err(err) = &result {
         let outcome = match err.0.kind() {
             ExitKind::Deadline => "deadline",
@@ -206,6 +208,7 @@ async fn start_generation(
     request: InferRequest,
     received: Instant,
     mut lost: Option<String>,
+    mut chain: crate::auth::EventChain,
 ) -> Result<Response, ApiError> {
     if hive.shutdown.is_cancelled() {
         return Err(hive.registry.stopping_error().into());
@@ -333,6 +336,10 @@ async fn start_generation(
         stopping: hive.shutdown.clone(),
     };
     tokio::spawn(relay.run(response, tx));
-    let stream = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
+    // Each event is signed as it leaves, chained to the one before: in order, on one task.
+    let stream = ReceiverStream::new(rx).map(move |mut event: crate::protocol::sse::SseEvent| {
+        event.id = Some(chain.sign(&event.event, &event.data));
+        Ok::<Event, Infallible>(crate::protocol::sse::to_wire(event))
+    });
     Ok(Sse::new(stream).into_response())
 }

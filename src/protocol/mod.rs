@@ -8,7 +8,7 @@ use crate::config::Model;
 use crate::error::{Error, ExitKind};
 
 /// Bumped when a hive and a CLI of different versions can no longer talk.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 pub(crate) const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
 /// The `status` of a hive's `/health` once it has begun to stop (else `ok`).
 pub(crate) const HIVE_STOPPING: &str = "stopping";
@@ -472,7 +472,13 @@ pub(crate) enum WorkerHello {
 /// Reads an error body a peer sent with a failure status.
 pub(crate) async fn error_from_response(response: reqwest::Response, peer: &str) -> Error {
     let status = response.status();
-    match response.json::<ErrorBody>().await {
+    let body = response.bytes().await.unwrap_or_default();
+    error_from_body(status, &body, peer)
+}
+
+/// The error a peer's failure status and body stand for.
+pub(crate) fn error_from_body(status: reqwest::StatusCode, body: &[u8], peer: &str) -> Error {
+    match serde_json::from_slice::<ErrorBody>(body) {
         Ok(body) if status == reqwest::StatusCode::UNAUTHORIZED => Error::of_kind(
             ExitKind::Unauthenticated,
             format!("{peer} rejected the request: {}", body.message),

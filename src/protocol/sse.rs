@@ -1,6 +1,6 @@
 //! Server-sent events: the reader that turns the bytes of a `text/event-stream` body into
-//! events (the hive reads its workers with it and the CLI reads its hive), and the writer's
-//! event helper.
+//! events (the hive reads its workers with it and the CLI reads its hive, checking each event's
+//! signature when the client asked for that), and the writer's event helpers.
 
 use axum::response::sse::Event;
 use futures::{Stream, StreamExt};
@@ -15,6 +15,28 @@ pub(crate) const MAX_EVENT_BYTES: usize = 1 << 20;
 pub struct SseEvent {
     pub(crate) event: String,
     pub(crate) data: String,
+    /// The event's `id` field: a hive's signature of the event (see `auth::proof`).
+    pub(crate) id: Option<String>,
+}
+
+impl SseEvent {
+    /// An event named `name` carrying `data` as JSON.
+    pub(crate) fn json(name: &str, data: &impl Serialize) -> SseEvent {
+        let (event, data) = match serde_json::to_string(data) {
+            Ok(json) => (name.to_string(), json),
+            // Our event types serialize infallibly; if one ever does not, the client sees why.
+            Err(e) => (
+                "error".to_string(),
+                serde_json::json!({"code": "internal", "message": format!("cannot encode event: {e}")})
+                    .to_string(),
+            ),
+        };
+        SseEvent {
+            event,
+            data,
+            id: None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -22,6 +44,7 @@ pub struct SseParser {
     buf: Vec<u8>,
     event: Option<String>,
     data: Vec<String>,
+    id: Option<String>,
 }
 
 impl SseParser {
@@ -55,9 +78,11 @@ impl SseParser {
             if self.data.is_empty() && self.event.is_none() {
                 return None;
             }
+            // Each event's id is its own signature: it does not carry over to the next one.
             let event = SseEvent {
                 event: self.event.take().unwrap_or_else(|| "message".to_string()),
                 data: std::mem::take(&mut self.data).join("\n"),
+                id: self.id.take(),
             };
             return Some(event);
         }
@@ -71,6 +96,7 @@ impl SseParser {
         match field {
             "event" => self.event = Some(value.to_string()),
             "data" => self.data.push(value.to_string()),
+            "id" => self.id = Some(value.to_string()),
             _ => {}
         }
         None
@@ -89,38 +115,86 @@ pub(crate) enum StreamError {
     Malformed(Error),
 }
 
-/// Events of an HTTP response body, in order; ends when the body ends.
+/// Put on a response by the client that made the request: every event of its body must carry
+/// the signature that follows in this chain, or the stream ends there with an `Unauthenticated`
+/// error. `peer` names who was to sign it, for the message.
+#[derive(Clone)]
+pub(crate) struct Proven {
+    pub(crate) chain: crate::auth::EventChain,
+    pub(crate) peer: String,
+}
+
+/// Events of an HTTP response body, in order; ends when the body ends. When the response
+/// carries `Proven`, each event is yielded only once its signature verified; the first that
+/// does not ends the stream with an `Unauthenticated` error, so nothing of it is shown.
 pub(crate) fn events(
-    response: reqwest::Response,
+    mut response: reqwest::Response,
 ) -> impl Stream<Item = Result<SseEvent, StreamError>> {
+    let proven = response.extensions_mut().remove::<Proven>();
     let body = response.bytes_stream();
     futures::stream::unfold(
         (
             body,
             SseParser::default(),
-            std::collections::VecDeque::new(),
+            std::collections::VecDeque::<SseEvent>::new(),
+            proven,
+            false,
         ),
-        |(mut body, mut parser, mut ready)| async move {
+        |(mut body, mut parser, mut ready, mut proven, refused)| async move {
+            if refused {
+                return None;
+            }
             loop {
                 if let Some(event) = ready.pop_front() {
-                    return Some((Ok(event), (body, parser, ready)));
+                    if let Some(p) = proven.as_mut()
+                        && let Err(why) =
+                            p.chain
+                                .verify(&event.event, &event.data, event.id.as_deref())
+                    {
+                        let err = Error::of_kind(
+                            crate::error::ExitKind::Unauthenticated,
+                            format!(
+                                "the answer of {} did not verify as the node's: {}; nothing of \
+                                 it from there on was shown",
+                                p.peer,
+                                why.explain()
+                            ),
+                        );
+                        return Some((
+                            Err(StreamError::Malformed(err)),
+                            (body, parser, ready, proven, true),
+                        ));
+                    }
+                    return Some((Ok(event), (body, parser, ready, proven, false)));
                 }
                 match body.next().await {
                     None => return None,
                     Some(Err(e)) => {
                         let err = StreamError::Broke(crate::error::root_cause(&e));
-                        return Some((Err(err), (body, parser, ready)));
+                        return Some((Err(err), (body, parser, ready, proven, false)));
                     }
                     Some(Ok(bytes)) => match parser.push(&bytes) {
                         Ok(events) => ready.extend(events),
                         Err(e) => {
-                            return Some((Err(StreamError::Malformed(e)), (body, parser, ready)));
+                            return Some((
+                                Err(StreamError::Malformed(e)),
+                                (body, parser, ready, proven, false),
+                            ));
                         }
                     },
                 }
             }
         },
     )
+}
+
+/// The wire form of `event`, with `id` (its signature) when there is one.
+pub(crate) fn to_wire(event: SseEvent) -> Event {
+    let wire = Event::default().event(event.event).data(event.data);
+    match event.id {
+        Some(id) => wire.id(id),
+        None => wire,
+    }
 }
 
 /// An SSE event named `name` carrying `data` as JSON.
@@ -154,11 +228,13 @@ mod tests {
             vec![
                 SseEvent {
                     event: "token".into(),
-                    data: "{\"text\":\"a\"}".into()
+                    data: "{\"text\":\"a\"}".into(),
+                    id: None,
                 },
                 SseEvent {
                     event: "done".into(),
-                    data: "x".into()
+                    data: "x".into(),
+                    id: None,
                 },
             ]
         );
@@ -172,9 +248,20 @@ mod tests {
             events,
             vec![SseEvent {
                 event: "message".into(),
-                data: "a\nb".into()
+                data: "a\nb".into(),
+                id: None,
             }]
         );
+    }
+
+    #[test]
+    fn an_id_belongs_to_its_own_event_only() {
+        let mut p = SseParser::default();
+        let events = p
+            .push(b"event: token\nid: ab12\ndata: x\n\nevent: token\ndata: y\n\n")
+            .expect("ok");
+        assert_eq!(events[0].id.as_deref(), Some("ab12"));
+        assert_eq!(events[1].id, None);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The queen's HTTP client for one node's hive, over a Unix socket (the hive's own, or the local
 //! end of an SSH forward) or, for `transport = "http"`, TCP. Every request goes through
-//! `request()`, the one place where the signature is applied.
+//! `request()`, the one place where the signature is applied, and every answer is taken only
+//! once it proved to be the node's (`auth::proof`): a JSON answer by its signature header, a
+//! stream by each event's signature, checked in the stream reader before the event is given
+//! to the caller. An answer that does not verify is `Error::Unauthenticated` (exit 5).
 
 use std::time::Duration;
 
@@ -9,9 +12,10 @@ use serde::de::DeserializeOwned;
 
 use crate::auth::Covered;
 use crate::auth::Key;
+use crate::auth::proof::{Body, RESPONSE_HEADER, Unproven, verify_response};
 use crate::deadline::{BUDGET_HEADER, Budget};
 use crate::error::{Error, Result};
-use crate::protocol::error_from_response;
+use crate::protocol::error_from_body;
 use crate::protocol::{HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo, WorkerInfo};
 
 pub(crate) struct HiveClient {
@@ -62,8 +66,13 @@ impl HiveClient {
     }
 
     /// Every request to the hive is built here, signed over its method, path, body and the
-    /// headers it carries in `covered`.
-    fn request(&self, method: Method, path: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+    /// headers it carries in `covered`; with it comes the nonce its answer is proven over.
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (reqwest::RequestBuilder, String) {
         self.request_covering(method, path, Covered::default(), body)
     }
 
@@ -73,8 +82,9 @@ impl HiveClient {
         path: &str,
         covered: Covered<'_>,
         body: Vec<u8>,
-    ) -> reqwest::RequestBuilder {
-        let signature = crate::auth::sign(&self.key, method.as_str(), path, covered, &body);
+    ) -> (reqwest::RequestBuilder, String) {
+        let (signature, nonce) =
+            crate::auth::sign_nonced(&self.key, method.as_str(), path, covered, &body);
         let mut builder = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -85,13 +95,74 @@ impl HiveClient {
         if !covered.request_id.is_empty() {
             builder = builder.header(REQUEST_ID_HEADER, covered.request_id);
         }
-        if body.is_empty() {
+        let builder = if body.is_empty() {
             builder
         } else {
             builder
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body)
+        };
+        (builder, nonce)
+    }
+
+    /// Why the answer is not taken, as the error the caller gets.
+    fn unproven(&self, why: Unproven) -> Error {
+        Error::Unauthenticated(format!(
+            "the answer from `{}` ({}) did not verify as the node's: {}; it was not used \
+             (something else may answer at the hive's address)",
+            self.node,
+            self.place,
+            why.explain()
+        ))
+    }
+
+    /// Why a whole answer is not taken. A hive of a protocol from before answers were signed
+    /// says so in its health: the way out is to stop it, which goes through its pidfile, never
+    /// through what it says; nothing it said is acted on here.
+    fn unproven_answer(&self, why: Unproven, body: &[u8]) -> Error {
+        match serde_json::from_slice::<HiveHealth>(body) {
+            Ok(old) if old.protocol < crate::protocol::PROTOCOL_VERSION => {
+                Error::Unauthenticated(format!(
+                    "the hive answering for `{0}` ({1}) says it is rbee {2} (protocol {3}), which \
+                     does not sign its answers, so it cannot prove it is the node's; if it is the \
+                     node's own older hive, `rbee hive stop {0}` stops it (through its pidfile) \
+                     and the next command starts this version",
+                    self.node, self.place, old.version, old.protocol
+                ))
+            }
+            _ => self.unproven(why),
         }
+    }
+
+    /// Checks that a whole answer is the node's own, over the request's nonce; its body on
+    /// success. A refusal (401) needs no proof: it fails the request either way, and its
+    /// message says why.
+    async fn proven(&self, response: reqwest::Response, nonce: &str) -> Result<axum::body::Bytes> {
+        let status = response.status();
+        let header = response
+            .headers()
+            .get(RESPONSE_HEADER)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let body = response.bytes().await.map_err(|e| self.unreachable(e))?;
+        if status != reqwest::StatusCode::UNAUTHORIZED {
+            verify_response(
+                &self.key,
+                nonce,
+                status.as_u16(),
+                Body::Whole(&body),
+                header.as_deref(),
+            )
+            .map_err(|why| self.unproven_answer(why, &body))?;
+        }
+        if !status.is_success() {
+            return Err(error_from_body(
+                status,
+                &body,
+                &format!("hive on `{}`", self.node),
+            ));
+        }
+        Ok(body)
     }
 
     /// A bodiless request whose answer is JSON.
@@ -101,20 +172,22 @@ impl HiveClient {
         path: &str,
         timeout: Duration,
     ) -> Result<T> {
-        let response = self
-            .request(method, path, Vec::new())
+        let (request, nonce) = self.request(method, path, Vec::new());
+        let response = request
             .timeout(timeout)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
-        self.json(response).await
+        self.json(response, &nonce).await
     }
 
-    async fn json<T: DeserializeOwned>(&self, response: reqwest::Response) -> Result<T> {
-        if !response.status().is_success() {
-            return Err(error_from_response(response, &format!("hive on `{}`", self.node)).await);
-        }
-        response.json().await.map_err(|e| {
+    async fn json<T: DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+        nonce: &str,
+    ) -> Result<T> {
+        let body = self.proven(response, nonce).await?;
+        serde_json::from_slice(&body).map_err(|e| {
             Error::hive(format!(
                 "hive on `{}` ({}) sent an unreadable answer: {e}",
                 self.node, self.place
@@ -162,17 +235,17 @@ impl HiveClient {
         model: &str,
         timeout: Duration,
     ) -> Result<WorkerInfo> {
-        let response = self
-            .request(
-                Method::POST,
-                &format!("/v1/workers/{model}/restart"),
-                Vec::new(),
-            )
+        let (request, nonce) = self.request(
+            Method::POST,
+            &format!("/v1/workers/{model}/restart"),
+            Vec::new(),
+        );
+        let response = request
             .timeout(timeout)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
-        self.json(response).await
+        self.json(response, &nonce).await
     }
 
     /// Key rotation: `reload` (accept the next key too) or `retire` (switch to it).
@@ -193,7 +266,10 @@ impl HiveClient {
             .and_then(|p| i32::try_from(p).ok()))
     }
 
-    /// Starts a generation; the response body is the event stream.
+    /// Starts a generation; the response body is the event stream. The answer is the node's
+    /// (its signature header verified), and `protocol::sse::events` checks every event of it
+    /// before yielding it: an event that does not verify ends the stream with
+    /// `Error::Unauthenticated`.
     pub(crate) async fn infer(
         &self,
         request: &InferRequest,
@@ -206,15 +282,33 @@ impl HiveClient {
             budget_ms: &budget_ms,
             request_id: &request.request_id,
         };
-        let response = self
-            .request_covering(Method::POST, "/v1/infer", covered, body)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        if response.status().is_success() {
-            Ok(response)
-        } else {
-            Err(error_from_response(response, &format!("hive on `{}`", self.node)).await)
+        let (request, nonce) = self.request_covering(Method::POST, "/v1/infer", covered, body);
+        let mut response = request.send().await.map_err(|e| self.unreachable(e))?;
+        if !response.status().is_success() {
+            return Err(self
+                .proven(response, &nonce)
+                .await
+                .err()
+                .unwrap_or_else(|| Error::internal("a failure status read as a success")));
         }
+        let header = response
+            .headers()
+            .get(RESPONSE_HEADER)
+            .and_then(|h| h.to_str().ok());
+        verify_response(
+            &self.key,
+            &nonce,
+            response.status().as_u16(),
+            Body::Stream,
+            header,
+        )
+        .map_err(|why| self.unproven(why))?;
+        response
+            .extensions_mut()
+            .insert(crate::protocol::sse::Proven {
+                chain: crate::auth::EventChain::new(&self.key, &nonce),
+                peer: format!("the hive on `{}` ({})", self.node, self.place),
+            });
+        Ok(response)
     }
 }

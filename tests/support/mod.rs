@@ -394,9 +394,9 @@ pub(crate) fn http(
         request.push_str(&format!("{k}: {v}\r\n"));
     }
     request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("write");
-    // A server that refuses a large body answers and closes before reading all of it; on a
-    // Unix socket the rest of the write then fails, and the answer is still there to read.
+    // A server that refuses a large head or body answers and closes before reading all of it;
+    // on a Unix socket the rest of the write then fails, and the answer is still there to read.
+    let _ = stream.write_all(request.as_bytes());
     let _ = stream.write_all(body);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);

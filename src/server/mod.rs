@@ -1,6 +1,9 @@
 //! What the hive's and the worker's HTTP servers share: errors as JSON responses with the
 //! status of their class, the Unix socket they listen on (a TCP listener with Nagle's algorithm
-//! off where a node opts into HTTP), and who is on the other end of a connection.
+//! off where a node opts into HTTP), who is on the other end of a connection, and the hive's
+//! bounded serving loop (`bounded`).
+
+pub(crate) mod bounded;
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -40,38 +43,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A TCP listener with Nagle's algorithm off on every connection. A token or done event is one
-/// small write; with Nagle on, the write after it waits for the peer's (delayed, up to 40 ms)
-/// acknowledgement of the one before.
-pub(crate) struct NoDelay(pub(crate) tokio::net::TcpListener);
-
-impl axum::serve::Listener for NoDelay {
-    type Io = tokio::net::TcpStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.0.accept().await {
-                Ok((tcp, addr)) => {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
-                    }
-                    return (tcp, addr);
-                }
-                // Out of descriptors and the like: wait for some to be released, as axum does.
-                Err(e) => {
-                    tracing::warn!("accepting a connection failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
-}
-
 /// Who is on the other end of a connection, for logs and audit records: an address for TCP,
 /// the peer's uid and pid (from the kernel) for a Unix socket.
 #[derive(Debug, Clone)]
@@ -88,23 +59,16 @@ impl std::fmt::Display for Peer {
     }
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Peer {
-        let addr = stream.remote_addr();
+impl Peer {
+    pub(crate) fn of_tcp(addr: &std::net::SocketAddr) -> Peer {
         Peer {
             shown: addr.to_string(),
             source: addr.ip().to_string(),
         }
     }
-}
 
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
-    > for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
-        match stream.io().peer_cred() {
+    pub(crate) fn of_unix(stream: &tokio::net::UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(cred) => Peer {
                 shown: format!(
                     "unix:uid={},pid={}",
@@ -119,6 +83,16 @@ impl
                 source: "unix".to_string(),
             },
         }
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
+        Peer::of_unix(stream.io())
     }
 }
 
