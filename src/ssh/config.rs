@@ -1,5 +1,6 @@
 //! The parts of `~/.ssh/config` that users expect rbee to honour for a `host` alias: HostName,
-//! User, Port and IdentityFile, first match wins as in OpenSSH.
+//! User, Port, IdentityFile, ServerAliveInterval and ServerAliveCountMax, first match wins as
+//! in OpenSSH.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,10 @@ pub(crate) struct HostEntry {
     pub(crate) user: Option<String>,
     pub(crate) port: Option<u16>,
     pub(crate) identity_files: Vec<String>,
+    /// `ServerAliveInterval` in seconds (0: no keep-alives).
+    pub(crate) alive_interval: Option<u64>,
+    /// `ServerAliveCountMax`: unanswered keep-alives before the connection is given up.
+    pub(crate) alive_count: Option<u32>,
 }
 
 /// Reads the user's `~/.ssh/config`; a missing or unreadable file means no entries.
@@ -52,6 +57,12 @@ pub(crate) fn parse(text: &str, alias: &str) -> HostEntry {
             "user" if active && entry.user.is_none() => entry.user = Some(value.to_string()),
             "port" if active && entry.port.is_none() => entry.port = value.parse().ok(),
             "identityfile" if active => entry.identity_files.push(value.to_string()),
+            "serveraliveinterval" if active && entry.alive_interval.is_none() => {
+                entry.alive_interval = value.parse().ok();
+            }
+            "serveralivecountmax" if active && entry.alive_count.is_none() => {
+                entry.alive_count = value.parse().ok();
+            }
             _ => {}
         }
     }
@@ -73,7 +84,7 @@ fn host_matches(patterns: &str, alias: &str) -> bool {
     matched
 }
 
-fn glob(pattern: &str, text: &str) -> bool {
+pub(super) fn glob(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
     let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);

@@ -20,9 +20,15 @@ use crate::ssh::config as ssh_config;
 use crate::ssh::forward;
 use crate::ssh::known_hosts::{Checker, HostKey, host_key_error};
 use crate::ssh::quick_ack::QuickAck;
+use crate::ssh::remote;
 
 /// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keep-alives when ssh_config sets none: a link that dies is given up after about 15 s
+/// (OpenSSH's own default sends none, and waits for TCP, minutes).
+const ALIVE_INTERVAL: u64 = 5;
+const ALIVE_COUNT: u32 = 3;
 
 /// Where and as whom to connect, after `~/.ssh/config` has been applied.
 #[derive(Debug, Clone)]
@@ -36,6 +42,10 @@ pub(crate) struct Target {
     /// refusal says so (the agent may still hold the key, as OpenSSH allows).
     pub(crate) named_identity: Option<PathBuf>,
     pub(crate) known_hosts: PathBuf,
+    /// Seconds of silence from the node before a keep-alive is sent (0: none).
+    pub(crate) alive_interval: u64,
+    /// Keep-alives left unanswered before the connection counts as lost.
+    pub(crate) alive_count: u32,
 }
 
 impl Target {
@@ -81,6 +91,8 @@ impl Target {
             identity_files,
             named_identity,
             known_hosts: paths::expand_tilde(&node.known_hosts),
+            alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
+            alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
         })
     }
 
@@ -152,7 +164,14 @@ impl Session {
         let config = Arc::new(client::Config {
             nodelay: true,
             inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_interval: (target.alive_interval > 0)
+                .then(|| Duration::from_secs(target.alive_interval)),
+            // russh gives up when a keep-alive finds more than `keepalive_max` unanswered
+            // before it; OpenSSH after `ServerAliveCountMax` unanswered in all. 0 would mean
+            // never to russh, so a count of 1 waits one interval more.
+            keepalive_max: usize::try_from(target.alive_count.saturating_sub(1).max(1))
+                .unwrap_or(usize::MAX),
+            preferred: crate::ssh::known_hosts::preferred_for(target),
             ..client::Config::default()
         });
         let until = deadline.min(Instant::now() + CONNECT_TIMEOUT);
@@ -209,7 +228,8 @@ impl Session {
         })
     }
 
-    /// Runs `command` through the remote user's shell, feeding it `input` on stdin.
+    /// Runs `command` under `sh -c` through the remote user's login shell, feeding it `input`
+    /// on stdin.
     pub(crate) async fn exec(&self, command: &str, input: Option<&[u8]>) -> Result<Exec> {
         match input {
             Some(bytes) => self.exec_reader(command, bytes).await,
@@ -225,12 +245,14 @@ impl Session {
     ) -> Result<Exec> {
         // Each command costs sshd a session start (~150 ms): `-vv` shows where they are spent.
         tracing::debug!(node = %self.target.node, "running a command on the node");
+        let marker = remote::marker();
+        let command = remote::under_sh(command, &marker);
         let mut channel = self.handle.channel_open_session().await.map_err(|e| {
             self.target
                 .broke(format_args!("cannot open a session: {e}"))
         })?;
         channel
-            .exec(true, command)
+            .exec(true, command.as_str())
             .await
             .map_err(|e| self.target.broke(format_args!("cannot run a command: {e}")))?;
         channel
@@ -252,6 +274,29 @@ impl Session {
                         .extend_from_slice(format!("killed by {signal_name:?}").as_bytes());
                 }
                 _ => {}
+            }
+        }
+        // What the login shell printed before `sh` ran (a greeting in ~/.bashrc) is not the
+        // command's; with no marker at all, the shell never ran it (nologin, a broken shell).
+        match remote::after_marker(&out.stdout, &marker) {
+            Some(rest) => out.stdout = rest.to_vec(),
+            None => {
+                let mut said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                let stderr = out.stderr_text();
+                if !stderr.is_empty() {
+                    if !said.is_empty() {
+                        said.push_str("; ");
+                    }
+                    said.push_str(&stderr);
+                }
+                if said.is_empty() {
+                    said = "it printed nothing".to_string();
+                }
+                return Err(Error::from(SshError::Shell {
+                    target: self.target.describe(),
+                    code: out.code.map_or("?".to_string(), |c| c.to_string()),
+                    said,
+                }));
             }
         }
         Ok(out)
@@ -280,6 +325,28 @@ impl Session {
                 stderr: out.stderr_text(),
             }))
         }
+    }
+
+    /// Whether the connection has ended: the node closed it, or its keep-alives went
+    /// unanswered.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// The error for a connection that ended under a command or a stream.
+    pub(crate) fn lost(&self) -> Error {
+        Error::from(SshError::Lost {
+            target: self.target.describe(),
+            keepalive: if self.target.alive_interval > 0 {
+                format!(
+                    "no answer to {} keep-alives {}s apart (ServerAliveInterval, \
+                     ServerAliveCountMax)",
+                    self.target.alive_count, self.target.alive_interval
+                )
+            } else {
+                "keep-alives are off (ServerAliveInterval 0)".to_string()
+            },
+        })
     }
 
     /// A Unix socket on this machine whose connections reach the Unix socket `remote_socket`
