@@ -709,6 +709,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
 mod batch;
 mod host_keys;
 mod keepalive;
+mod no_forwarding;
 mod refusals;
 mod routing;
 mod shells;

@@ -121,14 +121,40 @@ pub(crate) fn write_private_file(remote_dir: &str, name: &str) -> String {
 
 /// Starts the hive detached from the SSH session: only the hive runs in the background, with
 /// none of the channel's streams, so the channel closes at once (the hive then leaves the
-/// session with setsid itself). `settings` are the hive's own arguments after `--dir`.
+/// session with setsid itself). Prints the hive's pid. `settings` are the hive's own
+/// arguments after `--dir`.
 pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
     let bin = remote_join(remote_dir, "bin/rbee");
     let dir = remote_path(remote_dir);
     let args: Vec<String> = settings.iter().map(|a| quote(a)).collect();
     format!(
-        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 &",
+        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 & echo $!",
         args.join(" ")
+    )
+}
+
+/// Prints `exited` and the last error line of `<remote_dir>/<log_file>` when the hive started as
+/// `pid` has exited and no other hive holds the pidfile (one started beside it may have won);
+/// prints nothing while it runs. An exited hive may stay a zombie for a while (its parent is
+/// whatever reaps orphans on the node), so its state is read, not just its pid signalled.
+pub(crate) fn hive_exited(remote_dir: &str, pid_file: &str, log_file: &str, pid: u32) -> String {
+    let log = remote_join(remote_dir, log_file);
+    format!(
+        "s=$(sed 's/.*) //' /proc/{pid}/stat 2>/dev/null | cut -c1); \
+         [ -n \"$s\" ] && [ \"$s\" != Z ] && exit 0; h=$({}); [ -n \"$h\" ] && exit 0; \
+         echo exited; grep ERROR {log} 2>/dev/null | tail -n 1",
+        pidfile_holder(remote_dir, pid_file)
+    )
+}
+
+/// Relays stdin and stdout to the hive's socket `socket` (an absolute path, `<remote_dir>/hive.sock`)
+/// with the rbee installed beside it.
+pub(crate) fn bridge(socket: &str) -> String {
+    let dir = socket.rsplit_once('/').map_or("", |(dir, _)| dir);
+    format!(
+        "exec {} hive bridge --socket {}",
+        quote(&format!("{dir}/bin/rbee")),
+        quote(socket)
     )
 }
 
