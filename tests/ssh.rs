@@ -706,6 +706,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
         .expect(0);
 }
 
+mod bastion;
 mod batch;
 mod host_keys;
 mod keepalive;

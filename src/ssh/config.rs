@@ -1,6 +1,6 @@
 //! The parts of `~/.ssh/config` that users expect rbee to honour for a `host` alias: HostName,
-//! User, Port, IdentityFile, ServerAliveInterval and ServerAliveCountMax, first match wins as
-//! in OpenSSH.
+//! User, Port, IdentityFile, ProxyJump, ServerAliveInterval and ServerAliveCountMax, first
+//! match wins as in OpenSSH.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +14,8 @@ pub(crate) struct HostEntry {
     pub(crate) alive_interval: Option<u64>,
     /// `ServerAliveCountMax`: unanswered keep-alives before the connection is given up.
     pub(crate) alive_count: Option<u32>,
+    /// `ProxyJump`, as written: `[user@]host[:port]`, comma-separated, or `none`.
+    pub(crate) proxy_jump: Option<String>,
 }
 
 /// Reads the user's `~/.ssh/config`; a missing or unreadable file means no entries.
@@ -59,6 +61,9 @@ pub(crate) fn parse(text: &str, alias: &str) -> HostEntry {
             "identityfile" if active => entry.identity_files.push(value.to_string()),
             "serveraliveinterval" if active && entry.alive_interval.is_none() => {
                 entry.alive_interval = value.parse().ok();
+            }
+            "proxyjump" if active && entry.proxy_jump.is_none() => {
+                entry.proxy_jump = Some(value.to_string());
             }
             "serveralivecountmax" if active && entry.alive_count.is_none() => {
                 entry.alive_count = value.parse().ok();

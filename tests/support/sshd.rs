@@ -24,6 +24,8 @@ pub(crate) struct Options<'a> {
     /// sshd_config lines appended to the default ones (`AllowTcpForwarding no`, ...).
     pub(crate) extra: &'a str,
     pub(crate) netns: Option<(&'a str, &'a str)>,
+    /// The address to listen on, when not 127.0.0.1 (or the namespace's address).
+    pub(crate) listen: Option<&'a str>,
 }
 
 impl Default for Options<'_> {
@@ -32,6 +34,7 @@ impl Default for Options<'_> {
             host_keys: &["ed25519"],
             extra: "",
             netns: None,
+            listen: None,
         }
     }
 }
@@ -127,6 +130,9 @@ impl Sshd {
 
     pub(crate) fn start_with(dir: &Path, authorized: &[&ClientKey], options: &Options<'_>) -> Sshd {
         let netns = options.netns;
+        let listen = options
+            .listen
+            .unwrap_or_else(|| netns.map_or("127.0.0.1", |n| n.1));
         std::fs::create_dir_all(dir).expect("sshd dir");
         let mut host_key_lines = String::new();
         for kind in options.host_keys {
@@ -152,7 +158,7 @@ impl Sshd {
                  PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nMaxStartups 64\n\
                  MaxSessions 64\nLogLevel ERROR\n",
                 extra = options.extra,
-                listen = netns.map_or("127.0.0.1", |n| n.1),
+                listen = listen,
                 ak = dir.join("authorized_keys").display(),
                 pid = dir.join("sshd.pid").display(),
             ),
@@ -179,10 +185,18 @@ impl Sshd {
             .spawn()
             .expect("start sshd");
         // Listening, and it is our sshd that listens (not a process that took the port).
-        let address = netns.map_or("127.0.0.1", |n| n.1).to_string();
         let up = crate::support::eventually(Duration::from_secs(10), || {
-            std::net::TcpStream::connect((address.as_str(), port)).is_ok()
-                && matches!(child.try_wait(), Ok(None))
+            let listening = match netns {
+                // Maybe reachable only from inside its namespace.
+                Some((name, _)) => Command::new("ip")
+                    .args(["netns", "exec", name, "bash", "-c"])
+                    .arg(format!("exec 3<>/dev/tcp/{listen}/{port}"))
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                None => std::net::TcpStream::connect((listen, port)).is_ok(),
+            };
+            listening && matches!(child.try_wait(), Ok(None))
         });
         assert!(
             up,
