@@ -714,6 +714,7 @@ mod no_forwarding;
 mod refusals;
 mod routing;
 mod shells;
+mod ssh_config;
 /// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into
 /// the node's own directory; returns it with the node's binary and model paths.
 fn fleet_with_a_model_to_push() -> Option<(Fleet, PathBuf, PathBuf)> {

@@ -48,6 +48,8 @@ pub(crate) struct Target {
     pub(crate) alive_count: u32,
     /// `ProxyJump` hops, outermost first.
     pub(crate) jumps: Vec<Target>,
+    /// `IdentitiesOnly`: of ssh-agent's keys, only those of `identity_files` are offered.
+    pub(crate) identities_only: bool,
 }
 
 impl Target {
@@ -61,24 +63,43 @@ impl Target {
             .clone()
             .or_else(|| entry.user.clone())
             .unwrap_or_else(user_default);
-        let mut identity_files = Vec::new();
-        let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
-        identity_files.extend(named_identity.clone());
-        identity_files.extend(ssh_config::expand(&entry.identity_files));
-        if identity_files.is_empty() {
-            for default in ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"] {
-                identity_files.push(paths::expand_tilde(default));
-            }
-        }
         // An explicit port in nodes.toml wins; 22 is the default, which the alias may change.
         let port = if node.port != 22 {
             node.port
         } else {
             entry.port.unwrap_or(22)
         };
+        let host = entry.host_name.clone().unwrap_or_else(|| alias.clone());
+        let local_user = user_default();
+        let home = paths::home_dir()
+            .map(|h| h.display().to_string())
+            .unwrap_or_default();
+        let tokens = ssh_config::Tokens {
+            alias: &alias,
+            host: &host,
+            port,
+            user: &user,
+            local_user: &local_user,
+            home: &home,
+        };
+        let mut identity_files = Vec::new();
+        let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
+        identity_files.extend(named_identity.clone());
+        identity_files.extend(
+            entry
+                .identity_files
+                .iter()
+                .map(|f| paths::expand_tilde(&ssh_config::expand_tokens(f, &tokens))),
+        );
+        if identity_files.is_empty() {
+            for default in ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"] {
+                identity_files.push(paths::expand_tilde(default));
+            }
+        }
         Ok(Target {
             node: node.name.clone(),
-            host: entry.host_name.unwrap_or(alias),
+            host,
+            identities_only: entry.identities_only.unwrap_or(false),
             port,
             user,
             identity_files,
@@ -124,6 +145,7 @@ impl Target {
                 identity_files,
                 named_identity: None,
                 known_hosts: self.known_hosts.clone(),
+                identities_only: entry.identities_only.unwrap_or(self.identities_only),
                 alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
                 alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
                 jumps: Vec::new(),
