@@ -19,6 +19,9 @@ pub(crate) struct HostEntry {
     pub(crate) proxy_jump: Option<String>,
     /// `IdentitiesOnly`: only the identity files, not whatever else ssh-agent holds.
     pub(crate) identities_only: Option<bool>,
+    /// The first `ProxyCommand` that applies (file, line; `None` for `ProxyCommand none`): rbee
+    /// does not run one, and must not connect around it.
+    pub(crate) proxy_command: Option<Option<(PathBuf, usize)>>,
 }
 
 /// How deep `Include`s may nest, as in OpenSSH.
@@ -37,7 +40,7 @@ pub(crate) fn lookup_in(path: &Path, alias: &str) -> HostEntry {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     if let Ok(text) = std::fs::read_to_string(path) {
         let mut active = true;
-        apply(&text, &base, alias, &mut entry, &mut active, 0);
+        apply(&text, path, &base, alias, &mut entry, &mut active, 0);
     }
     entry
 }
@@ -49,7 +52,15 @@ pub(crate) fn parse(text: &str, alias: &str) -> HostEntry {
     let base = crate::paths::home_dir()
         .map(|h| h.join(".ssh"))
         .unwrap_or_default();
-    apply(text, &base, alias, &mut entry, &mut active, 0);
+    apply(
+        text,
+        Path::new("config"),
+        &base,
+        alias,
+        &mut entry,
+        &mut active,
+        0,
+    );
     entry
 }
 
@@ -58,13 +69,14 @@ pub(crate) fn parse(text: &str, alias: &str) -> HostEntry {
 /// the block is back as it was after it, as in OpenSSH.
 fn apply(
     text: &str,
+    file: &Path,
     base: &Path,
     alias: &str,
     entry: &mut HostEntry,
     active: &mut bool,
     depth: usize,
 ) {
-    for line in text.lines() {
+    for (number, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -81,10 +93,10 @@ fn apply(
             "host" => *active = host_matches(value, alias),
             "match" => *active = match_matches(value, alias, entry),
             "include" if *active && depth < INCLUDE_DEPTH => {
-                for file in included(value, base) {
-                    if let Ok(text) = std::fs::read_to_string(&file) {
+                for path in included(value, base) {
+                    if let Ok(text) = std::fs::read_to_string(&path) {
                         let mut inner = *active;
-                        apply(&text, base, alias, entry, &mut inner, depth + 1);
+                        apply(&text, &path, base, alias, entry, &mut inner, depth + 1);
                     }
                 }
             }
@@ -99,6 +111,11 @@ fn apply(
             }
             "serveraliveinterval" if *active && entry.alive_interval.is_none() => {
                 entry.alive_interval = value.parse().ok();
+            }
+            "proxycommand" if *active && entry.proxy_command.is_none() => {
+                entry.proxy_command = Some(
+                    (!value.eq_ignore_ascii_case("none")).then(|| (file.to_path_buf(), number + 1)),
+                );
             }
             "proxyjump" if *active && entry.proxy_jump.is_none() => {
                 entry.proxy_jump = Some(value.to_string());
@@ -335,6 +352,13 @@ Host *
         assert_eq!(e.proxy_jump.as_deref(), Some("bastion"));
         assert_eq!(e.alive_interval, None, "`Match exec` is not evaluated");
         assert_eq!(e.alive_count, None);
+        assert_eq!(e.proxy_command, None);
+        let with_command = dir.path().join("with-command");
+        std::fs::write(&with_command, "Host *\n\n  ProxyCommand nc %h %p\n").expect("write");
+        assert_eq!(
+            lookup_in(&with_command, "lab").proxy_command,
+            Some(Some((with_command.clone(), 3)))
+        );
         let t = Tokens {
             alias: "lab",
             host: "10.1.1.1",

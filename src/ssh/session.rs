@@ -58,6 +58,16 @@ impl Target {
             Error::config(format!("node `{}` has no `host` to connect to", node.name))
         })?;
         let entry = ssh_config::lookup(&alias);
+        // Connecting directly where ssh_config says to go through a command would bypass it
+        // (a bastion's policy and logging), so it is refused.
+        if let Some(Some((file, line))) = &entry.proxy_command {
+            return Err(Error::config(format!(
+                "node `{}`: `{}` line {line}: `ProxyCommand` applies to `{alias}`, and rbee does \
+                 not run one; use `ProxyJump` instead (or `ProxyCommand none` for this host)",
+                node.name,
+                file.display()
+            )));
+        }
         let user = node
             .user
             .clone()

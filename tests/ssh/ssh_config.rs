@@ -111,3 +111,30 @@ fn include_match_tokens_and_identities_only_resolve_as_openssh_does() {
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+#[test]
+fn a_proxy_command_is_refused_naming_its_file_and_line_not_bypassed() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    std::fs::write(
+        &ssh_config,
+        "Host 127.0.0.1\n  ProxyCommand ssh -W %h:%p bastion\n",
+    )
+    .expect("ssh config");
+    let run = env
+        .command(&["hive", "status", "a"])
+        .env("HOME", &home)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("`{}` line 2", ssh_config.display())),
+        "{stderr}"
+    );
+}
