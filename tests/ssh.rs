@@ -34,6 +34,16 @@ impl Fleet {
     }
 
     fn build(nodes: &[NodeSpec<'_>], trusted: bool, model_extra: &str) -> Option<Fleet> {
+        Fleet::build_with(nodes, trusted, model_extra, &sshd::Options::default())
+    }
+
+    /// Nodes whose sshd instances all run with `options`.
+    fn build_with(
+        nodes: &[NodeSpec<'_>],
+        trusted: bool,
+        model_extra: &str,
+        options: &sshd::Options<'_>,
+    ) -> Option<Fleet> {
         let model = crate::support::model()?;
         if !sshd::available() {
             return None;
@@ -51,7 +61,11 @@ impl Fleet {
         ));
         let mut lines = String::new();
         for spec in nodes {
-            let server = Sshd::start(&dir.path().join(format!("sshd-{}", spec.name)), &[&key]);
+            let server = Sshd::start_with(
+                &dir.path().join(format!("sshd-{}", spec.name)),
+                &[&key],
+                options,
+            );
             lines.push_str(&server.known_hosts_line());
             let remote_dir = match spec.remote_dir {
                 Some(d) => dir.path().join(d),
@@ -692,9 +706,15 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
         .expect(0);
 }
 
+mod bastion;
 mod batch;
+mod host_keys;
+mod keepalive;
+mod no_forwarding;
 mod refusals;
 mod routing;
+mod shells;
+mod ssh_config;
 /// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into
 /// the node's own directory; returns it with the node's binary and model paths.
 fn fleet_with_a_model_to_push() -> Option<(Fleet, PathBuf, PathBuf)> {

@@ -380,14 +380,21 @@ async fn generate(
     let response = conn.client.infer(request, budget).await?;
     let mut stream = std::pin::pin!(events(response));
     while let Some(event) = stream.next().await {
-        let event = event.map_err(|e| match e {
-            StreamError::Broke(cause) => Error::hive(format!(
-                "the connection to the hive on `{0}` broke in the middle of the generation \
-                 ({cause}); `rbee hive status {0}` tells whether the hive still runs",
-                node.name
-            )),
-            StreamError::Malformed(e) => e,
-        })?;
+        let event = match event {
+            Ok(event) => event,
+            // A lost SSH connection (the link died) is the SSH failure it is, not the hive's.
+            Err(StreamError::Broke(cause)) => {
+                return Err(conn.lost().await.unwrap_or_else(|| {
+                    Error::hive(format!(
+                        "the connection to the hive on `{0}` broke in the middle of the \
+                         generation ({cause}); `rbee hive status {0}` tells whether the hive \
+                         still runs",
+                        node.name
+                    ))
+                }));
+            }
+            Err(StreamError::Malformed(e)) => return Err(e),
+        };
         if event.event == "prefill" {
             // Progress for a person at a terminal, never on stdout.
             if let (Some(spinner), Ok(p)) = (&waiting, parse::<PrefillEvent>(&event.data)) {

@@ -4,6 +4,7 @@
 //! TCP port), and on SIGTERM, SIGINT or a signed `POST /v1/shutdown` stops its workers and exits.
 
 pub(crate) mod args;
+pub(crate) mod bridge;
 pub(crate) mod entry;
 pub mod gguf;
 pub(crate) mod keys;

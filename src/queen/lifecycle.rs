@@ -111,6 +111,8 @@ async fn start(
     // Cleared when this returns, however it returns.
     let _spinner = progress.spinner(format!("starting the hive on `{}`", conn.node.name));
     let mut child = None;
+    // The pid of the hive started on an SSH node, watched until it answers.
+    let mut remote_pid: Option<u32> = None;
     if conn.is_local() {
         child = Some(spawn_local(&conn.node)?);
     } else {
@@ -123,7 +125,7 @@ async fn start(
         if installed.uploaded {
             tracing::info!(node = %node.name, bytes = installed.bytes, "uploaded rbee");
         }
-        session
+        let out = session
             .run(
                 "starting the hive",
                 &remote::start_hive(
@@ -132,12 +134,15 @@ async fn start(
                 ),
             )
             .await?;
+        remote_pid = out.stdout_text().parse().ok();
         conn.home_seen(&installed.home)?;
     }
     tracing::info!(node = %conn.node.name, "hive starting");
 
     let mut last_error;
     let mut exited_at: Option<Instant> = None;
+    // Due at the first probe that fails, then every REMOTE_WATCH.
+    let mut next_watch = Instant::now();
     loop {
         match probe(&conn.client, budget.remaining()).await {
             Probe::Ready(health) => {
@@ -167,6 +172,18 @@ async fn start(
                 log_tail(&local_dir(&conn.node).join(LOG_FILE)).unwrap_or(last_error)
             )));
         }
+        // A hive that fails at once on its node says why in its log before it exits.
+        if let Some(pid) = remote_pid
+            && Instant::now() >= next_watch
+        {
+            if let Some(why) = remote_exit(conn, budget, pid).await? {
+                return Err(Error::hive(format!(
+                    "the hive on `{}` exited during start: {why}",
+                    conn.node.name
+                )));
+            }
+            next_watch = Instant::now() + REMOTE_WATCH;
+        }
         if budget.is_spent() {
             return Err(Error::deadline(format!(
                 "the hive on `{}` was not ready within the budget ({last_error})",
@@ -175,6 +192,36 @@ async fn start(
         }
         tokio::time::sleep(Duration::from_millis(20).min(budget.remaining())).await;
     }
+}
+
+/// How often a remote hive that does not answer yet is checked for having exited.
+const REMOTE_WATCH: Duration = Duration::from_millis(250);
+
+/// Why the hive started on the node as `pid` exited, from its log; `None` while it runs (or
+/// another hive holds the pidfile).
+async fn remote_exit(conn: &mut NodeConn, budget: &Budget, pid: u32) -> Result<Option<String>> {
+    let node = conn.node.clone();
+    let session = conn.ssh(budget).await?;
+    let out = session
+        .exec(
+            &remote::hive_exited(&node.remote_dir, PID_FILE, LOG_FILE, pid),
+            None,
+        )
+        .await?;
+    let text = out.stdout_text();
+    let Some(rest) = text.strip_prefix("exited") else {
+        return Ok(None);
+    };
+    let why = rest
+        .trim()
+        .rsplit_once("ERROR")
+        .map_or(rest.trim(), |(_, why)| why.trim())
+        .to_string();
+    Ok(Some(if why.is_empty() {
+        format!("its log `{}/{LOG_FILE}` holds no error", node.remote_dir)
+    } else {
+        why
+    }))
 }
 
 fn spawn_local(node: &Node) -> Result<std::process::Child> {

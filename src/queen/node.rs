@@ -42,6 +42,9 @@ impl NodeConn {
         let (client, ssh, forward) = match node.transport {
             Transport::Local => {
                 let dir = crate::queen::lifecycle::local_dir(node);
+                if let Some(home) = crate::paths::home_dir() {
+                    not_the_home(node, &dir.to_string_lossy(), &home.to_string_lossy())?;
+                }
                 let socket = crate::paths::hive_socket(&dir.to_string_lossy())?;
                 let client = HiveClient::unix(&node.name, std::path::Path::new(&socket), key)?;
                 (client, None, None)
@@ -57,6 +60,9 @@ impl NodeConn {
                     }
                 };
                 let dir = home::absolute(&node.remote_dir, home.as_deref().unwrap_or("/"));
+                if let Some(home) = &home {
+                    not_the_home(node, &dir, home)?;
+                }
                 let forward = session.forward(&crate::paths::hive_socket(&dir)?).await?;
                 let client = HiveClient::unix(&node.name, &forward.local, key)?;
                 (client, Some(session), Some((forward, home)))
@@ -100,6 +106,20 @@ impl NodeConn {
         Ok(())
     }
 
+    /// The SSH connection's loss, when it is what broke a stream: no answer to its keep-alives
+    /// (the link died), or the node closed it. `None` while it is up or for other transports.
+    pub(crate) async fn lost(&self) -> Option<Error> {
+        let session = self.ssh.as_ref()?;
+        // The stream's end and the connection's may reach this process a moment apart.
+        for _ in 0..10 {
+            if session.is_closed() {
+                return Some(session.lost());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
     /// The SSH session, connected on first use for `transport = "http"` nodes.
     pub(crate) async fn ssh(&mut self, budget: &Budget) -> Result<&Session> {
         if self.is_local() {
@@ -118,9 +138,27 @@ impl NodeConn {
     }
 }
 
+/// Refuses a `remote_dir` that is the user's home itself: rbee makes its directory private
+/// (0700) and fills it with its sockets, keys and logs, which a home must not get.
+fn not_the_home(node: &Node, dir: &str, home: &str) -> Result<()> {
+    let strip = |p: &str| p.trim_end_matches('/').to_string();
+    if strip(dir) != strip(home) || home.trim_end_matches('/').is_empty() {
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "node `{}`: `remote_dir = {:?}` is the user's home ({home}); rbee makes its remote_dir \
+         private (mode 0700) and keeps its binary, keys, sockets and logs there. Set a \
+         directory of its own, such as `remote_dir = \"~/.rbee\"`",
+        node.name, node.remote_dir
+    )))
+}
+
 /// Connects to the node over SSH within the budget, and records in this machine's audit log a
 /// host key accepted now or refused: every command that reaches a node comes through here.
 pub(crate) async fn connect_ssh(node: &Node, budget: &Budget, accept_new: bool) -> Result<Session> {
+    if matches!(node.remote_dir.as_str(), "~" | "~/") {
+        not_the_home(node, "~", "~")?;
+    }
     let target = Target::for_node(node)?;
     let result = Session::connect(&target, budget.deadline(), accept_new).await;
     match &result {

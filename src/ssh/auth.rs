@@ -1,5 +1,5 @@
-//! Logging in to the node: each identity in ssh-agent, then each key file, until one is
-//! accepted.
+//! Logging in to the node: each identity in ssh-agent (only those of the identity files under
+//! `IdentitiesOnly`), then each key file, until one is accepted.
 
 use std::sync::Arc;
 
@@ -20,8 +20,17 @@ pub(super) async fn authenticate(
         match russh::keys::agent::client::AgentClient::connect_env().await {
             Ok(mut agent) => {
                 let identities = agent.request_identities().await.unwrap_or_default();
+                let only = target.identities_only.then(|| file_public_keys(target));
                 for identity in identities {
                     let key = identity.public_key().into_owned();
+                    // sshd counts every key offered (MaxAuthTries): with IdentitiesOnly, the
+                    // agent's other keys are never offered.
+                    if only
+                        .as_ref()
+                        .is_some_and(|keys| !keys.iter().any(|k| k.key_data() == key.key_data()))
+                    {
+                        continue;
+                    }
                     let hash = rsa_hash(handle, &key).await;
                     let result = handle
                         .authenticate_publickey_with(&target.user, key, hash, &mut agent)
@@ -75,6 +84,24 @@ pub(super) async fn authenticate(
         user: target.user.clone(),
         tried,
     }))
+}
+
+/// The public keys of the identity files (beside them as `.pub`, or read from the key when it
+/// has no passphrase).
+fn file_public_keys(target: &Target) -> Vec<PublicKey> {
+    target
+        .identity_files
+        .iter()
+        .filter_map(|file| {
+            let mut public = file.clone().into_os_string();
+            public.push(".pub");
+            russh::keys::load_public_key(&public).ok().or_else(|| {
+                russh::keys::load_secret_key(file, None)
+                    .ok()
+                    .map(|k| k.public_key().clone())
+            })
+        })
+        .collect()
 }
 
 async fn rsa_hash(handle: &client::Handle<Checker>, key: &PublicKey) -> Option<HashAlg> {

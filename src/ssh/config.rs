@@ -1,5 +1,7 @@
 //! The parts of `~/.ssh/config` that users expect rbee to honour for a `host` alias: HostName,
-//! User, Port and IdentityFile, first match wins as in OpenSSH.
+//! User, Port, IdentityFile (with `%` tokens), IdentitiesOnly, ProxyJump, ServerAliveInterval
+//! and ServerAliveCountMax, in `Host` and `Match` blocks and `Include`d files, first obtained
+//! value wins as in OpenSSH.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +11,21 @@ pub(crate) struct HostEntry {
     pub(crate) user: Option<String>,
     pub(crate) port: Option<u16>,
     pub(crate) identity_files: Vec<String>,
+    /// `ServerAliveInterval` in seconds (0: no keep-alives).
+    pub(crate) alive_interval: Option<u64>,
+    /// `ServerAliveCountMax`: unanswered keep-alives before the connection is given up.
+    pub(crate) alive_count: Option<u32>,
+    /// `ProxyJump`, as written: `[user@]host[:port]`, comma-separated, or `none`.
+    pub(crate) proxy_jump: Option<String>,
+    /// `IdentitiesOnly`: only the identity files, not whatever else ssh-agent holds.
+    pub(crate) identities_only: Option<bool>,
+    /// The first `ProxyCommand` that applies (file, line; `None` for `ProxyCommand none`): rbee
+    /// does not run one, and must not connect around it.
+    pub(crate) proxy_command: Option<Option<(PathBuf, usize)>>,
 }
+
+/// How deep `Include`s may nest, as in OpenSSH.
+const INCLUDE_DEPTH: usize = 16;
 
 /// Reads the user's `~/.ssh/config`; a missing or unreadable file means no entries.
 pub(crate) fn lookup(alias: &str) -> HostEntry {
@@ -20,16 +36,47 @@ pub(crate) fn lookup(alias: &str) -> HostEntry {
 }
 
 pub(crate) fn lookup_in(path: &Path, alias: &str) -> HostEntry {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, alias),
-        Err(_) => HostEntry::default(),
+    let mut entry = HostEntry::default();
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let mut active = true;
+        apply(&text, path, &base, alias, &mut entry, &mut active, 0);
     }
+    entry
 }
 
+#[cfg(test)]
 pub(crate) fn parse(text: &str, alias: &str) -> HostEntry {
     let mut entry = HostEntry::default();
     let mut active = true;
-    for line in text.lines() {
+    let base = crate::paths::home_dir()
+        .map(|h| h.join(".ssh"))
+        .unwrap_or_default();
+    apply(
+        text,
+        Path::new("config"),
+        &base,
+        alias,
+        &mut entry,
+        &mut active,
+        0,
+    );
+    entry
+}
+
+/// Applies one file's lines to `entry`; `base` is where a relative `Include` path starts
+/// (`~/.ssh` for the user's file). An included file starts in the block that includes it, and
+/// the block is back as it was after it, as in OpenSSH.
+fn apply(
+    text: &str,
+    file: &Path,
+    base: &Path,
+    alias: &str,
+    entry: &mut HostEntry,
+    active: &mut bool,
+    depth: usize,
+) {
+    for (number, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -43,19 +90,159 @@ pub(crate) fn parse(text: &str, alias: &str) -> HostEntry {
         };
         let value = value.trim().trim_matches('"');
         match key.to_ascii_lowercase().as_str() {
-            "host" => active = host_matches(value, alias),
-            // Match blocks need evaluation rbee does not do; their settings are not applied.
-            "match" => active = false,
-            "hostname" if active && entry.host_name.is_none() => {
+            "host" => *active = host_matches(value, alias),
+            "match" => *active = match_matches(value, alias, entry),
+            "include" if *active && depth < INCLUDE_DEPTH => {
+                for path in included(value, base) {
+                    if let Ok(text) = std::fs::read_to_string(&path) {
+                        let mut inner = *active;
+                        apply(&text, &path, base, alias, entry, &mut inner, depth + 1);
+                    }
+                }
+            }
+            "hostname" if *active && entry.host_name.is_none() => {
                 entry.host_name = Some(value.replace("%h", alias));
             }
-            "user" if active && entry.user.is_none() => entry.user = Some(value.to_string()),
-            "port" if active && entry.port.is_none() => entry.port = value.parse().ok(),
-            "identityfile" if active => entry.identity_files.push(value.to_string()),
+            "user" if *active && entry.user.is_none() => entry.user = Some(value.to_string()),
+            "port" if *active && entry.port.is_none() => entry.port = value.parse().ok(),
+            "identityfile" if *active => entry.identity_files.push(value.to_string()),
+            "identitiesonly" if *active && entry.identities_only.is_none() => {
+                entry.identities_only = Some(value.eq_ignore_ascii_case("yes"));
+            }
+            "serveraliveinterval" if *active && entry.alive_interval.is_none() => {
+                entry.alive_interval = value.parse().ok();
+            }
+            "proxycommand" if *active && entry.proxy_command.is_none() => {
+                entry.proxy_command = Some(
+                    (!value.eq_ignore_ascii_case("none")).then(|| (file.to_path_buf(), number + 1)),
+                );
+            }
+            "proxyjump" if *active && entry.proxy_jump.is_none() => {
+                entry.proxy_jump = Some(value.to_string());
+            }
+            "serveralivecountmax" if *active && entry.alive_count.is_none() => {
+                entry.alive_count = value.parse().ok();
+            }
             _ => {}
         }
     }
-    entry
+}
+
+/// The files an `Include` names: each word, `~` expanded, relative to `base`, with `*` and `?`
+/// in its last component matched against that directory, in lexical order as OpenSSH's glob.
+fn included(value: &str, base: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for word in value.split_whitespace() {
+        let path = crate::paths::expand_tilde(word);
+        let path = if path.is_absolute() {
+            path
+        } else {
+            base.join(path)
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !name.contains(['*', '?']) {
+            files.push(path);
+            continue;
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| glob(&name, &e.file_name().to_string_lossy()))
+            .map(|e| e.path())
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    files
+}
+
+/// A `Match` line: every criterion must hold. `all`, `host` (the HostName so far, else the
+/// alias), `originalhost`, `user` (the User so far) and `localuser` are evaluated; one rbee
+/// cannot evaluate (`exec`, `canonical`, ...) never matches, and says so in the log.
+fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> bool {
+    let mut words = value.split_whitespace();
+    let local_user = || {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_default()
+    };
+    while let Some(criterion) = words.next() {
+        let lower = criterion.to_ascii_lowercase();
+        let (negate, name) = match lower.strip_prefix('!') {
+            Some(name) => (true, name),
+            None => (false, lower.as_str()),
+        };
+        let holds = match name {
+            "all" => true,
+            "host" | "originalhost" | "user" | "localuser" => {
+                let Some(patterns) = words.next() else {
+                    return false;
+                };
+                let subject = match name {
+                    "host" => entry.host_name.clone().unwrap_or_else(|| alias.to_string()),
+                    "originalhost" => alias.to_string(),
+                    "user" => entry.user.clone().unwrap_or_else(local_user),
+                    _ => local_user(),
+                };
+                host_matches(&patterns.replace(',', " "), &subject)
+            }
+            other => {
+                tracing::warn!(
+                    "ssh_config: `Match {other}` is not evaluated by rbee; the block is skipped"
+                );
+                return false;
+            }
+        };
+        if holds == negate {
+            return false;
+        }
+    }
+    true
+}
+
+/// What the `%` tokens of an `IdentityFile` stand for.
+pub(crate) struct Tokens<'a> {
+    pub(crate) alias: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) port: u16,
+    pub(crate) user: &'a str,
+    pub(crate) local_user: &'a str,
+    pub(crate) home: &'a str,
+}
+
+/// `%h` (host name), `%n` (the alias as given), `%p`, `%r` (remote user), `%u` (local user),
+/// `%d` (local home) and `%%`; other tokens are left as written.
+pub(crate) fn expand_tokens(text: &str, t: &Tokens<'_>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(t.host),
+            Some('n') => out.push_str(t.alias),
+            Some('p') => out.push_str(&t.port.to_string()),
+            Some('r') => out.push_str(t.user),
+            Some('u') => out.push_str(t.local_user),
+            Some('d') => out.push_str(t.home),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// `Host` patterns: `*` and `?` wildcards, `!` negation, several per line.
@@ -73,7 +260,7 @@ fn host_matches(patterns: &str, alias: &str) -> bool {
     matched
 }
 
-fn glob(pattern: &str, text: &str) -> bool {
+pub(super) fn glob(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
     let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
@@ -134,6 +321,56 @@ Host *
         assert_eq!(other.host_name, None);
         assert_eq!(other.user.as_deref(), Some("fallback"));
         assert_eq!(parse(CONFIG, "gpu-7").port, Some(2222));
+    }
+
+    #[test]
+    fn includes_match_blocks_and_tokens_as_openssh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("conf.d");
+        std::fs::create_dir_all(&conf).expect("mkdir");
+        std::fs::write(conf.join("10-lab.conf"), "Host lab\n  Port 2201\n").expect("write");
+        std::fs::write(
+            conf.join("20-lab.conf"),
+            "Host lab\n  Port 2202\n  User second\n",
+        )
+        .expect("write");
+        std::fs::write(conf.join("skip.txt"), "Host lab\n  Port 9\n").expect("write");
+        let main = dir.path().join("config");
+        std::fs::write(
+            &main,
+            "Host lab\n  HostName 10.1.1.1\n  Include conf.d/*.conf\n  IdentityFile ~/.ssh/%h-%r\n\
+             Match host 10.1.1.* user second\n  IdentitiesOnly yes\n  ProxyJump bastion\n\
+             Match exec true\n  ServerAliveInterval 1\n\
+             Match originalhost other\n  ServerAliveCountMax 9\n",
+        )
+        .expect("write");
+        let e = lookup_in(&main, "lab");
+        assert_eq!(e.host_name.as_deref(), Some("10.1.1.1"));
+        assert_eq!(e.port, Some(2201), "the first included file's value wins");
+        assert_eq!(e.user.as_deref(), Some("second"));
+        assert_eq!(e.identities_only, Some(true));
+        assert_eq!(e.proxy_jump.as_deref(), Some("bastion"));
+        assert_eq!(e.alive_interval, None, "`Match exec` is not evaluated");
+        assert_eq!(e.alive_count, None);
+        assert_eq!(e.proxy_command, None);
+        let with_command = dir.path().join("with-command");
+        std::fs::write(&with_command, "Host *\n\n  ProxyCommand nc %h %p\n").expect("write");
+        assert_eq!(
+            lookup_in(&with_command, "lab").proxy_command,
+            Some(Some((with_command.clone(), 3)))
+        );
+        let t = Tokens {
+            alias: "lab",
+            host: "10.1.1.1",
+            port: 2201,
+            user: "second",
+            local_user: "me",
+            home: "/home/me",
+        };
+        assert_eq!(
+            expand_tokens("%d/.ssh/%h-%r-%u-%p-%n-%%-%x", &t),
+            "/home/me/.ssh/10.1.1.1-second-me-2201-lab-%-%x"
+        );
     }
 
     #[test]

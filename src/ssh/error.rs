@@ -19,7 +19,7 @@ pub enum SshError {
     },
     #[error(
         "HOST KEY CHANGED for {target}: it now presents {fingerprint}, but \
-         `{}` line {line} holds another key{}. Someone may be intercepting the connection; if \
+         `{}` line {line} holds {holds}{}. Someone may be intercepting the connection; if \
          the key changed on purpose, delete that line and trust the node again",
         known_hosts.display(),
         known.as_ref().map(|k| format!(" ({k})")).unwrap_or_default()
@@ -32,6 +32,8 @@ pub enum SshError {
         known: Option<String>,
         known_hosts: PathBuf,
         line: usize,
+        /// What that line holds: another key of the type presented, or a key of another type.
+        holds: String,
     },
     #[error("cannot check the host key of {target}: {why}")]
     HostKeyUnchecked { target: String, why: String },
@@ -49,6 +51,19 @@ pub enum SshError {
     /// The connection or a channel on it failed after the TCP connection was made.
     #[error("ssh to {target}: {detail}")]
     Protocol { target: String, detail: String },
+    /// The connection ended while in use: the link died, or the node closed it.
+    #[error("ssh to {target}: the connection was lost ({keepalive}, or the node closed it)")]
+    Lost { target: String, keepalive: String },
+    /// The login shell on the node did not run `sh` (a nologin shell, a shell that fails).
+    #[error(
+        "ssh to {target}: the login shell did not run the command (exit {code}): {said}; \
+         the node's user needs a shell that runs `sh -c`"
+    )]
+    Shell {
+        target: String,
+        code: String,
+        said: String,
+    },
     /// A remote command exited non-zero.
     #[error("ssh to {target}: {what} failed (exit {code}): {stderr}")]
     Command {

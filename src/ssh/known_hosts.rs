@@ -1,11 +1,16 @@
-//! The node's host key against known_hosts: what the check decided during the handshake, and
-//! the error that names the key when it refused.
+//! The node's host key against known_hosts, as OpenSSH checks it: a host is known when the key
+//! it presents is recorded for it; any other key recorded for it, of the same type or another,
+//! makes the key a changed one (refused, whatever the user asked). The client asks first for
+//! the key types known_hosts holds for the host, so a host that offers several keys presents
+//! the one that is known. Recording a key appends one line, `~/.ssh` made 0700 when missing.
 
-use std::path::PathBuf;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use russh::client;
-use russh::keys::{HashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::keys::{Algorithm, HashAlg, PublicKey, PublicKeyOrCertificate};
 
 use crate::error::Error;
 use crate::ssh::SshError;
@@ -25,8 +30,140 @@ pub(crate) enum HostKey {
     Changed {
         fingerprint: String,
         line: usize,
+        /// The fingerprint of the key that line holds.
+        known: String,
+        /// Whether that key is of another type than the one presented.
+        other_type: Option<(String, String)>,
     },
     Unsupported(String),
+}
+
+/// A key known_hosts records for the host.
+#[derive(Debug, Clone)]
+pub(super) struct Recorded {
+    pub(super) line: usize,
+    pub(super) key: PublicKey,
+    pub(super) revoked: bool,
+}
+
+/// The name known_hosts files the host under: `host`, or `[host]:port` off port 22.
+fn host_port(host: &str, port: u16) -> String {
+    if port == 22 {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    }
+}
+
+/// The keys `path` records for `host:port` (a missing file records none). `@cert-authority`
+/// lines are not host keys and are left out; lines that do not parse are skipped, as OpenSSH
+/// skips them.
+pub(super) fn recorded(host: &str, port: u16, path: &Path) -> std::io::Result<Vec<Recorded>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let name = host_port(host, port);
+    let mut found = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut fields = line.split_whitespace();
+        let Some(mut first) = fields.next() else {
+            continue;
+        };
+        if first.starts_with('#') {
+            continue;
+        }
+        let mut revoked = false;
+        if first.starts_with('@') {
+            match first {
+                "@revoked" => revoked = true,
+                // Certificate authorities sign host certificates; rbee checks plain keys.
+                _ => continue,
+            }
+            let Some(next) = fields.next() else {
+                continue;
+            };
+            first = next;
+        }
+        let (Some(kind), Some(data)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !host_matches(first, &name) {
+            continue;
+        }
+        let Ok(key) = PublicKey::from_openssh(&format!("{kind} {data}")) else {
+            tracing::debug!("{}:{}: not a key; skipped", path.display(), i + 1);
+            continue;
+        };
+        found.push(Recorded {
+            line: i + 1,
+            key,
+            revoked,
+        });
+    }
+    Ok(found)
+}
+
+/// A known_hosts host field: comma-separated patterns (`*`, `?`, `!` negation) or hashed
+/// names (`|1|salt|hmac`).
+fn host_matches(patterns: &str, name: &str) -> bool {
+    let mut matched = false;
+    for pattern in patterns.split(',') {
+        if let Some(hashed) = pattern.strip_prefix("|1|") {
+            matched |= hashed_matches(hashed, name);
+        } else if let Some(negated) = pattern.strip_prefix('!') {
+            if crate::ssh::config::glob(&negated.to_ascii_lowercase(), &name.to_ascii_lowercase()) {
+                return false;
+            }
+        } else if crate::ssh::config::glob(
+            &pattern.to_ascii_lowercase(),
+            &name.to_ascii_lowercase(),
+        ) {
+            matched = true;
+        }
+    }
+    matched
+}
+
+fn hashed_matches(hashed: &str, name: &str) -> bool {
+    use hmac_sha1::{Hmac, KeyInit, Mac};
+    let decode = |text: &str| data_encoding::BASE64.decode(text.as_bytes()).ok();
+    let Some((salt, hash)) = hashed.split_once('|') else {
+        return false;
+    };
+    let (Some(salt), Some(hash)) = (decode(salt), decode(hash)) else {
+        return false;
+    };
+    match Hmac::<sha1::Sha1>::new_from_slice(&salt) {
+        Ok(mac) => mac
+            .chain_update(name.as_bytes())
+            .verify_slice(&hash)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Whether two key algorithms are one key type (RSA keys sign with several hashes).
+fn same_type(a: &Algorithm, b: &Algorithm) -> bool {
+    matches!((a, b), (Algorithm::Rsa { .. }, Algorithm::Rsa { .. })) || a == b
+}
+
+/// russh's preferred host key algorithms with the types known for the target first, so a
+/// host that offers a known key presents it.
+pub(super) fn preferred_for(target: &Target) -> russh::Preferred {
+    let known: Vec<Algorithm> = recorded(&target.host, target.port, &target.known_hosts)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| !r.revoked)
+        .map(|r| r.key.algorithm())
+        .collect();
+    let mut preferred = russh::Preferred::default();
+    let mut keys = preferred.key.to_vec();
+    // Stable: each group keeps russh's own order.
+    keys.sort_by_key(|a| !known.iter().any(|k| same_type(k, a)));
+    preferred.key = keys.into();
+    preferred
 }
 
 /// Checks the host key during the handshake and leaves its verdict in `verdict`, where the
@@ -56,29 +193,84 @@ impl Checker {
 
     fn decide(&self, key: &PublicKey) -> HostKey {
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        match russh::keys::check_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
-            Ok(true) => HostKey::Known,
-            Ok(false) if self.accept_new => {
-                match russh::keys::known_hosts::learn_known_hosts_path(
-                    &self.host,
-                    self.port,
-                    key,
-                    &self.known_hosts,
-                ) {
-                    Ok(()) => HostKey::Accepted { fingerprint },
-                    Err(e) => HostKey::Unsupported(format!(
-                        "cannot record the host key in `{}`: {e}",
-                        self.known_hosts.display()
-                    )),
-                }
-            }
-            Ok(false) => HostKey::Unknown { fingerprint },
-            Err(russh::keys::Error::KeyChanged { line }) => HostKey::Changed { fingerprint, line },
+        let recorded = match recorded(&self.host, self.port, &self.known_hosts) {
+            Ok(recorded) => recorded,
             Err(e) => {
-                HostKey::Unsupported(format!("cannot read `{}`: {e}", self.known_hosts.display()))
+                return HostKey::Unsupported(format!(
+                    "cannot read `{}`: {e}",
+                    self.known_hosts.display()
+                ));
             }
+        };
+        let same_key = |r: &&Recorded| r.key.key_data() == key.key_data();
+        if let Some(r) = recorded.iter().filter(|r| r.revoked).find(same_key) {
+            return HostKey::Unsupported(format!(
+                "the key it presents, {fingerprint}, is marked @revoked in `{}` line {}",
+                self.known_hosts.display(),
+                r.line
+            ));
+        }
+        let hosts_keys: Vec<&Recorded> = recorded.iter().filter(|r| !r.revoked).collect();
+        if hosts_keys.iter().any(same_key) {
+            return HostKey::Known;
+        }
+        // Another key of the same type first; else a key of another type, which the host was
+        // asked for first and no longer offers.
+        let other = hosts_keys
+            .iter()
+            .find(|r| same_type(&r.key.algorithm(), &key.algorithm()))
+            .or_else(|| hosts_keys.first());
+        if let Some(r) = other {
+            let other_type = (!same_type(&r.key.algorithm(), &key.algorithm()))
+                .then(|| (key.algorithm().to_string(), r.key.algorithm().to_string()));
+            return HostKey::Changed {
+                fingerprint,
+                line: r.line,
+                known: r.key.fingerprint(HashAlg::Sha256).to_string(),
+                other_type,
+            };
+        }
+        if !self.accept_new {
+            return HostKey::Unknown { fingerprint };
+        }
+        match learn(&self.host, self.port, key, &self.known_hosts) {
+            Ok(()) => HostKey::Accepted { fingerprint },
+            Err(e) => HostKey::Unsupported(format!(
+                "cannot record the host key in `{}`: {e}",
+                self.known_hosts.display()
+            )),
         }
     }
+}
+
+/// Appends `host`'s key to known_hosts: its directory made 0700 when missing (as OpenSSH makes
+/// `~/.ssh`), a newline first only when the file does not end in one.
+fn learn(host: &str, port: u16, key: &PublicKey, path: &Path) -> std::io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)?;
+    let mut last = [0u8; 1];
+    let needs_newline = file.seek(SeekFrom::End(-1)).is_ok()
+        && file.read_exact(&mut last).is_ok()
+        && last[0] != b'\n';
+    let openssh = key
+        .to_openssh()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let line = format!(
+        "{}{} {openssh}\n",
+        if needs_newline { "\n" } else { "" },
+        host_port(host, port)
+    );
+    file.write_all(line.as_bytes())?;
+    file.sync_all()
 }
 
 impl client::Handler for Checker {
@@ -111,13 +303,24 @@ pub(super) fn host_key_error(target: &Target, verdict: Option<HostKey>) -> Optio
             fingerprint,
             known_hosts: target.known_hosts.clone(),
         },
-        HostKey::Changed { fingerprint, line } => SshError::HostKeyChanged {
+        HostKey::Changed {
+            fingerprint,
+            line,
+            known,
+            other_type,
+        } => SshError::HostKeyChanged {
             target: target.describe(),
             node: target.node.clone(),
             fingerprint,
-            known: known_fingerprint(target, line),
+            known: Some(known),
             known_hosts: target.known_hosts.clone(),
             line,
+            holds: match other_type {
+                Some((presented, recorded)) => format!(
+                    "its {recorded} key, and it no longer offers one (it presents {presented})"
+                ),
+                None => "another key".to_string(),
+            },
         },
         HostKey::Unsupported(why) => SshError::HostKeyUnchecked {
             target: target.describe(),
@@ -128,16 +331,49 @@ pub(super) fn host_key_error(target: &Target, verdict: Option<HostKey>) -> Optio
     Some(Error::from(err))
 }
 
-/// The fingerprint of the key that known_hosts holds for the target at `line`.
-fn known_fingerprint(target: &Target, line: usize) -> Option<String> {
-    let known = russh::keys::known_hosts::known_host_keys_path(
-        &target.host,
-        target.port,
-        &target.known_hosts,
-    )
-    .ok()?;
-    known
-        .into_iter()
-        .find(|(l, _)| *l == line)
-        .map(|(_, key)| key.fingerprint(HashAlg::Sha256).to_string())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+
+    #[test]
+    fn patterns_negation_and_hashed_names_match_as_in_openssh() {
+        assert!(host_matches("a,[127.0.0.1]:2222", "[127.0.0.1]:2222"));
+        assert!(host_matches("*.lab,!bad.lab", "gpu.lab"));
+        assert!(!host_matches("*.lab,!bad.lab", "bad.lab"));
+        assert!(!host_matches("127.0.0.1", "[127.0.0.1]:2222"));
+        // From russh's own test: `|1|...` for `example.com`.
+        assert!(host_matches(
+            "|1|O33ESRMWPVkMYIwJ1Uw+n877jTo=|nuuC5vEqXlEZ/8BXQR7m619W6Ak=",
+            "example.com"
+        ));
+        assert!(!host_matches(
+            "|1|O33ESRMWPVkMYIwJ1Uw+n877jTo=|nuuC5vEqXlEZ/8BXQR7m619W6Ak=",
+            "example.org"
+        ));
+    }
+
+    #[test]
+    fn recording_makes_a_private_directory_and_no_blank_first_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dot-ssh/known_hosts");
+        let key = PublicKey::from_openssh(ED).expect("key");
+        learn("h", 2222, &key, &path).expect("learn");
+        learn("g", 22, &key, &path).expect("learn");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("[h]:2222 ssh-ed25519 "), "{text:?}");
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.lines().nth(1).is_some_and(|l| l.starts_with("g ")));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("dot-ssh"))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let found = recorded("h", 2222, &path).expect("read");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].line, 1);
+    }
 }

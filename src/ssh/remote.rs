@@ -5,6 +5,31 @@
 
 use crate::ssh::quote::{quote, remote_join, remote_path};
 
+/// A line no login shell prints by chance: the command's own output starts after it.
+pub(crate) fn marker() -> String {
+    format!("rbee-begin-{:016x}", rand::random::<u64>())
+}
+
+/// `command` as the node's login shell is given it, whatever that shell is (bash, tcsh, fish):
+/// one single-quoted word that only `sh` reads, which prints `marker` on a line of its own and
+/// then runs the command. The command travels in base64, as csh-family shells expand `!` and
+/// refuse a newline even inside single quotes.
+pub(crate) fn under_sh(command: &str, marker: &str) -> String {
+    let script = format!("printf '%s\\n' {marker}; {command}");
+    let encoded = data_encoding::BASE64.encode(script.as_bytes());
+    format!("exec sh -c 'eval \"$(echo {encoded} | base64 -d)\"'")
+}
+
+/// What `stdout` holds after the `marker` line, or `None` when the marker never came.
+pub(crate) fn after_marker<'a>(stdout: &'a [u8], marker: &str) -> Option<&'a [u8]> {
+    let line = format!("{marker}\n");
+    let at = stdout
+        .windows(line.len())
+        .position(|w| w == line.as_bytes())?;
+    let start = at == 0 || stdout[at - 1] == b'\n';
+    start.then(|| &stdout[at + line.len()..])
+}
+
 /// The SHA-256 of the file at `word` (a shell word), or nothing when it cannot be read.
 fn sha256_of(word: &str) -> String {
     format!("{{ sha256sum < {word} | cut -c1-64; }} 2>/dev/null")
@@ -96,14 +121,40 @@ pub(crate) fn write_private_file(remote_dir: &str, name: &str) -> String {
 
 /// Starts the hive detached from the SSH session: only the hive runs in the background, with
 /// none of the channel's streams, so the channel closes at once (the hive then leaves the
-/// session with setsid itself). `settings` are the hive's own arguments after `--dir`.
+/// session with setsid itself). Prints the hive's pid. `settings` are the hive's own
+/// arguments after `--dir`.
 pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
     let bin = remote_join(remote_dir, "bin/rbee");
     let dir = remote_path(remote_dir);
     let args: Vec<String> = settings.iter().map(|a| quote(a)).collect();
     format!(
-        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 &",
+        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 & echo $!",
         args.join(" ")
+    )
+}
+
+/// Prints `exited` and the last error line of `<remote_dir>/<log_file>` when the hive started as
+/// `pid` has exited and no other hive holds the pidfile (one started beside it may have won);
+/// prints nothing while it runs. An exited hive may stay a zombie for a while (its parent is
+/// whatever reaps orphans on the node), so its state is read, not just its pid signalled.
+pub(crate) fn hive_exited(remote_dir: &str, pid_file: &str, log_file: &str, pid: u32) -> String {
+    let log = remote_join(remote_dir, log_file);
+    format!(
+        "s=$(sed 's/.*) //' /proc/{pid}/stat 2>/dev/null | cut -c1); \
+         [ -n \"$s\" ] && [ \"$s\" != Z ] && exit 0; h=$({}); [ -n \"$h\" ] && exit 0; \
+         echo exited; grep ERROR {log} 2>/dev/null | tail -n 1",
+        pidfile_holder(remote_dir, pid_file)
+    )
+}
+
+/// Relays stdin and stdout to the hive's socket `socket` (an absolute path, `<remote_dir>/hive.sock`)
+/// with the rbee installed beside it.
+pub(crate) fn bridge(socket: &str) -> String {
+    let dir = socket.rsplit_once('/').map_or("", |(dir, _)| dir);
+    format!(
+        "exec {} hive bridge --socket {}",
+        quote(&format!("{dir}/bin/rbee")),
+        quote(socket)
     )
 }
 
@@ -161,6 +212,35 @@ mod tests {
             .arg(script)
             .output()
             .expect("sh")
+    }
+
+    #[test]
+    fn a_command_runs_the_same_under_sh_bash_and_tcsh_after_its_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote_dir = dir.path().join("a\nb!c 'd'").display().to_string();
+        std::fs::create_dir_all(&remote_dir).expect("mkdir");
+        std::fs::write(format!("{remote_dir}/f"), b"hello\n").expect("write");
+        let marker = marker();
+        let command = under_sh(&file_sha256(&remote_dir, "f"), &marker);
+        for shell in ["/bin/sh", "/bin/bash", "/usr/bin/tcsh"] {
+            if !std::path::Path::new(shell).exists() {
+                continue;
+            }
+            // A login shell that greets first, as a chatty ~/.bashrc does.
+            let out = std::process::Command::new(shell)
+                .arg("-c")
+                .arg(format!("echo hello; {command}"))
+                .output()
+                .expect("shell");
+            let rest = after_marker(&out.stdout, &marker).expect("the marker");
+            assert_eq!(
+                String::from_utf8_lossy(rest).trim(),
+                "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03",
+                "{shell}: {out:?}"
+            );
+        }
+        assert!(after_marker(b"This account is currently not available.\n", &marker).is_none());
+        assert!(after_marker(format!("x{marker}\n").as_bytes(), &marker).is_none());
     }
 
     #[test]

@@ -20,9 +20,15 @@ use crate::ssh::config as ssh_config;
 use crate::ssh::forward;
 use crate::ssh::known_hosts::{Checker, HostKey, host_key_error};
 use crate::ssh::quick_ack::QuickAck;
+use crate::ssh::remote;
 
 /// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keep-alives when ssh_config sets none: a link that dies is given up after about 15 s
+/// (OpenSSH's own default sends none, and waits for TCP, minutes).
+const ALIVE_INTERVAL: u64 = 5;
+const ALIVE_COUNT: u32 = 3;
 
 /// Where and as whom to connect, after `~/.ssh/config` has been applied.
 #[derive(Debug, Clone)]
@@ -36,6 +42,14 @@ pub(crate) struct Target {
     /// refusal says so (the agent may still hold the key, as OpenSSH allows).
     pub(crate) named_identity: Option<PathBuf>,
     pub(crate) known_hosts: PathBuf,
+    /// Seconds of silence from the node before a keep-alive is sent (0: none).
+    pub(crate) alive_interval: u64,
+    /// Keep-alives left unanswered before the connection counts as lost.
+    pub(crate) alive_count: u32,
+    /// `ProxyJump` hops, outermost first.
+    pub(crate) jumps: Vec<Target>,
+    /// `IdentitiesOnly`: of ssh-agent's keys, only those of `identity_files` are offered.
+    pub(crate) identities_only: bool,
 }
 
 impl Target {
@@ -44,44 +58,110 @@ impl Target {
             Error::config(format!("node `{}` has no `host` to connect to", node.name))
         })?;
         let entry = ssh_config::lookup(&alias);
-        // As OpenSSH does: the passwd name of this process's uid, whatever `$USER` says (cron
-        // with `env -i` and containers have none).
+        // Connecting directly where ssh_config says to go through a command would bypass it
+        // (a bastion's policy and logging), so it is refused.
+        if let Some(Some((file, line))) = &entry.proxy_command {
+            return Err(Error::config(format!(
+                "node `{}`: `{}` line {line}: `ProxyCommand` applies to `{alias}`, and rbee does \
+                 not run one; use `ProxyJump` instead (or `ProxyCommand none` for this host)",
+                node.name,
+                file.display()
+            )));
+        }
         let user = node
             .user
             .clone()
-            .or(entry.user)
-            .or_else(|| {
-                nix::unistd::User::from_uid(nix::unistd::getuid())
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
-            })
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "root".to_string());
-        let mut identity_files = Vec::new();
-        let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
-        identity_files.extend(named_identity.clone());
-        identity_files.extend(ssh_config::expand(&entry.identity_files));
-        if identity_files.is_empty() {
-            for default in ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"] {
-                identity_files.push(paths::expand_tilde(default));
-            }
-        }
+            .or_else(|| entry.user.clone())
+            .unwrap_or_else(user_default);
         // An explicit port in nodes.toml wins; 22 is the default, which the alias may change.
         let port = if node.port != 22 {
             node.port
         } else {
             entry.port.unwrap_or(22)
         };
+        let host = entry.host_name.clone().unwrap_or_else(|| alias.clone());
+        let local_user = user_default();
+        let home = paths::home_dir()
+            .map(|h| h.display().to_string())
+            .unwrap_or_default();
+        let tokens = ssh_config::Tokens {
+            alias: &alias,
+            host: &host,
+            port,
+            user: &user,
+            local_user: &local_user,
+            home: &home,
+        };
+        let mut identity_files = Vec::new();
+        let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
+        identity_files.extend(named_identity.clone());
+        identity_files.extend(
+            entry
+                .identity_files
+                .iter()
+                .map(|f| paths::expand_tilde(&ssh_config::expand_tokens(f, &tokens))),
+        );
+        if identity_files.is_empty() {
+            for default in ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"] {
+                identity_files.push(paths::expand_tilde(default));
+            }
+        }
         Ok(Target {
             node: node.name.clone(),
-            host: entry.host_name.unwrap_or(alias),
+            host,
+            identities_only: entry.identities_only.unwrap_or(false),
             port,
             user,
             identity_files,
             named_identity,
             known_hosts: paths::expand_tilde(&node.known_hosts),
-        })
+            alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
+            alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
+            jumps: Vec::new(),
+        }
+        .with_jumps(entry.proxy_jump.as_deref(), &user_default()))
+    }
+
+    /// The hops of a `ProxyJump` list (`[user@]host[:port]`, comma-separated; `none`: none),
+    /// each resolved through ssh_config as OpenSSH does. A hop logs in with its own
+    /// `IdentityFile`s, else the target's keys.
+    fn with_jumps(mut self, spec: Option<&str>, default_user: &str) -> Target {
+        let Some(spec) = spec.filter(|s| !s.eq_ignore_ascii_case("none")) else {
+            return self;
+        };
+        for hop in spec.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let (user, rest) = match hop.rsplit_once('@') {
+                Some((user, rest)) => (Some(user.to_string()), rest),
+                None => (None, hop),
+            };
+            let (alias, port) = match rest.rsplit_once(':') {
+                Some((host, port)) if port.parse::<u16>().is_ok() => {
+                    (host.trim_matches(['[', ']']), port.parse().ok())
+                }
+                _ => (rest, None),
+            };
+            let entry = ssh_config::lookup(alias);
+            let mut identity_files = ssh_config::expand(&entry.identity_files);
+            if identity_files.is_empty() {
+                identity_files = self.identity_files.clone();
+            }
+            self.jumps.push(Target {
+                node: self.node.clone(),
+                host: entry.host_name.unwrap_or_else(|| alias.to_string()),
+                port: port.or(entry.port).unwrap_or(22),
+                user: user
+                    .or(entry.user)
+                    .unwrap_or_else(|| default_user.to_string()),
+                identity_files,
+                named_identity: None,
+                known_hosts: self.known_hosts.clone(),
+                identities_only: entry.identities_only.unwrap_or(self.identities_only),
+                alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
+                alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
+                jumps: Vec::new(),
+            });
+        }
+        self
     }
 
     /// `node (user@host:port)`, for messages.
@@ -99,6 +179,17 @@ impl Target {
             detail: detail.to_string(),
         })
     }
+}
+
+/// As OpenSSH does: the passwd name of this process's uid, whatever `$USER` says (cron with
+/// `env -i` and containers have none).
+fn user_default() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "root".to_string())
 }
 
 /// Output of a remote command.
@@ -125,6 +216,8 @@ impl Exec {
 
 pub(crate) struct Session {
     handle: Arc<client::Handle<Checker>>,
+    /// The `ProxyJump` hops' connections, outermost first: each carries the next.
+    hops: Vec<Arc<client::Handle<Checker>>>,
     pub(crate) target: Target,
     pub(crate) host_key: HostKey,
     forwards: Mutex<Vec<JoinHandle<()>>>,
@@ -141,75 +234,32 @@ impl Drop for Session {
 }
 
 impl Session {
-    /// Connects and authenticates before `deadline`.
+    /// Connects and authenticates before `deadline`: through each `ProxyJump` hop in turn (a
+    /// `direct-tcpip` channel of one carries the next SSH session, each hop's host key checked
+    /// on its own), then to the target.
     pub(crate) async fn connect(
         target: &Target,
         deadline: Instant,
         accept_new: bool,
     ) -> Result<Session> {
-        let verdict = Arc::new(Mutex::new(None));
-        let checker = Checker::new(target, accept_new, verdict.clone());
-        let config = Arc::new(client::Config {
-            nodelay: true,
-            inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(15)),
-            ..client::Config::default()
-        });
-        let until = deadline.min(Instant::now() + CONNECT_TIMEOUT);
-        let budget_limited = deadline <= Instant::now() + CONNECT_TIMEOUT;
-        let connect = async {
-            let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
-                .await
-                .map_err(russh::Error::from)?;
-            tcp.set_nodelay(true).map_err(russh::Error::from)?;
-            client::connect_stream(config, QuickAck::new(tcp), checker).await
-        };
-        let handle = match tokio::time::timeout_at(until.into(), connect).await {
-            Ok(Ok(handle)) => handle,
-            Ok(Err(e)) => {
-                let verdict = verdict.lock().ok().and_then(|v| v.clone());
-                return Err(
-                    host_key_error(target, verdict).unwrap_or_else(|| connect_error(target, e))
-                );
-            }
-            Err(_) if budget_limited => {
-                return Err(Error::deadline(format!(
-                    "the budget ran out while connecting to {}",
-                    target.describe()
-                )));
-            }
-            Err(_) => {
-                return Err(Error::from(SshError::Timeout {
-                    target: target.describe(),
-                    secs: CONNECT_TIMEOUT.as_secs(),
-                }));
-            }
-        };
-        let host_key = verdict
-            .lock()
-            .ok()
-            .and_then(|v| v.clone())
-            .unwrap_or(HostKey::Known);
-        let mut handle = handle;
-        let auth = tokio::time::timeout_at(deadline.into(), authenticate(&mut handle, target));
-        match auth.await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(Error::deadline(format!(
-                    "the budget ran out while authenticating to {}",
-                    target.describe()
-                )));
-            }
+        let mut hops: Vec<Arc<client::Handle<Checker>>> = Vec::new();
+        for hop in &target.jumps {
+            let (handle, _) = connect_one(hop, hops.last(), deadline, accept_new).await?;
+            tracing::debug!(node = %target.node, hop = %hop.describe(), "through a ProxyJump hop");
+            hops.push(Arc::new(handle));
         }
+        let (handle, host_key) = connect_one(target, hops.last(), deadline, accept_new).await?;
         Ok(Session {
             handle: Arc::new(handle),
+            hops,
             target: target.clone(),
             host_key,
             forwards: Mutex::new(Vec::new()),
         })
     }
 
-    /// Runs `command` through the remote user's shell, feeding it `input` on stdin.
+    /// Runs `command` under `sh -c` through the remote user's login shell, feeding it `input`
+    /// on stdin.
     pub(crate) async fn exec(&self, command: &str, input: Option<&[u8]>) -> Result<Exec> {
         match input {
             Some(bytes) => self.exec_reader(command, bytes).await,
@@ -225,12 +275,14 @@ impl Session {
     ) -> Result<Exec> {
         // Each command costs sshd a session start (~150 ms): `-vv` shows where they are spent.
         tracing::debug!(node = %self.target.node, "running a command on the node");
+        let marker = remote::marker();
+        let command = remote::under_sh(command, &marker);
         let mut channel = self.handle.channel_open_session().await.map_err(|e| {
             self.target
                 .broke(format_args!("cannot open a session: {e}"))
         })?;
         channel
-            .exec(true, command)
+            .exec(true, command.as_str())
             .await
             .map_err(|e| self.target.broke(format_args!("cannot run a command: {e}")))?;
         channel
@@ -252,6 +304,29 @@ impl Session {
                         .extend_from_slice(format!("killed by {signal_name:?}").as_bytes());
                 }
                 _ => {}
+            }
+        }
+        // What the login shell printed before `sh` ran (a greeting in ~/.bashrc) is not the
+        // command's; with no marker at all, the shell never ran it (nologin, a broken shell).
+        match remote::after_marker(&out.stdout, &marker) {
+            Some(rest) => out.stdout = rest.to_vec(),
+            None => {
+                let mut said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                let stderr = out.stderr_text();
+                if !stderr.is_empty() {
+                    if !said.is_empty() {
+                        said.push_str("; ");
+                    }
+                    said.push_str(&stderr);
+                }
+                if said.is_empty() {
+                    said = "it printed nothing".to_string();
+                }
+                return Err(Error::from(SshError::Shell {
+                    target: self.target.describe(),
+                    code: out.code.map_or("?".to_string(), |c| c.to_string()),
+                    said,
+                }));
             }
         }
         Ok(out)
@@ -282,6 +357,28 @@ impl Session {
         }
     }
 
+    /// Whether the connection has ended: the node closed it, or its keep-alives went
+    /// unanswered.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.handle.is_closed() || self.hops.iter().any(|hop| hop.is_closed())
+    }
+
+    /// The error for a connection that ended under a command or a stream.
+    pub(crate) fn lost(&self) -> Error {
+        Error::from(SshError::Lost {
+            target: self.target.describe(),
+            keepalive: if self.target.alive_interval > 0 {
+                format!(
+                    "no answer to {} keep-alives {}s apart (ServerAliveInterval, \
+                     ServerAliveCountMax)",
+                    self.target.alive_count, self.target.alive_interval
+                )
+            } else {
+                "keep-alives are off (ServerAliveInterval 0)".to_string()
+            },
+        })
+    }
+
     /// A Unix socket on this machine whose connections reach the Unix socket `remote_socket`
     /// (an absolute path on the node) through direct-streamlocal channels of this connection.
     pub(crate) async fn forward(&self, remote_socket: &str) -> Result<forward::Forward> {
@@ -292,6 +389,90 @@ impl Session {
         }
         Ok(forward)
     }
+}
+
+/// One SSH connection and login to `target`: over TCP, or through a `direct-tcpip` channel of
+/// the hop before it.
+async fn connect_one(
+    target: &Target,
+    via: Option<&Arc<client::Handle<Checker>>>,
+    deadline: Instant,
+    accept_new: bool,
+) -> Result<(client::Handle<Checker>, HostKey)> {
+    let verdict = Arc::new(Mutex::new(None));
+    let checker = Checker::new(target, accept_new, verdict.clone());
+    let config = Arc::new(client::Config {
+        nodelay: true,
+        inactivity_timeout: None,
+        keepalive_interval: (target.alive_interval > 0)
+            .then(|| Duration::from_secs(target.alive_interval)),
+        // russh gives up when a keep-alive finds more than `keepalive_max` unanswered before
+        // it; OpenSSH after `ServerAliveCountMax` unanswered in all. 0 would mean never to
+        // russh, so a count of 1 waits one interval more.
+        keepalive_max: usize::try_from(target.alive_count.saturating_sub(1).max(1))
+            .unwrap_or(usize::MAX),
+        preferred: crate::ssh::known_hosts::preferred_for(target),
+        ..client::Config::default()
+    });
+    let until = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+    let budget_limited = deadline <= Instant::now() + CONNECT_TIMEOUT;
+    let connect = async {
+        match via {
+            None => {
+                let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+                    .await
+                    .map_err(russh::Error::from)?;
+                tcp.set_nodelay(true).map_err(russh::Error::from)?;
+                client::connect_stream(config, QuickAck::new(tcp), checker).await
+            }
+            Some(hop) => {
+                let channel = hop
+                    .channel_open_direct_tcpip(
+                        target.host.as_str(),
+                        u32::from(target.port),
+                        "127.0.0.1",
+                        0,
+                    )
+                    .await?;
+                client::connect_stream(config, channel.into_stream(), checker).await
+            }
+        }
+    };
+    let mut handle = match tokio::time::timeout_at(until.into(), connect).await {
+        Ok(Ok(handle)) => handle,
+        Ok(Err(e)) => {
+            let verdict = verdict.lock().ok().and_then(|v| v.clone());
+            return Err(host_key_error(target, verdict).unwrap_or_else(|| connect_error(target, e)));
+        }
+        Err(_) if budget_limited => {
+            return Err(Error::deadline(format!(
+                "the budget ran out while connecting to {}",
+                target.describe()
+            )));
+        }
+        Err(_) => {
+            return Err(Error::from(SshError::Timeout {
+                target: target.describe(),
+                secs: CONNECT_TIMEOUT.as_secs(),
+            }));
+        }
+    };
+    let host_key = verdict
+        .lock()
+        .ok()
+        .and_then(|v| v.clone())
+        .unwrap_or(HostKey::Known);
+    let auth = tokio::time::timeout_at(deadline.into(), authenticate(&mut handle, target));
+    match auth.await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(Error::deadline(format!(
+                "the budget ran out while authenticating to {}",
+                target.describe()
+            )));
+        }
+    }
+    Ok((handle, host_key))
 }
 
 /// A failed connection attempt: no TCP connection at all, or a handshake that broke.

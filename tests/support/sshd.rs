@@ -10,9 +10,33 @@ pub(crate) const SSHD: &str = "/usr/sbin/sshd";
 pub(crate) struct Sshd {
     pub(crate) port: u16,
     pub(crate) dir: PathBuf,
-    /// `KEYTYPE BASE64` of the server's host key.
+    /// `KEYTYPE BASE64` of the server's (first) host key.
     pub(crate) host_key: String,
+    /// Every host key it offers: (ssh-keygen type, `KEYTYPE BASE64`).
+    pub(crate) host_keys: Vec<(String, String)>,
     child: Child,
+}
+
+/// How a test's sshd differs from the default one.
+pub(crate) struct Options<'a> {
+    /// ssh-keygen types of its host keys, in order (default: ed25519 only).
+    pub(crate) host_keys: &'a [&'a str],
+    /// sshd_config lines appended to the default ones (`AllowTcpForwarding no`, ...).
+    pub(crate) extra: &'a str,
+    pub(crate) netns: Option<(&'a str, &'a str)>,
+    /// The address to listen on, when not 127.0.0.1 (or the namespace's address).
+    pub(crate) listen: Option<&'a str>,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            host_keys: &["ed25519"],
+            extra: "",
+            netns: None,
+            listen: None,
+        }
+    }
 }
 
 /// A client key pair the test authenticates with.
@@ -94,9 +118,28 @@ impl Sshd {
         authorized: &[&ClientKey],
         netns: Option<(&str, &str)>,
     ) -> Sshd {
+        Sshd::start_with(
+            dir,
+            authorized,
+            &Options {
+                netns,
+                ..Options::default()
+            },
+        )
+    }
+
+    pub(crate) fn start_with(dir: &Path, authorized: &[&ClientKey], options: &Options<'_>) -> Sshd {
+        let netns = options.netns;
+        let listen = options
+            .listen
+            .unwrap_or_else(|| netns.map_or("127.0.0.1", |n| n.1));
         std::fs::create_dir_all(dir).expect("sshd dir");
-        let host_key = dir.join("host_ed25519");
-        keygen(&host_key, "ed25519");
+        let mut host_key_lines = String::new();
+        for kind in options.host_keys {
+            let path = dir.join(format!("host_{kind}"));
+            keygen(&path, kind);
+            host_key_lines.push_str(&format!("HostKey {}\n", path.display()));
+        }
         let keys: Vec<String> = authorized.iter().map(|k| k.public.clone()).collect();
         std::fs::write(dir.join("authorized_keys"), keys.join("\n") + "\n")
             .expect("authorized_keys");
@@ -109,13 +152,13 @@ impl Sshd {
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                "{extra}Port {port}\nListenAddress {listen}\n{host_key_lines}AuthorizedKeysFile {ak}\n\
                  PidFile {pid}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
                  PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nMaxStartups 64\n\
                  MaxSessions 64\nLogLevel ERROR\n",
-                listen = netns.map_or("127.0.0.1", |n| n.1),
-                hk = host_key.display(),
+                extra = options.extra,
+                listen = listen,
                 ak = dir.join("authorized_keys").display(),
                 pid = dir.join("sshd.pid").display(),
             ),
@@ -142,27 +185,44 @@ impl Sshd {
             .spawn()
             .expect("start sshd");
         // Listening, and it is our sshd that listens (not a process that took the port).
-        let address = netns.map_or("127.0.0.1", |n| n.1).to_string();
         let up = crate::support::eventually(Duration::from_secs(10), || {
-            std::net::TcpStream::connect((address.as_str(), port)).is_ok()
-                && matches!(child.try_wait(), Ok(None))
+            let listening = match netns {
+                // Maybe reachable only from inside its namespace.
+                Some((name, _)) => Command::new("ip")
+                    .args(["netns", "exec", name, "bash", "-c"])
+                    .arg(format!("exec 3<>/dev/tcp/{listen}/{port}"))
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                None => std::net::TcpStream::connect((listen, port)).is_ok(),
+            };
+            listening && matches!(child.try_wait(), Ok(None))
         });
         assert!(
             up,
             "sshd did not listen: {}",
             std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
         );
-        let public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host pub");
-        let mut parts = public.split_whitespace();
-        let host_key = format!(
-            "{} {}",
-            parts.next().expect("key type"),
-            parts.next().expect("key data")
-        );
+        let host_keys: Vec<(String, String)> = options
+            .host_keys
+            .iter()
+            .map(|kind| {
+                let public = std::fs::read_to_string(dir.join(format!("host_{kind}.pub")))
+                    .expect("host pub");
+                let mut parts = public.split_whitespace();
+                let line = format!(
+                    "{} {}",
+                    parts.next().expect("key type"),
+                    parts.next().expect("key data")
+                );
+                (kind.to_string(), line)
+            })
+            .collect();
         Sshd {
             port,
             dir: dir.to_path_buf(),
-            host_key,
+            host_key: host_keys[0].1.clone(),
+            host_keys,
             child,
         }
     }
@@ -178,7 +238,17 @@ impl Sshd {
 
     /// The SHA256 fingerprint as ssh-keygen prints it.
     pub(crate) fn fingerprint(&self) -> String {
-        fingerprint(&self.dir.join("host_ed25519.pub"))
+        self.fingerprint_of(&self.host_keys[0].0)
+    }
+
+    /// The same for its host key of ssh-keygen type `kind`.
+    pub(crate) fn fingerprint_of(&self, kind: &str) -> String {
+        fingerprint(&self.dir.join(format!("host_{kind}.pub")))
+    }
+
+    /// Its log (sshd -e writes there).
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }
 }
 
@@ -197,4 +267,53 @@ pub(crate) fn user() -> String {
         .flatten()
         .map(|u| u.name)
         .unwrap_or_else(|| "root".to_string())
+}
+
+/// OpenSSH's own client as the oracle: whether `ssh` logs in to `127.0.0.1:port` as `user`
+/// with `key` and `known_hosts` (`strict`: its StrictHostKeyChecking), and what it printed.
+pub(crate) fn openssh_connects(
+    port: u16,
+    user: &str,
+    key: &Path,
+    known_hosts: &Path,
+    strict: &str,
+) -> (bool, String) {
+    let out = openssh_run(port, user, key, known_hosts, strict, "true");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ssh ... user@127.0.0.1 COMMAND` with OpenSSH's own client, as `openssh_connects`.
+pub(crate) fn openssh_run(
+    port: u16,
+    user: &str,
+    key: &Path,
+    known_hosts: &Path,
+    strict: &str,
+    command: &str,
+) -> std::process::Output {
+    Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .arg("-o")
+        .arg(format!("StrictHostKeyChecking={strict}"))
+        .arg("-i")
+        .arg(key)
+        .arg("-p")
+        .arg(port.to_string())
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh (package openssh-client)")
 }

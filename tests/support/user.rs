@@ -94,3 +94,43 @@ impl Env {
         Run::from(output)
     }
 }
+
+/// An account `name` with login shell `shell`, created when missing (root only; CI fails
+/// without it, elsewhere the test is skipped with a note). Its shell is set to `shell` each
+/// time, so a test finds it as it needs it.
+pub(crate) fn login_user(name: &str, shell: &str) -> Option<Unprivileged> {
+    let skip = |why: String| {
+        if std::env::var_os("CI").is_some() {
+            panic!("cannot have the test user `{name}` with shell {shell}: {why}");
+        }
+        eprintln!("skipped: no test user `{name}` with shell {shell}: {why}");
+        None
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return skip("creating users needs root".to_string());
+    }
+    if !Path::new(shell).exists() {
+        return skip(format!(
+            "{shell} is not installed (scripts/setup.sh installs it)"
+        ));
+    }
+    let find = || lookup(nix::unistd::User::from_name(name).ok().flatten());
+    if find().is_none() {
+        let out = Command::new("useradd")
+            .args(["-m", "-p", "*", "-s", shell, name])
+            .stdin(Stdio::null())
+            .output();
+        // A test run beside this one may have created it in the meantime: look again.
+        if find().is_none() {
+            return skip(match out {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                Err(e) => format!("useradd: {e} (package passwd)"),
+            });
+        }
+    }
+    let _ = Command::new("usermod")
+        .args(["-s", shell, name])
+        .stdin(Stdio::null())
+        .output();
+    find()
+}

@@ -1,0 +1,150 @@
+//! ProxyJump: a node reachable only through a bastion (its sshd listens on the loopback of a
+//! network namespace, which only the bastion's sshd, in the same namespace, can reach). rbee
+//! installs, starts, infers and stops through it, checking each hop's host key, and the
+//! bastion's log shows the forward. OpenSSH's client on the same ssh_config is the oracle.
+
+use crate::support::netns::Netns;
+use crate::support::sshd::{self, ClientKey, Options, Sshd};
+use crate::support::{Env, MODEL_SHA256, free_port, model_table, tempdir};
+
+#[test]
+fn a_node_behind_a_bastion_installs_starts_infers_and_stops_through_it() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    if !sshd::available() {
+        return;
+    }
+    let Some(ns) = Netns::create(9) else { return };
+    let dir = tempdir();
+    let key = ClientKey::new(dir.path(), "client", "ed25519");
+    let bastion = Sshd::start_with(
+        &dir.path().join("sshd-bastion"),
+        &[&key],
+        &Options {
+            netns: Some((&ns.name, &ns.node_ip)),
+            extra: "LogLevel DEBUG1\n",
+            ..Options::default()
+        },
+    );
+    let target = Sshd::start_with(
+        &dir.path().join("sshd-gpu"),
+        &[&key],
+        &Options {
+            netns: Some((&ns.name, &ns.node_ip)),
+            listen: Some("127.0.0.1"),
+            ..Options::default()
+        },
+    );
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "{}{}",
+            bastion.known_hosts_line_at(&ns.node_ip),
+            target.known_hosts_line()
+        ),
+    )
+    .expect("known_hosts");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Host gpu\n  HostName 127.0.0.1\n  Port {}\n  ProxyJump bastion\n\n\
+             Host bastion\n  HostName {}\n  Port {}\n\n\
+             Host *\n  User {}\n  IdentityFile {}\n  UserKnownHostsFile {}\n  \
+             StrictHostKeyChecking yes\n  BatchMode yes\n",
+            target.port,
+            ns.node_ip,
+            bastion.port,
+            sshd::user(),
+            key.private.display(),
+            known_hosts.display()
+        ),
+    )
+    .expect("ssh config");
+    // OpenSSH on the same file: it reaches the node through the bastion, and not without it.
+    let ssh = |args: &[&str]| {
+        std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ssh")
+    };
+    let out = ssh(&["gpu", "true"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = ssh(&[
+        "-o",
+        "ProxyJump=none",
+        "-o",
+        "ConnectTimeout=3",
+        "gpu",
+        "true",
+    ]);
+    assert!(!out.status.success(), "reached directly: {out:?}");
+
+    let config = format!(
+        "{}[nodes.gpu]\nhost = \"gpu\"\nknown_hosts = {:?}\nremote_dir = {:?}\n\
+         models = [\"smollm2\"]\n",
+        model_table(&model, MODEL_SHA256),
+        known_hosts.display().to_string(),
+        dir.path().join("node-gpu").display().to_string(),
+    );
+    let env = Env::from_dir(dir, free_port(), &config);
+    let run = |args: &[&str]| {
+        crate::support::Run::from(
+            env.command(args)
+                .env("HOME", &home)
+                .env_remove("SSH_AUTH_SOCK")
+                .output()
+                .expect("run"),
+        )
+    };
+    run(&["hive", "install", "gpu"]).expect(0);
+    run(&["hive", "start", "gpu"]).expect(0);
+    let infer = run(&[
+        "--json",
+        "infer",
+        "--node",
+        "gpu",
+        "--prompt",
+        "Say hi",
+        "--max-tokens",
+        "4",
+    ]);
+    infer.expect(0);
+    assert_eq!(infer.done()["node"], "gpu");
+    run(&["hive", "stop", "gpu"]).expect(0);
+    let log = bastion.log();
+    assert!(
+        log.contains(&format!("target 127.0.0.1 port {}", target.port)),
+        "the bastion's log shows no forward: {log}"
+    );
+
+    // Each hop's host key is checked: a changed bastion key stops the connection there.
+    let impostor = ClientKey::new(env.path(), "impostor", "ed25519");
+    let impostor_key: Vec<&str> = impostor.public.split_whitespace().take(2).collect();
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "[{}]:{} {}\n{}",
+            ns.node_ip,
+            bastion.port,
+            impostor_key.join(" "),
+            target.known_hosts_line()
+        ),
+    )
+    .expect("known_hosts");
+    let refused = run(&["hive", "status", "gpu"]);
+    refused.expect(4);
+    assert!(
+        refused.stderr.contains("HOST KEY CHANGED"),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stderr.contains(&ns.node_ip), "{}", refused.stderr);
+}

@@ -1,0 +1,140 @@
+//! ssh_config as OpenSSH reads it, OpenSSH's own client on the same file as the oracle: an
+//! `Include`d file whose `Match` block sets the port, an `IdentityFile` with `%` tokens, and
+//! `IdentitiesOnly`, with an agent holding six other keys (sshd's MaxAuthTries).
+
+use std::time::Duration;
+
+use super::{Fleet, node};
+use crate::support::eventually;
+use crate::support::sshd::{self, ClientKey};
+
+#[test]
+fn include_match_tokens_and_identities_only_resolve_as_openssh_does() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let root = env.path();
+    let port = fleet.servers[0].port;
+    // An agent with six keys the node does not take.
+    let socket = root.join("agent.sock");
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    assert!(eventually(Duration::from_secs(5), || socket.exists()));
+    for i in 0..6 {
+        let other = ClientKey::new(root, &format!("other{i}"), "ed25519");
+        let added = std::process::Command::new("ssh-add")
+            .arg(&other.private)
+            .env("SSH_AUTH_SOCK", &socket)
+            .output()
+            .expect("ssh-add");
+        assert!(added.status.success(), "{added:?}");
+    }
+    // The node's key, under a name only the tokens give.
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).expect("mkdir");
+    let named = keys.join(format!("{}@127.0.0.1-{port}", sshd::user()));
+    std::fs::copy(&fleet.key.private, &named).expect("copy key");
+    let home = root.join("home");
+    std::fs::create_dir_all(home.join(".ssh/conf.d")).expect("mkdir");
+    std::fs::write(
+        home.join(".ssh/conf.d/lab.conf"),
+        format!(
+            "Host lab\n  HostName 127.0.0.1\n\
+             Match originalhost lab user {}\n  Port {port}\n  IdentitiesOnly yes\n  \
+             IdentityFile {}/%r@%h-%p\n",
+            sshd::user(),
+            keys.display()
+        ),
+    )
+    .expect("include");
+    let ssh_config = home.join(".ssh/config");
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Include {}/*.conf\n\nHost *\n  User {}\n  UserKnownHostsFile {}\n  \
+             StrictHostKeyChecking yes\n  BatchMode yes\n",
+            home.join(".ssh/conf.d").display(),
+            sshd::user(),
+            fleet.known_hosts().display()
+        ),
+    )
+    .expect("ssh config");
+    let ssh = |extra: &[&str]| {
+        std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args(extra)
+            .args(["lab", "true"])
+            .env("SSH_AUTH_SOCK", &socket)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ssh")
+    };
+    // OpenSSH: logs in; without IdentitiesOnly the agent's six keys use up MaxAuthTries.
+    let out = ssh(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let out = ssh(&["-o", "IdentitiesOnly=no"]);
+    assert!(!out.status.success(), "{out:?}");
+
+    let config = std::fs::read_to_string(&env.config).expect("config");
+    let config = config
+        .replace("host = \"127.0.0.1\"", "host = \"lab\"")
+        .replace(&format!("port = {port}\n"), "")
+        .replace(
+            &format!(
+                "identity_file = {:?}\n",
+                fleet.key.private.display().to_string()
+            ),
+            "",
+        )
+        .replace(&format!("user = {:?}\n", sshd::user()), "");
+    std::fs::write(&env.config, config).expect("write");
+    let run = env
+        .command(&["hive", "status", "a"])
+        .env("HOME", &home)
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()
+        .expect("run");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    // Reached, logged in: the hive is simply not running.
+    assert_eq!(
+        run.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn a_proxy_command_is_refused_naming_its_file_and_line_not_bypassed() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    std::fs::write(
+        &ssh_config,
+        "Host 127.0.0.1\n  ProxyCommand ssh -W %h:%p bastion\n",
+    )
+    .expect("ssh config");
+    let run = env
+        .command(&["hive", "status", "a"])
+        .env("HOME", &home)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("`{}` line 2", ssh_config.display())),
+        "{stderr}"
+    );
+}
