@@ -42,6 +42,15 @@ impl Context {
         Ok(nodes.into_iter().cloned().collect())
     }
 
+    /// How this command runs requests on nodes: its connect options and spinners.
+    pub(crate) fn runner(&self) -> crate::queen::generate::Runner {
+        crate::queen::generate::Runner {
+            connect: self.connect,
+            progress: self.progress.clone(),
+            note_start: std::io::IsTerminal::is_terminal(&std::io::stderr()) && !self.out.quiet,
+        }
+    }
+
     pub(crate) async fn open(&self, node: &Node, budget: &Budget) -> Result<NodeConn> {
         NodeConn::open(node, budget, self.connect).await
     }
