@@ -16,12 +16,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::BatchArgs;
 use crate::cmd::Context;
-use crate::queen::generate::{Runner, fails_over, generate_text, stop_name};
 use crate::config::Node;
 use crate::deadline::Budget;
 use crate::error::{Error, ExitKind, IoContext, Result};
 use crate::progress::Progress;
 use crate::protocol::{DoneEvent, InferRequest};
+use crate::queen::generate::{Runner, fails_over, generate_text, stop_name};
 use crate::queen::trail;
 use input::Item;
 
@@ -257,6 +257,8 @@ impl Batch<'_> {
             model: self.model.clone(),
             system: item.system.clone(),
             prompt: item.prompt.clone(),
+            messages: Vec::new(),
+            raw: false,
             params: item.params.clone(),
             queen_audit: None,
         };

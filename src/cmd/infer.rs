@@ -11,7 +11,7 @@ use crate::cmd::Context;
 use crate::config::{Model, Node};
 use crate::deadline::Budget;
 use crate::error::{DeadlineError, Error, Result};
-use crate::protocol::{DoneEvent, InferRequest, MAX_PROMPT_BYTES, SamplingParams};
+use crate::protocol::{DoneEvent, InferRequest, MAX_PROMPT_BYTES, ResponseFormat, SamplingParams};
 use crate::queen::generate::{self, Attempt, Shared, breakdown, stop_name};
 use crate::queen::trail;
 
@@ -58,6 +58,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
+        stop: Vec::new(),
+        format: ResponseFormat::Text,
     };
     params.validate()?;
     let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
@@ -66,6 +68,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         model: model.clone(),
         system: args.system,
         prompt,
+        messages: Vec::new(),
+        raw: false,
         params,
         queen_audit: None,
     };

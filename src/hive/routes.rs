@@ -218,6 +218,8 @@ async fn start_generation(
         request_id: request.request_id.clone(),
         system: request.system,
         prompt: request.prompt,
+        messages: request.messages,
+        raw: request.raw,
         params: request.params,
     };
     generate.validate()?;

@@ -17,6 +17,10 @@ pub(crate) const HIVE_STOPPING: &str = "stopping";
 pub(crate) const MAX_PROMPT_BYTES: usize = 1 << 20;
 pub(crate) const MAX_TEMPERATURE: f32 = 5.0;
 pub(crate) const MAX_TOKENS_LIMIT: u32 = 1_000_000;
+/// Stop strings per request at most, and the bytes of each (bounds on what the worker matches
+/// against every token's text).
+pub(crate) const MAX_STOP_STRINGS: usize = 16;
+pub(crate) const MAX_STOP_BYTES: usize = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) struct SamplingParams {
@@ -24,6 +28,48 @@ pub(crate) struct SamplingParams {
     pub(crate) temperature: f32,
     pub(crate) top_p: f32,
     pub(crate) seed: Option<u32>,
+    /// Generation ends before the first of these appears in the text; the text returned holds
+    /// neither the stop string nor anything after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) stop: Vec<String>,
+    /// What shape the output must take (a grammar constrains sampling to it).
+    #[serde(default, skip_serializing_if = "ResponseFormat::is_text")]
+    pub(crate) format: ResponseFormat,
+}
+
+/// The shape the generated text is constrained to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ResponseFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON that validates against `schema` (a JSON Schema object).
+    JsonSchema { schema: serde_json::Value },
+}
+
+impl ResponseFormat {
+    pub(crate) fn is_text(&self) -> bool {
+        matches!(self, ResponseFormat::Text)
+    }
+}
+
+/// Who says a message of a conversation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct ChatMessage {
+    pub(crate) role: Role,
+    pub(crate) content: String,
 }
 
 impl SamplingParams {
@@ -47,8 +93,73 @@ impl SamplingParams {
                 self.top_p
             )));
         }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::invalid(format!(
+                "`stop` holds at most {MAX_STOP_STRINGS} strings, got {}",
+                self.stop.len()
+            )));
+        }
+        if let Some(bad) = self
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return Err(Error::invalid(format!(
+                "each `stop` string must be 1 to {MAX_STOP_BYTES} bytes, got one of {}",
+                bad.len()
+            )));
+        }
+        if let ResponseFormat::JsonSchema { schema } = &self.format
+            && !schema.is_object()
+        {
+            return Err(Error::invalid(
+                "a `json_schema` format's `schema` must be a JSON object",
+            ));
+        }
         Ok(())
     }
+}
+
+/// What a request asks the model about, checked for combinations that contradict each other:
+/// a conversation (`messages`) replaces `system` and `prompt`, and a `raw` prompt goes to the
+/// model as it is, so it has no system prompt and no conversation around it.
+fn check_input(
+    system: Option<&str>,
+    prompt: &str,
+    messages: &[ChatMessage],
+    raw: bool,
+) -> Result<(), Error> {
+    if !messages.is_empty() {
+        if system.is_some() {
+            return Err(Error::invalid(
+                "a request with `messages` has no `system`: put it first in the messages",
+            ));
+        }
+        if !prompt.is_empty() {
+            return Err(Error::invalid(
+                "a request with `messages` has no `prompt`: the conversation is the prompt",
+            ));
+        }
+        if raw {
+            return Err(Error::invalid(
+                "`raw` takes a `prompt`, not `messages` (those go through the chat template)",
+            ));
+        }
+    }
+    if raw && system.is_some() {
+        return Err(Error::invalid(
+            "a `raw` prompt has no `system`: it goes to the model without a chat template",
+        ));
+    }
+    let len = prompt.len()
+        + system.map_or(0, str::len)
+        + messages.iter().map(|m| m.content.len()).sum::<usize>();
+    if len > MAX_PROMPT_BYTES {
+        return Err(Error::invalid(format!(
+            "prompt is {len} bytes; the limit is {MAX_PROMPT_BYTES}"
+        )));
+    }
+    Ok(())
 }
 
 /// Queen -> hive: run a prompt on a model.
@@ -58,6 +169,13 @@ pub(crate) struct InferRequest {
     pub(crate) model: Model,
     pub(crate) system: Option<String>,
     pub(crate) prompt: String,
+    /// When non-empty: the whole conversation, rendered with the model's chat template
+    /// (`system` is then None and `prompt` empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) messages: Vec<ChatMessage>,
+    /// The prompt is tokenized as given, without the chat template.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) raw: bool,
     pub(crate) params: SamplingParams,
     /// The head of the queen's audit log (its record of this request), which the node keeps in
     /// its own record of the request: the node's witness of the queen's log.
@@ -89,7 +207,13 @@ impl InferRequest {
                 "`queen_audit` must name a queen (1 to 64 hex digits) and a record hash (64 hex digits)",
             ));
         }
-        Ok(())
+        check_input(
+            self.system.as_deref(),
+            &self.prompt,
+            &self.messages,
+            self.raw,
+        )?;
+        self.params.validate()
     }
 }
 
@@ -99,17 +223,22 @@ pub(crate) struct GenerateRequest {
     pub(crate) request_id: String,
     pub(crate) system: Option<String>,
     pub(crate) prompt: String,
+    /// As in `InferRequest`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) raw: bool,
     pub(crate) params: SamplingParams,
 }
 
 impl GenerateRequest {
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        let len = self.prompt.len() + self.system.as_ref().map_or(0, String::len);
-        if len > MAX_PROMPT_BYTES {
-            return Err(Error::invalid(format!(
-                "prompt is {len} bytes; the limit is {MAX_PROMPT_BYTES}"
-            )));
-        }
+        check_input(
+            self.system.as_deref(),
+            &self.prompt,
+            &self.messages,
+            self.raw,
+        )?;
         self.params.validate()
     }
 }
@@ -124,6 +253,8 @@ pub(crate) enum StopReason {
     ContextFull,
     Deadline,
     Cancelled,
+    /// A stop string matched; the text returned ends before it.
+    Stop,
 }
 
 /// Milliseconds per stage; each hop fills the stages it owns.
@@ -355,6 +486,167 @@ mod tests {
             temperature: 0.7,
             top_p: 0.9,
             seed: None,
+            stop: Vec::new(),
+            format: ResponseFormat::Text,
+        }
+    }
+
+    fn generate() -> GenerateRequest {
+        GenerateRequest {
+            request_id: "r1".to_string(),
+            system: None,
+            prompt: "hi".to_string(),
+            messages: Vec::new(),
+            raw: false,
+            params: params(),
+        }
+    }
+
+    fn message(role: Role, content: &str) -> ChatMessage {
+        ChatMessage {
+            role,
+            content: content.to_string(),
+        }
+    }
+
+    #[test]
+    fn plain_requests_keep_their_old_shape_on_the_wire() {
+        let json = serde_json::to_value(generate()).expect("serialize");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "request_id": "r1", "system": null, "prompt": "hi",
+                "params": {"max_tokens": 8, "temperature": 0.7f32, "top_p": 0.9f32, "seed": null}
+            })
+        );
+        // What an older queen or hive sends still reads, with the new fields at their defaults.
+        let back: GenerateRequest = serde_json::from_value(json).expect("parse");
+        assert!(back.messages.is_empty() && !back.raw);
+        assert_eq!(back.params, params());
+    }
+
+    #[test]
+    fn generation_controls_round_trip() {
+        let mut request = GenerateRequest {
+            prompt: String::new(),
+            messages: vec![
+                message(Role::System, "be brief"),
+                message(Role::User, "hi"),
+                message(Role::Assistant, "hello"),
+                message(Role::User, "bye"),
+            ],
+            ..generate()
+        };
+        request.params.stop = vec!["\n\n".to_string(), "END".to_string()];
+        request.params.format = ResponseFormat::JsonSchema {
+            schema: serde_json::json!({"type": "object", "required": ["a"]}),
+        };
+        let json = serde_json::to_value(&request).expect("serialize");
+        assert_eq!(json["messages"][2]["role"], "assistant");
+        assert_eq!(json["params"]["format"]["type"], "json_schema");
+        assert_eq!(json["params"]["format"]["schema"]["required"][0], "a");
+        assert_eq!(json["params"]["stop"][1], "END");
+        let back: GenerateRequest = serde_json::from_value(json).expect("parse");
+        assert_eq!(back.messages, request.messages);
+        assert_eq!(back.params, request.params);
+        assert!(back.validate().is_ok());
+
+        let raw = GenerateRequest {
+            raw: true,
+            ..generate()
+        };
+        let json = serde_json::to_value(&raw).expect("serialize");
+        assert_eq!(json["raw"], true);
+        assert!(
+            serde_json::from_value::<GenerateRequest>(json)
+                .expect("parse")
+                .raw
+        );
+
+        let object: ResponseFormat =
+            serde_json::from_str(r#"{"type":"json_object"}"#).expect("parse");
+        assert_eq!(object, ResponseFormat::JsonObject);
+        assert_eq!(
+            serde_json::to_string(&StopReason::Stop).expect("serialize"),
+            "\"stop\""
+        );
+        assert!(serde_json::from_str::<Role>("\"tool\"").is_err());
+    }
+
+    #[test]
+    fn contradictory_inputs_are_invalid() {
+        let conversation = vec![message(Role::User, "hi")];
+        let bad = [
+            GenerateRequest {
+                messages: conversation.clone(),
+                ..generate()
+            },
+            GenerateRequest {
+                prompt: String::new(),
+                system: Some("s".to_string()),
+                messages: conversation.clone(),
+                ..generate()
+            },
+            GenerateRequest {
+                prompt: String::new(),
+                messages: conversation.clone(),
+                raw: true,
+                ..generate()
+            },
+            GenerateRequest {
+                system: Some("s".to_string()),
+                raw: true,
+                ..generate()
+            },
+            GenerateRequest {
+                prompt: String::new(),
+                messages: vec![message(Role::User, &"x".repeat(MAX_PROMPT_BYTES + 1))],
+                ..generate()
+            },
+        ];
+        for request in bad {
+            let err = request.validate().expect_err("contradictory");
+            assert_eq!(err.code(), 8, "{request:?}");
+        }
+        let fine = GenerateRequest {
+            prompt: String::new(),
+            messages: conversation,
+            ..generate()
+        };
+        assert!(fine.validate().is_ok());
+    }
+
+    #[test]
+    fn stop_strings_and_schemas_are_bounded() {
+        let with = |stop: Vec<String>, format: ResponseFormat| SamplingParams {
+            stop,
+            format,
+            ..params()
+        };
+        let ok = with(
+            vec!["x".repeat(MAX_STOP_BYTES); MAX_STOP_STRINGS],
+            ResponseFormat::JsonSchema {
+                schema: serde_json::json!({"type": "object"}),
+            },
+        );
+        assert!(ok.validate().is_ok());
+        let bad = [
+            with(
+                vec!["x".to_string(); MAX_STOP_STRINGS + 1],
+                ResponseFormat::Text,
+            ),
+            with(vec![String::new()], ResponseFormat::Text),
+            with(vec!["x".repeat(MAX_STOP_BYTES + 1)], ResponseFormat::Text),
+            with(
+                Vec::new(),
+                ResponseFormat::JsonSchema {
+                    schema: serde_json::json!("object"),
+                },
+            ),
+        ];
+        for p in bad {
+            let err = p.validate().expect_err("out of bounds");
+            assert_eq!(err.code(), 8, "{p:?}");
         }
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Error;
 use crate::protocol::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
-use crate::worker::prompt::{render_prompt, sampler};
+use crate::worker::prompt::{render_prompt, sampler, unsupported};
 use crate::worker::utf8::Utf8Buffer;
 
 /// What the engine reports about one job, in order: `Started` or `Failed` first, then tokens,
@@ -379,6 +379,7 @@ impl Batcher<'_> {
     }
 
     fn tokenize(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, Error> {
+        unsupported(request)?;
         let text = render_prompt(self.model, request)?;
         let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
         if tokens.is_empty() {

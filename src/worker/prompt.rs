@@ -7,6 +7,28 @@ use llama_cpp_2::sampling::LlamaSampler;
 use crate::error::Error;
 use crate::protocol::GenerateRequest;
 
+/// Refuses what this worker cannot honour yet, so that no control is silently ignored.
+pub(super) fn unsupported(request: &GenerateRequest) -> Result<(), Error> {
+    let p = &request.params;
+    let missing = if !request.messages.is_empty() {
+        Some("`messages`")
+    } else if request.raw {
+        Some("`raw`")
+    } else if !p.stop.is_empty() {
+        Some("`stop`")
+    } else if !p.format.is_text() {
+        Some("`format`")
+    } else {
+        None
+    };
+    match missing {
+        Some(field) => Err(Error::invalid(format!(
+            "this worker does not support {field} yet"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The prompt as the model expects it: its own chat template when it has one.
 pub(super) fn render_prompt(
     model: &LlamaModel,

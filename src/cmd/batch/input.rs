@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
-use crate::protocol::{MAX_PROMPT_BYTES, SamplingParams};
+use crate::protocol::{MAX_PROMPT_BYTES, ResponseFormat, SamplingParams};
 
 /// One prompt of the batch, checked.
 #[derive(Debug, Clone)]
@@ -97,6 +97,8 @@ fn item(line: &str) -> Result<Item, String> {
         temperature: raw.temperature.unwrap_or(0.8),
         top_p: raw.top_p.unwrap_or(0.95),
         seed: raw.seed,
+        stop: Vec::new(),
+        format: ResponseFormat::Text,
     };
     params.validate().map_err(|e| e.to_string())?;
     Ok(Item {
