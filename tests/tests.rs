@@ -19,6 +19,7 @@ mod infer;
 pub(crate) mod isolation;
 mod model_files;
 mod pipes;
+mod serve;
 mod signing;
 mod ssh;
 mod supervision;

@@ -8,6 +8,7 @@ pub(crate) mod hive;
 pub(crate) mod infer;
 pub(crate) mod models;
 pub(crate) mod nodes;
+pub(crate) mod serve;
 pub(crate) mod worker;
 
 use std::path::PathBuf;

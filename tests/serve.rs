@@ -1,0 +1,170 @@
+//! `rbee serve`: the OpenAI API over the fleet, driven by the real `openai` Python SDK against
+//! the real binary, a real hive and the real model.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{Env, eventually, free_port, http};
+
+/// Whether `python3` has the `openai` and `jsonschema` packages: in CI their absence is a
+/// failure; elsewhere the test is skipped with a note.
+pub(crate) fn python_sdk() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import openai, jsonschema"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("python3 lacks the `openai` or `jsonschema` package (run scripts/setup.sh)");
+        }
+        eprintln!("skipped: python3 lacks the `openai` package (run scripts/setup.sh)");
+    }
+    ok
+}
+
+/// A running `rbee serve` of an environment, with a key made for it.
+pub(crate) struct Serve {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) key: String,
+}
+
+impl Serve {
+    pub(crate) fn start(env: &Env, extra: &[&str]) -> Serve {
+        let made = env.run(&["--json", "serve", "key", "create", "ci"]);
+        made.expect(0);
+        let key =
+            serde_json::from_str::<serde_json::Value>(made.stdout.trim()).expect("JSON")["key"]
+                .as_str()
+                .expect("key")
+                .to_string();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["serve", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let child = env
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rbee serve");
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }),
+            "rbee serve did not listen"
+        );
+        Serve { child, port, key }
+    }
+
+    pub(crate) fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    /// Runs a Python script of `tests/serve/` against this server; its stdout.
+    pub(crate) fn python(&self, script: &str, model: &str, env: &[(&str, &str)]) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/serve")
+            .join(script);
+        let out = Command::new("python3")
+            .arg(&path)
+            .env("RBEE_BASE_URL", self.base_url())
+            .env("RBEE_KEY", &self.key)
+            .env("RBEE_MODEL", model)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "{script} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGTERM, then the exit code and what the server wrote on stderr.
+    pub(crate) fn stop(mut self) -> (i32, String) {
+        use std::io::Read;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let status = self.child.wait().expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        (status.code().unwrap_or(-1), stderr)
+    }
+}
+
+#[test]
+fn the_openai_sdk_lists_models_chats_streams_with_usage_and_gets_its_errors_by_status() {
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let out = serve.python("sdk.py", "smollm2", &[]);
+    let result: serde_json::Value = serde_json::from_str(&out).expect("script JSON");
+    let text = result["text"].as_str().expect("text");
+
+    // The same prompt through `infer` gives the same text: the same route, template and sampler.
+    let infer = env.infer(&[
+        "--system",
+        "You answer in one short sentence.",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+    ]);
+    infer.expect(0);
+    assert_eq!(infer.text(), text);
+
+    // Only a key's hash is kept, in a file of its owner's alone; the list never shows a key.
+    let keys = std::fs::read_to_string(env.path().join("state/serve-keys.json")).expect("keys");
+    assert!(!keys.contains(&serve.key));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(env.path().join("state/serve-keys.json"))
+            .expect("meta")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let list = env.run(&["--json", "serve", "key", "list"]);
+    list.expect(0);
+    assert!(list.stdout.contains("\"ci\"") && !list.stdout.contains(&serve.key));
+
+    // Each request is one audit record here, naming the key, never the key itself.
+    let records = crate::support::records(&env.path().join("state/audit.jsonl"));
+    let served: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "infer_completed" && r["fields"]["key"] == "ci")
+        .collect();
+    assert_eq!(served.len(), 2, "{records:#?}");
+    assert!(
+        served
+            .iter()
+            .all(|r| r["fields"]["exit_code"] == 0 && r["fields"]["node"] == "n1")
+    );
+    let log = std::fs::read_to_string(env.path().join("state/audit.jsonl")).expect("log");
+    assert!(!log.contains(&serve.key));
+
+    // A revoked key is refused from the next request on.
+    env.run(&["serve", "key", "revoke", "ci"]).expect(0);
+    let auth = format!("Bearer {}", serve.key);
+    let (status, body) = http(
+        serve.port,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth)],
+        b"",
+    );
+    assert_eq!(status, 401, "{body}");
+
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
