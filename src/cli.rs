@@ -72,6 +72,13 @@ pub(crate) enum Command {
     },
 }
 
+/// What `rbee infer --format` constrains the output to.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum OutputFormat {
+    /// Any JSON object
+    Json,
+}
+
 /// The shells `rbee completions` writes scripts for.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum Shell {
@@ -116,6 +123,18 @@ pub(crate) struct InferArgs {
     /// System prompt
     #[arg(long)]
     pub(crate) system: Option<String>,
+    /// Stop before this text; repeat for several (the output ends before the first one)
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) stop: Vec<String>,
+    /// Constrain the output to JSON that validates against the JSON Schema in FILE
+    #[arg(long, value_name = "FILE", conflicts_with = "format")]
+    pub(crate) json_schema: Option<PathBuf>,
+    /// Constrain the output to a format: `json` is any JSON object
+    #[arg(long, value_enum)]
+    pub(crate) format: Option<OutputFormat>,
+    /// Send the prompt to the model as it is, without the chat template
+    #[arg(long, conflicts_with = "system")]
+    pub(crate) raw: bool,
     /// Stop after this many generated tokens
     #[arg(long, default_value_t = 512)]
     pub(crate) max_tokens: u32,

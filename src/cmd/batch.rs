@@ -258,7 +258,7 @@ impl Batch<'_> {
             system: item.system.clone(),
             prompt: item.prompt.clone(),
             messages: Vec::new(),
-            raw: false,
+            raw: item.raw,
             params: item.params.clone(),
             queen_audit: None,
         };

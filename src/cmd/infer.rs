@@ -6,11 +6,11 @@ use std::io::{IsTerminal, Read, Write};
 
 use serde::Serialize;
 
-use crate::cli::InferArgs;
+use crate::cli::{InferArgs, OutputFormat};
 use crate::cmd::Context;
 use crate::config::{Model, Node};
 use crate::deadline::Budget;
-use crate::error::{DeadlineError, Error, Result};
+use crate::error::{DeadlineError, Error, ExitKind, Result};
 use crate::protocol::{DoneEvent, InferRequest, MAX_PROMPT_BYTES, ResponseFormat, SamplingParams};
 use crate::queen::generate::{self, Attempt, Shared, breakdown, stop_name};
 use crate::queen::trail;
@@ -58,8 +58,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        stop: Vec::new(),
-        format: ResponseFormat::Text,
+        stop: args.stop,
+        format: response_format(args.json_schema.as_deref(), args.format)?,
     };
     params.validate()?;
     let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
@@ -69,7 +69,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         system: args.system,
         prompt,
         messages: Vec::new(),
-        raw: false,
+        raw: args.raw,
         params,
         queen_audit: None,
     };
@@ -188,6 +188,31 @@ fn report_done(
             stop_name(done.stop_reason)
         );
     }
+}
+
+/// The format `--json-schema FILE` or `--format json` asks for. A schema file that cannot be
+/// read or is not JSON is a usage error naming the file; whether llama.cpp can turn the schema
+/// into a grammar the worker decides (exit 8).
+pub(crate) fn response_format(
+    schema: Option<&std::path::Path>,
+    format: Option<OutputFormat>,
+) -> Result<ResponseFormat> {
+    let Some(path) = schema else {
+        return Ok(match format {
+            Some(OutputFormat::Json) => ResponseFormat::JsonObject,
+            None => ResponseFormat::Text,
+        });
+    };
+    let usage = |why: String| {
+        Error::of_kind(
+            ExitKind::Usage,
+            format!("--json-schema `{}`: {why}", path.display()),
+        )
+    };
+    let bytes = std::fs::read(path).map_err(|e| usage(format!("cannot read it: {e}")))?;
+    let schema: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| usage(format!("not JSON: {e}")))?;
+    Ok(ResponseFormat::JsonSchema { schema })
 }
 
 fn read_prompt(arg: &str) -> Result<String> {

@@ -20,7 +20,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Error;
 use crate::protocol::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
-use crate::worker::prompt::{render_prompt, sampler, unsupported};
+use crate::worker::prompt::{render_prompt, sampler};
+use crate::worker::stop::StopMatcher;
 use crate::worker::utf8::Utf8Buffer;
 
 /// What the engine reports about one job, in order: `Started` or `Failed` first, then tokens,
@@ -92,6 +93,8 @@ struct Slot {
     job: Job,
     sampler: LlamaSampler,
     utf8: Utf8Buffer,
+    /// The request's stop strings, and the text held back while it may still become one.
+    stop: StopMatcher,
     /// The last token's bytes, reused from token to token.
     piece: Vec<u8>,
     /// The token to feed at the next step.
@@ -109,6 +112,8 @@ struct Slot {
 struct Prefill {
     seq: i32,
     job: Job,
+    /// Built when the job is admitted, so that a format it cannot have fails it at once.
+    sampler: LlamaSampler,
     tokens: Vec<LlamaToken>,
     /// How many of `tokens` the sequence holds so far.
     held: usize,
@@ -225,8 +230,11 @@ impl Batcher<'_> {
     /// Takes a job into a free sequence: what the sequence still holds of the prompt is kept,
     /// and the rest waits for its chunks in `prefills`.
     fn admit(&mut self, job: Job) {
-        let tokens = match self.tokenize(&job.request) {
-            Ok(tokens) => tokens,
+        let prepared = self
+            .tokenize(&job.request)
+            .and_then(|tokens| Ok((tokens, sampler(self.model, &job.request)?)));
+        let (tokens, sampler) = match prepared {
+            Ok(prepared) => prepared,
             Err(err) => {
                 let _ = job.events.send(EngineEvent::Failed(err));
                 return;
@@ -260,6 +268,7 @@ impl Batcher<'_> {
         self.prefills.push_back(Prefill {
             seq,
             job,
+            sampler,
             tokens,
             held: keep,
             tokens_in,
@@ -364,7 +373,8 @@ impl Batcher<'_> {
     fn slot(&self, p: Prefill) -> Slot {
         Slot {
             seq: p.seq,
-            sampler: sampler(&p.job.request),
+            sampler: p.sampler,
+            stop: StopMatcher::new(p.job.request.params.stop.clone()),
             job: p.job,
             utf8: Utf8Buffer::default(),
             piece: Vec::new(),
@@ -379,7 +389,6 @@ impl Batcher<'_> {
     }
 
     fn tokenize(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, Error> {
-        unsupported(request)?;
         let text = render_prompt(self.model, request)?;
         let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
         if tokens.is_empty() {
@@ -461,9 +470,18 @@ impl Batcher<'_> {
         slot.first_token_at.get_or_insert_with(Instant::now);
         slot.piece.clear();
         vocab.token_to_piece_into(token, &mut slot.piece, false, None);
-        let text = slot.utf8.push(&slot.piece);
-        if !text.is_empty() && slot.job.events.send(EngineEvent::Token(text)).is_err() {
+        let released = slot.stop.push(&slot.utf8.push(&slot.piece));
+        if !released.text.is_empty()
+            && slot
+                .job
+                .events
+                .send(EngineEvent::Token(released.text))
+                .is_err()
+        {
             return Some(StopReason::Cancelled);
+        }
+        if released.stopped {
+            return Some(StopReason::Stop);
         }
         if slot.tokens_out >= slot.job.request.params.max_tokens {
             return Some(StopReason::MaxTokens);
@@ -475,11 +493,21 @@ impl Batcher<'_> {
         None
     }
 
-    fn finish(&mut self, mut slot: Slot, stop_reason: StopReason) {
+    fn finish(&mut self, mut slot: Slot, mut stop_reason: StopReason) {
         self.cached[slot.seq as usize] = std::mem::take(&mut slot.tokens);
-        let rest = slot.utf8.finish();
-        if !rest.is_empty() {
-            let _ = slot.job.events.send(EngineEvent::Token(rest));
+        // After a stop string nothing more goes out; otherwise what was held back does (the last
+        // bytes of a cut character may yet complete a stop string).
+        if stop_reason != StopReason::Stop {
+            let released = slot.stop.push(&slot.utf8.finish());
+            let mut rest = released.text;
+            if released.stopped {
+                stop_reason = StopReason::Stop;
+            } else {
+                rest.push_str(&slot.stop.finish());
+            }
+            if !rest.is_empty() {
+                let _ = slot.job.events.send(EngineEvent::Token(rest));
+            }
         }
         // The first token comes out of prefill's logits; speed counts the decode steps after it.
         let decode_tokens_per_s = slot.first_token_at.and_then(|first| {

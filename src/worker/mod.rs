@@ -6,6 +6,7 @@ pub(crate) mod args;
 pub(crate) mod engine;
 pub(crate) mod prompt;
 pub(crate) mod server;
+pub(crate) mod stop;
 pub(crate) mod utf8;
 pub(crate) mod weights;
 

@@ -18,6 +18,8 @@ pub(crate) struct Item {
     pub(crate) id: Value,
     pub(crate) prompt: String,
     pub(crate) system: Option<String>,
+    /// The prompt goes to the model without the chat template.
+    pub(crate) raw: bool,
     pub(crate) params: SamplingParams,
 }
 
@@ -31,6 +33,13 @@ struct RawItem {
     temperature: Option<f32>,
     top_p: Option<f32>,
     seed: Option<u32>,
+    /// A string or a list of strings.
+    stop: Option<Value>,
+    /// A JSON Schema object.
+    json_schema: Option<Value>,
+    /// `"json"`: any JSON object.
+    format: Option<Value>,
+    raw: Option<Value>,
 }
 
 /// The key an id is compared by: its JSON text, so `1` and `"1"` are different ids.
@@ -97,16 +106,52 @@ fn item(line: &str) -> Result<Item, String> {
         temperature: raw.temperature.unwrap_or(0.8),
         top_p: raw.top_p.unwrap_or(0.95),
         seed: raw.seed,
-        stop: Vec::new(),
-        format: ResponseFormat::Text,
+        stop: stop_strings(raw.stop)?,
+        format: response_format(raw.json_schema, raw.format)?,
     };
     params.validate().map_err(|e| e.to_string())?;
+    let raw_prompt = match raw.raw {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err("`raw` must be true or false".into()),
+    };
+    if raw_prompt && raw.system.is_some() {
+        return Err("a `raw` prompt has no `system`: it goes to the model as it is".into());
+    }
     Ok(Item {
         id,
         prompt,
         system: raw.system,
+        raw: raw_prompt,
         params,
     })
+}
+
+fn stop_strings(stop: Option<Value>) -> Result<Vec<String>, String> {
+    let bad = || "`stop` must be a string or a list of strings".to_string();
+    match stop {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(list)) => list
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn response_format(schema: Option<Value>, format: Option<Value>) -> Result<ResponseFormat, String> {
+    match (schema, format) {
+        (Some(_), Some(_)) => Err("`json_schema` and `format` exclude each other".into()),
+        (Some(schema @ Value::Object(_)), None) => Ok(ResponseFormat::JsonSchema { schema }),
+        (Some(_), None) => Err("`json_schema` must be a JSON Schema object".into()),
+        (None, Some(Value::String(f))) if f == "json" => Ok(ResponseFormat::JsonObject),
+        (None, Some(_)) => Err("`format` must be \"json\"".into()),
+        (None, None) => Ok(ResponseFormat::Text),
+    }
 }
 
 /// The ids already in the output file of an earlier run. A last line cut short (the earlier run
@@ -151,6 +196,45 @@ mod tests {
             !err.contains("line 7"),
             "a string id differs from a number: {err}"
         );
+    }
+
+    #[test]
+    fn generation_controls_are_read_and_bad_ones_named() {
+        let text = concat!(
+            r#"{"id":1,"prompt":"a","stop":"x","format":"json"}"#,
+            "\n",
+            r#"{"id":2,"prompt":"a","stop":["x","y"],"json_schema":{"type":"object"},"raw":true}"#,
+            "\n"
+        );
+        let items = parse(text).expect("good lines");
+        assert_eq!(items[0].params.stop, ["x"]);
+        assert_eq!(items[0].params.format, ResponseFormat::JsonObject);
+        assert!(!items[0].raw);
+        assert_eq!(items[1].params.stop, ["x", "y"]);
+        assert!(matches!(
+            items[1].params.format,
+            ResponseFormat::JsonSchema { .. }
+        ));
+        assert!(items[1].raw);
+
+        let bad = [
+            r#"{"id":1,"prompt":"a","stop":3}"#,
+            r#"{"id":2,"prompt":"a","stop":["x",1]}"#,
+            r#"{"id":3,"prompt":"a","stop":""}"#,
+            r#"{"id":4,"prompt":"a","json_schema":"object"}"#,
+            r#"{"id":5,"prompt":"a","format":"yaml"}"#,
+            r#"{"id":6,"prompt":"a","format":"json","json_schema":{}}"#,
+            r#"{"id":7,"prompt":"a","raw":"yes"}"#,
+            r#"{"id":8,"prompt":"a","raw":true,"system":"s"}"#,
+        ];
+        let err = parse(&bad.join("\n"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("8 bad line(s)"), "{err}");
+        for n in 1..=8 {
+            assert!(err.contains(&format!("line {n}: ")), "line {n}: {err}");
+        }
     }
 
     #[test]
