@@ -168,3 +168,153 @@ fn the_openai_sdk_lists_models_chats_streams_with_usage_and_gets_its_errors_by_s
     let (code, stderr) = serve.stop();
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn generation_controls_json_schema_stop_seed_conversation_and_raw_completions() {
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let out = serve.python("controls.py", "smollm2", &[]);
+    let result: serde_json::Value = serde_json::from_str(&out).expect("script JSON");
+    // A raw completion is the prompt without the chat template, as `infer --raw` sends it.
+    let infer = env.infer(&[
+        "--raw",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    infer.expect(0);
+    assert_eq!(infer.text(), result["raw"].as_str().expect("raw"));
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn beyond_slots_and_queue_requests_get_429_and_the_others_the_text_they_get_alone() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    if !python_sdk() {
+        return;
+    }
+    let env = Env::custom(|dir, _| {
+        format!(
+            "{}slots = 4\n[nodes.n1]\ntransport = \"local\"\nremote_dir = {:?}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+            dir.join("node").display().to_string()
+        )
+    });
+    let serve = Serve::start(&env, &["--max-queue", "4"]);
+    let out = serve.python("admission.py", "smollm2", &[]);
+    let counts: serde_json::Value = serde_json::from_str(&out).expect("script JSON");
+    // 4 slots and 4 waiting: of 16 sent at once, 8 are served and 8 turned away.
+    assert_eq!(counts["ok"], 8, "{counts}");
+    assert_eq!(counts["busy"], 8, "{counts}");
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_client_that_closes_its_stream_frees_the_nodes_slot_at_once() {
+    use std::io::{BufRead, Write};
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/disconnect.py");
+    let mut client = Command::new("python3")
+        .arg(&script)
+        .env("RBEE_BASE_URL", serve.base_url())
+        .env("RBEE_KEY", &serve.key)
+        .env("RBEE_MODEL", "smollm2")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = std::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "reading");
+    let in_flight = |env: &Env| {
+        env.workers()
+            .iter()
+            .map(|w| w["in_flight"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(in_flight(&env), 1, "the generation is not on the node");
+    let mut stdin = client.stdin.take().expect("stdin");
+    writeln!(stdin).expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "closed");
+    // The client process is still there; only its stream has gone.
+    assert!(
+        eventually(Duration::from_secs(1), || in_flight(&env) == 0),
+        "the node still works on a request whose client went away"
+    );
+    drop(stdin);
+    client.wait().expect("wait");
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn with_one_of_two_nodes_unreachable_requests_through_serve_still_succeed() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    let env = Env::custom(|dir, _| {
+        format!(
+            "{}[nodes.gone]\ntransport = \"ssh\"\nhost = \"127.0.0.1\"\nport = {}\n\
+             models = [\"smollm2\"]\n\
+             [nodes.n2]\ntransport = \"local\"\nremote_dir = {:?}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+            free_port(),
+            dir.join("node2").display().to_string()
+        )
+    });
+    let serve = Serve::start(&env, &[]);
+    let auth = format!("authorization: Bearer {}", serve.key);
+    for _ in 0..2 {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "-H", &auth, "-H"])
+            .arg("content-type: application/json")
+            .arg("-d")
+            .arg(
+                r#"{"model": "smollm2", "max_tokens": 8, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Hello"}]}"#,
+            )
+            .arg(format!("{}/chat/completions", serve.base_url()))
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["object"], "chat.completion");
+        assert!(
+            !v["choices"][0]["message"]["content"]
+                .as_str()
+                .expect("text")
+                .is_empty()
+        );
+        assert!(!body.contains("127.0.0.1"), "{body}");
+    }
+    let records = crate::support::records(&env.path().join("state/audit.jsonl"));
+    let attempts: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "infer_attempt")
+        .map(|r| (r["fields"]["node"].clone(), r["fields"]["outcome"].clone()))
+        .collect();
+    assert!(
+        attempts.contains(&("gone".into(), "unreachable".into())),
+        "{attempts:?}"
+    );
+    assert!(
+        attempts.contains(&("n2".into(), "ok".into())),
+        "{attempts:?}"
+    );
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
