@@ -318,3 +318,68 @@ fn with_one_of_two_nodes_unreachable_requests_through_serve_still_succeed() {
     let (code, stderr) = serve.stop();
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_and_exits_0_and_metrics_health_and_deadlines_answer() {
+    use std::io::{BufRead, Read};
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let auth = format!("Bearer {}", serve.key);
+    let body = br#"{"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
+    assert_eq!(status, 200, "{answer}");
+
+    // A deadline that cannot be met is 504 in OpenAI's envelope.
+    let mut late = headers.to_vec();
+    late.push(("x-rbee-timeout", "1ms"));
+    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &late, body);
+    assert_eq!(status, 504, "{answer}");
+    let error: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(error["error"]["code"], "deadline_exceeded", "{answer}");
+
+    let (status, health) = http(serve.port, "GET", "/health", &[], b"");
+    assert_eq!(status, 200, "{health}");
+    let (status, metrics) = http(serve.port, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .contains("rbee_serve_requests_total{model=\"smollm2\",node=\"n1\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rbee_serve_tokens_total{model=\"smollm2\",direction=\"out\"} 4"));
+    assert!(metrics.contains("rbee_serve_queued{model=\"smollm2\"} 0"));
+    assert!(metrics.contains("rbee_serve_time_to_first_token_seconds_count{model=\"smollm2\"} 1"));
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/drain.py");
+    let mut client = Command::new("python3")
+        .arg(&script)
+        .env("RBEE_BASE_URL", serve.base_url())
+        .env("RBEE_KEY", &serve.key)
+        .env("RBEE_MODEL", "smollm2")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = std::io::BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "reading");
+    let port = serve.port;
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read");
+    assert!(client.wait().expect("wait").success(), "{rest}");
+    let ended: serde_json::Value = serde_json::from_str(&rest).expect("JSON");
+    assert!(
+        ["stop", "length"].contains(&ended["finish_reason"].as_str().unwrap_or("")),
+        "{rest}"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}

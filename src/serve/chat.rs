@@ -166,7 +166,10 @@ async fn handle(
     .await
     {
         Ok(Ok(permit)) => permit,
-        Ok(Err(Refused::Full)) => return Err(ApiError::busy(&model_name, RETRY_AFTER_S)),
+        Ok(Err(Refused::Full)) => {
+            app.metrics.request(&model_name, "-", "busy");
+            return Err(ApiError::busy(&model_name, RETRY_AFTER_S));
+        }
         Ok(Err(Refused::Unknown)) => return Err(ApiError::model_not_found(&model_name)),
         Err(_) => {
             return Err(ApiError::deadline(format!(
@@ -274,13 +277,27 @@ fn start(
     tokio::spawn(async move {
         let _permit = permit;
         let started = Instant::now();
-        let outcome = run(&app, &mut request, &budget, &key, &tx).await;
-        let (result, done, node, client_gone) = outcome;
+        let Ran {
+            result,
+            done,
+            node,
+            client_gone,
+            first_token,
+        } = run(&app, &mut request, &budget, &key, &tx, started).await;
         let status = match &result {
             Ok(()) if client_gone => "client_gone".to_string(),
             Ok(()) => "ok".to_string(),
             Err(e) => e.kind().wire_code().to_string(),
         };
+        let model = &request.model.name;
+        app.metrics
+            .request(model, node.as_deref().unwrap_or("-"), &status);
+        if let Some(done) = &done {
+            app.metrics.tokens(model, done.tokens_in, done.tokens_out);
+        }
+        if let Some(t) = first_token {
+            app.metrics.first_token(model, t.as_secs_f64());
+        }
         match &result {
             Err(e) => eprintln!(
                 "rbee serve: request {} (key `{key}`, model `{}`, node `{}`): {status}: {e}",
@@ -303,6 +320,29 @@ fn start(
     rx
 }
 
+/// How a request went on the fleet.
+struct Ran {
+    result: Result<(), Error>,
+    done: Option<DoneEvent>,
+    /// The node that took it last.
+    node: Option<String>,
+    client_gone: bool,
+    /// From admission to the first token.
+    first_token: Option<Duration>,
+}
+
+impl Ran {
+    fn failed(e: Error) -> Ran {
+        Ran {
+            result: Err(e),
+            done: None,
+            node: None,
+            client_gone: false,
+            first_token: None,
+        }
+    }
+}
+
 /// Runs the request on the fleet, audited as `infer` is: the request, with the key's name,
 /// before it goes out; its end, with the node, tokens, outcome and duration, once it is over.
 async fn run(
@@ -311,11 +351,12 @@ async fn run(
     budget: &Budget,
     key: &str,
     tx: &mpsc::UnboundedSender<Msg>,
-) -> (Result<(), Error>, Option<DoneEvent>, Option<String>, bool) {
+    admitted: Instant,
+) -> Ran {
     let config = app.config.clone();
     let route = match config.route(None, Some(&request.model.name)) {
         Ok(route) => route,
-        Err(e) => return (Err(e), None, None, false),
+        Err(e) => return Ran::failed(e),
     };
     let first = route.nodes[0];
     if let Err(e) = trail::record_request(
@@ -329,12 +370,14 @@ async fn run(
             "candidates": route.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
         }),
     ) {
-        return (Err(e), None, None, false);
+        return Ran::failed(e);
     }
     let request = &*request;
     let account = Shared::default();
     let sink_tx = tx.clone();
-    let mut sink = move |t: &str| {
+    let mut first_token = None;
+    let mut sink = |t: &str| {
+        first_token.get_or_insert_with(|| admitted.elapsed());
         sink_tx
             .send(Msg::Token(t.to_string()))
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
@@ -377,12 +420,13 @@ async fn run(
         }),
     );
     let result = trail::audited(node, result, done, completed.err());
-    (
+    Ran {
         result,
-        account.done.clone(),
-        Some(node.name.clone()),
-        account.reader_gone,
-    )
+        done: account.done.clone(),
+        node: Some(node.name.clone()),
+        client_gone: account.reader_gone,
+        first_token,
+    }
 }
 
 /// The usage and finish reason of a generation that ended well, or the error to answer with.

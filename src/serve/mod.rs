@@ -6,6 +6,7 @@
 pub(crate) mod admission;
 mod chat;
 pub(crate) mod keys;
+mod metrics;
 mod openai;
 
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ pub(crate) struct App {
     keys: Keys,
     admission: Admission,
     runner: Runner,
+    metrics: metrics::Metrics,
     /// When this server started (Unix seconds): the `created` of its models.
     started: u64,
 }
@@ -84,6 +86,7 @@ async fn serve(settings: Settings) -> Result<()> {
             progress: crate::progress::Progress::hidden(),
             note_start: false,
         },
+        metrics: metrics::Metrics::default(),
         started: unix_now(),
     });
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -126,6 +129,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(chat::chat))
         .route("/v1/completions", post(chat::completions))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(app)
 }
@@ -187,6 +191,12 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         .collect();
     let body = json!({ "status": if any { "ok" } else { "unavailable" }, "queued": queued });
     (status, axum::Json(body)).into_response()
+}
+
+/// Prometheus metrics; like `/health`, outside `/v1/` and so without a key.
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = app.metrics.render(app.admission.queued());
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn not_found() -> Response {
