@@ -126,8 +126,9 @@ mod tests {
         );
         assert!(text.contains("rbee_serve_tokens_total{model=\"m\",direction=\"out\"} 5\n"));
         assert!(text.contains("rbee_serve_queued{model=\"m\"} 3\n"));
-        assert!(text.contains(
-            "rbee_serve_time_to_first_token_seconds_bucket{le=\"0.05\",model=\"m\"} 1\n"
-        ));
+        assert!(
+            text.contains("rbee_serve_time_to_first_token_seconds_count{model=\"m\"} 1\n"),
+            "{text}"
+        );
     }
 }
