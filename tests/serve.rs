@@ -383,3 +383,44 @@ fn sigterm_lets_the_request_in_flight_finish_and_exits_0_and_metrics_health_and_
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
+
+#[test]
+fn with_no_node_reachable_health_is_503_and_a_request_503_naming_no_host() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    let dead = free_port();
+    let env = Env::custom(|_, _| {
+        format!(
+            "{}[nodes.gone]\ntransport = \"ssh\"\nhost = \"127.0.0.1\"\nport = {dead}\n\
+             models = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+        )
+    });
+    let serve = Serve::start(&env, &[]);
+    assert!(eventually(Duration::from_secs(10), || {
+        http(serve.port, "GET", "/health", &[], b"").0 == 503
+    }));
+    let auth = format!("Bearer {}", serve.key);
+    let (status, answer) = http(
+        serve.port,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        br#"{"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}"#,
+    );
+    assert_eq!(status, 503, "{answer}");
+    let error: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(error["error"]["type"], "server_error", "{answer}");
+    assert!(
+        !answer.contains("127.0.0.1") && !answer.contains(&dead.to_string()),
+        "{answer}"
+    );
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+    // The details are in serve's log, under the request's id.
+    assert!(stderr.contains("gone"), "{stderr}");
+}

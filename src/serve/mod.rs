@@ -5,6 +5,7 @@
 
 pub(crate) mod admission;
 mod chat;
+mod fleet;
 pub(crate) mod keys;
 mod metrics;
 mod openai;
@@ -47,6 +48,7 @@ pub(crate) struct App {
     admission: Admission,
     runner: Runner,
     metrics: metrics::Metrics,
+    fleet: fleet::Fleet,
     /// When this server started (Unix seconds): the `created` of its models.
     started: u64,
 }
@@ -77,7 +79,9 @@ async fn serve(settings: Settings) -> Result<()> {
              `rbee serve key create NAME`"
         );
     }
+    let stop = CancellationToken::new();
     let app = Arc::new(App {
+        fleet: fleet::Fleet::watch(&settings.config, settings.connect, &stop),
         admission: Admission::new(&settings.config, settings.max_queue),
         config: Arc::new(settings.config),
         keys,
@@ -102,7 +106,6 @@ async fn serve(settings: Settings) -> Result<()> {
         json!({ "listen": local.to_string(), "max_queue": settings.max_queue }),
     );
 
-    let stop = CancellationToken::new();
     tokio::spawn({
         let stop = stop.clone();
         async move {
@@ -177,8 +180,12 @@ async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
+/// 200 while some node serving a model can be reached (its hive runs or can be started), as
+/// the fleet's watchers last saw it; 503 otherwise.
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let any = served(&app.config).next().is_some();
+    let seen = app.fleet.seen();
+    let reachable = seen.iter().filter(|(_, s)| s.reachable).count();
+    let any = reachable > 0 && served(&app.config).next().is_some();
     let status = if any {
         StatusCode::OK
     } else {
@@ -189,7 +196,14 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         .queued()
         .map(|(model, n)| (model.to_string(), n.into()))
         .collect();
-    let body = json!({ "status": if any { "ok" } else { "unavailable" }, "queued": queued });
+    let body = json!({
+        "status": if any { "ok" } else { "unavailable" },
+        "nodes": seen.len(),
+        "nodes_reachable": reachable,
+        "hives_answering": seen.iter().filter(|(_, s)| s.hive).count(),
+        "free_slots": seen.iter().map(|(_, s)| s.free_slots).sum::<u32>(),
+        "queued": queued,
+    });
     (status, axum::Json(body)).into_response()
 }
 
