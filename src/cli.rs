@@ -37,6 +37,9 @@ pub(crate) enum Command {
     Infer(InferArgs),
     /// Run a JSON-lines file of prompts over the fleet, one result line per prompt
     Batch(BatchArgs),
+    /// Serve the OpenAI-compatible API over the fleet, in the foreground; `serve key` manages
+    /// its API keys
+    Serve(ServeArgs),
     /// Start, stop and inspect the hive daemon on nodes
     Hive {
         #[command(subcommand)]
@@ -169,6 +172,38 @@ pub(crate) struct BatchArgs {
     pub(crate) timeout: Option<std::time::Duration>,
     /// JSON lines, one `{"id", "prompt", ...}` per line; `-` reads stdin
     pub(crate) input: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Requests per model that may wait for a slot; beyond them a request gets 429
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub(crate) max_queue: usize,
+    #[command(subcommand)]
+    pub(crate) command: Option<ServeCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ServeCommand {
+    /// API keys of `rbee serve`: only their SHA-256 is kept
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Make a new key named NAME and print it (the only time it is shown)
+    Create { name: String },
+    /// The keys by name and creation time (never the keys)
+    List,
+    /// Revoke the key named NAME: requests with it get 401 from then on
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]

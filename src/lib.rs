@@ -14,6 +14,8 @@
 //! - `queen`: what only the CLI side does: a connection to a node (hive client, tunnel, SSH
 //!   session), a node's hive seen from the queen (probe, start, stop), installing the binary
 //!   and model files, this machine's side of the audit trail around a request
+//! - `serve`: `rbee serve`, the OpenAI-compatible API over the fleet: API keys, admission,
+//!   the OpenAI shapes
 //! - `ssh`: russh sessions: known_hosts, authentication, forwards; `~/.ssh/config`, quoting
 //! - `hive`: the hive daemon: pidfile, the table of workers and each model's entry, supervisor
 //!   and restart policy, routes and relay, keys, metrics, model verification
@@ -39,6 +41,7 @@ mod paths;
 mod progress;
 pub mod protocol;
 mod queen;
+mod serve;
 mod server;
 mod signals;
 mod ssh;
@@ -102,6 +105,11 @@ where
         }
         Command::Infer(args) => queen(&ctx, verbose, true, cmd::infer::run(&ctx, args)),
         Command::Batch(args) => queen(&ctx, verbose, true, cmd::batch::run(&ctx, args)),
+        // A long-lived queen with a runtime of its own; its log says what each request did.
+        Command::Serve(args) => {
+            init_stderr_logging(verbose, "warn,rbee=info", false);
+            cmd::serve::run(&ctx, args)
+        }
         Command::Hive {
             command: HiveCommand::Fleet(op),
         } => queen(&ctx, verbose, true, cmd::hive::run(&ctx, op)),

@@ -24,8 +24,8 @@ impl Output {
         let _ = self.try_json_line(value);
     }
 
-    /// One JSON value on one line of stdout, saying whether it could be written (see
-    /// `reader_gone` for the failure that is not an error).
+    /// One JSON value on one line of stdout, saying whether it could be written (a
+    /// `BrokenPipe` means its reader has gone: the command then ends quietly, as ripgrep does).
     pub(crate) fn try_json_line(&self, value: &impl Serialize) -> std::io::Result<()> {
         let line = serde_json::to_string(value).map_err(std::io::Error::other)?;
         let mut out = std::io::stdout().lock();
@@ -47,12 +47,6 @@ impl Output {
             let _ = out.flush();
         }
     }
-}
-
-/// Whether a failed write to stdout means that its reader has gone (`rbee infer | head -1`):
-/// the reader has what it wanted, so the command ends quietly with success, as ripgrep does.
-pub(crate) fn reader_gone(err: &std::io::Error) -> bool {
-    err.kind() == std::io::ErrorKind::BrokenPipe
 }
 
 /// Resolves once stdout's reader has gone (the read end of its pipe is closed), which a command

@@ -9,58 +9,62 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     (
         "worker",
         &[
-            "hive", "ssh", "queen", "cli", "cmd", "audit", "output", "progress",
+            "serve", "hive", "ssh", "queen", "cli", "cmd", "audit", "output", "progress",
         ],
     ),
     // The hive is a daemon on a node: no CLI faces, no queen machinery, no SSH client.
     (
         "hive",
-        &["cli", "cmd", "queen", "ssh", "worker", "output", "progress"],
+        &[
+            "serve", "cli", "cmd", "queen", "ssh", "worker", "output", "progress",
+        ],
     ),
     // What only the CLI does never reaches into the faces or the worker.
-    ("queen", &["cli", "cmd", "worker"]),
+    ("queen", &["cli", "cmd", "worker", "serve"]),
+    // The API server is a queen: it reaches nodes through `queen`, never hive internals.
+    ("serve", &["cli", "cmd", "hive", "worker", "output"]),
     // The libraries every actor shares depend on no actor.
     (
         "audit",
         &[
-            "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
+            "serve", "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
         ],
     ),
     (
         "auth",
         &[
-            "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
+            "serve", "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
         ],
     ),
     (
         "config",
         &[
-            "hive", "worker", "queen", "cli", "cmd", "ssh", "audit", "auth", "server", "output",
-            "progress",
+            "serve", "hive", "worker", "queen", "cli", "cmd", "ssh", "audit", "auth", "server",
+            "output", "progress",
         ],
     ),
     (
         "protocol",
         &[
-            "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
+            "serve", "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
         ],
     ),
     (
         "ssh",
         &[
-            "hive", "worker", "queen", "cli", "cmd", "audit", "auth", "output", "progress",
+            "serve", "hive", "worker", "queen", "cli", "cmd", "audit", "auth", "output", "progress",
         ],
     ),
     (
         "deadline",
         &[
-            "hive", "worker", "queen", "cli", "cmd", "ssh", "audit", "output", "progress",
+            "serve", "hive", "worker", "queen", "cli", "cmd", "ssh", "audit", "output", "progress",
         ],
     ),
     (
         "server",
         &[
-            "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
+            "serve", "hive", "worker", "queen", "cli", "cmd", "ssh", "output", "progress",
         ],
     ),
 ];

@@ -23,6 +23,7 @@ pub(crate) mod isolation;
 mod model_files;
 mod pipes;
 mod proof;
+mod serve;
 mod signing;
 mod ssh;
 mod supervision;

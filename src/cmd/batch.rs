@@ -16,12 +16,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::BatchArgs;
 use crate::cmd::Context;
-use crate::cmd::infer::{fails_over, generate_text, stop_name};
 use crate::config::Node;
 use crate::deadline::Budget;
 use crate::error::{Error, ExitKind, IoContext, Result};
 use crate::progress::Progress;
 use crate::protocol::{DoneEvent, InferRequest};
+use crate::queen::generate::{Runner, fails_over, generate_text, stop_name};
 use crate::queen::trail;
 use input::Item;
 
@@ -52,11 +52,9 @@ pub(crate) async fn run(ctx: &Context, args: BatchArgs) -> Result<()> {
     );
     let batch = Batch {
         // Each item's own spinners would fight the batch's bar.
-        item_ctx: Context {
-            config_path: ctx.config_path.clone(),
-            out: ctx.out,
+        runner: Runner {
             progress: Progress::hidden(),
-            connect: ctx.connect,
+            ..ctx.runner()
         },
         nodes: &route.nodes,
         model: route.model,
@@ -90,7 +88,7 @@ pub(crate) async fn run(ctx: &Context, args: BatchArgs) -> Result<()> {
 }
 
 struct Batch<'a> {
-    item_ctx: Context,
+    runner: Runner,
     nodes: &'a [&'a Node],
     model: &'a crate::config::Model,
     retries: u32,
@@ -276,7 +274,7 @@ impl Batch<'_> {
         };
         let result = match self.requested(node, &mut request, &budget) {
             Ok(()) => {
-                let work = generate_text(&self.item_ctx, node, &request, &budget);
+                let work = generate_text(&self.runner, node, &request, &budget);
                 let result = match tokio::time::timeout_at(budget.deadline().into(), work).await {
                     Ok(result) => result,
                     Err(_) => Err(Error::deadline(format!(
@@ -305,7 +303,7 @@ impl Batch<'_> {
     /// not sent (the item fails with exit 10, not retried: every node would refuse it alike).
     fn requested(&self, node: &Node, request: &mut InferRequest, budget: &Budget) -> Result<()> {
         trail::record_request(
-            &self.item_ctx.audit(),
+            &crate::queen::audit(),
             request,
             node,
             budget,
@@ -326,7 +324,7 @@ impl Batch<'_> {
             Err(e) => (Err(e), None),
         };
         let done = answer.as_ref().map(|(_, d)| d);
-        let completed = self.item_ctx.audit().record(
+        let completed = crate::queen::audit().record(
             "infer_completed",
             Some(&request.request_id),
             json!({

@@ -8,6 +8,7 @@ pub(crate) mod hive;
 pub(crate) mod infer;
 pub(crate) mod models;
 pub(crate) mod nodes;
+pub(crate) mod serve;
 pub(crate) mod worker;
 
 use std::path::PathBuf;
@@ -40,6 +41,15 @@ impl Context {
         let config = self.config()?;
         let nodes = config.select_nodes(&sel.nodes, sel.all)?;
         Ok(nodes.into_iter().cloned().collect())
+    }
+
+    /// How this command runs requests on nodes: its connect options and spinners.
+    pub(crate) fn runner(&self) -> crate::queen::generate::Runner {
+        crate::queen::generate::Runner {
+            connect: self.connect,
+            progress: self.progress.clone(),
+            note_start: std::io::IsTerminal::is_terminal(&std::io::stderr()) && !self.out.quiet,
+        }
     }
 
     pub(crate) async fn open(&self, node: &Node, budget: &Budget) -> Result<NodeConn> {

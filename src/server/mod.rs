@@ -120,3 +120,35 @@ pub(crate) fn bind_unix(
         .at("make the socket private", path)?;
     Ok(listener)
 }
+
+/// A TCP listener with Nagle's algorithm off on every connection, for `axum::serve` (`rbee
+/// serve`'s API). A token is one small write; with Nagle on, the write after it waits for the
+/// peer's (delayed, up to 40 ms) acknowledgement of the one before.
+pub(crate) struct NoDelay(pub(crate) tokio::net::TcpListener);
+
+impl axum::serve::Listener for NoDelay {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((tcp, addr)) => {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
+                    }
+                    return (tcp, addr);
+                }
+                // Out of descriptors and the like: wait for some to be released, as axum does.
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}

@@ -1,0 +1,245 @@
+//! `rbee serve`: a long-lived queen that serves the OpenAI API over the fleet. Each request is
+//! admitted against its model's slots and wait queue, routed and failed over as `infer` does
+//! (`queen::generate`), audited on this machine, and answered in OpenAI's shapes; a client
+//! that goes away cancels its generation on the node.
+
+pub(crate) mod admission;
+mod chat;
+mod fleet;
+pub(crate) mod keys;
+mod metrics;
+mod openai;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{Error, IoError, Result};
+use crate::queen::generate::Runner;
+use crate::queen::node::ConnectOptions;
+use admission::Admission;
+use keys::Keys;
+use openai::ApiError;
+
+/// How long requests in flight may take to finish once a stop is asked for.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// What `rbee serve` runs with.
+pub(crate) struct Settings {
+    pub(crate) listen: SocketAddr,
+    pub(crate) max_queue: usize,
+    pub(crate) connect: ConnectOptions,
+    pub(crate) config: Config,
+}
+
+/// What every handler shares.
+pub(crate) struct App {
+    config: Arc<Config>,
+    keys: Keys,
+    admission: Admission,
+    runner: Runner,
+    metrics: metrics::Metrics,
+    fleet: fleet::Fleet,
+    /// When this server started (Unix seconds): the `created` of its models.
+    started: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs the server until SIGTERM or SIGINT, then lets requests in flight finish for up to
+/// `DRAIN` and returns.
+pub(crate) fn run(settings: Settings) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| IoError::doing("start the runtime", e))?;
+    let result = runtime.block_on(serve(settings));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(settings: Settings) -> Result<()> {
+    let keys = Keys::new(keys::path());
+    if keys.count()? == 0 {
+        eprintln!(
+            "rbee: warning: no API keys yet; every request gets 401 until one is made with \
+             `rbee serve key create NAME`"
+        );
+    }
+    let stop = CancellationToken::new();
+    let app = Arc::new(App {
+        fleet: fleet::Fleet::watch(&settings.config, settings.connect, &stop),
+        admission: Admission::new(&settings.config, settings.max_queue),
+        config: Arc::new(settings.config),
+        keys,
+        runner: Runner {
+            connect: settings.connect,
+            progress: crate::progress::Progress::hidden(),
+            note_start: false,
+        },
+        metrics: metrics::Metrics::default(),
+        started: unix_now(),
+    });
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| IoError::doing(format!("listen on {}", settings.listen), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| IoError::doing("read the listening address", e))?;
+    eprintln!("rbee serve: listening on http://{local}/v1");
+    crate::queen::audit_note(
+        "serve_started",
+        None,
+        json!({ "listen": local.to_string(), "max_queue": settings.max_queue }),
+    );
+
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            crate::signals::terminated().await;
+            eprintln!("rbee serve: stopping; requests in flight have {DRAIN:?} to finish");
+            stop.cancel();
+        }
+    });
+    let server = axum::serve(crate::server::NoDelay(listener), router(app))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    tokio::select! {
+        result = server => result.map_err(|e| IoError::doing("serve", e))?,
+        () = async { stop.cancelled().await; tokio::time::sleep(DRAIN).await } => {
+            eprintln!("rbee serve: requests still in flight after {DRAIN:?} were cut off");
+        }
+    }
+    crate::queen::audit_note("serve_stopped", None, json!({}));
+    Ok(())
+}
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat::chat))
+        .route("/v1/completions", post(chat::completions))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// The key's name when the request carries a key on file, else 401.
+fn authorize(app: &App, headers: &HeaderMap) -> std::result::Result<String, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized("this API needs a key: `Authorization: Bearer KEY`")
+        })?;
+    match app.keys.check(presented) {
+        Ok(Some(name)) => Ok(name),
+        Ok(None) => Err(ApiError::unauthorized("the API key is not valid")),
+        Err(e) => {
+            tracing::error!("cannot read the API keys: {e}");
+            eprintln!("rbee serve: cannot read the API keys: {e}");
+            Err(ApiError::internal("the server cannot check API keys now"))
+        }
+    }
+}
+
+/// The models of nodes.toml that some node serves.
+fn served(config: &Config) -> impl Iterator<Item = &str> {
+    config
+        .models
+        .keys()
+        .filter(|name| config.nodes.values().any(|n| n.models.contains(name)))
+        .map(String::as_str)
+}
+
+async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&app, &headers) {
+        return e.into_response();
+    }
+    let data: Vec<_> = served(&app.config)
+        .map(|name| {
+            json!({ "id": name, "object": "model", "created": app.started, "owned_by": "rbee" })
+        })
+        .collect();
+    axum::Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// 200 while some node serving a model can be reached (its hive runs or can be started), as
+/// the fleet's watchers last saw it; 503 otherwise.
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let seen = app.fleet.seen();
+    let reachable = seen.iter().filter(|(_, s)| s.reachable).count();
+    let any = reachable > 0 && served(&app.config).next().is_some();
+    let status = if any {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let queued: serde_json::Map<String, serde_json::Value> = app
+        .admission
+        .queued()
+        .map(|(model, n)| (model.to_string(), n.into()))
+        .collect();
+    let body = json!({
+        "status": if any { "ok" } else { "unavailable" },
+        "nodes": seen.len(),
+        "nodes_reachable": reachable,
+        "hives_answering": seen.iter().filter(|(_, s)| s.hive).count(),
+        "free_slots": seen.iter().map(|(_, s)| s.free_slots).sum::<u32>(),
+        "queued": queued,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// Prometheus metrics; like `/health`, outside `/v1/` and so without a key.
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = app.metrics.render(app.admission.queued());
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint".to_string(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("unknown_url"),
+        retry_after: None,
+    }
+    .into_response()
+}
+
+/// A failed request as its client sees it: the class of what happened, never the node's host,
+/// a path or a key (those are in this server's log under the request id).
+fn api_error(err: &Error, model: &str, request_id: &str) -> ApiError {
+    use crate::error::ExitKind;
+    match err.kind() {
+        // About the request itself: the client can act on what it says.
+        ExitKind::InvalidRequest => ApiError::invalid(None, err.to_string()),
+        ExitKind::Deadline => ApiError::deadline(format!(
+            "the request's deadline passed before it finished (request id {request_id})"
+        )),
+        ExitKind::Internal => ApiError::internal(format!(
+            "the server failed on this request (request id {request_id})"
+        )),
+        _ => ApiError::unavailable(format!(
+            "no node can serve `{model}` now; try again later (request id {request_id})"
+        )),
+    }
+}

@@ -1,0 +1,426 @@
+//! `rbee serve`: the OpenAI API over the fleet, driven by the real `openai` Python SDK against
+//! the real binary, a real hive and the real model.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{Env, eventually, free_port, http};
+
+/// Whether `python3` has the `openai` and `jsonschema` packages: in CI their absence is a
+/// failure; elsewhere the test is skipped with a note.
+pub(crate) fn python_sdk() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import openai, jsonschema"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("python3 lacks the `openai` or `jsonschema` package (run scripts/setup.sh)");
+        }
+        eprintln!("skipped: python3 lacks the `openai` package (run scripts/setup.sh)");
+    }
+    ok
+}
+
+/// A running `rbee serve` of an environment, with a key made for it.
+pub(crate) struct Serve {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) key: String,
+}
+
+impl Serve {
+    pub(crate) fn start(env: &Env, extra: &[&str]) -> Serve {
+        let made = env.run(&["--json", "serve", "key", "create", "ci"]);
+        made.expect(0);
+        let key =
+            serde_json::from_str::<serde_json::Value>(made.stdout.trim()).expect("JSON")["key"]
+                .as_str()
+                .expect("key")
+                .to_string();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["serve", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let child = env
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rbee serve");
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }),
+            "rbee serve did not listen"
+        );
+        Serve { child, port, key }
+    }
+
+    pub(crate) fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    /// Runs a Python script of `tests/serve/` against this server; its stdout.
+    pub(crate) fn python(&self, script: &str, model: &str, env: &[(&str, &str)]) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/serve")
+            .join(script);
+        let out = Command::new("python3")
+            .arg(&path)
+            .env("RBEE_BASE_URL", self.base_url())
+            .env("RBEE_KEY", &self.key)
+            .env("RBEE_MODEL", model)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "{script} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGTERM, then the exit code and what the server wrote on stderr.
+    pub(crate) fn stop(mut self) -> (i32, String) {
+        use std::io::Read;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let status = self.child.wait().expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        (status.code().unwrap_or(-1), stderr)
+    }
+}
+
+#[test]
+fn the_openai_sdk_lists_models_chats_streams_with_usage_and_gets_its_errors_by_status() {
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let out = serve.python("sdk.py", "smollm2", &[]);
+    let result: serde_json::Value = serde_json::from_str(&out).expect("script JSON");
+    let text = result["text"].as_str().expect("text");
+
+    // The same prompt through `infer` gives the same text: the same route, template and sampler.
+    let infer = env.infer(&[
+        "--system",
+        "You answer in one short sentence.",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+    ]);
+    infer.expect(0);
+    assert_eq!(infer.text(), text);
+
+    // Only a key's hash is kept, in a file of its owner's alone; the list never shows a key.
+    let keys = std::fs::read_to_string(env.path().join("state/serve-keys.json")).expect("keys");
+    assert!(!keys.contains(&serve.key));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(env.path().join("state/serve-keys.json"))
+            .expect("meta")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let list = env.run(&["--json", "serve", "key", "list"]);
+    list.expect(0);
+    assert!(list.stdout.contains("\"ci\"") && !list.stdout.contains(&serve.key));
+
+    // Each request is one audit record here, naming the key, never the key itself.
+    let records = crate::support::records(&env.path().join("state/audit.jsonl"));
+    let served: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "infer_completed" && r["fields"]["key"] == "ci")
+        .collect();
+    assert_eq!(served.len(), 2, "{records:#?}");
+    assert!(
+        served
+            .iter()
+            .all(|r| r["fields"]["exit_code"] == 0 && r["fields"]["node"] == "n1")
+    );
+    let log = std::fs::read_to_string(env.path().join("state/audit.jsonl")).expect("log");
+    assert!(!log.contains(&serve.key));
+
+    // A revoked key is refused from the next request on.
+    env.run(&["serve", "key", "revoke", "ci"]).expect(0);
+    let auth = format!("Bearer {}", serve.key);
+    let (status, body) = http(
+        serve.port,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth)],
+        b"",
+    );
+    assert_eq!(status, 401, "{body}");
+
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn generation_controls_json_schema_stop_seed_conversation_and_raw_completions() {
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let out = serve.python("controls.py", "smollm2", &[]);
+    let result: serde_json::Value = serde_json::from_str(&out).expect("script JSON");
+    // A raw completion is the prompt without the chat template, as `infer --raw` sends it.
+    let infer = env.infer(&[
+        "--raw",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    infer.expect(0);
+    assert_eq!(infer.text(), result["raw"].as_str().expect("raw"));
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn beyond_slots_and_queue_requests_get_429_and_the_others_the_text_they_get_alone() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    if !python_sdk() {
+        return;
+    }
+    let env = Env::custom(|dir, _| {
+        format!(
+            "{}slots = 4\n[nodes.n1]\ntransport = \"local\"\nremote_dir = {:?}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+            dir.join("node").display().to_string()
+        )
+    });
+    let serve = Serve::start(&env, &["--max-queue", "4"]);
+    let out = serve.python("admission.py", "smollm2", &[]);
+    let counts: serde_json::Value = serde_json::from_str(&out).expect("script JSON");
+    // 4 slots and 4 waiting: of 16 sent at once, 8 are served and 8 turned away.
+    assert_eq!(counts["ok"], 8, "{counts}");
+    assert_eq!(counts["busy"], 8, "{counts}");
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_client_that_closes_its_stream_frees_the_nodes_slot_at_once() {
+    use std::io::{BufRead, Write};
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/disconnect.py");
+    let mut client = Command::new("python3")
+        .arg(&script)
+        .env("RBEE_BASE_URL", serve.base_url())
+        .env("RBEE_KEY", &serve.key)
+        .env("RBEE_MODEL", "smollm2")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = std::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "reading");
+    let in_flight = |env: &Env| {
+        env.workers()
+            .iter()
+            .map(|w| w["in_flight"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(in_flight(&env), 1, "the generation is not on the node");
+    let mut stdin = client.stdin.take().expect("stdin");
+    writeln!(stdin).expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "closed");
+    // The client process is still there; only its stream has gone.
+    assert!(
+        eventually(Duration::from_secs(1), || in_flight(&env) == 0),
+        "the node still works on a request whose client went away"
+    );
+    drop(stdin);
+    client.wait().expect("wait");
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn with_one_of_two_nodes_unreachable_requests_through_serve_still_succeed() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    let env = Env::custom(|dir, _| {
+        format!(
+            "{}[nodes.gone]\ntransport = \"ssh\"\nhost = \"127.0.0.1\"\nport = {}\n\
+             models = [\"smollm2\"]\n\
+             [nodes.n2]\ntransport = \"local\"\nremote_dir = {:?}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+            free_port(),
+            dir.join("node2").display().to_string()
+        )
+    });
+    let serve = Serve::start(&env, &[]);
+    let auth = format!("authorization: Bearer {}", serve.key);
+    for _ in 0..2 {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "-H", &auth, "-H"])
+            .arg("content-type: application/json")
+            .arg("-d")
+            .arg(
+                r#"{"model": "smollm2", "max_tokens": 8, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Hello"}]}"#,
+            )
+            .arg(format!("{}/chat/completions", serve.base_url()))
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["object"], "chat.completion");
+        assert!(
+            !v["choices"][0]["message"]["content"]
+                .as_str()
+                .expect("text")
+                .is_empty()
+        );
+        assert!(!body.contains("127.0.0.1"), "{body}");
+    }
+    let records = crate::support::records(&env.path().join("state/audit.jsonl"));
+    let attempts: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "infer_attempt")
+        .map(|r| (r["fields"]["node"].clone(), r["fields"]["outcome"].clone()))
+        .collect();
+    assert!(
+        attempts.contains(&("gone".into(), "unreachable".into())),
+        "{attempts:?}"
+    );
+    assert!(
+        attempts.contains(&("n2".into(), "ok".into())),
+        "{attempts:?}"
+    );
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_and_exits_0_and_metrics_health_and_deadlines_answer() {
+    use std::io::{BufRead, Read};
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let auth = format!("Bearer {}", serve.key);
+    let body = br#"{"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
+    assert_eq!(status, 200, "{answer}");
+
+    // A deadline that cannot be met is 504 in OpenAI's envelope.
+    let mut late = headers.to_vec();
+    late.push(("x-rbee-timeout", "1ms"));
+    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &late, body);
+    assert_eq!(status, 504, "{answer}");
+    let error: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(error["error"]["code"], "deadline_exceeded", "{answer}");
+
+    let (status, health) = http(serve.port, "GET", "/health", &[], b"");
+    assert_eq!(status, 200, "{health}");
+    let (status, metrics) = http(serve.port, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .contains("rbee_serve_requests_total{model=\"smollm2\",node=\"n1\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rbee_serve_tokens_total{model=\"smollm2\",direction=\"out\"} 4"));
+    assert!(metrics.contains("rbee_serve_queued{model=\"smollm2\"} 0"));
+    assert!(metrics.contains("rbee_serve_time_to_first_token_seconds_count{model=\"smollm2\"} 1"));
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/drain.py");
+    let mut client = Command::new("python3")
+        .arg(&script)
+        .env("RBEE_BASE_URL", serve.base_url())
+        .env("RBEE_KEY", &serve.key)
+        .env("RBEE_MODEL", "smollm2")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = std::io::BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "reading");
+    let port = serve.port;
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read");
+    assert!(client.wait().expect("wait").success(), "{rest}");
+    let ended: serde_json::Value = serde_json::from_str(&rest).expect("JSON");
+    assert!(
+        ["stop", "length"].contains(&ended["finish_reason"].as_str().unwrap_or("")),
+        "{rest}"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn with_no_node_reachable_health_is_503_and_a_request_503_naming_no_host() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    let dead = free_port();
+    let env = Env::custom(|_, _| {
+        format!(
+            "{}[nodes.gone]\ntransport = \"ssh\"\nhost = \"127.0.0.1\"\nport = {dead}\n\
+             models = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+        )
+    });
+    let serve = Serve::start(&env, &[]);
+    assert!(eventually(Duration::from_secs(10), || {
+        http(serve.port, "GET", "/health", &[], b"").0 == 503
+    }));
+    let auth = format!("Bearer {}", serve.key);
+    let (status, answer) = http(
+        serve.port,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        br#"{"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}"#,
+    );
+    assert_eq!(status, 503, "{answer}");
+    let error: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(error["error"]["type"], "server_error", "{answer}");
+    assert!(
+        !answer.contains("127.0.0.1") && !answer.contains(&dead.to_string()),
+        "{answer}"
+    );
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+    // The details are in serve's log, under the request's id.
+    assert!(stderr.contains("gone"), "{stderr}");
+}
