@@ -266,7 +266,8 @@ impl Batch<'_> {
         let budget = Budget::new(self.timeout.unwrap_or(node.timeout));
         let mut request = InferRequest {
             request_id: format!("{:032x}", rand::random::<u128>()),
-            model: self.model.clone(),
+            model: self.model.name.clone(),
+            model_digest: crate::protocol::model_digest(self.model),
             system: item.system.clone(),
             prompt: item.prompt.clone(),
             messages: Vec::new(),

@@ -110,7 +110,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
     let mut request = InferRequest {
         request_id: request_id.to_string(),
-        model: model.clone(),
+        model: model.name.clone(),
+        model_digest: crate::protocol::model_digest(model),
         system: args.system,
         prompt,
         messages: Vec::new(),
@@ -356,7 +357,8 @@ async fn generate(
         p.timings.connect = Some(conn.connect_time.as_secs_f64() * 1000.0);
         p.stage = Some(("hive start", Instant::now()));
     }
-    let running = lifecycle::ensure_running(&mut conn, budget, &ctx.progress).await?;
+    let models = crate::queen::node_models(&ctx.config()?, node);
+    let running = lifecycle::ensure_running(&mut conn, &models, budget, &ctx.progress).await?;
     {
         let mut p = progress.borrow_mut();
         let ms = running.elapsed.as_secs_f64() * 1000.0;
@@ -375,9 +377,12 @@ async fn generate(
     // error (dropping it clears it too).
     let mut waiting = Some(ctx.progress.spinner(format!(
         "waiting for `{}` on `{}`: queue, load and prefill",
-        request.model.name, node.name
+        request.model, node.name
     )));
-    let response = conn.client.infer(request, budget).await?;
+    let client = &conn.client;
+    let response = client
+        .with_models(&models, budget, || client.infer(request, budget))
+        .await?;
     let mut stream = std::pin::pin!(events(response));
     while let Some(event) = stream.next().await {
         let event = event.map_err(|e| match e {
@@ -393,7 +398,7 @@ async fn generate(
             if let (Some(spinner), Ok(p)) = (&waiting, parse::<PrefillEvent>(&event.data)) {
                 spinner.set_message(format!(
                     "waiting for `{}` on `{}`: prefill {}/{} tokens",
-                    request.model.name, node.name, p.done, p.total
+                    request.model, node.name, p.done, p.total
                 ));
             }
             continue;
