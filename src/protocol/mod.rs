@@ -787,6 +787,71 @@ mod tests {
         }
     }
 
+    fn spec() -> Model {
+        Model {
+            name: "m".to_string(),
+            path: "/models/m.gguf".to_string(),
+            sha256: "ab".repeat(32),
+            source: Some("hf://o/r/m.gguf".to_string()),
+            context: Some(2048),
+            slots: 2,
+            gpu_layers: 0,
+            threads: Some(1),
+        }
+    }
+
+    #[test]
+    fn the_digest_covers_the_node_side_spec_only() {
+        let base = model_digest(&spec());
+        assert_eq!(base.len(), 64);
+        let moved = Model {
+            source: None,
+            ..spec()
+        };
+        assert_eq!(model_digest(&moved), base, "the queen-side source counts");
+        for changed in [
+            Model {
+                path: "/other.gguf".to_string(),
+                ..spec()
+            },
+            Model { slots: 3, ..spec() },
+            Model {
+                context: None,
+                ..spec()
+            },
+        ] {
+            assert_ne!(model_digest(&changed), base, "{changed:?}");
+        }
+        let table = ModelTable::of([&spec()]);
+        assert_eq!(table.models[0].source, None);
+        assert!(table.validate().is_ok());
+    }
+
+    #[test]
+    fn a_model_table_out_of_bounds_is_invalid() {
+        let bad = [
+            vec![Model {
+                name: "../x".to_string(),
+                ..spec()
+            }],
+            vec![spec(), spec()],
+            vec![Model {
+                sha256: "x".to_string(),
+                ..spec()
+            }],
+            vec![Model { slots: 0, ..spec() }],
+            vec![Model {
+                path: String::new(),
+                ..spec()
+            }],
+            vec![spec(); MAX_MODELS + 1],
+        ];
+        for models in bad {
+            let err = ModelTable { models }.validate().expect_err("out of bounds");
+            assert_eq!(err.code(), 8);
+        }
+    }
+
     #[test]
     fn error_classes_survive_the_wire() {
         let err = Error::worker("model refused");
