@@ -110,6 +110,11 @@ pub enum Error {
     /// closed) unless the node is `audit = "best-effort"`.
     #[error("{0}")]
     Audit(String),
+    /// The hive does not serve the model a request names, or serves it with another spec than
+    /// the request's digest: the queen sends the node's models (`PUT /v1/models`) and tries
+    /// once more. Exit 3 when it reaches the user: the node's configuration is the cause.
+    #[error("{0}")]
+    ModelSpec(String),
     #[error("interrupted")]
     Interrupted,
     #[error("{0}")]
@@ -177,7 +182,7 @@ impl Error {
     /// Which class of the exit-code table this error belongs to: the one place that decides.
     pub fn kind(&self) -> ExitKind {
         match self {
-            Error::Config(_) => ExitKind::Config,
+            Error::Config(_) | Error::ModelSpec(_) => ExitKind::Config,
             Error::Ssh(_) => ExitKind::Ssh,
             Error::Io(_) | Error::Internal(_) => ExitKind::Internal,
             Error::Deadline(_) => ExitKind::Deadline,
@@ -194,7 +199,28 @@ impl Error {
     pub fn code(&self) -> u8 {
         self.kind().code()
     }
+
+    /// The wire code a peer sends for this error: its class's, except for the one error of a
+    /// class that the queen acts on (a model spec it must send again).
+    pub(crate) fn wire_code(&self) -> &'static str {
+        match self {
+            Error::ModelSpec(_) => MODEL_SPEC_MISMATCH,
+            other => other.kind().wire_code(),
+        }
+    }
+
+    /// The error a peer's wire code and message stand for.
+    pub(crate) fn from_wire(code: &str, message: String) -> Error {
+        if code == MODEL_SPEC_MISMATCH {
+            Error::ModelSpec(message)
+        } else {
+            Error::of_kind(ExitKind::from_wire_code(code), message)
+        }
+    }
 }
+
+/// The wire code of `Error::ModelSpec`.
+pub(crate) const MODEL_SPEC_MISMATCH: &str = "model_spec_mismatch";
 
 /// How the budget ran out.
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +299,10 @@ mod tests {
             assert_eq!(Error::of_kind(kind, "x").kind(), kind);
         }
         assert_eq!(ExitKind::from_wire_code("no such"), ExitKind::Internal);
+        let spec = Error::ModelSpec("stale".into());
+        let back = Error::from_wire(spec.wire_code(), spec.to_string());
+        assert!(matches!(back, Error::ModelSpec(m) if m == "stale"));
+        assert_eq!(spec.code(), 3);
     }
 
     #[test]

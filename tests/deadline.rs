@@ -69,11 +69,8 @@ fn a_budget_spent_before_the_hive_is_answered_at_once() {
     env.run(&["hive", "start", "n1"]).expect(0);
     let body = serde_json::json!({
         "request_id": "spent",
-        "model": {
-            "name": "smollm2", "path": crate::support::model().expect("model"),
-            "sha256": crate::support::MODEL_SHA256, "source": null, "context": null,
-            "slots": 1, "gpu_layers": 0, "threads": 1
-        },
+        "model": "smollm2",
+        "model_digest": "0".repeat(64),
         "system": null,
         "prompt": "Hi",
         "params": { "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": null }

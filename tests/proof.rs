@@ -109,12 +109,15 @@ class Handler(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 "#;
 
+/// The protocol this build's hive speaks (`protocol::PROTOCOL_VERSION`).
+const PROTOCOL: u32 = 3;
+
 /// The proxy (or fake hive) running in `mode`, at `port`, in front of `upstream`.
 struct Proxy(Child);
 
 impl Proxy {
     fn start(dir: &Path, mode: &str, port: u16, upstream: &Path, n: usize) -> Proxy {
-        Proxy::speaking(dir, mode, port, upstream, n, 2)
+        Proxy::speaking(dir, mode, port, upstream, n, PROTOCOL)
     }
 
     /// The same, claiming protocol `protocol` in its health.

@@ -254,8 +254,7 @@ fn hostile_input_is_refused_with_a_clear_4xx_and_the_hive_keeps_serving() {
     // Straight to the hive, bypassing the CLI's own checks.
     let body = serde_json::json!({
         "request_id": "h", "system": null, "prompt": "Hi",
-        "model": {"name": "../etc", "path": "/x", "sha256": crate::support::MODEL_SHA256,
-                  "source": null, "context": null, "slots": 1, "gpu_layers": 0, "threads": 1},
+        "model": "../etc", "model_digest": "0".repeat(64),
         "params": {"max_tokens": 0, "temperature": 0.0, "top_p": 1.0, "seed": null}
     });
     let (s, b) = env.signed("POST", "/v1/infer", &[], body.to_string().as_bytes());

@@ -240,13 +240,15 @@ fn an_idle_worker_that_stops_answering_is_replaced() {
 
 #[test]
 fn an_idle_worker_that_misses_one_health_check_is_not_killed() {
-    // The default: three misses in a row. A stop of 6 s spans one check (every 5 s).
+    // The default: three misses in a row. A check starts every 5 s and is missed when it
+    // starts at least 2 s (its timeout) before the worker continues: a stop of 9 s has one or
+    // two such starts, never three.
     let Some(env) = Env::new("") else { return };
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let pid = worker(&env)["pid"].as_i64().expect("pid");
     signal(pid, nix::sys::signal::Signal::SIGSTOP);
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(9));
     signal(pid, nix::sys::signal::Signal::SIGCONT);
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);

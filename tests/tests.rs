@@ -21,6 +21,7 @@ mod generation;
 mod infer;
 pub(crate) mod isolation;
 mod model_files;
+mod model_table;
 mod pipes;
 mod proof;
 mod serve;

@@ -54,7 +54,7 @@ pub(crate) async fn run(ctx: &Context, args: BatchArgs) -> Result<()> {
         // Each item's own spinners would fight the batch's bar.
         runner: Runner {
             progress: Progress::hidden(),
-            ..ctx.runner()
+            ..ctx.runner(&config)
         },
         nodes: &route.nodes,
         model: route.model,
@@ -264,7 +264,8 @@ impl Batch<'_> {
         let budget = Budget::new(self.timeout.unwrap_or(node.timeout));
         let mut request = InferRequest {
             request_id: format!("{:032x}", rand::random::<u128>()),
-            model: self.model.clone(),
+            model: self.model.name.clone(),
+            model_digest: crate::protocol::model_digest(self.model),
             system: item.system.clone(),
             prompt: item.prompt.clone(),
             messages: Vec::new(),

@@ -31,7 +31,22 @@ async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
             Ok(c) => c,
             Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        match lifecycle::ensure_running(&mut conn, &budget, &ctx.progress).await {
+        let models = match ctx.config() {
+            Ok(config) => crate::queen::node_models(&config.models, &node),
+            Err(e) => return NodeResult::failed(&node, "failed", &e),
+        };
+        let running = lifecycle::ensure_running(&mut conn, &models, &budget, &ctx.progress).await;
+        // A hive that already ran gets the node's models as nodes.toml has them now: the way an
+        // operator hands it a removed or added model without a request for it.
+        let running = match running {
+            Ok(r) if !r.started => conn
+                .client
+                .update_models(&models, budget.remaining())
+                .await
+                .map(|()| r),
+            other => other,
+        };
+        match running {
             Ok(running) => NodeResult {
                 pid: running.health.signed.as_ref().map(|d| d.pid),
                 uptime_s: running.health.signed.as_ref().map(|d| d.uptime_s),

@@ -65,7 +65,8 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let budget = Budget::new(args.timeout.unwrap_or(first.timeout));
     let mut request = InferRequest {
         request_id: request_id.to_string(),
-        model: model.clone(),
+        model: model.name.clone(),
+        model_digest: crate::protocol::model_digest(model),
         system: args.system,
         prompt,
         messages: Vec::new(),
@@ -85,7 +86,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         }),
     )?;
     let progress = Shared::default();
-    let runner = ctx.runner();
+    let runner = ctx.runner(&config);
     let mut sink = |t: &str| print_token(ctx, t);
     let work = generate::place(&runner, &route, &request, &budget, &progress, &mut sink);
     let outcome = tokio::select! {

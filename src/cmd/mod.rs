@@ -44,9 +44,10 @@ impl Context {
     }
 
     /// How this command runs requests on nodes: its connect options and spinners.
-    pub(crate) fn runner(&self) -> crate::queen::generate::Runner {
+    pub(crate) fn runner(&self, config: &Config) -> crate::queen::generate::Runner {
         crate::queen::generate::Runner {
             connect: self.connect,
+            models: std::sync::Arc::new(config.models.clone()),
             progress: self.progress.clone(),
             note_start: std::io::IsTerminal::is_terminal(&std::io::stderr()) && !self.out.quiet,
         }

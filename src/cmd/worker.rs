@@ -140,10 +140,14 @@ async fn restart(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
     let config = ctx.config()?;
     let node = config.node(node)?;
     config.model(node, Some(model))?;
-    let conn = ctx.open(node, &Budget::new(node.timeout)).await?;
-    let info = conn
-        .client
-        .restart_worker(model, Duration::from_secs(150))
+    let budget = Budget::new(Duration::from_secs(150));
+    let conn = ctx.open(node, &budget).await?;
+    let models = crate::queen::node_models(&config.models, node);
+    let client = &conn.client;
+    let info = client
+        .with_models(&models, &budget, || {
+            client.restart_worker(model, budget.remaining())
+        })
         .await?;
     ctx.out.result(&info, || {
         format!(

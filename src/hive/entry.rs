@@ -53,6 +53,9 @@ pub(crate) struct EntryState {
     pub(crate) restart_count: u32,
     pub(crate) last_restart: Option<SystemTime>,
     pub(crate) last_backoff: Option<Duration>,
+    /// The running worker serves a spec the hive no longer has (changed or removed by a model
+    /// table update): it is stopped once idle, and the next request starts one with the spec.
+    pub(crate) outdated: bool,
 }
 
 /// A place in a model's queue, held for the length of one generation.
@@ -117,6 +120,7 @@ impl Entry {
                 restart_count: 0,
                 last_restart: None,
                 last_backoff: None,
+                outdated: false,
             }),
         }
     }

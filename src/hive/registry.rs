@@ -22,6 +22,9 @@ pub(crate) struct Registry {
     /// The node this hive serves, for messages.
     pub(crate) node: String,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
+    /// The models this hive serves, as the queen last sent them (`PUT /v1/models`), each with
+    /// its digest: requests name a model, and run with the spec found here.
+    table: Mutex<HashMap<String, (Model, String)>>,
     verifier: Verifier,
     exe: PathBuf,
     dir: PathBuf,
@@ -55,6 +58,7 @@ impl Registry {
         Registry {
             node,
             entries: Mutex::new(HashMap::new()),
+            table: Mutex::new(HashMap::new()),
             verifier: Verifier::default(),
             exe,
             dir,
@@ -88,15 +92,84 @@ impl Registry {
         map.get(model).cloned()
     }
 
-    /// The entry for a model, created on first use; a changed spec replaces the stored one and
-    /// takes effect at the next spawn.
+    /// The entry for a model, created on first use.
     pub(crate) fn entry(&self, model: &Model) -> Arc<Entry> {
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map
-            .entry(model.name.clone())
-            .or_insert_with(|| Arc::new(Entry::new(model)));
-        entry.respec(model);
-        entry.clone()
+        map.entry(model.name.clone())
+            .or_insert_with(|| Arc::new(Entry::new(model)))
+            .clone()
+    }
+
+    /// The spec of a model this hive serves; with `digest`, only when the queen means the
+    /// same spec. `ModelSpec` otherwise, which makes the queen send the node's models again.
+    pub(crate) fn served(&self, name: &str, digest: Option<&str>) -> Result<Model> {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        match table.get(name) {
+            Some((spec, ours)) if digest.is_none_or(|d| d == ours) => Ok(spec.clone()),
+            Some(_) => Err(Error::ModelSpec(format!(
+                "the hive on `{}` serves `{name}` with another spec than the request's; the \
+                 queen sends it the node's models from its nodes.toml",
+                self.node
+            ))),
+            None => Err(Error::ModelSpec(format!(
+                "the node `{}` does not serve the model `{name}`; add it to the node's `models` \
+                 in nodes.toml",
+                self.node
+            ))),
+        }
+    }
+
+    /// Replaces the table with `models` (already validated). A model whose spec changed takes
+    /// it from its next spawn and next lease; a worker serving a changed or removed spec is
+    /// stopped now when idle, else once idle (`reap`). What changed: names and digests.
+    pub(crate) async fn update(&self, models: Vec<Model>) -> serde_json::Value {
+        let new: HashMap<String, (Model, String)> = models
+            .into_iter()
+            .map(|m| {
+                let digest = crate::protocol::model_digest(&m);
+                (m.name.clone(), (m, digest))
+            })
+            .collect();
+        let old = {
+            let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *table, new.clone())
+        };
+        let mut changed = Vec::new();
+        for entry in self.entries() {
+            let outdated = match new.get(&entry.name) {
+                Some((spec, _)) => {
+                    let differs = entry.lock().spec != *spec;
+                    if differs {
+                        entry.respec(spec);
+                    }
+                    differs
+                }
+                None => true,
+            };
+            if outdated {
+                changed.push(entry.clone());
+            }
+        }
+        for entry in changed {
+            let idle = {
+                let mut st = entry.lock();
+                st.outdated = st.proc.is_some();
+                let unused = st.in_flight == 0 && st.queued == 0 && !st.loading;
+                if unused { st.proc.take() } else { None }
+            };
+            if let Some(proc) = idle {
+                entry.lock().outdated = false;
+                tracing::info!(model = %entry.name, pid = proc.pid, "stopping a worker whose spec changed");
+                proc.stop(STOP_GRACE).await;
+            }
+        }
+        let mut names: Vec<&String> = new.keys().collect();
+        names.sort();
+        let removed: Vec<&String> = old.keys().filter(|n| !new.contains_key(*n)).collect();
+        serde_json::json!({
+            "models": names.iter().map(|n| serde_json::json!({"model": n, "digest": new[*n].1})).collect::<Vec<_>>(),
+            "removed": removed,
+        })
     }
 
     pub(crate) fn workers(&self) -> Vec<WorkerInfo> {
@@ -147,7 +220,8 @@ impl Registry {
                 let mut st = entry.lock();
                 let unused = st.in_flight == 0 && st.queued == 0 && !st.loading;
                 let alive = st.proc.as_ref().is_some_and(|p| p.exit_status().is_none());
-                if unused && alive && st.last_used.elapsed() >= self.keep_alive {
+                if unused && alive && (st.outdated || st.last_used.elapsed() >= self.keep_alive) {
+                    st.outdated = false;
                     st.proc.take()
                 } else {
                     None

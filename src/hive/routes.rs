@@ -8,7 +8,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -24,8 +24,8 @@ use crate::hive::registry::Registry;
 use crate::hive::requests::Requests;
 use crate::protocol::error_from_response;
 use crate::protocol::{
-    GenerateRequest, HiveDetail, HiveHealth, InferRequest, REQUEST_ID_HEADER, RequestInfo,
-    RequestStage, WorkerInfo,
+    GenerateRequest, HiveDetail, HiveHealth, InferRequest, ModelTable, REQUEST_ID_HEADER,
+    RequestInfo, RequestStage, WorkerInfo,
 };
 use crate::server::ApiError;
 
@@ -51,6 +51,7 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/v1/workers/{model}/restart", post(restart_worker))
         .route("/v1/requests", get(requests))
         .route("/v1/infer", post(infer))
+        .route("/v1/models", put(update_models))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/keys/reload", post(keys_reload))
         .route("/v1/keys/retire", post(keys_retire))
@@ -113,9 +114,8 @@ async fn restart_worker(
     if hive.shutdown.is_cancelled() {
         return Err(hive.registry.stopping_error().into());
     }
-    let entry = hive.registry.find(&model).ok_or_else(|| {
-        Error::config(format!("no worker for `{model}` has run on this hive yet"))
-    })?;
+    let spec = hive.registry.served(&model, None)?;
+    let entry = hive.registry.entry(&spec);
     let was_failed = matches!(entry.lock().supervision, Supervision::Failed { .. });
     if was_failed {
         hive.audit
@@ -143,6 +143,22 @@ async fn restart_worker(
         .info()
         .ok_or_else(|| Error::worker(format!("the worker for `{model}` did not stay up")))?;
     Ok(Json(info))
+}
+
+/// The queen's models for this node replace the table: what requests may name from now on.
+async fn update_models(
+    State(hive): State<Arc<Hive>>,
+    Json(table): Json<ModelTable>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
+    table.validate()?;
+    let fields = hive.registry.update(table.models).await;
+    hive.audit
+        .note("models_updated", None, fields.clone())
+        .await;
+    Ok(Json(fields))
 }
 
 async fn requests(State(hive): State<Arc<Hive>>) -> Json<Vec<RequestInfo>> {
@@ -213,8 +229,8 @@ async fn start_generation(
     if hive.shutdown.is_cancelled() {
         return Err(hive.registry.stopping_error().into());
     }
-    if !config::valid_name(&request.model.name) {
-        return Err(Error::invalid(format!("invalid model name `{}`", request.model.name)).into());
+    if !config::valid_name(&request.model) {
+        return Err(Error::invalid("invalid model name").into());
     }
     request.validate()?;
     let generate = GenerateRequest {
@@ -232,9 +248,14 @@ async fn start_generation(
             Error::deadline("the request's budget was spent before it reached the hive").into(),
         );
     }
+    // The model's file and settings are the node's own, from the queen's last table: the
+    // request names the model and the spec it means (its digest), and carries nothing else of it.
+    let spec = hive
+        .registry
+        .served(&request.model, Some(&request.model_digest))?;
     tracing::info!(
         request_id = %generate.request_id,
-        model = %request.model.name,
+        model = %request.model,
         budget_ms = u64::try_from(budget.remaining().as_millis()).unwrap_or(u64::MAX),
         "request received"
     );
@@ -247,7 +268,7 @@ async fn start_generation(
             "request_started",
             Some(generate.request_id.clone()),
             serde_json::json!({
-                "model": request.model.name,
+                "model": request.model,
                 "prompt": crate::audit::digest(&generate.input_text()),
                 "budget_ms": u64::try_from(budget.remaining().as_millis()).unwrap_or(u64::MAX),
                 "queen_audit": request.queen_audit,
@@ -259,8 +280,8 @@ async fn start_generation(
     }
     let tracked = hive
         .requests
-        .track(&generate.request_id, &request.model.name, budget);
-    let entry = hive.registry.entry(&request.model);
+        .track(&generate.request_id, &request.model, budget);
+    let entry = hive.registry.entry(&spec);
     let queued_at = Instant::now();
     let lease = entry.lease(&budget, &hive.registry).await?;
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
@@ -304,14 +325,14 @@ async fn start_generation(
             Error::worker(format!(
                 "the worker for `{}` did not answer for {}s and was killed as stuck; the hive \
                  restarts it per its restart policy",
-                request.model.name,
+                request.model,
                 crate::hive::relay::STALL_TIMEOUT.as_secs()
             ))
         })?
         .map_err(|e| {
             Error::worker(format!(
                 "cannot reach the worker for `{}`: {e}",
-                request.model.name
+                request.model
             ))
         })?;
     if !response.status().is_success() {
@@ -326,7 +347,7 @@ async fn start_generation(
         lease,
         proc,
         metrics: hive.metrics.clone(),
-        model: request.model.name,
+        model: request.model,
         node: hive.node.clone(),
         drained: hive.drained.clone(),
         queue_ms,

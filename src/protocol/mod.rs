@@ -8,7 +8,7 @@ use crate::config::Model;
 use crate::error::{Error, ExitKind};
 
 /// Bumped when a hive and a CLI of different versions can no longer talk.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 pub(crate) const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
 /// The `status` of a hive's `/health` once it has begun to stop (else `ok`).
 pub(crate) const HIVE_STOPPING: &str = "stopping";
@@ -162,11 +162,90 @@ fn check_input(
     Ok(())
 }
 
-/// Queen -> hive: run a prompt on a model.
+/// Most models one hive's table holds (`PUT /v1/models`).
+pub(crate) const MAX_MODELS: usize = 256;
+
+/// What of a model's spec the node uses: all of it but the queen-side `source`.
+pub(crate) fn node_spec(model: &Model) -> Model {
+    Model {
+        source: None,
+        ..model.clone()
+    }
+}
+
+/// SHA-256 (hex) of the node-side spec as JSON (fields in declaration order, no spaces): the
+/// one function both ends use, so a request proves which spec its queen means by name.
+pub(crate) fn model_digest(model: &Model) -> String {
+    use sha2::Digest;
+    // Serializing plain strings and numbers cannot fail.
+    let json = serde_json::to_vec(&node_spec(model)).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(&json))
+}
+
+/// Queen -> hive (`PUT /v1/models`): every model the node serves, which replaces the hive's
+/// table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ModelTable {
+    pub(crate) models: Vec<Model>,
+}
+
+impl ModelTable {
+    /// The node's models, without what only the queen uses.
+    pub(crate) fn of<'a>(models: impl IntoIterator<Item = &'a Model>) -> ModelTable {
+        ModelTable {
+            models: models.into_iter().map(node_spec).collect(),
+        }
+    }
+
+    /// What the hive checks before it keeps a table: the bounds nodes.toml has.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        use crate::config::{MAX_CONTEXT, MAX_GPU_LAYERS, MAX_SLOTS, MAX_THREADS};
+        if self.models.len() > MAX_MODELS {
+            return Err(Error::invalid(format!(
+                "a hive serves at most {MAX_MODELS} models, got {}",
+                self.models.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.models {
+            let bad = if !crate::config::valid_name(&m.name) {
+                Some("an invalid name")
+            } else if !seen.insert(m.name.as_str()) {
+                Some("a second entry")
+            } else if m.path.is_empty() || m.path.len() > 4096 || m.path.contains('\0') {
+                Some("an invalid path")
+            } else if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Some("an invalid sha256")
+            } else if m.slots == 0 || m.slots > MAX_SLOTS {
+                Some("`slots` out of range")
+            } else if m.context.is_some_and(|c| c == 0 || c > MAX_CONTEXT)
+                || m.threads.is_some_and(|t| t == 0 || t > MAX_THREADS)
+                || m.gpu_layers > MAX_GPU_LAYERS
+            {
+                Some("`context`, `threads` or `gpu_layers` out of range")
+            } else {
+                None
+            };
+            if let Some(bad) = bad {
+                let shown: String = m.name.chars().take(64).collect();
+                return Err(Error::invalid(format!(
+                    "the model table has {bad} for model `{shown}`"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Queen -> hive: run a prompt on a model, named; the hive runs it with the spec it was given.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct InferRequest {
     pub(crate) request_id: String,
-    pub(crate) model: Model,
+    /// The model's name in the node's table.
+    pub(crate) model: String,
+    /// `model_digest` of the spec the queen means: a hive whose table says otherwise refuses
+    /// with `model_spec_mismatch`.
+    pub(crate) model_digest: String,
     pub(crate) system: Option<String>,
     pub(crate) prompt: String,
     /// When non-empty: the whole conversation, rendered with the model's chat template
@@ -331,7 +410,7 @@ pub(crate) struct ErrorBody {
 impl From<&Error> for ErrorBody {
     fn from(err: &Error) -> ErrorBody {
         ErrorBody {
-            code: err.kind().wire_code().to_string(),
+            code: err.wire_code().to_string(),
             message: err.to_string(),
         }
     }
@@ -339,7 +418,7 @@ impl From<&Error> for ErrorBody {
 
 impl From<ErrorBody> for Error {
     fn from(body: ErrorBody) -> Error {
-        Error::of_kind(ExitKind::from_wire_code(&body.code), body.message)
+        Error::from_wire(&body.code, body.message)
     }
 }
 
@@ -705,6 +784,71 @@ mod tests {
         for p in bad {
             let err = p.validate().expect_err("out of bounds");
             assert_eq!(err.code(), 8, "{p:?}");
+        }
+    }
+
+    fn spec() -> Model {
+        Model {
+            name: "m".to_string(),
+            path: "/models/m.gguf".to_string(),
+            sha256: "ab".repeat(32),
+            source: Some("hf://o/r/m.gguf".to_string()),
+            context: Some(2048),
+            slots: 2,
+            gpu_layers: 0,
+            threads: Some(1),
+        }
+    }
+
+    #[test]
+    fn the_digest_covers_the_node_side_spec_only() {
+        let base = model_digest(&spec());
+        assert_eq!(base.len(), 64);
+        let moved = Model {
+            source: None,
+            ..spec()
+        };
+        assert_eq!(model_digest(&moved), base, "the queen-side source counts");
+        for changed in [
+            Model {
+                path: "/other.gguf".to_string(),
+                ..spec()
+            },
+            Model { slots: 3, ..spec() },
+            Model {
+                context: None,
+                ..spec()
+            },
+        ] {
+            assert_ne!(model_digest(&changed), base, "{changed:?}");
+        }
+        let table = ModelTable::of([&spec()]);
+        assert_eq!(table.models[0].source, None);
+        assert!(table.validate().is_ok());
+    }
+
+    #[test]
+    fn a_model_table_out_of_bounds_is_invalid() {
+        let bad = [
+            vec![Model {
+                name: "../x".to_string(),
+                ..spec()
+            }],
+            vec![spec(), spec()],
+            vec![Model {
+                sha256: "x".to_string(),
+                ..spec()
+            }],
+            vec![Model { slots: 0, ..spec() }],
+            vec![Model {
+                path: String::new(),
+                ..spec()
+            }],
+            vec![spec(); MAX_MODELS + 1],
+        ];
+        for models in bad {
+            let err = ModelTable { models }.validate().expect_err("out of bounds");
+            assert_eq!(err.code(), 8);
         }
     }
 

@@ -266,6 +266,48 @@ impl HiveClient {
             .and_then(|p| i32::try_from(p).ok()))
     }
 
+    /// Sends the node's models (`PUT /v1/models`): they replace the hive's table.
+    pub(crate) async fn update_models(
+        &self,
+        models: &crate::protocol::ModelTable,
+        timeout: Duration,
+    ) -> Result<()> {
+        let body = serde_json::to_vec(models)
+            .map_err(|e| Error::internal(format!("cannot encode the models: {e}")))?;
+        let (request, nonce) = self.request(Method::PUT, "/v1/models", body);
+        let response = request
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let _: serde_json::Value = self.json(response, &nonce).await?;
+        Ok(())
+    }
+
+    /// Runs `op`; when the hive answers that it does not serve the model as the queen means it
+    /// (`Error::ModelSpec`: a hive started by another queen, or nodes.toml changed since), sends
+    /// it the node's models and runs `op` once more, within the same budget. What `infer`,
+    /// `batch` and `worker restart` share.
+    pub(crate) async fn with_models<T, F, Fut>(
+        &self,
+        models: &crate::protocol::ModelTable,
+        budget: &Budget,
+        op: F,
+    ) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match op().await {
+            Err(Error::ModelSpec(why)) => {
+                tracing::info!(node = %self.node, "sending the node's models: {why}");
+                self.update_models(models, budget.remaining()).await?;
+                op().await
+            }
+            other => other,
+        }
+    }
+
     /// Starts a generation; the response body is the event stream. The answer is the node's
     /// (its signature header verified), and `protocol::sse::events` checks every event of it
     /// before yielding it: an event that does not verify ends the stream with

@@ -25,6 +25,8 @@ use crate::queen::{lifecycle, route};
 #[derive(Clone)]
 pub(crate) struct Runner {
     pub(crate) connect: ConnectOptions,
+    /// The models of nodes.toml, each node's table of them sent to its hive from here.
+    pub(crate) models: std::sync::Arc<indexmap::IndexMap<String, crate::config::Model>>,
     pub(crate) progress: Progress,
     /// Say on stderr that a hive was started (a person at a terminal asked).
     pub(crate) note_start: bool,
@@ -231,7 +233,8 @@ pub(crate) async fn generate(
         a.timings.connect = Some(conn.connect_time.as_secs_f64() * 1000.0);
         a.stage = Some(("hive start", Instant::now()));
     }
-    let running = lifecycle::ensure_running(&mut conn, budget, &runner.progress).await?;
+    let models = crate::queen::node_models(&runner.models, node);
+    let running = lifecycle::ensure_running(&mut conn, &models, budget, &runner.progress).await?;
     {
         let mut a = account.get();
         let ms = running.elapsed.as_secs_f64() * 1000.0;
@@ -250,9 +253,12 @@ pub(crate) async fn generate(
     // error (dropping it clears it too).
     let mut waiting = Some(runner.progress.spinner(format!(
         "waiting for `{}` on `{}`: queue, load and prefill",
-        request.model.name, node.name
+        request.model, node.name
     )));
-    let response = conn.client.infer(request, budget).await?;
+    let client = &conn.client;
+    let response = client
+        .with_models(&models, budget, || client.infer(request, budget))
+        .await?;
     let mut stream = std::pin::pin!(events(response));
     while let Some(event) = stream.next().await {
         let event = match event {
@@ -275,7 +281,7 @@ pub(crate) async fn generate(
             if let (Some(spinner), Ok(p)) = (&waiting, parse::<PrefillEvent>(&event.data)) {
                 spinner.set_message(format!(
                     "waiting for `{}` on `{}`: prefill {}/{} tokens",
-                    request.model.name, node.name, p.done, p.total
+                    request.model, node.name, p.done, p.total
                 ));
             }
             continue;

@@ -17,7 +17,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::hive::{LOG_FILE, PID_FILE, pidfile};
 use crate::paths;
 use crate::progress::Progress;
-use crate::protocol::{HiveHealth, PROTOCOL_VERSION};
+use crate::protocol::{HiveHealth, ModelTable, PROTOCOL_VERSION};
 use crate::queen::client::HiveClient;
 use crate::queen::install;
 use crate::queen::node::NodeConn;
@@ -61,11 +61,24 @@ pub(crate) fn local_dir(node: &Node) -> PathBuf {
     paths::expand_tilde(&node.remote_dir)
 }
 
+/// Makes sure the node's hive runs; one this call starts gets `models` (the node's, from
+/// nodes.toml) before it is used.
 pub(crate) async fn ensure_running(
     conn: &mut NodeConn,
+    models: &ModelTable,
     budget: &Budget,
     progress: &Progress,
 ) -> Result<Running> {
+    let running = running(conn, budget, progress).await?;
+    if running.started {
+        conn.client
+            .update_models(models, budget.remaining())
+            .await?;
+    }
+    Ok(running)
+}
+
+async fn running(conn: &mut NodeConn, budget: &Budget, progress: &Progress) -> Result<Running> {
     let t0 = Instant::now();
     match probe(&conn.client, budget.remaining()).await {
         // A hive on its way out takes no new work: wait for it to let go of its pidfile, then

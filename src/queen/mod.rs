@@ -30,3 +30,11 @@ pub(crate) fn audit_note(
         }
     }
 }
+
+/// The models `node` serves, as nodes.toml says: what its hive is given.
+pub(crate) fn node_models(
+    models: &indexmap::IndexMap<String, crate::config::Model>,
+    node: &crate::config::Node,
+) -> crate::protocol::ModelTable {
+    crate::protocol::ModelTable::of(node.models.iter().filter_map(|m| models.get(m)))
+}

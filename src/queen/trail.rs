@@ -33,7 +33,7 @@ pub(crate) fn record_request(
 ) -> Result<()> {
     let mut fields = serde_json::json!({
         "node": node.name,
-        "model": request.model.name,
+        "model": request.model,
         "prompt": crate::audit::digest(&request.prompt),
         "system": request.system.as_deref().map(crate::audit::digest),
         "max_tokens": request.params.max_tokens,

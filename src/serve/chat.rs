@@ -132,7 +132,8 @@ async fn handle(
     };
     let request = InferRequest {
         request_id: request_id.to_string(),
-        model,
+        model: model.name.clone(),
+        model_digest: crate::protocol::model_digest(&model),
         system,
         prompt,
         messages,
@@ -154,7 +155,7 @@ async fn handle(
                 Kind::Completion => format!("cmpl-{request_id}"),
             },
             created: super::unix_now(),
-            model: request.model.name.clone(),
+            model: request.model.clone(),
         },
         request,
         budget,
@@ -289,7 +290,7 @@ fn start(
             Ok(()) => "ok".to_string(),
             Err(e) => e.kind().wire_code().to_string(),
         };
-        let model = &request.model.name;
+        let model = &request.model;
         app.metrics
             .request(model, node.as_deref().unwrap_or("-"), &status);
         if let Some(done) = &done {
@@ -302,13 +303,13 @@ fn start(
             Err(e) => eprintln!(
                 "rbee serve: request {} (key `{key}`, model `{}`, node `{}`): {status}: {e}",
                 request.request_id,
-                request.model.name,
+                request.model,
                 node.as_deref().unwrap_or("-")
             ),
             Ok(()) => tracing::info!(
                 request_id = %request.request_id,
                 key,
-                model = %request.model.name,
+                model = %request.model,
                 node = node.as_deref().unwrap_or("-"),
                 tokens_out = done.as_ref().map(|d| d.tokens_out),
                 ms = started.elapsed().as_millis() as u64,
@@ -354,7 +355,7 @@ async fn run(
     admitted: Instant,
 ) -> Ran {
     let config = app.config.clone();
-    let route = match config.route(None, Some(&request.model.name)) {
+    let route = match config.route(None, Some(&request.model)) {
         Ok(route) => route,
         Err(e) => return Ran::failed(e),
     };
@@ -408,7 +409,7 @@ async fn run(
         Some(&request.request_id),
         json!({
             "node": node.name,
-            "model": request.model.name,
+            "model": request.model,
             "key": key,
             "exit_code": result.as_ref().err().map_or(0, Error::code),
             "stop_reason": done.map(|d| d.stop_reason),
@@ -431,7 +432,7 @@ async fn run(
 
 /// The usage and finish reason of a generation that ended well, or the error to answer with.
 fn ended(job: &Job, outcome: &Outcome) -> Result<(Usage, &'static str), ApiError> {
-    let model = &job.request.model.name;
+    let model = &job.request.model;
     let id = &job.request.request_id;
     if let Err(e) = &outcome.result {
         return Err(api_error(e, model, id));

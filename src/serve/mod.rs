@@ -80,6 +80,7 @@ async fn serve(settings: Settings) -> Result<()> {
         );
     }
     let stop = CancellationToken::new();
+    let models = Arc::new(settings.config.models.clone());
     let app = Arc::new(App {
         fleet: fleet::Fleet::watch(&settings.config, settings.connect, &stop),
         admission: Admission::new(&settings.config, settings.max_queue),
@@ -87,6 +88,7 @@ async fn serve(settings: Settings) -> Result<()> {
         keys,
         runner: Runner {
             connect: settings.connect,
+            models: models.clone(),
             progress: crate::progress::Progress::hidden(),
             note_start: false,
         },
