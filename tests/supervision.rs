@@ -262,6 +262,7 @@ fn an_idle_worker_that_misses_one_health_check_is_not_killed() {
         log.contains("missed a health check (1 of 3 in a row)"),
         "{log}"
     );
+    assert!(!log.contains("in a row; killing it"), "{log}");
 }
 
 #[test]
