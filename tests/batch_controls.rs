@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::{Env, MODEL_SHA256, Run, eventually, model, model_table};
+use crate::support::{Env, MODEL_SHA256, Run, eventually, model, model_table, results};
 
 const LONG: &str = "Write a long, detailed essay about the history of the bicycle.";
 
@@ -34,14 +34,6 @@ fn by_id(lines: &[serde_json::Value]) -> HashMap<String, serde_json::Value> {
         assert!(seen.insert(id, l.clone()).is_none(), "twice: {l}");
     }
     seen
-}
-
-fn results(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
 }
 
 #[test]

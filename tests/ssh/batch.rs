@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{Fleet, node};
-use crate::support::eventually;
+use crate::support::{eventually, results};
 
 /// `n` prompts with ids `p0`, `p1`, ...: short, greedy answers, so the batch is quick.
 fn write_input(path: &Path, n: usize) {
@@ -22,14 +22,6 @@ fn write_input(path: &Path, n: usize) {
         })
         .collect();
     std::fs::write(path, lines.join("\n") + "\n").expect("input");
-}
-
-fn results(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
 }
 
 /// Asserts that each of the `n` ids is in `lines` exactly once, as a success; returns how many
