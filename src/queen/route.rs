@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-use crate::config::{Model, Node};
+use crate::config::{Model, Node, Transport};
 use crate::deadline::Budget;
 use crate::error::Error;
 use crate::protocol::{WorkerInfo, WorkerState};
@@ -17,6 +17,9 @@ use crate::queen::node::{ConnectOptions, NodeConn};
 
 /// The most of the budget the probes may take together.
 const PROBE_SLICE: Duration = Duration::from_millis(1500);
+
+/// How long SSH candidates wait for the nodes reached without a handshake to answer first.
+const SSH_HOLD: Duration = Duration::from_millis(20);
 
 /// How soon a node could start on the request, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,11 +75,16 @@ pub(crate) fn standing(workers: &[WorkerInfo], model: &Model) -> Option<Standing
     }
 }
 
-/// Probes `nodes` at once and returns them best first, with those that cannot serve. The ranking
-/// is decided as soon as it cannot change: when the first node in file order that has the model
+/// Probes `nodes` and returns them best first, with those that cannot serve. The ranking is
+/// decided as soon as it cannot change: when the first node in file order that has the model
 /// loaded with a free slot has answered and so has every node before it, the slower probes
 /// (typically SSH nodes still connecting) are dropped and their nodes come last, unprobed, for
 /// failover.
+///
+/// Nodes reached without a handshake (local, plain HTTP) are asked first; SSH nodes join once
+/// those have answered, or after `SSH_HOLD`. A local hive answers in about a millisecond, while
+/// eight SSH handshakes take tens of milliseconds of this process's CPU: when a local node
+/// already decides the ranking, no SSH connection is opened at all.
 pub(crate) async fn rank(
     nodes: &[&Node],
     model: &Model,
@@ -85,19 +93,39 @@ pub(crate) async fn rank(
 ) -> (Vec<Ranked>, Vec<Skipped>) {
     let slice =
         Budget::new((budget.remaining() / 10).clamp(Duration::from_millis(200), PROBE_SLICE));
-    let mut probes: FuturesUnordered<_> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| async move { (i, probe(node, model, &slice, options).await) })
-        .collect();
+    let ask = |i: usize| {
+        let node = nodes[i];
+        let slice = &slice;
+        async move { (i, probe(node, model, slice, options).await) }
+    };
+    let (ssh, cheap): (Vec<usize>, Vec<usize>) =
+        (0..nodes.len()).partition(|&i| nodes[i].transport == Transport::Ssh);
+    let mut held = Some(ssh);
+    let mut probes: FuturesUnordered<_> = cheap.into_iter().map(ask).collect();
+    if probes.is_empty() {
+        probes.extend(held.take().into_iter().flatten().map(ask));
+    }
+    let hold = tokio::time::sleep(SSH_HOLD);
+    tokio::pin!(hold);
     let mut answers: Vec<Option<Result<Ranked, Skipped>>> = nodes.iter().map(|_| None).collect();
-    while let Some((i, answer)) = probes.next().await {
-        answers[i] = Some(answer);
-        let seen = answers
-            .iter()
-            .map(|a| a.as_ref().map(|r| r.as_ref().ok().map(|r| r.standing)));
-        if settled(seen) {
-            break;
+    loop {
+        tokio::select! {
+            next = probes.next() => {
+                let Some((i, answer)) = next else { break };
+                answers[i] = Some(answer);
+                let seen = answers
+                    .iter()
+                    .map(|a| a.as_ref().map(|r| r.as_ref().ok().map(|r| r.standing)));
+                if settled(seen) {
+                    break;
+                }
+                if probes.is_empty() {
+                    probes.extend(held.take().into_iter().flatten().map(ask));
+                }
+            }
+            () = &mut hold, if held.is_some() => {
+                probes.extend(held.take().into_iter().flatten().map(ask));
+            }
         }
     }
     drop(probes);

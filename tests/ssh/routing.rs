@@ -187,3 +187,36 @@ fn a_free_node_first_in_the_file_is_chosen_without_waiting_for_a_node_that_never
     assert_eq!(attempts(&done), [("a".into(), "ok".into())], "{done}");
     drop(held);
 }
+
+#[test]
+fn a_local_node_that_decides_the_choice_opens_no_ssh_connection() {
+    let local = super::NodeSpec {
+        name: "a",
+        remote_dir: None,
+        extra: "transport = \"local\"\n",
+    };
+    let Some(mut fleet) = Fleet::new(&[local, node("b")]) else {
+        return;
+    };
+    fleet
+        .env
+        .infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
+        .expect(0);
+    // b's sshd gives way to a listener that only counts the connections made to it: the kernel
+    // completes each connect into its backlog whether or not it is accepted.
+    let port = fleet.servers[1].port;
+    drop(fleet.servers.remove(1));
+    let counter = std::net::TcpListener::bind(("127.0.0.1", port)).expect("b's port");
+    counter.set_nonblocking(true).expect("nonblocking");
+    let run = fleet
+        .env
+        .infer(&["--model", "smollm2", "--prompt", "Hi", "--max-tokens", "1"]);
+    run.expect(0);
+    let done = run.done();
+    assert_eq!(done["node"], "a", "{done}");
+    let connections = std::iter::from_fn(|| counter.accept().ok()).count();
+    assert_eq!(
+        connections, 0,
+        "b was dialled although the loaded local node first in the file decided the choice"
+    );
+}
