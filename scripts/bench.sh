@@ -12,7 +12,8 @@
 #   5. cold: `hive start` until ready; the first `infer` including the model load
 #   6. `hive status` wall time over 1 and 8 SSH nodes
 #   7. resident memory of an idle hive and of a worker with the model loaded
-#   8. llama-server --parallel 4 (scripts/llama-server.sh builds it once): 1-token request
+#   8. llama-server --parallel 4, built with llama.cpp's own CMake defaults (scripts/llama-cpp.sh
+#      builds it once): 1-token request
 #      latency (curl) and 4-way streamed aggregate throughput
 #   9. how far past `--timeout 1s` an invocation ends, local and SSH (OVERSHOOT_RUNS each)
 #  10. rbee batch of 16 items over one node against the same 16 as waves of 4 concurrent infer
@@ -21,6 +22,8 @@
 #  12. the OpenAI API with the openai SDK (scripts/bench_serve.py), `rbee serve` over the local
 #      node against llama-server --parallel 4: time to the first streamed token, and 4-way
 #      streamed aggregate decode
+#  13. scripts/bench_llama.sh (BENCH_LLAMA=0 skips it): rbee against llama-bench and
+#      llama-server --parallel 4 and 8 built with llama.cpp's defaults, in alternating rounds
 # Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
 # and reported as medians; latencies are medians of LATENCY_RUNS per round.
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=3, DECODE_PAIRS=4 (per round),
@@ -44,7 +47,7 @@ command -v curl >/dev/null || { echo "bench: needs curl" >&2; exit 1; }
 
 say() { printf 'bench: %s\n' "$*" >&2; }
 
-LLAMA_SERVER=$(scripts/llama-server.sh)
+LLAMA_SERVER="$(scripts/llama-cpp.sh default)/llama-server"
 say "building the raw engine benchmark"
 cargo bench --quiet --bench engine --no-run 2>/dev/null
 ENGINE=$(cargo bench --quiet --bench engine --no-run --message-format=json 2>/dev/null \
@@ -347,3 +350,8 @@ json.dump({"machine": {"cpu": cpu, "cores": int(cores), "memory_gib": int(mem)},
           open("bench.json", "w"), indent=2)
 PY
 say "wrote bench.json"
+if [ "${BENCH_LLAMA:-1}" != 0 ]; then
+    cleanup
+    trap - EXIT
+    ROUNDS="${LLAMA_ROUNDS:-7}" RBEE="$RBEE" scripts/bench_llama.sh
+fi

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# rbee against llama.cpp's own tools built the way a user builds them (llama.cpp's CMake
+# defaults, scripts/llama-cpp.sh default), on this machine, in alternating rounds; prints a
+# table and writes bench-llama.json. Each ratio is taken within a round, so the machine's drift
+# cancels; the table gives the median of the rounds' ratios and their range.
+#
+#   a. decode: llama-bench tg128 against rbee's decode rate taken as a user sees it, from wall
+#      times: (tokens of a 128-token `infer` - 1) / (its wall time - a 1-token `infer`'s)
+#   b. the same llama-bench built with the CPU flags of the llama.cpp inside rbee
+#      (scripts/llama-cpp.sh matched): what llama-cpp-sys-2's build flags give up
+#   c. aggregate decode of 4 and 8 concurrent streamed requests: `rbee infer` against
+#      `llama-server --parallel 4` and `--parallel 8`; rbee's model has 4 slots (the default) for
+#      the 4-way row and 8 for the 8-way row, as many as llama-server's
+#   d. the per-token cost of the hive's proof: signing and verifying one stream event
+#      (`cargo bench --bench auth`)
+#   RBEE=path/to/rbee (default: the release build), ROUNDS=7, TOKENS=128
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target}"
+RBEE="${RBEE:-$CARGO_TARGET_DIR/release/rbee}"
+ROUNDS="${ROUNDS:-7}"
+TOKENS="${TOKENS:-128}"
+MODEL="${RBEE_TEST_MODEL:-$HOME/.cache/rbee/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+[ -x "$RBEE" ] || { echo "bench: no rbee at $RBEE (run scripts/setup.sh)" >&2; exit 1; }
+[ -f "$MODEL" ] || { echo "bench: no model at $MODEL (run scripts/setup.sh)" >&2; exit 1; }
+
+say() { printf 'bench: %s\n' "$*" >&2; }
+
+DEFAULT_BIN=$(scripts/llama-cpp.sh default)
+MATCHED_BIN=$(scripts/llama-cpp.sh matched)
+say "building the signing benchmark"
+cargo bench --quiet --bench auth --no-run 2>/dev/null
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    "$RBEE" hive stop --all >/dev/null 2>&1 || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+export RBEE_CONFIG="$work/nodes.toml" RBEE_HOME="$work/state"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now_ms() { date +%s%3N; }
+threads=$(nproc)
+
+cat > "$work/nodes.toml" <<TOML
+[models.smollm2]
+path = "$MODEL"
+sha256 = "$SHA"
+
+[models.smollm2-8]
+path = "$MODEL"
+sha256 = "$SHA"
+slots = 8
+
+[nodes.local]
+transport = "local"
+remote_dir = "$work/node-local"
+hive_port = $(free_port)
+models = ["smollm2", "smollm2-8"]
+TOML
+
+fig() { echo "$1 $2" >> "$work/figures"; }
+PROMPTS=("Write a long story about a dragon." "Write a long essay about bicycles."
+         "Write a long story about the sea." "Write a long essay about copper.")
+done_field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])[sys.argv[2]])" "$@"; }
+
+"$RBEE" hive start local >/dev/null
+for m in smollm2 smollm2-8; do "$RBEE" infer --node local --model "$m" --prompt hi --max-tokens 1 >/dev/null; done
+
+start_server() {
+    local port
+    port=$(free_port)
+    "$DEFAULT_BIN/llama-server" -m "$MODEL" -c $((4096 * $1)) --parallel "$1" -t "$threads" \
+        --host 127.0.0.1 --port "$port" >"$work/llama-server-$1.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+    echo "$port"
+}
+ls4=$(start_server 4)
+ls8=$(start_server 8)
+
+# N concurrent streamed requests to llama-server at PORT; prints tokens generated and wall ms.
+ls_many() {
+    python3 - "$1" "$2" "$TOKENS" "${PROMPTS[@]}" <<'PY'
+import http.client, json, sys, threading, time
+port, n, tokens, prompts = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+counts = [0] * n
+def run(i):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+            "max_tokens": tokens, "temperature": 0, "stream": True}
+    c.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
+    for line in c.getresponse():
+        if line.startswith(b"data: {"):
+            d = json.loads(line[6:])
+            if "timings" in d:
+                counts[i] = d["timings"]["predicted_n"]
+t = time.time()
+threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+[x.start() for x in threads]; [x.join() for x in threads]
+print(sum(counts), round((time.time() - t) * 1000))
+PY
+}
+# N concurrent `rbee infer` of MODEL; prints tokens generated and wall ms.
+rbee_many() {
+    local n=$1 model=$2 t0 t1 total=0 clients=()
+    t0=$(now_ms)
+    for i in $(seq 0 $((n - 1))); do
+        "$RBEE" --json infer --node local --model "$model" --prompt "${PROMPTS[$((i % 4))]}" \
+            --max-tokens "$TOKENS" --temperature 0 > "$work/c$i.json" &
+        clients+=($!)
+    done
+    wait "${clients[@]}"
+    t1=$(now_ms)
+    for i in $(seq 0 $((n - 1))); do total=$((total + $(done_field "$work/c$i.json" tokens_out))); done
+    echo "$total" $((t1 - t0))
+}
+llama_bench() {
+    "$1/llama-bench" -m "$MODEL" -p 0 -n "$TOKENS" -r 3 -t "$threads" -o json 2>/dev/null \
+        | python3 -c 'import json,sys; print(round(json.load(sys.stdin)[0]["avg_ts"], 1))'
+}
+# rbee's decode rate from wall times, as a user measures it.
+rbee_decode() {
+    local t0 t1 t2
+    t0=$(now_ms)
+    "$RBEE" --json infer --node local --prompt "${PROMPTS[0]}" --max-tokens 1 --temperature 0 >/dev/null
+    t1=$(now_ms)
+    "$RBEE" --json infer --node local --prompt "${PROMPTS[0]}" --max-tokens "$TOKENS" --temperature 0 > "$work/long.json"
+    t2=$(now_ms)
+    python3 -c "print(round(($(done_field "$work/long.json" tokens_out) - 1) / (($t2 - $t1 - ($t1 - $t0)) / 1000), 1))"
+}
+tps() { python3 -c "print(round($1 / ($2 / 1000), 1))"; }
+pct() { python3 -c "print(round(100 * $1 / $2, 1))"; }
+
+for round in $(seq "$ROUNDS"); do
+    say "round $round of $ROUNDS: llama-bench (default and matched flags), rbee decode"
+    lb=$(llama_bench "$DEFAULT_BIN")
+    rb=$(rbee_decode)
+    lbm=$(llama_bench "$MATCHED_BIN")
+    fig llama_bench_tps "$lb"; fig rbee_wall_decode_tps "$rb"; fig llama_bench_matched_tps "$lbm"
+    fig decode_vs_llama_bench_pct "$(pct "$rb" "$lb")"
+    fig matched_vs_default_pct "$(pct "$lbm" "$lb")"
+    for n in 4 8; do
+        say "round $round: $n-way, rbee and llama-server --parallel $n"
+        model=smollm2; [ "$n" -eq 8 ] && model=smollm2-8
+        port=$ls4; [ "$n" -eq 8 ] && port=$ls8
+        read -r rt rms < <(rbee_many "$n" "$model")
+        read -r lt lms < <(ls_many "$port" "$n")
+        fig "rbee_${n}_tps" "$(tps "$rt" "$rms")"; fig "llama_server_${n}_tps" "$(tps "$lt" "$lms")"
+        fig "rbee_vs_llama_server_${n}_pct" "$(pct "$(tps "$rt" "$rms")" "$(tps "$lt" "$lms")")"
+    done
+done
+say "signing and verifying one stream event"
+cargo bench --quiet --bench auth 2>/dev/null | sed -nE 's/^token event: sign +([0-9.]+) us, verify +([0-9.]+) us.*/\1 \2/p' \
+    | { read -r s v; fig event_sign_us "$s"; fig event_verify_us "$v"; }
+
+python3 - "$work/figures" "$ROUNDS" "$TOKENS" <<'PY'
+import json, statistics, sys
+figures = {}
+for line in open(sys.argv[1]):
+    name, value = line.split()
+    figures.setdefault(name, []).append(float(value))
+m = {k: round(statistics.median(v), 1) for k, v in figures.items()}
+rng = lambda k: f"{min(figures[k])}-{max(figures[k])}"
+rows = [
+    ("a. llama-bench tg128, llama.cpp's defaults", f"{m['llama_bench_tps']} tokens/s"),
+    ("a. rbee infer decode (wall times)", f"{m['rbee_wall_decode_tps']} tokens/s: {m['decode_vs_llama_bench_pct']}% of llama-bench (median of rounds, {rng('decode_vs_llama_bench_pct')}%)"),
+    ("b. llama-bench tg128, rbee's llama.cpp flags", f"{m['llama_bench_matched_tps']} tokens/s: {m['matched_vs_default_pct']}% of the defaults ({rng('matched_vs_default_pct')}%)"),
+]
+for n in (4, 8):
+    rows.append((f"c. {n}-way aggregate, rbee / llama-server --parallel {n}",
+                 f"{m[f'rbee_{n}_tps']} / {m[f'llama_server_{n}_tps']} tokens/s: {m[f'rbee_vs_llama_server_{n}_pct']}% ({rng(f'rbee_vs_llama_server_{n}_pct')}%)"))
+if "event_sign_us" in m:
+    rows.append(("d. one stream event: sign / verify", f"{m['event_sign_us']} / {m['event_verify_us']} us"))
+print(f"{sys.argv[2]} alternating rounds, medians of per-round ratios; {sys.argv[3]} tokens per generation")
+width = max(len(r[0]) for r in rows)
+for name, value in rows:
+    print(f"{name:<{width}}  {value}")
+json.dump({"rounds": int(sys.argv[2]), "medians": m, "runs": figures}, open("bench-llama.json", "w"), indent=2)
+PY
+say "wrote bench-llama.json"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's own tools (`llama-server`, `llama-bench`) once, for scripts/bench.sh to
+# measure rbee against, and prints the folder holding them. The source is the llama.cpp tree
+# vendored in the PyPI sdist of llama-cpp-python (PyPI is reachable where GitHub may not be).
+# Idempotent: an existing build in the cache folder is reused.
+#
+#   scripts/llama-cpp.sh default   llama.cpp's own CMake defaults (GGML_NATIVE=ON: every
+#                                  instruction set of this machine), as a user builds it
+#   scripts/llama-cpp.sh matched   the CPU flags of the llama.cpp inside rbee: llama-cpp-sys-2
+#                                  sets GGML_NATIVE=OFF, which leaves ggml's x86 defaults (SSE4.2,
+#                                  AVX, AVX2, FMA, F16C, BMI2) on and AVX-512 off; spelled out so
+#                                  that both run the same kernels and the comparison measures the
+#                                  orchestration around the engine, not the compiler flags
+#   LLAMA_CPP_CACHE (default ~/.cache/rbee/llama-cpp)
+set -euo pipefail
+
+FLAVOR="${1:-default}"
+VERSION=0.3.36
+CACHE="${LLAMA_CPP_CACHE:-$HOME/.cache/rbee/llama-cpp}"
+DIR="$CACHE/llama-cpp-python-$VERSION-$FLAVOR"
+BIN="$DIR/build/bin"
+
+flags=()
+case "$FLAVOR" in
+    default) ;;
+    matched)
+        flags+=(-DGGML_NATIVE=OFF)
+        if [ "$(uname -m)" = x86_64 ]; then
+            flags+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON)
+        fi
+        ;;
+    *) echo "llama-cpp: unknown flavor \`$FLAVOR\` (default or matched)" >&2; exit 2 ;;
+esac
+
+if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
+    echo "llama-cpp: building llama-server and llama-bench ($FLAVOR flags) from llama-cpp-python==$VERSION's vendored llama.cpp (once, a few minutes)" >&2
+    mkdir -p "$CACHE"
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$tmp" "llama-cpp-python==$VERSION"
+    rm -rf "$DIR.part"
+    mkdir -p "$DIR.part"
+    tar -xzf "$tmp/llama_cpp_python-$VERSION.tar.gz" -C "$DIR.part" --strip-components=3 \
+        "llama_cpp_python-$VERSION/vendor/llama.cpp"
+    cmake -S "$DIR.part" -B "$DIR.part/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DBUILD_SHARED_LIBS=OFF ${flags[@]+"${flags[@]}"} >&2
+    cmake --build "$DIR.part/build" --target llama-server llama-bench -j "$(nproc)" >&2
+    rm -rf "$DIR"
+    mv "$DIR.part" "$DIR"
+fi
+echo "$BIN"
