@@ -197,7 +197,7 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
                 };
             }
             // It answered, and refused this machine's key: it runs, and says who may ask.
-            Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
+            Probe::Refused(e) | Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
                 return NodeResult::failed(&node, "refused", &e);
             }
             Probe::Unreachable(e) => e,
@@ -308,7 +308,7 @@ async fn rotate_one(ctx: &Context, node: &Node, budget: &Budget) -> Result<Strin
     }
     let running = matches!(
         lifecycle::probe(&conn.client, Duration::from_secs(2)).await,
-        Probe::Ready(_) | Probe::NeedsRestart(_) | Probe::Incompatible(_)
+        Probe::Ready(_) | Probe::NeedsRestart(_) | Probe::Incompatible(_) | Probe::Refused(_)
     );
     let node_dir = lifecycle::local_dir(node);
     if !running {

@@ -219,8 +219,21 @@ impl HiveClient {
         }
     }
 
-    pub(crate) async fn health(&self, timeout: Duration) -> Result<HiveHealth> {
-        self.call(Method::GET, "/health", timeout).await
+    /// `GET /health`, telling the hive's refusal of this machine's signature (401) from every
+    /// other failure (no answer, an answer that does not verify).
+    pub(crate) async fn health_or_refusal(&self, timeout: Duration) -> Result<Health> {
+        let (request, nonce) = self.request(Method::GET, "/health", Vec::new());
+        let response = request
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let refused = response.status() == reqwest::StatusCode::UNAUTHORIZED;
+        match self.json(response, &nonce).await {
+            Ok(health) => Ok(Health::Answered(health)),
+            Err(e) if refused => Ok(Health::Refused(e)),
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) async fn workers(&self, timeout: Duration) -> Result<Vec<WorkerInfo>> {
@@ -394,4 +407,11 @@ impl HiveClient {
             });
         Ok(response)
     }
+}
+
+/// What a hive's `GET /health` came to.
+pub(crate) enum Health {
+    Answered(HiveHealth),
+    /// The hive answered 401: it does not accept this machine's signature.
+    Refused(Error),
 }

@@ -38,13 +38,16 @@ pub(crate) enum Probe {
     /// A hive this queen cannot talk to and must leave alone: another protocol, and newer than
     /// this rbee or busy.
     Incompatible(HiveHealth),
+    /// A hive answers, and refuses this machine's signature (401).
+    Refused(Error),
     Unreachable(Error),
 }
 
 pub(crate) async fn probe(client: &HiveClient, timeout: Duration) -> Probe {
     let timeout = timeout.min(PROBE_TIMEOUT);
-    match client.health(timeout).await {
-        Ok(mut h) => {
+    match client.health_or_refusal(timeout).await {
+        Ok(crate::queen::client::Health::Refused(e)) => Probe::Refused(e),
+        Ok(crate::queen::client::Health::Answered(mut h)) => {
             // A hive from before its health counted its requests is asked for them, so that
             // whether it is idle is known, not guessed.
             if let Some(detail) = h.signed.as_mut().filter(|d| d.requests.is_none())
@@ -167,7 +170,7 @@ async fn running(conn: &mut NodeConn, budget: &Budget, progress: &Progress) -> R
         // A hive answers but refuses our signature: starting another would not help. Over SSH
         // the node says whether it has this machine's key; one it has not is left waiting for
         // approval, and the refusal says what to run.
-        Probe::Unreachable(e @ Error::Unauthenticated(_)) if !conn.is_local() => {
+        Probe::Refused(e) if !conn.is_local() => {
             let node = conn.node.clone();
             let key = crate::auth::Key::load_or_create(&node.key_file)?;
             let session = conn.ssh(budget).await?;
@@ -176,6 +179,7 @@ async fn running(conn: &mut NodeConn, budget: &Budget, progress: &Progress) -> R
                 install::Enrollment::Enrolled | install::Enrollment::First => Err(e),
             }
         }
+        Probe::Refused(e) => Err(e),
         Probe::Unreachable(e @ Error::Unauthenticated(_)) => Err(e),
         Probe::Unreachable(e) => {
             tracing::debug!(node = %conn.node.name, "hive not reachable ({e}); starting it");
@@ -242,7 +246,7 @@ async fn start(
                     h.version, h.protocol
                 );
             }
-            Probe::Unreachable(e) => last_error = e.to_string(),
+            Probe::Refused(e) | Probe::Unreachable(e) => last_error = e.to_string(),
         }
         // Our child may exit because a concurrent `rbee` started the hive first; give that
         // one a moment to answer before reporting the failure.
