@@ -242,3 +242,54 @@ fn a_newer_queen_replaces_an_idle_older_hive_and_an_older_queen_uses_a_newer_one
         "the older queen replaced a newer hive"
     );
 }
+
+/// A hive of an rbee from before answers were signed (protocol 1), on the node's socket.
+const OLD_HIVE: &str = r#"
+import http.server, json, os, socketserver, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "ok", "version": "0.0.1", "protocol": 1}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *args):
+        pass
+class S(socketserver.UnixStreamServer):
+    def get_request(self):
+        conn, _ = super().get_request()
+        return conn, ("local", 0)
+os.makedirs(os.path.dirname(sys.argv[1]), mode=0o700, exist_ok=True)
+S(sys.argv[1], H).serve_forever()
+"#;
+
+#[test]
+fn an_old_hive_that_cannot_be_talked_to_is_reported_with_the_command_to_run() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let socket = fleet.remote_dir("a").join("hive.sock");
+    let mut old = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(OLD_HIVE)
+        .arg(&socket)
+        .spawn()
+        .expect("python3");
+    assert!(eventually(std::time::Duration::from_secs(10), || socket.exists()));
+    let run = infer(&fleet.env);
+    let _ = old.try_wait();
+    let still = old.try_wait().expect("wait").is_none();
+    let _ = old.kill();
+    let _ = old.wait();
+    run.expect(5);
+    for named in [
+        "rbee 0.0.1 (protocol 1)",
+        &format!("rbee {} (protocol 3)", env!("CARGO_PKG_VERSION")),
+        "`rbee hive stop a`",
+    ] {
+        assert!(run.stderr.contains(named), "{named}: {}", run.stderr);
+    }
+    assert!(still, "the old hive was stopped");
+}
