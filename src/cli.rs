@@ -50,7 +50,7 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: WorkerCommand,
     },
-    /// The nodes of the configuration: list, check, trust
+    /// The nodes of the configuration: list, check, trust, and the keys that may drive them
     Nodes {
         #[command(subcommand)]
         command: NodesCommand,
@@ -289,6 +289,22 @@ pub(crate) enum NodesCommand {
     Check(NodeSelection),
     /// Record the host key of nodes in their known_hosts file (after checking its fingerprint)
     Trust(NodeSelection),
+    /// Enroll this machine's key on a node (first come on a fresh node, else it waits for
+    /// approval), or with `--approve KEY_ID` approve another machine's waiting key
+    Enroll {
+        node: String,
+        /// The key id (16 hex digits) another machine printed when it asked to be enrolled
+        #[arg(long, value_name = "KEY_ID")]
+        approve: Option<String>,
+    },
+    /// Revoke a controlling machine's key on a node, from the next request on
+    Revoke {
+        node: String,
+        #[arg(value_name = "KEY_ID")]
+        kid: String,
+    },
+    /// The keys a node accepts, and those waiting for approval
+    Keys { node: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -101,11 +101,25 @@ impl Fleet {
         self.env.path().join(format!("node-{name}"))
     }
 
+    /// The node's copy of this machine's key: `<remote_dir>/keys/<key id>.key`.
+    fn node_key_file(&self, name: &str) -> PathBuf {
+        let kid = key_id(&self.env.path().join(format!("keys/{name}.key")));
+        self.remote_dir(name).join(format!("keys/{kid}.key"))
+    }
+
     fn json(&self, args: &[&str]) -> Vec<serde_json::Value> {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         self.env.run(&all).json_lines()
     }
+}
+
+/// The id of the key in a key file: the first 8 bytes of its SHA-256, in hex.
+fn key_id(path: &Path) -> String {
+    use sha2::Digest;
+    let text = std::fs::read_to_string(path).expect("key file");
+    let bytes = hex::decode(text.trim()).expect("hex key");
+    hex::encode(&sha2::Sha256::digest(&bytes)[..8])
 }
 
 fn state_of<'a>(lines: &'a [serde_json::Value], node: &str) -> &'a serde_json::Value {
@@ -690,7 +704,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
     env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
         .expect(0);
     let queen = env.path().join("keys/a.key");
-    let remote = fleet.remote_dir("a").join("hive.key");
+    let remote = fleet.node_key_file("a");
     let read = |p: &Path| std::fs::read_to_string(p).expect("key");
     assert_eq!(read(&queen), read(&remote));
     for path in [&queen, &remote] {
@@ -701,6 +715,9 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
     let run = env.run(&["--json", "hive", "rotate-key", "a"]);
     run.expect(0);
     assert_ne!(read(&queen), before);
+    // The new key is enrolled in its own file, the old one's file is gone.
+    assert!(!remote.exists(), "the old key's file stays");
+    let remote = fleet.node_key_file("a");
     assert_eq!(read(&queen), read(&remote));
     env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "1"])
         .expect(0);
@@ -710,6 +727,7 @@ mod bastion;
 mod batch;
 mod host_keys;
 mod keepalive;
+mod keys;
 mod no_forwarding;
 mod refusals;
 mod routing;

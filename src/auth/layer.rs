@@ -98,6 +98,11 @@ pub(crate) struct Authenticated {
 }
 
 impl Authenticated {
+    /// The id of the key that signed the request: who acted, for the audit trail.
+    pub(crate) fn kid(&self) -> String {
+        self.key.fingerprint()
+    }
+
     /// The chain that signs the events of a streamed answer, seeded with the request's nonce.
     pub(crate) fn chain(&self) -> crate::auth::EventChain {
         crate::auth::EventChain::new(&self.key, &self.nonce)

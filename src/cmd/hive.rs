@@ -122,9 +122,11 @@ async fn install(ctx: &Context, sel: NodeSelection) -> Result<()> {
         };
         let key = crate::auth::Key::load_or_create(&node.key_file);
         let keyed = match key {
-            Ok(key) => {
-                install::install_key(session, &node, &key, crate::hive::keys::KEY_FILE).await
-            }
+            Ok(key) => match install::enroll_key(session, &node, &key).await {
+                Ok(install::Enrollment::Pending) => Err(install::not_enrolled(&node, &key)),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = keyed {
@@ -185,7 +187,7 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
             Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
         let unanswered = match lifecycle::probe(&conn.client, timeout).await {
-            Probe::Ready(h) | Probe::NeedsRestart(h) => {
+            Probe::Ready(h) | Probe::NeedsRestart(h) | Probe::Incompatible(h) => {
                 return NodeResult {
                     pid: h.signed.as_ref().map(|d| d.pid),
                     uptime_s: h.signed.as_ref().map(|d| d.uptime_s),
@@ -195,7 +197,7 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
                 };
             }
             // It answered, and refused this machine's key: it runs, and says who may ask.
-            Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
+            Probe::Refused(e) | Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
                 return NodeResult::failed(&node, "refused", &e);
             }
             Probe::Unreachable(e) => e,
@@ -300,34 +302,50 @@ async fn rotate_one(ctx: &Context, node: &Node, budget: &Budget) -> Result<Strin
     use crate::hive::keys::{KEY_FILE, NEXT_KEY_FILE};
     let new = crate::auth::Key::random();
     let mut conn = ctx.open(node, budget).await?;
+    let local = conn.is_local();
+    if !local {
+        return rotate_enrolled(ctx, &mut conn, new, budget).await;
+    }
     let running = matches!(
         lifecycle::probe(&conn.client, Duration::from_secs(2)).await,
-        Probe::Ready(_) | Probe::NeedsRestart(_)
+        Probe::Ready(_) | Probe::NeedsRestart(_) | Probe::Incompatible(_) | Probe::Refused(_)
     );
-    let local = conn.is_local();
     let node_dir = lifecycle::local_dir(node);
     if !running {
-        // Nothing to coordinate: replace the key on both ends.
-        if local {
-            new.save(&node_dir.join(KEY_FILE))?;
-        } else {
-            let session = conn.ssh(budget).await?;
-            install::install_key(session, node, &new, KEY_FILE).await?;
-            new.save(&node.key_file)?;
-        }
+        // Nothing to coordinate: the node's key is this machine's file.
+        new.save(&node_dir.join(KEY_FILE))?;
         return Ok(new.fingerprint());
     }
-    if local {
-        new.save(&node_dir.join(NEXT_KEY_FILE))?;
-    } else {
-        let session = conn.ssh(budget).await?;
-        install::install_key(session, node, &new, NEXT_KEY_FILE).await?;
-    }
+    new.save(&node_dir.join(NEXT_KEY_FILE))?;
     conn.client.keys("reload", Duration::from_secs(10)).await?;
-    if !local {
-        new.save(&node.key_file)?;
-    }
     // The node accepts both keys now, so the retire may be signed with either.
     conn.client.keys("retire", Duration::from_secs(10)).await?;
+    Ok(new.fingerprint())
+}
+
+/// Rotates this machine's enrolled key on an SSH node, leaving the other machines' keys as they
+/// are: the hive (started for it when it is down) proves this machine is enrolled, the new key
+/// goes in beside the old one and is accepted, this machine switches, then the old key is
+/// retired (accepted a little longer, for requests signed just before the switch).
+async fn rotate_enrolled(
+    ctx: &Context,
+    conn: &mut crate::queen::node::NodeConn,
+    new: crate::auth::Key,
+    budget: &Budget,
+) -> Result<String> {
+    let node = conn.node.clone();
+    let models = crate::queen::node_models(&ctx.config()?.models, &node);
+    lifecycle::ensure_running(conn, &models, budget, &ctx.progress).await?;
+    let old = crate::auth::Key::load(&node.key_file)?;
+    // A signed call first: a machine whose key the node does not accept puts nothing there.
+    conn.client.key_list(Duration::from_secs(10)).await?;
+    let name = format!("{}/{}.key", crate::hive::keys::KEYS_DIR, new.fingerprint());
+    let session = conn.ssh(budget).await?;
+    install::install_key(session, &node, &new, &name).await?;
+    conn.client.keys("reload", Duration::from_secs(10)).await?;
+    new.save(&node.key_file)?;
+    conn.client
+        .key_change("retire", &old.fingerprint(), Duration::from_secs(10))
+        .await?;
     Ok(new.fingerprint())
 }

@@ -7,6 +7,7 @@ pub(crate) mod fleet;
 pub(crate) mod hive;
 pub(crate) mod infer;
 pub(crate) mod models;
+pub(crate) mod node_keys;
 pub(crate) mod nodes;
 pub(crate) mod serve;
 pub(crate) mod worker;

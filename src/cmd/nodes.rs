@@ -1,5 +1,5 @@
 //! `rbee nodes list|check|trust`: the configured nodes, their health as seen over SSH, and
-//! recording their host keys.
+//! recording their host keys (`enroll|revoke|keys` are in `node_keys`).
 
 use serde::Serialize;
 
@@ -28,6 +28,11 @@ pub(crate) async fn run(ctx: &Context, command: NodesCommand) -> Result<()> {
         NodesCommand::List => list(ctx),
         NodesCommand::Check(sel) => check(ctx, sel).await,
         NodesCommand::Trust(sel) => trust(ctx, sel).await,
+        NodesCommand::Enroll { node, approve } => {
+            crate::cmd::node_keys::enroll(ctx, &node, approve.as_deref()).await
+        }
+        NodesCommand::Revoke { node, kid } => crate::cmd::node_keys::revoke(ctx, &node, &kid).await,
+        NodesCommand::Keys { node } => crate::cmd::node_keys::list(ctx, &node).await,
     }
 }
 

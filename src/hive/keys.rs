@@ -1,6 +1,9 @@
-//! The node's request-signing keys: `hive.key` (mode 0600), and during a rotation
-//! `hive.key.next`, both accepted until the rotation finishes. The old key stays accepted for a
-//! short grace after that, so a request signed just before the switch still passes.
+//! The node's request-signing keys: one per controlling machine, each in its own file of mode
+//! 0600: `keys/<key id>.key` (enrolled over SSH, first come, or approved by a machine that
+//! already has access from `keys/pending/`), and `hive.key` (a local node's key, and the one
+//! key of a node set up before enrollment). During a rotation `hive.key.next` is accepted too,
+//! and a retired key stays accepted for a short grace, so a request signed just before the
+//! switch still passes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,9 +11,13 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Key, Verifier};
 use crate::error::{Error, IoContext, Result};
+use crate::protocol::KeyList;
 
 pub(crate) const KEY_FILE: &str = "hive.key";
 pub(crate) const NEXT_KEY_FILE: &str = "hive.key.next";
+/// The enrolled keys, one file per key, named by key id.
+pub(crate) const KEYS_DIR: &str = "keys";
+
 /// The key the hive signs its requests to workers with, made anew at each start.
 pub(crate) const WORKER_KEY_FILE: &str = "worker.key";
 const RETIRE_GRACE: Duration = Duration::from_secs(60);
@@ -20,7 +27,13 @@ pub(crate) const NONCE_FILE: &str = "nonces";
 pub(crate) struct NodeKeys {
     key: PathBuf,
     next: PathBuf,
+    dir: PathBuf,
     verifier: Arc<Verifier>,
+}
+
+/// A key id: 16 lower-case hex digits (what `Key::fingerprint` makes), so it is safe in a path.
+pub(crate) fn valid_kid(kid: &str) -> bool {
+    kid.len() == 16 && kid.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl NodeKeys {
@@ -28,6 +41,7 @@ impl NodeKeys {
         let keys = NodeKeys {
             key: dir.join(KEY_FILE),
             next: dir.join(NEXT_KEY_FILE),
+            dir: dir.join(KEYS_DIR),
             verifier: Arc::new(Verifier::new(Vec::new(), skew)),
         };
         keys.reload()?;
@@ -42,10 +56,38 @@ impl NodeKeys {
         self.verifier.clone()
     }
 
-    /// Accepts `hive.key`, and `hive.key.next` when there is one, and keeps accepting a key
-    /// retired less than the grace ago; returns the fingerprints accepted now.
+    /// The enrolled keys in `keys/`, each checked to be the key its file name says.
+    fn enrolled(&self) -> Result<Vec<Key>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(crate::error::IoError::at("read", &self.dir, e).into()),
+        };
+        let mut keys = Vec::new();
+        for entry in entries {
+            let path = entry.at("read", &self.dir)?.path();
+            let Some(kid) = kid_of(&path) else { continue };
+            let key = Key::load(&path)?;
+            if key.fingerprint() != kid {
+                return Err(Error::config(format!(
+                    "key file `{}` holds key {}, not the key its name says",
+                    path.display(),
+                    key.fingerprint()
+                )));
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Accepts every enrolled key, `hive.key` (made when the node has no key at all), and
+    /// `hive.key.next` when there is one, and keeps accepting a key retired less than the
+    /// grace ago; returns the fingerprints accepted now.
     pub(crate) fn reload(&self) -> Result<Vec<String>> {
-        let mut keys = vec![Key::load_or_create(&self.key)?];
+        let mut keys = self.enrolled()?;
+        if keys.is_empty() || self.key.exists() {
+            keys.push(Key::load_or_create(&self.key)?);
+        }
         if self.next.exists() {
             keys.push(Key::load(&self.next)?);
         }
@@ -72,8 +114,173 @@ impl NodeKeys {
         let now = Instant::now();
         let mut leaving = self.verifier.leaving(now);
         leaving.push((old.clone(), now + RETIRE_GRACE));
-        self.verifier.replace_keys(vec![new], leaving);
-        tracing::info!(old = %old.fingerprint(), "old signing key accepted for {}s more", RETIRE_GRACE.as_secs());
+        let accepted = self.reload_leaving(leaving)?;
+        tracing::info!(old = %old.fingerprint(), new = %new.fingerprint(), "old signing key accepted for {}s more", RETIRE_GRACE.as_secs());
+        Ok(accepted)
+    }
+
+    /// The file that holds the enrolled key `kid`: `keys/<kid>.key`, or `hive.key` when that is
+    /// the key.
+    fn file_of(&self, kid: &str) -> Option<PathBuf> {
+        let own = self.dir.join(format!("{kid}.key"));
+        if valid_kid(kid) && own.exists() {
+            return Some(own);
+        }
+        Key::load(&self.key)
+            .ok()
+            .filter(|k| k.fingerprint() == kid)
+            .map(|_| self.key.clone())
+    }
+
+    /// Ends the key `kid` the way a rotation does: its file goes now, and the key stays
+    /// accepted for the grace, for the requests its machine signed before it switched.
+    pub(crate) fn retire_kid(&self, kid: &str) -> Result<Vec<String>> {
+        let path = self.file_of(kid).ok_or_else(|| unknown(kid))?;
+        let old = Key::load(&path)?;
+        std::fs::remove_file(&path).at("remove the retired key", &path)?;
+        let now = Instant::now();
+        let mut leaving = self.verifier.leaving(now);
+        leaving.push((old, now + RETIRE_GRACE));
+        self.reload_leaving(leaving)
+    }
+
+    fn reload_leaving(&self, leaving: Vec<(Key, Instant)>) -> Result<Vec<String>> {
+        let mut keys = self.enrolled()?;
+        if self.key.exists() {
+            keys.push(Key::load(&self.key)?);
+        }
+        if self.next.exists() {
+            keys.push(Key::load(&self.next)?);
+        }
+        self.verifier.replace_keys(keys, leaving);
         Ok(self.verifier.fingerprints())
+    }
+
+    /// The enrolled keys and those waiting, by id.
+    pub(crate) fn list(&self) -> Result<KeyList> {
+        let mut enrolled: Vec<String> = self.enrolled()?.iter().map(Key::fingerprint).collect();
+        if let Ok(key) = Key::load(&self.key) {
+            enrolled.push(key.fingerprint());
+        }
+        let mut pending = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("pending")) {
+            for entry in entries.flatten() {
+                if let Some(kid) = kid_of(&entry.path()) {
+                    pending.push(kid);
+                }
+            }
+        }
+        enrolled.sort();
+        enrolled.dedup();
+        pending.sort();
+        Ok(KeyList { enrolled, pending })
+    }
+
+    /// Approves the key `kid` that asked to be enrolled (`keys/pending/<kid>.key`, put there
+    /// over SSH by its machine): it moves among the enrolled keys and is accepted from now on.
+    pub(crate) fn approve(&self, kid: &str) -> Result<Vec<String>> {
+        if !valid_kid(kid) {
+            return Err(unknown(kid));
+        }
+        if self.file_of(kid).is_some() {
+            return Ok(self.verifier.fingerprints());
+        }
+        let pending = self.dir.join("pending").join(format!("{kid}.key"));
+        if !pending.exists() {
+            return Err(Error::invalid(format!(
+                "no key `{kid}` is waiting to be enrolled on this node; on the machine that \
+                 holds it, run `rbee nodes enroll NODE` first"
+            )));
+        }
+        let key = Key::load(&pending)?;
+        if key.fingerprint() != kid {
+            return Err(Error::invalid(format!(
+                "the key waiting as `{kid}` is another key ({}); it was not enrolled",
+                key.fingerprint()
+            )));
+        }
+        let enrolled = self.dir.join(format!("{kid}.key"));
+        std::fs::rename(&pending, &enrolled).at("enroll the key at", &enrolled)?;
+        let leaving = self.verifier.leaving(Instant::now());
+        self.reload_leaving(leaving)
+    }
+
+    /// Revokes the key `kid` (enrolled or waiting) at once; the last enrolled key is kept, or
+    /// nobody could reach the node's hive any more.
+    pub(crate) fn revoke(&self, kid: &str) -> Result<Vec<String>> {
+        let pending = self.dir.join("pending").join(format!("{kid}.key"));
+        if valid_kid(kid) && pending.exists() {
+            std::fs::remove_file(&pending).at("remove the waiting key", &pending)?;
+            return Ok(self.verifier.fingerprints());
+        }
+        let path = self.file_of(kid).ok_or_else(|| unknown(kid))?;
+        if self.list()?.enrolled.len() <= 1 {
+            return Err(Error::invalid(format!(
+                "key `{kid}` is the node's last enrolled key; enroll another one first, or \
+                 rotate it with `rbee hive rotate-key NODE`"
+            )));
+        }
+        std::fs::remove_file(&path).at("remove the revoked key", &path)?;
+        // No grace: a revoked key is refused from the next request on.
+        let leaving = self
+            .verifier
+            .leaving(Instant::now())
+            .into_iter()
+            .filter(|(k, _)| k.fingerprint() != kid)
+            .collect();
+        self.reload_leaving(leaving)
+    }
+}
+
+/// The key id a key file's name gives: `<16 hex digits>.key`.
+fn kid_of(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let kid = name.strip_suffix(".key")?;
+    valid_kid(kid).then(|| kid.to_string())
+}
+
+fn unknown(kid: &str) -> Error {
+    if !valid_kid(kid) {
+        return Error::invalid("a key id is 16 hex digits; `rbee nodes keys NODE` lists them");
+    }
+    Error::invalid(format!(
+        "no key `{kid}` is enrolled on this node; `rbee nodes keys NODE` lists them"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_key_is_accepted_once_approved_and_refused_once_revoked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Key::random();
+        first
+            .save(&dir.path().join(format!("keys/{}.key", first.fingerprint())))
+            .expect("first");
+        let keys = NodeKeys::open(dir.path(), Duration::from_secs(300)).expect("open");
+        // No `hive.key` is made beside an enrolled key.
+        assert_eq!(keys.reload().expect("reload"), vec![first.fingerprint()]);
+        assert!(!dir.path().join(KEY_FILE).exists());
+
+        let second = Key::random();
+        let kid = second.fingerprint();
+        second
+            .save(&dir.path().join(format!("keys/pending/{kid}.key")))
+            .expect("pending");
+        assert!(!keys.verifier().fingerprints().contains(&kid));
+        assert_eq!(keys.list().expect("list").pending, vec![kid.clone()]);
+        // Another key's id does not enroll it.
+        assert!(keys.approve(&first.fingerprint()).is_ok());
+        assert!(keys.approve("0123456789abcdef").is_err());
+        assert!(keys.approve(&kid).expect("approve").contains(&kid));
+        assert!(keys.list().expect("list").pending.is_empty());
+
+        assert!(!keys.revoke(&kid).expect("revoke").contains(&kid));
+        // The last key stays.
+        let last = keys.revoke(&first.fingerprint()).expect_err("last key");
+        assert_eq!(last.kind(), crate::error::ExitKind::InvalidRequest);
+        assert!(keys.revoke("../hive").is_err());
     }
 }

@@ -7,6 +7,7 @@ pub(crate) mod args;
 pub(crate) mod bridge;
 pub(crate) mod entry;
 pub mod gguf;
+pub(crate) mod key_routes;
 pub(crate) mod keys;
 pub mod memory;
 pub(crate) mod metrics;

@@ -53,8 +53,11 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/v1/infer", post(infer))
         .route("/v1/models", put(update_models))
         .route("/v1/shutdown", post(shutdown))
-        .route("/v1/keys/reload", post(keys_reload))
-        .route("/v1/keys/retire", post(keys_retire))
+        .route("/v1/keys", get(crate::hive::key_routes::list))
+        .route("/v1/keys/reload", post(crate::hive::key_routes::reload))
+        .route("/v1/keys/retire", post(crate::hive::key_routes::retire))
+        .route("/v1/keys/enroll", post(crate::hive::key_routes::approve))
+        .route("/v1/keys/revoke", post(crate::hive::key_routes::revoke))
         .layer(DefaultBodyLimit::max(crate::auth::layer::BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             verifier,
@@ -82,12 +85,13 @@ async fn health(
             "ok"
         }
         .to_string(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        protocol: crate::protocol::PROTOCOL_VERSION,
+        version: crate::protocol::own_version(),
+        protocol: crate::protocol::own_protocol(),
         signed: signer.map(|_| HiveDetail {
             node: hive.node.clone(),
             pid: std::process::id(),
             uptime_s: hive.started.elapsed().as_secs_f64(),
+            requests: Some(hive.requests.list().len()),
         }),
     })
 }
@@ -171,19 +175,6 @@ async fn stop_worker(
 ) -> Json<serde_json::Value> {
     let stopped = hive.registry.stop_worker(&model).await;
     Json(serde_json::json!({ "model": model, "stopped": stopped }))
-}
-
-/// Key rotation, step one: accept the node's next key (`hive.key.next`) beside the current one.
-async fn keys_reload(State(hive): State<Arc<Hive>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let keys = hive.keys.reload()?;
-    Ok(Json(serde_json::json!({ "accepted": keys })))
-}
-
-/// Key rotation, step two: the next key becomes the key; the old one is accepted a little
-/// longer, for requests signed just before the switch.
-async fn keys_retire(State(hive): State<Arc<Hive>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let keys = hive.keys.retire()?;
-    Ok(Json(serde_json::json!({ "accepted": keys })))
 }
 
 async fn shutdown(State(hive): State<Arc<Hive>>) -> impl IntoResponse {

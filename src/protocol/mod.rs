@@ -9,6 +9,41 @@ use crate::error::{Error, ExitKind};
 
 /// Bumped when a hive and a CLI of different versions can no longer talk.
 pub(crate) const PROTOCOL_VERSION: u32 = 3;
+
+/// This rbee's version as it tells its peers. `RBEE_TEST_VERSION` stands in for it: the way the
+/// tests play another release of rbee (an older or newer queen, the hive such a queen starts on
+/// a local node) with the one binary they build. Nothing else changes with it.
+pub(crate) fn own_version() -> String {
+    std::env::var("RBEE_TEST_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+}
+
+/// This rbee's protocol as it tells its peers; `RBEE_TEST_PROTOCOL` stands in for it, as
+/// `RBEE_TEST_VERSION` does for the version.
+pub(crate) fn own_protocol() -> u32 {
+    std::env::var("RBEE_TEST_PROTOCOL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PROTOCOL_VERSION)
+}
+
+/// Whether version `a` is older than `b`, comparing `MAJOR.MINOR.PATCH` numerically (anything
+/// after a `-` or `+` is ignored); a version that does not read so is older than one that does.
+pub(crate) fn is_older(a: &str, b: &str) -> bool {
+    fn parts(v: &str) -> Option<(u64, u64, u64)> {
+        let core = v.split(['-', '+']).next()?;
+        let mut it = core.split('.').map(|p| p.parse::<u64>().ok());
+        let t = (it.next()??, it.next()??, it.next()??);
+        it.next().is_none().then_some(t)
+    }
+    match (parts(a), parts(b)) {
+        (Some(a), Some(b)) => a < b,
+        (None, Some(_)) => true,
+        _ => false,
+    }
+}
 pub(crate) const REQUEST_ID_HEADER: &str = "x-rbee-request-id";
 /// The `status` of a hive's `/health` once it has begun to stop (else `ok`).
 pub(crate) const HIVE_STOPPING: &str = "stopping";
@@ -433,12 +468,22 @@ pub(crate) struct HiveHealth {
     pub(crate) signed: Option<HiveDetail>,
 }
 
+/// `GET /v1/keys` of a hive: the keys of its node, by id: those it accepts and those waiting to be approved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct KeyList {
+    pub(crate) enrolled: Vec<String>,
+    pub(crate) pending: Vec<String>,
+}
+
 /// What `GET /health` of a hive tells a signer only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct HiveDetail {
     pub(crate) node: String,
     pub(crate) pid: u32,
     pub(crate) uptime_s: f64,
+    /// Requests under way: a queen replaces only an idle hive (absent from older hives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) requests: Option<usize>,
 }
 
 /// `GET /health` of a worker: its status to anyone, the rest to a signer only (the requests it
@@ -578,6 +623,16 @@ pub(crate) fn error_from_body(status: reqwest::StatusCode, body: &[u8], peer: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert!(is_older("0.9.0", "0.10.0"));
+        assert!(is_older("0.1.0", "0.1.1-rc1"));
+        assert!(!is_older("1.0.0", "1.0.0"));
+        assert!(!is_older("2.0.0", "1.9.9"));
+        assert!(is_older("garbage", "0.1.0"));
+        assert!(!is_older("0.1.0", "garbage"));
+    }
 
     fn params() -> SamplingParams {
         SamplingParams {

@@ -121,13 +121,21 @@ impl HiveClient {
     /// through what it says; nothing it said is acted on here.
     fn unproven_answer(&self, why: Unproven, body: &[u8]) -> Error {
         match serde_json::from_slice::<HiveHealth>(body) {
+            // A hive left running from before an upgrade, with the command that replaces it;
+            // nothing it said is used. Still exit 5: what answers may not be the node's.
             Ok(old) if old.protocol < crate::protocol::PROTOCOL_VERSION => {
                 Error::Unauthenticated(format!(
-                    "the hive answering for `{0}` ({1}) says it is rbee {2} (protocol {3}), which \
-                     does not sign its answers, so it cannot prove it is the node's; if it is the \
-                     node's own older hive, `rbee hive stop {0}` stops it (through its pidfile) \
-                     and the next command starts this version",
-                    self.node, self.place, old.version, old.protocol
+                    "the hive answering for `{0}` ({1}) says it is rbee {2} (protocol {3}), older \
+                     than this rbee {4} (protocol {5}), and does not sign its answers the way \
+                     this rbee checks them, so it cannot prove it is the node's and nothing it \
+                     said was used; if it is the node's own older hive, `rbee hive stop {0}` \
+                     stops it (through its pidfile) and the next command starts this version",
+                    self.node,
+                    self.place,
+                    old.version,
+                    old.protocol,
+                    crate::protocol::own_version(),
+                    crate::protocol::PROTOCOL_VERSION
                 ))
             }
             _ => self.unproven(why),
@@ -211,8 +219,21 @@ impl HiveClient {
         }
     }
 
-    pub(crate) async fn health(&self, timeout: Duration) -> Result<HiveHealth> {
-        self.call(Method::GET, "/health", timeout).await
+    /// `GET /health`, telling the hive's refusal of this machine's signature (401) from every
+    /// other failure (no answer, an answer that does not verify).
+    pub(crate) async fn health_or_refusal(&self, timeout: Duration) -> Result<Health> {
+        let (request, nonce) = self.request(Method::GET, "/health", Vec::new());
+        let response = request
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let refused = response.status() == reqwest::StatusCode::UNAUTHORIZED;
+        match self.json(response, &nonce).await {
+            Ok(health) => Ok(Health::Answered(health)),
+            Err(e) if refused => Ok(Health::Refused(e)),
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) async fn workers(&self, timeout: Duration) -> Result<Vec<WorkerInfo>> {
@@ -254,6 +275,39 @@ impl HiveClient {
             .call(Method::POST, &format!("/v1/keys/{step}"), timeout)
             .await?;
         Ok(())
+    }
+
+    /// The node's enrolled keys and those waiting for approval.
+    pub(crate) async fn key_list(&self, timeout: Duration) -> Result<crate::protocol::KeyList> {
+        self.call(Method::GET, "/v1/keys", timeout).await
+    }
+
+    /// A change to one key: `enroll` (approve a waiting key), `revoke`, or `retire` (end it
+    /// after the rotation grace); the key ids the node accepts afterwards.
+    pub(crate) async fn key_change(
+        &self,
+        step: &str,
+        kid: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        let body = serde_json::to_vec(&serde_json::json!({ "kid": kid }))
+            .map_err(|e| Error::internal(format!("cannot encode the key id: {e}")))?;
+        let (request, nonce) = self.request(Method::POST, &format!("/v1/keys/{step}"), body);
+        let response = request
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let body: serde_json::Value = self.json(response, &nonce).await?;
+        Ok(body
+            .get("accepted")
+            .and_then(serde_json::Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// Asks the hive to stop by a signed request; its pid, as the hive that took the request
@@ -353,4 +407,11 @@ impl HiveClient {
             });
         Ok(response)
     }
+}
+
+/// What a hive's `GET /health` came to.
+pub(crate) enum Health {
+    Answered(HiveHealth),
+    /// The hive answered 401: it does not accept this machine's signature.
+    Refused(Error),
 }

@@ -226,3 +226,58 @@ pub(crate) async fn install_key(
     tracing::info!(node = %node.name, key = %key.fingerprint(), "installed the signing key");
     Ok(true)
 }
+
+/// What the node did with this machine's key (see `remote::enroll_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Enrollment {
+    /// The node already accepts it.
+    Enrolled,
+    /// The node had no key: this one is its first.
+    First,
+    /// The node accepts other machines' keys: this one waits for one of them to approve it.
+    Pending,
+}
+
+/// Enrolls this machine's key on the node over SSH: first come on a node with no key, else it
+/// is left waiting for approval; a key the node has is never replaced.
+pub(crate) async fn enroll_key(
+    session: &Session,
+    node: &Node,
+    key: &crate::auth::Key,
+) -> Result<Enrollment> {
+    let content = format!("{}\n", key.to_hex());
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content.as_bytes()));
+    let kid = key.fingerprint();
+    let out = session
+        .run_reader(
+            "enrolling this machine's key",
+            &remote::enroll_key(&node.remote_dir, &kid, &sha),
+            content.as_bytes(),
+        )
+        .await?;
+    let state = match out.stdout_text().trim() {
+        "enrolled" => Enrollment::Enrolled,
+        "first" => Enrollment::First,
+        "pending" => Enrollment::Pending,
+        other => {
+            return Err(Error::hive(format!(
+                "enrolling the key on `{}` printed `{}`, not its outcome",
+                node.name,
+                other.chars().take(200).collect::<String>()
+            )));
+        }
+    };
+    tracing::info!(node = %node.name, key = %kid, ?state, "enrollment of this machine's key");
+    Ok(state)
+}
+
+/// The refusal a machine whose key the node does not accept gets: what to run, and where.
+pub(crate) fn not_enrolled(node: &Node, key: &crate::auth::Key) -> Error {
+    let kid = key.fingerprint();
+    Error::Unauthenticated(format!(
+        "this machine's key {kid} is not enrolled on `{0}`, which accepts other machines' keys; \
+         it now waits there for approval: on a machine that has access, run \
+         `rbee nodes enroll {0} --approve {kid}`, then run this again",
+        node.name
+    ))
+}

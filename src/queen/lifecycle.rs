@@ -17,7 +17,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::hive::{LOG_FILE, PID_FILE, pidfile};
 use crate::paths;
 use crate::progress::Progress;
-use crate::protocol::{HiveHealth, ModelTable, PROTOCOL_VERSION};
+use crate::protocol::{HiveHealth, ModelTable, is_older, own_protocol, own_version};
 use crate::queen::client::HiveClient;
 use crate::queen::install;
 use crate::queen::node::NodeConn;
@@ -33,19 +33,79 @@ const STOP_WAIT: Duration = Duration::from_secs(
 
 pub(crate) enum Probe {
     Ready(HiveHealth),
-    /// A hive answers, but of another version or protocol.
+    /// A hive of an older rbee, idle: this queen replaces it with its own version.
     NeedsRestart(HiveHealth),
+    /// A hive this queen cannot talk to and must leave alone: another protocol, and newer than
+    /// this rbee or busy.
+    Incompatible(HiveHealth),
+    /// A hive answers, and refuses this machine's signature (401).
+    Refused(Error),
     Unreachable(Error),
 }
 
 pub(crate) async fn probe(client: &HiveClient, timeout: Duration) -> Probe {
-    match client.health(timeout.min(PROBE_TIMEOUT)).await {
-        Ok(h) if h.protocol == PROTOCOL_VERSION && h.version == env!("CARGO_PKG_VERSION") => {
-            Probe::Ready(h)
+    let timeout = timeout.min(PROBE_TIMEOUT);
+    match client.health_or_refusal(timeout).await {
+        Ok(crate::queen::client::Health::Refused(e)) => Probe::Refused(e),
+        Ok(crate::queen::client::Health::Answered(mut h)) => {
+            // A hive from before its health counted its requests is asked for them, so that
+            // whether it is idle is known, not guessed.
+            if let Some(detail) = h.signed.as_mut().filter(|d| d.requests.is_none())
+                && is_older(&h.version, &own_version())
+            {
+                detail.requests = client.requests(timeout).await.ok().map(|r| r.len());
+            }
+            negotiate(h)
         }
-        Ok(h) => Probe::NeedsRestart(h),
         Err(e) => Probe::Unreachable(e),
     }
+}
+
+/// What a queen does with a hive that answers: use it when it speaks this protocol; replace it
+/// only when it is older than this rbee and idle (so two machines on two versions do not take
+/// turns stopping each other's hive: the newer one replaces, the older one uses what it
+/// finds); otherwise leave it alone.
+fn negotiate(h: HiveHealth) -> Probe {
+    let (version, protocol) = (own_version(), own_protocol());
+    if h.protocol == protocol && h.version == version {
+        return Probe::Ready(h);
+    }
+    let idle = h.signed.as_ref().and_then(|d| d.requests) == Some(0);
+    if is_older(&h.version, &version) && idle {
+        return Probe::NeedsRestart(h);
+    }
+    if h.protocol == protocol {
+        Probe::Ready(h)
+    } else {
+        Probe::Incompatible(h)
+    }
+}
+
+/// Why a hive of another protocol is left running, and what to run instead.
+pub(crate) fn incompatible(node: &Node, h: &HiveHealth) -> Error {
+    let (version, protocol) = (own_version(), own_protocol());
+    let what = if is_older(&version, &h.version) {
+        format!(
+            "install rbee {} or later on this machine, or stop that hive with `rbee hive stop {}` \
+             to start this version (its models and requests go with it)",
+            h.version, node.name
+        )
+    } else {
+        let busy = match h.signed.as_ref().and_then(|d| d.requests) {
+            Some(n) => format!("{n} requests under way"),
+            None => "whether requests are under way is unknown".to_string(),
+        };
+        format!(
+            "it is busy ({busy}) and is not stopped for them; run this again once it is idle, or \
+             stop it with `rbee hive stop {}`",
+            node.name
+        )
+    };
+    Error::hive(format!(
+        "the hive on `{}` runs rbee {} (protocol {}), and this is rbee {version} (protocol \
+         {protocol}), which cannot talk to it; it was left running: {what}",
+        node.name, h.version, h.protocol
+    ))
 }
 
 /// The outcome of making sure a hive runs.
@@ -102,11 +162,24 @@ async fn running(conn: &mut NodeConn, budget: &Budget, progress: &Progress) -> R
             elapsed: t0.elapsed(),
         }),
         Probe::NeedsRestart(h) => {
-            tracing::info!(node = %conn.node.name, version = %h.version, protocol = h.protocol, "restarting a hive of another version");
+            tracing::info!(node = %conn.node.name, version = %h.version, protocol = h.protocol, "replacing an idle hive of an older rbee");
             stop(conn, budget).await?;
             start(conn, budget, t0, progress).await
         }
-        // A hive answers but refuses our signature: starting another would not help.
+        Probe::Incompatible(h) => Err(incompatible(&conn.node, &h)),
+        // A hive answers but refuses our signature: starting another would not help. Over SSH
+        // the node says whether it has this machine's key; one it has not is left waiting for
+        // approval, and the refusal says what to run.
+        Probe::Refused(e) if !conn.is_local() => {
+            let node = conn.node.clone();
+            let key = crate::auth::Key::load_or_create(&node.key_file)?;
+            let session = conn.ssh(budget).await?;
+            match install::enroll_key(session, &node, &key).await? {
+                install::Enrollment::Pending => Err(install::not_enrolled(&node, &key)),
+                install::Enrollment::Enrolled | install::Enrollment::First => Err(e),
+            }
+        }
+        Probe::Refused(e) => Err(e),
         Probe::Unreachable(e @ Error::Unauthenticated(_)) => Err(e),
         Probe::Unreachable(e) => {
             tracing::debug!(node = %conn.node.name, "hive not reachable ({e}); starting it");
@@ -134,7 +207,9 @@ async fn start(
         let installed = install::install_binary(session, &node, progress).await?;
         let session = conn.ssh(budget).await?;
         let key = crate::auth::Key::load_or_create(&node.key_file)?;
-        install::install_key(session, &node, &key, crate::hive::keys::KEY_FILE).await?;
+        if install::enroll_key(session, &node, &key).await? == install::Enrollment::Pending {
+            return Err(install::not_enrolled(&node, &key));
+        }
         if installed.uploaded {
             tracing::info!(node = %node.name, bytes = installed.bytes, "uploaded rbee");
         }
@@ -165,10 +240,13 @@ async fn start(
                     elapsed: t0.elapsed(),
                 });
             }
-            Probe::NeedsRestart(h) => {
-                last_error = format!("a hive of version {} answers", h.version);
+            Probe::NeedsRestart(h) | Probe::Incompatible(h) => {
+                last_error = format!(
+                    "a hive of rbee {} (protocol {}) answers",
+                    h.version, h.protocol
+                );
             }
-            Probe::Unreachable(e) => last_error = e.to_string(),
+            Probe::Refused(e) | Probe::Unreachable(e) => last_error = e.to_string(),
         }
         // Our child may exit because a concurrent `rbee` started the hive first; give that
         // one a moment to answer before reporting the failure.

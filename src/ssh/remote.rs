@@ -119,6 +119,32 @@ pub(crate) fn write_private_file(remote_dir: &str, name: &str) -> String {
     format!("mkdir -p {dir} && umask 077 && cat > {tmp} && chmod 600 {tmp} && mv -f {tmp} {path}")
 }
 
+/// Enrolls the key on stdin (its file's SHA-256 `sha`, its id `kid`: 16 hex digits) on the
+/// node and prints what happened: `enrolled` when the node already has it (as
+/// `keys/<kid>.key`, or as the `hive.key` of a node set up before enrollment), `first` when
+/// the node had no key and this one is now its first (the `mkdir` of `keys/.first` lets one of
+/// two machines win), else `pending`: it waits in `keys/pending/` for a machine with access to
+/// approve it. A key the node has is never replaced.
+pub(crate) fn enroll_key(remote_dir: &str, kid: &str, sha: &str) -> String {
+    let dir = remote_path(remote_dir);
+    let legacy = remote_join(remote_dir, "hive.key");
+    let first = remote_join(remote_dir, "keys/.first");
+    let own = remote_join(remote_dir, &format!("keys/{kid}.key"));
+    let pending = remote_join(remote_dir, &format!("keys/pending/{kid}.key"));
+    let sha = quote(sha);
+    format!(
+        "umask 077 && mkdir -p {dir}/keys/pending && chmod 700 {dir} || exit 1; \
+         if [ \"$({own_sha})\" = {sha} ] || [ \"$({legacy_sha})\" = {sha} ]; then \
+         cat >/dev/null; echo enrolled; \
+         elif [ ! -e {legacy} ] && mkdir {first} 2>/dev/null; then \
+         cat > {own}.tmp && chmod 600 {own}.tmp && mv -f {own}.tmp {own} && echo first; \
+         else cat > {pending}.tmp && chmod 600 {pending}.tmp && mv -f {pending}.tmp {pending} \
+         && echo pending; fi",
+        own_sha = sha256_of(&own),
+        legacy_sha = sha256_of(&legacy),
+    )
+}
+
 /// Starts the hive detached from the SSH session: only the hive runs in the background, with
 /// none of the channel's streams, so the channel closes at once (the hive then leaves the
 /// session with setsid itself). Prints the hive's pid. `settings` are the hive's own

@@ -60,7 +60,7 @@ fn with_forwarding_refused_start_status_infer_and_stop_ride_the_bridge() {
     );
 
     // A key file the hive refuses: it exits at once, and says why.
-    let key = fleet.remote_dir("a").join("hive.key");
+    let key = fleet.node_key_file("a");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let started = Instant::now();
     let run = env.run(&["-v", "hive", "start", "a"]);

@@ -1,0 +1,95 @@
+//! The hive's endpoints for its signing keys: rotation (`reload`, `retire`), and the keys of
+//! the controlling machines: the list, approving a key that asked to be enrolled, revoking one.
+//! Every change is recorded with the key that asked for it (`by`) before it is made.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::{Extension, Json};
+
+use crate::auth::layer::Authenticated;
+use crate::error::{Error, Result};
+use crate::hive::routes::Hive;
+use crate::protocol::KeyList;
+use crate::server::ApiError;
+
+/// The body of a request naming one key.
+#[derive(Debug, serde::Deserialize)]
+struct KeyId {
+    kid: String,
+}
+
+fn key_id(body: &[u8]) -> Result<Option<String>> {
+    if body.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice::<KeyId>(body)
+        .map(|k| Some(k.kid))
+        .map_err(|e| Error::invalid(format!("the body must be {{\"kid\": KEY_ID}}: {e}")))
+}
+
+async fn record(hive: &Hive, event: &'static str, kid: &str, by: &Authenticated) -> Result<()> {
+    hive.audit
+        .record_work(
+            event,
+            None,
+            serde_json::json!({ "kid": kid, "by": by.kid() }),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Key rotation, step one: accept the node's next key (`hive.key.next`, or a new key in
+/// `keys/`) beside the current ones.
+pub(crate) async fn reload(
+    State(hive): State<Arc<Hive>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = hive.keys.reload()?;
+    Ok(Json(serde_json::json!({ "accepted": keys })))
+}
+
+/// Key rotation, step two: with no body the next key becomes `hive.key`; with `{"kid"}` that
+/// enrolled key is retired (its machine switched to a new one). The old key is accepted a
+/// little longer, for requests signed just before the switch.
+pub(crate) async fn retire(
+    State(hive): State<Arc<Hive>>,
+    Extension(by): Extension<Authenticated>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = match key_id(&body)? {
+        Some(kid) => {
+            record(&hive, "key_retired", &kid, &by).await?;
+            hive.keys.retire_kid(&kid)?
+        }
+        None => hive.keys.retire()?,
+    };
+    Ok(Json(serde_json::json!({ "accepted": keys })))
+}
+
+pub(crate) async fn list(State(hive): State<Arc<Hive>>) -> Result<Json<KeyList>, ApiError> {
+    Ok(Json(hive.keys.list()?))
+}
+
+pub(crate) async fn approve(
+    State(hive): State<Arc<Hive>>,
+    Extension(by): Extension<Authenticated>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
+    record(&hive, "key_enrolled", &kid, &by).await?;
+    let keys = hive.keys.approve(&kid)?;
+    tracing::info!(kid = %kid, by = %by.kid(), "key enrolled");
+    Ok(Json(serde_json::json!({ "accepted": keys })))
+}
+
+pub(crate) async fn revoke(
+    State(hive): State<Arc<Hive>>,
+    Extension(by): Extension<Authenticated>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
+    record(&hive, "key_revoked", &kid, &by).await?;
+    let keys = hive.keys.revoke(&kid)?;
+    tracing::info!(kid = %kid, by = %by.kid(), "key revoked");
+    Ok(Json(serde_json::json!({ "accepted": keys })))
+}
