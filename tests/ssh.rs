@@ -713,6 +713,7 @@ mod keepalive;
 mod no_forwarding;
 mod refusals;
 mod routing;
+mod serve;
 mod shells;
 mod ssh_config;
 /// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into

@@ -49,6 +49,8 @@ pub(crate) struct App {
     runner: Runner,
     metrics: metrics::Metrics,
     fleet: fleet::Fleet,
+    /// One connection per node, kept by the fleet's watchers and taken by every request.
+    pool: Arc<crate::queen::pool::Pool>,
     /// When this server started (Unix seconds): the `created` of its models.
     started: u64,
 }
@@ -81,8 +83,10 @@ async fn serve(settings: Settings) -> Result<()> {
     }
     let stop = CancellationToken::new();
     let models = Arc::new(settings.config.models.clone());
+    let pool = Arc::new(crate::queen::pool::Pool::default());
     let app = Arc::new(App {
-        fleet: fleet::Fleet::watch(&settings.config, settings.connect, &stop),
+        fleet: fleet::Fleet::watch(&settings.config, settings.connect, pool.clone(), &stop),
+        pool,
         admission: Admission::new(&settings.config, settings.max_queue),
         config: Arc::new(settings.config),
         keys,
