@@ -2,7 +2,7 @@
 //! pool (an SSH session with its forward, for SSH nodes), opens it again when it fails, and
 //! asks the hive for its workers every second, or at once when a request failed there. A
 //! request is placed from what they last saw, in the order `queen::route::rank` would give,
-//! without a probe of its own; `/health` answers from it too.
+//! without a probe of its own; `/health` and admission's count of slots answer from it too.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use crate::queen::generate::{Order, Via};
 use crate::queen::node::ConnectOptions;
 use crate::queen::pool::Pool;
 use crate::queen::route::{self, Skipped, Standing};
+use crate::serve::admission::Admission;
 
 const EVERY: Duration = Duration::from_secs(1);
 const CONNECT_BUDGET: Duration = Duration::from_secs(5);
@@ -57,6 +58,7 @@ impl Fleet {
         config: &Config,
         connect: ConnectOptions,
         pool: Arc<Pool>,
+        admission: Arc<Admission>,
         stop: &CancellationToken,
     ) -> Fleet {
         let mut nodes = Vec::new();
@@ -67,7 +69,13 @@ impl Fleet {
                 nudge: Notify::new(),
             });
             nodes.push(watched.clone());
-            tokio::spawn(watch(watched, connect, pool.clone(), stop.clone()));
+            tokio::spawn(watch(
+                watched,
+                connect,
+                pool.clone(),
+                admission.clone(),
+                stop.clone(),
+            ));
         }
         Fleet { nodes }
     }
@@ -170,9 +178,16 @@ fn where_it_stands(
     route::standing(&seen.workers, model).ok_or(None)
 }
 
-async fn watch(w: Arc<Watched>, connect: ConnectOptions, pool: Arc<Pool>, stop: CancellationToken) {
+async fn watch(
+    w: Arc<Watched>,
+    connect: ConnectOptions,
+    pool: Arc<Pool>,
+    admission: Arc<Admission>,
+    stop: CancellationToken,
+) {
     loop {
         let now = look(&w.node, connect, &pool).await;
+        admission.node_seen(&w.node.name, now.hive.then_some(now.workers.as_slice()));
         *w.seen.lock().unwrap_or_else(PoisonError::into_inner) = now;
         tokio::select! {
             biased;

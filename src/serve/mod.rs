@@ -45,7 +45,7 @@ pub(crate) struct Settings {
 pub(crate) struct App {
     config: Arc<Config>,
     keys: Keys,
-    admission: Admission,
+    admission: Arc<Admission>,
     runner: Runner,
     metrics: metrics::Metrics,
     fleet: fleet::Fleet,
@@ -84,10 +84,17 @@ async fn serve(settings: Settings) -> Result<()> {
     let stop = CancellationToken::new();
     let models = Arc::new(settings.config.models.clone());
     let pool = Arc::new(crate::queen::pool::Pool::default());
+    let admission = Arc::new(Admission::new(&settings.config, settings.max_queue));
     let app = Arc::new(App {
-        fleet: fleet::Fleet::watch(&settings.config, settings.connect, pool.clone(), &stop),
+        fleet: fleet::Fleet::watch(
+            &settings.config,
+            settings.connect,
+            pool.clone(),
+            admission.clone(),
+            &stop,
+        ),
         pool,
-        admission: Admission::new(&settings.config, settings.max_queue),
+        admission,
         config: Arc::new(settings.config),
         keys,
         runner: Runner {
