@@ -731,6 +731,7 @@ mod keys;
 mod no_forwarding;
 mod refusals;
 mod routing;
+mod serve;
 mod shells;
 mod ssh_config;
 /// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into

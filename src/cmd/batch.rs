@@ -22,6 +22,7 @@ use crate::error::{Error, ExitKind, IoContext, Result};
 use crate::progress::Progress;
 use crate::protocol::{DoneEvent, InferRequest};
 use crate::queen::generate::{Runner, fails_over, generate_text, stop_name};
+use crate::queen::pool::Pool;
 use crate::queen::trail;
 use input::Item;
 
@@ -56,6 +57,7 @@ pub(crate) async fn run(ctx: &Context, args: BatchArgs) -> Result<()> {
             progress: Progress::hidden(),
             ..ctx.runner(&config)
         },
+        pool: Pool::default(),
         nodes: &route.nodes,
         model: route.model,
         retries: args.retries,
@@ -89,6 +91,8 @@ pub(crate) async fn run(ctx: &Context, args: BatchArgs) -> Result<()> {
 
 struct Batch<'a> {
     runner: Runner,
+    /// One connection per node for the whole batch, opened again when one fails.
+    pool: Pool,
     nodes: &'a [&'a Node],
     model: &'a crate::config::Model,
     retries: u32,
@@ -275,7 +279,7 @@ impl Batch<'_> {
         };
         let result = match self.requested(node, &mut request, &budget) {
             Ok(()) => {
-                let work = generate_text(&self.runner, node, &request, &budget);
+                let work = generate_text(&self.runner, &self.pool, node, &request, &budget);
                 let result = match tokio::time::timeout_at(budget.deadline().into(), work).await {
                     Ok(result) => result,
                     Err(_) => Err(Error::deadline(format!(

@@ -19,6 +19,7 @@ use crate::protocol::{
     DoneEvent, ErrorBody, InferRequest, PrefillEvent, StopReason, Timings, TokenEvent,
 };
 use crate::queen::node::{ConnectOptions, NodeConn};
+use crate::queen::pool::Pool;
 use crate::queen::{lifecycle, route};
 
 /// How a face runs requests: how it connects, and where its spinners go.
@@ -102,50 +103,76 @@ pub(crate) async fn place(
     if route.pinned || route.nodes.len() == 1 {
         let node = route.nodes[0];
         account.get().node = Some(node.clone());
-        return generate(runner, node, None, request, budget, account, sink).await;
+        return generate(runner, node, Via::Own(None), request, budget, account, sink).await;
     }
     account.get().stage = Some(("connect", Instant::now()));
     let (ranked, skipped) = route::rank(&route.nodes, route.model, budget, runner.connect).await;
+    let candidates = ranked
+        .into_iter()
+        .map(|r| (r.node, Via::Own(r.conn.map(Box::new))))
+        .collect();
+    let order = Order {
+        model: &route.model.name,
+        candidates,
+        skipped,
+    };
+    in_order(runner, order, request, budget, account, sink, &|_| {}).await
+}
+
+/// The candidates of a request, best first, each with where its connection comes from, and
+/// those that cannot take it (each an attempt of its own).
+pub(crate) struct Order<'a> {
+    pub(crate) model: &'a str,
+    pub(crate) candidates: Vec<(Node, Via<'a>)>,
+    pub(crate) skipped: Vec<route::Skipped>,
+}
+
+/// Tries the candidates in order while no part of the answer has come back; `failed` hears of
+/// each node that failed.
+pub(crate) async fn in_order(
+    runner: &Runner,
+    order: Order<'_>,
+    request: &InferRequest,
+    budget: &Budget,
+    account: &Shared,
+    sink: TokenSink<'_>,
+    failed: &(dyn Fn(&Node) + Sync),
+) -> Result<()> {
     let mut failures: Vec<(String, Error)> = Vec::new();
-    for s in skipped {
+    for s in order.skipped {
         attempted(request, account, &s.node.name, s.outcome, s.ms);
         failures.push((s.node.name, s.error));
     }
-    for candidate in ranked {
+    for (node, via) in order.candidates {
         let started = Instant::now();
         {
             // A fresh account of this attempt; the attempts so far carry on.
             let mut a = account.get();
             let attempts = std::mem::take(&mut a.attempts);
             *a = Account {
-                node: Some(candidate.node.clone()),
+                node: Some(node.clone()),
                 attempts,
                 ..Account::default()
             };
         }
-        let result = generate(
-            runner,
-            &candidate.node,
-            candidate.conn,
-            request,
-            budget,
-            account,
-            sink,
-        )
-        .await;
+        let result = generate(runner, &node, via, request, budget, account, sink).await;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let outcome = result.as_ref().err().map_or("ok", |e| e.kind().wire_code());
-        attempted(request, account, &candidate.node.name, outcome, ms);
+        attempted(request, account, &node.name, outcome, ms);
         match result {
             Ok(()) => return Ok(()),
             Err(e) if fails_over(&e) && !account.get().answered() && !budget.is_spent() => {
-                tracing::info!(node = %candidate.node.name, "failing over: {e}");
-                failures.push((candidate.node.name.clone(), e));
+                tracing::info!(node = %node.name, "failing over: {e}");
+                failed(&node);
+                failures.push((node.name.clone(), e));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                failed(&node);
+                return Err(e);
+            }
         }
     }
-    Err(every_candidate_failed(&route.model.name, failures))
+    Err(every_candidate_failed(order.model, failures))
 }
 
 /// What a node's failure before the first token says about the next node: none of these is
@@ -189,10 +216,11 @@ fn every_candidate_failed(model: &str, failures: Vec<(String, Error)>) -> Error 
     }
 }
 
-/// Runs one request on `node`, on a connection of its own, and returns the generated
-/// text with its `done` event, printing nothing: what `rbee batch` needs of a node.
+/// Runs one request on `node`, over the connection `pool` keeps for it, and returns the
+/// generated text with its `done` event, printing nothing: what `rbee batch` needs of a node.
 pub(crate) async fn generate_text(
     runner: &Runner,
+    pool: &Pool,
     node: &Node,
     request: &InferRequest,
     budget: &Budget,
@@ -203,7 +231,16 @@ pub(crate) async fn generate_text(
         text.push_str(t);
         Ok(())
     };
-    generate(runner, node, None, request, budget, &account, &mut keep).await?;
+    generate(
+        runner,
+        node,
+        Via::Kept(pool),
+        request,
+        budget,
+        &account,
+        &mut keep,
+    )
+    .await?;
     let done = account.into_inner().done.ok_or_else(|| {
         Error::hive(format!(
             "the hive on `{}` ended the stream before the generation finished",
@@ -213,16 +250,91 @@ pub(crate) async fn generate_text(
     Ok((text, done))
 }
 
-/// Runs one request on `node` (on `conn` when the probe made one), every token to `sink`.
+/// Where a request's connection to its node comes from.
+pub(crate) enum Via<'a> {
+    /// Its own: the one its probe made, else opened for it.
+    Own(Option<Box<NodeConn>>),
+    /// The one `pool` keeps for the node, brought up first when its hive was not seen running.
+    Kept(&'a Pool),
+}
+
+/// Runs one request on `node`, over the connection `via` gives, every token to `sink`.
 pub(crate) async fn generate(
     runner: &Runner,
     node: &Node,
-    conn: Option<NodeConn>,
+    via: Via<'_>,
     request: &InferRequest,
     budget: &Budget,
     account: &Shared,
     sink: TokenSink<'_>,
 ) -> Result<()> {
+    match via {
+        Via::Own(conn) => {
+            let conn = up(runner, node, conn.map(|c| *c), budget, account).await?;
+            send(runner, node, &conn, request, budget, account, sink).await
+        }
+        Via::Kept(pool) => kept(runner, pool, node, request, budget, account, sink).await,
+    }
+}
+
+/// Runs the request over the node's kept connection. A kept connection that fails on the way
+/// to the hive (its session died, the hive went away) is given up and the node brought up
+/// again, once, before the failure counts against the node.
+async fn kept(
+    runner: &Runner,
+    pool: &Pool,
+    node: &Node,
+    request: &InferRequest,
+    budget: &Budget,
+    account: &Shared,
+    sink: TokenSink<'_>,
+) -> Result<()> {
+    let mut again = true;
+    loop {
+        let (conn, reused) = match pool.running(&node.name) {
+            Some(conn) => {
+                account.get().timings.connect = Some(0.0);
+                (conn, true)
+            }
+            None => {
+                let conn = pool
+                    .bring_up(&node.name, |old| {
+                        // A connection kept from before costs this request nothing to reach.
+                        let old = old.map(|mut c| {
+                            c.connect_time = Duration::ZERO;
+                            c
+                        });
+                        up(runner, node, old, budget, account)
+                    })
+                    .await?;
+                (conn, false)
+            }
+        };
+        let result = send(runner, node, &conn, request, budget, account, sink).await;
+        match result {
+            Err(e) if matches!(e, Error::Ssh(_) | Error::Hive(_) | Error::Io(_)) => {
+                pool.failed(&node.name, &conn).await;
+                if reused && again && !account.get().answered() && !budget.is_spent() {
+                    tracing::info!(node = %node.name, "the kept connection failed ({e}); bringing the node up again");
+                    again = false;
+                    continue;
+                }
+                return Err(e);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Reaches the node (on `conn` when one is at hand) and makes sure its hive runs, as the
+/// account's timings say.
+async fn up(
+    runner: &Runner,
+    node: &Node,
+    conn: Option<NodeConn>,
+    budget: &Budget,
+    account: &Shared,
+) -> Result<NodeConn> {
     account.get().stage = Some(("connect", Instant::now()));
     let mut conn = match conn {
         Some(conn) => conn,
@@ -247,7 +359,20 @@ pub(crate) async fn generate(
     if running.started && runner.note_start {
         eprintln!("started the hive on `{}`", node.name);
     }
+    Ok(conn)
+}
 
+/// Sends the request to the hive over `conn` and hands every token to `sink`.
+async fn send(
+    runner: &Runner,
+    node: &Node,
+    conn: &NodeConn,
+    request: &InferRequest,
+    budget: &Budget,
+    account: &Shared,
+    sink: TokenSink<'_>,
+) -> Result<()> {
+    let models = crate::queen::node_models(&runner.models, node);
     account.get().stage = Some(("queue, load and prefill", Instant::now()));
     // On stderr, and gone before anything else is written: the first token, the summary, an
     // error (dropping it clears it too).

@@ -106,6 +106,11 @@ impl NodeConn {
         Ok(())
     }
 
+    /// Whether its SSH session has ended (never, for a node reached without one).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.ssh.as_ref().is_some_and(Session::is_closed)
+    }
+
     /// The SSH connection's loss, when it is what broke a stream: no answer to its keep-alives
     /// (the link died), or the node closed it. `None` while it is up or for other transports.
     pub(crate) async fn lost(&self) -> Option<Error> {

@@ -383,7 +383,19 @@ async fn run(
             .send(Msg::Token(t.to_string()))
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     };
-    let work = generate::place(&app.runner, &route, request, budget, &account, &mut sink);
+    // Placed from what the fleet's watchers last saw, over the connections they keep; a node
+    // that fails is looked at again at once.
+    let order = app.fleet.order(&route.nodes, route.model, &app.pool);
+    let look_again = |node: &crate::config::Node| app.fleet.nudge(&node.name);
+    let work = generate::in_order(
+        &app.runner,
+        order,
+        request,
+        budget,
+        &account,
+        &mut sink,
+        &look_again,
+    );
     let result = tokio::select! {
         biased;
         // The client went away: dropping the work closes the connection to the hive, which

@@ -45,10 +45,12 @@ pub(crate) struct Settings {
 pub(crate) struct App {
     config: Arc<Config>,
     keys: Keys,
-    admission: Admission,
+    admission: Arc<Admission>,
     runner: Runner,
     metrics: metrics::Metrics,
     fleet: fleet::Fleet,
+    /// One connection per node, kept by the fleet's watchers and taken by every request.
+    pool: Arc<crate::queen::pool::Pool>,
     /// When this server started (Unix seconds): the `created` of its models.
     started: u64,
 }
@@ -81,9 +83,18 @@ async fn serve(settings: Settings) -> Result<()> {
     }
     let stop = CancellationToken::new();
     let models = Arc::new(settings.config.models.clone());
+    let pool = Arc::new(crate::queen::pool::Pool::default());
+    let admission = Arc::new(Admission::new(&settings.config, settings.max_queue));
     let app = Arc::new(App {
-        fleet: fleet::Fleet::watch(&settings.config, settings.connect, &stop),
-        admission: Admission::new(&settings.config, settings.max_queue),
+        fleet: fleet::Fleet::watch(
+            &settings.config,
+            settings.connect,
+            pool.clone(),
+            admission.clone(),
+            &stop,
+        ),
+        pool,
+        admission,
         config: Arc::new(settings.config),
         keys,
         runner: Runner {

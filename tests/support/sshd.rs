@@ -246,10 +246,54 @@ impl Sshd {
         fingerprint(&self.dir.join(format!("host_{kind}.pub")))
     }
 
+    /// How many logins it accepted: the SSH connections made to it that authenticated (its
+    /// config must log at `LogLevel INFO` or finer for it to say).
+    pub(crate) fn logins(&self) -> usize {
+        self.log().matches("Accepted publickey").count()
+    }
+
+    /// Kills the processes serving its connections (each connection's own sshd), not the
+    /// listener: every session open now ends as a dropped link would end it.
+    pub(crate) fn kill_sessions(&self) -> usize {
+        let listener = self.child.id();
+        let mut killed = 0;
+        let mut parents = vec![listener];
+        while let Some(parent) = parents.pop() {
+            for pid in children_of(parent) {
+                parents.push(pid);
+                let pid = nix::unistd::Pid::from_raw(pid as i32);
+                if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    killed += 1;
+                }
+            }
+        }
+        killed
+    }
+
     /// Its log (sshd -e writes there).
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }
+}
+
+/// The processes whose parent is `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                // The field after the parenthesised name: state, then the parent's pid.
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 impl Drop for Sshd {
