@@ -111,8 +111,9 @@ fn when_a_node_dies_mid_batch_the_other_takes_the_rest() {
         eventually(Duration::from_secs(60), || results(&output).len() >= 10),
         "the batch did not get going"
     );
-    // Node a's sshd goes away: no new connection reaches it.
-    drop(fleet.servers.remove(0));
+    // Node a's sshd dies with its sessions: neither a new connection nor the one the batch
+    // keeps reaches it.
+    fleet.servers.remove(0).die();
     let done = results(&output).len();
     let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
     run.expect(0);

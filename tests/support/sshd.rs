@@ -270,6 +270,15 @@ impl Sshd {
         killed
     }
 
+    /// The node's sshd dies whole: its listener, and every session it holds (a connection kept
+    /// open by the queen goes too). The listener is stopped first so that no session starts
+    /// while the others are killed.
+    pub(crate) fn die(self) {
+        let listener = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(listener, nix::sys::signal::Signal::SIGSTOP);
+        self.kill_sessions();
+    }
+
     /// Its log (sshd -e writes there).
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
