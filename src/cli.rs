@@ -227,7 +227,13 @@ pub(crate) enum HiveCommand {
 #[derive(Debug, Subcommand)]
 pub(crate) enum HiveOp {
     /// Start the hive on nodes (running is success)
-    Start(NodeSelection),
+    Start {
+        #[command(flatten)]
+        sel: NodeSelection,
+        /// Load each node's default model too, so that the first request finds it ready
+        #[arg(long)]
+        preload: bool,
+    },
     /// Stop the hive on nodes, with its workers
     Stop(NodeSelection),
     /// Show whether the hive runs on nodes, and its workers
@@ -300,6 +306,12 @@ pub(crate) enum ModelsCommand {
     },
     /// Copy a model's `source` file to a node (resumes a partial copy, verifies the sha256)
     Push {
+        #[arg(long)]
+        node: String,
+        model: String,
+    },
+    /// Load a model on a node now, so that requests find it ready (starts the hive if needed)
+    Load {
         #[arg(long)]
         node: String,
         model: String,

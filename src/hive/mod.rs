@@ -109,7 +109,7 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         node: args.node.clone(),
         started: Instant::now(),
         registry: registry.clone(),
-        metrics: Arc::default(),
+        metrics: registry.metrics.clone(),
         shutdown,
         drained: CancellationToken::new(),
         requests: Arc::default(),

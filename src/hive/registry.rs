@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Model, RestartPolicy};
 use crate::error::{Error, Result};
 use crate::hive::entry::{Entry, Supervision};
+use crate::hive::metrics::Metrics;
 use crate::hive::verify::Verifier;
 use crate::hive::worker_proc::{Exited, STOP_GRACE, SpawnOptions, WorkerProc, model_path};
 use crate::protocol::WorkerInfo;
@@ -40,6 +41,8 @@ pub(crate) struct Registry {
     /// Names each worker's socket: a new one per spawn, so a replacement never binds the path
     /// of a worker that is still going away.
     sockets: AtomicU32,
+    /// The hive's metrics: each spawn counts here, whoever asked for it.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Registry {
@@ -70,6 +73,7 @@ impl Registry {
             audit,
             stopping,
             sockets: AtomicU32::new(0),
+            metrics: Arc::default(),
         }
     }
 
@@ -234,15 +238,22 @@ impl Registry {
         }
     }
 
-    /// Verifies the model and starts a worker for it within `wait`.
-    pub(crate) async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
+    /// Verifies the model and starts a worker for it, both within its `load_timeout`.
+    pub(crate) async fn spawn(&self, spec: &Model) -> Result<WorkerProc> {
+        let started = std::time::Instant::now();
         let path = model_path(spec);
         let verified = tokio::time::timeout(
-            wait,
+            spec.load_timeout,
             self.verifier.verify(&path, &spec.sha256, &self.stopping),
         )
         .await
-        .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
+        .map_err(|_| {
+            Error::worker(format!(
+                "verifying the file of `{}` took longer than its load_timeout ({})",
+                spec.name,
+                humantime::format_duration(spec.load_timeout)
+            ))
+        })?;
         let (event, reason) = match &verified {
             Ok(()) => ("model_verified", None),
             Err(e) => ("model_refused", Some(e.to_string())),
@@ -271,7 +282,9 @@ impl Registry {
             exits: self.exits.clone(),
             key: &self.worker_key,
         };
+        let wait = spec.load_timeout.saturating_sub(started.elapsed());
         let proc = WorkerProc::spawn(spec, &opts, wait).await?;
+        Metrics::add(&self.metrics.spawns, 1);
         self.audit
             .note(
                 "worker_spawned",

@@ -49,6 +49,7 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/metrics", get(metrics))
         .route("/v1/workers/{model}", delete(stop_worker))
         .route("/v1/workers/{model}/restart", post(restart_worker))
+        .route("/v1/workers/{model}/load", post(load_worker))
         .route("/v1/requests", get(requests))
         .route("/v1/infer", post(infer))
         .route("/v1/models", put(update_models))
@@ -136,9 +137,35 @@ async fn restart_worker(
     if let Some(old) = old {
         old.stop(crate::hive::worker_proc::STOP_GRACE).await;
     }
-    let budget = Budget::new(std::time::Duration::from_secs(120));
+    let budget = Budget::new(spec.load_timeout);
     entry.worker(&hive.registry, &budget).await?;
-    Metrics::add(&hive.metrics.spawns, 1);
+    let info = entry
+        .info()
+        .ok_or_else(|| Error::worker(format!("the worker for `{model}` did not stay up")))?;
+    Ok(Json(info))
+}
+
+/// A preload: the model's worker, loaded now (or already), within the request's budget; a
+/// load outlives the request, so one that gives up leaves it going.
+async fn load_worker(
+    State(hive): State<Arc<Hive>>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
+    let spec = hive.registry.served(&model, None)?;
+    let budget = Budget::from_headers(&headers).unwrap_or_else(|| Budget::new(spec.load_timeout));
+    let entry = hive.registry.entry(&spec);
+    let (_, load_ms) = entry.worker(&hive.registry, &budget).await?;
+    hive.audit
+        .note(
+            "model_preloaded",
+            None,
+            serde_json::json!({ "model": model, "waited_ms": load_ms }),
+        )
+        .await;
     let info = entry
         .info()
         .ok_or_else(|| Error::worker(format!("the worker for `{model}` did not stay up")))?;
@@ -287,9 +314,6 @@ async fn start_generation(
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
     tracked.stage(RequestStage::Loading);
     let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
-    if load_ms.is_some() {
-        Metrics::add(&hive.metrics.spawns, 1);
-    }
     tracked.stage(RequestStage::Generating);
 
     let body = serde_json::to_vec(&generate)

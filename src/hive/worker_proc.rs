@@ -227,9 +227,11 @@ impl WorkerProc {
             }
             Err(_) => {
                 let _ = child.start_kill();
-                return Err(Error::deadline(format!(
-                    "loading `{}` did not finish within the request's budget",
-                    model.name
+                return Err(Error::worker(format!(
+                    "loading `{}` took longer than its load_timeout ({}); raise `load_timeout` \
+                     in its [models] table if the node is just slow",
+                    model.name,
+                    humantime::format_duration(model.load_timeout)
                 )));
             }
         };

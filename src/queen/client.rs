@@ -248,6 +248,28 @@ impl HiveClient {
         self.json(response, &nonce).await
     }
 
+    /// Loads a model's worker now (`POST /v1/workers/{model}/load`), waiting for it within
+    /// `budget`; the load goes on on the node if the budget runs out first.
+    pub(crate) async fn load_worker(&self, model: &str, budget: &Budget) -> Result<WorkerInfo> {
+        let budget_ms = budget.header_value();
+        let covered = Covered {
+            budget_ms: &budget_ms,
+            request_id: "",
+        };
+        let (request, nonce) = self.request_covering(
+            Method::POST,
+            &format!("/v1/workers/{model}/load"),
+            covered,
+            Vec::new(),
+        );
+        let response = request
+            .timeout(budget.remaining())
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.json(response, &nonce).await
+    }
+
     /// Key rotation: `reload` (accept the next key too) or `retire` (switch to it).
     pub(crate) async fn keys(&self, step: &str, timeout: Duration) -> Result<()> {
         let _: serde_json::Value = self
