@@ -65,6 +65,20 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Print the last lines of a node's hive log, or of a model's worker log (`-f` follows)
+    Logs {
+        /// The node (default: the first configured)
+        node: Option<String>,
+        /// A model's worker log instead of the hive's
+        #[arg(long)]
+        model: Option<String>,
+        /// How many lines to print before following
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        lines: usize,
+        /// Keep printing lines as the node writes them, until interrupted
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Print a shell completion script, e.g. `source <(rbee completions bash)`
     Completions {
         #[arg(value_enum)]

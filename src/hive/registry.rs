@@ -77,6 +77,16 @@ impl Registry {
         }
     }
 
+    /// The hive's own log.
+    pub(crate) fn log(&self) -> &std::path::Path {
+        &self.log
+    }
+
+    /// Where a model's worker writes its stderr.
+    pub(crate) fn worker_log(&self, model: &str) -> PathBuf {
+        self.dir.join(crate::hive::logs::worker_log_name(model))
+    }
+
     /// What a request hears once the hive has begun to stop.
     pub(crate) fn stopping_error(&self) -> Error {
         Error::hive(format!(
@@ -274,11 +284,14 @@ impl Registry {
         crate::hive::memory::check(&path, spec.context, spec.slots)?;
         let n = self.sockets.fetch_add(1, Ordering::Relaxed);
         let socket = self.dir.join(worker_socket_name(n));
+        let log = self.worker_log(&spec.name);
+        crate::hive::logs::rotate_if_large(&log);
         let opts = SpawnOptions {
             socket: &socket,
             exe: &self.exe,
             hive_dir: &self.dir,
-            log: &self.log,
+            log: &log,
+            node: &self.node,
             exits: self.exits.clone(),
             key: &self.worker_key,
         };

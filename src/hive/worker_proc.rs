@@ -40,6 +40,8 @@ pub(crate) struct SpawnOptions<'a> {
     pub(crate) exe: &'a Path,
     pub(crate) hive_dir: &'a Path,
     pub(crate) log: &'a Path,
+    /// The node's name, for messages that say how to read the log.
+    pub(crate) node: &'a str,
     /// Where the worker's exit is reported, for the supervisor.
     pub(crate) exits: mpsc::UnboundedSender<Exited>,
     /// The key the hive signs its requests to workers with.
@@ -220,9 +222,9 @@ impl WorkerProc {
             Ok(Err(e)) => {
                 let status = child.wait().await.map(describe_exit).unwrap_or_default();
                 return Err(Error::worker(format!(
-                    "worker for `{}` exited while loading ({status}): {e}; see {}",
-                    model.name,
-                    opts.log.display()
+                    "worker for `{}` exited while loading ({status}): {e}; `rbee logs {} --model \
+                     {}` shows its log",
+                    model.name, opts.node, model.name
                 )));
             }
             Err(_) => {
