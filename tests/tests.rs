@@ -7,6 +7,7 @@ mod support;
 mod architecture;
 mod audit;
 mod audit_closed;
+mod audit_disk;
 mod audit_witness;
 mod batch_controls;
 mod batching;
