@@ -65,6 +65,20 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Print the last lines of a node's hive log, or of a model's worker log (`-f` follows)
+    Logs {
+        /// The node (default: the first configured)
+        node: Option<String>,
+        /// A model's worker log instead of the hive's
+        #[arg(long)]
+        model: Option<String>,
+        /// How many lines to print before following
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        lines: usize,
+        /// Keep printing lines as the node writes them, until interrupted
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Print a shell completion script, e.g. `source <(rbee completions bash)`
     Completions {
         #[arg(value_enum)]
@@ -227,7 +241,13 @@ pub(crate) enum HiveCommand {
 #[derive(Debug, Subcommand)]
 pub(crate) enum HiveOp {
     /// Start the hive on nodes (running is success)
-    Start(NodeSelection),
+    Start {
+        #[command(flatten)]
+        sel: NodeSelection,
+        /// Load each node's default model too, so that the first request finds it ready
+        #[arg(long)]
+        preload: bool,
+    },
     /// Stop the hive on nodes, with its workers
     Stop(NodeSelection),
     /// Show whether the hive runs on nodes, and its workers
@@ -316,6 +336,12 @@ pub(crate) enum ModelsCommand {
     },
     /// Copy a model's `source` file to a node (resumes a partial copy, verifies the sha256)
     Push {
+        #[arg(long)]
+        node: String,
+        model: String,
+    },
+    /// Load a model on a node now, so that requests find it ready (starts the hive if needed)
+    Load {
         #[arg(long)]
         node: String,
         model: String,

@@ -119,6 +119,17 @@ where
         Command::Models { command } => queen(&ctx, verbose, true, cmd::models::run(&ctx, command)),
         Command::Nodes { command } => queen(&ctx, verbose, false, cmd::nodes::run(&ctx, command)),
         Command::Audit { command } => queen(&ctx, verbose, false, cmd::audit::run(&ctx, command)),
+        Command::Logs {
+            node,
+            model,
+            lines,
+            follow,
+        } => queen(
+            &ctx,
+            verbose,
+            false,
+            cmd::logs::run(&ctx, node.as_deref(), model.as_deref(), lines, follow),
+        ),
         // Only prints a script: no runtime, nothing to record in the audit log.
         Command::Completions { shell } => cmd::completions::run(shell),
     };

@@ -1,5 +1,5 @@
-//! Model paths that are not model files: refused at once, or given up with their request,
-//! leaving the hive idle.
+//! Model paths that are not model files: refused at once, or given up at the model's
+//! `load_timeout` (a load outlives its request), leaving the hive idle.
 
 use std::time::{Duration, Instant};
 
@@ -26,10 +26,22 @@ fn cpu_seconds(pid: i32) -> f64 {
     ticks as f64 / hz
 }
 
+/// The model's `load_timeout` in these tests: longer than the request's budget (3s).
+const LOAD_TIMEOUT_S: u64 = 5;
+
 /// A request for a model at `path` is refused (exit 7, naming the path) or runs out of its
-/// budget; either way the hive is idle again within a second, and stops by itself.
+/// budget; either way the hive is idle again within a second (once the load it started has run
+/// out of its `load_timeout`), and stops by itself.
 fn bad_model_path(path: &std::path::Path, refused: bool) {
-    let env = Env::with_model(path, crate::support::MODEL_SHA256, "");
+    let env = Env::custom(|dir, port| {
+        format!(
+            "{}load_timeout = \"{LOAD_TIMEOUT_S}s\"\n[nodes.n1]\ntransport = \"local\"\n\
+             remote_dir = {node_dir:?}\nhive_port = {port}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(path, crate::support::MODEL_SHA256),
+            node_dir = dir.join("node").display().to_string(),
+        )
+    });
+    let started = Instant::now();
     let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2", "--timeout", "3s"]);
     if refused {
         run.expect(7);
@@ -41,6 +53,9 @@ fn bad_model_path(path: &std::path::Path, refused: bool) {
         assert!(run.stderr.contains("not a regular file"), "{}", run.stderr);
     } else {
         run.expect(124);
+        // The load goes on after the request, until its load_timeout.
+        let until = Duration::from_secs(LOAD_TIMEOUT_S);
+        std::thread::sleep(until.saturating_sub(started.elapsed()));
     }
     let hive = hive_pid(&env);
     std::thread::sleep(Duration::from_secs(1));
@@ -90,13 +105,14 @@ fn a_directory_as_model_path_is_refused() {
 }
 
 #[test]
-fn hashing_a_huge_model_file_stops_with_its_request() {
+fn hashing_a_huge_model_file_stops_at_its_load_timeout() {
     if crate::support::model().is_none() {
         return;
     }
     let dir = crate::support::tempdir();
     let huge = dir.path().join("huge.gguf");
-    // Sparse: no disk used, but hashing all of it takes far longer than the request's budget.
+    // Sparse: no disk used, but hashing all of it takes far longer than the model's
+    // load_timeout.
     std::fs::File::create(&huge)
         .and_then(|f| f.set_len(1 << 40))
         .expect("sparse file");

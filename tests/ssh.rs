@@ -728,6 +728,7 @@ mod batch;
 mod host_keys;
 mod keepalive;
 mod keys;
+mod logs;
 mod no_forwarding;
 mod refusals;
 mod routing;

@@ -16,7 +16,7 @@ use crate::queen::lifecycle::{self, Probe, Stopped};
 
 pub(crate) async fn run(ctx: &Context, command: HiveOp) -> Result<()> {
     match command {
-        HiveOp::Start(sel) => start(ctx, sel).await,
+        HiveOp::Start { sel, preload } => start(ctx, sel, preload).await,
         HiveOp::Stop(sel) => stop(ctx, sel).await,
         HiveOp::Status(sel) => status(ctx, sel).await,
         HiveOp::Install(sel) => install(ctx, sel).await,
@@ -24,7 +24,24 @@ pub(crate) async fn run(ctx: &Context, command: HiveOp) -> Result<()> {
     }
 }
 
-async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
+/// `hive start --preload`: the node's default model, loaded within its `load_timeout`.
+async fn preload_default(
+    ctx: &Context,
+    node: &crate::config::Node,
+    conn: &crate::queen::node::NodeConn,
+) -> Result<Option<crate::protocol::WorkerInfo>> {
+    let config = ctx.config()?;
+    let spec = config.model(node, None)?;
+    let budget = Budget::new(spec.load_timeout);
+    let spinner = ctx
+        .progress
+        .spinner(format!("{}: loading `{}`", node.name, spec.name));
+    let info = conn.client.load_worker(&spec.name, &budget).await;
+    spinner.finish_and_clear();
+    info.map(Some)
+}
+
+async fn start(ctx: &Context, sel: NodeSelection, preload: bool) -> Result<()> {
     let results = each_node(ctx, &sel, |node| async move {
         let budget = Budget::new(node.timeout);
         let mut conn = match ctx.open(&node, &budget).await {
@@ -46,8 +63,17 @@ async fn start(ctx: &Context, sel: NodeSelection) -> Result<()> {
                 .map(|()| r),
             other => other,
         };
+        let preloaded = match (&running, preload) {
+            (Ok(_), true) => preload_default(ctx, &node, &conn).await,
+            _ => Ok(None),
+        };
+        let workers = match preloaded {
+            Ok(w) => w.map(|w| vec![w]),
+            Err(e) => return NodeResult::failed(&node, "failed", &e),
+        };
         match running {
             Ok(running) => NodeResult {
+                workers,
                 pid: running.health.signed.as_ref().map(|d| d.pid),
                 uptime_s: running.health.signed.as_ref().map(|d| d.uptime_s),
                 version: Some(running.health.version),

@@ -6,6 +6,7 @@ pub(crate) mod completions;
 pub(crate) mod fleet;
 pub(crate) mod hive;
 pub(crate) mod infer;
+pub(crate) mod logs;
 pub(crate) mod models;
 pub(crate) mod node_keys;
 pub(crate) mod nodes;

@@ -24,7 +24,43 @@ pub(crate) async fn run(ctx: &Context, command: ModelsCommand) -> Result<()> {
     match command {
         ModelsCommand::List { node } => list(ctx, node.as_deref()).await,
         ModelsCommand::Push { node, model } => push(ctx, &node, &model).await,
+        ModelsCommand::Load { node, model } => load(ctx, &node, &model).await,
     }
+}
+
+/// How much longer than the model's `load_timeout` a preload waits: the hive's start and the
+/// connection come first.
+const LOAD_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `models load`: the hive loads the model now; a spinner tells the wait on a terminal.
+async fn load(ctx: &Context, node: &str, model: &str) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(Some(node))?;
+    let spec = config.model(node, Some(model))?;
+    let budget = Budget::new(spec.load_timeout + LOAD_MARGIN);
+    let mut conn = ctx.open(node, &budget).await?;
+    let models = crate::queen::node_models(&config.models, node);
+    crate::queen::lifecycle::ensure_running(&mut conn, &models, &budget, &ctx.progress).await?;
+    let client = &conn.client;
+    let spinner = ctx
+        .progress
+        .spinner(format!("{}: loading `{model}`", node.name));
+    let info = client
+        .with_models(&models, &budget, || client.load_worker(model, &budget))
+        .await;
+    spinner.finish_and_clear();
+    let info = info?;
+    let value = serde_json::json!({ "node": node.name, "worker": info });
+    ctx.out.result(&value, || {
+        format!(
+            "{}: `{model}` is loaded (pid {}, load {})",
+            node.name,
+            info.pid.map_or("-".to_string(), |p| p.to_string()),
+            info.load_ms
+                .map_or("-".to_string(), |ms| format!("{ms:.0}ms"))
+        )
+    });
+    Ok(())
 }
 
 async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {

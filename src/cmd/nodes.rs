@@ -82,8 +82,29 @@ struct Check {
     local_version: &'static str,
     ok: bool,
     error: Option<String>,
+    /// What works now but will not for long (a nearly full audit disk).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
     #[serde(skip)]
     exit_code: Option<u8>,
+}
+
+/// Free space on the disk of a node's `remote_dir` (where its audit trail is written) below
+/// which `nodes check` warns: the hive fails closed (exit 10) once a record cannot be written,
+/// and a disk this low is a model download or a log rotation away from it.
+const AUDIT_DISK_WARN_BYTES: u64 = 256 << 20;
+
+/// The warning for a node whose audit disk is nearly full, if it is.
+fn audit_disk_warning(node: &Node, free: Option<u64>) -> Option<String> {
+    let free = free.filter(|f| *f < AUDIT_DISK_WARN_BYTES)?;
+    Some(format!(
+        "only {} MiB free on the disk of `{}`, where the node's audit trail is written (warned \
+         under {} MiB); once a record cannot be written the hive refuses work (exit 10) unless \
+         the node is `audit = \"best-effort\"`: free space there",
+        free >> 20,
+        node.remote_dir,
+        AUDIT_DISK_WARN_BYTES >> 20
+    ))
 }
 
 async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
@@ -94,6 +115,10 @@ async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
         .collect()
         .await;
     for c in &checks {
+        for warning in &c.warnings {
+            ctx.out
+                .note(format!("rbee: warning: {}: {warning}", c.node));
+        }
         ctx.out.result(c, || {
             if let Some(err) = &c.error {
                 return format!("{}: FAILED: {err}", c.node);
@@ -142,6 +167,9 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
         ));
         check.platform_matches = Some(true);
         check.free_bytes = free_bytes(&dir);
+        check
+            .warnings
+            .extend(audit_disk_warning(&node, check.free_bytes));
         check.installed_version = Some(env!("CARGO_PKG_VERSION").to_string());
         check.ok = true;
         return check;
@@ -179,6 +207,9 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
                 .next()
                 .and_then(|l| l.trim().parse::<u64>().ok())
                 .map(|kb| kb * 1024);
+            check
+                .warnings
+                .extend(audit_disk_warning(&node, check.free_bytes));
             check.installed_version = lines
                 .next()
                 .filter(|v| *v != "none")

@@ -139,8 +139,10 @@ async fn stop(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
 async fn restart(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
     let config = ctx.config()?;
     let node = config.node(node)?;
-    config.model(node, Some(model))?;
-    let budget = Budget::new(Duration::from_secs(150));
+    let spec = config.model(node, Some(model))?;
+    // The hive waits for the load up to the model's `load_timeout`; the start of the hive and
+    // the connection come first.
+    let budget = Budget::new(spec.load_timeout + Duration::from_secs(30));
     let conn = ctx.open(node, &budget).await?;
     let models = crate::queen::node_models(&config.models, node);
     let client = &conn.client;

@@ -30,6 +30,9 @@ pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
 /// Health checks an idle worker may miss in a row before it is replaced: one miss is as likely
 /// a busy machine as a dead worker.
 pub(crate) const DEFAULT_HEALTH_MISSES: u32 = 3;
+/// How long a model's load (verification and llama.cpp's load) may take on the node, however
+/// soon the request that started it gives up.
+pub(crate) const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// llama.cpp's limit on sequences in one context.
 pub(crate) const MAX_SLOTS: u32 = 256;
@@ -107,6 +110,13 @@ pub(crate) struct Model {
     pub(crate) slots: u32,
     pub(crate) gpu_layers: u32,
     pub(crate) threads: Option<u32>,
+    /// The bound of one load on the node; it outlives the request that started it.
+    #[serde(with = "duration_ms", default = "default_load_timeout")]
+    pub(crate) load_timeout: Duration,
+}
+
+fn default_load_timeout() -> Duration {
+    DEFAULT_LOAD_TIMEOUT
 }
 
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]

@@ -65,6 +65,7 @@ pub(crate) struct RawModel {
     pub(crate) slots: Option<u32>,
     pub(crate) gpu_layers: Option<u32>,
     pub(crate) threads: Option<u32>,
+    pub(crate) load_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -53,6 +53,9 @@ pub(super) fn resolve(
                 &format!("`gpu_layers` must be at most {MAX_GPU_LAYERS}"),
             ));
         }
+        if m.load_timeout.as_ref().is_some_and(|d| d.0.is_zero()) {
+            return Err(located(Some(span), "`load_timeout` must be more than 0"));
+        }
         models.insert(
             name.clone(),
             Model {
@@ -64,6 +67,9 @@ pub(super) fn resolve(
                 slots: m.slots.unwrap_or(4),
                 gpu_layers: m.gpu_layers.unwrap_or(0),
                 threads: m.threads,
+                load_timeout: m
+                    .load_timeout
+                    .map_or(crate::config::DEFAULT_LOAD_TIMEOUT, |d| d.0),
             },
         );
     }

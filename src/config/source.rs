@@ -96,6 +96,7 @@ impl Config {
             slots: 4,
             gpu_layers: 0,
             threads: None,
+            load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
         };
         let node = Node {
             name: "local".to_string(),

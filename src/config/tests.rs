@@ -46,6 +46,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "slots",
         "gpu_layers",
         "threads",
+        "load_timeout",
         "host",
         "models",
     ] {

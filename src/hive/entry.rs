@@ -6,11 +6,11 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::Model;
 use crate::deadline::Budget;
-use crate::error::{Error, Result};
+use crate::error::{Error, ExitKind, Result};
 use crate::hive::policy::History;
 use crate::hive::registry::Registry;
 use crate::hive::worker_proc::WorkerProc;
@@ -56,6 +56,51 @@ pub(crate) struct EntryState {
     /// The running worker serves a spec the hive no longer has (changed or removed by a model
     /// table update): it is stopped once idle, and the next request starts one with the spec.
     pub(crate) outdated: bool,
+    /// The load under way, which requests wait on.
+    pub(crate) load: Option<LoadWatch>,
+}
+
+/// A load's outcome, once there is one: the worker, or the class and message of its failure
+/// (for each waiter to return as its own error).
+pub(crate) type LoadWatch =
+    watch::Receiver<Option<std::result::Result<Arc<WorkerProc>, (ExitKind, String)>>>;
+type LoadOutcome = watch::Sender<Option<std::result::Result<Arc<WorkerProc>, (ExitKind, String)>>>;
+
+/// One load of a model: verify, spawn, wait for its hello, within `load_timeout`; ends early
+/// when the hive begins to stop (the process is killed as it is dropped).
+async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadOutcome) {
+    let _spawning = entry.spawn_lock().await;
+    let result = tokio::select! {
+        biased;
+        () = registry.stopping.cancelled() => Err(registry.stopping_error()),
+        result = registry.spawn(&spec) => result,
+    };
+    let result = match result {
+        Ok(proc) if registry.stopping.is_cancelled() => {
+            proc.stop(crate::hive::worker_proc::STOP_GRACE).await;
+            Err(registry.stopping_error())
+        }
+        other => other,
+    };
+    let outcome = {
+        let mut st = entry.lock();
+        st.loading = false;
+        st.load = None;
+        match result {
+            Ok(proc) => {
+                let proc = Arc::new(proc);
+                st.proc = Some(proc.clone());
+                st.last_used = Instant::now();
+                Ok(proc)
+            }
+            Err(e) => {
+                tracing::warn!(model = %entry.name, "load failed: {e}");
+                Err((e.kind(), e.to_string()))
+            }
+        }
+    };
+    // No receiver left is fine: the model is loaded for the next request.
+    let _ = tx.send(Some(outcome));
 }
 
 /// A place in a model's queue, held for the length of one generation.
@@ -121,6 +166,7 @@ impl Entry {
                 last_restart: None,
                 last_backoff: None,
                 outdated: false,
+                load: None,
             }),
         }
     }
@@ -185,21 +231,25 @@ impl Entry {
         }
     }
 
-    /// The running worker, or a new one within the budget; waits out a restart under way and
-    /// refuses while restarting is held back. The second value is the load time when this
-    /// call started the worker.
+    /// The running worker, or the one being loaded, waited for within the budget; starts a
+    /// load when none is under way; waits out a restart under way and refuses while restarting
+    /// is held back. The second value is how long this call waited for a load.
+    ///
+    /// A load runs on its own task, bounded by the model's `load_timeout`, not by the budget
+    /// of the request that started it: a request that gives up leaves it going, and the next
+    /// finds the model loading or ready.
     pub(crate) async fn worker(
-        &self,
-        registry: &Registry,
+        self: &Arc<Self>,
+        registry: &Arc<Registry>,
         budget: &Budget,
     ) -> Result<(Arc<WorkerProc>, Option<f64>)> {
+        let waited = Instant::now();
         loop {
-            let _spawning = self.spawn_lock.lock().await;
             // A stopping hive starts no worker, for a request or otherwise.
             if registry.stopping.is_cancelled() {
                 return Err(registry.stopping_error());
             }
-            let spec = {
+            let load = {
                 let mut st = self.lock();
                 let alive = st.proc.clone().filter(|p| p.exit_status().is_none());
                 match (alive, st.supervision) {
@@ -210,6 +260,7 @@ impl Entry {
                     // The supervisor has this one (a restart is due, or an exit is being
                     // handled): wait for it below.
                     (None, Supervision::Restarting { .. }) => None,
+                    (None, _) if st.load.is_some() => st.load.clone(),
                     (None, _) if st.proc.is_some() => None,
                     (None, Supervision::Failed { .. }) => {
                         // The hold has expired: start afresh.
@@ -221,17 +272,12 @@ impl Entry {
                         st.history.reset();
                         st.supervision = Supervision::Normal;
                         st.failed_reason = None;
-                        st.loading = true;
-                        Some(st.spec.clone())
+                        Some(self.start_load(&mut st, registry))
                     }
-                    (None, Supervision::Normal) => {
-                        st.loading = true;
-                        Some(st.spec.clone())
-                    }
+                    (None, Supervision::Normal) => Some(self.start_load(&mut st, registry)),
                 }
             };
-            let Some(spec) = spec else {
-                drop(_spawning);
+            let Some(mut load) = load else {
                 if budget.is_spent() {
                     return Err(Error::deadline(format!(
                         "the budget ran out while the worker for `{}` restarted",
@@ -241,14 +287,36 @@ impl Entry {
                 tokio::time::sleep(Duration::from_millis(50).min(budget.remaining())).await;
                 continue;
             };
-            let started = Instant::now();
-            let result = registry.spawn(&spec, budget.remaining()).await;
-            let mut st = self.lock();
-            st.loading = false;
-            let proc = Arc::new(result?);
-            st.proc = Some(proc.clone());
-            return Ok((proc, Some(started.elapsed().as_secs_f64() * 1000.0)));
+            let outcome =
+                tokio::time::timeout_at(budget.deadline().into(), load.wait_for(Option::is_some))
+                    .await;
+            let ms = waited.elapsed().as_secs_f64() * 1000.0;
+            match outcome {
+                Err(_) => {
+                    return Err(Error::deadline(format!(
+                        "the budget ran out while `{}` loaded; the load goes on (for at most its \
+                         load_timeout) and a later request finds it ready",
+                        self.name
+                    )));
+                }
+                // The load's task ended without a word: the hive is stopping.
+                Ok(Err(_)) => return Err(registry.stopping_error()),
+                Ok(Ok(done)) => match done.as_ref() {
+                    Some(Ok(proc)) => return Ok((proc.clone(), Some(ms))),
+                    Some(Err((kind, message))) => return Err(Error::of_kind(*kind, message)),
+                    None => continue,
+                },
+            }
         }
+    }
+
+    /// Starts loading the model on a task of its own; its outcome goes to every waiter.
+    fn start_load(self: &Arc<Self>, st: &mut EntryState, registry: &Arc<Registry>) -> LoadWatch {
+        let (tx, rx) = watch::channel(None);
+        st.loading = true;
+        st.load = Some(rx.clone());
+        tokio::spawn(load(self.clone(), registry.clone(), st.spec.clone(), tx));
+        rx
     }
 
     pub(crate) fn info(&self) -> Option<WorkerInfo> {

@@ -9,6 +9,7 @@ pub(crate) mod entry;
 pub mod gguf;
 pub(crate) mod key_routes;
 pub(crate) mod keys;
+pub(crate) mod logs;
 pub mod memory;
 pub(crate) mod metrics;
 pub(crate) mod pidfile;
@@ -110,7 +111,7 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         node: args.node.clone(),
         started: Instant::now(),
         registry: registry.clone(),
-        metrics: Arc::default(),
+        metrics: registry.metrics.clone(),
         shutdown,
         drained: CancellationToken::new(),
         requests: Arc::default(),
@@ -313,10 +314,7 @@ fn close_inherited(fd: i32) {
 }
 
 fn init_file_logging(path: &Path) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    let file = logs::RotatingLog::open(path)
         .map_err(|e| Error::hive(format!("cannot open log `{}`: {e}", path.display())))?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Model, RestartPolicy};
 use crate::error::{Error, Result};
 use crate::hive::entry::{Entry, Supervision};
+use crate::hive::metrics::Metrics;
 use crate::hive::verify::Verifier;
 use crate::hive::worker_proc::{Exited, STOP_GRACE, SpawnOptions, WorkerProc, model_path};
 use crate::protocol::WorkerInfo;
@@ -40,6 +41,8 @@ pub(crate) struct Registry {
     /// Names each worker's socket: a new one per spawn, so a replacement never binds the path
     /// of a worker that is still going away.
     sockets: AtomicU32,
+    /// The hive's metrics: each spawn counts here, whoever asked for it.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Registry {
@@ -70,7 +73,18 @@ impl Registry {
             audit,
             stopping,
             sockets: AtomicU32::new(0),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The hive's own log.
+    pub(crate) fn log(&self) -> &std::path::Path {
+        &self.log
+    }
+
+    /// Where a model's worker writes its stderr.
+    pub(crate) fn worker_log(&self, model: &str) -> PathBuf {
+        self.dir.join(crate::hive::logs::worker_log_name(model))
     }
 
     /// What a request hears once the hive has begun to stop.
@@ -234,15 +248,22 @@ impl Registry {
         }
     }
 
-    /// Verifies the model and starts a worker for it within `wait`.
-    pub(crate) async fn spawn(&self, spec: &Model, wait: Duration) -> Result<WorkerProc> {
+    /// Verifies the model and starts a worker for it, both within its `load_timeout`.
+    pub(crate) async fn spawn(&self, spec: &Model) -> Result<WorkerProc> {
+        let started = std::time::Instant::now();
         let path = model_path(spec);
         let verified = tokio::time::timeout(
-            wait,
+            spec.load_timeout,
             self.verifier.verify(&path, &spec.sha256, &self.stopping),
         )
         .await
-        .map_err(|_| Error::deadline("the budget ran out while verifying the model file"))?;
+        .map_err(|_| {
+            Error::worker(format!(
+                "verifying the file of `{}` took longer than its load_timeout ({})",
+                spec.name,
+                humantime::format_duration(spec.load_timeout)
+            ))
+        })?;
         let (event, reason) = match &verified {
             Ok(()) => ("model_verified", None),
             Err(e) => ("model_refused", Some(e.to_string())),
@@ -263,15 +284,20 @@ impl Registry {
         crate::hive::memory::check(&path, spec.context, spec.slots)?;
         let n = self.sockets.fetch_add(1, Ordering::Relaxed);
         let socket = self.dir.join(worker_socket_name(n));
+        let log = self.worker_log(&spec.name);
+        crate::hive::logs::rotate_if_large(&log);
         let opts = SpawnOptions {
             socket: &socket,
             exe: &self.exe,
             hive_dir: &self.dir,
-            log: &self.log,
+            log: &log,
+            node: &self.node,
             exits: self.exits.clone(),
             key: &self.worker_key,
         };
+        let wait = spec.load_timeout.saturating_sub(started.elapsed());
         let proc = WorkerProc::spawn(spec, &opts, wait).await?;
+        Metrics::add(&self.metrics.spawns, 1);
         self.audit
             .note(
                 "worker_spawned",

@@ -49,7 +49,9 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/metrics", get(metrics))
         .route("/v1/workers/{model}", delete(stop_worker))
         .route("/v1/workers/{model}/restart", post(restart_worker))
+        .route("/v1/workers/{model}/load", post(load_worker))
         .route("/v1/requests", get(requests))
+        .route("/v1/logs", get(logs))
         .route("/v1/infer", post(infer))
         .route("/v1/models", put(update_models))
         .route("/v1/shutdown", post(shutdown))
@@ -140,9 +142,35 @@ async fn restart_worker(
     if let Some(old) = old {
         old.stop(crate::hive::worker_proc::STOP_GRACE).await;
     }
-    let budget = Budget::new(std::time::Duration::from_secs(120));
+    let budget = Budget::new(spec.load_timeout);
     entry.worker(&hive.registry, &budget).await?;
-    Metrics::add(&hive.metrics.spawns, 1);
+    let info = entry
+        .info()
+        .ok_or_else(|| Error::worker(format!("the worker for `{model}` did not stay up")))?;
+    Ok(Json(info))
+}
+
+/// A preload: the model's worker, loaded now (or already), within the request's budget; a
+/// load outlives the request, so one that gives up leaves it going.
+async fn load_worker(
+    State(hive): State<Arc<Hive>>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
+    let spec = hive.registry.served(&model, None)?;
+    let budget = Budget::from_headers(&headers).unwrap_or_else(|| Budget::new(spec.load_timeout));
+    let entry = hive.registry.entry(&spec);
+    let (_, load_ms) = entry.worker(&hive.registry, &budget).await?;
+    hive.audit
+        .note(
+            "model_preloaded",
+            None,
+            serde_json::json!({ "model": model, "waited_ms": load_ms }),
+        )
+        .await;
     let info = entry
         .info()
         .ok_or_else(|| Error::worker(format!("the worker for `{model}` did not stay up")))?;
@@ -163,6 +191,74 @@ async fn update_models(
         .note("models_updated", None, fields.clone())
         .await;
     Ok(Json(fields))
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    /// Lines before following; 10 when absent.
+    n: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+    /// A model's worker log instead of the hive's.
+    model: Option<String>,
+}
+
+/// The last lines of the hive's log or of a model's worker log, as `line` events signed like a
+/// generation's (the node's proof travels with every line), then `end`; following sends each
+/// line written after, until the reader goes away or the hive stops.
+async fn logs(
+    State(hive): State<Arc<Hive>>,
+    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+    axum::Extension(signer): axum::Extension<crate::auth::layer::Authenticated>,
+) -> Result<Response, ApiError> {
+    let path = match &query.model {
+        Some(model) => {
+            if !config::valid_name(model) {
+                return Err(Error::invalid("invalid model name").into());
+            }
+            let path = hive.registry.worker_log(model);
+            if !path.exists() {
+                return Err(Error::worker(format!(
+                    "no worker for `{model}` has run on `{}`, so it has no log",
+                    hive.node
+                ))
+                .into());
+            }
+            path
+        }
+        None => hive.registry.log().to_path_buf(),
+    };
+    let n = query.n.unwrap_or(10).min(crate::hive::logs::MAX_LINES);
+    let (lines_tx, mut lines_rx) = mpsc::channel::<String>(256);
+    tokio::spawn(crate::hive::logs::tail(
+        path,
+        n,
+        query.follow,
+        lines_tx,
+        hive.shutdown.clone(),
+    ));
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        while let Some(line) = lines_rx.recv().await {
+            let event =
+                crate::protocol::sse::SseEvent::json("line", &serde_json::json!({ "text": line }));
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx
+            .send(crate::protocol::sse::SseEvent::json(
+                "end",
+                &serde_json::json!({}),
+            ))
+            .await;
+    });
+    let mut chain = signer.chain();
+    let stream = ReceiverStream::new(rx).map(move |mut event: crate::protocol::sse::SseEvent| {
+        event.id = Some(chain.sign(&event.event, &event.data));
+        Ok::<Event, Infallible>(crate::protocol::sse::to_wire(event))
+    });
+    Ok(Sse::new(stream).into_response())
 }
 
 async fn requests(State(hive): State<Arc<Hive>>) -> Json<Vec<RequestInfo>> {
@@ -278,9 +374,6 @@ async fn start_generation(
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
     tracked.stage(RequestStage::Loading);
     let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
-    if load_ms.is_some() {
-        Metrics::add(&hive.metrics.spawns, 1);
-    }
     tracked.stage(RequestStage::Generating);
 
     let body = serde_json::to_vec(&generate)

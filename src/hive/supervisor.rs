@@ -15,8 +15,6 @@ use crate::hive::policy::{Decision, GiveUp};
 use crate::hive::registry::Registry;
 use crate::hive::worker_proc::{Exited, KillReason};
 
-/// How long a restarted worker may take to load.
-const RESTART_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often idle workers are asked whether they are alive, and how long they may take.
 const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -143,7 +141,7 @@ async fn restart_after(
             st.loading = true;
             st.spec.clone()
         };
-        let result = registry.spawn(&spec, RESTART_LOAD_TIMEOUT).await;
+        let result = registry.spawn(&spec).await;
         let mut st = entry.lock();
         st.loading = false;
         match result {
@@ -157,7 +155,6 @@ async fn restart_after(
                 st.restart_count += 1;
                 st.last_restart = Some(SystemTime::now());
                 Metrics::add(&metrics.restarts, 1);
-                Metrics::add(&metrics.spawns, 1);
                 return;
             }
             Err(e) => {

@@ -40,6 +40,8 @@ pub(crate) struct SpawnOptions<'a> {
     pub(crate) exe: &'a Path,
     pub(crate) hive_dir: &'a Path,
     pub(crate) log: &'a Path,
+    /// The node's name, for messages that say how to read the log.
+    pub(crate) node: &'a str,
     /// Where the worker's exit is reported, for the supervisor.
     pub(crate) exits: mpsc::UnboundedSender<Exited>,
     /// The key the hive signs its requests to workers with.
@@ -220,16 +222,18 @@ impl WorkerProc {
             Ok(Err(e)) => {
                 let status = child.wait().await.map(describe_exit).unwrap_or_default();
                 return Err(Error::worker(format!(
-                    "worker for `{}` exited while loading ({status}): {e}; see {}",
-                    model.name,
-                    opts.log.display()
+                    "worker for `{}` exited while loading ({status}): {e}; `rbee logs {} --model \
+                     {}` shows its log",
+                    model.name, opts.node, model.name
                 )));
             }
             Err(_) => {
                 let _ = child.start_kill();
-                return Err(Error::deadline(format!(
-                    "loading `{}` did not finish within the request's budget",
-                    model.name
+                return Err(Error::worker(format!(
+                    "loading `{}` took longer than its load_timeout ({}); raise `load_timeout` \
+                     in its [models] table if the node is just slow",
+                    model.name,
+                    humantime::format_duration(model.load_timeout)
                 )));
             }
         };

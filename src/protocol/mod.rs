@@ -258,6 +258,8 @@ impl ModelTable {
                 || m.gpu_layers > MAX_GPU_LAYERS
             {
                 Some("`context`, `threads` or `gpu_layers` out of range")
+            } else if m.load_timeout.is_zero() {
+                Some("a zero `load_timeout`")
             } else {
                 None
             };
@@ -852,6 +854,7 @@ mod tests {
             slots: 2,
             gpu_layers: 0,
             threads: Some(1),
+            load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
         }
     }
 

@@ -269,6 +269,49 @@ impl HiveClient {
         self.json(response, &nonce).await
     }
 
+    /// Loads a model's worker now (`POST /v1/workers/{model}/load`), waiting for it within
+    /// `budget`; the load goes on on the node if the budget runs out first.
+    pub(crate) async fn load_worker(&self, model: &str, budget: &Budget) -> Result<WorkerInfo> {
+        let budget_ms = budget.header_value();
+        let covered = Covered {
+            budget_ms: &budget_ms,
+            request_id: "",
+        };
+        let (request, nonce) = self.request_covering(
+            Method::POST,
+            &format!("/v1/workers/{model}/load"),
+            covered,
+            Vec::new(),
+        );
+        let response = request
+            .timeout(budget.remaining())
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.json(response, &nonce).await
+    }
+
+    /// The node's log lines (`GET /v1/logs`): the hive's, or `model`'s worker's; the body is an
+    /// event stream whose every event is checked as the node's (see `infer`).
+    pub(crate) async fn logs(
+        &self,
+        lines: usize,
+        follow: bool,
+        model: Option<&str>,
+    ) -> Result<reqwest::Response> {
+        let mut path = format!("/v1/logs?n={lines}");
+        if follow {
+            path.push_str("&follow=true");
+        }
+        if let Some(model) = model {
+            // Model names are checked names (letters, digits, `-`, `_`, `.`): nothing to escape.
+            path.push_str(&format!("&model={model}"));
+        }
+        let (request, nonce) = self.request(Method::GET, &path, Vec::new());
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        self.streamed(response, &nonce).await
+    }
+
     /// Key rotation: `reload` (accept the next key too) or `retire` (switch to it).
     pub(crate) async fn keys(&self, step: &str, timeout: Duration) -> Result<()> {
         let _: serde_json::Value = self
@@ -379,10 +422,20 @@ impl HiveClient {
             request_id: &request.request_id,
         };
         let (request, nonce) = self.request_covering(Method::POST, "/v1/infer", covered, body);
-        let mut response = request.send().await.map_err(|e| self.unreachable(e))?;
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        self.streamed(response, &nonce).await
+    }
+
+    /// An event-stream answer: its header proven as the node's, and each event checked as it
+    /// is read (`protocol::sse::events`).
+    async fn streamed(
+        &self,
+        mut response: reqwest::Response,
+        nonce: &str,
+    ) -> Result<reqwest::Response> {
         if !response.status().is_success() {
             return Err(self
-                .proven(response, &nonce)
+                .proven(response, nonce)
                 .await
                 .err()
                 .unwrap_or_else(|| Error::internal("a failure status read as a success")));
@@ -393,7 +446,7 @@ impl HiveClient {
             .and_then(|h| h.to_str().ok());
         verify_response(
             &self.key,
-            &nonce,
+            nonce,
             response.status().as_u16(),
             Body::Stream,
             header,
@@ -402,7 +455,7 @@ impl HiveClient {
         response
             .extensions_mut()
             .insert(crate::protocol::sse::Proven {
-                chain: crate::auth::EventChain::new(&self.key, &nonce),
+                chain: crate::auth::EventChain::new(&self.key, nonce),
                 peer: format!("the hive on `{}` ({})", self.node, self.place),
             });
         Ok(response)

@@ -309,7 +309,7 @@ async fn remote_exit(conn: &mut NodeConn, budget: &Budget, pid: u32) -> Result<O
         .map_or(rest.trim(), |(_, why)| why.trim())
         .to_string();
     Ok(Some(if why.is_empty() {
-        format!("its log `{}/{LOG_FILE}` holds no error", node.remote_dir)
+        format!("its log holds no error; `rbee logs {}` shows it", node.name)
     } else {
         why
     }))

@@ -230,6 +230,7 @@ mod tests {
             slots,
             gpu_layers: 0,
             threads: None,
+            load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
         }
     }
 

@@ -1,0 +1,70 @@
+//! `rbee logs`: a node's hive log and a model's worker log, read over the node's SSH
+//! connection; `-f` follows what the hive writes afterwards.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use super::{Fleet, node};
+
+#[test]
+fn logs_prints_the_last_lines_of_an_ssh_nodes_hive_log_and_follows_new_ones() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    // Two requests: the hive's log then holds more than five lines.
+    for _ in 0..2 {
+        env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+            .expect(0);
+    }
+    let run = env.run(&["logs", "a", "-n", "5"]);
+    run.expect(0);
+    let printed: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(printed.len(), 5, "{}", run.stdout);
+    // They are the node's own lines, in order, as its file has them.
+    let file = std::fs::read_to_string(fleet.remote_dir("a").join("hive.log")).expect("log");
+    let lines: Vec<&str> = file.lines().collect();
+    assert!(
+        lines.windows(5).any(|w| w == printed.as_slice()),
+        "printed:\n{}\nfile:\n{file}",
+        run.stdout
+    );
+    // The worker's own log, apart from the hive's.
+    let worker = env.run(&["logs", "a", "--model", "smollm2", "-n", "3"]);
+    worker.expect(0);
+    assert!(!worker.stdout.is_empty());
+    assert!(
+        fleet.remote_dir("a").join("worker-smollm2.log").is_file(),
+        "no worker log"
+    );
+
+    // Following: a line the hive writes afterwards arrives.
+    let mut child = env.spawn(&["logs", "a", "-f", "-n", "0"]);
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    env.run(&["worker", "stop", "--node", "a", "--model", "smollm2"])
+        .expect(0);
+    let mut seen = Vec::new();
+    let found = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("stopping worker") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(found, "no followed line; saw: {seen:?}");
+    env.run(&["hive", "stop", "a"]).expect(0);
+}
