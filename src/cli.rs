@@ -65,6 +65,8 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// This binary: version, target triple, variant and the llama.cpp backends compiled in
+    Version,
     /// Print a shell completion script, e.g. `source <(rbee completions bash)`
     Completions {
         #[arg(value_enum)]

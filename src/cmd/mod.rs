@@ -9,6 +9,7 @@ pub(crate) mod infer;
 pub(crate) mod models;
 pub(crate) mod nodes;
 pub(crate) mod serve;
+pub(crate) mod version;
 pub(crate) mod worker;
 
 use std::path::PathBuf;

@@ -94,6 +94,29 @@ pub(crate) struct Node {
     /// This machine's copy of the node's signing key: the node's own file for a local node,
     /// else `keys/NODE.key` beside nodes.toml.
     pub(crate) key_file: PathBuf,
+    /// The `[[binaries]]` variant this node runs, or `auto`.
+    pub(crate) binary: String,
+    /// The fleet's `[[binaries]]`, from which this node's binary is chosen.
+    #[serde(skip)]
+    pub(crate) binaries: Vec<Binary>,
+}
+
+/// A `[[binaries]]` entry, checked: a known variant, exactly one of `path` and `url`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct Binary {
+    pub(crate) target: String,
+    pub(crate) variant: String,
+    pub(crate) sha256: String,
+    pub(crate) location: BinaryLocation,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BinaryLocation {
+    /// A file on this machine, uploaded to the node.
+    Path(PathBuf),
+    /// Downloaded by the node itself.
+    Url(String),
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]

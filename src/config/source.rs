@@ -119,6 +119,8 @@ impl Config {
             models: vec![DEFAULT_MODEL.to_string()],
             restart: RestartPolicy::default(),
             key_file: paths::state_dir().join("nodes/local/hive.key"),
+            binary: "auto".to_string(),
+            binaries: Vec::new(),
         };
         Config {
             source: Source::Embedded,

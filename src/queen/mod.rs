@@ -7,6 +7,7 @@ pub(crate) mod home;
 pub(crate) mod install;
 pub(crate) mod lifecycle;
 pub(crate) mod node;
+pub(crate) mod probe;
 pub(crate) mod route;
 pub(crate) mod trail;
 
