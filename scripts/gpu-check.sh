@@ -101,7 +101,11 @@ print(f"prompt: {cpu[2]} tokens; medians of the runs")
 print(f"{'':24}{'CPU':>14}{'GPU':>14}{'GPU/CPU':>10}")
 print(f"{'prefill tokens/s':24}{cpu[0]:14.1f}{gpu[0]:14.1f}{gpu[0]/cpu[0]:10.1f}")
 print(f"{'decode tokens/s':24}{cpu[1]:14.1f}{gpu[1]:14.1f}{gpu[1]/cpu[1]:10.1f}")
-print("worker (GPU run):", json.dumps(gpu[3]))
+for name, fig in (("CPU", cpu), ("GPU", gpu)):
+    for listing in fig[3]:
+        for w in listing.get("workers", []):
+            off = w.get("offload") or {}
+            print(f"{name} run: layers offloaded {off.get('gpu_layers')}, devices {off.get('devices')}")
 mem = open(f"{work}/gpu.mem").read().strip() if os.path.exists(f"{work}/gpu.mem") else ""
 print("device memory used (pid, MiB):", mem or "none reported")
 PY

@@ -79,7 +79,7 @@ pub(crate) struct RawModel {
     pub(crate) source: Option<String>,
     pub(crate) context: Option<u32>,
     pub(crate) slots: Option<u32>,
-    pub(crate) gpu_layers: Option<u32>,
+    pub(crate) gpu_layers: Option<crate::config::GpuLayers>,
     pub(crate) threads: Option<u32>,
 }
 

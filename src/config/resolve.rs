@@ -8,8 +8,8 @@ use indexmap::IndexMap;
 
 use crate::config::{
     Binary, BinaryLocation, Config, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT,
-    DEFAULT_KEEP_ALIVE, DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_GPU_LAYERS, MAX_SLOTS, MAX_THREADS,
-    Model, Node, RestartPolicy, Source, Transport, list, raw,
+    DEFAULT_KEEP_ALIVE, DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_SLOTS, MAX_THREADS, Model, Node,
+    RestartPolicy, Source, Transport, list, raw,
 };
 use crate::error::{Error, Result};
 use crate::paths;
@@ -47,12 +47,6 @@ pub(super) fn resolve(
                 &format!("`threads` must be between 1 and {MAX_THREADS}"),
             ));
         }
-        if m.gpu_layers.is_some_and(|l| l > MAX_GPU_LAYERS) {
-            return Err(located(
-                Some(span),
-                &format!("`gpu_layers` must be at most {MAX_GPU_LAYERS}"),
-            ));
-        }
         models.insert(
             name.clone(),
             Model {
@@ -62,7 +56,7 @@ pub(super) fn resolve(
                 source: m.source,
                 context: m.context,
                 slots: m.slots.unwrap_or(4),
-                gpu_layers: m.gpu_layers.unwrap_or(0),
+                gpu_layers: m.gpu_layers.unwrap_or_default(),
                 threads: m.threads,
             },
         );

@@ -94,7 +94,7 @@ impl Config {
             source: None,
             context: None,
             slots: 4,
-            gpu_layers: 0,
+            gpu_layers: super::GpuLayers::Auto,
             threads: None,
         };
         let node = Node {

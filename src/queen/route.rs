@@ -200,7 +200,7 @@ mod tests {
             source: None,
             context: None,
             slots,
-            gpu_layers: 0,
+            gpu_layers: crate::config::GpuLayers::Layers(0),
             threads: None,
         }
     }

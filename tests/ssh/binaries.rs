@@ -207,3 +207,85 @@ fn nodes_check_on_a_cpu_only_node_reports_platform_libc_no_gpus_and_backends() {
     // From the installed rbee's own `version --json` this time.
     assert_eq!(after["backends"], version[0]["backends"], "{after}");
 }
+
+#[test]
+fn a_worker_of_a_cpu_build_reports_no_layers_offloaded_and_the_cpu_device() {
+    // `gpu_layers` left to `auto`: a binary without a GPU backend offloads nothing.
+    let Some(env) = crate::support::Env::new("") else {
+        return;
+    };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let expected = serde_json::json!({"gpu_layers": 0, "devices": ["CPU"]});
+    let workers = env.workers();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    assert_eq!(workers[0]["offload"], expected, "{workers:?}");
+    let health = crate::support::worker_health(&env);
+    assert_eq!(health["offload"], expected, "{health}");
+    let table = env.run(&["worker", "list"]);
+    table.expect(0);
+    assert!(table.stdout.contains("0 layers on CPU"), "{}", table.stdout);
+}
+
+#[test]
+fn a_url_entry_is_downloaded_by_the_node_and_checked_there() {
+    let spec = NodeSpec {
+        extra: "binary = \"cuda\"\n",
+        ..node("a")
+    };
+    let Some(fleet) = Fleet::new(&[spec]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let target = this_target(&fleet);
+    let served = env.path().join("served");
+    std::fs::create_dir_all(&served).expect("mkdir");
+    let mut bytes = std::fs::read(bin()).expect("read rbee");
+    bytes.extend_from_slice(b"\ndownloaded build\n");
+    std::fs::write(served.join("rbee-cuda"), &bytes).expect("write");
+    let sha = sha256(&served.join("rbee-cuda"));
+    let port = crate::support::free_port();
+    let mut server = std::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg("--directory")
+        .arg(&served)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 -m http.server");
+    let up = crate::support::eventually(std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "the HTTP server did not come up");
+    let mut text = std::fs::read_to_string(&env.config).expect("read");
+    text.push_str(&format!(
+        "\n[[binaries]]\ntarget = {target:?}\nvariant = \"cuda\"\n\
+         url = \"http://127.0.0.1:{port}/rbee-cuda\"\nsha256 = {sha:?}\n"
+    ));
+    std::fs::write(&env.config, &text).expect("write");
+    let install = fleet.json(&["hive", "install", "a"]);
+    assert_eq!(install[0]["installed"]["uploaded"], true, "{install:?}");
+    assert_eq!(install[0]["installed"]["variant"], "cuda", "{install:?}");
+    let at = fleet.remote_dir("a").join(format!("bin/{sha}/rbee"));
+    assert_eq!(sha256(&at), sha);
+
+    // A server that serves other bytes: refused on the node, nothing left under that digest.
+    let wrong = "ef".repeat(32);
+    env.edit_config(&format!("sha256 = {sha:?}"), &format!("sha256 = {wrong:?}"));
+    let refused = env.run(&["hive", "install", "a"]);
+    assert_ne!(refused.code, 0, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("did not match"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        !fleet
+            .remote_dir("a")
+            .join(format!("bin/{wrong}/rbee"))
+            .exists()
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
