@@ -79,6 +79,8 @@ pub(crate) enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// This binary: version, target triple, variant and the llama.cpp backends compiled in
+    Version,
     /// Print a shell completion script, e.g. `source <(rbee completions bash)`
     Completions {
         #[arg(value_enum)]

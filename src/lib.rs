@@ -27,6 +27,7 @@
 //! - `server`: what the HTTP servers share: errors as HTTP responses, the listener; the
 //!   hive's bounded serving loop (connection cap, head limits, idle timeout)
 //! - `paths`, `signals`: files and signals
+//! - `platform`: what this binary is: version, target triple, variant, llama.cpp backends
 
 pub mod audit;
 pub mod auth;
@@ -38,6 +39,7 @@ pub mod error;
 pub mod hive;
 mod output;
 mod paths;
+mod platform;
 mod progress;
 pub mod protocol;
 mod queen;
@@ -132,6 +134,7 @@ where
         ),
         // Only prints a script: no runtime, nothing to record in the audit log.
         Command::Completions { shell } => cmd::completions::run(shell),
+        Command::Version => cmd::version::run(&ctx),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -725,6 +725,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
 
 mod bastion;
 mod batch;
+mod binaries;
 mod host_keys;
 mod keepalive;
 mod keys;
@@ -806,7 +807,8 @@ fn uploads_show_progress_only_on_a_terminal_and_never_under_q() {
     };
     let env = &fleet.env;
     let forget = || {
-        let _ = std::fs::remove_file(&remote_bin);
+        // Every installed version: the binary is content-addressed under `bin/`.
+        let _ = std::fs::remove_dir_all(remote_bin.parent().expect("bin"));
         let _ = std::fs::remove_file(&remote_model);
     };
 

@@ -11,6 +11,7 @@ pub(crate) mod models;
 pub(crate) mod node_keys;
 pub(crate) mod nodes;
 pub(crate) mod serve;
+pub(crate) mod version;
 pub(crate) mod worker;
 
 use std::path::PathBuf;

@@ -12,8 +12,11 @@ use crate::config::{Model, Node, Transport};
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::output::table;
+use crate::platform::VersionInfo;
+use crate::queen::install::{self, Origin};
 use crate::queen::node::ConnectOptions;
 use crate::queen::node::connect_ssh;
+use crate::queen::probe::NodeFacts;
 use crate::ssh::HostKey;
 
 #[derive(Serialize)]
@@ -69,6 +72,21 @@ async fn trust(ctx: &Context, sel: NodeSelection) -> Result<()> {
     })
 }
 
+/// The binary chosen for a node, as `nodes check` reports it.
+#[derive(Serialize, Default)]
+struct BinaryCheck {
+    target: String,
+    variant: String,
+    sha256: Option<String>,
+    /// `running` (this rbee), `path` or `url`.
+    origin: &'static str,
+    reason: String,
+    /// Whether `bin/<sha256>/rbee` is on the node.
+    installed: bool,
+    /// Whether `bin/rbee` points to it.
+    current: bool,
+}
+
 #[derive(Serialize, Default)]
 struct Check {
     node: String,
@@ -76,9 +94,15 @@ struct Check {
     host_key: Option<String>,
     authenticated: bool,
     platform: Option<String>,
+    target: Option<String>,
+    glibc: Option<String>,
+    gpus: Vec<crate::queen::probe::Gpu>,
     platform_matches: Option<bool>,
     free_bytes: Option<u64>,
     installed_version: Option<String>,
+    /// The llama.cpp backends of the binary the node runs (or would run).
+    backends: Option<Vec<String>>,
+    binary: Option<BinaryCheck>,
     local_version: &'static str,
     ok: bool,
     error: Option<String>,
@@ -119,26 +143,7 @@ async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
             ctx.out
                 .note(format!("rbee: warning: {}: {warning}", c.node));
         }
-        ctx.out.result(c, || {
-            if let Some(err) = &c.error {
-                return format!("{}: FAILED: {err}", c.node);
-            }
-            format!(
-                "{}: ok; host key {}, {}{}, {} free, rbee {} installed (this is {})",
-                c.node,
-                c.host_key.as_deref().unwrap_or("-"),
-                c.platform.as_deref().unwrap_or("?"),
-                if c.platform_matches == Some(false) {
-                    " (does not match this rbee)"
-                } else {
-                    ""
-                },
-                c.free_bytes
-                    .map_or("?".to_string(), |b| format!("{:.1} GB", b as f64 / 1e9)),
-                c.installed_version.as_deref().unwrap_or("not"),
-                c.local_version
-            )
-        });
+        ctx.out.result(c, || describe(c));
     }
     match checks.iter().filter_map(|c| c.exit_code).max() {
         Some(code) => Err(Error::of_kind(
@@ -147,6 +152,61 @@ async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
         )),
         None => Ok(()),
     }
+}
+
+fn describe(c: &Check) -> String {
+    if let Some(err) = &c.error {
+        return format!("{}: FAILED: {err}", c.node);
+    }
+    let gpus = if c.gpus.is_empty() {
+        "no GPU".to_string()
+    } else {
+        c.gpus
+            .iter()
+            .map(|g| {
+                let mem = g
+                    .memory_total_mib
+                    .map_or(String::new(), |m| format!(" {:.0} GiB", m as f64 / 1024.0));
+                let driver = g
+                    .driver
+                    .as_deref()
+                    .map_or(String::new(), |d| format!(", driver {d}"));
+                format!("{}{mem}{driver}", g.name)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let binary = c.binary.as_ref().map_or("-".to_string(), |b| {
+        format!(
+            "binary {} {} ({}){}",
+            b.target,
+            b.variant,
+            b.reason,
+            if b.current {
+                ", installed and current"
+            } else if b.installed {
+                ", installed, not current"
+            } else {
+                ", not installed"
+            }
+        )
+    });
+    format!(
+        "{}: ok; host key {}, {}{}, {gpus}, {} free, rbee {} installed (this is {}); {binary}; backends {}",
+        c.node,
+        c.host_key.as_deref().unwrap_or("-"),
+        c.platform.as_deref().unwrap_or("?"),
+        c.glibc
+            .as_deref()
+            .map_or(String::new(), |g| format!(", glibc {g}")),
+        c.free_bytes
+            .map_or("?".to_string(), |b| format!("{:.1} GB", b as f64 / 1e9)),
+        c.installed_version.as_deref().unwrap_or("not"),
+        c.local_version,
+        c.backends
+            .as_ref()
+            .map_or("?".to_string(), |b| b.join(", ")),
+    )
 }
 
 async fn check_one(ctx: &Context, node: Node) -> Check {
@@ -160,17 +220,24 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
         check.reachable = true;
         check.authenticated = true;
         check.host_key = Some("local".to_string());
-        check.platform = Some(format!(
-            "{} {}",
-            std::env::consts::OS,
-            std::env::consts::ARCH
-        ));
+        // The same probe as on an SSH node, run here.
+        let facts = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(crate::ssh::remote::node_facts(&node.remote_dir, false))
+            .output()
+            .map(|o| NodeFacts::parse(&String::from_utf8_lossy(&o.stdout)))
+            .unwrap_or_default();
+        check.platform = Some(facts.platform.clone());
+        check.target = Some(crate::platform::TARGET.to_string());
+        check.glibc = facts.glibc.clone();
+        check.gpus = facts.gpus.clone();
         check.platform_matches = Some(true);
         check.free_bytes = free_bytes(&dir);
         check
             .warnings
             .extend(audit_disk_warning(&node, check.free_bytes));
         check.installed_version = Some(env!("CARGO_PKG_VERSION").to_string());
+        check.backends = Some(local_backends());
         check.ok = true;
         return check;
     }
@@ -190,47 +257,81 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
         HostKey::Accepted { fingerprint } => format!("{fingerprint} (recorded now)"),
         _ => "known".to_string(),
     });
-    match session
-        .exec(&crate::ssh::remote::node_probe(&node.remote_dir), None)
-        .await
-    {
-        Ok(out) => {
-            let text = out.stdout_text();
-            let mut lines = text.lines();
-            let platform = lines.next().unwrap_or_default().to_string();
-            let lower = platform.to_ascii_lowercase();
-            check.platform_matches = Some(
-                lower.contains(std::env::consts::OS) && lower.contains(std::env::consts::ARCH),
-            );
-            check.platform = Some(platform);
-            check.free_bytes = lines
-                .next()
-                .and_then(|l| l.trim().parse::<u64>().ok())
-                .map(|kb| kb * 1024);
-            check
-                .warnings
-                .extend(audit_disk_warning(&node, check.free_bytes));
-            check.installed_version = lines
-                .next()
-                .filter(|v| *v != "none")
-                .map(|v| v.trim_start_matches("rbee ").to_string());
-            check.ok = check.platform_matches == Some(true);
-            if !check.ok {
-                check.error = Some(format!(
-                    "the node runs {}, this rbee is built for {} {}",
-                    check.platform.as_deref().unwrap_or("?"),
-                    std::env::consts::OS,
-                    std::env::consts::ARCH
-                ));
-                check.exit_code = Some(crate::error::ExitKind::HiveUnavailable.code());
-            }
+    let facts = match crate::queen::probe::facts(&session, &node, true).await {
+        Ok(f) => f,
+        Err(e) => {
+            check.error = Some(e.to_string());
+            check.exit_code = Some(e.code());
+            return check;
+        }
+    };
+    check.platform = Some(facts.platform.clone());
+    check.target = Some(facts.target.clone());
+    check.glibc = facts.glibc.clone();
+    check.gpus = facts.gpus.clone();
+    check.free_bytes = facts.free_bytes;
+    check
+        .warnings
+        .extend(audit_disk_warning(&node, check.free_bytes));
+    // `version --json` from an rbee that has it, else `rbee X.Y.Z`.
+    let installed: Option<VersionInfo> = facts
+        .version
+        .as_deref()
+        .and_then(|v| serde_json::from_str(v).ok());
+    check.installed_version = match &installed {
+        Some(v) => Some(v.version.clone()),
+        None => facts
+            .version
+            .as_deref()
+            .map(|v| v.trim_start_matches("rbee ").to_string()),
+    };
+    match install::choose(&node, &facts) {
+        Ok(choice) => {
+            let sha256 = match &choice.origin {
+                Origin::Running => std::env::current_exe().ok().and_then(|exe| {
+                    crate::hive::verify::sha256_file(
+                        &exe,
+                        &tokio_util::sync::CancellationToken::new(),
+                    )
+                    .ok()
+                }),
+                _ => choice.sha256.clone(),
+            };
+            let current = sha256.is_some() && facts.current_sha256 == sha256;
+            check.backends = match (&installed, current, &choice.origin) {
+                (Some(v), true, _) => Some(v.backends.clone()),
+                (_, _, Origin::Running) => Some(local_backends()),
+                _ => None,
+            };
+            check.binary = Some(BinaryCheck {
+                installed: sha256.as_ref().is_some_and(|s| facts.installed.contains(s)),
+                current,
+                target: choice.target,
+                variant: choice.variant,
+                origin: match choice.origin {
+                    Origin::Running => "running",
+                    Origin::Path(_) => "path",
+                    Origin::Url(_) => "url",
+                },
+                reason: choice.reason,
+                sha256,
+            });
+            check.platform_matches = Some(true);
+            check.ok = true;
         }
         Err(e) => {
+            check.platform_matches = Some(false);
             check.error = Some(e.to_string());
             check.exit_code = Some(e.code());
         }
     }
     check
+}
+
+/// The llama.cpp backends of this binary, with llama.cpp's own log lines kept quiet.
+fn local_backends() -> Vec<String> {
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    crate::platform::backends(&crate::platform::devices())
 }
 
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {

@@ -54,6 +54,7 @@ async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
             "SOCKET",
             "UP",
             "LOAD",
+            "OFFLOAD",
             "SERVED",
             "QUEUED",
             "RESTARTS",
@@ -104,6 +105,9 @@ fn row(w: &WorkerInfo) -> Vec<String> {
         w.started_at
             .map_or_else(dash, |t| format!("{}s", now.saturating_sub(t))),
         w.load_ms.map_or_else(dash, |ms| format!("{ms:.0}ms")),
+        w.offload.as_ref().map_or_else(dash, |o| {
+            format!("{} layers on {}", o.gpu_layers, o.devices.join(", "))
+        }),
         w.requests_served.to_string(),
         w.queued.to_string(),
         w.restart_count.to_string(),

@@ -97,6 +97,29 @@ pub(crate) struct Node {
     /// This machine's copy of the node's signing key: the node's own file for a local node,
     /// else `keys/NODE.key` beside nodes.toml.
     pub(crate) key_file: PathBuf,
+    /// The `[[binaries]]` variant this node runs, or `auto`.
+    pub(crate) binary: String,
+    /// The fleet's `[[binaries]]`, from which this node's binary is chosen.
+    #[serde(skip)]
+    pub(crate) binaries: Vec<Binary>,
+}
+
+/// A `[[binaries]]` entry, checked: a known variant, exactly one of `path` and `url`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct Binary {
+    pub(crate) target: String,
+    pub(crate) variant: String,
+    pub(crate) sha256: String,
+    pub(crate) location: BinaryLocation,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BinaryLocation {
+    /// A file on this machine, uploaded to the node.
+    Path(PathBuf),
+    /// Downloaded by the node itself.
+    Url(String),
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -108,7 +131,7 @@ pub(crate) struct Model {
     pub(crate) source: Option<String>,
     pub(crate) context: Option<u32>,
     pub(crate) slots: u32,
-    pub(crate) gpu_layers: u32,
+    pub(crate) gpu_layers: GpuLayers,
     pub(crate) threads: Option<u32>,
     /// The bound of one load on the node; it outlives the request that started it.
     #[serde(with = "duration_ms", default = "default_load_timeout")]
@@ -117,6 +140,79 @@ pub(crate) struct Model {
 
 fn default_load_timeout() -> Duration {
     DEFAULT_LOAD_TIMEOUT
+}
+
+/// How many of a model's layers llama.cpp offloads: a number, `"all"`, or `"auto"` (the
+/// default: all when the worker's binary has a GPU backend and the node a device for it, else
+/// none). As JSON and TOML: the number, or the word.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum GpuLayers {
+    #[default]
+    Auto,
+    All,
+    Layers(u32),
+}
+
+impl GpuLayers {
+    pub(crate) fn parse(text: &str) -> std::result::Result<GpuLayers, String> {
+        match text {
+            "auto" => Ok(GpuLayers::Auto),
+            "all" => Ok(GpuLayers::All),
+            n => match n.parse::<u32>() {
+                Ok(n) if n <= MAX_GPU_LAYERS => Ok(GpuLayers::Layers(n)),
+                _ => Err(format!(
+                    "`gpu_layers` is `{text}`; use a number of layers (at most {MAX_GPU_LAYERS}), \
+                     \"all\" or \"auto\""
+                )),
+            },
+        }
+    }
+
+    /// The worker's `--gpu-layers` argument.
+    pub(crate) fn arg(self) -> String {
+        match self {
+            GpuLayers::Auto => "auto".to_string(),
+            GpuLayers::All => "all".to_string(),
+            GpuLayers::Layers(n) => n.to_string(),
+        }
+    }
+
+    /// The layers llama.cpp puts on a device for a model of `n_layer` repeating layers: at
+    /// most those and the output layer, none without a device.
+    pub(crate) fn offloaded(self, device: bool, n_layer: u32) -> u32 {
+        if !device {
+            return 0;
+        }
+        match self {
+            GpuLayers::Auto | GpuLayers::All => n_layer + 1,
+            GpuLayers::Layers(n) => n.min(n_layer + 1),
+        }
+    }
+}
+
+impl Serialize for GpuLayers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            GpuLayers::Layers(n) => s.serialize_u32(*n),
+            other => s.serialize_str(&other.arg()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GpuLayers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(u64),
+            Word(String),
+        }
+        let text = match Written::deserialize(d)? {
+            Written::Number(n) => n.to_string(),
+            Written::Word(w) => w,
+        };
+        GpuLayers::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]

@@ -21,6 +21,21 @@ pub(crate) struct RawConfig {
     /// Names for sets of nodes, usable wherever `--node` takes a name.
     #[serde(default)]
     pub(crate) groups: IndexMap<String, Spanned<Vec<String>>>,
+    /// Node binaries for other platforms or builds.
+    #[serde(default)]
+    pub(crate) binaries: Vec<Spanned<RawBinary>>,
+}
+
+/// One `[[binaries]]` entry: a build of rbee for `target` and `variant`, at `path` on this
+/// machine or at `url` for the node to download.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBinary {
+    pub(crate) target: String,
+    pub(crate) variant: String,
+    pub(crate) sha256: Sha256Hex,
+    pub(crate) path: Option<String>,
+    pub(crate) url: Option<String>,
 }
 
 /// The keys a node may set; `[defaults]` uses the same set (`host` and `models` included, so a
@@ -43,6 +58,7 @@ pub(crate) struct RawNode {
     pub(crate) audit: Option<AuditPolicy>,
     pub(crate) health_misses: Option<u32>,
     pub(crate) models: Option<Vec<Spanned<String>>>,
+    pub(crate) binary: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,7 +79,7 @@ pub(crate) struct RawModel {
     pub(crate) source: Option<String>,
     pub(crate) context: Option<u32>,
     pub(crate) slots: Option<u32>,
-    pub(crate) gpu_layers: Option<u32>,
+    pub(crate) gpu_layers: Option<crate::config::GpuLayers>,
     pub(crate) threads: Option<u32>,
     pub(crate) load_timeout: Option<HumanDuration>,
 }

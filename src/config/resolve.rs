@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use indexmap::IndexMap;
 
 use crate::config::{
-    Config, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT, DEFAULT_KEEP_ALIVE,
-    DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_GPU_LAYERS, MAX_SLOTS, MAX_THREADS, Model, Node,
+    Binary, BinaryLocation, Config, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT,
+    DEFAULT_KEEP_ALIVE, DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_SLOTS, MAX_THREADS, Model, Node,
     RestartPolicy, Source, Transport, list, raw,
 };
 use crate::error::{Error, Result};
@@ -47,12 +47,6 @@ pub(super) fn resolve(
                 &format!("`threads` must be between 1 and {MAX_THREADS}"),
             ));
         }
-        if m.gpu_layers.is_some_and(|l| l > MAX_GPU_LAYERS) {
-            return Err(located(
-                Some(span),
-                &format!("`gpu_layers` must be at most {MAX_GPU_LAYERS}"),
-            ));
-        }
         if m.load_timeout.as_ref().is_some_and(|d| d.0.is_zero()) {
             return Err(located(Some(span), "`load_timeout` must be more than 0"));
         }
@@ -65,7 +59,7 @@ pub(super) fn resolve(
                 source: m.source,
                 context: m.context,
                 slots: m.slots.unwrap_or(4),
-                gpu_layers: m.gpu_layers.unwrap_or(0),
+                gpu_layers: m.gpu_layers.unwrap_or_default(),
                 threads: m.threads,
                 load_timeout: m
                     .load_timeout
@@ -82,6 +76,7 @@ pub(super) fn resolve(
             .and_then(|f| f.parent().map(|p| p.join("keys")))
             .unwrap_or_else(|| paths::state_dir().join("keys")),
     };
+    let binaries = resolve_binaries(raw.binaries, &source, located)?;
     let mut nodes = IndexMap::new();
     for (name, spanned) in raw.nodes {
         let span = spanned.span();
@@ -130,6 +125,17 @@ pub(super) fn resolve(
                 &format!("node `{name}`: `health_misses` must be at least 1"),
             ));
         }
+        let binary = n
+            .binary
+            .clone()
+            .or_else(|| defaults.binary.clone())
+            .unwrap_or_else(|| "auto".to_string());
+        if binary != "auto" && !crate::platform::VARIANTS.contains(&binary.as_str()) {
+            return Err(located(
+                Some(span),
+                &bad_variant(&format!("node `{name}`: `binary`"), &binary),
+            ));
+        }
         let key_name = format!("{name}.key");
         nodes.insert(
             name.clone(),
@@ -171,6 +177,8 @@ pub(super) fn resolve(
                 remote_dir,
                 models: served,
                 restart,
+                binary,
+                binaries: binaries.clone(),
             },
         );
     }
@@ -215,6 +223,95 @@ pub(super) fn resolve(
         nodes,
         groups,
     })
+}
+
+fn bad_variant(key: &str, value: &str) -> String {
+    let mut known = vec!["auto"];
+    known.extend(crate::platform::VARIANTS);
+    format!(
+        "{key} is `{value}`, which is not a variant; use one of `{}`",
+        known.join("`, `")
+    )
+}
+
+/// `[[binaries]]`: each a known variant with exactly one of `path` (relative to nodes.toml's
+/// folder) and `url`, and one entry per target and variant.
+fn resolve_binaries(
+    raw: Vec<toml::Spanned<raw::RawBinary>>,
+    source: &Source,
+    located: &dyn Fn(Option<Range<usize>>, &str) -> Error,
+) -> Result<Vec<Binary>> {
+    let base = match source {
+        Source::File(path) => path.parent().map(PathBuf::from).unwrap_or_default(),
+        Source::Embedded => PathBuf::new(),
+    };
+    let mut out: Vec<Binary> = Vec::new();
+    for spanned in raw {
+        let span = spanned.span();
+        let b = spanned.into_inner();
+        if !crate::platform::VARIANTS.contains(&b.variant.as_str()) {
+            return Err(located(
+                Some(span),
+                &bad_variant("[[binaries]] `variant`", &b.variant),
+            ));
+        }
+        if b.target.is_empty()
+            || !b
+                .target
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(located(
+                Some(span),
+                &format!(
+                    "[[binaries]] `target` is `{}`; use a Rust target triple as `rbee version --json` reports it, for example `x86_64-unknown-linux-gnu`",
+                    b.target
+                ),
+            ));
+        }
+        let location = match (b.path, b.url) {
+            (Some(p), None) => {
+                let p = paths::expand_tilde(&p);
+                BinaryLocation::Path(if p.is_absolute() { p } else { base.join(p) })
+            }
+            (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
+                BinaryLocation::Url(u)
+            }
+            (None, Some(u)) => {
+                return Err(located(
+                    Some(span),
+                    &format!(
+                        "[[binaries]] `url` is `{u}`; it must start with `https://` or `http://`"
+                    ),
+                ));
+            }
+            _ => {
+                return Err(located(
+                    Some(span),
+                    "a [[binaries]] entry needs exactly one of `path` (a file here, uploaded) and `url` (downloaded by the node)",
+                ));
+            }
+        };
+        if out
+            .iter()
+            .any(|o| o.target == b.target && o.variant == b.variant)
+        {
+            return Err(located(
+                Some(span),
+                &format!(
+                    "[[binaries]] lists target `{}` variant `{}` twice",
+                    b.target, b.variant
+                ),
+            ));
+        }
+        out.push(Binary {
+            target: b.target,
+            variant: b.variant,
+            sha256: b.sha256.0,
+            location,
+        });
+    }
+    Ok(out)
 }
 
 fn resolve_restart(r: &raw::RawRestart) -> RestartPolicy {

@@ -94,7 +94,7 @@ impl Config {
             source: None,
             context: None,
             slots: 4,
-            gpu_layers: 0,
+            gpu_layers: super::GpuLayers::Auto,
             threads: None,
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
         };
@@ -120,6 +120,8 @@ impl Config {
             models: vec![DEFAULT_MODEL.to_string()],
             restart: RestartPolicy::default(),
             key_file: paths::state_dir().join("nodes/local/hive.key"),
+            binary: "auto".to_string(),
+            binaries: Vec::new(),
         };
         Config {
             source: Source::Embedded,

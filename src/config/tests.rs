@@ -49,6 +49,10 @@ fn the_example_file_parses_and_documents_every_key() {
         "load_timeout",
         "host",
         "models",
+        "binary",
+        "target",
+        "variant",
+        "url",
     ] {
         assert!(
             text.lines().any(|l| l
@@ -286,4 +290,59 @@ fn a_group_naming_an_unknown_node_is_located() {
     .expect_err("unknown member");
     assert!(err.to_string().contains("nodes.toml:5:"), "{err}");
     assert!(err.to_string().contains("`zz`"), "{err}");
+}
+
+#[test]
+fn gpu_layers_is_a_number_all_or_auto_and_binaries_are_checked() {
+    let with = |layers: &str, rest: &str| {
+        parse(&format!(
+            "[models.m]\npath = \"~/m.gguf\"\nsha256 = \"{}\"\n{layers}\n\
+             [nodes.a]\nhost = \"h\"\nmodels = [\"m\"]\n{rest}",
+            "ab".repeat(32)
+        ))
+    };
+    let layers = |text: &str| with(text, "").map(|c| c.models["m"].gpu_layers);
+    assert_eq!(layers("").expect("default"), GpuLayers::Auto);
+    assert_eq!(layers("gpu_layers = \"all\"").expect("all"), GpuLayers::All);
+    assert_eq!(
+        layers("gpu_layers = 12").expect("12"),
+        GpuLayers::Layers(12)
+    );
+    for bad in [
+        "gpu_layers = \"most\"",
+        "gpu_layers = -1",
+        "gpu_layers = 100001",
+    ] {
+        assert_eq!(layers(bad).expect_err(bad).code(), 3, "{bad}");
+    }
+    // On the wire the number stays a number and the words are words.
+    assert_eq!(
+        serde_json::to_string(&[GpuLayers::Layers(0), GpuLayers::All]).expect("json"),
+        "[0,\"all\"]"
+    );
+
+    let entry = |body: &str| {
+        format!(
+            "binary = \"cuda\"\n[[binaries]]\ntarget = \"x86_64-unknown-linux-gnu\"\n{body}\
+             sha256 = \"{}\"\n",
+            "cd".repeat(32)
+        )
+    };
+    let config = with("", &entry("variant = \"cuda\"\npath = \"dist/rbee\"\n")).expect("valid");
+    let node = &config.nodes["a"];
+    assert_eq!(node.binary, "cuda");
+    assert_eq!(
+        node.binaries[0].location,
+        BinaryLocation::Path(PathBuf::from("dist/rbee"))
+    );
+    for bad in [
+        "variant = \"tpu\"\npath = \"x\"\n",
+        "variant = \"cuda\"\n",
+        "variant = \"cuda\"\npath = \"x\"\nurl = \"https://h/x\"\n",
+        "variant = \"cuda\"\nurl = \"ftp://h/x\"\n",
+    ] {
+        assert_eq!(with("", &entry(bad)).expect_err(bad).code(), 3, "{bad}");
+    }
+    let err = with("", "binary = \"gpu\"\n").expect_err("unknown variant");
+    assert!(err.to_string().contains("`auto`, `cpu`, `cuda`"), "{err}");
 }

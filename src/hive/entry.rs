@@ -347,6 +347,7 @@ impl Entry {
             last_restart: st.last_restart.map(epoch_secs),
             started_at: proc.map(|p| epoch_secs(p.started_at)),
             load_ms: proc.map(|p| p.load_ms),
+            offload: proc.map(|p| p.offload.clone()),
             requests_served: st.served,
             in_flight: st.in_flight,
             slots: self.queue.lock().unwrap_or_else(|p| p.into_inner()).0,

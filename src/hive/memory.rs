@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::config::DEFAULT_MAX_CONTEXT;
+use crate::config::{DEFAULT_MAX_CONTEXT, GpuLayers, Model};
 use crate::error::{Error, Result};
 use crate::hive::gguf::{self, Shape};
 
@@ -13,15 +13,139 @@ const OVERHEAD_BYTES: u64 = 128 << 20;
 const FALLBACK_BYTES: u64 = 256 << 20;
 
 /// `context` and `slots` as the model's worker will get them: its KV cache holds
-/// `slots` x `context` tokens.
-pub(crate) fn check(model: &Path, context: Option<u32>, slots: u32) -> Result<()> {
+/// `slots` x `context` tokens. With layers to offload and a device to take them (a GPU build
+/// of `exe` that sees one), the offloaded layers' weights and KV cache count against the
+/// device's free memory and the rest against the host's.
+pub(crate) async fn check(model: &Path, spec: &Model, exe: &Path) -> Result<()> {
     let size = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
-    let Some(available) = mem_available() else {
+    let shape = gguf::shape(model);
+    let device = match (&shape, spec.gpu_layers) {
+        (Some(_), GpuLayers::Layers(0)) | (None, _) => None,
+        _ => offload_device(exe).await,
+    };
+    let available = mem_available();
+    if let (Some(shape), Some(device)) = (&shape, device) {
+        let layers = u32::try_from(shape.layers).unwrap_or(u32::MAX);
+        let offloaded = spec.gpu_layers.offloaded(true, layers);
+        let split = split(shape, size, offloaded, spec.context, spec.slots);
+        return enough_split(model, &split, available, &device);
+    }
+    let Some(available) = available else {
         // No /proc/meminfo (not Linux): nothing to check against.
         return Ok(());
     };
-    let kv = gguf::shape(model).map(|shape| kv_bytes(&shape, context, slots));
+    let kv = shape.map(|shape| kv_bytes(&shape, spec.context, spec.slots));
     enough(model, size, kv, available)
+}
+
+/// A device llama.cpp would offload to, and its free memory.
+#[derive(Debug, Clone)]
+pub struct DeviceBudget {
+    pub name: String,
+    pub free: u64,
+}
+
+/// The first GPU device in the registry of `exe` (this hive's own binary), asked in a process
+/// of its own so that the hive never holds a GPU context; none from a CPU build.
+async fn offload_device(exe: &Path) -> Option<DeviceBudget> {
+    if crate::platform::variant() == "cpu" {
+        return None;
+    }
+    let out = tokio::process::Command::new(exe)
+        .args(["version", "--json"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    let info: crate::platform::VersionInfo = serde_json::from_slice(&out.stdout).ok()?;
+    info.devices
+        .into_iter()
+        .find(crate::platform::Device::offloads)
+        .map(|d| DeviceBudget {
+            name: format!("{} ({})", d.name, d.description),
+            free: d.memory_free,
+        })
+}
+
+/// Where a model's memory goes when `offloaded` layers (the output layer counted as one) are
+/// on a device: their share of the weights and their KV cache there, the rest on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub layers: u32,
+    pub device_weights: u64,
+    pub device_kv: u64,
+    pub host_weights: u64,
+    pub host_kv: u64,
+}
+
+/// llama.cpp keeps each repeating layer's KV cache on that layer's device, so the KV splits by
+/// layers exactly; the weights split in proportion (layers are close to equal in size).
+pub fn split(shape: &Shape, size: u64, offloaded: u32, context: Option<u32>, slots: u32) -> Split {
+    let layers = shape.layers.max(1);
+    let on = u64::from(offloaded).min(layers + 1);
+    let kv = kv_bytes(shape, context, slots);
+    let device_kv = kv / layers * on.min(layers);
+    let device_weights = size / (layers + 1) * on;
+    Split {
+        layers: u32::try_from(on).unwrap_or(u32::MAX),
+        device_weights,
+        device_kv,
+        host_weights: size - device_weights,
+        host_kv: kv - device_kv,
+    }
+}
+
+/// The pure part with offload: the device's share and compute buffers must fit in its free
+/// memory, the host's share (mapped, with the same margin as without offload) in what the host
+/// has available. A refusal says which memory is short, and by how much.
+pub fn enough_split(
+    model: &Path,
+    split: &Split,
+    host_available: Option<u64>,
+    device: &DeviceBudget,
+) -> Result<()> {
+    let device_need = split
+        .device_weights
+        .saturating_add(split.device_kv)
+        .saturating_add(OVERHEAD_BYTES);
+    if device_need > device.free {
+        return Err(Error::worker(format!(
+            "not enough device memory on {} to offload {} layers of `{}`: they need about {} MB \
+             ({} MB of weights, {} MB of KV cache) and {} MB are free, {} MB short; lower the \
+             model's `gpu_layers`, `context` or `slots` in nodes.toml, or stop other workers",
+            device.name,
+            split.layers,
+            model.display(),
+            device_need >> 20,
+            split.device_weights >> 20,
+            split.device_kv >> 20,
+            device.free >> 20,
+            (device_need - device.free).div_ceil(1 << 20)
+        )));
+    }
+    let Some(available) = host_available else {
+        return Ok(());
+    };
+    let host_need = split
+        .host_weights
+        .saturating_add(split.host_weights / 4)
+        .saturating_add(split.host_kv)
+        .saturating_add(OVERHEAD_BYTES);
+    if host_need > available {
+        return Err(Error::worker(format!(
+            "not enough host memory to load `{}` with {} layers offloaded: the rest needs about \
+             {} MB ({} MB of KV cache) and {} MB are available, {} MB short; offload more \
+             layers (`gpu_layers`), lower `context` or `slots`, or stop other workers",
+            model.display(),
+            split.layers,
+            host_need >> 20,
+            split.host_kv >> 20,
+            available >> 20,
+            (host_need - available).div_ceil(1 << 20)
+        )));
+    }
+    Ok(())
 }
 
 /// The KV cache llama.cpp allocates for `slots` sequences of `context` tokens (the worker's
@@ -113,5 +237,50 @@ mod tests {
         assert!(err.to_string().contains("KV cache"), "{}", err.to_string());
         assert!(err.to_string().contains("`slots`"), "{}", err.to_string());
         assert!(enough(path, 98 * mb, Some(kv_bytes(&shape, None, 4)), 1 << 30).is_ok());
+    }
+
+    #[test]
+    fn offloaded_layers_count_on_the_device_and_the_rest_on_the_host() {
+        let path = Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let mb = 1u64 << 20;
+        // The default model as its GGUF header describes it.
+        let shape = Shape {
+            layers: 30,
+            context_train: 8192,
+            heads_kv: 3,
+            key_length: 64,
+            value_length: 64,
+        };
+        let size = 98 * mb;
+        // llama.cpp at the defaults (4096 tokens x 4 slots) reports a KV buffer of 360.00 MiB;
+        // it keeps each layer's share on that layer's device: all 30 (and the output layer)
+        // offloaded put 360 MiB there, 10 layers 120 MiB and leave 240 MiB on the host.
+        let all = split(&shape, size, 31, None, 4);
+        assert_eq!(all.device_kv, 360 * mb);
+        assert_eq!(all.host_kv, 0);
+        assert_eq!(all.layers, 31);
+        let ten = split(&shape, size, 10, None, 4);
+        assert_eq!((ten.device_kv, ten.host_kv), (120 * mb, 240 * mb));
+        assert_eq!(ten.device_weights + ten.host_weights, size);
+        assert_eq!(split(&shape, size, 0, None, 4).device_kv, 0);
+        // A "number larger than the model has" is all of it.
+        assert_eq!(split(&shape, size, 500, None, 4), all);
+
+        // A device with 400 MiB free holds 10 layers but not all of them.
+        let device = DeviceBudget {
+            name: "CUDA0 (test budget)".to_string(),
+            free: 400 * mb,
+        };
+        assert!(enough_split(path, &ten, Some(8 << 30), &device).is_ok());
+        let err = enough_split(path, &all, Some(8 << 30), &device).expect_err("refused");
+        assert_eq!(err.code(), 7);
+        let need = all.device_weights + all.device_kv + OVERHEAD_BYTES;
+        let short = (need - 400 * mb).div_ceil(mb);
+        let text = err.to_string();
+        assert!(text.contains("device memory on CUDA0"), "{text}");
+        assert!(text.contains(&format!("{short} MB short")), "{text}");
+        // The host's share is checked too: little host memory refuses the ten-layer load.
+        let err = enough_split(path, &ten, Some(200 * mb), &device).expect_err("refused");
+        assert!(err.to_string().contains("not enough host memory"), "{err}");
     }
 }

@@ -256,6 +256,7 @@ mod tests {
             last_restart: None,
             started_at: None,
             load_ms: None,
+            offload: None,
             requests_served: 0,
             in_flight: 0,
             slots: 4,

@@ -281,7 +281,7 @@ impl Registry {
             )
             .await;
         verified?;
-        crate::hive::memory::check(&path, spec.context, spec.slots)?;
+        crate::hive::memory::check(&path, spec, &self.exe).await?;
         let n = self.sockets.fetch_add(1, Ordering::Relaxed);
         let socket = self.dir.join(worker_socket_name(n));
         let log = self.worker_log(&spec.name);

@@ -24,6 +24,7 @@ pub(crate) struct WorkerProc {
     pub(crate) socket: PathBuf,
     pub(crate) http: reqwest::Client,
     pub(crate) load_ms: f64,
+    pub(crate) offload: crate::protocol::Offload,
     pub(crate) started_at: SystemTime,
     exit: watch::Receiver<Option<String>>,
     /// Why the hive killed it, set just before the signal, so that its exit is told as that
@@ -181,7 +182,7 @@ impl WorkerProc {
             .arg("--model-path")
             .arg(&model_path)
             .arg("--gpu-layers")
-            .arg(model.gpu_layers.to_string())
+            .arg(model.gpu_layers.arg())
             .arg("--slots")
             .arg(model.slots.to_string())
             .arg("--hive-dir")
@@ -237,8 +238,10 @@ impl WorkerProc {
                 )));
             }
         };
-        let load_ms = match hello {
-            WorkerHello::Ready { load_ms, .. } => load_ms,
+        let (load_ms, offload) = match hello {
+            WorkerHello::Ready {
+                load_ms, offload, ..
+            } => (load_ms, offload),
             WorkerHello::Failed { message } => {
                 let _ = child.wait().await;
                 return Err(Error::worker(format!(
@@ -266,6 +269,7 @@ impl WorkerProc {
             socket: opts.socket.to_path_buf(),
             http,
             load_ms,
+            offload,
             started_at: SystemTime::now(),
             exit: exit_rx,
             killed,

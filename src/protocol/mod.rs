@@ -255,7 +255,7 @@ impl ModelTable {
                 Some("`slots` out of range")
             } else if m.context.is_some_and(|c| c == 0 || c > MAX_CONTEXT)
                 || m.threads.is_some_and(|t| t == 0 || t > MAX_THREADS)
-                || m.gpu_layers > MAX_GPU_LAYERS
+                || matches!(m.gpu_layers, crate::config::GpuLayers::Layers(n) if n > MAX_GPU_LAYERS)
             {
                 Some("`context`, `threads` or `gpu_layers` out of range")
             } else if m.load_timeout.is_zero() {
@@ -510,6 +510,8 @@ pub(crate) struct WorkerDetail {
     pub(crate) active: Vec<Generation>,
     /// The last generation that ended.
     pub(crate) last: Option<Generation>,
+    #[serde(default)]
+    pub(crate) offload: Offload,
 }
 
 /// A generation as the worker sees it.
@@ -569,6 +571,9 @@ pub(crate) struct WorkerInfo {
     pub(crate) last_restart: Option<u64>,
     pub(crate) started_at: Option<u64>,
     pub(crate) load_ms: Option<f64>,
+    /// The layers offloaded and the devices used, once it has loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) offload: Option<Offload>,
     pub(crate) requests_served: u64,
     pub(crate) in_flight: u32,
     /// Requests the worker decodes together: `in_flight` of them are busy.
@@ -586,13 +591,28 @@ pub(crate) struct WorkerInfo {
     pub(crate) failed_reason: Option<String>,
 }
 
+/// What llama.cpp offloaded when the worker loaded its model: the layers on a device, and the
+/// devices it uses (`CPU` alone when none).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Offload {
+    pub(crate) gpu_layers: u32,
+    pub(crate) devices: Vec<String>,
+}
+
 /// The first line a worker prints on stdout: that it listens on the socket its hive named, or
 /// why it could not start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub(crate) enum WorkerHello {
-    Ready { n_ctx: u32, load_ms: f64 },
-    Failed { message: String },
+    Ready {
+        n_ctx: u32,
+        load_ms: f64,
+        #[serde(default)]
+        offload: Offload,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 /// Reads an error body a peer sent with a failure status.
@@ -852,7 +872,7 @@ mod tests {
             source: Some("hf://o/r/m.gguf".to_string()),
             context: Some(2048),
             slots: 2,
-            gpu_layers: 0,
+            gpu_layers: crate::config::GpuLayers::Layers(0),
             threads: Some(1),
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
         }

@@ -1,5 +1,6 @@
-//! Putting rbee on a node over SSH: the binary (only when its SHA-256 differs, atomically) and
-//! model files (resumable, verified on the node). Every path travels shell-quoted.
+//! Putting rbee on a node over SSH: the binary chosen for its platform and GPUs
+//! (content-addressed under `bin/<sha256>/`, made current atomically) and model files
+//! (resumable, verified on the node). Every path travels shell-quoted.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -7,95 +8,266 @@ use std::task::{Context, Poll};
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 
-use crate::config::{Model, Node};
+use crate::config::{BinaryLocation, Model, Node};
 use crate::error::{Error, IoContext, Result};
 use crate::hive::verify::sha256_file;
+use crate::platform::{self, TARGET};
 use crate::progress::Progress;
+use crate::queen::probe::{self, NodeFacts, runs_on};
 use crate::ssh::Session;
 use crate::ssh::remote;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Installed {
-    /// Whether the binary was uploaded (false: the node already had this one).
+    /// Whether the binary was sent or downloaded (false: the node already had this version).
     pub(crate) uploaded: bool,
     pub(crate) bytes: u64,
     pub(crate) os: String,
+    pub(crate) target: String,
+    pub(crate) variant: String,
+    pub(crate) sha256: String,
+    /// Where it runs from on the node: `<remote_dir>/bin/<sha256>/rbee`.
+    pub(crate) path: String,
+    /// Why this entry: the node's `binary`, or what `auto` saw.
+    pub(crate) reason: String,
     /// The node user's home, as the node printed it.
     #[serde(skip)]
     pub(crate) home: String,
 }
 
-/// Makes sure `<remote_dir>/bin/rbee` is this very binary.
+/// Where the chosen binary comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Origin {
+    /// This very rbee.
+    Running,
+    Path(std::path::PathBuf),
+    Url(String),
+}
+
+/// The `[[binaries]]` entry chosen for a node, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Choice {
+    pub(crate) target: String,
+    pub(crate) variant: String,
+    /// `None` for the running binary until it is hashed.
+    pub(crate) sha256: Option<String>,
+    pub(crate) origin: Origin,
+    pub(crate) reason: String,
+}
+
+/// The GPU variants `auto` tries for each vendor, in order of preference.
+fn gpu_variants(facts: &NodeFacts) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(g) = facts.gpus.iter().find(|g| g.vendor == "nvidia") {
+        out.push(("cuda", g.name.clone()));
+        out.push(("vulkan", g.name.clone()));
+    }
+    if facts.has("amd") {
+        out.push(("rocm", "an AMD GPU".to_string()));
+        out.push(("vulkan", "an AMD GPU".to_string()));
+    }
+    if facts.target.ends_with("-apple-darwin") {
+        out.push(("metal", "Apple Metal".to_string()));
+    }
+    out
+}
+
+/// Picks the node's binary among `[[binaries]]` and the running one (an entry for its own
+/// target and variant, unless the file lists that pair itself). Pure: what the node is comes
+/// from its probe.
+pub(crate) fn choose(node: &Node, facts: &NodeFacts) -> Result<Choice> {
+    let mut entries: Vec<Choice> = node
+        .binaries
+        .iter()
+        .map(|b| Choice {
+            target: b.target.clone(),
+            variant: b.variant.clone(),
+            sha256: Some(b.sha256.clone()),
+            origin: match &b.location {
+                BinaryLocation::Path(p) => Origin::Path(p.clone()),
+                BinaryLocation::Url(u) => Origin::Url(u.clone()),
+            },
+            reason: String::new(),
+        })
+        .collect();
+    if !entries
+        .iter()
+        .any(|e| e.target == TARGET && e.variant == platform::variant())
+    {
+        entries.push(Choice {
+            target: TARGET.to_string(),
+            variant: platform::variant().to_string(),
+            sha256: None,
+            origin: Origin::Running,
+            reason: String::new(),
+        });
+    }
+    let find = |variant: &str| {
+        entries
+            .iter()
+            .find(|e| e.variant == variant && runs_on(&e.target, &facts.target))
+            .cloned()
+    };
+    let (found, wanted, reason) = if node.binary == "auto" {
+        let gpu = gpu_variants(facts)
+            .into_iter()
+            .find_map(|(v, seen)| find(v).map(|c| (c, v, seen)));
+        match gpu {
+            Some((c, v, seen)) => (
+                Some(c),
+                v.to_string(),
+                format!("auto: the node has {seen} and a `{v}` binary is listed"),
+            ),
+            None => {
+                let why = match gpu_variants(facts).first() {
+                    Some((v, seen)) => format!(
+                        "auto: the node has {seen} but no `{v}` binary for {} is listed; using `cpu`",
+                        facts.target
+                    ),
+                    None => "auto: no GPU on the node; using `cpu`".to_string(),
+                };
+                (find("cpu"), "cpu".to_string(), why)
+            }
+        }
+    } else {
+        (
+            find(&node.binary),
+            node.binary.clone(),
+            format!("the node's `binary = \"{}\"`", node.binary),
+        )
+    };
+    match found {
+        Some(c) => Ok(Choice { reason, ..c }),
+        None => Err(Error::config(format!(
+            "node `{}` runs {} and no binary for it is known ({reason}); build or download rbee \
+             for that platform and add to nodes.toml:\n\n[[binaries]]\ntarget = \"{}\"\n\
+             variant = \"{wanted}\"\npath = \"PATH/TO/rbee\"   # or url = \"https://...\"\n\
+             sha256 = \"...\"             # sha256sum of the file",
+            node.name,
+            facts.describe(),
+            facts.target,
+        ))),
+    }
+}
+
+/// The SHA-256 of a file here, hashed off the runtime's thread.
+async fn hash_file(path: std::path::PathBuf) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        sha256_file(&path, &tokio_util::sync::CancellationToken::new())
+    })
+    .await
+    .map_err(|e| Error::internal(format!("hashing task failed: {e}")))?
+}
+
+/// Makes sure the node runs the binary chosen for it (`choose`): content-addressed at
+/// `<remote_dir>/bin/<sha256>/rbee`, sent (or downloaded by the node) only when absent, checked
+/// on the node, then made current by renaming the `bin/rbee` link. A running hive keeps the
+/// file it runs from until it restarts; old versions are pruned to the three most recent and
+/// those a live process runs. Nothing is sent when no entry fits the node (exit 3).
 pub(crate) async fn install_binary(
     session: &Session,
     node: &Node,
     progress: &Progress,
 ) -> Result<Installed> {
-    let out = session
-        .run(
-            "checking the node",
-            &remote::install_probe(&node.remote_dir),
-        )
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
-    let home = lines.next().unwrap_or_default().to_string();
-    let os = lines.next().unwrap_or_default().trim().to_string();
-    check_platform(node, &os)?;
-    let remote_sha = lines
-        .next()
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_default()
-        .to_string();
-
-    let exe = std::env::current_exe().doing("find this rbee binary")?;
-    let exe_for_hash = exe.clone();
-    let local_sha = tokio::task::spawn_blocking(move || {
-        sha256_file(&exe_for_hash, &tokio_util::sync::CancellationToken::new())
-    })
-    .await
-    .map_err(|e| Error::internal(format!("hashing task failed: {e}")))??;
-    if remote_sha == local_sha {
-        return Ok(Installed {
-            uploaded: false,
-            bytes: 0,
-            os,
-            home,
-        });
-    }
-    let file = tokio::fs::File::open(&exe).await.at("open", &exe)?;
-    let bytes = file.metadata().await.at("read the size of", &exe)?.len();
-    let command = remote::install_binary(&node.remote_dir, &local_sha);
-    let bar = progress.bytes(&format!("rbee to {}", node.name), bytes);
-    session
-        .run_reader("uploading rbee", &command, Counting { inner: file, bar })
-        .await?;
-    Ok(Installed {
-        uploaded: true,
-        bytes,
-        os,
-        home,
-    })
-}
-
-fn check_platform(node: &Node, uname: &str) -> Result<()> {
-    let mut parts = uname.split_whitespace();
-    let os = parts.next().unwrap_or_default().to_ascii_lowercase();
-    let arch = parts.next().unwrap_or_default();
-    let arch = match arch {
-        "arm64" => "aarch64",
-        other => other,
+    let facts = probe::facts(session, node, false).await?;
+    let choice = choose(node, &facts)?;
+    let sha256 = match (&choice.sha256, &choice.origin) {
+        (Some(s), _) => s.clone(),
+        (None, _) => hash_file(std::env::current_exe().doing("find this rbee binary")?).await?,
     };
-    if os == std::env::consts::OS && arch == std::env::consts::ARCH {
-        return Ok(());
+    let mut installed = Installed {
+        uploaded: false,
+        bytes: 0,
+        os: facts.platform.clone(),
+        target: choice.target.clone(),
+        variant: choice.variant.clone(),
+        sha256: sha256.clone(),
+        path: format!(
+            "{}/bin/{sha256}/rbee",
+            node.remote_dir.trim_end_matches('/')
+        ),
+        reason: choice.reason.clone(),
+        home: facts.home.clone(),
+    };
+    tracing::info!(node = %node.name, variant = %choice.variant, target = %choice.target, "{}", choice.reason);
+    if facts.current_sha256.as_deref() == Some(sha256.as_str())
+        && facts.current.as_deref() == Some(&format!("{sha256}/rbee"))
+    {
+        return Ok(installed);
     }
-    Err(Error::hive(format!(
-        "node `{}` runs `{uname}`, but this rbee is built for {} {}; install rbee built for \
-         that platform on the node, or use a node of the same platform",
-        node.name,
-        std::env::consts::OS,
-        std::env::consts::ARCH
-    )))
+    let activate = remote::activate_binary(&node.remote_dir, &sha256);
+    // A version the node already holds is checked there and switched to: nothing is sent.
+    let present = facts.installed.contains(&sha256)
+        && session
+            .run("switching rbee", &activate)
+            .await?
+            .stdout_text()
+            == "active";
+    if !present {
+        match &choice.origin {
+            Origin::Url(url) => {
+                let spinner = progress.spinner(format!("`{}` downloads rbee", node.name));
+                session
+                    .run(
+                        "downloading rbee on the node",
+                        &remote::download_binary(&node.remote_dir, &sha256, url),
+                    )
+                    .await?;
+                drop(spinner);
+            }
+            Origin::Running | Origin::Path(_) => {
+                let file_path = match &choice.origin {
+                    Origin::Path(p) => p.clone(),
+                    _ => std::env::current_exe().doing("find this rbee binary")?,
+                };
+                if matches!(choice.origin, Origin::Path(_)) {
+                    let actual = hash_file(file_path.clone()).await.map_err(|e| {
+                        Error::config(format!("[[binaries]] `path` {}: {e}", file_path.display()))
+                    })?;
+                    if actual != sha256 {
+                        return Err(Error::config(format!(
+                            "[[binaries]] entry for {} {}: `{}` has sha256 {actual}, but the \
+                             entry says {sha256}; fix `sha256` (sha256sum prints it) or the file",
+                            choice.target,
+                            choice.variant,
+                            file_path.display()
+                        )));
+                    }
+                }
+                let file = tokio::fs::File::open(&file_path)
+                    .await
+                    .at("open", &file_path)?;
+                let bytes = file
+                    .metadata()
+                    .await
+                    .at("read the size of", &file_path)?
+                    .len();
+                let bar = progress.bytes(&format!("rbee to {}", node.name), bytes);
+                session
+                    .run_reader(
+                        "uploading rbee",
+                        &remote::upload_binary(&node.remote_dir, &sha256),
+                        Counting { inner: file, bar },
+                    )
+                    .await?;
+                installed.bytes = bytes;
+            }
+        }
+        installed.uploaded = true;
+        if session
+            .run("switching rbee", &activate)
+            .await?
+            .stdout_text()
+            != "active"
+        {
+            return Err(Error::hive(format!(
+                "rbee {sha256} was installed on `{}` but does not verify there",
+                node.name
+            )));
+        }
+    }
+    probe::made_current(node, &sha256);
+    Ok(installed)
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

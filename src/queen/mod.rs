@@ -8,6 +8,7 @@ pub(crate) mod install;
 pub(crate) mod lifecycle;
 pub(crate) mod node;
 pub(crate) mod pool;
+pub(crate) mod probe;
 pub(crate) mod route;
 pub(crate) mod trail;
 

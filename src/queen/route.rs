@@ -228,7 +228,7 @@ mod tests {
             source: None,
             context: None,
             slots,
-            gpu_layers: 0,
+            gpu_layers: crate::config::GpuLayers::Layers(0),
             threads: None,
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
         }

@@ -40,29 +40,101 @@ pub(crate) fn home() -> String {
     "printf %s \"$HOME\"".to_string()
 }
 
-/// The user's home, `uname -sm`, then the SHA-256 of the installed binary (an empty line when
-/// there is none); makes `<remote_dir>/bin` on the way, with the directory private to the
-/// node's user.
-pub(crate) fn install_probe(remote_dir: &str) -> String {
+/// What the node is, in one command, as `key=value` lines: `home`, `uname` (`uname -sm`),
+/// `glibc` (empty on a libc that is not GNU), one `nvidia` line per GPU as `nvidia-smi` lists it
+/// (`name, memory.total, memory.free, driver_version, compute_cap`, MiB), `amd` when `/dev/kfd`
+/// exists, `current` (where `bin/rbee` points), `current_sha` (the SHA-256 of what it runs),
+/// one `installed` line per version under `bin/`, newest first, and `free_kb` for the
+/// filesystem that holds (or would hold) `remote_dir`. `with_version` adds `version`: the
+/// installed rbee's `version --json` (or `--version` for one without it).
+pub(crate) fn node_facts(remote_dir: &str, with_version: bool) -> String {
     let dir = remote_path(remote_dir);
+    let bindir = remote_join(remote_dir, "bin");
     let bin = remote_join(remote_dir, "bin/rbee");
+    let version = if with_version {
+        format!(
+            "printf 'version=%s\\n' \"$({bin} version --json 2>/dev/null || {bin} --version 2>/dev/null)\"; "
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "printf '%s\\n' \"$HOME\" && uname -sm && mkdir -p {dir}/bin && chmod 700 {dir} && \
-         {{ {} || echo; }}",
+        "printf 'home=%s\\n' \"$HOME\"; printf 'uname=%s\\n' \"$(uname -sm)\"; \
+         g=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{{print $2}}'); \
+         [ -n \"$g\" ] || g=$(ldd --version 2>&1 | head -n 1 | grep -i -e glibc -e 'gnu libc' | awk '{{print $NF}}'); \
+         printf 'glibc=%s\\n' \"$g\"; \
+         if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi \
+         --query-gpu=name,memory.total,memory.free,driver_version,compute_cap \
+         --format=csv,noheader,nounits 2>/dev/null | sed 's/^/nvidia=/'; fi; \
+         [ -e /dev/kfd ] && echo amd=kfd; \
+         printf 'current=%s\\n' \"$(readlink {bin} 2>/dev/null)\"; \
+         printf 'current_sha=%s\\n' \"$({})\"; \
+         for v in $(cd {bindir} 2>/dev/null && ls -dt */ 2>/dev/null); do \
+         [ -x {bindir}/\"$v\"rbee ] && printf 'installed=%s\\n' \"${{v%/}}\"; done; \
+         d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; \
+         printf 'free_kb=%s\\n' \"$(df -Pk \"$d\" | awk 'NR==2 {{print $4}}')\"; {version}true",
         sha256_of(&bin)
     )
 }
 
-/// Reads the binary from stdin into a temp file, checks it against `sha256`, then moves it
-/// into place: a cut connection leaves a partial temp file, never a partial `rbee`.
-pub(crate) fn install_binary(remote_dir: &str, sha256: &str) -> String {
-    let bin = remote_join(remote_dir, "bin/rbee");
-    let tmp = remote_join(remote_dir, "bin/rbee.upload");
+/// Makes `bin/<sha256>/rbee` the one `bin/rbee` points to when it is there and matches its
+/// digest: the link is replaced by a rename, so a hive that starts meanwhile runs one version or
+/// the other, never neither. Then keeps the three most recent versions and any a live process
+/// runs (`/proc/*/exe`), removing the rest. Prints `active`, or `absent` (nothing changed).
+pub(crate) fn activate_binary(remote_dir: &str, sha256: &str) -> String {
+    let bindir = remote_join(remote_dir, "bin");
+    let versioned = remote_join(remote_dir, &format!("bin/{sha256}/rbee"));
     format!(
-        "umask 077 && cat > {tmp} && {{ [ \"$(sha256sum < {tmp} | cut -c1-64)\" = {sha} ] || \
-         {{ echo 'the checksum on the node did not match' >&2; exit 1; }}; }} && \
-         chmod 755 {tmp} && mv -f {tmp} {bin}",
+        "[ \"$({})\" = {sha} ] || {{ echo absent; exit 0; }}; cd {bindir} || exit 1; \
+         ln -sfn {sha}/rbee rbee.next && mv -f rbee.next rbee && touch {sha} && echo active; \
+         live=$(for p in /proc/[0-9]*/exe; do readlink \"$p\"; done 2>/dev/null); n=0; \
+         for v in $(ls -dt */ 2>/dev/null); do v=${{v%/}}; \
+         case $v in *[!0-9a-f]*) continue;; esac; [ ${{#v}} -eq 64 ] || continue; \
+         n=$((n+1)); [ $n -le 3 ] && continue; \
+         case \"$live\" in *\"/$v/rbee\"*) continue;; esac; rm -rf \"./$v\"; done; true",
+        sha256_of(&versioned),
         sha = quote(sha256)
+    )
+}
+
+/// The check that lands a new version: the file at `tmp` must match `sha256`, then it moves to
+/// `bin/<sha256>/rbee`; a partial or wrong file never takes that name.
+fn land_binary(remote_dir: &str, tmp: &str, sha256: &str) -> String {
+    let versioned = remote_join(remote_dir, &format!("bin/{sha256}/rbee"));
+    format!(
+        "{{ [ \"$(sha256sum < {tmp} | cut -c1-64)\" = {sha} ] || \
+         {{ rm -f {tmp}; echo 'the checksum on the node did not match' >&2; exit 1; }}; }} && \
+         chmod 755 {tmp} && mv -f {tmp} {versioned}",
+        sha = quote(sha256)
+    )
+}
+
+/// Reads a binary from stdin into `bin/<sha256>/`, checks it on the node, and names it
+/// `bin/<sha256>/rbee`.
+pub(crate) fn upload_binary(remote_dir: &str, sha256: &str) -> String {
+    let dir = remote_path(remote_dir);
+    let vdir = remote_join(remote_dir, &format!("bin/{sha256}"));
+    let tmp = remote_join(remote_dir, &format!("bin/{sha256}/rbee.upload"));
+    format!(
+        "umask 077 && mkdir -p {vdir} && chmod 700 {dir} && cat > {tmp} && {}",
+        land_binary(remote_dir, &tmp, sha256)
+    )
+}
+
+/// Downloads a binary on the node itself (curl, else wget; redirects followed) into
+/// `bin/<sha256>/`, checks it, and names it `bin/<sha256>/rbee`. Exits 127 when the node has
+/// neither tool.
+pub(crate) fn download_binary(remote_dir: &str, sha256: &str, url: &str) -> String {
+    let dir = remote_path(remote_dir);
+    let vdir = remote_join(remote_dir, &format!("bin/{sha256}"));
+    let tmp = remote_join(remote_dir, &format!("bin/{sha256}/rbee.download"));
+    let url = quote(url);
+    format!(
+        "umask 077 && mkdir -p {vdir} && chmod 700 {dir} && \
+         if command -v curl >/dev/null 2>&1; then curl -fsSL -o {tmp} {url}; \
+         elif command -v wget >/dev/null 2>&1; then wget -q -O {tmp} {url}; \
+         else echo 'the node has neither curl nor wget to download rbee' >&2; exit 127; fi && {}",
+        land_binary(remote_dir, &tmp, sha256)
     )
 }
 
@@ -214,17 +286,6 @@ pub(crate) fn pidfile_holder(remote_dir: &str, pid_file: &str) -> String {
          if flock -n -s 9 9<\"$f\" 2>/dev/null || [ ! -f \"$f\" ]; then exit 0; fi; \
          elif ! kill -0 \"$pid\" 2>/dev/null || ! grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null; then \
          exit 0; fi; echo \"$pid\""
-    )
-}
-
-/// `uname -sm`, the free kilobytes of the filesystem that holds (or would hold) `remote_dir`,
-/// and the installed rbee's version (`none` when there is none).
-pub(crate) fn node_probe(remote_dir: &str) -> String {
-    let dir = remote_path(remote_dir);
-    let bin = remote_join(remote_dir, "bin/rbee");
-    format!(
-        "uname -sm; d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; \
-         df -Pk \"$d\" | awk 'NR==2 {{print $4}}'; {bin} --version 2>/dev/null || echo none"
     )
 }
 
@@ -383,5 +444,53 @@ mod tests {
         assert!(sh(&model_finish(&path, sha)).status.success());
         let probe = String::from_utf8_lossy(&sh(&model_probe(&path)).stdout).into_owned();
         assert_eq!(probe, format!("{sha}\n0\n"));
+    }
+    #[test]
+    fn activation_keeps_three_recent_versions_and_any_a_live_process_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote_dir = dir.path().join("r 'd'").display().to_string();
+        let bin = std::path::Path::new(&remote_dir).join("bin");
+        // Five versions installed one after the other; the first is a copy of sleep(1), run
+        // from its versioned path the way a hive runs from its own.
+        let sleep = std::fs::read("/bin/sleep").expect("sleep");
+        let mut shas = Vec::new();
+        let mut live = None;
+        assert_eq!(
+            sh(&activate_binary(&remote_dir, &"0".repeat(64))).stdout,
+            b"absent\n"
+        );
+        for i in 0..5u8 {
+            let mut bytes = sleep.clone();
+            bytes.push(i);
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            let path = bin.join(&sha).join("rbee");
+            std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+            std::fs::write(&path, &bytes).expect("write");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("chmod");
+            assert_eq!(sh(&activate_binary(&remote_dir, &sha)).stdout, b"active\n");
+            if i == 0 {
+                live = Some(
+                    std::process::Command::new(&path)
+                        .arg("30")
+                        .spawn()
+                        .expect("run version 0"),
+                );
+            }
+            shas.push(sha);
+            // Whole seconds apart on any filesystem's clock.
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
+        assert_eq!(
+            std::fs::read_link(bin.join("rbee")).expect("link"),
+            std::path::PathBuf::from(format!("{}/rbee", shas[4]))
+        );
+        let kept: Vec<bool> = shas.iter().map(|s| bin.join(s).exists()).collect();
+        // 4, 3 and 2 are the most recent; 0 runs; 1 goes.
+        assert_eq!(kept, [true, false, true, true, true]);
+        if let Some(mut live) = live {
+            let _ = live.kill();
+            let _ = live.wait();
+        }
     }
 }

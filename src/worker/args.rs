@@ -22,9 +22,9 @@ pub(crate) struct ServeArgs {
     /// CPU threads (default: all cores)
     #[arg(long)]
     pub(crate) threads: Option<u32>,
-    /// Layers to offload to the GPU
-    #[arg(long, default_value_t = 0)]
-    pub(crate) gpu_layers: u32,
+    /// Layers to offload to the GPU: a number, `all`, or `auto` (all when a GPU device is there)
+    #[arg(long, default_value = "auto", value_parser = crate::config::GpuLayers::parse)]
+    pub(crate) gpu_layers: crate::config::GpuLayers,
     /// The hive directory this worker belongs to (ties it to its hive in `ps`)
     #[arg(long)]
     pub(crate) hive_dir: Option<PathBuf>,

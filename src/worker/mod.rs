@@ -34,6 +34,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     hello(&WorkerHello::Ready {
         n_ctx: loaded.n_ctx,
         load_ms: loaded.load_ms,
+        offload: loaded.offload.clone(),
     });
     tracing::info!(model = %args.model, socket = %args.socket.display(), load_ms = loaded.load_ms, "worker ready");
     exit_when_stdin_closes();
@@ -60,6 +61,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 model: args.model,
                 n_ctx: loaded.n_ctx,
                 slots: loaded.slots,
+                offload: loaded.offload.clone(),
             },
             verifier,
         );

@@ -27,6 +27,7 @@ pub(crate) struct WorkerState {
     pub(crate) model: String,
     pub(crate) n_ctx: u32,
     pub(crate) slots: u32,
+    pub(crate) offload: crate::protocol::Offload,
 }
 
 pub(crate) fn router(
@@ -63,6 +64,7 @@ async fn health(
             pid: std::process::id(),
             active: activity.active,
             last: activity.last,
+            offload: state.offload.clone(),
         }),
     })
 }

@@ -10,7 +10,9 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
+use crate::config::{GpuLayers, MAX_GPU_LAYERS};
 use crate::error::Error;
+use crate::protocol::Offload;
 use crate::worker::engine::{Batcher, Engine, ms};
 
 #[derive(Debug, Clone)]
@@ -19,17 +21,18 @@ pub(crate) struct EngineOptions {
     /// Tokens of context per request; the KV cache holds `slots` times this.
     pub(crate) context: Option<u32>,
     pub(crate) threads: Option<u32>,
-    pub(crate) gpu_layers: u32,
+    pub(crate) gpu_layers: GpuLayers,
     /// Generations decoded together, each in its own KV sequence.
     pub(crate) slots: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Loaded {
     /// Tokens of context per request.
     pub(crate) n_ctx: u32,
     pub(crate) slots: u32,
     pub(crate) load_ms: f64,
+    pub(crate) offload: Offload,
 }
 
 /// The model and the llama.cpp backend it was loaded with.
@@ -38,6 +41,7 @@ pub(crate) struct Weights {
     model: LlamaModel,
     backend: LlamaBackend,
     started: Instant,
+    offload: Offload,
 }
 
 impl Weights {
@@ -45,7 +49,19 @@ impl Weights {
         let started = Instant::now();
         let backend = LlamaBackend::init()
             .map_err(|e| Error::worker(format!("cannot start llama.cpp: {e}")))?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
+        // The registry lists the GPU devices of the backends compiled in (none on a CPU build).
+        let gpus: Vec<String> = crate::platform::devices()
+            .into_iter()
+            .filter(|d| d.offloads())
+            .map(|d| d.name)
+            .collect();
+        let requested = match options.gpu_layers {
+            GpuLayers::Layers(n) => n,
+            GpuLayers::All => MAX_GPU_LAYERS,
+            GpuLayers::Auto if gpus.is_empty() => 0,
+            GpuLayers::Auto => MAX_GPU_LAYERS,
+        };
+        let params = LlamaModelParams::default().with_n_gpu_layers(requested);
         let model =
             LlamaModel::load_from_file(&backend, &options.model_path, &params).map_err(|e| {
                 Error::worker(format!(
@@ -53,10 +69,23 @@ impl Weights {
                     options.model_path.display()
                 ))
             })?;
+        let gpu_layers = options
+            .gpu_layers
+            .offloaded(!gpus.is_empty(), model.n_layer());
+        let offload = Offload {
+            gpu_layers,
+            devices: if gpu_layers > 0 {
+                gpus
+            } else {
+                vec!["CPU".to_string()]
+            },
+        };
+        tracing::info!(gpu_layers, devices = ?offload.devices, "model loaded");
         Ok(Weights {
             model,
             backend,
             started,
+            offload,
         })
     }
 
@@ -97,6 +126,7 @@ impl Weights {
             n_ctx,
             slots,
             load_ms: ms(self.started),
+            offload: self.offload.clone(),
         };
         Ok((batcher, engine, loaded))
     }
