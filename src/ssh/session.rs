@@ -50,6 +50,8 @@ pub(crate) struct Target {
     pub(crate) jumps: Vec<Target>,
     /// `IdentitiesOnly`: of ssh-agent's keys, only those of `identity_files` are offered.
     pub(crate) identities_only: bool,
+    /// `ProxyCommand`, its `%` tokens expanded: its stdin and stdout carry the SSH session.
+    pub(crate) proxy_command: Option<String>,
 }
 
 impl Target {
@@ -58,14 +60,10 @@ impl Target {
             Error::config(format!("node `{}` has no `host` to connect to", node.name))
         })?;
         let entry = ssh_config::lookup(&alias);
-        // Connecting directly where ssh_config says to go through a command would bypass it
-        // (a bastion's policy and logging), so it is refused.
-        if let Some(Some((file, line))) = &entry.proxy_command {
+        if let Some(why) = &entry.refused {
             return Err(Error::config(format!(
-                "node `{}`: `{}` line {line}: `ProxyCommand` applies to `{alias}`, and rbee does \
-                 not run one; use `ProxyJump` instead (or `ProxyCommand none` for this host)",
-                node.name,
-                file.display()
+                "node `{}`: ssh_config for `{alias}`: {why}",
+                node.name
             )));
         }
         let user = node
@@ -92,6 +90,11 @@ impl Target {
             local_user: &local_user,
             home: &home,
         };
+        let proxy_command = entry
+            .proxy_command
+            .as_deref()
+            .filter(|c| !c.eq_ignore_ascii_case("none"))
+            .map(|c| ssh_config::expand_tokens(c, &tokens));
         let mut identity_files = Vec::new();
         let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
         identity_files.extend(named_identity.clone());
@@ -118,6 +121,7 @@ impl Target {
             alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
             alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
             jumps: Vec::new(),
+            proxy_command,
         }
         .with_jumps(entry.proxy_jump.as_deref(), &user_default()))
     }
@@ -159,6 +163,7 @@ impl Target {
                 alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
                 alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
                 jumps: Vec::new(),
+                proxy_command: None,
             });
         }
         self
@@ -221,6 +226,8 @@ pub(crate) struct Session {
     pub(crate) target: Target,
     pub(crate) host_key: HostKey,
     forwards: Mutex<Vec<JoinHandle<()>>>,
+    /// The `ProxyCommand` carrying the connection, killed when the session ends.
+    _proxy: Option<tokio::process::Child>,
 }
 
 impl Drop for Session {
@@ -244,17 +251,29 @@ impl Session {
     ) -> Result<Session> {
         let mut hops: Vec<Arc<client::Handle<Checker>>> = Vec::new();
         for hop in &target.jumps {
-            let (handle, _) = connect_one(hop, hops.last(), deadline, accept_new).await?;
+            let via = hops.last().map_or(Via::Tcp, Via::Hop);
+            let (handle, _) = connect_one(hop, via, deadline, accept_new).await?;
             tracing::debug!(node = %target.node, hop = %hop.describe(), "through a ProxyJump hop");
             hops.push(Arc::new(handle));
         }
-        let (handle, host_key) = connect_one(target, hops.last(), deadline, accept_new).await?;
+        let mut proxy = None;
+        let via = match (hops.last(), &target.proxy_command) {
+            (Some(hop), _) => Via::Hop(hop),
+            (None, Some(command)) => {
+                let (child, stream) = proxy_command(target, command)?;
+                proxy = Some(child);
+                Via::Command(stream)
+            }
+            (None, None) => Via::Tcp,
+        };
+        let (handle, host_key) = connect_one(target, via, deadline, accept_new).await?;
         Ok(Session {
             handle: Arc::new(handle),
             hops,
             target: target.clone(),
             host_key,
             forwards: Mutex::new(Vec::new()),
+            _proxy: proxy,
         })
     }
 
@@ -391,11 +410,46 @@ impl Session {
     }
 }
 
-/// One SSH connection and login to `target`: over TCP, or through a `direct-tcpip` channel of
-/// the hop before it.
+/// What carries an SSH connection.
+enum Via<'a> {
+    Tcp,
+    /// A `direct-tcpip` channel of the hop before.
+    Hop(&'a Arc<client::Handle<Checker>>),
+    /// A `ProxyCommand`'s stdout and stdin.
+    Command(ProxyStream),
+}
+
+type ProxyStream = tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>;
+
+/// Starts `command` as OpenSSH does a `ProxyCommand` (`exec` under a shell; its stderr is the
+/// user's), with its stdin and stdout as the transport.
+fn proxy_command(target: &Target, command: &str) -> Result<(tokio::process::Child, ProxyStream)> {
+    tracing::debug!(node = %target.node, "connecting through ProxyCommand `{command}`");
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec {command}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            Error::from(SshError::Unreachable {
+                target: target.describe(),
+                detail: format!("cannot run ProxyCommand `{command}`: {e}"),
+            })
+        })?;
+    match (child.stdout.take(), child.stdin.take()) {
+        (Some(out), Some(input)) => Ok((child, tokio::io::join(out, input))),
+        // Both were asked for as pipes, so spawn made both.
+        _ => Err(Error::internal("ProxyCommand started without its pipes")),
+    }
+}
+
+/// One SSH connection and login to `target`: over TCP, through a `direct-tcpip` channel of
+/// the hop before it, or over a `ProxyCommand`'s stdio.
 async fn connect_one(
     target: &Target,
-    via: Option<&Arc<client::Handle<Checker>>>,
+    via: Via<'_>,
     deadline: Instant,
     accept_new: bool,
 ) -> Result<(client::Handle<Checker>, HostKey)> {
@@ -418,14 +472,15 @@ async fn connect_one(
     let budget_limited = deadline <= Instant::now() + CONNECT_TIMEOUT;
     let connect = async {
         match via {
-            None => {
+            Via::Command(stream) => client::connect_stream(config, stream, checker).await,
+            Via::Tcp => {
                 let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
                     .await
                     .map_err(russh::Error::from)?;
                 tcp.set_nodelay(true).map_err(russh::Error::from)?;
                 client::connect_stream(config, QuickAck::new(tcp), checker).await
             }
-            Some(hop) => {
+            Via::Hop(hop) => {
                 let channel = hop
                     .channel_open_direct_tcpip(
                         target.host.as_str(),
