@@ -90,10 +90,11 @@ impl Target {
             local_user: &local_user,
             home: &home,
         };
+        // nodes.toml's `jump` wins over ssh_config's ProxyCommand and ProxyJump.
         let proxy_command = entry
             .proxy_command
             .as_deref()
-            .filter(|c| !c.eq_ignore_ascii_case("none"))
+            .filter(|c| !c.eq_ignore_ascii_case("none") && node.jump.is_none())
             .map(|c| ssh_config::expand_tokens(c, &tokens));
         let mut identity_files = Vec::new();
         let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
@@ -123,7 +124,10 @@ impl Target {
             jumps: Vec::new(),
             proxy_command,
         }
-        .with_jumps(entry.proxy_jump.as_deref(), &user_default()))
+        .with_jumps(
+            node.jump.as_deref().or(entry.proxy_jump.as_deref()),
+            &user_default(),
+        ))
     }
 
     /// The hops of a `ProxyJump` list (`[user@]host[:port]`, comma-separated; `none`: none),

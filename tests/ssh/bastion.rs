@@ -254,4 +254,43 @@ fn a_proxy_command_carries_the_connection_through_the_bastion() {
         log.contains(&format!("target 127.0.0.1 port {}", target.port)),
         "the bastion's log shows no forward: {log}"
     );
+
+    // Without an ssh_config: nodes.toml's `jump` names the bastion, a node of the same file.
+    // `nodes trust` records both hops' keys in an empty known_hosts, and they are checked.
+    std::fs::remove_file(&ssh_config).expect("rm ssh config");
+    let fresh = env.path().join("known_hosts.fresh");
+    std::fs::write(
+        env.path().join("nodes.toml"),
+        format!(
+            "[defaults]\nuser = {:?}\nidentity_file = {:?}\nknown_hosts = {:?}\n\n\
+             [nodes.bastion]\nhost = {:?}\nport = {}\n\n\
+             [nodes.gpu]\nhost = \"127.0.0.1\"\nport = {}\njump = \"bastion\"\n\
+             remote_dir = {:?}\n",
+            sshd::user(),
+            key.private.display().to_string(),
+            fresh.display().to_string(),
+            ns.node_ip,
+            bastion.port,
+            target.port,
+            env.path().join("node-gpu").display().to_string(),
+        ),
+    )
+    .expect("nodes.toml");
+    run(&["hive", "status", "gpu"]).expect(4);
+    run(&["nodes", "trust", "gpu"]).expect(0);
+    let known = std::fs::read_to_string(&fresh).expect("known_hosts");
+    assert!(
+        known.contains(&bastion.known_hosts_line_at(&ns.node_ip)),
+        "{known}"
+    );
+    assert!(known.contains(&target.known_hosts_line()), "{known}");
+    run(&["hive", "status", "gpu"]).expect(6);
+    // A hop that is neither a node nor `[user@]host[:port]` is a configuration error.
+    let toml = std::fs::read_to_string(env.path().join("nodes.toml")).expect("nodes.toml");
+    std::fs::write(
+        env.path().join("nodes.toml"),
+        toml.replace("jump = \"bastion\"", "jump = \"bastion, ops@:x\""),
+    )
+    .expect("nodes.toml");
+    run(&["hive", "status", "gpu"]).expect(3);
 }
