@@ -19,6 +19,8 @@ pub(crate) struct HostEntry {
     pub(crate) proxy_jump: Option<String>,
     /// `IdentitiesOnly`: only the identity files, not whatever else ssh-agent holds.
     pub(crate) identities_only: Option<bool>,
+    /// `ConnectTimeout` in seconds (0 or `none`: the default).
+    pub(crate) connect_timeout: Option<u64>,
     /// The first line rbee cannot honour (`file` line N: why): connecting without it would not
     /// be what OpenSSH does with the same file.
     pub(crate) refused: Option<String>,
@@ -124,6 +126,9 @@ fn apply(
             "identityfile" if *active => entry.identity_files.push(value.to_string()),
             "identitiesonly" if *active && entry.identities_only.is_none() => {
                 entry.identities_only = Some(value.eq_ignore_ascii_case("yes"));
+            }
+            "connecttimeout" if *active && entry.connect_timeout.is_none() => {
+                entry.connect_timeout = Some(value.parse().unwrap_or(0));
             }
             "serveraliveinterval" if *active && entry.alive_interval.is_none() => {
                 entry.alive_interval = value.parse().ok();

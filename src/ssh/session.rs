@@ -22,7 +22,8 @@ use crate::ssh::known_hosts::{Checker, HostKey, host_key_error};
 use crate::ssh::quick_ack::QuickAck;
 use crate::ssh::remote;
 
-/// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget.
+/// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget, where
+/// ssh_config sets no `ConnectTimeout`.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keep-alives when ssh_config sets none: a link that dies is given up after about 15 s
@@ -46,6 +47,9 @@ pub(crate) struct Target {
     pub(crate) alive_interval: u64,
     /// Keep-alives left unanswered before the connection counts as lost.
     pub(crate) alive_count: u32,
+    /// The longest wait for the TCP connection and handshake (`ConnectTimeout`), capped by
+    /// the budget.
+    pub(crate) connect_timeout: Duration,
     /// `ProxyJump` hops, outermost first.
     pub(crate) jumps: Vec<Target>,
     /// `IdentitiesOnly`: of ssh-agent's keys, only those of `identity_files` are offered.
@@ -121,6 +125,7 @@ impl Target {
             known_hosts: paths::expand_tilde(&node.known_hosts),
             alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
             alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
+            connect_timeout: connect_timeout(entry.connect_timeout),
             jumps: Vec::new(),
             proxy_command,
         }
@@ -166,6 +171,11 @@ impl Target {
                 identities_only: entry.identities_only.unwrap_or(self.identities_only),
                 alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
                 alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
+                connect_timeout: connect_timeout(
+                    entry
+                        .connect_timeout
+                        .or(Some(self.connect_timeout.as_secs())),
+                ),
                 jumps: Vec::new(),
                 proxy_command: None,
             });
@@ -188,6 +198,12 @@ impl Target {
             detail: detail.to_string(),
         })
     }
+}
+
+/// `ConnectTimeout` seconds, 0 (or none set) meaning rbee's default.
+fn connect_timeout(secs: Option<u64>) -> Duration {
+    secs.filter(|s| *s > 0)
+        .map_or(CONNECT_TIMEOUT, Duration::from_secs)
 }
 
 /// As OpenSSH does: the passwd name of this process's uid, whatever `$USER` says (cron with
@@ -472,8 +488,8 @@ async fn connect_one(
         preferred: crate::ssh::known_hosts::preferred_for(target),
         ..client::Config::default()
     });
-    let until = deadline.min(Instant::now() + CONNECT_TIMEOUT);
-    let budget_limited = deadline <= Instant::now() + CONNECT_TIMEOUT;
+    let until = deadline.min(Instant::now() + target.connect_timeout);
+    let budget_limited = deadline <= Instant::now() + target.connect_timeout;
     let connect = async {
         match via {
             Via::Command(stream) => client::connect_stream(config, stream, checker).await,
@@ -512,7 +528,7 @@ async fn connect_one(
         Err(_) => {
             return Err(Error::from(SshError::Timeout {
                 target: target.describe(),
-                secs: CONNECT_TIMEOUT.as_secs(),
+                secs: target.connect_timeout.as_secs(),
             }));
         }
     };

@@ -191,3 +191,39 @@ fn match_exec_is_evaluated_as_openssh_and_an_unhonoured_match_names_its_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn connect_timeout_from_ssh_config_bounds_a_node_that_never_answers() {
+    // Takes TCP connections (the kernel's backlog) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let env = crate::support::Env::custom(|dir, _| {
+        format!(
+            "[nodes.a]\nhost = \"127.0.0.1\"\nport = {port}\nknown_hosts = {:?}\n",
+            dir.join("known_hosts").display().to_string()
+        )
+    });
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    std::fs::write(&ssh_config, "Host 127.0.0.1\n  ConnectTimeout 1\n").expect("ssh config");
+    let oracle = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(&ssh_config)
+        .args(["-G", "127.0.0.1"])
+        .output()
+        .expect("ssh -G");
+    assert!(
+        String::from_utf8_lossy(&oracle.stdout).contains("\nconnecttimeout 1\n"),
+        "{oracle:?}"
+    );
+    let run = env
+        .command(&["hive", "status", "a"])
+        .env("HOME", &home)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("no answer within 1s"), "{stderr}");
+    drop(silent);
+}
