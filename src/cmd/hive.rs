@@ -13,6 +13,7 @@ use crate::error::{Error, ExitKind, Result};
 use crate::output::table;
 use crate::queen::install;
 use crate::queen::lifecycle::{self, Probe, Stopped};
+use crate::queen::node::NodeConn;
 
 pub(crate) async fn run(ctx: &Context, command: HiveOp) -> Result<()> {
     match command {
@@ -212,26 +213,26 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
             Ok(c) => c,
             Err(e) => return NodeResult::failed(&node, "unreachable", &e),
         };
-        let unanswered = match lifecycle::probe(&conn.client, timeout).await {
-            Probe::Ready(h) | Probe::NeedsRestart(h) | Probe::Incompatible(h) => {
-                return NodeResult {
-                    pid: h.signed.as_ref().map(|d| d.pid),
-                    uptime_s: h.signed.as_ref().map(|d| d.uptime_s),
-                    version: Some(h.version),
-                    workers: conn.client.workers(timeout).await.ok(),
-                    ..NodeResult::new(&node, "running")
-                };
-            }
-            // It answered, and refused this machine's key: it runs, and says who may ask.
-            Probe::Refused(e) | Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
-                return NodeResult::failed(&node, "refused", &e);
-            }
-            Probe::Unreachable(e) => e,
+        // The pidfile check below says whether a hive runs, so a channel sshd fails is not
+        // retried through the bridge until it has (a stopped hive costs no bridge command).
+        if let Some(forward) = conn.forward() {
+            forward.fail_fast(true);
+        }
+        let unanswered = match answered(&conn, &node, timeout).await {
+            Ok(result) => return result,
+            Err(e) => e,
         };
         // No answer: a hive holding its pidfile lock still runs, it only does not answer.
         match lifecycle::lock_holder(&mut conn, &budget).await {
             Ok(None) => NodeResult::new(&node, "stopped"),
             Ok(Some(pid)) => {
+                // It runs, and sshd failed the channel to its socket: sshd refuses forwarding.
+                if let Some(forward) = conn.forward().filter(|f| f.open_failed()) {
+                    forward.use_bridge();
+                    if let Ok(result) = answered(&conn, &node, timeout).await {
+                        return result;
+                    }
+                }
                 let err = Error::hive(format!(
                     "the hive on `{name}` runs (pid {pid} holds its pidfile) but does not \
                      answer: {unanswered}; it may be suspended or overloaded, and \
@@ -266,6 +267,28 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
         return Err(Error::Reported(ExitKind::HiveUnavailable));
     }
     Ok(())
+}
+
+/// The status of a hive that answered its health check, or why none did.
+async fn answered(
+    conn: &NodeConn,
+    node: &Node,
+    timeout: Duration,
+) -> std::result::Result<NodeResult, Error> {
+    match lifecycle::probe(&conn.client, timeout).await {
+        Probe::Ready(h) | Probe::NeedsRestart(h) | Probe::Incompatible(h) => Ok(NodeResult {
+            pid: h.signed.as_ref().map(|d| d.pid),
+            uptime_s: h.signed.as_ref().map(|d| d.uptime_s),
+            version: Some(h.version),
+            workers: conn.client.workers(timeout).await.ok(),
+            ..NodeResult::new(node, "running")
+        }),
+        // It answered, and refused this machine's key: it runs, and says who may ask.
+        Probe::Refused(e) | Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
+            Ok(NodeResult::failed(node, "refused", &e))
+        }
+        Probe::Unreachable(e) => Err(e),
+    }
 }
 
 fn status_row(r: &NodeResult) -> Vec<String> {

@@ -71,6 +71,9 @@ pub(crate) struct Node {
     pub(crate) user: Option<String>,
     pub(crate) port: u16,
     pub(crate) identity_file: Option<String>,
+    /// `jump`: ProxyJump hops, `[user@]host[:port]` comma-separated, a node of nodes.toml
+    /// already replaced by its own `user@host:port` (or `none`). Wins over ssh_config's.
+    pub(crate) jump: Option<String>,
     pub(crate) known_hosts: String,
     /// As written: `~` means the node's home, so it is expanded on the node.
     pub(crate) remote_dir: String,

@@ -47,6 +47,7 @@ pub(crate) struct RawNode {
     pub(crate) user: Option<String>,
     pub(crate) port: Option<u16>,
     pub(crate) identity_file: Option<String>,
+    pub(crate) jump: Option<String>,
     pub(crate) known_hosts: Option<String>,
     pub(crate) remote_dir: Option<String>,
     pub(crate) hive_port: Option<u16>,

@@ -78,6 +78,7 @@ pub(super) fn resolve(
     };
     let binaries = resolve_binaries(raw.binaries, &source, located)?;
     let mut nodes = IndexMap::new();
+    let mut jumps = Vec::new();
     for (name, spanned) in raw.nodes {
         let span = spanned.span();
         let n = spanned.into_inner();
@@ -136,6 +137,9 @@ pub(super) fn resolve(
                 &bad_variant(&format!("node `{name}`: `binary`"), &binary),
             ));
         }
+        if let Some(jump) = n.jump.or_else(|| defaults.jump.clone()) {
+            jumps.push((name.clone(), span.clone(), jump));
+        }
         let key_name = format!("{name}.key");
         nodes.insert(
             name.clone(),
@@ -145,6 +149,7 @@ pub(super) fn resolve(
                 user: n.user.or_else(|| defaults.user.clone()),
                 port: n.port.or(defaults.port).unwrap_or(22),
                 identity_file: n.identity_file.or_else(|| defaults.identity_file.clone()),
+                jump: None,
                 known_hosts: n
                     .known_hosts
                     .or_else(|| defaults.known_hosts.clone())
@@ -181,6 +186,12 @@ pub(super) fn resolve(
                 binaries: binaries.clone(),
             },
         );
+    }
+    for (name, span, jump) in jumps {
+        let resolved = resolve_jump(&name, &jump, &nodes).map_err(|m| located(Some(span), &m))?;
+        if let Some(node) = nodes.get_mut(&name) {
+            node.jump = Some(resolved);
+        }
     }
     if nodes.is_empty() {
         return Err(Error::config(format!(
@@ -339,4 +350,66 @@ fn bad_name(what: &str, name: &str) -> String {
     format!(
         "invalid {what} name `{name}`: use letters, digits, `-`, `_` and `.` (at most 64, not starting with `.`)"
     )
+}
+
+/// A node's `jump` as ProxyJump hops: each a node of nodes.toml (replaced by its `host`, with
+/// its `user` and `port`) or `[user@]host[:port]`; `none` means none (not even ssh_config's).
+fn resolve_jump(
+    name: &str,
+    jump: &str,
+    nodes: &IndexMap<String, Node>,
+) -> std::result::Result<String, String> {
+    if jump.trim().eq_ignore_ascii_case("none") {
+        return Ok("none".to_string());
+    }
+    let mut hops = Vec::new();
+    for hop in jump.split(',').map(str::trim) {
+        if hop == name {
+            return Err(format!("node `{name}`: `jump` names the node itself"));
+        }
+        if let Some(node) = nodes.get(hop) {
+            let Some(host) = node
+                .host
+                .as_deref()
+                .filter(|_| node.transport != Transport::Local)
+            else {
+                return Err(format!(
+                    "node `{name}`: `jump` names node `{hop}`, which is not reached over SSH"
+                ));
+            };
+            let user = node
+                .user
+                .as_ref()
+                .map(|u| format!("{u}@"))
+                .unwrap_or_default();
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.to_string()
+            };
+            hops.push(format!("{user}{host}:{}", node.port));
+            continue;
+        }
+        let (_, rest) = hop.rsplit_once('@').unwrap_or(("", hop));
+        let host = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+                if port.parse::<u16>().is_err() {
+                    return Err(format!(
+                        "node `{name}`: `jump` hop `{hop}` has a port that is not a number"
+                    ));
+                }
+                host
+            }
+            _ => rest,
+        };
+        if host.is_empty() || hop.contains(char::is_whitespace) {
+            return Err(format!(
+                "node `{name}`: `jump` hop `{hop}` is neither a node of this file nor \
+                 `[user@]host[:port]`; known nodes: {}",
+                list(nodes.keys())
+            ));
+        }
+        hops.push(hop.to_string());
+    }
+    Ok(hops.join(","))
 }

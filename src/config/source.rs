@@ -104,6 +104,7 @@ impl Config {
             user: None,
             port: 22,
             identity_file: None,
+            jump: None,
             known_hosts: "~/.ssh/known_hosts".to_string(),
             remote_dir: paths::state_dir()
                 .join("nodes/local")

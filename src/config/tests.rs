@@ -24,6 +24,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "user",
         "port",
         "identity_file",
+        "jump",
         "known_hosts",
         "remote_dir",
         "hive_port",

@@ -83,6 +83,11 @@ impl NodeConn {
         })
     }
 
+    /// The forward to the hive's socket (`transport = "ssh"`).
+    pub(crate) fn forward(&self) -> Option<&Forward> {
+        self.forward.as_ref().map(|(forward, _)| forward)
+    }
+
     pub(crate) fn is_local(&self) -> bool {
         self.node.transport == Transport::Local
     }

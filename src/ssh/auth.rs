@@ -35,8 +35,10 @@ pub(super) async fn authenticate(
                     let result = handle
                         .authenticate_publickey_with(&target.user, key, hash, &mut agent)
                         .await;
-                    if matches!(result, Ok(r) if r.success()) {
-                        return Ok(());
+                    match result {
+                        Ok(r) if r.success() => return Ok(()),
+                        Ok(r) => second_factor(target, &r, "an ssh-agent key")?,
+                        Err(_) => {}
                     }
                 }
                 tried.push("ssh-agent".to_string());
@@ -72,6 +74,7 @@ pub(super) async fn authenticate(
         if result.success() {
             return Ok(());
         }
+        second_factor(target, &result, &format!("the key `{}`", file.display()))?;
         tried.push(file.display().to_string());
     }
     let tried = if tried.is_empty() {
@@ -83,6 +86,25 @@ pub(super) async fn authenticate(
         target: target.describe(),
         user: target.user.clone(),
         tried,
+    }))
+}
+
+/// A refusal that is a partial success: the key was accepted, and sshd wants more (its
+/// `AuthenticationMethods` lists another method after `publickey`).
+fn second_factor(target: &Target, result: &client::AuthResult, accepted: &str) -> Result<()> {
+    let client::AuthResult::Failure {
+        remaining_methods,
+        partial_success: true,
+    } = result
+    else {
+        return Ok(());
+    };
+    let remaining: Vec<&str> = remaining_methods.iter().map(<&str>::from).collect();
+    Err(Error::from(SshError::SecondFactor {
+        target: target.describe(),
+        user: target.user.clone(),
+        accepted: accepted.to_string(),
+        remaining: remaining.join(", "),
     }))
 }
 

@@ -19,9 +19,14 @@ pub(crate) struct HostEntry {
     pub(crate) proxy_jump: Option<String>,
     /// `IdentitiesOnly`: only the identity files, not whatever else ssh-agent holds.
     pub(crate) identities_only: Option<bool>,
-    /// The first `ProxyCommand` that applies (file, line; `None` for `ProxyCommand none`): rbee
-    /// does not run one, and must not connect around it.
-    pub(crate) proxy_command: Option<Option<(PathBuf, usize)>>,
+    /// `ConnectTimeout` in seconds (0 or `none`: the default).
+    pub(crate) connect_timeout: Option<u64>,
+    /// The first line rbee cannot honour (`file` line N: why): connecting without it would not
+    /// be what OpenSSH does with the same file.
+    pub(crate) refused: Option<String>,
+    /// The first `ProxyCommand` that applies, as written (`none` included: it still counts as
+    /// the first value).
+    pub(crate) proxy_command: Option<String>,
 }
 
 /// How deep `Include`s may nest, as in OpenSSH.
@@ -91,7 +96,20 @@ fn apply(
         let value = value.trim().trim_matches('"');
         match key.to_ascii_lowercase().as_str() {
             "host" => *active = host_matches(value, alias),
-            "match" => *active = match_matches(value, alias, entry),
+            "match" => {
+                let raw =
+                    line[key.len()..].trim_start_matches(|c: char| c.is_whitespace() || c == '=');
+                *active = match match_matches(raw, alias, entry) {
+                    Ok(holds) => holds,
+                    Err(why) => {
+                        if entry.refused.is_none() {
+                            entry.refused =
+                                Some(format!("`{}` line {}: {why}", file.display(), number + 1));
+                        }
+                        false
+                    }
+                };
+            }
             "include" if *active && depth < INCLUDE_DEPTH => {
                 for path in included(value, base) {
                     if let Ok(text) = std::fs::read_to_string(&path) {
@@ -109,15 +127,26 @@ fn apply(
             "identitiesonly" if *active && entry.identities_only.is_none() => {
                 entry.identities_only = Some(value.eq_ignore_ascii_case("yes"));
             }
+            "connecttimeout" if *active && entry.connect_timeout.is_none() => {
+                entry.connect_timeout = Some(value.parse().unwrap_or(0));
+            }
             "serveraliveinterval" if *active && entry.alive_interval.is_none() => {
                 entry.alive_interval = value.parse().ok();
             }
-            "proxycommand" if *active && entry.proxy_command.is_none() => {
-                entry.proxy_command = Some(
-                    (!value.eq_ignore_ascii_case("none")).then(|| (file.to_path_buf(), number + 1)),
-                );
+            // As OpenSSH's readconf.c: whichever of ProxyCommand and ProxyJump comes first
+            // (`none` included) keeps the other from applying.
+            "proxycommand"
+                if *active && entry.proxy_command.is_none() && entry.proxy_jump.is_none() =>
+            {
+                // The command is the rest of the line, quotes and all.
+                let raw = line[key.len()..]
+                    .trim_start_matches(|c: char| c.is_whitespace() || c == '=')
+                    .trim();
+                entry.proxy_command = Some(raw.to_string());
             }
-            "proxyjump" if *active && entry.proxy_jump.is_none() => {
+            "proxyjump"
+                if *active && entry.proxy_jump.is_none() && entry.proxy_command.is_none() =>
+            {
                 entry.proxy_jump = Some(value.to_string());
             }
             "serveralivecountmax" if *active && entry.alive_count.is_none() => {
@@ -162,17 +191,15 @@ fn included(value: &str, base: &Path) -> Vec<PathBuf> {
 }
 
 /// A `Match` line: every criterion must hold. `all`, `host` (the HostName so far, else the
-/// alias), `originalhost`, `user` (the User so far) and `localuser` are evaluated; one rbee
-/// cannot evaluate (`exec`, `canonical`, ...) never matches, and says so in the log.
-fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> bool {
-    let mut words = value.split_whitespace();
-    let local_user = || {
-        nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_default()
-    };
+/// alias), `originalhost`, `user` (the User so far), `localuser` and `exec` are evaluated as
+/// OpenSSH's readconf.c does (`exec` runs through `sh -c` with its `%` tokens expanded, stdin
+/// and stdout on /dev/null, and only while the criteria before it hold; exit 0 matches).
+/// Criteria rbee cannot evaluate (`canonical`, `final`, `tagged`, `localnetwork`, ...) are an
+/// error: skipping or taking the block would both differ from OpenSSH.
+fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> Result<bool, String> {
+    let words = split_quoted(value);
+    let mut words = words.iter();
+    let mut result = true;
     while let Some(criterion) = words.next() {
         let lower = criterion.to_ascii_lowercase();
         let (negate, name) = match lower.strip_prefix('!') {
@@ -181,30 +208,103 @@ fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> bool {
         };
         let holds = match name {
             "all" => true,
-            "host" | "originalhost" | "user" | "localuser" => {
-                let Some(patterns) = words.next() else {
-                    return false;
+            "host" | "originalhost" | "user" | "localuser" | "exec" => {
+                let Some(argument) = words.next() else {
+                    return Err(format!("`Match {name}` needs an argument"));
                 };
-                let subject = match name {
-                    "host" => entry.host_name.clone().unwrap_or_else(|| alias.to_string()),
-                    "originalhost" => alias.to_string(),
-                    "user" => entry.user.clone().unwrap_or_else(local_user),
-                    _ => local_user(),
-                };
-                host_matches(&patterns.replace(',', " "), &subject)
+                let host = entry.host_name.clone().unwrap_or_else(|| alias.to_string());
+                let user = entry.user.clone().unwrap_or_else(local_user);
+                match name {
+                    "exec" if !result => false,
+                    "exec" => {
+                        let home = crate::paths::home_dir()
+                            .map(|h| h.display().to_string())
+                            .unwrap_or_default();
+                        let local = local_user();
+                        let tokens = Tokens {
+                            alias,
+                            host: &host,
+                            port: entry.port.unwrap_or(22),
+                            user: &user,
+                            local_user: &local,
+                            home: &home,
+                        };
+                        run_exec(&expand_tokens(argument, &tokens))?
+                    }
+                    _ => {
+                        let subject = match name {
+                            "host" => host,
+                            "originalhost" => alias.to_string(),
+                            "user" => user,
+                            _ => local_user(),
+                        };
+                        host_matches(&argument.replace(',', " "), &subject)
+                    }
+                }
             }
             other => {
-                tracing::warn!(
-                    "ssh_config: `Match {other}` is not evaluated by rbee; the block is skipped"
-                );
-                return false;
+                return Err(format!(
+                    "`Match {other}` is not something rbee can evaluate as OpenSSH does \
+                     (it evaluates all, host, originalhost, user, localuser and exec)"
+                ));
             }
         };
         if holds == negate {
-            return false;
+            result = false;
         }
     }
-    true
+    Ok(result)
+}
+
+/// The passwd name of this process's uid, as OpenSSH's `%u` and `localuser`.
+fn local_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default()
+}
+
+/// `Match exec`: whether `command` exits 0.
+fn run_exec(command: &str) -> Result<bool, String> {
+    std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map(|status| status.success())
+        .map_err(|e| format!("cannot run `Match exec {command:?}`: {e}"))
+}
+
+/// The words of a line, `"..."` keeping spaces inside one word, as OpenSSH's argv_split.
+fn split_quoted(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut started = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                    started = false;
+                }
+            }
+            c => {
+                word.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    words
 }
 
 /// What the `%` tokens of an `IdentityFile` stand for.
@@ -340,8 +440,9 @@ Host *
             &main,
             "Host lab\n  HostName 10.1.1.1\n  Include conf.d/*.conf\n  IdentityFile ~/.ssh/%h-%r\n\
              Match host 10.1.1.* user second\n  IdentitiesOnly yes\n  ProxyJump bastion\n\
-             Match exec true\n  ServerAliveInterval 1\n\
-             Match originalhost other\n  ServerAliveCountMax 9\n",
+             Match exec \"test %n = lab\"\n  ServerAliveInterval 1\n\
+             Match exec false\n  ServerAliveCountMax 9\n\
+             Match originalhost other exec \"exit 1\"\n  ServerAliveCountMax 8\n",
         )
         .expect("write");
         let e = lookup_in(&main, "lab");
@@ -350,15 +451,47 @@ Host *
         assert_eq!(e.user.as_deref(), Some("second"));
         assert_eq!(e.identities_only, Some(true));
         assert_eq!(e.proxy_jump.as_deref(), Some("bastion"));
-        assert_eq!(e.alive_interval, None, "`Match exec` is not evaluated");
+        assert_eq!(
+            e.alive_interval,
+            Some(1),
+            "`Match exec` ran `test lab = lab`"
+        );
         assert_eq!(e.alive_count, None);
+        assert_eq!(e.refused, None);
+        let odd = dir.path().join("odd");
+        std::fs::write(
+            &odd,
+            "Host *\n  Port 2\n\nMatch canonical host lab\n  Port 3\n",
+        )
+        .expect("write");
+        let e = lookup_in(&odd, "lab");
+        assert_eq!(e.port, Some(2));
+        assert_eq!(
+            e.refused
+                .as_deref()
+                .map(|r| r.starts_with(&format!("`{}` line 4: ", odd.display()))),
+            Some(true),
+            "{:?}",
+            e.refused
+        );
         assert_eq!(e.proxy_command, None);
         let with_command = dir.path().join("with-command");
-        std::fs::write(&with_command, "Host *\n\n  ProxyCommand nc %h %p\n").expect("write");
-        assert_eq!(
-            lookup_in(&with_command, "lab").proxy_command,
-            Some(Some((with_command.clone(), 3)))
-        );
+        std::fs::write(
+            &with_command,
+            "Host *\n\n  ProxyCommand nc \"%h\" %p\n  ProxyJump bastion\n",
+        )
+        .expect("write");
+        let e = lookup_in(&with_command, "lab");
+        assert_eq!(e.proxy_command.as_deref(), Some("nc \"%h\" %p"));
+        assert_eq!(e.proxy_jump, None, "the first of the two wins");
+        std::fs::write(
+            &with_command,
+            "Host *\n  ProxyJump none\n  ProxyCommand nc %h %p\n",
+        )
+        .expect("write");
+        let e = lookup_in(&with_command, "lab");
+        assert_eq!(e.proxy_command, None);
+        assert_eq!(e.proxy_jump.as_deref(), Some("none"));
         let t = Tokens {
             alias: "lab",
             host: "10.1.1.1",

@@ -43,6 +43,20 @@ pub enum SshError {
         user: String,
         tried: String,
     },
+    /// A first factor was accepted (partial success) and the node asks for another that rbee
+    /// cannot give (a password, a one-time code).
+    #[error(
+        "ssh to {target}: the node accepted {accepted} for `{user}` but asks for a second \
+         factor ({remaining}), which rbee cannot give: it logs in with keys only. Let this \
+         machine's key log in alone (sshd's `AuthenticationMethods` for this user, e.g. in a \
+         `Match` block), or reach the node through a connection that has done the second factor"
+    )]
+    SecondFactor {
+        target: String,
+        user: String,
+        accepted: String,
+        remaining: String,
+    },
     /// No TCP connection: refused, no route, name not resolved.
     #[error("ssh to {target}: {detail}")]
     Unreachable { target: String, detail: String },

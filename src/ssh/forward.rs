@@ -1,11 +1,19 @@
 //! Unix sockets on this machine whose connections reach a Unix socket on the node through
 //! direct-streamlocal channels of a session. The local socket lives in a private directory
 //! (0700, this user's), so no other user of this machine can ride the connection. Where sshd
-//! refuses forwarding, the first refusal switches the forward to exec channels that run
-//! `rbee hive bridge` on the node, which relays its stdio to the socket.
+//! refuses forwarding, the forward switches to exec channels that run `rbee hive bridge` on the
+//! node, which relays its stdio to the socket.
+//!
+//! OpenSSH answers a refused direct-streamlocal channel and one to a path where nothing listens
+//! alike (`SSH2_OPEN_CONNECT_FAILED`, "open failed": `server_request_direct_streamlocal` leaves
+//! the reason at its default), so a failed open alone does not tell a refusal from a stopped
+//! hive. By default the first failed open switches to the bridge (which reaches a running hive
+//! either way); a caller that learns whether the hive runs from the node anyway (its pidfile)
+//! can ask for failed opens to fail at once (`fail_fast`) and switch only when the hive runs
+//! (`use_bridge`), so a stopped hive costs no bridge command.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use russh::client;
@@ -21,6 +29,34 @@ use crate::ssh::remote;
 pub(crate) struct Forward {
     pub(crate) local: PathBuf,
     target: Arc<Mutex<String>>,
+    state: Arc<State>,
+}
+
+/// What the forward has learnt of sshd's answers, shared with its connections.
+struct State {
+    node: String,
+    /// One of `UNTRIED`, `OPENED` (a channel opened: sshd forwards), `FAILED` (opens failed,
+    /// none opened) or `BRIDGED`.
+    seen: AtomicU8,
+    /// A failed open ends its connection instead of trying the bridge.
+    fail_fast: AtomicBool,
+}
+
+const UNTRIED: u8 = 0;
+const OPENED: u8 = 1;
+const FAILED: u8 = 2;
+const BRIDGED: u8 = 3;
+
+impl State {
+    fn bridge(&self, path: &str, why: &str) {
+        if self.seen.swap(BRIDGED, Ordering::Relaxed) != BRIDGED {
+            tracing::info!(
+                node = %self.node,
+                "sshd refuses forwarding to `{path}` ({why}); carrying requests over \
+                 `rbee hive bridge` on the node instead"
+            );
+        }
+    }
 }
 
 impl Forward {
@@ -30,6 +66,28 @@ impl Forward {
         if let Ok(mut target) = self.target.lock() {
             *target = remote_socket.to_string();
         }
+    }
+
+    /// While on, an open that sshd fails ends its connection at once, without trying the
+    /// bridge: the caller asks the node whether its hive runs (`open_failed`, `use_bridge`).
+    pub(crate) fn fail_fast(&self, on: bool) {
+        self.state.fail_fast.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether sshd failed an open and has opened none: it refuses forwarding, or nothing
+    /// listens on the hive's socket.
+    pub(crate) fn open_failed(&self) -> bool {
+        self.state.seen.load(Ordering::Relaxed) == FAILED
+    }
+
+    /// Carries the next connections over the bridge: the node's hive runs, and sshd failed the
+    /// open to its socket, so it refuses forwarding.
+    pub(crate) fn use_bridge(&self) {
+        let path = self.target.lock().map(|t| t.clone()).unwrap_or_default();
+        self.state.bridge(
+            &path,
+            "the hive runs, and sshd failed the channel to its socket",
+        );
     }
 }
 
@@ -57,50 +115,83 @@ pub(super) async fn listen(
     ));
     let listener = tokio::net::UnixListener::bind(&local).at("listen on", &local)?;
     let target = Arc::new(Mutex::new(remote_socket.to_string()));
-    let bridged = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(State {
+        node,
+        seen: AtomicU8::new(UNTRIED),
+        fail_fast: AtomicBool::new(false),
+    });
     let unlink = Unlink(local.clone());
     let task = {
         let target = target.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let _unlink = unlink;
             while let Ok((stream, _)) = listener.accept().await {
                 let handle = handle.clone();
-                let node = node.clone();
-                let bridged = bridged.clone();
+                let state = state.clone();
                 let path = target.lock().map(|t| t.clone()).unwrap_or_default();
                 tokio::spawn(async move {
-                    connect(&handle, &node, &path, &bridged, stream).await;
+                    connect(&handle, &state, &path, stream).await;
                 });
             }
         })
     };
-    Ok((Forward { local, target }, task))
+    Ok((
+        Forward {
+            local,
+            target,
+            state,
+        },
+        task,
+    ))
 }
 
 /// Carries one local connection to `path` on the node: a direct-streamlocal channel, or the
-/// bridge once sshd has refused one.
+/// bridge once sshd has refused one (see the module's note on telling a refusal apart).
 async fn connect(
     handle: &client::Handle<Checker>,
-    node: &str,
+    state: &State,
     path: &str,
-    bridged: &AtomicBool,
     mut stream: UnixStream,
 ) {
-    if !bridged.load(Ordering::Relaxed) {
+    let node = &state.node;
+    if state.seen.load(Ordering::Relaxed) != BRIDGED {
         match handle.channel_open_direct_streamlocal(path).await {
             Ok(channel) => {
+                let _ = state.seen.compare_exchange(
+                    UNTRIED,
+                    OPENED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                let _ = state.seen.compare_exchange(
+                    FAILED,
+                    OPENED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 let mut remote = channel.into_stream();
                 let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
                 return;
             }
+            // Only a refusal says so: sshd forwards nothing here.
+            Err(russh::Error::ChannelOpenFailure(
+                why @ russh::ChannelOpenFailure::AdministrativelyProhibited,
+            )) => state.bridge(path, &format!("{why:?}")),
             Err(russh::Error::ChannelOpenFailure(why)) => {
-                if !bridged.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
-                        node = %node,
-                        "sshd refuses forwarding to `{path}` ({why:?}); carrying requests over \
-                         `rbee hive bridge` on the node instead"
-                    );
+                // Once a channel has opened, sshd forwards: nothing listens there now.
+                let _ = state.seen.compare_exchange(
+                    UNTRIED,
+                    FAILED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                let seen = state.seen.load(Ordering::Relaxed);
+                if seen == OPENED || state.fail_fast.load(Ordering::Relaxed) {
+                    tracing::debug!(node = %node, "sshd failed the channel to `{path}` ({why:?})");
+                    return;
                 }
+                state.bridge(path, &format!("{why:?}"));
             }
             Err(e) => {
                 tracing::debug!(node = %node, "forward to `{path}` failed: {e}");

@@ -22,7 +22,8 @@ use crate::ssh::known_hosts::{Checker, HostKey, host_key_error};
 use crate::ssh::quick_ack::QuickAck;
 use crate::ssh::remote;
 
-/// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget.
+/// Longest wait for the TCP connection and SSH handshake, inside the invocation's budget, where
+/// ssh_config sets no `ConnectTimeout`.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keep-alives when ssh_config sets none: a link that dies is given up after about 15 s
@@ -46,10 +47,15 @@ pub(crate) struct Target {
     pub(crate) alive_interval: u64,
     /// Keep-alives left unanswered before the connection counts as lost.
     pub(crate) alive_count: u32,
+    /// The longest wait for the TCP connection and handshake (`ConnectTimeout`), capped by
+    /// the budget.
+    pub(crate) connect_timeout: Duration,
     /// `ProxyJump` hops, outermost first.
     pub(crate) jumps: Vec<Target>,
     /// `IdentitiesOnly`: of ssh-agent's keys, only those of `identity_files` are offered.
     pub(crate) identities_only: bool,
+    /// `ProxyCommand`, its `%` tokens expanded: its stdin and stdout carry the SSH session.
+    pub(crate) proxy_command: Option<String>,
 }
 
 impl Target {
@@ -58,14 +64,10 @@ impl Target {
             Error::config(format!("node `{}` has no `host` to connect to", node.name))
         })?;
         let entry = ssh_config::lookup(&alias);
-        // Connecting directly where ssh_config says to go through a command would bypass it
-        // (a bastion's policy and logging), so it is refused.
-        if let Some(Some((file, line))) = &entry.proxy_command {
+        if let Some(why) = &entry.refused {
             return Err(Error::config(format!(
-                "node `{}`: `{}` line {line}: `ProxyCommand` applies to `{alias}`, and rbee does \
-                 not run one; use `ProxyJump` instead (or `ProxyCommand none` for this host)",
-                node.name,
-                file.display()
+                "node `{}`: ssh_config for `{alias}`: {why}",
+                node.name
             )));
         }
         let user = node
@@ -92,6 +94,12 @@ impl Target {
             local_user: &local_user,
             home: &home,
         };
+        // nodes.toml's `jump` wins over ssh_config's ProxyCommand and ProxyJump.
+        let proxy_command = entry
+            .proxy_command
+            .as_deref()
+            .filter(|c| !c.eq_ignore_ascii_case("none") && node.jump.is_none())
+            .map(|c| ssh_config::expand_tokens(c, &tokens));
         let mut identity_files = Vec::new();
         let named_identity = node.identity_file.as_deref().map(paths::expand_tilde);
         identity_files.extend(named_identity.clone());
@@ -117,9 +125,14 @@ impl Target {
             known_hosts: paths::expand_tilde(&node.known_hosts),
             alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
             alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
+            connect_timeout: connect_timeout(entry.connect_timeout),
             jumps: Vec::new(),
+            proxy_command,
         }
-        .with_jumps(entry.proxy_jump.as_deref(), &user_default()))
+        .with_jumps(
+            node.jump.as_deref().or(entry.proxy_jump.as_deref()),
+            &user_default(),
+        ))
     }
 
     /// The hops of a `ProxyJump` list (`[user@]host[:port]`, comma-separated; `none`: none),
@@ -158,7 +171,13 @@ impl Target {
                 identities_only: entry.identities_only.unwrap_or(self.identities_only),
                 alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
                 alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
+                connect_timeout: connect_timeout(
+                    entry
+                        .connect_timeout
+                        .or(Some(self.connect_timeout.as_secs())),
+                ),
                 jumps: Vec::new(),
+                proxy_command: None,
             });
         }
         self
@@ -179,6 +198,12 @@ impl Target {
             detail: detail.to_string(),
         })
     }
+}
+
+/// `ConnectTimeout` seconds, 0 (or none set) meaning rbee's default.
+fn connect_timeout(secs: Option<u64>) -> Duration {
+    secs.filter(|s| *s > 0)
+        .map_or(CONNECT_TIMEOUT, Duration::from_secs)
 }
 
 /// As OpenSSH does: the passwd name of this process's uid, whatever `$USER` says (cron with
@@ -221,6 +246,8 @@ pub(crate) struct Session {
     pub(crate) target: Target,
     pub(crate) host_key: HostKey,
     forwards: Mutex<Vec<JoinHandle<()>>>,
+    /// The `ProxyCommand` carrying the connection, killed when the session ends.
+    _proxy: Option<tokio::process::Child>,
 }
 
 impl Drop for Session {
@@ -244,17 +271,29 @@ impl Session {
     ) -> Result<Session> {
         let mut hops: Vec<Arc<client::Handle<Checker>>> = Vec::new();
         for hop in &target.jumps {
-            let (handle, _) = connect_one(hop, hops.last(), deadline, accept_new).await?;
+            let via = hops.last().map_or(Via::Tcp, Via::Hop);
+            let (handle, _) = connect_one(hop, via, deadline, accept_new).await?;
             tracing::debug!(node = %target.node, hop = %hop.describe(), "through a ProxyJump hop");
             hops.push(Arc::new(handle));
         }
-        let (handle, host_key) = connect_one(target, hops.last(), deadline, accept_new).await?;
+        let mut proxy = None;
+        let via = match (hops.last(), &target.proxy_command) {
+            (Some(hop), _) => Via::Hop(hop),
+            (None, Some(command)) => {
+                let (child, stream) = proxy_command(target, command)?;
+                proxy = Some(child);
+                Via::Command(stream)
+            }
+            (None, None) => Via::Tcp,
+        };
+        let (handle, host_key) = connect_one(target, via, deadline, accept_new).await?;
         Ok(Session {
             handle: Arc::new(handle),
             hops,
             target: target.clone(),
             host_key,
             forwards: Mutex::new(Vec::new()),
+            _proxy: proxy,
         })
     }
 
@@ -391,11 +430,46 @@ impl Session {
     }
 }
 
-/// One SSH connection and login to `target`: over TCP, or through a `direct-tcpip` channel of
-/// the hop before it.
+/// What carries an SSH connection.
+enum Via<'a> {
+    Tcp,
+    /// A `direct-tcpip` channel of the hop before.
+    Hop(&'a Arc<client::Handle<Checker>>),
+    /// A `ProxyCommand`'s stdout and stdin.
+    Command(ProxyStream),
+}
+
+type ProxyStream = tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>;
+
+/// Starts `command` as OpenSSH does a `ProxyCommand` (`exec` under a shell; its stderr is the
+/// user's), with its stdin and stdout as the transport.
+fn proxy_command(target: &Target, command: &str) -> Result<(tokio::process::Child, ProxyStream)> {
+    tracing::debug!(node = %target.node, "connecting through ProxyCommand `{command}`");
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec {command}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            Error::from(SshError::Unreachable {
+                target: target.describe(),
+                detail: format!("cannot run ProxyCommand `{command}`: {e}"),
+            })
+        })?;
+    match (child.stdout.take(), child.stdin.take()) {
+        (Some(out), Some(input)) => Ok((child, tokio::io::join(out, input))),
+        // Both were asked for as pipes, so spawn made both.
+        _ => Err(Error::internal("ProxyCommand started without its pipes")),
+    }
+}
+
+/// One SSH connection and login to `target`: over TCP, through a `direct-tcpip` channel of
+/// the hop before it, or over a `ProxyCommand`'s stdio.
 async fn connect_one(
     target: &Target,
-    via: Option<&Arc<client::Handle<Checker>>>,
+    via: Via<'_>,
     deadline: Instant,
     accept_new: bool,
 ) -> Result<(client::Handle<Checker>, HostKey)> {
@@ -414,18 +488,19 @@ async fn connect_one(
         preferred: crate::ssh::known_hosts::preferred_for(target),
         ..client::Config::default()
     });
-    let until = deadline.min(Instant::now() + CONNECT_TIMEOUT);
-    let budget_limited = deadline <= Instant::now() + CONNECT_TIMEOUT;
+    let until = deadline.min(Instant::now() + target.connect_timeout);
+    let budget_limited = deadline <= Instant::now() + target.connect_timeout;
     let connect = async {
         match via {
-            None => {
+            Via::Command(stream) => client::connect_stream(config, stream, checker).await,
+            Via::Tcp => {
                 let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
                     .await
                     .map_err(russh::Error::from)?;
                 tcp.set_nodelay(true).map_err(russh::Error::from)?;
                 client::connect_stream(config, QuickAck::new(tcp), checker).await
             }
-            Some(hop) => {
+            Via::Hop(hop) => {
                 let channel = hop
                     .channel_open_direct_tcpip(
                         target.host.as_str(),
@@ -453,7 +528,7 @@ async fn connect_one(
         Err(_) => {
             return Err(Error::from(SshError::Timeout {
                 target: target.describe(),
-                secs: CONNECT_TIMEOUT.as_secs(),
+                secs: target.connect_timeout.as_secs(),
             }));
         }
     };

@@ -1,6 +1,8 @@
 //! A node whose sshd refuses forwarding (`DisableForwarding yes`): the first refused channel
 //! switches rbee to `rbee hive bridge` over exec channels, and everything works through it; a
-//! hive that dies at start is reported at once with its own message.
+//! hive that dies at start is reported at once with its own message. OpenSSH fails a refused
+//! channel as it fails one to a socket nothing listens on, so a stopped hive on a node that
+//! forwards must not be taken for a refusal: `hive status` then runs no bridge.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Instant;
@@ -77,6 +79,41 @@ fn with_forwarding_refused_start_status_infer_and_stop_ride_the_bridge() {
         "{}",
         run.stderr
     );
+}
+
+#[test]
+fn a_stopped_hive_on_a_node_that_forwards_costs_no_bridge() {
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let specs: Vec<_> = names.iter().map(|n| node(n)).collect();
+    let Some(fleet) = Fleet::build_with(&specs, true, "", &Options::default()) else {
+        return;
+    };
+    let env = &fleet.env;
+    // A hive that ran once, and stopped: its socket's path is known to the node.
+    env.run(&["hive", "start", "a"]).expect(0);
+    env.run(&["hive", "stop", "a"]).expect(0);
+    let started = Instant::now();
+    let one = env.run(&["-v", "--json", "hive", "status", "a"]);
+    eprintln!("hive status of 1 stopped node took {:?}", started.elapsed());
+    one.expect(6);
+    assert_eq!(one.json_lines()[0]["state"], "stopped", "{}", one.stdout);
+    assert!(!one.stderr.contains("hive bridge"), "{}", one.stderr);
+    let started = Instant::now();
+    let all = env.run(&["-v", "--json", "hive", "status", "--all"]);
+    eprintln!(
+        "hive status of {} stopped nodes took {:?}",
+        names.len(),
+        started.elapsed()
+    );
+    all.expect(6);
+    let lines = all.json_lines();
+    assert_eq!(lines.len(), names.len(), "{}", all.stdout);
+    assert!(
+        lines.iter().all(|l| l["state"] == "stopped"),
+        "{}",
+        all.stdout
+    );
+    assert!(!all.stderr.contains("hive bridge"), "{}", all.stderr);
 }
 
 /// How long before `ended` the `-v` log says the hive was started on the node.

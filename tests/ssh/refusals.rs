@@ -212,3 +212,32 @@ fn an_identity_file_that_does_not_exist_is_named_in_the_refusal() {
     );
     assert!(!stderr.contains("no key found"), "{stderr}");
 }
+
+#[test]
+fn a_second_factor_the_node_asks_for_is_named_not_called_a_refusal() {
+    for methods in ["publickey,password", "publickey,keyboard-interactive"] {
+        let extra = format!(
+            "AuthenticationMethods {methods}\nPasswordAuthentication yes\n\
+             KbdInteractiveAuthentication yes\n"
+        );
+        let options = crate::support::sshd::Options {
+            extra: &extra,
+            ..Default::default()
+        };
+        let Some(fleet) = Fleet::build_with(&[node("a")], true, "", &options) else {
+            return;
+        };
+        let run = fleet.env.run(&["hive", "status", "a"]);
+        run.expect(4);
+        assert!(
+            run.stderr.contains("second factor"),
+            "{methods}: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains("was refused"),
+            "{methods}: {}",
+            run.stderr
+        );
+    }
+}

@@ -113,28 +113,117 @@ fn include_match_tokens_and_identities_only_resolve_as_openssh_does() {
 }
 
 #[test]
-fn a_proxy_command_is_refused_naming_its_file_and_line_not_bypassed() {
+fn match_exec_is_evaluated_as_openssh_and_an_unhonoured_match_names_its_line() {
     let Some(fleet) = Fleet::new(&[node("a")]) else {
         return;
     };
     let env = &fleet.env;
+    let port = fleet.servers[0].port;
     let home = env.path().join("home");
     std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
     let ssh_config = home.join(".ssh/config");
+    let flag = env.path().join("on-the-lab-network");
+    // `Host 127.0.0.1` gives no port, so the node's port comes from the `Match exec` block
+    // (`%h` expanded in the command), only while the flag file is there.
     std::fs::write(
         &ssh_config,
-        "Host 127.0.0.1\n  ProxyCommand ssh -W %h:%p bastion\n",
+        format!(
+            "Match exec \"test -f {} && test %h = 127.0.0.1\"\n  Port {port}\n\
+             Host *\n  Port 1\n",
+            flag.display()
+        ),
     )
     .expect("ssh config");
+    let oracle_port = || {
+        let out = std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args(["-G", "127.0.0.1"])
+            .output()
+            .expect("ssh -G");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("port ").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let status = || {
+        env.command(&["hive", "status", "a"])
+            .env("HOME", &home)
+            .output()
+            .expect("run")
+    };
+    // The node's port in nodes.toml is not 22, so take it out: ssh_config decides.
+    let toml = std::fs::read_to_string(env.path().join("nodes.toml")).expect("nodes.toml");
+    std::fs::write(
+        env.path().join("nodes.toml"),
+        toml.replace(&format!("port = {port}\n"), ""),
+    )
+    .expect("nodes.toml");
+    assert_eq!(oracle_port(), "1");
+    let run = status();
+    assert_eq!(
+        run.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::write(&flag, "").expect("flag");
+    assert_eq!(oracle_port(), port.to_string());
+    let run = status();
+    assert_eq!(
+        run.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    // A criterion rbee cannot evaluate is an error naming the file and line.
+    std::fs::write(
+        &ssh_config,
+        "Host *\n  User x\n\nMatch canonical all\n  Port 2\n",
+    )
+    .expect("ssh config");
+    let run = status();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("`{}` line 4", ssh_config.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn connect_timeout_from_ssh_config_bounds_a_node_that_never_answers() {
+    // Takes TCP connections (the kernel's backlog) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let env = crate::support::Env::custom(|dir, _| {
+        format!(
+            "[nodes.a]\nhost = \"127.0.0.1\"\nport = {port}\nknown_hosts = {:?}\n",
+            dir.join("known_hosts").display().to_string()
+        )
+    });
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    std::fs::write(&ssh_config, "Host 127.0.0.1\n  ConnectTimeout 1\n").expect("ssh config");
+    let oracle = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(&ssh_config)
+        .args(["-G", "127.0.0.1"])
+        .output()
+        .expect("ssh -G");
+    assert!(
+        String::from_utf8_lossy(&oracle.stdout).contains("\nconnecttimeout 1\n"),
+        "{oracle:?}"
+    );
     let run = env
         .command(&["hive", "status", "a"])
         .env("HOME", &home)
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains(&format!("`{}` line 2", ssh_config.display())),
-        "{stderr}"
-    );
+    assert_eq!(run.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("no answer within 1s"), "{stderr}");
+    drop(silent);
 }
