@@ -20,6 +20,7 @@ mod faults;
 mod generation;
 mod infer;
 pub(crate) mod isolation;
+mod model_fetch;
 mod model_files;
 mod model_table;
 mod pipes;

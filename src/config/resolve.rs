@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 
 use crate::config::{
     Config, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT, DEFAULT_KEEP_ALIVE,
-    DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_GPU_LAYERS, MAX_SLOTS, MAX_THREADS, Model, Node,
+    DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_GPU_LAYERS, MAX_SLOTS, MAX_THREADS, Model, Node, Origin,
     RestartPolicy, Source, Transport, list, raw,
 };
 use crate::error::{Error, Result};
@@ -52,6 +52,9 @@ pub(super) fn resolve(
                 Some(span),
                 &format!("`gpu_layers` must be at most {MAX_GPU_LAYERS}"),
             ));
+        }
+        if let Some(source) = &m.source {
+            Origin::parse(source).map_err(|why| located(Some(span.clone()), &why))?;
         }
         models.insert(
             name.clone(),

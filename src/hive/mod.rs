@@ -5,6 +5,7 @@
 
 pub(crate) mod args;
 pub(crate) mod bridge;
+pub(crate) mod download;
 pub(crate) mod entry;
 pub mod gguf;
 pub(crate) mod keys;
@@ -107,6 +108,7 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         .save(&args.dir.join(keys::WORKER_KEY_FILE))?;
     let hive = Arc::new(Hive {
         node: args.node.clone(),
+        dir: args.dir.clone(),
         started: Instant::now(),
         registry: registry.clone(),
         metrics: Arc::default(),

@@ -325,10 +325,35 @@ impl HiveClient {
             request_id: &request.request_id,
         };
         let (request, nonce) = self.request_covering(Method::POST, "/v1/infer", covered, body);
+        self.stream(request, &nonce).await
+    }
+
+    /// Asks the hive to download `model`'s file on the node (`POST /v1/models/{model}/pull`);
+    /// the response body is the event stream of its progress, every event checked as for
+    /// `infer`. The download has no deadline of its own: it ends when the file is there.
+    pub(crate) async fn pull(
+        &self,
+        model: &str,
+        request: &crate::protocol::pull::PullRequest,
+    ) -> Result<reqwest::Response> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| Error::internal(format!("cannot encode the request: {e}")))?;
+        let (request, nonce) =
+            self.request(Method::POST, &format!("/v1/models/{model}/pull"), body);
+        self.stream(request, &nonce).await
+    }
+
+    /// Sends a request whose answer is an event stream: the answer's signature header is
+    /// verified, and the stream carries the chain its events must follow.
+    async fn stream(
+        &self,
+        request: reqwest::RequestBuilder,
+        nonce: &str,
+    ) -> Result<reqwest::Response> {
         let mut response = request.send().await.map_err(|e| self.unreachable(e))?;
         if !response.status().is_success() {
             return Err(self
-                .proven(response, &nonce)
+                .proven(response, nonce)
                 .await
                 .err()
                 .unwrap_or_else(|| Error::internal("a failure status read as a success")));
@@ -339,7 +364,7 @@ impl HiveClient {
             .and_then(|h| h.to_str().ok());
         verify_response(
             &self.key,
-            &nonce,
+            nonce,
             response.status().as_u16(),
             Body::Stream,
             header,
@@ -348,7 +373,7 @@ impl HiveClient {
         response
             .extensions_mut()
             .insert(crate::protocol::sse::Proven {
-                chain: crate::auth::EventChain::new(&self.key, &nonce),
+                chain: crate::auth::EventChain::new(&self.key, nonce),
                 peer: format!("the hive on `{}` ({})", self.node, self.place),
             });
         Ok(response)
