@@ -279,3 +279,44 @@ fn models_hash_prints_a_ready_entry() {
         assert_eq!(model["source"].as_str(), Some(arg.as_str()));
     }
 }
+
+#[test]
+fn a_missing_model_file_is_fetched_on_the_spot_when_its_source_is_a_url() {
+    let staging = crate::support::tempdir();
+    let Some(served) = served_copy(staging.path()) else {
+        return;
+    };
+    let server = FileServer::start(staging.path(), &served, &[]);
+    let url = format!("http://127.0.0.1:{}/redirect/model.gguf", server.port);
+    let (env, target) = env_with_source(|_| url.clone());
+    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2", "--temperature", "0"]);
+    run.expect(0);
+    assert_eq!(run.done()["tokens_out"], 2, "{}", run.stdout);
+    assert_eq!(
+        crate::support::sha256(&target),
+        crate::support::MODEL_SHA256
+    );
+    assert!(server.requests().iter().any(|r| r["status"] == 200));
+    env.run(&["hive", "stop", "n1"]).expect(0);
+}
+
+#[test]
+fn a_missing_model_file_without_a_url_says_how_to_put_it_there() {
+    let Some(_) = crate::support::model() else {
+        return;
+    };
+    let env = Env::with_model(
+        Path::new("/nonexistent/rbee-test/model.gguf"),
+        crate::support::MODEL_SHA256,
+        "",
+    );
+    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2"]);
+    run.expect(7);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        said.contains("rbee models push --node n1 smollm2")
+            && said.contains("rbee models pull --node n1 smollm2"),
+        "{said}"
+    );
+    env.run(&["hive", "stop", "n1"]).expect(0);
+}

@@ -710,6 +710,7 @@ mod bastion;
 mod batch;
 mod host_keys;
 mod keepalive;
+mod model_transfers;
 mod no_forwarding;
 mod refusals;
 mod routing;

@@ -95,20 +95,25 @@ async fn push(ctx: &Context, node: &str, model: &str) -> Result<()> {
     let mut conn = ctx.open(node, &budget).await?;
     let session = conn.ssh(&budget).await?;
     let pushed = install::push_model(session, node, model, &ctx.progress).await?;
+    let waited = if pushed.waited {
+        " (after waiting for another transfer of it)"
+    } else {
+        ""
+    };
     ctx.out.result(&pushed, || match pushed.action {
         "present" => format!(
-            "{}: `{}` already present and verified",
+            "{}: `{}` already present and verified{waited}",
             node.name, model.name
         ),
         "resumed" => format!(
-            "{}: `{}` resumed at {:.1} MB, sent {:.1} MB, verified",
+            "{}: `{}` resumed at {:.1} MB, sent {:.1} MB, verified{waited}",
             node.name,
             model.name,
             pushed.resumed_from as f64 / 1e6,
             pushed.bytes_sent as f64 / 1e6
         ),
         _ => format!(
-            "{}: `{}` uploaded ({:.1} MB), verified",
+            "{}: `{}` uploaded ({:.1} MB), verified{waited}",
             node.name,
             model.name,
             pushed.bytes_sent as f64 / 1e6
