@@ -447,7 +447,9 @@ async fn fetch_missing(
             format!("copy it there with `rbee models push --node {node} {name}`")
         } else {
             format!(
-                "copy the file there, or set the model's `source` in nodes.toml (a file on this                  machine for `rbee models push --node {node} {name}`, or a URL for `rbee models                  pull --node {node} {name}`)"
+                "copy the file there, or set the model's `source` in nodes.toml (a file on this \
+                 machine for `rbee models push --node {node} {name}`, or a URL for `rbee models \
+                 pull --node {node} {name}`)"
             )
         };
         return Err(Error::ModelMissing(format!("{why}; {fix}")));

@@ -191,7 +191,9 @@ pub(crate) async fn push_model(
             let needed = size - offset;
             if needed > free {
                 return Err(Error::worker(format!(
-                    "`{}` needs {:.1} MB more on `{}`, but the filesystem of `{}` there has                      {:.1} MB free; nothing was sent (free some space, or point the model's                      `path` elsewhere)",
+                    "`{}` needs {:.1} MB more on `{}`, but the filesystem of `{}` there has \
+                     {:.1} MB free; nothing was sent (free some space, or point the model's \
+                     `path` elsewhere)",
                     model.name,
                     needed as f64 / 1e6,
                     node.name,

@@ -70,7 +70,8 @@ pub(crate) fn install_binary(remote_dir: &str, sha256: &str) -> String {
 /// at `path` (or `missing`), the size of its partial copy (`<path>.part`, 0 when none), the
 /// kilobytes free on the filesystem that holds it, and `busy` when another transfer holds the
 /// lock beside the partial file (`<path>.part.lock`, flock: pushes and the hive's downloads
-/// alike), else `free`. Makes the model's directory on the way.
+/// alike), else `free` (also when the lock cannot be taken for another reason: the upload
+/// then says why). Makes the model's directory on the way.
 pub(crate) fn model_probe(path: &str) -> String {
     let file = remote_path(path);
     let part = remote_path(&format!("{path}.part"));
@@ -80,8 +81,8 @@ pub(crate) fn model_probe(path: &str) -> String {
          if [ -f {file} ]; then {}; else echo missing; fi; \
          stat -c %s {part} 2>/dev/null || echo 0; \
          df -Pk \"$(dirname {file})\" 2>/dev/null | awk 'NR==2 {{print $4}}'; \
-         if command -v flock >/dev/null 2>&1 && ! (umask 077 && flock -n {lock} true) 2>/dev/null; \
-         then echo busy; else echo free; fi",
+         if command -v flock >/dev/null 2>&1; then (umask 077; flock -n -E 75 {lock} true) \
+         2>/dev/null; [ $? -eq 75 ] && echo busy || echo free; else echo free; fi",
         sha256_of(&file)
     )
 }
@@ -97,8 +98,9 @@ pub(crate) const MODEL_INCOMPLETE: u32 = 74;
 /// Writes stdin to the model's partial file (from its start, or appended to what it holds);
 /// once it holds `size` bytes, moves it into place when it matches `sha256`, else removes it
 /// (exit `MODEL_MISMATCH`); short of `size` it is kept (exit `MODEL_INCOMPLETE`);
-/// all under the lock beside the partial file, taken without waiting (exit `MODEL_BUSY`), where
-/// the node has `flock`.
+/// all under the lock beside the partial file, taken without waiting (exit `MODEL_BUSY`, after
+/// reading stdin to its end: a sender that cannot write its data would wait forever), where the
+/// node has `flock`.
 pub(crate) fn model_upload(path: &str, append: bool, sha256: &str, size: u64) -> String {
     let file = remote_path(path);
     let part = remote_path(&format!("{path}.part"));
@@ -107,7 +109,8 @@ pub(crate) fn model_upload(path: &str, append: bool, sha256: &str, size: u64) ->
     format!(
         "mkdir -p \"$(dirname {file})\" && umask 077 && \
          if command -v flock >/dev/null 2>&1; then exec 9>>{lock}; \
-         flock -n 9 || {{ echo 'another transfer of this file is under way' >&2; exit {MODEL_BUSY}; }}; fi; \
+         flock -n 9 || {{ cat > /dev/null; echo 'another transfer of this file is under way' >&2; \
+         exit {MODEL_BUSY}; }}; fi; \
          cat {op} {part} || exit 1; \
          [ \"$(stat -c %s {part})\" = {size} ] || {{ echo 'the copy is incomplete' >&2; exit {MODEL_INCOMPLETE}; }}; \
          if [ \"$(sha256sum < {part} | cut -c1-64)\" = {sha} ]; then mv -f {part} {file}; \
