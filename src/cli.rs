@@ -348,6 +348,18 @@ pub(crate) enum ModelsCommand {
         node: String,
         model: String,
     },
+    /// Have a node download a model from its URL `source` (resumes a partial download,
+    /// verifies the sha256)
+    Pull {
+        #[arg(long)]
+        node: String,
+        model: String,
+    },
+    /// Print a ready `[models.NAME]` entry for a GGUF file or URL, with its SHA-256
+    Hash {
+        /// A file on this machine, or an http(s):// or hf://OWNER/REPO/FILE.gguf URL
+        file: String,
+    },
 }
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {

@@ -115,6 +115,10 @@ pub enum Error {
     /// once more. Exit 3 when it reaches the user: the node's configuration is the cause.
     #[error("{0}")]
     ModelSpec(String),
+    /// The model's file is not on the node: the queen fetches it when the model has a URL
+    /// `source`, else tells how to put it there. Exit 7, as any model that cannot be loaded.
+    #[error("{0}")]
+    ModelMissing(String),
     #[error("interrupted")]
     Interrupted,
     #[error("{0}")]
@@ -188,7 +192,7 @@ impl Error {
             Error::Deadline(_) => ExitKind::Deadline,
             Error::Unauthenticated(_) => ExitKind::Unauthenticated,
             Error::Hive(_) => ExitKind::HiveUnavailable,
-            Error::Worker(_) => ExitKind::WorkerUnavailable,
+            Error::Worker(_) | Error::ModelMissing(_) => ExitKind::WorkerUnavailable,
             Error::Invalid(_) => ExitKind::InvalidRequest,
             Error::Audit(_) => ExitKind::Audit,
             Error::Interrupted => ExitKind::Interrupted,
@@ -201,10 +205,11 @@ impl Error {
     }
 
     /// The wire code a peer sends for this error: its class's, except for the one error of a
-    /// class that the queen acts on (a model spec it must send again).
+    /// class that the queen acts on (a model spec it must send again, a model file to fetch).
     pub(crate) fn wire_code(&self) -> &'static str {
         match self {
             Error::ModelSpec(_) => MODEL_SPEC_MISMATCH,
+            Error::ModelMissing(_) => MODEL_MISSING,
             other => other.kind().wire_code(),
         }
     }
@@ -213,6 +218,8 @@ impl Error {
     pub(crate) fn from_wire(code: &str, message: String) -> Error {
         if code == MODEL_SPEC_MISMATCH {
             Error::ModelSpec(message)
+        } else if code == MODEL_MISSING {
+            Error::ModelMissing(message)
         } else {
             Error::of_kind(ExitKind::from_wire_code(code), message)
         }
@@ -221,6 +228,8 @@ impl Error {
 
 /// The wire code of `Error::ModelSpec`.
 pub(crate) const MODEL_SPEC_MISMATCH: &str = "model_spec_mismatch";
+/// The wire code of `Error::ModelMissing`.
+pub(crate) const MODEL_MISSING: &str = "model_missing";
 
 /// How the budget ran out.
 #[derive(Debug, thiserror::Error)]

@@ -13,12 +13,13 @@
 //! - `cmd`: one module per subcommand, and the runner for commands over several nodes
 //! - `queen`: what only the CLI side does: a connection to a node (hive client, tunnel, SSH
 //!   session), a node's hive seen from the queen (probe, start, stop), installing the binary
-//!   and model files, this machine's side of the audit trail around a request
+//!   and model files, a model downloaded by the node followed to its end, this machine's side
+//!   of the audit trail around a request
 //! - `serve`: `rbee serve`, the OpenAI-compatible API over the fleet: API keys, admission,
 //!   the OpenAI shapes
 //! - `ssh`: russh sessions: known_hosts, authentication, forwards; `~/.ssh/config`, quoting
 //! - `hive`: the hive daemon: pidfile, the table of workers and each model's entry, supervisor
-//!   and restart policy, routes and relay, keys, metrics, model verification
+//!   and restart policy, routes and relay, keys, metrics, model verification, model downloads
 //! - `worker`: the llama.cpp worker: loading the weights, the prompt and its sampler, stop
 //!   strings, the batcher and the HTTP server, on one thread
 //! - `protocol`: request bodies, stream events and status views shared by every hop, and the

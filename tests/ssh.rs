@@ -730,6 +730,7 @@ mod host_keys;
 mod keepalive;
 mod keys;
 mod logs;
+mod model_transfers;
 mod no_forwarding;
 mod refusals;
 mod routing;

@@ -22,6 +22,7 @@ mod generation;
 mod infer;
 pub(crate) mod isolation;
 mod loads;
+mod model_fetch;
 mod model_files;
 mod model_table;
 mod pipes;

@@ -161,11 +161,39 @@ async fn install(ctx: &Context, sel: NodeSelection) -> Result<()> {
         }
         let mut models = Vec::new();
         for name in &node.models {
-            let Some(model) = config.models.get(name).filter(|m| m.source.is_some()) else {
+            // A model with a URL `source` is downloaded by the node itself, below.
+            let Some(model) = config
+                .models
+                .get(name)
+                .filter(|m| m.source.is_some() && m.download_url().is_none())
+            else {
                 continue;
             };
             match install::push_model(session, &node, model, &ctx.progress).await {
                 Ok(pushed) => models.push(pushed),
+                Err(e) => {
+                    return NodeResult {
+                        installed: Some(installed),
+                        models,
+                        ..NodeResult::failed(&node, "failed", &e)
+                    };
+                }
+            }
+        }
+        let table = crate::queen::node_models(&config.models, &node);
+        for name in &node.models {
+            let Some(model) = config
+                .models
+                .get(name)
+                .filter(|m| m.download_url().is_some())
+            else {
+                continue;
+            };
+            let pulled =
+                crate::queen::fetch::pull(&mut conn, &table, model, &budget, &ctx.progress, |_| {})
+                    .await;
+            match pulled {
+                Ok(pulled) => models.push(install::Pushed::from(pulled)),
                 Err(e) => {
                     return NodeResult {
                         installed: Some(installed),

@@ -1,4 +1,5 @@
-//! `rbee models list|push`: model files on nodes.
+//! `rbee models list|push|pull|hash`: model files on nodes: copied there from this machine,
+//! or downloaded by the node itself from a URL.
 
 use serde::Serialize;
 
@@ -25,6 +26,8 @@ pub(crate) async fn run(ctx: &Context, command: ModelsCommand) -> Result<()> {
         ModelsCommand::List { node } => list(ctx, node.as_deref()).await,
         ModelsCommand::Push { node, model } => push(ctx, &node, &model).await,
         ModelsCommand::Load { node, model } => load(ctx, &node, &model).await,
+        ModelsCommand::Pull { node, model } => pull(ctx, &node, &model).await,
+        ModelsCommand::Hash { file } => hash(ctx, &file).await,
     }
 }
 
@@ -128,24 +131,222 @@ async fn push(ctx: &Context, node: &str, model: &str) -> Result<()> {
     let mut conn = ctx.open(node, &budget).await?;
     let session = conn.ssh(&budget).await?;
     let pushed = install::push_model(session, node, model, &ctx.progress).await?;
+    let waited = if pushed.waited {
+        " (after waiting for another transfer of it)"
+    } else {
+        ""
+    };
     ctx.out.result(&pushed, || match pushed.action {
         "present" => format!(
-            "{}: `{}` already present and verified",
+            "{}: `{}` already present and verified{waited}",
             node.name, model.name
         ),
         "resumed" => format!(
-            "{}: `{}` resumed at {:.1} MB, sent {:.1} MB, verified",
+            "{}: `{}` resumed at {:.1} MB, sent {:.1} MB, verified{waited}",
             node.name,
             model.name,
             pushed.resumed_from as f64 / 1e6,
             pushed.bytes_sent as f64 / 1e6
         ),
         _ => format!(
-            "{}: `{}` uploaded ({:.1} MB), verified",
+            "{}: `{}` uploaded ({:.1} MB), verified{waited}",
             node.name,
             model.name,
             pushed.bytes_sent as f64 / 1e6
         ),
     });
     Ok(())
+}
+
+async fn pull(ctx: &Context, node: &str, model: &str) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(Some(node))?;
+    let model = config.model(node, Some(model))?;
+    crate::queen::fetch::url_of(node, model)?;
+    // The budget bounds reaching the node and starting its hive; the download itself runs until
+    // the file is there, reporting as it goes.
+    let budget = Budget::new(node.timeout);
+    let mut conn = ctx.open(node, &budget).await?;
+    let models = crate::queen::node_models(&config.models, node);
+    let out = ctx.out;
+    let node_name = node.name.clone();
+    let pulled = crate::queen::fetch::pull(
+        &mut conn,
+        &models,
+        model,
+        &budget,
+        &ctx.progress,
+        |update| match update {
+            crate::queen::fetch::Update::Progress(p) if out.json => {
+                out.json_line(&serde_json::json!({
+                    "event": "progress", "node": node_name, "model": model.name,
+                    "bytes": p.bytes, "total": p.total,
+                }))
+            }
+            crate::queen::fetch::Update::Progress(_) => {}
+            crate::queen::fetch::Update::Note(event, why) if out.json => {
+                out.json_line(&serde_json::json!({
+                    "event": event, "node": node_name, "model": model.name, "reason": why,
+                }));
+            }
+            crate::queen::fetch::Update::Note(_, why) => out.note(format!("{node_name}: {why}")),
+        },
+    )
+    .await?;
+    ctx.audit_note(
+        "model_pulled",
+        None,
+        serde_json::json!({
+            "node": node.name, "model": model.name, "outcome": pulled.action,
+            "bytes": pulled.bytes, "sha256": pulled.sha256,
+        }),
+    );
+    let mut value = serde_json::to_value(&pulled)
+        .map_err(|e| Error::internal(format!("cannot encode the result: {e}")))?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("event".into(), "done".into());
+        map.insert("node".into(), node.name.clone().into());
+    }
+    ctx.out.result(&value, || match pulled.action.as_str() {
+        "present" => format!(
+            "{}: `{}` already present and verified",
+            node.name, model.name
+        ),
+        "resumed" => format!(
+            "{}: `{}` resumed at {:.1} MB, downloaded {:.1} MB, verified",
+            node.name,
+            model.name,
+            pulled.resumed_from as f64 / 1e6,
+            pulled.fetched as f64 / 1e6
+        ),
+        _ => format!(
+            "{}: `{}` downloaded ({:.1} MB), verified",
+            node.name,
+            model.name,
+            pulled.fetched as f64 / 1e6
+        ),
+    });
+    Ok(())
+}
+
+/// Hashes a file on this machine, or a URL as it downloads (nothing is kept), and prints the
+/// `[models.NAME]` entry for it.
+async fn hash(ctx: &Context, file: &str) -> Result<()> {
+    use crate::config::Origin;
+    let origin = Origin::parse(file).map_err(usage)?;
+    let (sha256, bytes, file_name, source) = match &origin {
+        Origin::File(path) => {
+            let path = crate::paths::expand_tilde(path);
+            let meta = std::fs::metadata(&path)
+                .map_err(|e| usage(format!("cannot read `{}`: {e}", path.display())))?;
+            let owned = path.clone();
+            let sha = tokio::task::spawn_blocking(move || {
+                crate::hive::verify::sha256_file(
+                    &owned,
+                    &tokio_util::sync::CancellationToken::new(),
+                )
+            })
+            .await
+            .map_err(|e| Error::internal(format!("hashing task failed: {e}")))??;
+            let absolute = std::path::absolute(&path).unwrap_or(path.clone());
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (sha, meta.len(), name, absolute.display().to_string())
+        }
+        _ => {
+            let url = origin
+                .url(std::env::var("HF_ENDPOINT").ok().as_deref())
+                .ok_or_else(|| Error::internal("a URL source without a URL"))?;
+            let (sha, bytes) = hash_url(ctx, &url).await?;
+            let name = crate::hive::download::shown(&url)
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            (sha, bytes, name, file.to_string())
+        }
+    };
+    let stem = file_name
+        .strip_suffix(".gguf")
+        .or_else(|| file_name.strip_suffix(".GGUF"))
+        .unwrap_or(&file_name);
+    let mut name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        name = "model".to_string();
+    }
+    let path = format!("~/.rbee/models/{file_name}");
+    let value = serde_json::json!({
+        "name": name, "path": path, "sha256": sha256, "source": source, "bytes": bytes,
+    });
+    ctx.out.result(&value, || {
+        let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
+        format!(
+            "[models.{name}]\npath = {}\nsha256 = {}\nsource = {}",
+            quoted(&path),
+            quoted(&sha256),
+            quoted(&source)
+        )
+    });
+    Ok(())
+}
+
+/// The SHA-256 and size of what `url` serves, read as it arrives.
+async fn hash_url(ctx: &Context, url: &str) -> Result<(String, u64)> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    let shown = crate::hive::download::shown(url);
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .read_timeout(std::time::Duration::from_secs(30))
+        .user_agent(concat!("rbee/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Error::internal(format!("http client: {e}")))?;
+    let response = client.get(url).send().await.map_err(|e| {
+        Error::worker(format!(
+            "cannot download {shown}: {}",
+            crate::error::root_cause(&e)
+        ))
+    })?;
+    if !response.status().is_success() {
+        return Err(Error::worker(format!(
+            "{shown} answered {}",
+            response.status()
+        )));
+    }
+    let bar = ctx.progress.bytes(
+        &format!("hashing {shown}"),
+        response.content_length().unwrap_or(0),
+    );
+    let mut hasher = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            Error::worker(format!(
+                "the download of {shown} broke: {}",
+                crate::error::root_cause(&e)
+            ))
+        })?;
+        hasher.update(&chunk);
+        bytes += chunk.len() as u64;
+        bar.set_position(bytes);
+    }
+    bar.finish_and_clear();
+    Ok((hex::encode(hasher.finalize()), bytes))
+}
+
+fn usage(message: impl Into<String>) -> Error {
+    Error::of_kind(crate::error::ExitKind::Usage, message)
 }

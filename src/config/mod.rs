@@ -3,6 +3,7 @@
 //! with errors that name the file, line and key, are `resolve`. Loading has no side effects.
 
 mod error;
+mod origin;
 mod raw;
 mod resolve;
 mod source;
@@ -16,6 +17,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 pub use error::ConfigError;
+pub(crate) use origin::Origin;
 pub(crate) use raw::{AuditPolicy, MAX_DURATION, Transport, parse_duration};
 pub(crate) use resolve::valid_name;
 pub use source::Source;
@@ -215,6 +217,20 @@ impl<'de> serde::Deserialize<'de> for GpuLayers {
             Written::Word(w) => w,
         };
         GpuLayers::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Model {
+    /// Where the model's file comes from, when it has a `source` (checked when loaded).
+    pub(crate) fn origin(&self) -> Option<Origin> {
+        self.source.as_deref().and_then(|s| Origin::parse(s).ok())
+    }
+
+    /// The URL the node downloads the model from, when its `source` is one; `HF_ENDPOINT`
+    /// (this machine's) replaces Hugging Face's host.
+    pub(crate) fn download_url(&self) -> Option<String> {
+        let endpoint = std::env::var("HF_ENDPOINT").ok();
+        self.origin()?.url(endpoint.as_deref())
     }
 }
 

@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 
 use crate::config::{
     Binary, BinaryLocation, Config, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT,
-    DEFAULT_KEEP_ALIVE, DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_SLOTS, MAX_THREADS, Model, Node,
+    DEFAULT_KEEP_ALIVE, DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_SLOTS, MAX_THREADS, Model, Node, Origin,
     RestartPolicy, Source, Transport, list, raw,
 };
 use crate::error::{Error, Result};
@@ -49,6 +49,9 @@ pub(super) fn resolve(
         }
         if m.load_timeout.as_ref().is_some_and(|d| d.0.is_zero()) {
             return Err(located(Some(span), "`load_timeout` must be more than 0"));
+        }
+        if let Some(source) = &m.source {
+            Origin::parse(source).map_err(|why| located(Some(span.clone()), &why))?;
         }
         models.insert(
             name.clone(),

@@ -5,6 +5,7 @@
 
 pub(crate) mod args;
 pub(crate) mod bridge;
+pub(crate) mod download;
 pub(crate) mod entry;
 pub mod gguf;
 pub(crate) mod key_routes;
@@ -109,6 +110,7 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         .save(&args.dir.join(keys::WORKER_KEY_FILE))?;
     let hive = Arc::new(Hive {
         node: args.node.clone(),
+        dir: args.dir.clone(),
         started: Instant::now(),
         registry: registry.clone(),
         metrics: registry.metrics.clone(),

@@ -1,4 +1,5 @@
-//! The hive's HTTP API: health, workers, inference (server-sent events), shutdown.
+//! The hive's HTTP API: health, workers, inference and model downloads (server-sent events),
+//! shutdown.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ use crate::server::ApiError;
 
 pub(crate) struct Hive {
     pub(crate) node: String,
+    /// The node's `remote_dir`.
+    pub(crate) dir: std::path::PathBuf,
     pub(crate) started: Instant,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
@@ -54,6 +57,7 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/v1/logs", get(logs))
         .route("/v1/infer", post(infer))
         .route("/v1/models", put(update_models))
+        .route("/v1/models/{model}/pull", post(pull_model))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/keys", get(crate::hive::key_routes::list))
         .route("/v1/keys/reload", post(crate::hive::key_routes::reload))
@@ -442,6 +446,91 @@ async fn start_generation(
     };
     tokio::spawn(relay.run(response, tx));
     // Each event is signed as it leaves, chained to the one before: in order, on one task.
+    let stream = ReceiverStream::new(rx).map(move |mut event: crate::protocol::sse::SseEvent| {
+        event.id = Some(chain.sign(&event.event, &event.data));
+        Ok::<Event, Infallible>(crate::protocol::sse::to_wire(event))
+    });
+    Ok(Sse::new(stream).into_response())
+}
+
+/// Downloads a model's file on the node from the URL the queen resolved from its `source`; the
+/// answer is a stream of signed events (`waiting`, `progress`, `retrying`, then `done` or
+/// `error`). The file's path and SHA-256 are the hive's own, from its table.
+async fn pull_model(
+    State(hive): State<Arc<Hive>>,
+    Path(model): Path<String>,
+    axum::Extension(signer): axum::Extension<crate::auth::layer::Authenticated>,
+    Json(request): Json<crate::protocol::pull::PullRequest>,
+) -> Result<Response, ApiError> {
+    use crate::hive::download;
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
+    if request.url.len() > crate::protocol::pull::MAX_URL_BYTES
+        || !matches!(
+            config::Origin::parse(&request.url),
+            Ok(config::Origin::Url(_))
+        )
+    {
+        return Err(Error::invalid("the download URL must be an http:// or https:// URL").into());
+    }
+    let spec = hive.registry.served(&model, Some(&request.model_digest))?;
+    let token = if request.hf_token {
+        download::read_token(&hive.dir)?
+    } else {
+        None
+    };
+    let dl = download::Download {
+        model: model.clone(),
+        path: crate::hive::worker_proc::model_path(&spec),
+        sha256: spec.sha256.clone(),
+        url: request.url.clone(),
+        token,
+    };
+    let shown = download::shown(&request.url).to_string();
+    tracing::info!(model = %model, url = %shown, "model download requested");
+    let (tx, rx) = mpsc::channel(16);
+    let task_hive = hive.clone();
+    tokio::spawn(async move {
+        let hive = task_hive;
+        let result = tokio::select! {
+            biased;
+            _ = hive.shutdown.cancelled() => Err(hive.registry.stopping_error()),
+            r = download::run(dl, &tx) => r,
+        };
+        let (event, fields) = match &result {
+            Ok(pulled) => (
+                crate::protocol::sse::SseEvent::json("done", pulled),
+                serde_json::json!({
+                    "model": model,
+                    "url": shown,
+                    "outcome": pulled.action,
+                    "bytes": pulled.bytes,
+                    "fetched": pulled.fetched,
+                    "resumed_from": pulled.resumed_from,
+                    "sha256": pulled.sha256,
+                }),
+            ),
+            Err(err) => (
+                crate::protocol::sse::SseEvent::json(
+                    "error",
+                    &crate::protocol::ErrorBody::from(err),
+                ),
+                serde_json::json!({
+                    "model": model,
+                    "url": shown,
+                    "outcome": "error",
+                    "code": err.wire_code(),
+                }),
+            ),
+        };
+        if let Err(err) = &result {
+            tracing::warn!(model = %model, "model download failed: {err}");
+        }
+        hive.audit.note("model_pulled", None, fields).await;
+        let _ = tx.send(event).await;
+    });
+    let mut chain = signer.chain();
     let stream = ReceiverStream::new(rx).map(move |mut event: crate::protocol::sse::SseEvent| {
         event.id = Some(chain.sign(&event.event, &event.data));
         Ok::<Event, Infallible>(crate::protocol::sse::to_wire(event))

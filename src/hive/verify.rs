@@ -29,10 +29,17 @@ impl Verifier {
         stop: &CancellationToken,
     ) -> Result<()> {
         let meta = tokio::fs::metadata(path).await.map_err(|e| {
-            Error::worker(format!(
-                "model file `{}` is not readable: {e}",
-                path.display()
-            ))
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::ModelMissing(format!(
+                    "model file `{}` is not on the node",
+                    path.display()
+                ))
+            } else {
+                Error::worker(format!(
+                    "model file `{}` is not readable: {e}",
+                    path.display()
+                ))
+            }
         })?;
         regular(path, &meta)?;
         let stamp = (meta.len(), meta.modified().at("read the time of", path)?);

@@ -1,5 +1,6 @@
 //! What travels between queen, hive and worker: request bodies, stream events, status views.
 
+pub(crate) mod pull;
 pub mod sse;
 
 use serde::{Deserialize, Serialize};

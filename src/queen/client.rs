@@ -308,8 +308,7 @@ impl HiveClient {
             path.push_str(&format!("&model={model}"));
         }
         let (request, nonce) = self.request(Method::GET, &path, Vec::new());
-        let response = request.send().await.map_err(|e| self.unreachable(e))?;
-        self.streamed(response, &nonce).await
+        self.stream(request, &nonce).await
     }
 
     /// Key rotation: `reload` (accept the next key too) or `retire` (switch to it).
@@ -422,17 +421,32 @@ impl HiveClient {
             request_id: &request.request_id,
         };
         let (request, nonce) = self.request_covering(Method::POST, "/v1/infer", covered, body);
-        let response = request.send().await.map_err(|e| self.unreachable(e))?;
-        self.streamed(response, &nonce).await
+        self.stream(request, &nonce).await
     }
 
-    /// An event-stream answer: its header proven as the node's, and each event checked as it
-    /// is read (`protocol::sse::events`).
-    async fn streamed(
+    /// Asks the hive to download `model`'s file on the node (`POST /v1/models/{model}/pull`);
+    /// the response body is the event stream of its progress, every event checked as for
+    /// `infer`. The download has no deadline of its own: it ends when the file is there.
+    pub(crate) async fn pull(
         &self,
-        mut response: reqwest::Response,
+        model: &str,
+        request: &crate::protocol::pull::PullRequest,
+    ) -> Result<reqwest::Response> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| Error::internal(format!("cannot encode the request: {e}")))?;
+        let (request, nonce) =
+            self.request(Method::POST, &format!("/v1/models/{model}/pull"), body);
+        self.stream(request, &nonce).await
+    }
+
+    /// Sends a request whose answer is an event stream: the answer's signature header is
+    /// verified, and the stream carries the chain its events must follow.
+    async fn stream(
+        &self,
+        request: reqwest::RequestBuilder,
         nonce: &str,
     ) -> Result<reqwest::Response> {
+        let mut response = request.send().await.map_err(|e| self.unreachable(e))?;
         if !response.status().is_success() {
             return Err(self
                 .proven(response, nonce)

@@ -180,7 +180,12 @@ pub(crate) async fn in_order(
 pub(crate) fn fails_over(err: &Error) -> bool {
     matches!(
         err,
-        Error::Ssh(_) | Error::Hive(_) | Error::Worker(_) | Error::Internal(_) | Error::Io(_)
+        Error::Ssh(_)
+            | Error::Hive(_)
+            | Error::Worker(_)
+            | Error::ModelMissing(_)
+            | Error::Internal(_)
+            | Error::Io(_)
     )
 }
 
@@ -381,9 +386,24 @@ async fn send(
         request.model, node.name
     )));
     let client = &conn.client;
-    let response = client
+    let first = client
         .with_models(&models, budget, || client.infer(request, budget))
-        .await?;
+        .await;
+    let response = match first {
+        Err(Error::ModelMissing(why)) => {
+            drop(waiting.take());
+            fetch_missing(runner, &mut conn, &models, request, budget, &why).await?;
+            waiting = Some(runner.progress.spinner(format!(
+                "waiting for `{}` on `{}`: queue, load and prefill",
+                request.model, node.name
+            )));
+            let client = &conn.client;
+            client
+                .with_models(&models, budget, || client.infer(request, budget))
+                .await?
+        }
+        other => other?,
+    };
     let mut stream = std::pin::pin!(events(response));
     while let Some(event) = stream.next().await {
         let event = match event {
@@ -528,6 +548,48 @@ fn parse<T: serde::de::DeserializeOwned>(data: &str) -> Result<T> {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// A model whose file is not on the node: downloaded there on the spot, within the request's
+/// budget, when its `source` is a URL; otherwise the error says how to put it there.
+async fn fetch_missing(
+    runner: &Runner,
+    conn: &mut NodeConn,
+    models: &crate::protocol::ModelTable,
+    request: &InferRequest,
+    budget: &Budget,
+    why: &str,
+) -> Result<()> {
+    let node = conn.node.name.clone();
+    let name = &request.model;
+    let Some(model) = runner.models.get(name) else {
+        return Err(Error::ModelMissing(why.to_string()));
+    };
+    if model.download_url().is_none() {
+        let fix = if let (true, Some(source)) = (conn.is_local(), &model.source) {
+            format!("copy its `source` `{source}` there")
+        } else if model.source.is_some() {
+            format!("copy it there with `rbee models push --node {node} {name}`")
+        } else {
+            format!(
+                "copy the file there, or set the model's `source` in nodes.toml (a file on this \
+                 machine for `rbee models push --node {node} {name}`, or a URL for `rbee models \
+                 pull --node {node} {name}`)"
+            )
+        };
+        return Err(Error::ModelMissing(format!("{why}; {fix}")));
+    }
+    if runner.note_start {
+        eprintln!("`{name}` is not on `{node}`: the node downloads it from its source");
+    }
+    let pull = crate::queen::fetch::pull(conn, models, model, budget, &runner.progress, |_| {});
+    match tokio::time::timeout(budget.remaining(), pull).await {
+        Ok(pulled) => pulled.map(|_| ()),
+        Err(_) => Err(Error::deadline(format!(
+            "the budget ran out while `{node}` downloaded `{name}`; `rbee models pull --node \
+             {node} {name}` finishes it (the partial file is kept)"
+        ))),
+    }
 }
 
 #[cfg(test)]

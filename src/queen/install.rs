@@ -273,10 +273,30 @@ pub(crate) async fn install_binary(
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Pushed {
     pub(crate) model: String,
-    /// `present` (already there and verified), `uploaded`, or `resumed`.
+    /// `present` (already there and verified), `uploaded`, `resumed`, or `downloaded` (by the
+    /// node itself, from a URL `source`).
     pub(crate) action: &'static str,
     pub(crate) bytes_sent: u64,
     pub(crate) resumed_from: u64,
+    /// Whether it waited for another transfer of the same file to finish first.
+    pub(crate) waited: bool,
+}
+
+impl From<crate::protocol::pull::Pulled> for Pushed {
+    /// A model the node downloaded itself, as `hive install` lists it beside pushed ones.
+    fn from(pulled: crate::protocol::pull::Pulled) -> Pushed {
+        Pushed {
+            model: pulled.model,
+            action: match pulled.action.as_str() {
+                "present" => "present",
+                "resumed" => "resumed",
+                _ => "downloaded",
+            },
+            bytes_sent: pulled.fetched,
+            resumed_from: pulled.resumed_from,
+            waited: false,
+        }
+    }
 }
 
 /// Copies a model's `source` to its `path` on the node: skips a verified file, resumes a partial
@@ -293,65 +313,118 @@ pub(crate) async fn push_model(
             model.name
         ))
     })?;
+    if model.download_url().is_some() {
+        return Err(Error::config(format!(
+            "model `{0}` has a URL `source`: the node downloads it itself, with `rbee models pull \
+             --node {1} {0}`",
+            model.name, node.name
+        )));
+    }
     let source = crate::paths::expand_tilde(source);
     let size = std::fs::metadata(&source)
         .map_err(|e| Error::config(format!("model source `{}`: {e}", source.display())))?
         .len();
-    let out = session
-        .run(
-            "checking the model on the node",
-            &remote::model_probe(&model.path),
-        )
-        .await?;
-    let text = out.stdout_text();
-    let mut lines = text.lines();
-    let present = lines.next().unwrap_or("missing");
-    if present.eq_ignore_ascii_case(&model.sha256) {
-        return Ok(Pushed {
-            model: model.name.clone(),
-            action: "present",
-            bytes_sent: 0,
-            resumed_from: 0,
-        });
+    let mut waited = false;
+    loop {
+        let out = session
+            .run(
+                "checking the model on the node",
+                &remote::model_probe(&model.path),
+            )
+            .await?;
+        let text = out.stdout_text();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let present = lines.first().copied().unwrap_or("missing");
+        if present.eq_ignore_ascii_case(&model.sha256) {
+            return Ok(Pushed {
+                model: model.name.clone(),
+                action: "present",
+                bytes_sent: 0,
+                resumed_from: 0,
+                waited,
+            });
+        }
+        // Another push, or the hive's download, writes this file: wait for it to finish, then
+        // look again (it may well have put the file in place).
+        if lines.get(3) == Some(&"busy") {
+            if !waited {
+                tracing::info!(node = %node.name, model = %model.name, "another transfer is under way; waiting");
+            }
+            waited = true;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            continue;
+        }
+        let mut offset: u64 = lines.get(1).and_then(|l| l.parse().ok()).unwrap_or(0);
+        if offset > size {
+            offset = 0;
+        }
+        if let Some(free) = lines.get(2).and_then(|l| l.parse::<u64>().ok()) {
+            let free = free.saturating_mul(1024);
+            let needed = size - offset;
+            if needed > free {
+                return Err(Error::worker(format!(
+                    "`{}` needs {:.1} MB more on `{}`, but the filesystem of `{}` there has \
+                     {:.1} MB free; nothing was sent (free some space, or point the model's \
+                     `path` elsewhere)",
+                    model.name,
+                    needed as f64 / 1e6,
+                    node.name,
+                    model.path,
+                    free as f64 / 1e6
+                )));
+            }
+        }
+        let mut file = tokio::fs::File::open(&source).await.at("open", &source)?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .at("seek in", &source)?;
+        let command = remote::model_upload(&model.path, offset > 0, &model.sha256, size);
+        let bar = progress.bytes(&format!("{} to {}", model.name, node.name), size);
+        bar.set_position(offset);
+        bar.reset_eta();
+        let out = session
+            .exec_reader(&command, Counting { inner: file, bar })
+            .await?;
+        match out.code {
+            Some(0) => {
+                return Ok(Pushed {
+                    model: model.name.clone(),
+                    action: if offset > 0 { "resumed" } else { "uploaded" },
+                    bytes_sent: size - offset,
+                    resumed_from: offset,
+                    waited,
+                });
+            }
+            // Taken between the probe and the upload: wait for that one.
+            Some(remote::MODEL_BUSY) => {
+                waited = true;
+                continue;
+            }
+            Some(remote::MODEL_MISMATCH) => {
+                return Err(Error::worker(format!(
+                    "the copy of `{}` on `{}` does not match its sha256 {}; the partial file \
+                     was removed, push again",
+                    model.name, node.name, model.sha256
+                )));
+            }
+            Some(remote::MODEL_INCOMPLETE) => {
+                return Err(Error::hive(format!(
+                    "the push of `{}` to `{}` ended before the whole file was there; the \
+                     partial file is kept: push again to resume it",
+                    model.name, node.name
+                )));
+            }
+            code => {
+                return Err(Error::worker(format!(
+                    "pushing `{}` to `{}` failed (exit {}): {}",
+                    model.name,
+                    node.name,
+                    code.map_or("?".to_string(), |c| c.to_string()),
+                    out.stderr_text()
+                )));
+            }
+        }
     }
-    let mut offset: u64 = lines
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or(0);
-    if offset > size {
-        offset = 0;
-    }
-    let mut file = tokio::fs::File::open(&source).await.at("open", &source)?;
-    file.seek(std::io::SeekFrom::Start(offset))
-        .await
-        .at("seek in", &source)?;
-    let command = remote::model_upload(&model.path, offset > 0);
-    let bar = progress.bytes(&format!("{} to {}", model.name, node.name), size);
-    bar.set_position(offset);
-    bar.reset_eta();
-    session
-        .run_reader(
-            &format!("pushing `{}`", model.name),
-            &command,
-            Counting { inner: file, bar },
-        )
-        .await?;
-    let out = session
-        .exec(&remote::model_finish(&model.path, &model.sha256), None)
-        .await?;
-    if !out.ok() {
-        return Err(Error::worker(format!(
-            "the copy of `{}` on `{}` does not match its sha256 {}; the partial file was removed, \
-             push again",
-            model.name, node.name, model.sha256
-        )));
-    }
-    Ok(Pushed {
-        model: model.name.clone(),
-        action: if offset > 0 { "resumed" } else { "uploaded" },
-        bytes_sent: size - offset,
-        resumed_from: offset,
-    })
 }
 
 /// Advances `bar` by the bytes read through it; the bar clears its line when the upload ends.

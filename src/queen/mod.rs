@@ -2,6 +2,7 @@
 //! stopping it, installing the binary, keys and models.
 
 pub(crate) mod client;
+pub(crate) mod fetch;
 pub(crate) mod generate;
 pub(crate) mod home;
 pub(crate) mod install;

@@ -138,32 +138,55 @@ pub(crate) fn download_binary(remote_dir: &str, sha256: &str, url: &str) -> Stri
     )
 }
 
-/// The SHA-256 of the model at `path` (or `missing`), then the size of its partial upload.
+/// What a push needs to know of the model on the node, one line each: the SHA-256 of the file
+/// at `path` (or `missing`), the size of its partial copy (`<path>.part`, 0 when none), the
+/// kilobytes free on the filesystem that holds it, and `busy` when another transfer holds the
+/// lock beside the partial file (`<path>.part.lock`, flock: pushes and the hive's downloads
+/// alike), else `free` (also when the lock cannot be taken for another reason: the upload
+/// then says why). Makes the model's directory on the way.
 pub(crate) fn model_probe(path: &str) -> String {
     let file = remote_path(path);
     let part = remote_path(&format!("{path}.part"));
+    let lock = remote_path(&format!("{path}.part.lock"));
     format!(
-        "if [ -f {file} ]; then {}; else echo missing; fi; stat -c %s {part} 2>/dev/null || echo 0",
+        "mkdir -p \"$(dirname {file})\" 2>/dev/null; \
+         if [ -f {file} ]; then {}; else echo missing; fi; \
+         stat -c %s {part} 2>/dev/null || echo 0; \
+         df -Pk \"$(dirname {file})\" 2>/dev/null | awk 'NR==2 {{print $4}}'; \
+         if command -v flock >/dev/null 2>&1; then (umask 077; flock -n -E 75 {lock} true) \
+         2>/dev/null; [ $? -eq 75 ] && echo busy || echo free; else echo free; fi",
         sha256_of(&file)
     )
 }
 
-/// Writes stdin to the model's partial file, from its start or appended to what it holds.
-pub(crate) fn model_upload(path: &str, append: bool) -> String {
-    let file = remote_path(path);
-    let part = remote_path(&format!("{path}.part"));
-    let op = if append { ">>" } else { ">" };
-    format!("mkdir -p \"$(dirname {file})\" && umask 077 && cat {op} {part}")
-}
+/// Exit status of `model_upload` when another transfer holds the file's lock.
+pub(crate) const MODEL_BUSY: u32 = 75;
+/// Exit status of `model_upload` when the complete copy does not match its SHA-256.
+pub(crate) const MODEL_MISMATCH: u32 = 3;
+/// Exit status of `model_upload` when stdin ended before `size` bytes (the connection broke):
+/// the partial file is kept for the next push.
+pub(crate) const MODEL_INCOMPLETE: u32 = 74;
 
-/// Moves a complete partial file into place when it matches `sha256`; removes it and exits 3
-/// when it does not.
-pub(crate) fn model_finish(path: &str, sha256: &str) -> String {
+/// Writes stdin to the model's partial file (from its start, or appended to what it holds);
+/// once it holds `size` bytes, moves it into place when it matches `sha256`, else removes it
+/// (exit `MODEL_MISMATCH`); short of `size` it is kept (exit `MODEL_INCOMPLETE`);
+/// all under the lock beside the partial file, taken without waiting (exit `MODEL_BUSY`, after
+/// reading stdin to its end: a sender that cannot write its data would wait forever), where the
+/// node has `flock`.
+pub(crate) fn model_upload(path: &str, append: bool, sha256: &str, size: u64) -> String {
     let file = remote_path(path);
     let part = remote_path(&format!("{path}.part"));
+    let lock = remote_path(&format!("{path}.part.lock"));
+    let op = if append { ">>" } else { ">" };
     format!(
-        "if [ \"$(sha256sum < {part} | cut -c1-64)\" = {sha} ]; then mv -f {part} {file}; \
-         else rm -f {part}; echo 'checksum mismatch' >&2; exit 3; fi",
+        "mkdir -p \"$(dirname {file})\" && umask 077 && \
+         if command -v flock >/dev/null 2>&1; then exec 9>>{lock}; \
+         flock -n 9 || {{ cat > /dev/null; echo 'another transfer of this file is under way' >&2; \
+         exit {MODEL_BUSY}; }}; fi; \
+         cat {op} {part} || exit 1; \
+         [ \"$(stat -c %s {part})\" = {size} ] || {{ echo 'the copy is incomplete' >&2; exit {MODEL_INCOMPLETE}; }}; \
+         if [ \"$(sha256sum < {part} | cut -c1-64)\" = {sha} ]; then mv -f {part} {file}; \
+         else rm -f {part}; echo 'checksum mismatch' >&2; exit {MODEL_MISMATCH}; fi",
         sha = quote(sha256)
     )
 }
@@ -415,10 +438,11 @@ mod tests {
     fn a_model_upload_lands_only_when_its_digest_matches() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m\nx\\y/m.gguf").display().to_string();
-        let upload = |bytes: &[u8], append: bool| {
+        let sha = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03";
+        let upload = |bytes: &[u8], append: bool, sha: &str| {
             let mut child = std::process::Command::new("sh")
                 .arg("-c")
-                .arg(model_upload(&path, append))
+                .arg(model_upload(&path, append, sha, 6))
                 .stdin(std::process::Stdio::piped())
                 .spawn()
                 .expect("sh");
@@ -429,21 +453,33 @@ mod tests {
                 .expect("stdin")
                 .write_all(bytes)
                 .expect("write");
-            assert!(child.wait().expect("wait").success());
+            child.wait().expect("wait").code()
         };
-        upload(b"hel", false);
-        upload(b"lo\n", true);
-        let probe = String::from_utf8_lossy(&sh(&model_probe(&path)).stdout).into_owned();
-        assert_eq!(probe, "missing\n6\n");
-        assert_eq!(
-            sh(&model_finish(&path, &"0".repeat(64))).status.code(),
-            Some(3)
-        );
-        upload(b"hello\n", false);
-        let sha = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03";
-        assert!(sh(&model_finish(&path, sha)).status.success());
-        let probe = String::from_utf8_lossy(&sh(&model_probe(&path)).stdout).into_owned();
-        assert_eq!(probe, format!("{sha}\n0\n"));
+        let probe = || String::from_utf8_lossy(&sh(&model_probe(&path)).stdout).into_owned();
+        let lines = |text: String| -> Vec<String> { text.lines().map(str::to_string).collect() };
+        // Cut short: kept, and the probe sees how much there is to resume from.
+        assert_eq!(upload(b"hel", false, sha), Some(MODEL_INCOMPLETE as i32));
+        let seen = lines(probe());
+        assert_eq!(&seen[..2], ["missing", "3"]);
+        assert!(seen[2].parse::<u64>().is_ok(), "free kB: {seen:?}");
+        assert_eq!(seen[3], "free");
+        // Complete but other bytes: removed.
+        assert_eq!(upload(b"lo!", true, sha), Some(MODEL_MISMATCH as i32));
+        assert_eq!(&lines(probe())[..2], ["missing", "0"]);
+        // Resumed to the end and verified: in place.
+        assert_eq!(upload(b"hel", false, sha), Some(MODEL_INCOMPLETE as i32));
+        assert_eq!(upload(b"lo\n", true, sha), Some(0));
+        assert_eq!(&lines(probe())[..2], [sha, "0"]);
+        // While another transfer holds the lock, the probe says so and an upload refuses.
+        let lock = format!("{path}.part.lock");
+        let _holder = nix::fcntl::Flock::lock(
+            std::fs::File::create(&lock).expect("lock file"),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .map_err(|(_, e)| e)
+        .expect("lock");
+        assert_eq!(lines(probe())[3], "busy");
+        assert_eq!(upload(b"hello\n", false, sha), Some(MODEL_BUSY as i32));
     }
     #[test]
     fn activation_keeps_three_recent_versions_and_any_a_live_process_runs() {

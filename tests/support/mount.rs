@@ -36,6 +36,29 @@ impl Mount {
         );
         Some(guard)
     }
+
+    /// A tmpfs of `megabytes` mounted at `path` (made if missing): a small filesystem for
+    /// full-disk tests. Root only; `None` (with a note) elsewhere, a failure under `CI`.
+    pub(crate) fn tmpfs(path: &Path, megabytes: u32) -> Option<Mount> {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "a tmpfs mount needs root, and CI is set"
+            );
+            eprintln!("skipped: a tmpfs mount needs root");
+            return None;
+        }
+        std::fs::create_dir_all(path).expect("mount point");
+        let p = path.to_str().expect("UTF-8 path");
+        let size = format!("size={megabytes}m,mode=0700");
+        assert!(
+            mount(&["-t", "tmpfs", "-o", &size, "tmpfs", p]),
+            "mount tmpfs on {p}"
+        );
+        Some(Mount {
+            path: path.to_path_buf(),
+        })
+    }
 }
 
 impl Drop for Mount {
