@@ -289,6 +289,15 @@ pub(crate) enum NodesCommand {
     Check(NodeSelection),
     /// Record the host key of nodes in their known_hosts file (after checking its fingerprint)
     Trust(NodeSelection),
+    /// Close the SSH connections kept for later invocations (`persist`), of all nodes when none
+    /// is named
+    Disconnect {
+        /// Nodes whose connection to close
+        nodes: Vec<String>,
+    },
+    /// Hold one node's SSH connection for later invocations (started by `rbee` itself)
+    #[command(hide = true)]
+    Hold,
 }
 
 #[derive(Debug, Subcommand)]

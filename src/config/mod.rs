@@ -30,6 +30,8 @@ pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
 /// Health checks an idle worker may miss in a row before it is replaced: one miss is as likely
 /// a busy machine as a dead worker.
 pub(crate) const DEFAULT_HEALTH_MISSES: u32 = 3;
+/// How long an SSH connection is kept for the next invocation after its last use.
+pub(crate) const DEFAULT_PERSIST: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// llama.cpp's limit on sequences in one context.
 pub(crate) const MAX_SLOTS: u32 = 256;
@@ -87,6 +89,10 @@ pub(crate) struct Node {
     pub(crate) audit: AuditPolicy,
     /// Missed health checks in a row before the hive replaces an idle worker.
     pub(crate) health_misses: u32,
+    /// How long the SSH connection outlives its last use, held by a background process for the
+    /// next invocations (zero: every invocation connects itself).
+    #[serde(with = "duration_ms")]
+    pub(crate) persist: Duration,
     pub(crate) models: Vec<String>,
     /// The fleet's `[restart]` policy, which this node's hive applies.
     #[serde(skip)]

@@ -42,8 +42,26 @@ impl Drop for Unlink {
     }
 }
 
+/// What carries a forward's connections: this process's SSH connection, or a holder's.
+#[derive(Clone)]
+pub(super) enum Via {
+    Ssh {
+        handle: Arc<client::Handle<Checker>>,
+        bridged: Arc<AtomicBool>,
+    },
+    Holder(Arc<crate::ssh::mux::client::Client>),
+}
+
+/// Carries one local connection to `path` on the node.
+pub(super) async fn carry(via: &Via, node: &str, path: &str, stream: UnixStream) {
+    match via {
+        Via::Ssh { handle, bridged } => connect(handle, node, path, bridged, stream).await,
+        Via::Holder(client) => client.carry(path, stream).await,
+    }
+}
+
 pub(super) async fn listen(
-    handle: Arc<client::Handle<Checker>>,
+    via: Via,
     node: String,
     remote_socket: &str,
 ) -> Result<(Forward, JoinHandle<()>)> {
@@ -57,19 +75,17 @@ pub(super) async fn listen(
     ));
     let listener = tokio::net::UnixListener::bind(&local).at("listen on", &local)?;
     let target = Arc::new(Mutex::new(remote_socket.to_string()));
-    let bridged = Arc::new(AtomicBool::new(false));
     let unlink = Unlink(local.clone());
     let task = {
         let target = target.clone();
         tokio::spawn(async move {
             let _unlink = unlink;
             while let Ok((stream, _)) = listener.accept().await {
-                let handle = handle.clone();
+                let via = via.clone();
                 let node = node.clone();
-                let bridged = bridged.clone();
                 let path = target.lock().map(|t| t.clone()).unwrap_or_default();
                 tokio::spawn(async move {
-                    connect(&handle, &node, &path, &bridged, stream).await;
+                    carry(&via, &node, &path, stream).await;
                 });
             }
         })
