@@ -732,6 +732,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
 
 mod bastion;
 mod batch;
+mod fan_out;
 mod host_keys;
 mod keepalive;
 mod no_forwarding;

@@ -115,7 +115,7 @@ async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
     let nodes = ctx.selected_nodes(&sel)?;
     let checks: Vec<Check> = futures::stream::iter(nodes)
         .map(|node| check_one(ctx, node))
-        .buffered(crate::cmd::PARALLEL_NODES)
+        .buffered(crate::cmd::parallel_nodes())
         .collect()
         .await;
     for c in &checks {

@@ -468,6 +468,28 @@ impl Session {
     }
 }
 
+/// Logins under way at once to one sshd from this process: below sshd's default
+/// `MaxStartups 10:30:100`, which starts dropping unauthenticated connections beyond 10, so a
+/// command over many nodes behind one sshd (or one bastion) waits its turn instead.
+const LOGINS_PER_SSHD: usize = 8;
+
+/// Each sshd's (`host`, `port`) semaphore of login turns.
+type LoginSlots = Vec<((String, u16), Arc<tokio::sync::Semaphore>)>;
+
+/// The semaphore pacing logins to `host:port`.
+fn login_slots(host: &str, port: u16) -> Arc<tokio::sync::Semaphore> {
+    static SLOTS: Mutex<LoginSlots> = Mutex::new(Vec::new());
+    let Ok(mut slots) = SLOTS.lock() else {
+        return Arc::new(tokio::sync::Semaphore::new(LOGINS_PER_SSHD));
+    };
+    if let Some((_, s)) = slots.iter().find(|(k, _)| k.0 == host && k.1 == port) {
+        return s.clone();
+    }
+    let s = Arc::new(tokio::sync::Semaphore::new(LOGINS_PER_SSHD));
+    slots.push(((host.to_string(), port), s.clone()));
+    s
+}
+
 /// One SSH connection and login to `target`: over TCP, or through a `direct-tcpip` channel of
 /// the hop before it.
 async fn connect_one(
@@ -476,6 +498,18 @@ async fn connect_one(
     deadline: Instant,
     accept_new: bool,
 ) -> Result<(client::Handle<Checker>, HostKey)> {
+    let slots = login_slots(&target.host, target.port);
+    // Waiting for a turn spends from the budget like the connect itself.
+    let _turn = match tokio::time::timeout_at(deadline.into(), slots.acquire_owned()).await {
+        Ok(Ok(turn)) => Some(turn),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            return Err(Error::deadline(format!(
+                "the budget ran out while waiting to connect to {}",
+                target.describe()
+            )));
+        }
+    };
     let verdict = Arc::new(Mutex::new(None));
     let checker = Checker::new(target, accept_new, verdict.clone());
     let config = Arc::new(client::Config {
