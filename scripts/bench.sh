@@ -19,6 +19,9 @@
 #  10. rbee batch of 16 items over one node against the same 16 as waves of 4 concurrent infer
 #  11. routing: warm `infer --max-tokens 1 --model M` (every node a candidate, probed at once)
 #      against `--node local`
+#  13, 14. scripts/bench_fleet.sh, run at the end (and runnable alone): warm 1-token infer over
+#      SSH with the persistent connection against `local`, and `hive status` over 32 SSH
+#      nodes against 1
 #  12. the OpenAI API with the openai SDK (scripts/bench_serve.py), `rbee serve` over the local
 #      node against llama-server --parallel 4: time to the first streamed token, and 4-way
 #      streamed aggregate decode
@@ -350,6 +353,8 @@ json.dump({"machine": {"cpu": cpu, "cores": int(cores), "memory_gib": int(mem)},
           open("bench.json", "w"), indent=2)
 PY
 say "wrote bench.json"
+say "SSH rows: persistent connection, fan-out (scripts/bench_fleet.sh)"
+scripts/bench_fleet.sh
 if [ "${BENCH_LLAMA:-1}" != 0 ]; then
     cleanup
     trap - EXIT

@@ -327,6 +327,15 @@ pub(crate) enum NodesCommand {
     },
     /// The keys a node accepts, and those waiting for approval
     Keys { node: String },
+    /// Close the SSH connections kept for later invocations (`persist`), of all nodes when none
+    /// is named
+    Disconnect {
+        /// Nodes whose connection to close
+        nodes: Vec<String>,
+    },
+    /// Hold one node's SSH connection for later invocations (started by `rbee` itself)
+    #[command(hide = true)]
+    Hold,
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,7 +17,8 @@
 //!   of the audit trail around a request
 //! - `serve`: `rbee serve`, the OpenAI-compatible API over the fleet: API keys, admission,
 //!   the OpenAI shapes
-//! - `ssh`: russh sessions: known_hosts, authentication, forwards; `~/.ssh/config`, quoting
+//! - `ssh`: russh sessions: known_hosts, authentication, forwards; `~/.ssh/config`, quoting;
+//!   the holder that keeps a node's connection for later invocations (`mux`)
 //! - `hive`: the hive daemon: pidfile, the table of workers and each model's entry, supervisor
 //!   and restart policy, routes and relay, keys, metrics, model verification, model downloads
 //! - `worker`: the llama.cpp worker: loading the weights, the prompt and its sampler, stop
@@ -56,7 +57,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Cli, Command, HiveCommand, WorkerCommand};
+use cli::{Cli, Command, HiveCommand, NodesCommand, WorkerCommand};
 use cmd::Context;
 use error::{Error, ExitKind};
 use output::Output;
@@ -99,6 +100,9 @@ where
         Command::Hive {
             command: HiveCommand::Bridge { socket },
         } => hive::bridge::run(&socket),
+        Command::Nodes {
+            command: NodesCommand::Hold,
+        } => ssh::mux::holder::run(),
         Command::Worker {
             command: WorkerCommand::Serve(args),
         } => {

@@ -316,7 +316,7 @@ fn audit_on_two_ssh_nodes() {
     .expect("known_hosts");
     let mut text = crate::support::model_table(&model, crate::support::MODEL_SHA256);
     text.push_str(&format!(
-        "[defaults]\nuser = {:?}\nidentity_file = {:?}\nknown_hosts = {:?}\n",
+        "[defaults]\nuser = {:?}\nidentity_file = {:?}\nknown_hosts = {:?}\npersist = \"0\"\n",
         sshd::user(),
         key.private.display().to_string(),
         dir.path().join("known_hosts").display().to_string()

@@ -197,7 +197,7 @@ fn a_network_cut_between_queen_and_node_ends_in_124_within_the_budget() {
     .expect("known_hosts");
     let config = format!(
         "{}[nodes.far]\nhost = {:?}\nport = {}\nuser = {:?}\nidentity_file = {:?}\n\
-         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\n",
+         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\npersist = \"0\"\n",
         crate::support::model_table(&model, crate::support::MODEL_SHA256),
         ns.node_ip,
         server.port,

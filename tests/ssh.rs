@@ -44,6 +44,28 @@ impl Fleet {
         model_extra: &str,
         options: &sshd::Options<'_>,
     ) -> Option<Fleet> {
+        // Each invocation connects itself, as these tests expect; `persistent` keeps
+        // connections, as `persist`'s default does.
+        Fleet::build_full(nodes, trusted, model_extra, options, "0")
+    }
+
+    /// Nodes whose SSH connections are kept for `persist` by a holder process.
+    fn persistent(nodes: &[NodeSpec<'_>], persist: &str) -> Option<Fleet> {
+        // sshd logs each login at INFO: the tests count them.
+        let options = sshd::Options {
+            extra: "LogLevel INFO\n",
+            ..sshd::Options::default()
+        };
+        Fleet::build_full(nodes, true, "", &options, persist)
+    }
+
+    fn build_full(
+        nodes: &[NodeSpec<'_>],
+        trusted: bool,
+        model_extra: &str,
+        options: &sshd::Options<'_>,
+        persist: &str,
+    ) -> Option<Fleet> {
         let model = crate::support::model()?;
         if !sshd::available() {
             return None;
@@ -54,10 +76,12 @@ impl Fleet {
         let mut servers = Vec::new();
         let mut text = format!("{}{model_extra}\n", model_table(&model, MODEL_SHA256));
         text.push_str(&format!(
-            "[defaults]\nuser = {:?}\nidentity_file = {:?}\nknown_hosts = {:?}\ntimeout = \"60s\"\n\n",
+            "[defaults]\nuser = {:?}\nidentity_file = {:?}\nknown_hosts = {:?}\ntimeout = \"60s\"\n\
+             persist = {:?}\n\n",
             sshd::user(),
             key.private.display().to_string(),
             known_hosts.display().to_string(),
+            persist,
         ));
         let mut lines = String::new();
         for spec in nodes {
@@ -726,12 +750,14 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
 mod bastion;
 mod batch;
 mod binaries;
+mod fan_out;
 mod host_keys;
 mod keepalive;
 mod keys;
 mod logs;
 mod model_transfers;
 mod no_forwarding;
+mod persist;
 mod refusals;
 mod routing;
 mod serve;

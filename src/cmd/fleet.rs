@@ -1,4 +1,4 @@
-//! Commands over several nodes: each node's result, run at most `PARALLEL_NODES` at once, a
+//! Commands over several nodes: each node's result, run `parallel_nodes()` at a time, a
 //! progress line per node on a terminal, and the worst exit code at the end.
 
 use std::future::Future;
@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::cli::NodeSelection;
-use crate::cmd::{Context, PARALLEL_NODES};
+use crate::cmd::Context;
 use crate::config::Node;
 use crate::error::{Error, ExitKind, Result};
 use crate::protocol::WorkerInfo;
@@ -59,7 +59,7 @@ impl NodeResult {
     }
 }
 
-/// Runs `action` on every selected node, at most `PARALLEL_NODES` at once, results in order.
+/// Runs `action` on every selected node, `parallel_nodes()` at a time, results in order.
 pub(crate) async fn each_node<F, Fut>(
     ctx: &Context,
     sel: &NodeSelection,
@@ -85,7 +85,7 @@ where
                 result
             }
         })
-        .buffered(PARALLEL_NODES)
+        .buffered(crate::cmd::parallel_nodes())
         .collect()
         .await;
     Ok(results)

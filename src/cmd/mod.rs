@@ -23,8 +23,32 @@ use crate::output::Output;
 use crate::progress::Progress;
 use crate::queen::node::{ConnectOptions, NodeConn};
 
-/// Nodes handled at once by commands over several nodes.
-pub(crate) const PARALLEL_NODES: usize = 8;
+/// Most nodes handled at once by commands over several nodes.
+const MAX_PARALLEL_NODES: usize = 64;
+/// File descriptors one node may take while it is handled: its SSH connection (or the
+/// holder's socket), the forward's listener and a connection or two through it.
+const FDS_PER_NODE: u64 = 6;
+
+/// Nodes handled at once by commands over several nodes: as many as the file descriptor limit
+/// allows (raised to the hard limit first), at most `MAX_PARALLEL_NODES`. SSH logins to one
+/// sshd are paced apart from this (see `ssh::session`), so many nodes behind one sshd stay
+/// under its `MaxStartups`.
+pub(crate) fn parallel_nodes() -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 8;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // Room for what the invocation holds besides (stdio, the audit log, the runtime).
+    let spare = limit.saturating_sub(64) / FDS_PER_NODE;
+    usize::try_from(spare)
+        .unwrap_or(MAX_PARALLEL_NODES)
+        .clamp(1, MAX_PARALLEL_NODES)
+}
 
 /// What every command gets: the global options.
 pub(crate) struct Context {

@@ -1,5 +1,6 @@
-//! `rbee nodes list|check|trust`: the configured nodes, their health as seen over SSH, and
-//! recording their host keys (`enroll|revoke|keys` are in `node_keys`).
+//! `rbee nodes list|check|trust|disconnect`: the configured nodes, their health as seen over
+//! SSH, recording their host keys, and closing the connections kept for later invocations
+//! (`enroll|revoke|keys` are in `node_keys`).
 
 use serde::Serialize;
 
@@ -36,7 +37,37 @@ pub(crate) async fn run(ctx: &Context, command: NodesCommand) -> Result<()> {
         }
         NodesCommand::Revoke { node, kid } => crate::cmd::node_keys::revoke(ctx, &node, &kid).await,
         NodesCommand::Keys { node } => crate::cmd::node_keys::list(ctx, &node).await,
+        NodesCommand::Disconnect { nodes } => {
+            let all = nodes.is_empty();
+            disconnect(ctx, NodeSelection { nodes, all }).await
+        }
+        NodesCommand::Hold => Err(Error::internal("`nodes hold` runs on its own")),
     }
+}
+
+/// Ends the holders of the nodes' persistent SSH connections.
+async fn disconnect(ctx: &Context, sel: NodeSelection) -> Result<()> {
+    let results = each_node(ctx, &sel, |node| async move {
+        if node.transport == Transport::Local {
+            return NodeResult::new(&node, "local");
+        }
+        let ended = match crate::ssh::Target::for_node(&node) {
+            Ok(target) => crate::ssh::mux::client::disconnect(&target).await,
+            Err(e) => Err(e),
+        };
+        match ended {
+            Ok(true) => NodeResult::new(&node, "disconnected"),
+            Ok(false) => NodeResult::new(&node, "not_connected"),
+            Err(e) => NodeResult::failed(&node, "failed", &e),
+        }
+    })
+    .await?;
+    finish(ctx, &results, |r| match r.state {
+        "disconnected" => format!("{}: connection closed", r.node),
+        "not_connected" => format!("{}: no connection kept", r.node),
+        "local" => format!("{}: local node, no SSH", r.node),
+        state => format!("{}: {state}", r.node),
+    })
 }
 
 async fn trust(ctx: &Context, sel: NodeSelection) -> Result<()> {
@@ -135,7 +166,7 @@ async fn check(ctx: &Context, sel: NodeSelection) -> Result<()> {
     let nodes = ctx.selected_nodes(&sel)?;
     let checks: Vec<Check> = futures::stream::iter(nodes)
         .map(|node| check_one(ctx, node))
-        .buffered(crate::cmd::PARALLEL_NODES)
+        .buffered(crate::cmd::parallel_nodes())
         .collect()
         .await;
     for c in &checks {

@@ -35,6 +35,9 @@ pub(crate) const DEFAULT_HEALTH_MISSES: u32 = 3;
 /// How long a model's load (verification and llama.cpp's load) may take on the node, however
 /// soon the request that started it gives up.
 pub(crate) const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long an SSH connection is kept for the next invocation after its last use.
+pub(crate) const DEFAULT_PERSIST: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// llama.cpp's limit on sequences in one context.
 pub(crate) const MAX_SLOTS: u32 = 256;
@@ -95,6 +98,10 @@ pub(crate) struct Node {
     pub(crate) audit: AuditPolicy,
     /// Missed health checks in a row before the hive replaces an idle worker.
     pub(crate) health_misses: u32,
+    /// How long the SSH connection outlives its last use, held by a background process for the
+    /// next invocations (zero: every invocation connects itself).
+    #[serde(with = "duration_ms")]
+    pub(crate) persist: Duration,
     pub(crate) models: Vec<String>,
     /// The fleet's `[restart]` policy, which this node's hive applies.
     #[serde(skip)]

@@ -58,6 +58,8 @@ pub(crate) struct RawNode {
     pub(crate) clock_skew: Option<HumanDuration>,
     pub(crate) audit: Option<AuditPolicy>,
     pub(crate) health_misses: Option<u32>,
+    /// `"0"` (no unit) turns the persistent connection off.
+    pub(crate) persist: Option<Persist>,
     pub(crate) models: Option<Vec<Spanned<String>>>,
     pub(crate) binary: Option<String>,
 }
@@ -124,6 +126,22 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let text = String::deserialize(d)?;
         parse_duration(&text)
             .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How long a node's SSH connection is kept after its last use: a duration, or `"0"` for never.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Persist(pub Duration);
+
+impl<'de> Deserialize<'de> for Persist {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "0" {
+            return Ok(Persist(Duration::ZERO));
+        }
+        parse_duration(&text)
+            .map(Persist)
             .map_err(serde::de::Error::custom)
     }
 }

@@ -8,8 +8,8 @@ use indexmap::IndexMap;
 
 use crate::config::{
     Binary, BinaryLocation, Config, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT,
-    DEFAULT_KEEP_ALIVE, DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_SLOTS, MAX_THREADS, Model, Node, Origin,
-    RestartPolicy, Source, Transport, list, raw,
+    DEFAULT_KEEP_ALIVE, DEFAULT_PERSIST, DEFAULT_TIMEOUT, MAX_CONTEXT, MAX_SLOTS, MAX_THREADS,
+    Model, Node, Origin, RestartPolicy, Source, Transport, list, raw,
 };
 use crate::error::{Error, Result};
 use crate::paths;
@@ -177,6 +177,10 @@ pub(super) fn resolve(
                     .map_or(DEFAULT_CLOCK_SKEW, |d| d.0),
                 audit: n.audit.or(defaults.audit).unwrap_or_default(),
                 health_misses,
+                persist: n
+                    .persist
+                    .or(defaults.persist)
+                    .map_or(DEFAULT_PERSIST, |d| d.0),
                 key_file: if transport == Transport::Local {
                     paths::expand_tilde(remote_dir.trim_end_matches('/')).join("hive.key")
                 } else {

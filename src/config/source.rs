@@ -11,8 +11,8 @@ use crate::config::error::MAX_CONFIG_BYTES;
 use crate::config::resolve::resolve;
 use crate::config::{
     Config, ConfigError, DEFAULT_CLOCK_SKEW, DEFAULT_HEALTH_MISSES, DEFAULT_HIVE_PORT,
-    DEFAULT_KEEP_ALIVE, DEFAULT_MODEL, DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_TIMEOUT,
-    Model, Node, RestartPolicy, Transport, raw,
+    DEFAULT_KEEP_ALIVE, DEFAULT_MODEL, DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_PERSIST,
+    DEFAULT_TIMEOUT, Model, Node, RestartPolicy, Transport, raw,
 };
 use crate::error::{Error, Result};
 use crate::paths;
@@ -118,6 +118,7 @@ impl Config {
             clock_skew: DEFAULT_CLOCK_SKEW,
             audit: super::AuditPolicy::default(),
             health_misses: DEFAULT_HEALTH_MISSES,
+            persist: DEFAULT_PERSIST,
             models: vec![DEFAULT_MODEL.to_string()],
             restart: RestartPolicy::default(),
             key_file: paths::state_dir().join("nodes/local/hive.key"),

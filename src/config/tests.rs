@@ -35,6 +35,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "clock_skew",
         "audit",
         "health_misses",
+        "persist",
         "max_attempts",
         "backoff_initial",
         "backoff_max",

@@ -170,7 +170,7 @@ pub(crate) async fn connect_ssh(node: &Node, budget: &Budget, accept_new: bool) 
         not_the_home(node, "~", "~")?;
     }
     let target = Target::for_node(node)?;
-    let result = Session::connect(&target, budget.deadline(), accept_new).await;
+    let result = Session::open(&target, budget.deadline(), accept_new, node.persist).await;
     match &result {
         Ok(session) => {
             if let HostKey::Accepted { fingerprint } = &session.host_key {

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum SshError {
     #[error(
         "host key of {target} is not known: {fingerprint}. If that is the \

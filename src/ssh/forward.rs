@@ -40,6 +40,10 @@ struct State {
     seen: AtomicU8,
     /// A failed open ends its connection instead of trying the bridge.
     fail_fast: AtomicBool,
+    /// What the session has proven for every forward and stream it carries (it outlives one
+    /// invocation when a holder keeps it): `OPENED` once a channel opened, `BRIDGED` once sshd
+    /// refused one outright. A failed open proves neither, so it stays with this forward.
+    learnt: Option<Arc<AtomicU8>>,
 }
 
 const UNTRIED: u8 = 0;
@@ -48,6 +52,16 @@ const FAILED: u8 = 2;
 const BRIDGED: u8 = 3;
 
 impl State {
+    fn new(node: String, learnt: Option<Arc<AtomicU8>>) -> State {
+        let seen = learnt.as_ref().map_or(UNTRIED, |l| l.load(Ordering::Relaxed));
+        State {
+            node,
+            seen: AtomicU8::new(seen),
+            fail_fast: AtomicBool::new(false),
+            learnt,
+        }
+    }
+
     fn bridge(&self, path: &str, why: &str) {
         if self.seen.swap(BRIDGED, Ordering::Relaxed) != BRIDGED {
             tracing::info!(
@@ -55,6 +69,13 @@ impl State {
                 "sshd refuses forwarding to `{path}` ({why}); carrying requests over \
                  `rbee hive bridge` on the node instead"
             );
+        }
+    }
+
+    /// Records for the whole session what an answer of sshd proved.
+    fn learn(&self, proven: u8) {
+        if let Some(learnt) = &self.learnt {
+            learnt.store(proven, Ordering::Relaxed);
         }
     }
 }
@@ -100,8 +121,44 @@ impl Drop for Unlink {
     }
 }
 
+/// What carries a forward's connections: this process's SSH connection, or a holder's.
+#[derive(Clone)]
+pub(super) enum Via {
+    Ssh {
+        handle: Arc<client::Handle<Checker>>,
+        /// What the session has proven of sshd's forwarding (see `State::learnt`).
+        learnt: Arc<AtomicU8>,
+    },
+    Holder(Arc<crate::ssh::mux::client::Client>),
+}
+
+impl Via {
+    fn learnt(&self) -> Option<Arc<AtomicU8>> {
+        match self {
+            Via::Ssh { learnt, .. } => Some(learnt.clone()),
+            Via::Holder(_) => None,
+        }
+    }
+}
+
+/// A fresh record of what a session has proven of sshd's forwarding.
+pub(super) fn nothing_learnt() -> Arc<AtomicU8> {
+    Arc::new(AtomicU8::new(UNTRIED))
+}
+
+/// Carries one local connection to `path` on the node (a holder serving one stream).
+pub(super) async fn carry(via: &Via, node: &str, path: &str, stream: UnixStream) {
+    match via {
+        Via::Ssh { handle, learnt } => {
+            let state = State::new(node.to_string(), Some(learnt.clone()));
+            connect(handle, &state, path, stream).await;
+        }
+        Via::Holder(client) => client.carry(path, stream).await,
+    }
+}
+
 pub(super) async fn listen(
-    handle: Arc<client::Handle<Checker>>,
+    via: Via,
     node: String,
     remote_socket: &str,
 ) -> Result<(Forward, JoinHandle<()>)> {
@@ -115,11 +172,7 @@ pub(super) async fn listen(
     ));
     let listener = tokio::net::UnixListener::bind(&local).at("listen on", &local)?;
     let target = Arc::new(Mutex::new(remote_socket.to_string()));
-    let state = Arc::new(State {
-        node,
-        seen: AtomicU8::new(UNTRIED),
-        fail_fast: AtomicBool::new(false),
-    });
+    let state = Arc::new(State::new(node, via.learnt()));
     let unlink = Unlink(local.clone());
     let task = {
         let target = target.clone();
@@ -127,11 +180,14 @@ pub(super) async fn listen(
         tokio::spawn(async move {
             let _unlink = unlink;
             while let Ok((stream, _)) = listener.accept().await {
-                let handle = handle.clone();
+                let via = via.clone();
                 let state = state.clone();
                 let path = target.lock().map(|t| t.clone()).unwrap_or_default();
                 tokio::spawn(async move {
-                    connect(&handle, &state, &path, stream).await;
+                    match &via {
+                        Via::Ssh { handle, .. } => connect(handle, &state, &path, stream).await,
+                        Via::Holder(client) => client.carry(&path, stream).await,
+                    }
                 });
             }
         })
@@ -170,6 +226,7 @@ async fn connect(
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 );
+                state.learn(OPENED);
                 let mut remote = channel.into_stream();
                 let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
                 return;
@@ -177,7 +234,10 @@ async fn connect(
             // Only a refusal says so: sshd forwards nothing here.
             Err(russh::Error::ChannelOpenFailure(
                 why @ russh::ChannelOpenFailure::AdministrativelyProhibited,
-            )) => state.bridge(path, &format!("{why:?}")),
+            )) => {
+                state.learn(BRIDGED);
+                state.bridge(path, &format!("{why:?}"));
+            }
             Err(russh::Error::ChannelOpenFailure(why)) => {
                 // Once a channel has opened, sshd forwards: nothing listens there now.
                 let _ = state.seen.compare_exchange(

@@ -3,6 +3,7 @@
 //! connection keeps open.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use crate::ssh::auth::authenticate;
 use crate::ssh::config as ssh_config;
 use crate::ssh::forward;
 use crate::ssh::known_hosts::{Checker, HostKey, host_key_error};
+use crate::ssh::mux;
 use crate::ssh::quick_ack::QuickAck;
 use crate::ssh::remote;
 
@@ -32,7 +34,7 @@ const ALIVE_INTERVAL: u64 = 5;
 const ALIVE_COUNT: u32 = 3;
 
 /// Where and as whom to connect, after `~/.ssh/config` has been applied.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Target {
     pub(crate) node: String,
     pub(crate) host: String,
@@ -240,14 +242,25 @@ impl Exec {
 }
 
 pub(crate) struct Session {
-    handle: Arc<client::Handle<Checker>>,
-    /// The `ProxyJump` hops' connections, outermost first: each carries the next.
-    hops: Vec<Arc<client::Handle<Checker>>>,
+    link: Link,
     pub(crate) target: Target,
     pub(crate) host_key: HostKey,
     forwards: Mutex<Vec<JoinHandle<()>>>,
     /// The `ProxyCommand` carrying the connection, killed when the session ends.
     _proxy: Option<tokio::process::Child>,
+}
+
+/// What carries the session's channels: a russh connection of this process, or the holder
+/// process of a persistent one.
+enum Link {
+    Direct {
+        handle: Arc<client::Handle<Checker>>,
+        /// The `ProxyJump` hops' connections, outermost first: each carries the next.
+        hops: Vec<Arc<client::Handle<Checker>>>,
+        /// What sshd's answers to its forwards have proven (`forward::State::learnt`).
+        learnt: Arc<AtomicU8>,
+    },
+    Held(Arc<mux::client::Client>),
 }
 
 impl Drop for Session {
@@ -261,6 +274,31 @@ impl Drop for Session {
 }
 
 impl Session {
+    /// Connects as `connect` does, or, when `persist` is not zero, through the node's holder
+    /// (started now if there is none): the connection then outlives this invocation.
+    pub(crate) async fn open(
+        target: &Target,
+        deadline: Instant,
+        accept_new: bool,
+        persist: Duration,
+    ) -> Result<Session> {
+        if !persist.is_zero()
+            && let Some(session) = mux::client::reach(target, deadline, accept_new, persist).await?
+        {
+            return Ok(session);
+        }
+        Session::connect(target, deadline, accept_new).await
+    }
+
+    pub(super) fn held(target: &Target, client: mux::client::Client, host_key: HostKey) -> Session {
+        Session {
+            link: Link::Held(Arc::new(client)),
+            target: target.clone(),
+            host_key,
+            forwards: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Connects and authenticates before `deadline`: through each `ProxyJump` hop in turn (a
     /// `direct-tcpip` channel of one carries the next SSH session, each hop's host key checked
     /// on its own), then to the target.
@@ -288,8 +326,11 @@ impl Session {
         };
         let (handle, host_key) = connect_one(target, via, deadline, accept_new).await?;
         Ok(Session {
-            handle: Arc::new(handle),
-            hops,
+            link: Link::Direct {
+                handle: Arc::new(handle),
+                hops,
+                learnt: forward::nothing_learnt(),
+            },
             target: target.clone(),
             host_key,
             forwards: Mutex::new(Vec::new()),
@@ -316,35 +357,7 @@ impl Session {
         tracing::debug!(node = %self.target.node, "running a command on the node");
         let marker = remote::marker();
         let command = remote::under_sh(command, &marker);
-        let mut channel = self.handle.channel_open_session().await.map_err(|e| {
-            self.target
-                .broke(format_args!("cannot open a session: {e}"))
-        })?;
-        channel
-            .exec(true, command.as_str())
-            .await
-            .map_err(|e| self.target.broke(format_args!("cannot run a command: {e}")))?;
-        channel
-            .data(input)
-            .await
-            .map_err(|e| self.target.broke(format_args!("sending data failed: {e}")))?;
-        channel
-            .eof()
-            .await
-            .map_err(|e| self.target.broke(format_args!("sending data failed: {e}")))?;
-        let mut out = Exec::default();
-        while let Some(msg) = channel.wait().await {
-            match msg {
-                ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => out.code = Some(exit_status),
-                ChannelMsg::ExitSignal { signal_name, .. } => {
-                    out.stderr
-                        .extend_from_slice(format!("killed by {signal_name:?}").as_bytes());
-                }
-                _ => {}
-            }
-        }
+        let mut out = self.exec_wrapped(&command, input).await?;
         // What the login shell printed before `sh` ran (a greeting in ~/.bashrc) is not the
         // command's; with no marker at all, the shell never ran it (nologin, a broken shell).
         match remote::after_marker(&out.stdout, &marker) {
@@ -369,6 +382,65 @@ impl Session {
             }
         }
         Ok(out)
+    }
+
+    /// Runs `command` as it is (already under `sh -c`), over this connection or its holder.
+    pub(super) async fn exec_wrapped<R: AsyncRead + Unpin>(
+        &self,
+        command: &str,
+        input: R,
+    ) -> Result<Exec> {
+        let handle = match &self.link {
+            Link::Held(client) => return client.exec(command, input).await,
+            Link::Direct { handle, .. } => handle,
+        };
+        let mut channel = handle.channel_open_session().await.map_err(|e| {
+            self.target
+                .broke(format_args!("cannot open a session: {e}"))
+        })?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| self.target.broke(format_args!("cannot run a command: {e}")))?;
+        channel
+            .data(input)
+            .await
+            .map_err(|e| self.target.broke(format_args!("sending data failed: {e}")))?;
+        channel
+            .eof()
+            .await
+            .map_err(|e| self.target.broke(format_args!("sending data failed: {e}")))?;
+        let mut out = Exec::default();
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => out.code = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    out.stderr
+                        .extend_from_slice(format!("killed by {signal_name:?}").as_bytes());
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Carries `stream` to the Unix socket `path` on the node (a holder serving a stream).
+    pub(super) async fn carry(&self, path: &str, stream: tokio::net::UnixStream) {
+        forward::carry(&self.via(), &self.target.node, path, stream).await;
+    }
+
+    fn via(&self) -> forward::Via {
+        match &self.link {
+            Link::Direct {
+                handle, learnt, ..
+            } => forward::Via::Ssh {
+                handle: handle.clone(),
+                learnt: learnt.clone(),
+            },
+            Link::Held(client) => forward::Via::Holder(client.clone()),
+        }
     }
 
     /// Like `exec`, but a non-zero exit is an error naming `what`.
@@ -399,7 +471,12 @@ impl Session {
     /// Whether the connection has ended: the node closed it, or its keep-alives went
     /// unanswered.
     pub(crate) fn is_closed(&self) -> bool {
-        self.handle.is_closed() || self.hops.iter().any(|hop| hop.is_closed())
+        match &self.link {
+            Link::Direct { handle, hops, .. } => {
+                handle.is_closed() || hops.iter().any(|hop| hop.is_closed())
+            }
+            Link::Held(client) => client.is_closed(),
+        }
     }
 
     /// The error for a connection that ended under a command or a stream.
@@ -422,7 +499,7 @@ impl Session {
     /// (an absolute path on the node) through direct-streamlocal channels of this connection.
     pub(crate) async fn forward(&self, remote_socket: &str) -> Result<forward::Forward> {
         let (forward, task) =
-            forward::listen(self.handle.clone(), self.target.node.clone(), remote_socket).await?;
+            forward::listen(self.via(), self.target.node.clone(), remote_socket).await?;
         if let Ok(mut forwards) = self.forwards.lock() {
             forwards.push(task);
         }
@@ -465,6 +542,28 @@ fn proxy_command(target: &Target, command: &str) -> Result<(tokio::process::Chil
     }
 }
 
+/// Logins under way at once to one sshd from this process: below sshd's default
+/// `MaxStartups 10:30:100`, which starts dropping unauthenticated connections beyond 10, so a
+/// command over many nodes behind one sshd (or one bastion) waits its turn instead.
+const LOGINS_PER_SSHD: usize = 8;
+
+/// Each sshd's (`host`, `port`) semaphore of login turns.
+type LoginSlots = Vec<((String, u16), Arc<tokio::sync::Semaphore>)>;
+
+/// The semaphore pacing logins to `host:port`.
+fn login_slots(host: &str, port: u16) -> Arc<tokio::sync::Semaphore> {
+    static SLOTS: Mutex<LoginSlots> = Mutex::new(Vec::new());
+    let Ok(mut slots) = SLOTS.lock() else {
+        return Arc::new(tokio::sync::Semaphore::new(LOGINS_PER_SSHD));
+    };
+    if let Some((_, s)) = slots.iter().find(|(k, _)| k.0 == host && k.1 == port) {
+        return s.clone();
+    }
+    let s = Arc::new(tokio::sync::Semaphore::new(LOGINS_PER_SSHD));
+    slots.push(((host.to_string(), port), s.clone()));
+    s
+}
+
 /// One SSH connection and login to `target`: over TCP, through a `direct-tcpip` channel of
 /// the hop before it, or over a `ProxyCommand`'s stdio.
 async fn connect_one(
@@ -473,6 +572,18 @@ async fn connect_one(
     deadline: Instant,
     accept_new: bool,
 ) -> Result<(client::Handle<Checker>, HostKey)> {
+    let slots = login_slots(&target.host, target.port);
+    // Waiting for a turn spends from the budget like the connect itself.
+    let _turn = match tokio::time::timeout_at(deadline.into(), slots.acquire_owned()).await {
+        Ok(Ok(turn)) => Some(turn),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            return Err(Error::deadline(format!(
+                "the budget ran out while waiting to connect to {}",
+                target.describe()
+            )));
+        }
+    };
     let verdict = Arc::new(Mutex::new(None));
     let checker = Checker::new(target, accept_new, verdict.clone());
     let config = Arc::new(client::Config {

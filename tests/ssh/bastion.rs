@@ -89,7 +89,7 @@ fn a_node_behind_a_bastion_installs_starts_infers_and_stops_through_it() {
 
     let config = format!(
         "{}[nodes.gpu]\nhost = \"gpu\"\nknown_hosts = {:?}\nremote_dir = {:?}\n\
-         models = [\"smollm2\"]\n",
+         models = [\"smollm2\"]\npersist = \"0\"\n",
         model_table(&model, MODEL_SHA256),
         known_hosts.display().to_string(),
         dir.path().join("node-gpu").display().to_string(),

@@ -31,7 +31,7 @@ fn a_link_that_dies_mid_stream_ends_infer_with_exit_4_and_the_text_kept() {
     .expect("known_hosts");
     let config = format!(
         "{}[nodes.far]\nhost = {:?}\nport = {}\nuser = {:?}\nidentity_file = {:?}\n\
-         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\n",
+         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\npersist = \"0\"\n",
         model_table(&model, MODEL_SHA256),
         ns.node_ip,
         server.port,

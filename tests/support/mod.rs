@@ -273,6 +273,8 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = self.command(&["hive", "stop", "--all"]).output();
+        // Holders of persistent SSH connections end with the test, not `persist` later.
+        let _ = self.command(&["nodes", "disconnect"]).output();
         for pid in self.processes() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
