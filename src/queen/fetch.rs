@@ -41,10 +41,23 @@ pub(crate) async fn pull(
     model: &Model,
     budget: &Budget,
     progress: &Progress,
+    report: impl FnMut(Update<'_>),
+) -> Result<Pulled> {
+    url_of(&conn.node, model)?;
+    crate::queen::lifecycle::ensure_running(conn, models, budget, progress).await?;
+    download(conn, models, model, budget, progress, report).await
+}
+
+/// Has the node's hive, which runs, download `model` (as `pull`).
+pub(crate) async fn download(
+    conn: &NodeConn,
+    models: &crate::protocol::ModelTable,
+    model: &Model,
+    budget: &Budget,
+    progress: &Progress,
     mut report: impl FnMut(Update<'_>),
 ) -> Result<Pulled> {
     let url = url_of(&conn.node, model)?;
-    crate::queen::lifecycle::ensure_running(conn, models, budget, progress).await?;
     let request = PullRequest {
         model_digest: crate::protocol::model_digest(model),
         url,

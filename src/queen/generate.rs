@@ -392,7 +392,7 @@ async fn send(
     let response = match first {
         Err(Error::ModelMissing(why)) => {
             drop(waiting.take());
-            fetch_missing(runner, &mut conn, &models, request, budget, &why).await?;
+            fetch_missing(runner, conn, &models, request, budget, &why).await?;
             waiting = Some(runner.progress.spinner(format!(
                 "waiting for `{}` on `{}`: queue, load and prefill",
                 request.model, node.name
@@ -554,7 +554,7 @@ fn ms(since: Instant) -> f64 {
 /// budget, when its `source` is a URL; otherwise the error says how to put it there.
 async fn fetch_missing(
     runner: &Runner,
-    conn: &mut NodeConn,
+    conn: &NodeConn,
     models: &crate::protocol::ModelTable,
     request: &InferRequest,
     budget: &Budget,
@@ -582,7 +582,7 @@ async fn fetch_missing(
     if runner.note_start {
         eprintln!("`{name}` is not on `{node}`: the node downloads it from its source");
     }
-    let pull = crate::queen::fetch::pull(conn, models, model, budget, &runner.progress, |_| {});
+    let pull = crate::queen::fetch::download(conn, models, model, budget, &runner.progress, |_| {});
     match tokio::time::timeout(budget.remaining(), pull).await {
         Ok(pulled) => pulled.map(|_| ()),
         Err(_) => Err(Error::deadline(format!(

@@ -53,7 +53,9 @@ const BRIDGED: u8 = 3;
 
 impl State {
     fn new(node: String, learnt: Option<Arc<AtomicU8>>) -> State {
-        let seen = learnt.as_ref().map_or(UNTRIED, |l| l.load(Ordering::Relaxed));
+        let seen = learnt
+            .as_ref()
+            .map_or(UNTRIED, |l| l.load(Ordering::Relaxed));
         State {
             node,
             seen: AtomicU8::new(seen),

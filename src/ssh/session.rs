@@ -296,6 +296,7 @@ impl Session {
             target: target.clone(),
             host_key,
             forwards: Mutex::new(Vec::new()),
+            _proxy: None,
         }
     }
 
@@ -433,9 +434,7 @@ impl Session {
 
     fn via(&self) -> forward::Via {
         match &self.link {
-            Link::Direct {
-                handle, learnt, ..
-            } => forward::Via::Ssh {
+            Link::Direct { handle, learnt, .. } => forward::Via::Ssh {
                 handle: handle.clone(),
                 learnt: learnt.clone(),
             },
