@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::Model;
 use crate::deadline::Budget;
-use crate::error::{Error, ExitKind, Result};
+use crate::error::{Error, Result};
 use crate::hive::policy::History;
 use crate::hive::registry::Registry;
 use crate::hive::worker_proc::WorkerProc;
@@ -60,11 +60,12 @@ pub(crate) struct EntryState {
     pub(crate) load: Option<LoadWatch>,
 }
 
-/// A load's outcome, once there is one: the worker, or the class and message of its failure
-/// (for each waiter to return as its own error).
+/// A load's outcome, once there is one: the worker, or the wire code and message of its
+/// failure (for each waiter to return as its own error, of the same variant).
 pub(crate) type LoadWatch =
-    watch::Receiver<Option<std::result::Result<Arc<WorkerProc>, (ExitKind, String)>>>;
-type LoadOutcome = watch::Sender<Option<std::result::Result<Arc<WorkerProc>, (ExitKind, String)>>>;
+    watch::Receiver<Option<std::result::Result<Arc<WorkerProc>, (&'static str, String)>>>;
+type LoadOutcome =
+    watch::Sender<Option<std::result::Result<Arc<WorkerProc>, (&'static str, String)>>>;
 
 /// One load of a model: verify, spawn, wait for its hello, within `load_timeout`; ends early
 /// when the hive begins to stop (the process is killed as it is dropped).
@@ -95,7 +96,7 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
             }
             Err(e) => {
                 tracing::warn!(model = %entry.name, "load failed: {e}");
-                Err((e.kind(), e.to_string()))
+                Err((e.wire_code(), e.to_string()))
             }
         }
     };
@@ -303,7 +304,9 @@ impl Entry {
                 Ok(Err(_)) => return Err(registry.stopping_error()),
                 Ok(Ok(done)) => match done.as_ref() {
                     Some(Ok(proc)) => return Ok((proc.clone(), Some(ms))),
-                    Some(Err((kind, message))) => return Err(Error::of_kind(*kind, message)),
+                    Some(Err((code, message))) => {
+                        return Err(Error::from_wire(code, message.clone()));
+                    }
                     None => continue,
                 },
             }

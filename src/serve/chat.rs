@@ -300,11 +300,14 @@ fn start(
             app.metrics.first_token(model, t.as_secs_f64());
         }
         match &result {
+            // One line per request, so that the request id finds the whole cause (an error
+            // over several nodes names each on a line of its own).
             Err(e) => eprintln!(
-                "rbee serve: request {} (key `{key}`, model `{}`, node `{}`): {status}: {e}",
+                "rbee serve: request {} (key `{key}`, model `{}`, node `{}`): {status}: {}",
                 request.request_id,
                 request.model,
-                node.as_deref().unwrap_or("-")
+                node.as_deref().unwrap_or("-"),
+                e.to_string().replace('\n', " ")
             ),
             Ok(()) => tracing::info!(
                 request_id = %request.request_id,
