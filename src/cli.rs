@@ -301,6 +301,13 @@ pub(crate) enum WorkerOp {
         #[arg(long)]
         model: String,
     },
+    /// Cancel a request in flight on a node (its id, as `worker list` shows it): its client
+    /// keeps the text generated so far and exits 130
+    Cancel {
+        #[arg(long)]
+        node: Option<String>,
+        request_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,6 +12,7 @@ mod audit_witness;
 mod batch_controls;
 mod batching;
 mod broken_streams;
+mod cancel;
 mod completions;
 mod config_errors;
 mod crowd;

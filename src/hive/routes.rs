@@ -54,6 +54,7 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/v1/workers/{model}/restart", post(restart_worker))
         .route("/v1/workers/{model}/load", post(load_worker))
         .route("/v1/requests", get(requests))
+        .route("/v1/requests/{id}/cancel", post(cancel_request))
         .route("/v1/logs", get(logs))
         .route("/v1/infer", post(infer))
         .route("/v1/models", put(update_models))
@@ -269,6 +270,27 @@ async fn requests(State(hive): State<Arc<Hive>>) -> Json<Vec<RequestInfo>> {
     Json(hive.requests.list())
 }
 
+/// An operator's cancel of one request in flight: its generation ends at once (the worker
+/// stops decoding it and frees its slot), its client ends as interrupted, and the request's
+/// `request_cancelled` record names the key that signed this call.
+async fn cancel_request(
+    State(hive): State<Arc<Hive>>,
+    Path(id): Path<String>,
+    axum::Extension(signer): axum::Extension<crate::auth::layer::Authenticated>,
+) -> Result<Json<RequestInfo>, ApiError> {
+    let by = signer.kid();
+    let Some(info) = hive.requests.cancel(&id, &by) else {
+        return Err(Error::invalid(format!(
+            "no request {} is in flight on `{}`; `rbee worker list` shows those that are",
+            crate::audit::bounded(&id, crate::audit::UNTRUSTED_BYTES),
+            hive.node
+        ))
+        .into());
+    };
+    tracing::info!(request_id = %info.request_id, by = %by, "request cancel requested");
+    Ok(Json(info))
+}
+
 async fn stop_worker(
     State(hive): State<Arc<Hive>>,
     Path(model): Path<String>,
@@ -374,10 +396,33 @@ async fn start_generation(
         .track(&generate.request_id, &request.model, budget);
     let entry = hive.registry.entry(&spec);
     let queued_at = Instant::now();
-    let lease = entry.lease(&budget, &hive.registry).await?;
+    // A request cancelled while it waits for its place or its worker ends there; the load
+    // itself outlives it, as any load outlives its request.
+    let cancel = tracked.cancel.clone();
+    let cancelled = || {
+        Error::of_kind(
+            ExitKind::Interrupted,
+            format!(
+                "request `{}` was cancelled on `{}` by key {} (`rbee worker cancel`) before it \
+                 started generating",
+                generate.request_id,
+                hive.node,
+                cancel.by().unwrap_or_default()
+            ),
+        )
+    };
+    let lease = tokio::select! {
+        biased;
+        () = cancel.token.cancelled() => return Err(cancelled().into()),
+        lease = entry.lease(&budget, &hive.registry) => lease?,
+    };
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
     tracked.stage(RequestStage::Loading);
-    let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
+    let (proc, load_ms) = tokio::select! {
+        biased;
+        () = cancel.token.cancelled() => return Err(cancelled().into()),
+        worker = entry.worker(&hive.registry, &budget) => worker?,
+    };
     tracked.stage(RequestStage::Generating);
 
     let body = serde_json::to_vec(&generate)
@@ -431,7 +476,7 @@ async fn start_generation(
     let relay = crate::hive::relay::Relay {
         request_id: generate.request_id.clone(),
         audit: hive.audit.clone(),
-        _tracked: tracked,
+        tracked,
         lease,
         proc,
         metrics: hive.metrics.clone(),
