@@ -371,6 +371,13 @@ pub(crate) enum ModelsCommand {
         node: String,
         model: String,
     },
+    /// Remove a model's file (and a partial copy) from a node; refused while a worker has it
+    /// loaded or a transfer is under way
+    Rm {
+        #[arg(long)]
+        node: String,
+        model: String,
+    },
     /// Print a ready `[models.NAME]` entry for a GGUF file or URL, with its SHA-256
     Hash {
         /// A file on this machine, or an http(s):// or hf://OWNER/REPO/FILE.gguf URL

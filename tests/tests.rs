@@ -26,6 +26,7 @@ mod loads;
 mod model_fetch;
 mod model_files;
 mod model_table;
+mod models_rm;
 mod pipes;
 mod proof;
 mod serve;

@@ -59,6 +59,7 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/v1/infer", post(infer))
         .route("/v1/models", put(update_models))
         .route("/v1/models/{model}/pull", post(pull_model))
+        .route("/v1/models/{model}", delete(remove_model))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/keys", get(crate::hive::key_routes::list))
         .route("/v1/keys/reload", post(crate::hive::key_routes::reload))
@@ -289,6 +290,64 @@ async fn cancel_request(
     };
     tracing::info!(request_id = %info.request_id, by = %by, "request cancel requested");
     Ok(Json(info))
+}
+
+/// Removes a model's file (and a transfer's partial file) from the node. Refused while a worker
+/// has the model loaded or a transfer holds its lock: the file is in use.
+async fn remove_model(
+    State(hive): State<Arc<Hive>>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use nix::fcntl::{Flock, FlockArg};
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
+    let spec = hive.registry.served(&model, None)?;
+    if hive.registry.entry(&spec).lock().proc.is_some() {
+        return Err(Error::invalid(format!(
+            "a worker for `{model}` has it loaded on `{}`: `rbee worker stop --node {} --model \
+             {model}` first",
+            hive.node, hive.node
+        ))
+        .into());
+    }
+    let path = crate::hive::worker_proc::model_path(&spec);
+    let lock_path = crate::hive::download::lock_path(&path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::internal(format!("cannot open `{}`: {e}", lock_path.display())))?;
+    let _lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        Error::invalid(format!(
+            "a transfer of `{model}` to `{}` is under way (it holds `{}`: {e}); wait for it, \
+             then remove the model",
+            hive.node,
+            lock_path.display()
+        ))
+    })?;
+    let mut removed = Vec::new();
+    let mut bytes = 0u64;
+    for p in [path.clone(), crate::hive::download::part_path(&path)] {
+        let len = std::fs::metadata(&p).map_or(0, |m| m.len());
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                bytes += len;
+                removed.push(p.display().to_string());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(
+                    Error::internal(format!("cannot remove `{}`: {e}", p.display())).into(),
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&lock_path);
+    let fields = serde_json::json!({ "model": model, "removed": removed, "bytes": bytes });
+    hive.audit.note("model_removed", None, fields.clone()).await;
+    Ok(Json(fields))
 }
 
 async fn stop_worker(

@@ -250,6 +250,16 @@ impl HiveClient {
             .await
     }
 
+    /// Removes a model's file from the node (`DELETE /v1/models/{model}`).
+    pub(crate) async fn remove_model(
+        &self,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        self.call(Method::DELETE, &format!("/v1/models/{model}"), timeout)
+            .await
+    }
+
     pub(crate) async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {
         let body: serde_json::Value = self
             .call(Method::DELETE, &format!("/v1/workers/{model}"), timeout)
