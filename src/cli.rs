@@ -301,6 +301,13 @@ pub(crate) enum WorkerOp {
         #[arg(long)]
         model: String,
     },
+    /// Cancel a request in flight on a node (its id, as `worker list` shows it): its client
+    /// keeps the text generated so far and exits 130
+    Cancel {
+        #[arg(long)]
+        node: Option<String>,
+        request_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,6 +367,13 @@ pub(crate) enum ModelsCommand {
     /// Have a node download a model from its URL `source` (resumes a partial download,
     /// verifies the sha256)
     Pull {
+        #[arg(long)]
+        node: String,
+        model: String,
+    },
+    /// Remove a model's file (and a partial copy) from a node; refused while a worker has it
+    /// loaded or a transfer is under way
+    Rm {
         #[arg(long)]
         node: String,
         model: String,

@@ -36,6 +36,30 @@ fn metric(env: &Env, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric `{name}` in:\n{body}"))
 }
 
+/// With the hive's low-memory threshold above what the machine has available, a SIGKILL from
+/// outside reads as the OOM killer's (with the default threshold it reads as `signal`, as the
+/// test below checks).
+#[test]
+fn a_worker_sigkilled_while_memory_is_low_reads_as_likely_oom() {
+    let Some(env) = Env::new("") else { return };
+    let first = env
+        .command(&["--json", "infer", "--prompt", "Hi", "--max-tokens", "2"])
+        .env("RBEE_LOW_MEMORY_PERCENT", "100")
+        .output()
+        .expect("run rbee");
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    let pid = worker(&env)["pid"].as_i64().expect("pid");
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let (info, _) = wait_restarted(&env, pid);
+    assert_eq!(info["last_exit_reason"], "likely_oom", "{info}");
+    assert!(
+        info["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("memory was low")),
+        "{info}"
+    );
+}
+
 #[test]
 fn a_worker_killed_mid_generation_fails_the_request_and_comes_back() {
     let Some(env) = Env::new("") else { return };

@@ -27,6 +27,7 @@ pub(crate) async fn run(ctx: &Context, command: ModelsCommand) -> Result<()> {
         ModelsCommand::Push { node, model } => push(ctx, &node, &model).await,
         ModelsCommand::Load { node, model } => load(ctx, &node, &model).await,
         ModelsCommand::Pull { node, model } => pull(ctx, &node, &model).await,
+        ModelsCommand::Rm { node, model } => rm(ctx, &node, &model).await,
         ModelsCommand::Hash { file } => hash(ctx, &file).await,
     }
 }
@@ -61,6 +62,32 @@ async fn load(ctx: &Context, node: &str, model: &str) -> Result<()> {
             info.pid.map_or("-".to_string(), |p| p.to_string()),
             info.load_ms
                 .map_or("-".to_string(), |ms| format!("{ms:.0}ms"))
+        )
+    });
+    Ok(())
+}
+
+/// `models rm`: the hive removes the model's file, unless it is in use.
+async fn rm(ctx: &Context, node: &str, model: &str) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(Some(node))?;
+    config.model(node, Some(model))?;
+    let budget = Budget::new(node.timeout);
+    let mut conn = ctx.open(node, &budget).await?;
+    let models = crate::queen::node_models(&config.models, node);
+    crate::queen::lifecycle::ensure_running(&mut conn, &models, &budget, &ctx.progress).await?;
+    let client = &conn.client;
+    let removed = client
+        .with_models(&models, &budget, || {
+            client.remove_model(model, budget.remaining())
+        })
+        .await?;
+    let value = serde_json::json!({ "node": node.name, "removed": removed });
+    ctx.out.result(&value, || {
+        format!(
+            "{}: removed `{model}` ({} bytes)",
+            node.name,
+            removed["bytes"].as_u64().unwrap_or(0)
         )
     });
     Ok(())

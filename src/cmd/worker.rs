@@ -1,4 +1,4 @@
-//! `rbee worker list|stop`: the llama.cpp workers of a node's hive.
+//! `rbee worker list|stop|restart|cancel`: the llama.cpp workers of a node's hive.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +16,7 @@ pub(crate) async fn run(ctx: &Context, command: WorkerOp) -> Result<()> {
         WorkerOp::List { node } => list(ctx, node.as_deref()).await,
         WorkerOp::Stop { node, model } => stop(ctx, node.as_deref(), &model).await,
         WorkerOp::Restart { node, model } => restart(ctx, node.as_deref(), &model).await,
+        WorkerOp::Cancel { node, request_id } => cancel(ctx, node.as_deref(), &request_id).await,
     }
 }
 
@@ -160,6 +161,21 @@ async fn restart(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
             "{}: restarted the worker for `{model}` (pid {})",
             node.name,
             info.pid.map_or("-".to_string(), |p| p.to_string())
+        )
+    });
+    Ok(())
+}
+
+async fn cancel(ctx: &Context, node: Option<&str>, request_id: &str) -> Result<()> {
+    let config = ctx.config()?;
+    let node = config.node(node)?;
+    let conn = ctx.open(node, &Budget::new(node.timeout)).await?;
+    let info = conn.client.cancel_request(request_id, TIMEOUT).await?;
+    let value = serde_json::json!({ "node": node.name, "cancelled": info });
+    ctx.out.result(&value, || {
+        format!(
+            "{}: cancelled request {} ({}, {}ms old)",
+            node.name, info.request_id, info.model, info.age_ms
         )
     });
     Ok(())

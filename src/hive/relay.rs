@@ -24,7 +24,8 @@ use crate::protocol::{DoneEvent, ErrorBody, StopReason};
 pub(crate) struct Relay {
     pub(crate) request_id: String,
     pub(crate) audit: crate::audit::Audit,
-    pub(crate) _tracked: Tracked,
+    /// Its entry in the hive's table, with the operator's cancel it waits on.
+    pub(crate) tracked: Tracked,
     pub(crate) lease: Lease,
     pub(crate) proc: Arc<WorkerProc>,
     pub(crate) metrics: Arc<Metrics>,
@@ -55,9 +56,18 @@ impl Relay {
         let mut cut = false;
         let mut ended = false;
         let mut told = false;
+        let cancel = self.tracked.cancel.clone();
+        let mut cancelled_by = None;
         loop {
             let next = tokio::select! {
                 biased;
+                () = cancel.token.cancelled() => {
+                    let by = cancel.by().unwrap_or_default().to_string();
+                    tracing::info!(model = %self.model, by = %by, "cancelled by an operator; ending the generation");
+                    outcome = "cancelled";
+                    cancelled_by = Some(by);
+                    break;
+                }
                 _ = tx.closed() => {
                     tracing::info!(model = %self.model, "client went away; cancelling generation");
                     outcome = "cancelled";
@@ -128,7 +138,20 @@ impl Relay {
                 tracing::error!("{e}");
             }
         }
-        if cut {
+        if let Some(by) = &cancelled_by {
+            // Dropping the worker's stream (when the relay returns) stops the decoding; the
+            // client keeps what it was sent and ends as an interrupted request.
+            let err = Error::of_kind(
+                crate::error::ExitKind::Interrupted,
+                format!(
+                    "request `{}` was cancelled on `{}` by key {by} (`rbee worker cancel`)",
+                    self.request_id, self.node
+                ),
+            );
+            let _ = tx
+                .send(SseEvent::json("error", &ErrorBody::from(&err)))
+                .await;
+        } else if cut {
             let _ = tx.send(self.cut_by_stop()).await;
         } else if outcome == "error" && !ended && !told && !tx.is_closed() {
             let _ = tx.send(self.crashed(stalled).await).await;
@@ -170,6 +193,7 @@ impl Relay {
             "stop_reason": done.as_ref().map(|d| d.stop_reason),
             "duration_ms": u64::try_from(self.received.elapsed().as_millis()).unwrap_or(u64::MAX),
             "worker_pid": self.proc.pid,
+            "by": self.tracked.cancel.by(),
         });
         self.audit
             .record_work(event, Some(self.request_id.clone()), fields)

@@ -54,10 +54,12 @@ pub(crate) fn router(hive: Arc<Hive>, verifier: Arc<crate::auth::layer::Guard>) 
         .route("/v1/workers/{model}/restart", post(restart_worker))
         .route("/v1/workers/{model}/load", post(load_worker))
         .route("/v1/requests", get(requests))
+        .route("/v1/requests/{id}/cancel", post(cancel_request))
         .route("/v1/logs", get(logs))
         .route("/v1/infer", post(infer))
         .route("/v1/models", put(update_models))
         .route("/v1/models/{model}/pull", post(pull_model))
+        .route("/v1/models/{model}", delete(remove_model))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/keys", get(crate::hive::key_routes::list))
         .route("/v1/keys/reload", post(crate::hive::key_routes::reload))
@@ -269,6 +271,85 @@ async fn requests(State(hive): State<Arc<Hive>>) -> Json<Vec<RequestInfo>> {
     Json(hive.requests.list())
 }
 
+/// An operator's cancel of one request in flight: its generation ends at once (the worker
+/// stops decoding it and frees its slot), its client ends as interrupted, and the request's
+/// `request_cancelled` record names the key that signed this call.
+async fn cancel_request(
+    State(hive): State<Arc<Hive>>,
+    Path(id): Path<String>,
+    axum::Extension(signer): axum::Extension<crate::auth::layer::Authenticated>,
+) -> Result<Json<RequestInfo>, ApiError> {
+    let by = signer.kid();
+    let Some(info) = hive.requests.cancel(&id, &by) else {
+        return Err(Error::invalid(format!(
+            "no request {} is in flight on `{}`; `rbee worker list` shows those that are",
+            crate::audit::bounded(&id, crate::audit::UNTRUSTED_BYTES),
+            hive.node
+        ))
+        .into());
+    };
+    tracing::info!(request_id = %info.request_id, by = %by, "request cancel requested");
+    Ok(Json(info))
+}
+
+/// Removes a model's file (and a transfer's partial file) from the node. Refused while a worker
+/// has the model loaded or a transfer holds its lock: the file is in use.
+async fn remove_model(
+    State(hive): State<Arc<Hive>>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use nix::fcntl::{Flock, FlockArg};
+    if hive.shutdown.is_cancelled() {
+        return Err(hive.registry.stopping_error().into());
+    }
+    let spec = hive.registry.served(&model, None)?;
+    if hive.registry.entry(&spec).lock().proc.is_some() {
+        return Err(Error::invalid(format!(
+            "a worker for `{model}` has it loaded on `{}`: `rbee worker stop --node {} --model \
+             {model}` first",
+            hive.node, hive.node
+        ))
+        .into());
+    }
+    let path = crate::hive::worker_proc::model_path(&spec);
+    let lock_path = crate::hive::download::lock_path(&path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::internal(format!("cannot open `{}`: {e}", lock_path.display())))?;
+    let _lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        Error::invalid(format!(
+            "a transfer of `{model}` to `{}` is under way (it holds `{}`: {e}); wait for it, \
+             then remove the model",
+            hive.node,
+            lock_path.display()
+        ))
+    })?;
+    let mut removed = Vec::new();
+    let mut bytes = 0u64;
+    for p in [path.clone(), crate::hive::download::part_path(&path)] {
+        let len = std::fs::metadata(&p).map_or(0, |m| m.len());
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                bytes += len;
+                removed.push(p.display().to_string());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(
+                    Error::internal(format!("cannot remove `{}`: {e}", p.display())).into(),
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&lock_path);
+    let fields = serde_json::json!({ "model": model, "removed": removed, "bytes": bytes });
+    hive.audit.note("model_removed", None, fields.clone()).await;
+    Ok(Json(fields))
+}
+
 async fn stop_worker(
     State(hive): State<Arc<Hive>>,
     Path(model): Path<String>,
@@ -374,10 +455,33 @@ async fn start_generation(
         .track(&generate.request_id, &request.model, budget);
     let entry = hive.registry.entry(&spec);
     let queued_at = Instant::now();
-    let lease = entry.lease(&budget, &hive.registry).await?;
+    // A request cancelled while it waits for its place or its worker ends there; the load
+    // itself outlives it, as any load outlives its request.
+    let cancel = tracked.cancel.clone();
+    let cancelled = || {
+        Error::of_kind(
+            ExitKind::Interrupted,
+            format!(
+                "request `{}` was cancelled on `{}` by key {} (`rbee worker cancel`) before it \
+                 started generating",
+                generate.request_id,
+                hive.node,
+                cancel.by().unwrap_or_default()
+            ),
+        )
+    };
+    let lease = tokio::select! {
+        biased;
+        () = cancel.token.cancelled() => return Err(cancelled().into()),
+        lease = entry.lease(&budget, &hive.registry) => lease?,
+    };
     let queue_ms = queued_at.elapsed().as_secs_f64() * 1000.0;
     tracked.stage(RequestStage::Loading);
-    let (proc, load_ms) = entry.worker(&hive.registry, &budget).await?;
+    let (proc, load_ms) = tokio::select! {
+        biased;
+        () = cancel.token.cancelled() => return Err(cancelled().into()),
+        worker = entry.worker(&hive.registry, &budget) => worker?,
+    };
     tracked.stage(RequestStage::Generating);
 
     let body = serde_json::to_vec(&generate)
@@ -431,7 +535,7 @@ async fn start_generation(
     let relay = crate::hive::relay::Relay {
         request_id: generate.request_id.clone(),
         audit: hive.audit.clone(),
-        _tracked: tracked,
+        tracked,
         lease,
         proc,
         metrics: hive.metrics.clone(),

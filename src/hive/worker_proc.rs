@@ -93,6 +93,21 @@ pub(crate) struct MemoryView {
     pub(crate) oom_kills: Option<u64>,
     pub(crate) available_kib: Option<u64>,
     pub(crate) total_kib: Option<u64>,
+    /// Below this percentage of the total available, memory counts as low.
+    pub(crate) low_percent: u64,
+}
+
+/// The hive's setting for "memory is low": `RBEE_LOW_MEMORY_PERCENT` (0 to 100) in its
+/// environment, 10 when unset or out of range. A test sets it above what the machine has
+/// available to see how a kill while memory is short is told.
+pub(crate) const LOW_MEMORY_ENV: &str = "RBEE_LOW_MEMORY_PERCENT";
+
+fn low_percent() -> u64 {
+    std::env::var(LOW_MEMORY_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|p| *p <= 100)
+        .unwrap_or(10)
 }
 
 impl MemoryView {
@@ -113,13 +128,15 @@ impl MemoryView {
             oom_kills: field(&vmstat, "oom_kill "),
             available_kib: field(&meminfo, "MemAvailable:"),
             total_kib: field(&meminfo, "MemTotal:"),
+            low_percent: low_percent(),
         }
     }
 
-    /// Under a tenth of the memory is available: what the OOM killer acts on.
+    /// Under `low_percent` of the memory (a tenth by default) is available: what the OOM
+    /// killer acts on.
     fn low(&self) -> bool {
         match (self.available_kib, self.total_kib) {
-            (Some(a), Some(t)) => a.saturating_mul(10) < t,
+            (Some(a), Some(t)) => a.saturating_mul(100) < t.saturating_mul(self.low_percent),
             _ => false,
         }
     }
@@ -392,6 +409,7 @@ mod tests {
             oom_kills: Some(oom_kills),
             available_kib: Some(available_mib * 1024),
             total_kib: Some(16 * 1024 * 1024),
+            low_percent: 10,
         }
     }
 

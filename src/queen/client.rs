@@ -244,6 +244,22 @@ impl HiveClient {
         self.call(Method::GET, "/v1/requests", timeout).await
     }
 
+    /// Cancels the request `id` in flight on the node (`POST /v1/requests/{id}/cancel`).
+    pub(crate) async fn cancel_request(&self, id: &str, timeout: Duration) -> Result<RequestInfo> {
+        self.call(Method::POST, &format!("/v1/requests/{id}/cancel"), timeout)
+            .await
+    }
+
+    /// Removes a model's file from the node (`DELETE /v1/models/{model}`).
+    pub(crate) async fn remove_model(
+        &self,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        self.call(Method::DELETE, &format!("/v1/models/{model}"), timeout)
+            .await
+    }
+
     pub(crate) async fn stop_worker(&self, model: &str, timeout: Duration) -> Result<bool> {
         let body: serde_json::Value = self
             .call(Method::DELETE, &format!("/v1/workers/{model}"), timeout)
