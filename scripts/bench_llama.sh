@@ -167,9 +167,9 @@ for line in open(sys.argv[1]):
 m = {k: round(statistics.median(v), 1) for k, v in figures.items()}
 rng = lambda k: f"{min(figures[k])}-{max(figures[k])}"
 rows = [
-    ("a. llama-bench tg128, llama.cpp's defaults", f"{m['llama_bench_tps']} tokens/s"),
+    (f"a. llama-bench tg{sys.argv[3]}, llama.cpp's defaults", f"{m['llama_bench_tps']} tokens/s"),
     ("a. rbee infer decode (wall times)", f"{m['rbee_wall_decode_tps']} tokens/s: {m['decode_vs_llama_bench_pct']}% of llama-bench (median of rounds, {rng('decode_vs_llama_bench_pct')}%)"),
-    ("b. llama-bench tg128, rbee's llama.cpp flags", f"{m['llama_bench_matched_tps']} tokens/s: {m['matched_vs_default_pct']}% of the defaults ({rng('matched_vs_default_pct')}%)"),
+    (f"b. llama-bench tg{sys.argv[3]}, rbee's llama.cpp flags", f"{m['llama_bench_matched_tps']} tokens/s: {m['matched_vs_default_pct']}% of the defaults ({rng('matched_vs_default_pct')}%)"),
 ]
 for n in (4, 8):
     rows.append((f"c. {n}-way aggregate, rbee / llama-server --parallel {n}",
