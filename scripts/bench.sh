@@ -163,25 +163,7 @@ ls_one() {
 ls_one >/dev/null
 # N concurrent streamed requests; prints the tokens they generated and the wall milliseconds.
 ls_many() {
-    python3 - "$ls_port" "$1" "$TOKENS" "${PROMPTS[@]}" <<'PY'
-import http.client, json, sys, threading, time
-port, n, tokens, prompts = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-counts = [0] * n
-def run(i):
-    c = http.client.HTTPConnection("127.0.0.1", port)
-    body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
-            "max_tokens": tokens, "temperature": 0, "stream": True}
-    c.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
-    for line in c.getresponse():
-        if line.startswith(b"data: {"):
-            d = json.loads(line[6:])
-            if "timings" in d:
-                counts[i] = d["timings"]["predicted_n"]
-t = time.time()
-threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-[x.start() for x in threads]; [x.join() for x in threads]
-print(sum(counts), round((time.time() - t) * 1000))
-PY
+    python3 scripts/ls_many.py "$ls_port" "$1" "$TOKENS" "${PROMPTS[@]}"
 }
 
 "$RBEE" hive start ssh1 >/dev/null
