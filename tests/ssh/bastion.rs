@@ -3,6 +3,8 @@
 //! installs, starts, infers and stops through it, checking each hop's host key, and the
 //! bastion's log shows the forward. OpenSSH's client on the same ssh_config is the oracle.
 
+use std::path::{Path, PathBuf};
+
 use crate::support::netns::Netns;
 use crate::support::sshd::{self, ClientKey, Options, Sshd};
 use crate::support::{Env, MODEL_SHA256, free_port, model_table, tempdir};
@@ -18,34 +20,7 @@ fn a_node_behind_a_bastion_installs_starts_infers_and_stops_through_it() {
     let Some(ns) = Netns::create(9) else { return };
     let dir = tempdir();
     let key = ClientKey::new(dir.path(), "client", "ed25519");
-    let bastion = Sshd::start_with(
-        &dir.path().join("sshd-bastion"),
-        &[&key],
-        &Options {
-            netns: Some((&ns.name, &ns.node_ip)),
-            extra: "LogLevel DEBUG1\n",
-            ..Options::default()
-        },
-    );
-    let target = Sshd::start_with(
-        &dir.path().join("sshd-gpu"),
-        &[&key],
-        &Options {
-            netns: Some((&ns.name, &ns.node_ip)),
-            listen: Some("127.0.0.1"),
-            ..Options::default()
-        },
-    );
-    let known_hosts = dir.path().join("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        format!(
-            "{}{}",
-            bastion.known_hosts_line_at(&ns.node_ip),
-            target.known_hosts_line()
-        ),
-    )
-    .expect("known_hosts");
+    let (bastion, target, known_hosts) = bastion_and_target(&ns, dir.path(), &key);
     let home = dir.path().join("home");
     std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
     let ssh_config = home.join(".ssh/config");
@@ -157,34 +132,7 @@ fn a_proxy_command_carries_the_connection_through_the_bastion() {
     let Some(ns) = Netns::create(11) else { return };
     let dir = tempdir();
     let key = ClientKey::new(dir.path(), "client", "ed25519");
-    let bastion = Sshd::start_with(
-        &dir.path().join("sshd-bastion"),
-        &[&key],
-        &Options {
-            netns: Some((&ns.name, &ns.node_ip)),
-            extra: "LogLevel DEBUG1\n",
-            ..Options::default()
-        },
-    );
-    let target = Sshd::start_with(
-        &dir.path().join("sshd-gpu"),
-        &[&key],
-        &Options {
-            netns: Some((&ns.name, &ns.node_ip)),
-            listen: Some("127.0.0.1"),
-            ..Options::default()
-        },
-    );
-    let known_hosts = dir.path().join("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        format!(
-            "{}{}",
-            bastion.known_hosts_line_at(&ns.node_ip),
-            target.known_hosts_line()
-        ),
-    )
-    .expect("known_hosts");
+    let (bastion, target, known_hosts) = bastion_and_target(&ns, dir.path(), &key);
     let home = dir.path().join("home");
     std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
     let ssh_config = home.join(".ssh/config");
@@ -293,4 +241,39 @@ fn a_proxy_command_carries_the_connection_through_the_bastion() {
     )
     .expect("nodes.toml");
     run(&["hive", "status", "gpu"]).expect(3);
+}
+
+/// A bastion's sshd at the namespace's address (logging each forward) and a target sshd that
+/// listens on the namespace's loopback only, so the bastion alone reaches it; both trusted in a
+/// known_hosts file under `dir`.
+fn bastion_and_target(ns: &Netns, dir: &Path, key: &ClientKey) -> (Sshd, Sshd, PathBuf) {
+    let bastion = Sshd::start_with(
+        &dir.join("sshd-bastion"),
+        &[&key],
+        &Options {
+            netns: Some((&ns.name, &ns.node_ip)),
+            extra: "LogLevel DEBUG1\n",
+            ..Options::default()
+        },
+    );
+    let target = Sshd::start_with(
+        &dir.join("sshd-gpu"),
+        &[&key],
+        &Options {
+            netns: Some((&ns.name, &ns.node_ip)),
+            listen: Some("127.0.0.1"),
+            ..Options::default()
+        },
+    );
+    let known_hosts = dir.join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "{}{}",
+            bastion.known_hosts_line_at(&ns.node_ip),
+            target.known_hosts_line()
+        ),
+    )
+    .expect("known_hosts");
+    (bastion, target, known_hosts)
 }
