@@ -249,7 +249,7 @@ fn a_proxy_command_carries_the_connection_through_the_bastion() {
 fn bastion_and_target(ns: &Netns, dir: &Path, key: &ClientKey) -> (Sshd, Sshd, PathBuf) {
     let bastion = Sshd::start_with(
         &dir.join("sshd-bastion"),
-        &[&key],
+        &[key],
         &Options {
             netns: Some((&ns.name, &ns.node_ip)),
             extra: "LogLevel DEBUG1\n",
@@ -258,7 +258,7 @@ fn bastion_and_target(ns: &Netns, dir: &Path, key: &ClientKey) -> (Sshd, Sshd, P
     );
     let target = Sshd::start_with(
         &dir.join("sshd-gpu"),
-        &[&key],
+        &[key],
         &Options {
             netns: Some((&ns.name, &ns.node_ip)),
             listen: Some("127.0.0.1"),
