@@ -217,18 +217,23 @@ mod tests {
         assert!(mem_available().is_some_and(|m| m > 0));
     }
 
-    #[test]
-    fn the_kv_cache_of_every_slot_counts() {
-        let path = Path::new("/m/small.gguf");
-        let mb = 1u64 << 20;
-        // SmolLM2-135M: 23,040 bytes of KV per token.
-        let shape = Shape {
+    /// SmolLM2-135M (the default model) as its GGUF header describes it.
+    fn smollm2() -> Shape {
+        Shape {
             layers: 30,
             context_train: 8192,
             heads_kv: 3,
             key_length: 64,
             value_length: 64,
-        };
+        }
+    }
+
+    #[test]
+    fn the_kv_cache_of_every_slot_counts() {
+        let path = Path::new("/m/small.gguf");
+        let mb = 1u64 << 20;
+        // SmolLM2-135M: 23,040 bytes of KV per token.
+        let shape = smollm2();
         // No context set: the worker's default 4096 per sequence, 4 slots.
         assert_eq!(kv_bytes(&shape, None, 4), 23_040 * 4096 * 4);
         assert_eq!(kv_bytes(&shape, Some(1000), 2), 23_040 * 2000);
@@ -243,14 +248,7 @@ mod tests {
     fn offloaded_layers_count_on_the_device_and_the_rest_on_the_host() {
         let path = Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf");
         let mb = 1u64 << 20;
-        // The default model as its GGUF header describes it.
-        let shape = Shape {
-            layers: 30,
-            context_train: 8192,
-            heads_kv: 3,
-            key_length: 64,
-            value_length: 64,
-        };
+        let shape = smollm2();
         let size = 98 * mb;
         // llama.cpp at the defaults (4096 tokens x 4 slots) reports a KV buffer of 360.00 MiB;
         // it keeps each layer's share on that layer's device: all 30 (and the output layer)
