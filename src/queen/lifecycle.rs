@@ -364,14 +364,24 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
         // It stops answering first, then finishes its requests, stops its workers, records
         // `hive_stopped` and lets go of its pidfile: only then is it gone (a new hive started
         // before that would find the lock held). One that is still there after the wait is
-        // stopped through its pidfile.
+        // stopped through its pidfile. A queen waiting to start a new hive takes over the
+        // moment the old one lets go: a hive answering, or the lock held, under another pid
+        // also means this one is gone, and that new hive must not be stopped.
         let until = Instant::now() + STOP_WAIT;
+        let ours = pid.and_then(|p| u32::try_from(p).ok());
+        let another = |p: Option<u32>| ours.is_some() && p.is_some() && p != ours;
         while Instant::now() < until {
-            if matches!(
-                probe(&conn.client, PROBE_TIMEOUT).await,
-                Probe::Unreachable(_)
-            ) && lock_holder(conn, budget).await?.is_none()
-            {
+            let gone = match probe(&conn.client, PROBE_TIMEOUT).await {
+                Probe::Unreachable(_) => {
+                    let holder = lock_holder(conn, budget).await?;
+                    holder.is_none() || another(holder)
+                }
+                Probe::Ready(h) | Probe::NeedsRestart(h) | Probe::Incompatible(h) => {
+                    another(h.signed.map(|d| d.pid))
+                }
+                Probe::Refused(_) => false,
+            };
+            if gone {
                 return Ok(Stopped::Stopped {
                     pid: pid.unwrap_or_default(),
                 });
@@ -460,14 +470,54 @@ pub(crate) fn is_alive(pid: i32) -> bool {
     state != Some("Z")
 }
 
-/// Waits until no process holds the pidfile's lock and the process that held it has gone.
+/// Waits until the process has gone and no lock is held in its name. A lock held under another
+/// pid is a new hive that took over the moment this one let go (a queen waiting to start one):
+/// this hive has stopped all the same.
 async fn wait_released(pidfile: &std::path::Path, pid: i32, limit: Duration) -> bool {
+    let released = || !is_alive(pid) && locked_pid(pidfile) != Some(pid);
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if !pidfile::is_locked(pidfile) && !is_alive(pid) {
+        if released() {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    !pidfile::is_locked(pidfile) && !is_alive(pid)
+    released()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flock(pidfile: &std::path::Path, script: &str) -> std::process::Child {
+        std::process::Command::new("flock")
+            .arg("-o")
+            .arg(pidfile)
+            .args(["sh", "-c", script])
+            .arg(pidfile)
+            .spawn()
+            .expect("flock(1) from util-linux")
+    }
+
+    /// The old hive lets go and a new one takes the lock at once, in a gap no poll can see:
+    /// the old one has still stopped.
+    #[tokio::test]
+    async fn a_lock_taken_over_by_another_pid_the_moment_it_is_released_counts_as_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("hive.pid");
+        let mut old = flock(&pidfile, "sleep 0.3");
+        let old_pid = i32::try_from(old.id()).expect("pid");
+        while !pidfile::is_locked(&pidfile) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::write(&pidfile, format!("{old_pid}\n")).expect("write pid");
+        // Waits on the lock, and so holds it from the instant the first lets go.
+        let mut new = flock(&pidfile, "echo $PPID > \"$0\"; sleep 5");
+        assert!(!wait_released(&pidfile, old_pid, Duration::from_millis(100)).await);
+        assert!(wait_released(&pidfile, old_pid, Duration::from_secs(3)).await);
+        assert!(pidfile::is_locked(&pidfile), "the new holder let go");
+        let _ = new.kill();
+        let _ = new.wait();
+        let _ = old.wait();
+    }
 }
