@@ -140,22 +140,32 @@ pub(crate) async fn ensure_running(
 
 async fn running(conn: &mut NodeConn, budget: &Budget, progress: &Progress) -> Result<Running> {
     let t0 = Instant::now();
-    match probe(&conn.client, budget.remaining()).await {
-        // A hive on its way out takes no new work: wait for it to let go of its pidfile, then
-        // start the next one.
-        Probe::Ready(health) if health.status == crate::protocol::HIVE_STOPPING => {
-            tracing::info!(node = %conn.node.name, "the hive is stopping; starting a new one once it is gone");
-            while lock_holder(conn, budget).await?.is_some() {
-                if budget.is_spent() {
-                    return Err(Error::deadline(format!(
-                        "the budget ran out while the hive on `{}` was stopping",
-                        conn.node.name
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut probed = probe(&conn.client, budget.remaining()).await;
+    // A hive on its way out takes no new work: wait for it to let go of its pidfile, then
+    // start the next one. Another queen waiting for the same may start it first, the moment
+    // the lock is free: a lock held under another pid is that new hive, asked again.
+    while let Probe::Ready(health) = &probed
+        && health.status == crate::protocol::HIVE_STOPPING
+    {
+        let stopping = health.signed.as_ref().map(|d| d.pid);
+        tracing::info!(node = %conn.node.name, "the hive is stopping; starting a new one once it is gone");
+        loop {
+            match lock_holder(conn, budget).await? {
+                None => return start(conn, budget, t0, progress).await,
+                Some(pid) if stopping.is_some_and(|s| s != pid) => break,
+                Some(_) => {}
             }
-            start(conn, budget, t0, progress).await
+            if budget.is_spent() {
+                return Err(Error::deadline(format!(
+                    "the budget ran out while the hive on `{}` was stopping",
+                    conn.node.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        probed = probe(&conn.client, budget.remaining()).await;
+    }
+    match probed {
         Probe::Ready(health) => Ok(Running {
             health,
             started: false,
