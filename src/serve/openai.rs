@@ -371,105 +371,76 @@ pub(crate) struct Envelope {
 }
 
 impl Envelope {
-    pub(crate) fn chat_completion(&self, text: &str, finish: &str, usage: Usage) -> Value {
-        json!({
+    /// The fields every object shares, in OpenAI's order; `usage` is added when `Some`
+    /// (`Some(Value::Null)`: the null that streamed chunks carry when the client asked for the
+    /// usage chunk, as OpenAI sends it).
+    fn object(&self, object: &str, choices: Value, usage: Option<Value>) -> Value {
+        let mut value = json!({
             "id": self.id,
-            "object": "chat.completion",
+            "object": object,
             "created": self.created,
             "model": self.model,
             "system_fingerprint": null,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": text, "refusal": null },
-                "logprobs": null,
-                "finish_reason": finish,
-            }],
-            "usage": usage,
-        })
+            "choices": choices,
+        });
+        if let (Some(usage), Some(obj)) = (usage, value.as_object_mut()) {
+            obj.insert("usage".into(), usage);
+        }
+        value
     }
 
-    /// A chunk of a streamed chat completion; `usage` is present (as null) when the client
-    /// asked for the usage chunk, as OpenAI sends it.
+    /// `null` usage in a chunk when the client asked for the usage chunk, absent otherwise.
+    fn pending(usage: bool) -> Option<Value> {
+        usage.then_some(Value::Null)
+    }
+
+    pub(crate) fn chat_completion(&self, text: &str, finish: &str, usage: Usage) -> Value {
+        let choice = json!([{
+            "index": 0,
+            "message": { "role": "assistant", "content": text, "refusal": null },
+            "logprobs": null,
+            "finish_reason": finish,
+        }]);
+        self.object("chat.completion", choice, Some(json!(usage)))
+    }
+
+    /// A chunk of a streamed chat completion.
     pub(crate) fn chat_chunk(&self, delta: Value, finish: Option<&str>, usage: bool) -> Value {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [{
-                "index": 0,
-                "delta": delta,
-                "logprobs": null,
-                "finish_reason": finish,
-            }],
-        });
-        if usage && let Some(obj) = chunk.as_object_mut() {
-            obj.insert("usage".into(), Value::Null);
-        }
-        chunk
+        let choice = json!([{
+            "index": 0,
+            "delta": delta,
+            "logprobs": null,
+            "finish_reason": finish,
+        }]);
+        self.object("chat.completion.chunk", choice, Self::pending(usage))
     }
 
     /// The last chunk when the client asked for usage: no choices, the counts.
     pub(crate) fn chat_usage_chunk(&self, usage: Usage) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [],
-            "usage": usage,
-        })
+        self.object("chat.completion.chunk", json!([]), Some(json!(usage)))
+    }
+
+    fn text_choice(text: &str, finish: Option<&str>) -> Value {
+        json!([{
+            "index": 0,
+            "text": text,
+            "logprobs": null,
+            "finish_reason": finish,
+        }])
     }
 
     pub(crate) fn completion(&self, text: &str, finish: &str, usage: Usage) -> Value {
-        json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [{
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish,
-            }],
-            "usage": usage,
-        })
+        let choice = Self::text_choice(text, Some(finish));
+        self.object("text_completion", choice, Some(json!(usage)))
     }
 
     pub(crate) fn completion_chunk(&self, text: &str, finish: Option<&str>, usage: bool) -> Value {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [{
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish,
-            }],
-        });
-        if usage && let Some(obj) = chunk.as_object_mut() {
-            obj.insert("usage".into(), Value::Null);
-        }
-        chunk
+        let choice = Self::text_choice(text, finish);
+        self.object("text_completion", choice, Self::pending(usage))
     }
 
     pub(crate) fn completion_usage_chunk(&self, usage: Usage) -> Value {
-        json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [],
-            "usage": usage,
-        })
+        self.object("text_completion", json!([]), Some(json!(usage)))
     }
 }
 
