@@ -251,7 +251,14 @@ pub(crate) enum HiveOp {
         preload: bool,
     },
     /// Stop the hive on nodes, with its workers
-    Stop(NodeSelection),
+    Stop {
+        #[command(flatten)]
+        sel: NodeSelection,
+        /// How long to wait for each hive to go, e.g. `5s` (default: the node's `timeout`); a
+        /// hive still draining then goes on stopping by itself
+        #[arg(long, value_parser = parse_duration_arg)]
+        timeout: Option<std::time::Duration>,
+    },
     /// Show whether the hive runs on nodes, and its workers
     Status(NodeSelection),
     /// Put this rbee binary on nodes (only when it differs), their signing key, and their models

@@ -342,3 +342,92 @@ fn an_infer_during_a_stop_waits_for_the_old_hive_and_starts_a_new_one() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+#[test]
+fn a_stop_with_a_short_timeout_ends_by_its_budget_and_the_hive_still_stops_whole() {
+    let Some(env) = Env::new("") else { return };
+    let (mut holder, _lines) = env.spawn_endless(&[], 1);
+    let pid: i32 = std::fs::read_to_string(env.node_dir().join("hive.pid"))
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let workers = env.processes();
+    assert!(!workers.is_empty(), "no worker runs");
+    // The endless generation keeps the hive draining far past two seconds.
+    let run = env.run(&["hive", "stop", "n1", "--timeout", "2s"]);
+    run.expect(124);
+    assert!(
+        run.stderr.contains("still stopping")
+            && run.stderr.contains("requests in flight")
+            && run.stderr.contains(&format!("pid {pid}")),
+        "{}",
+        run.stderr
+    );
+    // Not killed half-way: the hive finishes its drain, stops its workers and records it.
+    assert!(
+        eventually(Duration::from_secs(60), || !alive(pid)),
+        "the hive did not stop by itself"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || env.processes().is_empty()),
+        "workers were left behind: {:?}",
+        env.processes()
+    );
+    let audit = crate::support::records(&env.node_dir().join("audit.jsonl"));
+    assert!(
+        audit.iter().any(|r| r["event"] == "hive_stopped"),
+        "no hive_stopped record"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    env.run(&["hive", "status", "n1"]).expect(6);
+}
+
+#[test]
+fn a_worker_that_crashes_while_the_hive_drains_for_a_stop_is_recorded_as_a_crash() {
+    let Some(env) = Env::new("") else { return };
+    let (mut holder, _lines) = env.spawn_endless(&[], 1);
+    let worker = env.workers()[0]["pid"].as_i64().expect("worker pid") as i32;
+    // The stop drains while the endless generation runs; the worker crashes meanwhile (an
+    // abort, as a failed llama.cpp assertion ends it).
+    let stopping = env.spawn(&["hive", "stop", "n1"]);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            std::fs::read_to_string(env.node_dir().join("hive.log"))
+                .is_ok_and(|log| log.contains("shutdown requested"))
+        }),
+        "the hive was not asked to stop"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::Signal::SIGABRT,
+    )
+    .expect("crash the worker");
+    let stopped = stopping.wait_with_output().expect("wait");
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let audit = crate::support::records(&env.node_dir().join("audit.jsonl"));
+    let exits: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "worker_exited" && r["fields"]["pid"] == worker)
+        .collect();
+    assert_eq!(exits.len(), 1, "{audit:?}");
+    let fields = &exits[0]["fields"];
+    assert_eq!(fields["reason"], "crash", "{fields}");
+    assert!(
+        fields["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("SIGABRT")),
+        "{fields}"
+    );
+    // No restart is promised by a hive that is stopping, and none happened.
+    assert_eq!(fields["next"], "none", "{fields}");
+    assert!(!audit.iter().any(|r| r["event"] == "worker_restarted"));
+    assert!(audit.iter().any(|r| r["event"] == "hive_stopped"));
+}

@@ -320,3 +320,104 @@ fn a_missing_model_file_without_a_url_says_how_to_put_it_there() {
     );
     env.run(&["hive", "stop", "n1"]).expect(0);
 }
+
+/// A pull with the hive's stall limit at one second (`RBEE_DOWNLOAD_STALL`), so that a stalled
+/// connection is given up on quickly; the hive inherits it when the pull starts it.
+fn pull_with_short_stall(env: &Env) -> crate::support::Run {
+    crate::support::Run::from(
+        env.command(&["--json", "models", "pull", "--node", "n1", "smollm2"])
+            .env("RBEE_DOWNLOAD_STALL", "1s")
+            .output()
+            .expect("run rbee"),
+    )
+}
+
+#[test]
+fn a_stalled_download_is_retried_and_resumed_where_it_stopped() {
+    let staging = crate::support::tempdir();
+    let Some(served) = served_copy(staging.path()) else {
+        return;
+    };
+    // Whole-file answers send 2 MB and then nothing, keeping the connection open.
+    let server = FileServer::start(staging.path(), &served, &["--stall-after", "2000000"]);
+    let url = format!("http://127.0.0.1:{}/files/model.gguf", server.port);
+    let (env, target) = env_with_source(|_| url.clone());
+    let run = pull_with_short_stall(&env);
+    run.expect(0);
+    assert_eq!(
+        crate::support::sha256(&target),
+        crate::support::MODEL_SHA256
+    );
+    assert!(!part_of(&target).exists(), "the partial file is left");
+    let retried: Vec<serde_json::Value> = run
+        .json_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "retrying")
+        .collect();
+    assert_eq!(retried.len(), 1, "{}", run.stdout);
+    assert!(
+        retried[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("stalled")),
+        "{retried:?}"
+    );
+    // The stalled answer, then one asking for the rest only.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(requests[0]["status"], 200);
+    assert!(requests[0]["range"].is_null());
+    assert_eq!(requests[1]["range"], "bytes=2000000-", "{requests:?}");
+    assert_eq!(requests[1]["status"], 206);
+    env.run(&["hive", "stop", "n1"]).expect(0);
+}
+
+#[test]
+fn a_download_that_always_stalls_ends_after_its_retries_naming_the_url() {
+    let staging = crate::support::tempdir();
+    let Some(served) = served_copy(staging.path()) else {
+        return;
+    };
+    // Every answer, ranged or not, stalls after 1 MB.
+    let server = FileServer::start(
+        staging.path(),
+        &served,
+        &["--stall-after", "1000000", "--stall-ranged"],
+    );
+    let url = format!(
+        "http://127.0.0.1:{}/files/model.gguf?X-Signature=secret-sig",
+        server.port
+    );
+    let (env, target) = env_with_source(|_| url.clone());
+    let run = pull_with_short_stall(&env);
+    run.expect(7);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    let shown = format!("http://127.0.0.1:{}/files/model.gguf ", server.port);
+    assert!(
+        said.contains(&shown) && said.contains("after 5 retries") && said.contains("stalled"),
+        "{said}"
+    );
+    assert!(!said.contains("secret-sig"), "the query is shown: {said}");
+    let log = std::fs::read_to_string(env.node_dir().join("hive.log")).expect("hive log");
+    assert!(
+        !log.contains("secret-sig"),
+        "the query is in the hive's log"
+    );
+    // Six tries, each resuming where the last stalled; the partial file is kept.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 6, "{requests:?}");
+    for (i, r) in requests.iter().enumerate().skip(1) {
+        assert_eq!(
+            r["range"],
+            format!("bytes={}-", i * 1_000_000),
+            "{requests:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(part_of(&target))
+            .expect("partial file")
+            .len(),
+        6_000_000
+    );
+    assert!(!target.exists());
+    env.run(&["hive", "stop", "n1"]).expect(0);
+}

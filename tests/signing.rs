@@ -346,3 +346,41 @@ fn two_thousand_unsigned_requests_add_a_handful_of_audit_records() {
     env.infer(&["--prompt", "Hi", "--max-tokens", "1"])
         .expect(0);
 }
+
+#[test]
+fn invocations_started_at_once_on_a_fresh_node_dir_share_one_whole_key() {
+    for _ in 0..10 {
+        let Some(env) = Env::new("") else { return };
+        let children: Vec<_> = (0..8)
+            .map(|_| {
+                env.command(&["hive", "status", "n1"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn rbee")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("wait");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // Not running (6), and never a key read half-written (3) or a clash (1).
+            assert_eq!(out.status.code(), Some(6), "{stderr}");
+            assert!(!stderr.contains("key"), "{stderr}");
+        }
+        let key = env.node_dir().join("hive.key");
+        let meta = std::fs::metadata(&key).expect("the key file");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+        let text = std::fs::read_to_string(&key).expect("read");
+        assert_eq!(text.trim().len(), 64, "{text:?}");
+        assert!(text.trim().chars().all(|c| c.is_ascii_hexdigit()));
+        let left: Vec<_> = std::fs::read_dir(env.node_dir())
+            .expect("node dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.contains("tmp"))
+            .collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
+    }
+}

@@ -23,6 +23,7 @@ mod generation;
 mod infer;
 pub(crate) mod isolation;
 mod loads;
+mod logs;
 mod model_fetch;
 mod model_files;
 mod model_table;

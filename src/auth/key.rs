@@ -96,30 +96,42 @@ impl Key {
         Ok(())
     }
 
-    /// The key at `path`, created there first if there is none.
+    /// The key at `path`, created there first if there is none. The key is written whole to a
+    /// private temp file and then linked into place, which fails when the name exists: of
+    /// several processes creating it at once one wins, none replaces it, and none ever reads a
+    /// half-written file.
     pub(crate) fn load_or_create(path: &Path) -> Result<Key> {
         if !path.exists() {
             let key = Key::random();
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).at("create the key file", path)?;
             }
-            // create_new: of two processes creating the key at once, one wins; both read it.
-            let created = std::fs::OpenOptions::new()
+            let tmp = path.with_extension(format!(
+                "tmp{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let written = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(path);
-            match created {
-                Ok(mut file) => {
-                    writeln!(file, "{}", key.to_hex())
-                        .and_then(|()| file.sync_all())
-                        .at("write the key file", path)?;
-                    return Ok(key);
-                }
-                // Another process made it first: read theirs.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(IoError::at("create the key file", path, e).into()),
-            }
+                .open(&tmp)
+                .and_then(|mut file| {
+                    writeln!(file, "{}", key.to_hex()).and_then(|()| file.sync_all())
+                })
+                .at("write the key file", &tmp);
+            let linked = written.and_then(|()| {
+                std::fs::hard_link(&tmp, path).or_else(|e| {
+                    // Another process put its key there first: that one is read below.
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(IoError::at("put the key file in place at", path, e))
+                    }
+                })
+            });
+            let _ = std::fs::remove_file(&tmp);
+            linked?;
         }
         Key::load(path)
     }
@@ -134,6 +146,36 @@ fn unreachable_mac() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_created_at_once_are_one_key_and_never_read_half_written() {
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("keys").join("n1.key");
+            let start = std::sync::Barrier::new(8);
+            let keys: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            Key::load_or_create(&path).map(|k| k.to_hex())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("thread").expect("a key"))
+                    .collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+            assert_eq!(Key::load(&path).expect("load").to_hex(), keys[0]);
+            let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert_eq!(names.len(), 1, "temp files left: {names:?}");
+        }
+    }
 
     #[test]
     fn key_files_must_be_private() {

@@ -18,7 +18,7 @@ use crate::queen::node::NodeConn;
 pub(crate) async fn run(ctx: &Context, command: HiveOp) -> Result<()> {
     match command {
         HiveOp::Start { sel, preload } => start(ctx, sel, preload).await,
-        HiveOp::Stop(sel) => stop(ctx, sel).await,
+        HiveOp::Stop { sel, timeout } => stop(ctx, sel, timeout).await,
         HiveOp::Status(sel) => status(ctx, sel).await,
         HiveOp::Install(sel) => install(ctx, sel).await,
         HiveOp::RotateKey(sel) => rotate_key(ctx, sel).await,
@@ -103,9 +103,9 @@ async fn start(ctx: &Context, sel: NodeSelection, preload: bool) -> Result<()> {
     })
 }
 
-async fn stop(ctx: &Context, sel: NodeSelection) -> Result<()> {
+async fn stop(ctx: &Context, sel: NodeSelection, timeout: Option<Duration>) -> Result<()> {
     let results = each_node(ctx, &sel, |node| async move {
-        let budget = Budget::new(node.timeout);
+        let budget = Budget::new(timeout.unwrap_or(node.timeout));
         let mut conn = match ctx.open(&node, &budget).await {
             Ok(c) => c,
             Err(e) => return NodeResult::failed(&node, "unreachable", &e),

@@ -21,6 +21,10 @@ use crate::protocol::sse::SseEvent;
 pub(crate) const TOKEN_FILE: &str = "hf-token";
 /// A connection that sends nothing for this long is stalled: dropped and resumed.
 const STALL: Duration = Duration::from_secs(30);
+/// The hive's setting for the stall limit (a duration: `30s`, `500ms`), read from its
+/// environment when a download starts; `STALL` when unset or unreadable. The retries' backoff
+/// follows it: from a thirtieth of the limit (at most 1 s) up to the limit itself.
+pub(crate) const STALL_ENV: &str = "RBEE_DOWNLOAD_STALL";
 const CONNECT: Duration = Duration::from_secs(30);
 /// Tries after the first, each resuming where the last one stopped.
 const RETRIES: usize = 5;
@@ -101,22 +105,23 @@ pub(crate) async fn run(dl: Download, events: &mpsc::Sender<SseEvent>) -> Result
     }
     let part = part_path(&dl.path);
     let resumed_from = part_len(&part).await;
+    let stall = stall_limit();
     let client = reqwest::Client::builder()
         .connect_timeout(CONNECT)
-        .read_timeout(STALL)
+        .read_timeout(stall)
         .user_agent(concat!("rbee/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| Error::internal(format!("http client: {e}")))?;
     let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(30))
+        .with_min_delay((stall / 30).min(Duration::from_secs(1)))
+        .with_max_delay(stall)
         .with_jitter()
         .with_max_times(RETRIES)
         .build();
     let mut fetched = 0;
     let mut started_over = false;
     loop {
-        match attempt(&client, &dl, &part, &dir, events, &mut fetched).await {
+        match attempt(&client, stall, &dl, &part, &dir, events, &mut fetched).await {
             Ok(over) => {
                 started_over |= over;
                 break;
@@ -125,11 +130,10 @@ pub(crate) async fn run(dl: Download, events: &mpsc::Sender<SseEvent>) -> Result
             Err(Failure::Transient(why)) => {
                 let Some(delay) = delays.next() else {
                     return Err(Error::worker(format!(
-                        "downloading `{}` from {} failed {} times, the last: {why}; the partial \
-                         file is kept: pull again to resume it",
+                        "downloading `{}` from {} failed after {RETRIES} retries, the last: \
+                         {why}; the partial file is kept: pull again to resume it",
                         dl.model,
                         shown(&dl.url),
-                        RETRIES + 1
                     )));
                 };
                 tracing::warn!(model = %dl.model, "download interrupted ({why}); retrying in {delay:?}");
@@ -185,6 +189,7 @@ enum Failure {
 /// again (so the partial file started over).
 async fn attempt(
     client: &reqwest::Client,
+    stall: Duration,
     dl: &Download,
     part: &Path,
     dir: &Path,
@@ -200,10 +205,7 @@ async fn attempt(
     if let Some(token) = &dl.token {
         request = request.bearer_auth(token);
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| Failure::Transient(crate::error::root_cause(&e)))?;
+    let response = request.send().await.map_err(|e| broke(&e, stall))?;
     let status = response.status();
     let length = response.content_length();
     let (append, total) = match status {
@@ -276,7 +278,7 @@ async fn attempt(
     let mut last = Instant::now();
     let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Failure::Transient(crate::error::root_cause(&e)))?;
+        let chunk = chunk.map_err(|e| broke(&e, stall))?;
         file.write_all(&chunk)
             .await
             .at("write", part)
@@ -324,6 +326,28 @@ async fn attempt(
         ))
         .await;
     Ok(!append && have > 0)
+}
+
+/// The stall limit in force: `STALL_ENV` when it holds a duration above zero, else `STALL`.
+fn stall_limit() -> Duration {
+    std::env::var(STALL_ENV)
+        .ok()
+        .and_then(|v| humantime::parse_duration(v.trim()).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(STALL)
+}
+
+/// A request or body read that failed: a transient failure, told as a stall when nothing came
+/// within the limit.
+fn broke(err: &reqwest::Error, stall: Duration) -> Failure {
+    if err.is_timeout() {
+        Failure::Transient(format!(
+            "the server sent nothing for {} (stalled)",
+            humantime::format_duration(stall)
+        ))
+    } else {
+        Failure::Transient(crate::error::root_cause(err))
+    }
 }
 
 /// `bytes START-END/TOTAL` -> (START, TOTAL when known).

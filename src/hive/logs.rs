@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 /// A log is rotated once it passes this size; `ROTATED` older files are kept beside it
 /// (`hive.log.1` is the newest).
 pub(crate) const ROTATE_BYTES: u64 = 10 << 20;
+/// The hive's setting for that size, in bytes, read from its environment when it starts
+/// (`ROTATE_BYTES` when unset or unreadable): a test makes a log pass it in a few requests.
+pub(crate) const ROTATE_ENV: &str = "RBEE_LOG_MAX_BYTES";
 pub(crate) const ROTATED: u32 = 3;
 /// The most lines one read returns before following.
 pub(crate) const MAX_LINES: usize = 10_000;
@@ -33,18 +36,28 @@ pub(crate) fn rotate(path: &Path) {
     let _ = std::fs::rename(path, numbered(1));
 }
 
+/// The size past which a log is rotated: `ROTATE_ENV`, else `ROTATE_BYTES`.
+fn rotate_bytes() -> u64 {
+    std::env::var(ROTATE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|b| *b > 0)
+        .unwrap_or(ROTATE_BYTES)
+}
+
 /// Rotates a log about to be handed to a new process when it has passed the size.
 pub(crate) fn rotate_if_large(path: &Path) {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > ROTATE_BYTES) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > rotate_bytes()) {
         rotate(path);
     }
 }
 
-/// The hive's own log file: appended to, rotated when it passes `ROTATE_BYTES`.
+/// The hive's own log file: appended to, rotated when it passes its size (`rotate_bytes`).
 pub(crate) struct RotatingLog {
     path: PathBuf,
     file: std::fs::File,
     size: u64,
+    limit: u64,
 }
 
 impl RotatingLog {
@@ -56,6 +69,7 @@ impl RotatingLog {
             path: path.to_path_buf(),
             file,
             size,
+            limit: rotate_bytes(),
         })
     }
 }
@@ -69,7 +83,7 @@ fn append(path: &Path) -> std::io::Result<std::fs::File> {
 
 impl Write for RotatingLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.size > ROTATE_BYTES {
+        if self.size > self.limit {
             rotate(&self.path);
             self.file = append(&self.path)?;
             self.size = 0;
@@ -93,7 +107,8 @@ fn last_lines(text: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Sends the last `n` lines of `path`, then, with `follow`, every line written to it after,
+/// Sends the last `n` lines of `path` (those of the newest rotated file first, when the log
+/// was rotated since and holds fewer), then, with `follow`, every line written to it after,
 /// until the reader goes away or `stop` is cancelled. A log rotated meanwhile is read anew
 /// from its start.
 pub(crate) async fn tail(
@@ -111,7 +126,19 @@ pub(crate) async fn tail(
         None if follow => (&text[..0], text.clone()),
         _ => (&text[..], Vec::new()),
     };
-    for line in last_lines(&String::from_utf8_lossy(whole), n) {
+    let whole = String::from_utf8_lossy(whole);
+    let held = whole.lines().count();
+    if held < n {
+        let older = tokio::fs::read(format!("{}.1", path.display()))
+            .await
+            .unwrap_or_default();
+        for line in last_lines(&String::from_utf8_lossy(&older), n - held) {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    }
+    for line in last_lines(&whole, n) {
         if tx.send(line).await.is_err() {
             return;
         }

@@ -37,17 +37,24 @@ pub(crate) async fn supervise(
             st.proc = None;
             st.last_exit = Some(exit.status.clone());
             st.last_exit_reason = Some(exit.reason);
-            decide(&registry, &mut st, exit.uptime, &metrics)
+            // A hive that is stopping restarts nothing: the exit is told as it was (a crash
+            // is a crash), without a restart that will not come or a count toward the breaker.
+            (!registry.stopping.is_cancelled())
+                .then(|| decide(&registry, &mut st, exit.uptime, &metrics))
         };
         Metrics::add(&metrics.exits, 1);
         metrics.exit_of(&exit.model, exit.reason);
         tracing::warn!(model = %exit.model, pid = exit.pid, status = %exit.status, ?decision, "worker exited unexpectedly");
         let (next, detail) = match decision {
-            Decision::Restart { attempt, delay } => (
+            None => (
+                "none",
+                serde_json::json!({ "reason": "the hive is stopping" }),
+            ),
+            Some(Decision::Restart { attempt, delay }) => (
                 "restart",
                 serde_json::json!({ "attempt": attempt, "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX) }),
             ),
-            Decision::GiveUp { reason, .. } => (
+            Some(Decision::GiveUp { reason, .. }) => (
                 "give_up",
                 serde_json::json!({ "reason": format!("{reason:?}") }),
             ),
@@ -65,7 +72,7 @@ pub(crate) async fn supervise(
                 }),
             )
             .await;
-        if let Decision::GiveUp { reason, .. } = decision {
+        if let Some(Decision::GiveUp { reason, .. }) = decision {
             registry
                 .audit
                 .note(
@@ -75,7 +82,7 @@ pub(crate) async fn supervise(
                 )
                 .await;
         }
-        if let Decision::Restart { delay, .. } = decision {
+        if let Some(Decision::Restart { delay, .. }) = decision {
             tokio::spawn(restart_after(
                 registry.clone(),
                 entry,

@@ -247,7 +247,11 @@ pub(crate) async fn install_binary(
                     .run_reader(
                         "uploading rbee",
                         &remote::upload_binary(&node.remote_dir, &sha256),
-                        Counting { inner: file, bar },
+                        Counting {
+                            inner: file,
+                            bar,
+                            sent: Default::default(),
+                        },
                     )
                     .await?;
                 installed.bytes = bytes;
@@ -382,9 +386,34 @@ pub(crate) async fn push_model(
         let bar = progress.bytes(&format!("{} to {}", model.name, node.name), size);
         bar.set_position(offset);
         bar.reset_eta();
-        let out = session
-            .exec_reader(&command, Counting { inner: file, bar })
-            .await?;
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = Counting {
+            inner: file,
+            bar,
+            sent: sent.clone(),
+        };
+        // A connection that dies under the copy may leave the send waiting for window space
+        // that never comes: its end is watched beside it.
+        let out = tokio::select! {
+            out = session.exec_reader(&command, reader) => out,
+            () = closed(session) => Err(session.lost()),
+        };
+        // The connection died under the copy (no exit status came, or sending broke): what
+        // reached the node stays in its partial file, and the next push resumes from there.
+        let cut = match &out {
+            Ok(out) => out.code.is_none(),
+            Err(_) => true,
+        };
+        if cut && session.is_closed() {
+            return Err(cut_short(
+                session,
+                node,
+                model,
+                offset + sent.load(std::sync::atomic::Ordering::Relaxed),
+                size,
+            ));
+        }
+        let out = out?;
         match out.code {
             Some(0) => {
                 return Ok(Pushed {
@@ -427,10 +456,35 @@ pub(crate) async fn push_model(
     }
 }
 
-/// Advances `bar` by the bytes read through it; the bar clears its line when the upload ends.
+/// Returns once `session` has ended (looked at every 100 ms).
+async fn closed(session: &Session) {
+    while !session.is_closed() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The error of a push whose SSH connection ended under it, `at` bytes of `size` read out.
+fn cut_short(session: &Session, node: &Node, model: &Model, at: u64, size: u64) -> Error {
+    Error::from(crate::ssh::SshError::Protocol {
+        target: session.target.describe(),
+        detail: format!(
+            "the connection was lost during the push of `{}` to `{}` ({:.1} of {:.1} MB sent); \
+             the partial file `{}.part` is kept on the node: push again to resume it",
+            model.name,
+            node.name,
+            at as f64 / 1e6,
+            size as f64 / 1e6,
+            model.path
+        ),
+    })
+}
+
+/// Advances `bar` and `sent` by the bytes read through it; the bar clears its line when the
+/// upload ends.
 struct Counting<R> {
     inner: R,
     bar: ProgressBar,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
@@ -443,6 +497,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         self.bar.inc(read as u64);
+        self.sent
+            .fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
         poll
     }
 }

@@ -361,7 +361,7 @@ pub(crate) enum Stopped {
 /// take the request or does not go, stops the process that holds its pidfile's lock.
 pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped> {
     if conn.is_local() {
-        return stop_local(conn).await;
+        return stop_local(conn, budget).await;
     }
     let asked = match conn.client.shutdown(PROBE_TIMEOUT).await {
         Ok(pid) => Some(pid),
@@ -379,6 +379,7 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
         // also means this one is gone, and that new hive must not be stopped.
         let until = Instant::now() + STOP_WAIT;
         let ours = pid.and_then(|p| u32::try_from(p).ok());
+        let ends = budget.deadline();
         let another = |p: Option<u32>| ours.is_some() && p.is_some() && p != ours;
         while Instant::now() < until {
             let gone = match probe(&conn.client, PROBE_TIMEOUT).await {
@@ -395,6 +396,9 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
                 return Ok(Stopped::Stopped {
                     pid: pid.unwrap_or_default(),
                 });
+            }
+            if Instant::now() >= ends {
+                return Err(still_stopping(&conn.node, pid, budget));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -414,12 +418,29 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
     })
 }
 
+/// A hive that took the request to stop (or SIGTERM) and is still going when the budget ends:
+/// it is told, not killed, as it finishes its requests and stops its workers by itself (a kill
+/// now would leave them behind).
+fn still_stopping(node: &Node, pid: Option<i32>, budget: &Budget) -> Error {
+    let pid = pid.map_or(String::new(), |p| format!(" (pid {p})"));
+    Error::deadline(format!(
+        "the hive on `{}`{pid} is still stopping after the budget of {}: it was waiting for its \
+         requests in flight to finish (up to {}) and then for its workers to stop (up to {} \
+         each); it goes on stopping by itself: `rbee hive status {}` shows when it is gone",
+        node.name,
+        humantime::format_duration(budget.total()),
+        humantime::format_duration(crate::hive::DRAIN_GRACE),
+        humantime::format_duration(crate::hive::worker_proc::STOP_GRACE),
+        node.name
+    ))
+}
+
 /// The pid in the pidfile, if a live process holds its lock: the hive of this directory.
 fn locked_pid(pidfile: &std::path::Path) -> Option<i32> {
     pidfile::read_pid(pidfile).filter(|_| pidfile::is_locked(pidfile))
 }
 
-async fn stop_local(conn: &NodeConn) -> Result<Stopped> {
+async fn stop_local(conn: &NodeConn, budget: &Budget) -> Result<Stopped> {
     let node = &conn.node;
     let pidfile = local_dir(node).join(PID_FILE);
     let held = locked_pid(&pidfile);
@@ -435,7 +456,11 @@ async fn stop_local(conn: &NodeConn) -> Result<Stopped> {
         }
         (None, _) => return Ok(Stopped::NotRunning),
     };
-    if !wait_released(&pidfile, pid, STOP_WAIT).await {
+    let within = STOP_WAIT.min(budget.remaining());
+    if !wait_released(&pidfile, pid, within).await {
+        if within < STOP_WAIT && locked_pid(&pidfile) == Some(pid) {
+            return Err(still_stopping(node, Some(pid), budget));
+        }
         // Still holding the lock: it is still the hive of this directory.
         if locked_pid(&pidfile) == Some(pid) {
             tracing::warn!(node = %node.name, pid, "hive did not stop in time; killing it");

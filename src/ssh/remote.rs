@@ -191,6 +191,21 @@ pub(crate) fn model_upload(path: &str, append: bool, sha256: &str, size: u64) ->
     )
 }
 
+/// Exit status of `log_tail` when the node has no such log.
+pub(crate) const LOG_MISSING: u32 = 66;
+
+/// The last `lines` lines of the log `<remote_dir>/<name>` (the hive's or a worker's), read
+/// by the queen itself when the hive does not answer, the newest rotated file's before them
+/// (`<name>.1`) when the log was rotated since; exits `LOG_MISSING` when there is none.
+pub(crate) fn log_tail(remote_dir: &str, name: &str, lines: usize) -> String {
+    let file = remote_join(remote_dir, name);
+    let older = remote_join(remote_dir, &format!("{name}.1"));
+    format!(
+        "if [ -f {file} ]; then {{ cat {older} 2>/dev/null; cat {file}; }} | tail -n {lines}; \
+         else exit {LOG_MISSING}; fi"
+    )
+}
+
 /// The size in bytes of the file at `path`.
 pub(crate) fn file_size(path: &str) -> String {
     format!("stat -c %s {}", remote_path(path))

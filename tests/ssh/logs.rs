@@ -1,5 +1,6 @@
 //! `rbee logs`: a node's hive log and a model's worker log, read over the node's SSH
-//! connection; `-f` follows what the hive writes afterwards.
+//! connection; `-f` follows what the hive writes afterwards; a stopped hive's log is read over
+//! SSH.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -67,4 +68,44 @@ fn logs_prints_the_last_lines_of_an_ssh_nodes_hive_log_and_follows_new_ones() {
     let _ = child.wait();
     assert!(found, "no followed line; saw: {seen:?}");
     env.run(&["hive", "stop", "a"]).expect(0);
+}
+
+#[test]
+fn logs_of_an_ssh_node_whose_hive_is_stopped_are_read_over_ssh() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.infer(&["--node", "a", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    env.run(&["hive", "stop", "a"]).expect(0);
+    let last = |name: &str, n: usize| -> Vec<String> {
+        let file = std::fs::read_to_string(fleet.remote_dir("a").join(name)).expect("log");
+        let lines: Vec<String> = file.lines().map(str::to_string).collect();
+        lines[lines.len().saturating_sub(n)..].to_vec()
+    };
+    let run = env.run(&["logs", "a", "-n", "5"]);
+    run.expect(0);
+    let printed: Vec<String> = run.stdout.lines().map(str::to_string).collect();
+    assert_eq!(printed, last("hive.log", 5), "{}", run.stderr);
+    let worker = env.run(&["logs", "a", "--model", "smollm2", "-n", "3"]);
+    worker.expect(0);
+    let printed: Vec<String> = worker.stdout.lines().map(str::to_string).collect();
+    assert_eq!(printed, last("worker-smollm2.log", 3));
+    // Following needs a hive that writes: the lines, then exit 6 saying how to start it.
+    let follow = env.run(&["logs", "a", "-f", "-n", "2"]);
+    follow.expect(6);
+    assert_eq!(follow.stdout.lines().count(), 2, "{}", follow.stdout);
+    assert!(
+        follow.stderr.contains("rbee hive start a"),
+        "{}",
+        follow.stderr
+    );
+    // Reading the log started no hive.
+    assert!(
+        !fleet.remote_dir("a").join("hive.sock").exists()
+            || std::os::unix::net::UnixStream::connect(fleet.remote_dir("a").join("hive.sock"))
+                .is_err(),
+        "a hive answers"
+    );
 }

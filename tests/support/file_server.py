@@ -6,10 +6,12 @@ Serves one file at /files/NAME with Range support, and redirects every other GET
 of 127.0.0.1) as a CDN would. Each request is logged as one JSON line: method, path, host, range,
 whether it carried an Authorization header, status. Prints its port on stdout once it listens.
 
-  file_server.py FILE LOG [--rate BYTES_PER_S] [--corrupt]
+  file_server.py FILE LOG [--rate BYTES_PER_S] [--corrupt] [--stall-after BYTES [--stall-ranged]]
 
 --rate throttles whole-file answers (those without a Range); --corrupt serves other bytes of the
-same length.
+same length; --stall-after sends that many bytes of a whole-file answer and then nothing more,
+holding the connection open (a stalled transfer), while ranged answers are served whole;
+--stall-ranged stalls ranged answers the same way (a server that always stalls).
 """
 
 import http.server
@@ -23,6 +25,8 @@ args = sys.argv[1:]
 FILE, LOG = args[0], args[1]
 RATE = int(args[args.index("--rate") + 1]) if "--rate" in args else 0
 CORRUPT = "--corrupt" in args
+STALL_AFTER = int(args[args.index("--stall-after") + 1]) if "--stall-after" in args else None
+STALL_RANGED = "--stall-ranged" in args
 NAME = os.path.basename(FILE)
 SIZE = os.path.getsize(FILE)
 lock = threading.Lock()
@@ -51,8 +55,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         port = self.server.server_address[1]
-        if self.path != "/files/" + NAME:
-            if self.path.endswith("/" + NAME):
+        path = self.path.split("?")[0]
+        if path != "/files/" + NAME:
+            if path.endswith("/" + NAME):
                 self.entry(302)
                 self.send_response(302)
                 self.send_header("Location", f"http://localhost:{port}/files/{NAME}")
@@ -87,11 +92,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{SIZE}")
         self.end_headers()
         chunk = 64 * 1024
+        stall_at = None
+        if STALL_AFTER is not None and (STALL_RANGED or not ranged):
+            stall_at = STALL_AFTER
+        sent = 0
         with open(FILE, "rb") as f:
             f.seek(start)
             left = end - start + 1
             while left > 0:
-                data = f.read(min(chunk, left))
+                if stall_at is not None and sent >= stall_at:
+                    # Nothing more, the connection kept open: the client must give up on it.
+                    self.wfile.flush()
+                    time.sleep(3600)
+                    return
+                want = min(chunk, left)
+                if stall_at is not None:
+                    want = min(want, stall_at - sent)
+                data = f.read(want)
                 if not data:
                     break
                 if CORRUPT:
@@ -101,6 +118,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 left -= len(data)
+                sent += len(data)
                 if RATE and not ranged:
                     time.sleep(len(data) / RATE)
 
