@@ -45,6 +45,8 @@ struct State {
     seen: AtomicU8,
     /// A failed open ends its connection instead of trying the bridge.
     fail_fast: AtomicBool,
+    /// The last open failed on a connection proven to forward: nothing listens on the socket.
+    absent: AtomicBool,
     /// What the session has proven for every forward and stream it carries (it outlives one
     /// invocation when a holder keeps it): `OPENED` once a channel opened, `BRIDGED` once sshd
     /// refused one outright. A failed open proves neither, so it stays with this forward.
@@ -65,6 +67,7 @@ impl State {
             node,
             seen: AtomicU8::new(seen),
             fail_fast: AtomicBool::new(false),
+            absent: AtomicBool::new(false),
             learnt,
         }
     }
@@ -81,6 +84,7 @@ impl State {
 
     /// A channel opened: sshd forwards.
     fn opened(&self) {
+        self.absent.store(false, Ordering::Relaxed);
         for from in [UNTRIED, FAILED] {
             let _ = self
                 .seen
@@ -122,6 +126,13 @@ impl Forward {
     /// listens on the hive's socket.
     pub(crate) fn open_failed(&self) -> bool {
         self.state.seen.load(Ordering::Relaxed) == FAILED
+    }
+
+    /// Whether the last open failed although sshd is proven to forward on this connection (a
+    /// channel opened before): nothing listens on the hive's socket, which no pidfile check
+    /// needs to confirm (a hive that runs but is stopped or busy still has its socket listening).
+    pub(crate) fn nothing_listens(&self) -> bool {
+        self.state.absent.load(Ordering::Relaxed)
     }
 
     /// Carries the next connections over the bridge: the node's hive runs, and sshd failed the
@@ -299,6 +310,7 @@ async fn through_holder(
         Opened::Failed { forwards } => {
             if forwards {
                 state.opened();
+                state.absent.store(true, Ordering::Relaxed);
             } else {
                 state.failed();
             }
@@ -347,6 +359,7 @@ async fn open(
                 let seen = state.seen.load(Ordering::Relaxed);
                 if seen == OPENED || state.fail_fast.load(Ordering::Relaxed) {
                     tracing::debug!(node = %node, "sshd failed the channel to `{path}` ({why:?})");
+                    state.absent.store(seen == OPENED, Ordering::Relaxed);
                     return (
                         Opened::Failed {
                             forwards: seen == OPENED,
