@@ -7,7 +7,7 @@
 #   b. `hive status` over 1 SSH node and over FLEET_NODES (default 32), persistent connections,
 #      alternating, ROUNDS x 5 runs: with only ssh1's hive running, with every hive running, and
 #      with every hive stopped
-#   (LATENCY_RUNS=0 skips a.)
+#   (LATENCY_RUNS=0 skips a.; STRACE=FILE also traces one status over every running hive)
 # Prints medians with their range (min-max over the rounds' medians).
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=3, LATENCY_RUNS=10, FLEET_NODES=32
 set -euo pipefail
@@ -139,6 +139,13 @@ for ((i = 0; i < ${#all[@]}; i += 4)); do
     "$RBEE" hive start "${all[@]:i:4}" >/dev/null
 done
 status_rounds "_running"
+if [ -n "${STRACE:-}" ]; then
+    # Where the time of one status over every node goes: each syscall of the invocation and
+    # its threads, timestamped (`strace -f -tt`), and a summary.
+    strace -f -tt -o "$STRACE" "$RBEE" hive status "${all[@]}" >/dev/null 2>&1 || true
+    strace -f -c -o "$STRACE.summary" "$RBEE" hive status "${all[@]}" >/dev/null 2>&1 || true
+    "$RBEE" -vv hive status "${all[@]}" >/dev/null 2>"$STRACE.vv" || true
+fi
 say "stopping every node's hive"
 "$RBEE" hive stop "${all[@]}" >/dev/null
 status_rounds "_stopped"
