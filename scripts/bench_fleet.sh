@@ -5,7 +5,9 @@
 #      connection (`persist`, the default), and on a node behind the same sshd with
 #      `persist = "0"` (a login per invocation); alternating runs, ROUNDS rounds of LATENCY_RUNS each
 #   b. `hive status` over 1 SSH node and over FLEET_NODES (default 32), persistent connections,
-#      alternating, ROUNDS x 5 runs
+#      alternating, ROUNDS x 5 runs: with only ssh1's hive running, with every hive running, and
+#      with every hive stopped
+#   (LATENCY_RUNS=0 skips a.; STRACE=FILE also traces one status over every running hive)
 # Prints medians with their range (min-max over the rounds' medians).
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=3, LATENCY_RUNS=10, FLEET_NODES=32
 set -euo pipefail
@@ -105,6 +107,7 @@ say "warming up: local, ssh1 and direct1 hives, the model loaded on each"
 
 out=()
 for round in $(seq "$ROUNDS"); do
+    [ "$LATENCY_RUNS" -gt 0 ] || break
     say "round $round of $ROUNDS: warm 1-token infer, local / SSH persistent / SSH persist=0"
     loc=(); per=(); dir=()
     for _ in $(seq "$LATENCY_RUNS"); do
@@ -119,15 +122,33 @@ all=()
 for i in $(seq "$FLEET_NODES"); do all+=("ssh$i"); done
 say "hive status over all $FLEET_NODES nodes once (their holders start)"
 "$RBEE" hive status "${all[@]}" >/dev/null 2>&1 || true
-for round in $(seq "$ROUNDS"); do
-    say "round $round of $ROUNDS: hive status over 1 and $FLEET_NODES SSH nodes"
-    one=(); many=()
-    for _ in 1 2 3 4 5; do
-        one+=("$(timed "$RBEE" hive status ssh1)")
-        many+=("$(timed "$RBEE" hive status "${all[@]}")")
+status_rounds() { # $1: the rows' suffix
+    for round in $(seq "$ROUNDS"); do
+        say "round $round of $ROUNDS: hive status over 1 and $FLEET_NODES SSH nodes ($1)"
+        one=(); many=()
+        for _ in 1 2 3 4 5; do
+            one+=("$(timed "$RBEE" hive status ssh1)")
+            many+=("$(timed "$RBEE" hive status "${all[@]}")")
+        done
+        out+=("status1$1 $(median "${one[@]}")" "statusN$1 $(median "${many[@]}")")
     done
-    out+=("status1 $(median "${one[@]}")" "statusN $(median "${many[@]}")")
+}
+status_rounds ""
+say "starting every node's hive, 4 at a time (each installs the binary and checks the model)"
+for ((i = 0; i < ${#all[@]}; i += 4)); do
+    "$RBEE" hive start "${all[@]:i:4}" >/dev/null
 done
+status_rounds "_running"
+if [ -n "${STRACE:-}" ]; then
+    # Where the time of one status over every node goes: each syscall of the invocation and
+    # its threads, timestamped (`strace -f -tt`), and a summary.
+    strace -f -tt -o "$STRACE" "$RBEE" hive status "${all[@]}" >/dev/null 2>&1 || true
+    strace -f -c -o "$STRACE.summary" "$RBEE" hive status "${all[@]}" >/dev/null 2>&1 || true
+    "$RBEE" -vv hive status "${all[@]}" >/dev/null 2>"$STRACE.vv" || true
+fi
+say "stopping every node's hive"
+"$RBEE" hive stop "${all[@]}" >/dev/null
+status_rounds "_stopped"
 
 python3 - "$FLEET_NODES" "${out[@]}" <<'PY'
 import statistics, sys
@@ -140,12 +161,15 @@ def fig(k):
     v = runs[k]
     return f"{round(statistics.median(v), 1)} ms ({min(v)}-{max(v)})"
 m = {k: statistics.median(v) for k, v in runs.items()}
-print(f"13. warm infer --max-tokens 1, local: {fig('local')}")
-print(f"13. the same over SSH, persistent connection: {fig('persist')}, "
-      f"{round(m['persist'] - m['local'], 1)} ms over local")
-print(f"13. the same over SSH, persist = \"0\": {fig('direct')}, "
-      f"{round(m['direct'] - m['local'], 1)} ms over local")
-print(f"14. hive status, 1 SSH node: {fig('status1')}")
-print(f"14. hive status, {nodes} SSH nodes: {fig('statusN')}, "
-      f"{round(m['statusN'] / m['status1'], 2)}x of one node")
+if "local" in runs:
+    print(f"13. warm infer --max-tokens 1, local: {fig('local')}")
+    print(f"13. the same over SSH, persistent connection: {fig('persist')}, "
+          f"{round(m['persist'] - m['local'], 1)} ms over local")
+    print(f"13. the same over SSH, persist = \"0\": {fig('direct')}, "
+          f"{round(m['direct'] - m['local'], 1)} ms over local")
+for suffix, what in [("", "only ssh1's hive running"), ("_running", "every hive running"),
+                     ("_stopped", "every hive stopped")]:
+    print(f"14. hive status, 1 SSH node ({what}): {fig('status1' + suffix)}")
+    print(f"14. hive status, {nodes} SSH nodes ({what}): {fig('statusN' + suffix)}, "
+          f"{round(m['statusN' + suffix] / m['status1' + suffix], 2)}x of one node")
 PY

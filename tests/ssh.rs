@@ -751,6 +751,7 @@ mod bastion;
 mod batch;
 mod binaries;
 mod fan_out;
+mod held;
 mod host_keys;
 mod keepalive;
 mod keys;

@@ -250,6 +250,12 @@ async fn status(ctx: &Context, sel: NodeSelection) -> Result<()> {
             Ok(result) => return result,
             Err(e) => e,
         };
+        // The connection has forwarded to this node before and nothing listens on the hive's
+        // socket now: no hive serves there, and no command need say so (a session start costs
+        // sshd more than the rest of the status together).
+        if conn.forward().is_some_and(|f| f.nothing_listens()) {
+            return NodeResult::new(&node, "stopped");
+        }
         // No answer: a hive holding its pidfile lock still runs, it only does not answer.
         match lifecycle::lock_holder(&mut conn, &budget).await {
             Ok(None) => NodeResult::new(&node, "stopped"),

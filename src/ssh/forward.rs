@@ -11,6 +11,10 @@
 //! either way); a caller that learns whether the hive runs from the node anyway (its pidfile)
 //! can ask for failed opens to fail at once (`fail_fast`) and switch only when the hive runs
 //! (`use_bridge`), so a stopped hive costs no bridge command.
+//!
+//! Through a holder the same holds: the invocation's forward sends its mode with each stream
+//! (`Mode`), the holder opens the way as this module would, and says how it went (`Opened`),
+//! which the forward learns as if it had opened the channel itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
@@ -23,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{IoContext, Result};
 use crate::ssh::known_hosts::Checker;
+use crate::ssh::mux::{Mode, Opened};
 use crate::ssh::remote;
 
 /// A local end of a forward: the socket to connect to, and where on the node it leads.
@@ -40,6 +45,8 @@ struct State {
     seen: AtomicU8,
     /// A failed open ends its connection instead of trying the bridge.
     fail_fast: AtomicBool,
+    /// The last open failed on a connection proven to forward: nothing listens on the socket.
+    absent: AtomicBool,
     /// What the session has proven for every forward and stream it carries (it outlives one
     /// invocation when a holder keeps it): `OPENED` once a channel opened, `BRIDGED` once sshd
     /// refused one outright. A failed open proves neither, so it stays with this forward.
@@ -60,6 +67,7 @@ impl State {
             node,
             seen: AtomicU8::new(seen),
             fail_fast: AtomicBool::new(false),
+            absent: AtomicBool::new(false),
             learnt,
         }
     }
@@ -72,6 +80,23 @@ impl State {
                  `rbee hive bridge` on the node instead"
             );
         }
+    }
+
+    /// A channel opened: sshd forwards.
+    fn opened(&self) {
+        self.absent.store(false, Ordering::Relaxed);
+        for from in [UNTRIED, FAILED] {
+            let _ = self
+                .seen
+                .compare_exchange(from, OPENED, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// An open failed, and none has opened yet.
+    fn failed(&self) {
+        let _ = self
+            .seen
+            .compare_exchange(UNTRIED, FAILED, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Records for the whole session what an answer of sshd proved.
@@ -101,6 +126,13 @@ impl Forward {
     /// listens on the hive's socket.
     pub(crate) fn open_failed(&self) -> bool {
         self.state.seen.load(Ordering::Relaxed) == FAILED
+    }
+
+    /// Whether the last open failed although sshd is proven to forward on this connection (a
+    /// channel opened before): nothing listens on the hive's socket, which no pidfile check
+    /// needs to confirm (a hive that runs but is stopped or busy still has its socket listening).
+    pub(crate) fn nothing_listens(&self) -> bool {
+        self.state.absent.load(Ordering::Relaxed)
     }
 
     /// Carries the next connections over the bridge: the node's hive runs, and sshd failed the
@@ -148,14 +180,40 @@ pub(super) fn nothing_learnt() -> Arc<AtomicU8> {
     Arc::new(AtomicU8::new(UNTRIED))
 }
 
-/// Carries one local connection to `path` on the node (a holder serving one stream).
-pub(super) async fn carry(via: &Via, node: &str, path: &str, stream: UnixStream) {
-    match via {
-        Via::Ssh { handle, learnt } => {
-            let state = State::new(node.to_string(), Some(learnt.clone()));
-            connect(handle, &state, path, stream).await;
+/// Opens the way to `path` on the node for a holder serving one stream, in the `mode` the
+/// invocation's forward asked for; what the session learns stays with the holder's session.
+pub(super) async fn open_held(
+    handle: &client::Handle<Checker>,
+    learnt: &Arc<AtomicU8>,
+    node: &str,
+    path: &str,
+    mode: Mode,
+) -> (Opened, Option<Carrier>) {
+    let state = State::new(node.to_string(), Some(learnt.clone()));
+    match mode {
+        Mode::Any => {}
+        Mode::FailFast => state.fail_fast.store(true, Ordering::Relaxed),
+        Mode::Bridge => state.seen.store(BRIDGED, Ordering::Relaxed),
+    }
+    open(handle, &state, path).await
+}
+
+/// A stream's way to the node once open: its channel, and what the bridge sent past its marker.
+pub(super) struct Carrier {
+    remote: russh::ChannelStream<client::Msg>,
+    pending: Vec<u8>,
+}
+
+impl Carrier {
+    /// Relays `stream` over the channel until either side ends.
+    pub(super) async fn relay<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut self,
+        stream: &mut S,
+    ) {
+        if !self.pending.is_empty() && stream.write_all(&self.pending).await.is_err() {
+            return;
         }
-        Via::Holder(client) => client.carry(path, stream).await,
+        let _ = tokio::io::copy_bidirectional(stream, &mut self.remote).await;
     }
 }
 
@@ -188,7 +246,7 @@ pub(super) async fn listen(
                 tokio::spawn(async move {
                     match &via {
                         Via::Ssh { handle, .. } => connect(handle, &state, &path, stream).await,
-                        Via::Holder(client) => client.carry(&path, stream).await,
+                        Via::Holder(client) => through_holder(client, &state, &path, stream).await,
                     }
                 });
             }
@@ -212,26 +270,80 @@ async fn connect(
     path: &str,
     mut stream: UnixStream,
 ) {
+    if let (_, Some(carrier)) = open(handle, state, path).await {
+        carrier.relay(&mut stream).await;
+    }
+}
+
+/// Carries one local connection through the node's holder: it opens the way in the mode this
+/// forward is in and says how it went, which this forward learns as if it had opened it.
+async fn through_holder(
+    client: &crate::ssh::mux::client::Client,
+    state: &State,
+    path: &str,
+    mut stream: UnixStream,
+) {
+    let mode = if state.seen.load(Ordering::Relaxed) == BRIDGED {
+        Mode::Bridge
+    } else if state.fail_fast.load(Ordering::Relaxed) {
+        Mode::FailFast
+    } else {
+        Mode::Any
+    };
+    let (mut remote, opened) = match client.stream(path, mode).await {
+        Ok(opened) => opened,
+        Err(why) => {
+            tracing::debug!(node = %state.node, "stream to `{path}`: {why}");
+            return;
+        }
+    };
+    match opened {
+        Opened::Channel => state.opened(),
+        Opened::Bridge { prohibited } => state.bridge(
+            path,
+            if prohibited {
+                "AdministrativelyProhibited"
+            } else {
+                "sshd failed the channel to its socket"
+            },
+        ),
+        Opened::Failed { forwards } => {
+            if forwards {
+                state.opened();
+                state.absent.store(true, Ordering::Relaxed);
+            } else {
+                state.failed();
+            }
+            tracing::debug!(node = %state.node, "sshd failed the channel to `{path}`");
+            return;
+        }
+        Opened::Broken { why } => {
+            tracing::debug!(node = %state.node, "stream to `{path}` through the holder: {why}");
+            return;
+        }
+    }
+    let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
+}
+
+/// Opens the way to `path` on the node: a direct-streamlocal channel, or the bridge once sshd
+/// has refused one; `None` where neither opened (with why, for a holder's invocation).
+async fn open(
+    handle: &client::Handle<Checker>,
+    state: &State,
+    path: &str,
+) -> (Opened, Option<Carrier>) {
     let node = &state.node;
+    let mut prohibited = false;
     if state.seen.load(Ordering::Relaxed) != BRIDGED {
         match handle.channel_open_direct_streamlocal(path).await {
             Ok(channel) => {
-                let _ = state.seen.compare_exchange(
-                    UNTRIED,
-                    OPENED,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-                let _ = state.seen.compare_exchange(
-                    FAILED,
-                    OPENED,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                state.opened();
                 state.learn(OPENED);
-                let mut remote = channel.into_stream();
-                let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
-                return;
+                let carrier = Carrier {
+                    remote: channel.into_stream(),
+                    pending: Vec::new(),
+                };
+                return (Opened::Channel, Some(carrier));
             }
             // Only a refusal says so: sshd forwards nothing here.
             Err(russh::Error::ChannelOpenFailure(
@@ -239,44 +351,49 @@ async fn connect(
             )) => {
                 state.learn(BRIDGED);
                 state.bridge(path, &format!("{why:?}"));
+                prohibited = true;
             }
             Err(russh::Error::ChannelOpenFailure(why)) => {
                 // Once a channel has opened, sshd forwards: nothing listens there now.
-                let _ = state.seen.compare_exchange(
-                    UNTRIED,
-                    FAILED,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                state.failed();
                 let seen = state.seen.load(Ordering::Relaxed);
                 if seen == OPENED || state.fail_fast.load(Ordering::Relaxed) {
                     tracing::debug!(node = %node, "sshd failed the channel to `{path}` ({why:?})");
-                    return;
+                    state.absent.store(seen == OPENED, Ordering::Relaxed);
+                    return (
+                        Opened::Failed {
+                            forwards: seen == OPENED,
+                        },
+                        None,
+                    );
                 }
                 state.bridge(path, &format!("{why:?}"));
             }
             Err(e) => {
                 tracing::debug!(node = %node, "forward to `{path}` failed: {e}");
-                return;
+                return (Opened::Broken { why: e.to_string() }, None);
             }
         }
     }
-    if let Err(e) = bridge(handle, path, &mut stream).await {
-        tracing::debug!(node = %node, "bridge to `{path}` failed: {e}");
+    match bridge(handle, path).await {
+        Ok(carrier) => (Opened::Bridge { prohibited }, Some(carrier)),
+        Err(why) => {
+            tracing::debug!(node = %node, "bridge to `{path}` failed: {why}");
+            (Opened::Broken { why }, None)
+        }
     }
 }
 
 /// Most of what a login shell may print before the bridge's marker.
 const GREETING_LIMIT: usize = 64 * 1024;
 
-/// Relays `stream` through `rbee hive bridge` in an exec channel. What the login shell prints
+/// Starts `rbee hive bridge` in an exec channel, to be relayed to. What the login shell prints
 /// before the marker is dropped; the local side is read only after it, so no request byte can
 /// reach the shell.
 async fn bridge(
     handle: &client::Handle<Checker>,
     path: &str,
-    stream: &mut UnixStream,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Carrier, String> {
     let marker = remote::marker();
     let channel = handle
         .channel_open_session()
@@ -296,15 +413,13 @@ async fn bridge(
         }
         seen.extend_from_slice(&buf[..n]);
         if let Some(rest) = remote::after_marker(&seen, &marker) {
-            stream.write_all(rest).await.map_err(|e| e.to_string())?;
-            break;
+            let pending = rest.to_vec();
+            return Ok(Carrier { remote, pending });
         }
         if seen.len() > GREETING_LIMIT {
             return Err("the login shell printed too much before the bridge".to_string());
         }
     }
-    let _ = tokio::io::copy_bidirectional(stream, &mut remote).await;
-    Ok(())
 }
 
 /// Forward sockets of rbee processes that ended without removing theirs.

@@ -427,9 +427,25 @@ impl Session {
         Ok(out)
     }
 
-    /// Carries `stream` to the Unix socket `path` on the node (a holder serving a stream).
-    pub(super) async fn carry(&self, path: &str, stream: tokio::net::UnixStream) {
-        forward::carry(&self.via(), &self.target.node, path, stream).await;
+    /// Opens the way to the Unix socket `path` on the node in `mode` (a holder serving a
+    /// stream), and says how it went.
+    pub(super) async fn open_stream(
+        &self,
+        path: &str,
+        mode: mux::Mode,
+    ) -> (mux::Opened, Option<forward::Carrier>) {
+        match &self.link {
+            Link::Direct { handle, learnt, .. } => {
+                forward::open_held(handle, learnt, &self.target.node, path, mode).await
+            }
+            // A holder connects directly; a held session is an invocation's.
+            Link::Held(_) => (
+                mux::Opened::Broken {
+                    why: "a held session carries no streams for others".to_string(),
+                },
+                None,
+            ),
+        }
     }
 
     fn via(&self) -> forward::Via {

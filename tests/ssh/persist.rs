@@ -34,8 +34,13 @@ fn holder_sockets(fleet: &Fleet) -> Vec<PathBuf> {
 }
 
 /// Holder processes of this environment (`nodes hold` with its RBEE_HOME).
-fn holders(fleet: &Fleet) -> Vec<i32> {
-    let home = format!("RBEE_HOME={}", fleet.env.path().join("state").display());
+pub(super) fn holders(fleet: &Fleet) -> Vec<i32> {
+    holders_in(&fleet.env)
+}
+
+/// Holder processes of `env` (`nodes hold` with its RBEE_HOME).
+pub(super) fn holders_in(env: &crate::support::Env) -> Vec<i32> {
+    let home = format!("RBEE_HOME={}", env.path().join("state").display());
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
@@ -221,7 +226,7 @@ fn another_user_cannot_use_the_holder() {
         "import json, socket, struct, sys\n\
          s = socket.socket(socket.AF_UNIX)\n\
          s.connect({:?})\n\
-         body = json.dumps({{'protocol': 1, 'version': {:?}, 'op': 'ping'}}).encode()\n\
+         body = json.dumps({{'protocol': 2, 'version': {:?}, 'op': 'ping'}}).encode()\n\
          s.settimeout(5)\n\
          try:\n\
          \x20   s.sendall(struct.pack('>I', len(body)) + body)\n\

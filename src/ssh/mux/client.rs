@@ -11,8 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::{
-    Answer, FRAME_ERROR, FRAME_EXIT, FRAME_STDERR, FRAME_STDOUT, Op, PROTOCOL, Ready, Request,
-    Start, VERSION, read_frame, read_msg, write_msg,
+    Answer, FRAME_ERROR, FRAME_EXIT, FRAME_STDERR, FRAME_STDOUT, Mode, Op, Opened, PROTOCOL, Ready,
+    Request, Start, VERSION, read_frame, read_msg, write_msg,
 };
 use crate::error::{Error, ExitKind, Result};
 use crate::ssh::session::Exec;
@@ -58,6 +58,18 @@ async fn ask(socket: &Path, op: Op) -> Found {
     };
     match tokio::time::timeout(HANDSHAKE, exchange).await {
         Err(_) => Found::Bypass(format!("no answer within {}ms", HANDSHAKE.as_millis())),
+        // Closed unanswered: a holder on its way out (only one ending closes a same-user
+        // connection without a word), to be replaced.
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Found::Absent
+        }
         Ok(Err(e)) => Found::Bypass(format!("the handshake failed: {e}")),
         Ok(Ok(answer)) if answer.protocol != PROTOCOL || answer.version != VERSION => {
             Found::Bypass(format!(
@@ -65,6 +77,8 @@ async fn ask(socket: &Path, op: Op) -> Found {
                 answer.version, answer.protocol
             ))
         }
+        // Its connection ended: it is going away, and a new one takes its place.
+        Ok(Ok(answer)) if answer.gone => Found::Absent,
         Ok(Ok(answer)) if !answer.ok => Found::Bypass(answer.why.unwrap_or_default()),
         Ok(Ok(_)) => Found::Alive(stream),
     }
@@ -280,18 +294,22 @@ impl Client {
         Ok(out)
     }
 
-    /// Carries `local` to the Unix socket `path` on the node through the holder.
-    pub(crate) async fn carry(&self, path: &str, mut local: UnixStream) {
-        match self
+    /// A stream to the Unix socket `path` on the node through the holder, opened in `mode`,
+    /// and how the holder opened it (nothing follows unless it did).
+    pub(crate) async fn stream(
+        &self,
+        path: &str,
+        mode: Mode,
+    ) -> std::result::Result<(UnixStream, Opened), String> {
+        let mut stream = self
             .open(Op::Stream {
                 path: path.to_string(),
+                mode,
             })
+            .await?;
+        let opened = read_msg::<_, Opened>(&mut stream)
             .await
-        {
-            Ok(mut remote) => {
-                let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
-            }
-            Err(why) => tracing::debug!(node = %self.target.node, "stream to `{path}`: {why}"),
-        }
+            .map_err(|e| format!("the holder did not say how it opened the stream: {e}"))?;
+        Ok((stream, opened))
     }
 }

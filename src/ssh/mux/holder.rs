@@ -140,7 +140,11 @@ async fn hold() -> Result<()> {
         tokio::select! {
             biased;
             _ = usage.exit.notified() => {
-                tracing::info!(node = %start.target.node, "asked to disconnect");
+                if session.is_closed() {
+                    tracing::info!(node = %start.target.node, "the SSH connection ended");
+                } else {
+                    tracing::info!(node = %start.target.node, "asked to disconnect");
+                }
                 break;
             }
             _ = term.recv() => break,
@@ -197,6 +201,17 @@ async fn serve(session: &Session, mut stream: UnixStream, in_use: InUse) {
         let _ = write_msg(&mut stream, &answer(false, Some("another version".into()))).await;
         return;
     }
+    // A connection that has ended (its keep-alives went unanswered, the node closed it) is not
+    // handed out until the next tick notices: the invocation replaces this holder at once.
+    if ended(session).await {
+        let gone = Answer {
+            gone: true,
+            ..answer(false, Some("its SSH connection has ended".into()))
+        };
+        let _ = write_msg(&mut stream, &gone).await;
+        in_use.0.exit.notify_one();
+        return;
+    }
     if write_msg(&mut stream, &answer(true, None)).await.is_err() {
         return;
     }
@@ -222,10 +237,39 @@ async fn serve(session: &Session, mut stream: UnixStream, in_use: InUse) {
                 Err(e) => write_frame(&mut writer, FRAME_ERROR, e.to_string().as_bytes()).await,
             };
             let _ = writer.shutdown().await;
+            ended_with_session(session, &in_use);
         }
-        Op::Stream { path } => session.carry(&path, stream).await,
+        Op::Stream { path, mode } => {
+            let (opened, carrier) = session.open_stream(&path, mode).await;
+            if write_msg(&mut stream, &opened).await.is_ok()
+                && let Some(carrier) = carrier
+            {
+                carrier.relay(&mut stream).await;
+            }
+            ended_with_session(session, &in_use);
+        }
     }
     drop(in_use);
+}
+
+/// Whether the SSH connection has ended, once the session's own task has had its turn: a close
+/// that reached this process with the request is seen, not raced.
+async fn ended(session: &Session) -> bool {
+    for _ in 0..4 {
+        if session.is_closed() {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    session.is_closed()
+}
+
+/// A command or stream that ended with the SSH connection ends the holder now, so that its
+/// socket is gone by the time the invocation asks whether the connection was lost.
+fn ended_with_session(session: &Session, in_use: &InUse) {
+    if session.is_closed() {
+        in_use.0.exit.notify_one();
+    }
 }
 
 fn answer(ok: bool, why: Option<String>) -> Answer {
@@ -234,6 +278,7 @@ fn answer(ok: bool, why: Option<String>) -> Answer {
         version: VERSION.to_string(),
         ok,
         why,
+        gone: false,
     }
 }
 

@@ -19,7 +19,7 @@ use crate::ssh::{SshError, Target};
 
 /// Bumped whenever requests, answers or frames change; a holder of another protocol (or of
 /// another rbee version) is bypassed, never spoken to.
-pub(super) const PROTOCOL: u32 = 1;
+pub(super) const PROTOCOL: u32 = 2;
 pub(super) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The largest request or answer (a command line, an error message).
@@ -35,8 +35,37 @@ pub(super) enum Op {
     Exit,
     /// Run a command (already wrapped under `sh -c`); stdin follows until end of stream.
     Exec { command: String },
-    /// Carry the rest of this connection to the Unix socket `path` on the node.
-    Stream { path: String },
+    /// Carry the rest of this connection to the Unix socket `path` on the node, opened in
+    /// `mode`; the holder says how it opened it (`Opened`) before the first byte.
+    Stream { path: String, mode: Mode },
+}
+
+/// How a stream is to be opened, as the invocation's forward has it (see `ssh::forward`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Mode {
+    /// A direct-streamlocal channel, else the bridge.
+    Any,
+    /// A channel that sshd fails ends the stream: the invocation asks the node whether its
+    /// hive runs.
+    FailFast,
+    /// The bridge only: sshd refuses forwarding.
+    Bridge,
+}
+
+/// How the holder opened a stream, sent before its first byte.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "opened", rename_all = "snake_case")]
+pub(crate) enum Opened {
+    /// A direct-streamlocal channel carries it: sshd forwards.
+    Channel,
+    /// The bridge carries it; `prohibited`: sshd refused the channel outright.
+    Bridge { prohibited: bool },
+    /// sshd failed the channel and no bridge was tried; `forwards`: a channel opened on this
+    /// connection before, so nothing listens on the socket.
+    Failed { forwards: bool },
+    /// Neither opened (the connection broke, the bridge failed).
+    Broken { why: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +83,10 @@ pub(super) struct Answer {
     pub(super) ok: bool,
     #[serde(default)]
     pub(super) why: Option<String>,
+    /// The holder's SSH connection has ended (the link died, or the node closed it): it is
+    /// ending too, and the invocation starts another.
+    #[serde(default)]
+    pub(super) gone: bool,
 }
 
 /// What a new holder says on its stdout once, after connecting (or failing to).
