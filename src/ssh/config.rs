@@ -27,6 +27,11 @@ pub(crate) struct HostEntry {
     /// The first `ProxyCommand` that applies, as written (`none` included: it still counts as
     /// the first value).
     pub(crate) proxy_command: Option<String>,
+    /// `UserKnownHostsFile`: its words as written (`%` tokens and `~` not yet expanded);
+    /// `none` is the word `none`.
+    pub(crate) user_known_hosts: Option<Vec<String>>,
+    /// `GlobalKnownHostsFile`, the same way.
+    pub(crate) global_known_hosts: Option<Vec<String>>,
 }
 
 /// How deep `Include`s may nest, as in OpenSSH.
@@ -149,12 +154,25 @@ fn apply(
             {
                 entry.proxy_jump = Some(value.to_string());
             }
+            "userknownhostsfile" if *active && entry.user_known_hosts.is_none() => {
+                entry.user_known_hosts = Some(split_quoted(rest(line, key)));
+            }
+            "globalknownhostsfile" if *active && entry.global_known_hosts.is_none() => {
+                entry.global_known_hosts = Some(split_quoted(rest(line, key)));
+            }
             "serveralivecountmax" if *active && entry.alive_count.is_none() => {
                 entry.alive_count = value.parse().ok();
             }
             _ => {}
         }
     }
+}
+
+/// What follows the keyword on a line, quotes and all.
+fn rest<'a>(line: &'a str, key: &str) -> &'a str {
+    line[key.len()..]
+        .trim_start_matches(|c: char| c.is_whitespace() || c == '=')
+        .trim()
 }
 
 /// The files an `Include` names: each word, `~` expanded, relative to `base`, with `*` and `?`

@@ -29,6 +29,8 @@ pub(crate) enum HostKey {
     },
     Changed {
         fingerprint: String,
+        /// The known_hosts file and line that hold the key recorded for the host.
+        file: PathBuf,
         line: usize,
         /// The fingerprint of the key that line holds.
         known: String,
@@ -41,6 +43,7 @@ pub(crate) enum HostKey {
 /// A key known_hosts records for the host.
 #[derive(Debug, Clone)]
 pub(super) struct Recorded {
+    pub(super) file: PathBuf,
     pub(super) line: usize,
     pub(super) key: PublicKey,
     pub(super) revoked: bool,
@@ -97,10 +100,25 @@ pub(super) fn recorded(host: &str, port: u16, path: &Path) -> std::io::Result<Ve
             continue;
         };
         found.push(Recorded {
+            file: path.to_path_buf(),
             line: i + 1,
             key,
             revoked,
         });
+    }
+    Ok(found)
+}
+
+/// The keys every file of `files` records for `host:port`, in the files' order (as OpenSSH
+/// reads each of `UserKnownHostsFile` and `GlobalKnownHostsFile`).
+pub(super) fn recorded_in(
+    host: &str,
+    port: u16,
+    files: &[PathBuf],
+) -> std::io::Result<Vec<Recorded>> {
+    let mut found = Vec::new();
+    for file in files {
+        found.extend(recorded(host, port, file)?);
     }
     Ok(found)
 }
@@ -152,7 +170,7 @@ fn same_type(a: &Algorithm, b: &Algorithm) -> bool {
 /// russh's preferred host key algorithms with the types known for the target first, so a
 /// host that offers a known key presents it.
 pub(super) fn preferred_for(target: &Target) -> russh::Preferred {
-    let known: Vec<Algorithm> = recorded(&target.host, target.port, &target.known_hosts)
+    let known: Vec<Algorithm> = recorded_in(&target.host, target.port, &read_files(target))
         .unwrap_or_default()
         .into_iter()
         .filter(|r| !r.revoked)
@@ -166,12 +184,21 @@ pub(super) fn preferred_for(target: &Target) -> russh::Preferred {
     preferred
 }
 
+/// Every known_hosts file read for `target`: the user's, then the global ones.
+fn read_files(target: &Target) -> Vec<PathBuf> {
+    let mut files = target.known_hosts.clone();
+    files.extend(target.global_known_hosts.iter().cloned());
+    files
+}
+
 /// Checks the host key during the handshake and leaves its verdict in `verdict`, where the
 /// caller reads it once the handshake is over, failed or not.
 pub(super) struct Checker {
     host: String,
     port: u16,
-    known_hosts: PathBuf,
+    /// Every file read; a new key goes to `record_in`.
+    files: Vec<PathBuf>,
+    record_in: Option<PathBuf>,
     accept_new: bool,
     verdict: Arc<Mutex<Option<HostKey>>>,
 }
@@ -185,7 +212,8 @@ impl Checker {
         Checker {
             host: target.host.clone(),
             port: target.port,
-            known_hosts: target.known_hosts.clone(),
+            files: read_files(target),
+            record_in: target.known_hosts.first().cloned(),
             accept_new,
             verdict,
         }
@@ -193,20 +221,17 @@ impl Checker {
 
     fn decide(&self, key: &PublicKey) -> HostKey {
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        let recorded = match recorded(&self.host, self.port, &self.known_hosts) {
+        let recorded = match recorded_in(&self.host, self.port, &self.files) {
             Ok(recorded) => recorded,
             Err(e) => {
-                return HostKey::Unsupported(format!(
-                    "cannot read `{}`: {e}",
-                    self.known_hosts.display()
-                ));
+                return HostKey::Unsupported(format!("cannot read its known_hosts files: {e}"));
             }
         };
         let same_key = |r: &&Recorded| r.key.key_data() == key.key_data();
         if let Some(r) = recorded.iter().filter(|r| r.revoked).find(same_key) {
             return HostKey::Unsupported(format!(
                 "the key it presents, {fingerprint}, is marked @revoked in `{}` line {}",
-                self.known_hosts.display(),
+                r.file.display(),
                 r.line
             ));
         }
@@ -225,6 +250,7 @@ impl Checker {
                 .then(|| (key.algorithm().to_string(), r.key.algorithm().to_string()));
             return HostKey::Changed {
                 fingerprint,
+                file: r.file.clone(),
                 line: r.line,
                 known: r.key.fingerprint(HashAlg::Sha256).to_string(),
                 other_type,
@@ -233,11 +259,17 @@ impl Checker {
         if !self.accept_new {
             return HostKey::Unknown { fingerprint };
         }
-        match learn(&self.host, self.port, key, &self.known_hosts) {
+        let Some(file) = &self.record_in else {
+            return HostKey::Unsupported(format!(
+                "it presents {fingerprint}, which is not known, and there is no known_hosts \
+                 file to record it in (`UserKnownHostsFile none`)"
+            ));
+        };
+        match learn(&self.host, self.port, key, file) {
             Ok(()) => HostKey::Accepted { fingerprint },
             Err(e) => HostKey::Unsupported(format!(
                 "cannot record the host key in `{}`: {e}",
-                self.known_hosts.display()
+                file.display()
             )),
         }
     }
@@ -301,10 +333,15 @@ pub(super) fn host_key_error(target: &Target, verdict: Option<HostKey>) -> Optio
             target: target.describe(),
             node: target.node.clone(),
             fingerprint,
-            known_hosts: target.known_hosts.clone(),
+            known_hosts: target
+                .known_hosts
+                .first()
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("none")),
         },
         HostKey::Changed {
             fingerprint,
+            file,
             line,
             known,
             other_type,
@@ -313,7 +350,7 @@ pub(super) fn host_key_error(target: &Target, verdict: Option<HostKey>) -> Optio
             node: target.node.clone(),
             fingerprint,
             known: Some(known),
-            known_hosts: target.known_hosts.clone(),
+            known_hosts: file,
             line,
             holds: match other_type {
                 Some((presented, recorded)) => format!(
