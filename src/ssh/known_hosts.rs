@@ -2,7 +2,10 @@
 //! it presents is recorded for it; any other key recorded for it, of the same type or another,
 //! makes the key a changed one (refused, whatever the user asked). The client asks first for
 //! the key types known_hosts holds for the host, so a host that offers several keys presents
-//! the one that is known. Recording a key appends one line, `~/.ssh` made 0700 when missing.
+//! the one that is known. A host certificate is taken when an `@cert-authority` line for the
+//! host signed it; a key marked `@revoked` is refused. Every known_hosts file is read; a new
+//! key is recorded in the first (one line, hashed under `HashKnownHosts`, `~/.ssh` made 0700
+//! when missing).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -47,6 +50,8 @@ pub(super) struct Recorded {
     pub(super) line: usize,
     pub(super) key: PublicKey,
     pub(super) revoked: bool,
+    /// An `@cert-authority` line: the key signs host certificates, it is no host key.
+    pub(super) ca: bool,
 }
 
 /// The name known_hosts files the host under: `host`, or `[host]:port` off port 22.
@@ -58,8 +63,8 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-/// The keys `path` records for `host:port` (a missing file records none). `@cert-authority`
-/// lines are not host keys and are left out; lines that do not parse are skipped, as OpenSSH
+/// The keys `path` records for `host:port` (a missing file records none), `@revoked` and
+/// `@cert-authority` lines marked as such; lines that do not parse are skipped, as OpenSSH
 /// skips them.
 pub(super) fn recorded(host: &str, port: u16, path: &Path) -> std::io::Result<Vec<Recorded>> {
     let text = match std::fs::read_to_string(path) {
@@ -77,11 +82,11 @@ pub(super) fn recorded(host: &str, port: u16, path: &Path) -> std::io::Result<Ve
         if first.starts_with('#') {
             continue;
         }
-        let mut revoked = false;
+        let (mut revoked, mut ca) = (false, false);
         if first.starts_with('@') {
             match first {
                 "@revoked" => revoked = true,
-                // Certificate authorities sign host certificates; rbee checks plain keys.
+                "@cert-authority" => ca = true,
                 _ => continue,
             }
             let Some(next) = fields.next() else {
@@ -104,6 +109,7 @@ pub(super) fn recorded(host: &str, port: u16, path: &Path) -> std::io::Result<Ve
             line: i + 1,
             key,
             revoked,
+            ca,
         });
     }
     Ok(found)
@@ -162,6 +168,26 @@ fn hashed_matches(hashed: &str, name: &str) -> bool {
     }
 }
 
+/// `name` as OpenSSH's `HashKnownHosts` writes it: `|1|salt|HMAC-SHA1(salt, name)`, base64.
+fn hashed_name(name: &str) -> String {
+    use hmac_sha1::{Hmac, KeyInit, Mac};
+    let salt: [u8; 20] = rand::random();
+    let hash = match Hmac::<sha1::Sha1>::new_from_slice(&salt) {
+        Ok(mac) => mac
+            .chain_update(name.as_bytes())
+            .finalize()
+            .into_bytes()
+            .to_vec(),
+        // HMAC takes a key of any length: this arm is never taken.
+        Err(_) => return name.to_string(),
+    };
+    format!(
+        "|1|{}|{}",
+        data_encoding::BASE64.encode(&salt),
+        data_encoding::BASE64.encode(&hash)
+    )
+}
+
 /// Whether two key algorithms are one key type (RSA keys sign with several hashes).
 fn same_type(a: &Algorithm, b: &Algorithm) -> bool {
     matches!((a, b), (Algorithm::Rsa { .. }, Algorithm::Rsa { .. })) || a == b
@@ -173,15 +199,28 @@ pub(super) fn preferred_for(target: &Target) -> russh::Preferred {
     let known: Vec<Algorithm> = recorded_in(&target.host, target.port, &read_files(target))
         .unwrap_or_default()
         .into_iter()
-        .filter(|r| !r.revoked)
+        .filter(|r| !r.revoked && !r.ca)
         .map(|r| r.key.algorithm())
         .collect();
     let mut preferred = russh::Preferred::default();
+    // A certificate authority for the host: ask for its host certificate first, as OpenSSH
+    // does, so the node proves its name with the CA's signature.
+    if has_authority(target) {
+        preferred.host_key_certificates = preferred.key.clone();
+    }
     let mut keys = preferred.key.to_vec();
     // Stable: each group keeps russh's own order.
     keys.sort_by_key(|a| !known.iter().any(|k| same_type(k, a)));
     preferred.key = keys.into();
     preferred
+}
+
+/// Whether an `@cert-authority` line (not revoked) applies to `target`.
+fn has_authority(target: &Target) -> bool {
+    recorded_in(&target.host, target.port, &read_files(target))
+        .unwrap_or_default()
+        .iter()
+        .any(|r| r.ca && !r.revoked)
 }
 
 /// Every known_hosts file read for `target`: the user's, then the global ones.
@@ -199,6 +238,7 @@ pub(super) struct Checker {
     /// Every file read; a new key goes to `record_in`.
     files: Vec<PathBuf>,
     record_in: Option<PathBuf>,
+    hashed: bool,
     accept_new: bool,
     verdict: Arc<Mutex<Option<HostKey>>>,
 }
@@ -214,6 +254,7 @@ impl Checker {
             port: target.port,
             files: read_files(target),
             record_in: target.known_hosts.first().cloned(),
+            hashed: target.hash_known_hosts,
             accept_new,
             verdict,
         }
@@ -235,7 +276,7 @@ impl Checker {
                 r.line
             ));
         }
-        let hosts_keys: Vec<&Recorded> = recorded.iter().filter(|r| !r.revoked).collect();
+        let hosts_keys: Vec<&Recorded> = recorded.iter().filter(|r| !r.revoked && !r.ca).collect();
         if hosts_keys.iter().any(same_key) {
             return HostKey::Known;
         }
@@ -265,7 +306,7 @@ impl Checker {
                  file to record it in (`UserKnownHostsFile none`)"
             ));
         };
-        match learn(&self.host, self.port, key, file) {
+        match learn(&self.host, self.port, key, file, self.hashed) {
             Ok(()) => HostKey::Accepted { fingerprint },
             Err(e) => HostKey::Unsupported(format!(
                 "cannot record the host key in `{}`: {e}",
@@ -275,9 +316,75 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// A host certificate, as OpenSSH's `check_host_cert`: signed by an `@cert-authority` key
+    /// recorded for the host (not `@revoked`, nor the certified key), a host certificate, valid
+    /// now, for this host name (or for any, with no principals), with no critical options.
+    /// A certificate that no recorded authority signed is checked as its plain key.
+    fn decide_certificate(&self, cert: &russh::keys::Certificate) -> HostKey {
+        let plain = PublicKey::from(cert.public_key().clone());
+        let fingerprint = plain.fingerprint(HashAlg::Sha256).to_string();
+        let recorded = match recorded_in(&self.host, self.port, &self.files) {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                return HostKey::Unsupported(format!("cannot read its known_hosts files: {e}"));
+            }
+        };
+        let revoked = |data: &russh::keys::ssh_key::public::KeyData| {
+            recorded
+                .iter()
+                .find(|r| r.revoked && r.key.key_data() == data)
+        };
+        let signer = cert.signature_key();
+        let Some(authority) = recorded
+            .iter()
+            .find(|r| r.ca && !r.revoked && r.key.key_data() == signer)
+        else {
+            return self.decide(&plain);
+        };
+        let refuse = |why: String| {
+            HostKey::Unsupported(format!(
+                "its host certificate (key {fingerprint}, signed by the authority of `{}` line \
+                 {}) {why}",
+                authority.file.display(),
+                authority.line
+            ))
+        };
+        if let Some(r) = revoked(signer).or_else(|| revoked(cert.public_key())) {
+            return refuse(format!(
+                "is marked @revoked in `{}` line {}",
+                r.file.display(),
+                r.line
+            ));
+        }
+        if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::Host {
+            return refuse("is not a host certificate".to_string());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let authority_print = authority.key.fingerprint(HashAlg::Sha256);
+        if cert.validate_at(now, [&authority_print]).is_err() {
+            return refuse("does not verify, or is not valid now".to_string());
+        }
+        let principals = cert.valid_principals();
+        if !principals.is_empty() && !principals.iter().any(|p| p == &self.host) {
+            return refuse(format!(
+                "names {}, not `{}`",
+                principals.join(", "),
+                self.host
+            ));
+        }
+        if !cert.critical_options().is_empty() {
+            return refuse("has critical options, which host certificates do not take".to_string());
+        }
+        HostKey::Known
+    }
+}
+
 /// Appends `host`'s key to known_hosts: its directory made 0700 when missing (as OpenSSH makes
 /// `~/.ssh`), a newline first only when the file does not end in one.
-fn learn(host: &str, port: u16, key: &PublicKey, path: &Path) -> std::io::Result<()> {
+fn learn(host: &str, port: u16, key: &PublicKey, path: &Path, hashed: bool) -> std::io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -299,7 +406,11 @@ fn learn(host: &str, port: u16, key: &PublicKey, path: &Path) -> std::io::Result
     let line = format!(
         "{}{} {openssh}\n",
         if needs_newline { "\n" } else { "" },
-        host_port(host, port)
+        if hashed {
+            hashed_name(&host_port(host, port))
+        } else {
+            host_port(host, port)
+        }
     );
     file.write_all(line.as_bytes())?;
     file.sync_all()
@@ -314,9 +425,7 @@ impl client::Handler for Checker {
     ) -> std::result::Result<bool, Self::Error> {
         let verdict = match server_key {
             PublicKeyOrCertificate::PublicKey { key, .. } => self.decide(key),
-            PublicKeyOrCertificate::Certificate(_) => {
-                HostKey::Unsupported("the server presented a host certificate; rbee checks plain host keys against known_hosts".to_string())
-            }
+            PublicKeyOrCertificate::Certificate(cert) => self.decide_certificate(cert),
         };
         let accepted = matches!(verdict, HostKey::Known | HostKey::Accepted { .. });
         if let Ok(mut slot) = self.verdict.lock() {
@@ -397,11 +506,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("dot-ssh/known_hosts");
         let key = PublicKey::from_openssh(ED).expect("key");
-        learn("h", 2222, &key, &path).expect("learn");
-        learn("g", 22, &key, &path).expect("learn");
+        learn("h", 2222, &key, &path, false).expect("learn");
+        learn("g", 22, &key, &path, false).expect("learn");
+        learn("hashed", 22, &key, &path, true).expect("learn");
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.starts_with("[h]:2222 ssh-ed25519 "), "{text:?}");
-        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert_eq!(text.lines().count(), 3, "{text:?}");
+        assert!(!text.contains("hashed"), "{text:?}");
+        assert_eq!(recorded("hashed", 22, &path).expect("read").len(), 1);
         assert!(text.lines().nth(1).is_some_and(|l| l.starts_with("g ")));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("dot-ssh"))

@@ -41,6 +41,10 @@ pub(crate) struct Target {
     pub(crate) port: u16,
     pub(crate) user: String,
     pub(crate) identity_files: Vec<PathBuf>,
+    /// `CertificateFile`s: user certificates, each tried with the identity whose key it
+    /// certifies (as is `<identity>-cert.pub`).
+    #[serde(default)]
+    pub(crate) certificate_files: Vec<PathBuf>,
     /// The key nodes.toml names: when it is missing and nothing else authenticates, the
     /// refusal says so (the agent may still hold the key, as OpenSSH allows).
     pub(crate) named_identity: Option<PathBuf>,
@@ -50,6 +54,9 @@ pub(crate) struct Target {
     /// `GlobalKnownHostsFile`s: read too, never written.
     #[serde(default)]
     pub(crate) global_known_hosts: Vec<PathBuf>,
+    /// `HashKnownHosts`: a recorded key goes under the host's hashed name.
+    #[serde(default)]
+    pub(crate) hash_known_hosts: bool,
     /// Seconds of silence from the node before a keep-alive is sent (0: none).
     pub(crate) alive_interval: u64,
     /// Keep-alives left unanswered before the connection counts as lost.
@@ -130,16 +137,19 @@ impl Target {
             GLOBAL_KNOWN_HOSTS,
             &tokens,
         );
-        Ok(Target {
+        let certificate_files = expanded(&entry.certificate_files, &tokens);
+        Target {
             node: node.name.clone(),
             host,
             identities_only: entry.identities_only.unwrap_or(false),
             port,
             user,
             identity_files,
+            certificate_files,
             named_identity,
             known_hosts,
             global_known_hosts,
+            hash_known_hosts: entry.hash_known_hosts.unwrap_or(false),
             alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
             alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
             connect_timeout: connect_timeout(entry.connect_timeout),
@@ -150,7 +160,7 @@ impl Target {
             node.jump.as_deref().or(entry.proxy_jump.as_deref()),
             &user_default(),
             node.known_hosts.is_some(),
-        ))
+        )
     }
 
     /// The hops of a `ProxyJump` list (`[user@]host[:port]`, comma-separated; `none`: none),
@@ -161,9 +171,9 @@ impl Target {
         spec: Option<&str>,
         default_user: &str,
         explicit_known_hosts: bool,
-    ) -> Target {
+    ) -> Result<Target> {
         let Some(spec) = spec.filter(|s| !s.eq_ignore_ascii_case("none")) else {
-            return self;
+            return Ok(self);
         };
         for hop in spec.split(',').map(str::trim).filter(|h| !h.is_empty()) {
             let (user, rest) = match hop.rsplit_once('@') {
@@ -177,6 +187,12 @@ impl Target {
                 _ => (rest, None),
             };
             let entry = ssh_config::lookup(alias);
+            if let Some(why) = &entry.refused {
+                return Err(Error::config(format!(
+                    "node `{}`: ssh_config for its ProxyJump hop `{alias}`: {why}",
+                    self.node
+                )));
+            }
             let host = entry.host_name.clone().unwrap_or_else(|| alias.to_string());
             let port = port.or(entry.port).unwrap_or(22);
             let user = user
@@ -203,6 +219,7 @@ impl Target {
                 Some(files) => known_hosts_files(Some(files), GLOBAL_KNOWN_HOSTS, &tokens),
                 None => self.global_known_hosts.clone(),
             };
+            let certificate_files = expanded(&entry.certificate_files, &tokens);
             let mut identity_files = ssh_config::expand(&entry.identity_files);
             if identity_files.is_empty() {
                 identity_files = self.identity_files.clone();
@@ -213,9 +230,11 @@ impl Target {
                 port,
                 user,
                 identity_files,
+                certificate_files,
                 named_identity: None,
                 known_hosts,
                 global_known_hosts,
+                hash_known_hosts: entry.hash_known_hosts.unwrap_or(self.hash_known_hosts),
                 identities_only: entry.identities_only.unwrap_or(self.identities_only),
                 alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
                 alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
@@ -228,7 +247,7 @@ impl Target {
                 proxy_command: None,
             });
         }
-        self
+        Ok(self)
     }
 
     /// `node (user@host:port)`, for messages.
@@ -246,6 +265,14 @@ impl Target {
             detail: detail.to_string(),
         })
     }
+}
+
+/// File names of ssh_config, their `%` tokens and `~` expanded.
+fn expanded(files: &[String], tokens: &ssh_config::Tokens<'_>) -> Vec<PathBuf> {
+    files
+        .iter()
+        .map(|f| paths::expand_tilde(&ssh_config::expand_tokens(f, tokens)))
+        .collect()
 }
 
 /// OpenSSH's default `UserKnownHostsFile` and `GlobalKnownHostsFile`.
