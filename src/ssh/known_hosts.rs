@@ -17,6 +17,7 @@ use russh::keys::{Algorithm, HashAlg, PublicKey, PublicKeyOrCertificate};
 
 use crate::error::Error;
 use crate::ssh::SshError;
+use crate::ssh::host_cert::Certified;
 use crate::ssh::session::Target;
 
 /// What the host key check decided.
@@ -317,68 +318,21 @@ impl Checker {
 }
 
 impl Checker {
-    /// A host certificate, as OpenSSH's `check_host_cert`: signed by an `@cert-authority` key
-    /// recorded for the host (not `@revoked`, nor the certified key), a host certificate, valid
-    /// now, for this host name (or for any, with no principals), with no critical options.
-    /// A certificate that no recorded authority signed is checked as its plain key.
+    /// A host certificate: taken when a recorded `@cert-authority` signed it and it holds for
+    /// this host (`host_cert`); one that no recorded authority signed is checked as its plain
+    /// key, as OpenSSH does.
     fn decide_certificate(&self, cert: &russh::keys::Certificate) -> HostKey {
-        let plain = PublicKey::from(cert.public_key().clone());
-        let fingerprint = plain.fingerprint(HashAlg::Sha256).to_string();
         let recorded = match recorded_in(&self.host, self.port, &self.files) {
             Ok(recorded) => recorded,
             Err(e) => {
                 return HostKey::Unsupported(format!("cannot read its known_hosts files: {e}"));
             }
         };
-        let revoked = |data: &russh::keys::ssh_key::public::KeyData| {
-            recorded
-                .iter()
-                .find(|r| r.revoked && r.key.key_data() == data)
-        };
-        let signer = cert.signature_key();
-        let Some(authority) = recorded
-            .iter()
-            .find(|r| r.ca && !r.revoked && r.key.key_data() == signer)
-        else {
-            return self.decide(&plain);
-        };
-        let refuse = |why: String| {
-            HostKey::Unsupported(format!(
-                "its host certificate (key {fingerprint}, signed by the authority of `{}` line \
-                 {}) {why}",
-                authority.file.display(),
-                authority.line
-            ))
-        };
-        if let Some(r) = revoked(signer).or_else(|| revoked(cert.public_key())) {
-            return refuse(format!(
-                "is marked @revoked in `{}` line {}",
-                r.file.display(),
-                r.line
-            ));
+        match crate::ssh::host_cert::check(cert, &self.host, &recorded) {
+            Certified::Yes => HostKey::Known,
+            Certified::Refused(why) => HostKey::Unsupported(why),
+            Certified::NoAuthority => self.decide(&PublicKey::from(cert.public_key().clone())),
         }
-        if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::Host {
-            return refuse("is not a host certificate".to_string());
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let authority_print = authority.key.fingerprint(HashAlg::Sha256);
-        if cert.validate_at(now, [&authority_print]).is_err() {
-            return refuse("does not verify, or is not valid now".to_string());
-        }
-        let principals = cert.valid_principals();
-        if !principals.is_empty() && !principals.iter().any(|p| p == &self.host) {
-            return refuse(format!(
-                "names {}, not `{}`",
-                principals.join(", "),
-                self.host
-            ));
-        }
-        if !cert.critical_options().is_empty() {
-            return refuse("has critical options, which host certificates do not take".to_string());
-        }
-        HostKey::Known
     }
 }
 

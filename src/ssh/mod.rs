@@ -7,6 +7,7 @@ pub(crate) mod config;
 mod directives;
 mod error;
 mod forward;
+mod host_cert;
 mod known_hosts;
 pub(crate) mod mux;
 mod quick_ack;
