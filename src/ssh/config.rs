@@ -36,6 +36,9 @@ pub(crate) struct HostEntry {
     pub(crate) user_known_hosts: Option<Vec<String>>,
     /// `GlobalKnownHostsFile`, the same way.
     pub(crate) global_known_hosts: Option<Vec<String>>,
+    /// `StrictHostKeyChecking accept-new`: an unknown host key is recorded, as with
+    /// `--accept-new-host-key` (a changed one is still refused).
+    pub(crate) accept_new: Option<bool>,
     /// `HashKnownHosts`: a key recorded for the host goes under its hashed name.
     pub(crate) hash_known_hosts: Option<bool>,
     /// `IgnoreUnknown`: patterns of directives that are not to be an error when unknown.
@@ -174,6 +177,9 @@ fn apply(
             }
             "globalknownhostsfile" if *active && entry.global_known_hosts.is_none() => {
                 entry.global_known_hosts = Some(split_quoted(rest(line, key)));
+            }
+            "stricthostkeychecking" if *active && entry.accept_new.is_none() => {
+                entry.accept_new = Some(value.eq_ignore_ascii_case("accept-new"));
             }
             "hashknownhosts" if *active && entry.hash_known_hosts.is_none() => {
                 entry.hash_known_hosts = Some(value.eq_ignore_ascii_case("yes"));

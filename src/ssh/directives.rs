@@ -201,10 +201,11 @@ pub(super) fn judge(key: &str, value: &str) -> Verdict {
 /// rbee does anyway, `Refused` otherwise.
 fn by_value(key: &str, value: &str) -> Option<Verdict> {
     let (fine, why): (&[&str], &'static str) = match key {
+        "stricthostkeychecking" if value == "accept-new" => return Some(Verdict::Honoured),
         "stricthostkeychecking" => (
             &["yes", "ask", "true"],
             "rbee refuses an unknown host key unless asked (`--accept-new-host-key`, `rbee \
-             nodes trust`), and a changed one always",
+             nodes trust`, `StrictHostKeyChecking accept-new`), and a changed one always",
         ),
         "canonicalizehostname" => (&["no", "false"], "rbee does not canonicalize host names"),
         "pubkeyauthentication" => (

@@ -256,7 +256,7 @@ impl Checker {
             files: read_files(target),
             record_in: target.known_hosts.first().cloned(),
             hashed: target.hash_known_hosts,
-            accept_new,
+            accept_new: accept_new || target.accept_new,
             verdict,
         }
     }

@@ -57,6 +57,9 @@ pub(crate) struct Target {
     /// `HashKnownHosts`: a recorded key goes under the host's hashed name.
     #[serde(default)]
     pub(crate) hash_known_hosts: bool,
+    /// `StrictHostKeyChecking accept-new`: an unknown host key is recorded.
+    #[serde(default)]
+    pub(crate) accept_new: bool,
     /// Seconds of silence from the node before a keep-alive is sent (0: none).
     pub(crate) alive_interval: u64,
     /// Keep-alives left unanswered before the connection counts as lost.
@@ -150,6 +153,7 @@ impl Target {
             known_hosts,
             global_known_hosts,
             hash_known_hosts: entry.hash_known_hosts.unwrap_or(false),
+            accept_new: entry.accept_new.unwrap_or(false),
             alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
             alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
             connect_timeout: connect_timeout(entry.connect_timeout),
@@ -235,6 +239,7 @@ impl Target {
                 known_hosts,
                 global_known_hosts,
                 hash_known_hosts: entry.hash_known_hosts.unwrap_or(self.hash_known_hosts),
+                accept_new: entry.accept_new.unwrap_or(self.accept_new),
                 identities_only: entry.identities_only.unwrap_or(self.identities_only),
                 alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
                 alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),

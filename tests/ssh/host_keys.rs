@@ -217,7 +217,26 @@ fn user_known_hosts_file_from_ssh_config_is_read_whole_and_new_keys_go_to_its_fi
     let (connects, said) =
         sshd::openssh_connects(server.port, &user, &fleet.key.private, &first, "yes");
     assert!(connects, "OpenSSH did not connect: {said}");
-    // nodes.toml's `known_hosts` wins over ssh_config's list.
+    // `StrictHostKeyChecking accept-new` records an unknown key as the flag does.
+    std::fs::remove_file(&first).expect("rm");
+    std::fs::write(
+        &ssh_config,
+        "Host 127.0.0.1\n  StrictHostKeyChecking accept-new\n  \
+         UserKnownHostsFile ~/.ssh/first-%u\n",
+    )
+    .expect("ssh config");
+    let (exit, stderr) = code(&status(&[]));
+    assert_eq!(exit, Some(6), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&first).expect("first"),
+        server.known_hosts_line()
+    );
+    // nodes.toml's `known_hosts` wins over ssh_config's list (which holds the key).
+    std::fs::write(
+        &ssh_config,
+        "Host 127.0.0.1\n  UserKnownHostsFile ~/.ssh/first-%u\n",
+    )
+    .expect("ssh config");
     let empty = env.path().join("empty_known_hosts");
     std::fs::write(&empty, "").expect("empty");
     env.edit_config(
