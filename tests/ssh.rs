@@ -750,6 +750,7 @@ fn the_signing_key_is_installed_on_the_node_and_rotates_over_ssh() {
 mod bastion;
 mod batch;
 mod binaries;
+mod certificates;
 mod fan_out;
 mod held;
 mod host_keys;

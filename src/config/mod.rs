@@ -79,7 +79,9 @@ pub(crate) struct Node {
     /// `jump`: ProxyJump hops, `[user@]host[:port]` comma-separated, a node of nodes.toml
     /// already replaced by its own `user@host:port` (or `none`). Wins over ssh_config's.
     pub(crate) jump: Option<String>,
-    pub(crate) known_hosts: String,
+    /// As written in nodes.toml (node or `[defaults]`); none set means ssh_config's
+    /// `UserKnownHostsFile`, else `~/.ssh/known_hosts`.
+    pub(crate) known_hosts: Option<String>,
     /// As written: `~` means the node's home, so it is expanded on the node.
     pub(crate) remote_dir: String,
     /// The hive's TCP port, for `transport = "http"` only.

@@ -153,10 +153,7 @@ pub(super) fn resolve(
                 port: n.port.or(defaults.port).unwrap_or(22),
                 identity_file: n.identity_file.or_else(|| defaults.identity_file.clone()),
                 jump: None,
-                known_hosts: n
-                    .known_hosts
-                    .or_else(|| defaults.known_hosts.clone())
-                    .unwrap_or_else(|| "~/.ssh/known_hosts".to_string()),
+                known_hosts: n.known_hosts.or_else(|| defaults.known_hosts.clone()),
                 hive_port: n
                     .hive_port
                     .or(defaults.hive_port)

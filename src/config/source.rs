@@ -105,7 +105,7 @@ impl Config {
             port: 22,
             identity_file: None,
             jump: None,
-            known_hosts: "~/.ssh/known_hosts".to_string(),
+            known_hosts: None,
             remote_dir: paths::state_dir()
                 .join("nodes/local")
                 .to_string_lossy()

@@ -1,10 +1,10 @@
 //! Logging in to the node: each identity in ssh-agent (only those of the identity files under
-//! `IdentitiesOnly`), then each key file, until one is accepted.
+//! `IdentitiesOnly`), then each key file (its user certificates first), until one is accepted.
 
 use std::sync::Arc;
 
 use russh::client;
-use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
+use russh::keys::{Certificate, HashAlg, PrivateKeyWithHashAlg, PublicKey};
 
 use crate::error::{Error, Result};
 use crate::ssh::SshError;
@@ -63,12 +63,23 @@ pub(super) async fn authenticate(
                 continue;
             }
         };
+        let key = Arc::new(key);
+        // As OpenSSH: the identity's certificates first, then its plain key.
+        for (path, cert) in certificates_for(target, file, key.public_key()) {
+            let result = handle
+                .authenticate_openssh_cert(&target.user, key.clone(), cert)
+                .await
+                .map_err(|e| target.broke(format_args!("authentication failed: {e}")))?;
+            if result.success() {
+                return Ok(());
+            }
+            let what = format!("the certificate `{}`", path.display());
+            second_factor(target, &result, &what)?;
+            tried.push(what);
+        }
         let hash = rsa_hash(handle, key.public_key()).await;
         let result = handle
-            .authenticate_publickey(
-                &target.user,
-                PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-            )
+            .authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(key, hash))
             .await
             .map_err(|e| target.broke(format_args!("authentication failed: {e}")))?;
         if result.success() {
@@ -87,6 +98,31 @@ pub(super) async fn authenticate(
         user: target.user.clone(),
         tried,
     }))
+}
+
+/// The user certificates for the identity `file` whose key is `key`: `<file>-cert.pub`, then
+/// each `CertificateFile` that certifies that key, as OpenSSH pairs them.
+fn certificates_for(
+    target: &Target,
+    file: &std::path::Path,
+    key: &PublicKey,
+) -> Vec<(std::path::PathBuf, Certificate)> {
+    let mut beside = file.as_os_str().to_owned();
+    beside.push("-cert.pub");
+    let mut found = Vec::new();
+    for path in std::iter::once(std::path::PathBuf::from(beside))
+        .chain(target.certificate_files.iter().cloned())
+    {
+        if !path.exists() || found.iter().any(|(p, _)| p == &path) {
+            continue;
+        }
+        match russh::keys::load_openssh_certificate(&path) {
+            Ok(cert) if cert.public_key() == key.key_data() => found.push((path, cert)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("{}: not a certificate: {e}", path.display()),
+        }
+    }
+    found
 }
 
 /// A refusal that is a partial success: the key was accepted, and sshd wants more (its

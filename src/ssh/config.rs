@@ -1,7 +1,8 @@
-//! The parts of `~/.ssh/config` that users expect rbee to honour for a `host` alias: HostName,
-//! User, Port, IdentityFile (with `%` tokens), IdentitiesOnly, ProxyJump, ServerAliveInterval
-//! and ServerAliveCountMax, in `Host` and `Match` blocks and `Include`d files, first obtained
-//! value wins as in OpenSSH.
+//! `~/.ssh/config` for a `host` alias as OpenSSH reads it: HostName, User, Port, IdentityFile
+//! and CertificateFile (with `%` tokens), IdentitiesOnly, ProxyJump, ProxyCommand,
+//! ServerAliveInterval, ServerAliveCountMax, UserKnownHostsFile and the rest of `directives`'
+//! honoured list, in `Host` and `Match` blocks and `Include`d files, first obtained value wins;
+//! a directive rbee cannot honour is kept in `refused`, with its file and line.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,9 @@ pub(crate) struct HostEntry {
     pub(crate) user: Option<String>,
     pub(crate) port: Option<u16>,
     pub(crate) identity_files: Vec<String>,
+    /// `CertificateFile`s, as written: user certificates tried with the identity whose key
+    /// they certify.
+    pub(crate) certificate_files: Vec<String>,
     /// `ServerAliveInterval` in seconds (0: no keep-alives).
     pub(crate) alive_interval: Option<u64>,
     /// `ServerAliveCountMax`: unanswered keep-alives before the connection is given up.
@@ -27,6 +31,20 @@ pub(crate) struct HostEntry {
     /// The first `ProxyCommand` that applies, as written (`none` included: it still counts as
     /// the first value).
     pub(crate) proxy_command: Option<String>,
+    /// `UserKnownHostsFile`: its words as written (`%` tokens and `~` not yet expanded);
+    /// `none` is the word `none`.
+    pub(crate) user_known_hosts: Option<Vec<String>>,
+    /// `GlobalKnownHostsFile`, the same way.
+    pub(crate) global_known_hosts: Option<Vec<String>>,
+    /// `StrictHostKeyChecking accept-new`: an unknown host key is recorded, as with
+    /// `--accept-new-host-key` (a changed one is still refused).
+    pub(crate) accept_new: Option<bool>,
+    /// `HashKnownHosts`: a key recorded for the host goes under its hashed name.
+    pub(crate) hash_known_hosts: Option<bool>,
+    /// `IgnoreUnknown`: patterns of directives that are not to be an error when unknown.
+    ignore_unknown: Option<String>,
+    /// The directives that have obtained their first value (only that one counts).
+    seen: std::collections::BTreeSet<String>,
 }
 
 /// How deep `Include`s may nest, as in OpenSSH.
@@ -94,7 +112,11 @@ fn apply(
             None => continue,
         };
         let value = value.trim().trim_matches('"');
-        match key.to_ascii_lowercase().as_str() {
+        let lower = key.to_ascii_lowercase();
+        if *active && lower != "host" && lower != "match" && entry.seen.insert(lower.clone()) {
+            judge(&lower, key, value, file, number + 1, entry);
+        }
+        match lower.as_str() {
             "host" => *active = host_matches(value, alias),
             "match" => {
                 let raw =
@@ -124,6 +146,7 @@ fn apply(
             "user" if *active && entry.user.is_none() => entry.user = Some(value.to_string()),
             "port" if *active && entry.port.is_none() => entry.port = value.parse().ok(),
             "identityfile" if *active => entry.identity_files.push(value.to_string()),
+            "certificatefile" if *active => entry.certificate_files.push(value.to_string()),
             "identitiesonly" if *active && entry.identities_only.is_none() => {
                 entry.identities_only = Some(value.eq_ignore_ascii_case("yes"));
             }
@@ -149,12 +172,63 @@ fn apply(
             {
                 entry.proxy_jump = Some(value.to_string());
             }
+            "userknownhostsfile" if *active && entry.user_known_hosts.is_none() => {
+                entry.user_known_hosts = Some(split_quoted(rest(line, key)));
+            }
+            "globalknownhostsfile" if *active && entry.global_known_hosts.is_none() => {
+                entry.global_known_hosts = Some(split_quoted(rest(line, key)));
+            }
+            "stricthostkeychecking" if *active && entry.accept_new.is_none() => {
+                entry.accept_new = Some(value.eq_ignore_ascii_case("accept-new"));
+            }
+            "hashknownhosts" if *active && entry.hash_known_hosts.is_none() => {
+                entry.hash_known_hosts = Some(value.eq_ignore_ascii_case("yes"));
+            }
+            "ignoreunknown" if *active && entry.ignore_unknown.is_none() => {
+                entry.ignore_unknown = Some(value.to_ascii_lowercase());
+            }
             "serveralivecountmax" if *active && entry.alive_count.is_none() => {
                 entry.alive_count = value.parse().ok();
             }
             _ => {}
         }
     }
+}
+
+/// Keeps the first directive of the blocks that apply which rbee cannot honour, as `file` line
+/// N: why.
+fn judge(lower: &str, key: &str, value: &str, file: &Path, line: usize, entry: &mut HostEntry) {
+    use super::directives::{Verdict, judge};
+    let why = match judge(lower, value) {
+        Verdict::Honoured | Verdict::Ignored => return,
+        Verdict::Refused(why) => format!("`{key} {value}`: {why}"),
+        Verdict::Unknown
+            if entry
+                .ignore_unknown
+                .as_deref()
+                .is_some_and(|patterns| patterns.split(',').any(|p| glob(p.trim(), lower))) =>
+        {
+            return;
+        }
+        Verdict::Unknown => format!(
+            "`{key}` is not an ssh_config directive rbee knows (OpenSSH's `ssh` refuses it \
+             too, unless `IgnoreUnknown` names it)"
+        ),
+    };
+    if entry.refused.is_none() {
+        entry.refused = Some(format!(
+            "`{}` line {line}: {why}; rbee cannot honour it, and connecting without it would not \
+             be what OpenSSH does (see the README's list of directives)",
+            file.display()
+        ));
+    }
+}
+
+/// What follows the keyword on a line, quotes and all.
+fn rest<'a>(line: &'a str, key: &str) -> &'a str {
+    line[key.len()..]
+        .trim_start_matches(|c: char| c.is_whitespace() || c == '=')
+        .trim()
 }
 
 /// The files an `Include` names: each word, `~` expanded, relative to `base`, with `*` and `?`

@@ -1,11 +1,13 @@
 //! SSH to nodes through russh: connection and authentication, known_hosts, `~/.ssh/config`
-//! aliases, quoting, every command string run on a node (`remote`), and the background process
+//! aliases and what rbee does with each of its directives (`directives`), quoting, every command string run on a node (`remote`), and the background process
 //! that keeps a node's connection for later invocations (`mux`).
 
 mod auth;
 pub(crate) mod config;
+mod directives;
 mod error;
 mod forward;
+mod host_cert;
 mod known_hosts;
 pub(crate) mod mux;
 mod quick_ack;

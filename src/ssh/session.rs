@@ -41,10 +41,25 @@ pub(crate) struct Target {
     pub(crate) port: u16,
     pub(crate) user: String,
     pub(crate) identity_files: Vec<PathBuf>,
+    /// `CertificateFile`s: user certificates, each tried with the identity whose key it
+    /// certifies (as is `<identity>-cert.pub`).
+    #[serde(default)]
+    pub(crate) certificate_files: Vec<PathBuf>,
     /// The key nodes.toml names: when it is missing and nothing else authenticates, the
     /// refusal says so (the agent may still hold the key, as OpenSSH allows).
     pub(crate) named_identity: Option<PathBuf>,
-    pub(crate) known_hosts: PathBuf,
+    /// The known_hosts files read, in order; a new key is recorded in the first (none: nowhere,
+    /// as with `UserKnownHostsFile none`).
+    pub(crate) known_hosts: Vec<PathBuf>,
+    /// `GlobalKnownHostsFile`s: read too, never written.
+    #[serde(default)]
+    pub(crate) global_known_hosts: Vec<PathBuf>,
+    /// `HashKnownHosts`: a recorded key goes under the host's hashed name.
+    #[serde(default)]
+    pub(crate) hash_known_hosts: bool,
+    /// `StrictHostKeyChecking accept-new`: an unknown host key is recorded.
+    #[serde(default)]
+    pub(crate) accept_new: bool,
     /// Seconds of silence from the node before a keep-alive is sent (0: none).
     pub(crate) alive_interval: u64,
     /// Keep-alives left unanswered before the connection counts as lost.
@@ -116,15 +131,29 @@ impl Target {
                 identity_files.push(paths::expand_tilde(default));
             }
         }
-        Ok(Target {
+        let known_hosts = match &node.known_hosts {
+            Some(file) => vec![paths::expand_tilde(file)],
+            None => known_hosts_files(entry.user_known_hosts.as_deref(), USER_KNOWN_HOSTS, &tokens),
+        };
+        let global_known_hosts = known_hosts_files(
+            entry.global_known_hosts.as_deref(),
+            GLOBAL_KNOWN_HOSTS,
+            &tokens,
+        );
+        let certificate_files = expanded(&entry.certificate_files, &tokens);
+        Target {
             node: node.name.clone(),
             host,
             identities_only: entry.identities_only.unwrap_or(false),
             port,
             user,
             identity_files,
+            certificate_files,
             named_identity,
-            known_hosts: paths::expand_tilde(&node.known_hosts),
+            known_hosts,
+            global_known_hosts,
+            hash_known_hosts: entry.hash_known_hosts.unwrap_or(false),
+            accept_new: entry.accept_new.unwrap_or(false),
             alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
             alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
             connect_timeout: connect_timeout(entry.connect_timeout),
@@ -134,15 +163,21 @@ impl Target {
         .with_jumps(
             node.jump.as_deref().or(entry.proxy_jump.as_deref()),
             &user_default(),
-        ))
+            node.known_hosts.is_some(),
+        )
     }
 
     /// The hops of a `ProxyJump` list (`[user@]host[:port]`, comma-separated; `none`: none),
     /// each resolved through ssh_config as OpenSSH does. A hop logs in with its own
     /// `IdentityFile`s, else the target's keys.
-    fn with_jumps(mut self, spec: Option<&str>, default_user: &str) -> Target {
+    fn with_jumps(
+        mut self,
+        spec: Option<&str>,
+        default_user: &str,
+        explicit_known_hosts: bool,
+    ) -> Result<Target> {
         let Some(spec) = spec.filter(|s| !s.eq_ignore_ascii_case("none")) else {
-            return self;
+            return Ok(self);
         };
         for hop in spec.split(',').map(str::trim).filter(|h| !h.is_empty()) {
             let (user, rest) = match hop.rsplit_once('@') {
@@ -156,20 +191,55 @@ impl Target {
                 _ => (rest, None),
             };
             let entry = ssh_config::lookup(alias);
+            if let Some(why) = &entry.refused {
+                return Err(Error::config(format!(
+                    "node `{}`: ssh_config for its ProxyJump hop `{alias}`: {why}",
+                    self.node
+                )));
+            }
+            let host = entry.host_name.clone().unwrap_or_else(|| alias.to_string());
+            let port = port.or(entry.port).unwrap_or(22);
+            let user = user
+                .or(entry.user.clone())
+                .unwrap_or_else(|| default_user.to_string());
+            let home = paths::home_dir()
+                .map(|h| h.display().to_string())
+                .unwrap_or_default();
+            let tokens = ssh_config::Tokens {
+                alias,
+                host: &host,
+                port,
+                user: &user,
+                local_user: default_user,
+                home: &home,
+            };
+            // The hop's own `UserKnownHostsFile` where its block sets one, unless nodes.toml
+            // named the file for the node.
+            let known_hosts = match (&entry.user_known_hosts, explicit_known_hosts) {
+                (Some(files), false) => known_hosts_files(Some(files), USER_KNOWN_HOSTS, &tokens),
+                _ => self.known_hosts.clone(),
+            };
+            let global_known_hosts = match &entry.global_known_hosts {
+                Some(files) => known_hosts_files(Some(files), GLOBAL_KNOWN_HOSTS, &tokens),
+                None => self.global_known_hosts.clone(),
+            };
+            let certificate_files = expanded(&entry.certificate_files, &tokens);
             let mut identity_files = ssh_config::expand(&entry.identity_files);
             if identity_files.is_empty() {
                 identity_files = self.identity_files.clone();
             }
             self.jumps.push(Target {
                 node: self.node.clone(),
-                host: entry.host_name.unwrap_or_else(|| alias.to_string()),
-                port: port.or(entry.port).unwrap_or(22),
-                user: user
-                    .or(entry.user)
-                    .unwrap_or_else(|| default_user.to_string()),
+                host,
+                port,
+                user,
                 identity_files,
+                certificate_files,
                 named_identity: None,
-                known_hosts: self.known_hosts.clone(),
+                known_hosts,
+                global_known_hosts,
+                hash_known_hosts: entry.hash_known_hosts.unwrap_or(self.hash_known_hosts),
+                accept_new: entry.accept_new.unwrap_or(self.accept_new),
                 identities_only: entry.identities_only.unwrap_or(self.identities_only),
                 alive_interval: entry.alive_interval.unwrap_or(ALIVE_INTERVAL),
                 alive_count: entry.alive_count.unwrap_or(ALIVE_COUNT),
@@ -182,7 +252,7 @@ impl Target {
                 proxy_command: None,
             });
         }
-        self
+        Ok(self)
     }
 
     /// `node (user@host:port)`, for messages.
@@ -199,6 +269,35 @@ impl Target {
             target: self.describe(),
             detail: detail.to_string(),
         })
+    }
+}
+
+/// File names of ssh_config, their `%` tokens and `~` expanded.
+fn expanded(files: &[String], tokens: &ssh_config::Tokens<'_>) -> Vec<PathBuf> {
+    files
+        .iter()
+        .map(|f| paths::expand_tilde(&ssh_config::expand_tokens(f, tokens)))
+        .collect()
+}
+
+/// OpenSSH's default `UserKnownHostsFile` and `GlobalKnownHostsFile`.
+const USER_KNOWN_HOSTS: &[&str] = &["~/.ssh/known_hosts", "~/.ssh/known_hosts2"];
+const GLOBAL_KNOWN_HOSTS: &[&str] = &["/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2"];
+
+/// The files of a `UserKnownHostsFile` (or `GlobalKnownHostsFile`) list, as OpenSSH reads it:
+/// each word with its `%` tokens and `~` expanded, `none` meaning no file; unset, `default`.
+fn known_hosts_files(
+    words: Option<&[String]>,
+    default: &[&str],
+    tokens: &ssh_config::Tokens<'_>,
+) -> Vec<PathBuf> {
+    match words {
+        Some(words) if words.iter().any(|w| w.eq_ignore_ascii_case("none")) => Vec::new(),
+        Some(words) => words
+            .iter()
+            .map(|w| paths::expand_tilde(&ssh_config::expand_tokens(w, tokens)))
+            .collect(),
+        None => default.iter().map(|w| paths::expand_tilde(w)).collect(),
     }
 }
 

@@ -134,3 +134,133 @@ fn recording_a_key_makes_a_private_directory_and_no_blank_first_line() {
     );
     assert!(connects, "OpenSSH did not connect: {said}");
 }
+
+#[test]
+fn user_known_hosts_file_from_ssh_config_is_read_whole_and_new_keys_go_to_its_first_file() {
+    let Some(fleet) = Fleet::build(&[node("a")], false, "") else {
+        return;
+    };
+    let env = &fleet.env;
+    let server = &fleet.servers[0];
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let third = env.path().join("third");
+    let ssh_config = home.join(".ssh/config");
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Host 127.0.0.1\n  UserKnownHostsFile ~/.ssh/first-%u %d/second-%h {}\n",
+            third.display()
+        ),
+    )
+    .expect("ssh config");
+    // nodes.toml names no file: ssh_config's list decides.
+    env.edit_config(
+        &format!(
+            "known_hosts = {:?}\n",
+            fleet.known_hosts().display().to_string()
+        ),
+        "",
+    );
+    let user = sshd::user();
+    let first = home.join(format!(".ssh/first-{user}"));
+    let second = home.join("second-127.0.0.1");
+    // OpenSSH's list, its home (`~`, `%d`: the passwd entry's) put where the test's is.
+    let oracle = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(&ssh_config)
+        .args(["-G", "127.0.0.1"])
+        .output()
+        .expect("ssh -G");
+    let pw_home = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+        .expect("passwd entry");
+    let listed: Vec<std::path::PathBuf> = String::from_utf8_lossy(&oracle.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("userknownhostsfile "))
+        .expect("userknownhostsfile")
+        .split_whitespace()
+        .map(|f| match std::path::Path::new(f).strip_prefix(&pw_home) {
+            Ok(rest) => home.join(rest),
+            Err(_) => f.into(),
+        })
+        .collect();
+    assert_eq!(listed, vec![first.clone(), second.clone(), third.clone()]);
+    let status = |extra: &[&str]| {
+        let mut args = extra.to_vec();
+        args.extend(["hive", "status", "a"]);
+        env.command(&args).env("HOME", &home).output().expect("run")
+    };
+    let code = |out: &std::process::Output| {
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Known from the second file: reached, the hive is simply not running.
+    std::fs::write(&second, server.known_hosts_line()).expect("second");
+    assert_eq!(code(&status(&[])).0, Some(6), "{}", code(&status(&[])).1);
+    // Unknown in all three: refused, then recorded in the first file only.
+    std::fs::remove_file(&second).expect("rm");
+    let (exit, stderr) = code(&status(&[]));
+    assert_eq!(exit, Some(4), "{stderr}");
+    let (exit, stderr) = code(&status(&["--accept-new-host-key"]));
+    assert_eq!(exit, Some(6), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&first).expect("first"),
+        server.known_hosts_line()
+    );
+    assert!(!second.exists() && !third.exists());
+    // OpenSSH takes the recorded line as the host's key.
+    let (connects, said) =
+        sshd::openssh_connects(server.port, &user, &fleet.key.private, &first, "yes");
+    assert!(connects, "OpenSSH did not connect: {said}");
+    // `StrictHostKeyChecking accept-new` records an unknown key as the flag does.
+    std::fs::remove_file(&first).expect("rm");
+    std::fs::write(
+        &ssh_config,
+        "Host 127.0.0.1\n  StrictHostKeyChecking accept-new\n  \
+         UserKnownHostsFile ~/.ssh/first-%u\n",
+    )
+    .expect("ssh config");
+    let (exit, stderr) = code(&status(&[]));
+    assert_eq!(exit, Some(6), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&first).expect("first"),
+        server.known_hosts_line()
+    );
+    // nodes.toml's `known_hosts` wins over ssh_config's list (which holds the key).
+    std::fs::write(
+        &ssh_config,
+        "Host 127.0.0.1\n  UserKnownHostsFile ~/.ssh/first-%u\n",
+    )
+    .expect("ssh config");
+    let empty = env.path().join("empty_known_hosts");
+    std::fs::write(&empty, "").expect("empty");
+    env.edit_config(
+        "[nodes.a]\n",
+        &format!(
+            "[nodes.a]\nknown_hosts = {:?}\n",
+            empty.display().to_string()
+        ),
+    );
+    let (exit, stderr) = code(&status(&[]));
+    assert_eq!(exit, Some(4), "{stderr}");
+    assert!(stderr.contains(&empty.display().to_string()), "{stderr}");
+    env.edit_config(
+        &format!("known_hosts = {:?}\n", empty.display().to_string()),
+        "",
+    );
+    // `none`: no file is read and none is written, even when accepting new keys.
+    std::fs::write(&ssh_config, "Host *\n  UserKnownHostsFile none\n").expect("ssh config");
+    for extra in [&[][..], &["--accept-new-host-key"][..]] {
+        let (exit, stderr) = code(&status(extra));
+        assert_eq!(exit, Some(4), "{stderr}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&first).expect("first"),
+        server.known_hosts_line()
+    );
+}

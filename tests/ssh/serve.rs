@@ -15,6 +15,7 @@ const LOG_LOGINS: sshd::Options<'static> = sshd::Options {
     extra: "LogLevel INFO\n",
     netns: None,
     listen: None,
+    host_ca: None,
 };
 
 /// One chat completion through `serve` with curl; its text.

@@ -227,3 +227,91 @@ fn connect_timeout_from_ssh_config_bounds_a_node_that_never_answers() {
     assert!(stderr.contains("no answer within 1s"), "{stderr}");
     drop(silent);
 }
+
+#[test]
+fn directives_rbee_cannot_honour_are_refused_with_file_and_line_and_harmless_ones_ignored() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    let oracle = || {
+        std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args(["-G", "127.0.0.1"])
+            .output()
+            .expect("ssh -G")
+    };
+    let status = || {
+        let out = env
+            .command(&["hive", "status", "a"])
+            .env("HOME", &home)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Harmless directives, a refused one in another host's block, and a refused value that is
+    // not the first obtained: OpenSSH takes the file, and so does rbee.
+    std::fs::write(
+        &ssh_config,
+        "Host other\n  LocalForward 8080 127.0.0.1:80\n\
+         Host 127.0.0.1\n  StrictHostKeyChecking yes\n  Compression yes\n  ControlMaster auto\n  \
+         ControlPath ~/.ssh/cm-%C\n  ControlPersist 10m\n  LogLevel ERROR\n  SendEnv LANG LC_*\n  \
+         ForwardAgent no\n  BatchMode yes\n  IgnoreUnknown UseKeychain\n  UseKeychain yes\n\
+         Host *\n  StrictHostKeyChecking no\n",
+    )
+    .expect("ssh config");
+    let out = oracle();
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("\nstricthostkeychecking true\n"), "{said}");
+    assert!(!said.contains("\nlocalforward "), "{said}");
+    let (code, stderr) = status();
+    assert_eq!(code, Some(6), "{stderr}");
+
+    // Each of these changes where or how OpenSSH connects: the node's own block has it on line 5.
+    for (line, oracle_says) in [
+        (
+            "LocalForward 8080 127.0.0.1:80",
+            "localforward 8080 [127.0.0.1]:80",
+        ),
+        ("HostKeyAlias gpu-box", "hostkeyalias gpu-box"),
+        ("CanonicalizeHostname yes", "canonicalizehostname true"),
+        ("StrictHostKeyChecking no", "stricthostkeychecking false"),
+        ("Ciphers aes128-ctr", "ciphers aes128-ctr"),
+        ("BindAddress 127.0.0.1", "bindaddress 127.0.0.1"),
+    ] {
+        std::fs::write(
+            &ssh_config,
+            format!("Host other\n  User x\n\nHost 127.0.0.1\n  {line}\n"),
+        )
+        .expect("ssh config");
+        let out = oracle();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains(&format!("\n{oracle_says}\n")),
+            "{line}: {said}"
+        );
+        let (code, stderr) = status();
+        assert_eq!(code, Some(3), "{line}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{}` line 5", ssh_config.display())),
+            "{line}: {stderr}"
+        );
+    }
+    // A word that is no directive at all: OpenSSH refuses the file, and so does rbee.
+    std::fs::write(&ssh_config, "Host 127.0.0.1\n  Bogus yes\n").expect("ssh config");
+    assert!(!oracle().status.success());
+    let (code, stderr) = status();
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("`{}` line 2", ssh_config.display())),
+        "{stderr}"
+    );
+}

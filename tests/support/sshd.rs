@@ -26,6 +26,9 @@ pub(crate) struct Options<'a> {
     pub(crate) netns: Option<(&'a str, &'a str)>,
     /// The address to listen on, when not 127.0.0.1 (or the namespace's address).
     pub(crate) listen: Option<&'a str>,
+    /// A certificate authority's private key and the principals (comma-separated) it signs
+    /// each host key for: sshd then presents host certificates (`HostCertificate`).
+    pub(crate) host_ca: Option<(&'a Path, &'a str)>,
 }
 
 impl Default for Options<'_> {
@@ -35,6 +38,7 @@ impl Default for Options<'_> {
             extra: "",
             netns: None,
             listen: None,
+            host_ca: None,
         }
     }
 }
@@ -53,6 +57,20 @@ fn keygen(path: &Path, kind: &str) {
         .status()
         .expect("ssh-keygen (package openssh-client)");
     assert!(status.success(), "ssh-keygen failed");
+}
+
+/// Signs `public` (`KEY.pub`, the certificate going to `KEY-cert.pub`) with the CA key `ca`,
+/// as `ssh-keygen -s ca ARGS KEY.pub` does.
+pub(crate) fn sign(ca: &Path, public: &Path, args: &[&str]) {
+    let out = Command::new("ssh-keygen")
+        .arg("-s")
+        .arg(ca)
+        .args(args)
+        .arg(public)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh-keygen -s");
+    assert!(out.status.success(), "ssh-keygen -s: {out:?}");
 }
 
 /// Whether sshd can run here; in CI its absence is a failure, elsewhere a skip.
@@ -139,6 +157,14 @@ impl Sshd {
             let path = dir.join(format!("host_{kind}"));
             keygen(&path, kind);
             host_key_lines.push_str(&format!("HostKey {}\n", path.display()));
+            if let Some((ca, principals)) = options.host_ca {
+                sign(
+                    ca,
+                    &path.with_extension("pub"),
+                    &["-h", "-I", "host", "-n", principals],
+                );
+                host_key_lines.push_str(&format!("HostCertificate {}-cert.pub\n", path.display()));
+            }
         }
         let keys: Vec<String> = authorized.iter().map(|k| k.public.clone()).collect();
         std::fs::write(dir.join("authorized_keys"), keys.join("\n") + "\n")
