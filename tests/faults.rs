@@ -320,7 +320,7 @@ fn an_infer_during_a_stop_waits_for_the_old_hive_and_starts_a_new_one() {
     let (mut holder, _lines) = env.spawn_endless(&[], 1);
     let old = std::fs::read_to_string(env.node_dir().join("hive.pid")).expect("pidfile");
     // The stop drains for its grace period while the endless generation runs.
-    let mut stopping = env.spawn(&["hive", "stop", "n1"]);
+    let stopping = env.spawn(&["hive", "stop", "n1"]);
     std::thread::sleep(Duration::from_millis(500));
     let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2"]);
     run.expect(0);
