@@ -18,7 +18,7 @@
 #   e. CPU time per generated token of the hive, the CLI and the worker during a decode
 #      (scripts/cpu_per_token.py): on 2 cores every CPU ms of the relay and the CLI is taken
 #      from the 2 decode threads
-#   RBEE=path/to/rbee (default: the release build), ROUNDS=7, TOKENS=128
+#   RBEE=path/to/rbee (default: the release build), ROUNDS=7, TOKENS=128, BUDGET=10m
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +26,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target}"
 RBEE="${RBEE:-$CARGO_TARGET_DIR/release/rbee}"
 ROUNDS="${ROUNDS:-7}"
 TOKENS="${TOKENS:-128}"
+# Each request's budget: on a machine busy with other work a 128-token generation can outlast
+# infer's default minute.
+BUDGET="${BUDGET:-10m}"
 MODEL="${RBEE_TEST_MODEL:-$HOME/.cache/rbee/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 [ -x "$RBEE" ] || { echo "bench: no rbee at $RBEE (run scripts/setup.sh)" >&2; exit 1; }
@@ -85,7 +88,7 @@ PROMPTS=("Write a long story about a dragon." "Write a long essay about bicycles
 done_field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])[sys.argv[2]])" "$@"; }
 
 "$RBEE" hive start local >/dev/null
-for m in smollm2 smollm2-8 smollm2-u smollm2-u8; do "$RBEE" infer --node local --model "$m" --prompt hi --max-tokens 1 >/dev/null; done
+for m in smollm2 smollm2-8 smollm2-u smollm2-u8; do "$RBEE" infer --node local --timeout "$BUDGET" --model "$m" --prompt hi --max-tokens 1 >/dev/null; done
 
 start_server() {
     local port
@@ -108,7 +111,7 @@ rbee_many() {
     local n=$1 model=$2 t0 t1 total=0 clients=()
     t0=$(now_ms)
     for i in $(seq 0 $((n - 1))); do
-        "$RBEE" --json infer --node local --model "$model" --prompt "${PROMPTS[$((i % 4))]}" \
+        "$RBEE" --json infer --node local --timeout "$BUDGET" --model "$model" --prompt "${PROMPTS[$((i % 4))]}" \
             --max-tokens "$TOKENS" --temperature 0 > "$work/c$i.json" &
         clients+=($!)
     done
@@ -125,9 +128,9 @@ llama_bench() {
 rbee_decode() {
     local t0 t1 t2
     t0=$(now_ms)
-    "$RBEE" --json infer --node local --prompt "${PROMPTS[0]}" --max-tokens 1 --temperature 0 >/dev/null
+    "$RBEE" --json infer --node local --timeout "$BUDGET" --prompt "${PROMPTS[0]}" --max-tokens 1 --temperature 0 >/dev/null
     t1=$(now_ms)
-    "$RBEE" --json infer --node local --prompt "${PROMPTS[0]}" --max-tokens "$TOKENS" --temperature 0 > "$work/long.json"
+    "$RBEE" --json infer --node local --timeout "$BUDGET" --prompt "${PROMPTS[0]}" --max-tokens "$TOKENS" --temperature 0 > "$work/long.json"
     t2=$(now_ms)
     python3 -c "print(round(($(done_field "$work/long.json" tokens_out) - 1) / (($t2 - $t1 - ($t1 - $t0)) / 1000), 1))"
 }

@@ -37,7 +37,7 @@ def infer(n, worker):
     h0, c0 = cpu(hive), children()
     w0 = cpu(worker) if worker else 0.0
     out = subprocess.run([rbee, "--json", "infer", "--node", "local", "--prompt", prompt,
-                          "--max-tokens", str(n), "--temperature", "0"],
+                          "--max-tokens", str(n), "--temperature", "0", "--timeout", "10m"],
                          capture_output=True, text=True, check=True).stdout
     done = json.loads(out.splitlines()[-1])
     worker = worker or done["worker_pid"]
