@@ -42,10 +42,10 @@ say "building the signing benchmark"
 nice -n 10 cargo bench --quiet --bench auth --no-run 2>/dev/null
 
 work=$(mktemp -d)
-pids=()
 cleanup() {
     "$RBEE" hive stop --all >/dev/null 2>&1 || true
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # The servers are started inside $(...), a subshell: their pids come back through a file.
+    [ -f "$work/pids" ] && while read -r p; do kill "$p" 2>/dev/null || true; done < "$work/pids"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -95,7 +95,7 @@ start_server() {
     port=$(free_port)
     "$DEFAULT_BIN/llama-server" -m "$MODEL" -c $((4096 * $1)) --parallel "$1" -t "$threads" \
         --host 127.0.0.1 --port "$port" >"$work/llama-server-$1.log" 2>&1 &
-    pids+=($!)
+    echo $! >> "$work/pids"
     for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
     echo "$port"
 }
