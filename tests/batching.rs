@@ -121,3 +121,69 @@ fn concurrent_requests_are_decoded_together_and_match_what_each_gives_alone() {
     assert_eq!(workers[0]["in_flight"], 0, "{workers:?}");
     assert_eq!(workers[0]["restart_count"], 0, "{workers:?}");
 }
+
+/// A model with `kv_unified = true` (one KV cache shared by its slots, as llama-server has it)
+/// gets a worker started with that cache, which decodes concurrent requests together and ends
+/// each as it asked.
+#[test]
+fn a_model_with_a_unified_kv_cache_serves_concurrent_requests() {
+    let Some(env) = Env::new("") else { return };
+    env.edit_config("threads = 1\n", "threads = 1\nkv_unified = true\n");
+    let greedy = |prompt: &'static str| {
+        infer_args(&[
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "30",
+            "--temperature",
+            "0",
+        ])
+    };
+    // An endless generation starts the worker and holds one slot; three more join it.
+    let (mut endless, _lines) = env.spawn_endless(&[], 2);
+    let health = worker_health(&env);
+    let pid = health["pid"].as_u64().expect("the worker's pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the worker's cmdline");
+    assert!(
+        cmdline.split(|&b| b == 0).any(|arg| arg == b"--kv-unified"),
+        "the worker was not started with a unified KV cache: {}",
+        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    );
+    let prompts = [
+        "Write about the history of the bicycle.",
+        "List some uses of copper.",
+        "How does TCP work?",
+    ];
+    let children: Vec<Child> = prompts.iter().map(|p| env.spawn(&greedy(p))).collect();
+    let started = Instant::now();
+    let mut most_active = 0;
+    while started.elapsed() < Duration::from_secs(60) && most_active < 4 {
+        let active = worker_health(&env)["active"].as_array().map_or(0, Vec::len);
+        most_active = most_active.max(active);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(endless.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    assert_eq!(endless.wait().expect("wait").code(), Some(130));
+    assert_eq!(
+        most_active, 4,
+        "the worker never decoded the 4 requests together"
+    );
+    for (prompt, child) in prompts.iter().zip(children) {
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        run.expect(0);
+        let done = run.done();
+        assert_eq!(done["worker_pid"], pid, "another worker served {prompt:?}");
+        assert!(!run.text().is_empty(), "{prompt:?} gave no text");
+        let stop = done["stop_reason"].as_str().unwrap_or_default().to_string();
+        assert!(
+            stop == "max_tokens" && done["tokens_out"] == 30 || stop == "eos",
+            "{prompt:?} ended with {done}"
+        );
+    }
+    let workers = env.workers();
+    assert_eq!(workers[0]["restart_count"], 0, "{workers:?}");
+}

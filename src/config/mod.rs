@@ -150,6 +150,11 @@ pub(crate) struct Model {
     /// The bound of one load on the node; it outlives the request that started it.
     #[serde(with = "duration_ms", default = "default_load_timeout")]
     pub(crate) load_timeout: Duration,
+    /// One KV cache shared by the slots (llama.cpp's unified cache) instead of a stream per
+    /// slot: a batched generation may then differ from the same one alone. Left out of the
+    /// spec's JSON when off, so the digest of every spec without it stays what it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) kv_unified: bool,
 }
 
 fn default_load_timeout() -> Duration {

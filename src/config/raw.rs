@@ -85,6 +85,7 @@ pub(crate) struct RawModel {
     pub(crate) gpu_layers: Option<crate::config::GpuLayers>,
     pub(crate) threads: Option<u32>,
     pub(crate) load_timeout: Option<HumanDuration>,
+    pub(crate) kv_unified: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

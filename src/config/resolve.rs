@@ -67,6 +67,7 @@ pub(super) fn resolve(
                 load_timeout: m
                     .load_timeout
                     .map_or(crate::config::DEFAULT_LOAD_TIMEOUT, |d| d.0),
+                kv_unified: m.kv_unified.unwrap_or(false),
             },
         );
     }

@@ -97,6 +97,7 @@ impl Config {
             gpu_layers: super::GpuLayers::Auto,
             threads: None,
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
+            kv_unified: false,
         };
         let node = Node {
             name: "local".to_string(),

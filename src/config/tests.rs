@@ -49,6 +49,7 @@ fn the_example_file_parses_and_documents_every_key() {
         "gpu_layers",
         "threads",
         "load_timeout",
+        "kv_unified",
         "host",
         "models",
         "binary",
@@ -183,6 +184,35 @@ fn slots_must_fit_llama_cpp() {
             err.to_string()
         );
     }
+}
+
+#[test]
+fn kv_unified_is_off_unless_a_model_turns_it_on_and_a_change_is_another_spec() {
+    let node = "\n[nodes.a]\ntransport = \"local\"\n";
+    let off = parse(&format!("{MODEL}{node}")).expect("default");
+    assert!(!off.models["m"].kv_unified);
+    let on = parse(&format!("{MODEL}kv_unified = true\n{node}")).expect("kv_unified");
+    assert!(on.models["m"].kv_unified);
+    // The hive restarts a worker whose spec changed: the digest must see the key.
+    assert_ne!(
+        crate::protocol::model_digest(&off.models["m"]),
+        crate::protocol::model_digest(&on.models["m"])
+    );
+    // Off is left out of the spec, so every spec without the key keeps its digest.
+    let explicit_off = parse(&format!("{MODEL}kv_unified = false\n{node}")).expect("off");
+    assert_eq!(
+        crate::protocol::model_digest(&off.models["m"]),
+        crate::protocol::model_digest(&explicit_off.models["m"])
+    );
+    let json = serde_json::to_string(&crate::protocol::node_spec(&off.models["m"])).expect("json");
+    assert!(!json.contains("kv_unified"), "{json}");
+    let err = parse(&format!("{MODEL}kv_unified = \"yes\"\n{node}")).expect_err("not a bool");
+    assert_eq!(err.code(), 3);
+    assert!(
+        err.to_string().contains("nodes.toml:"),
+        "{}",
+        err.to_string()
+    );
 }
 
 proptest::proptest! {

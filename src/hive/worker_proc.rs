@@ -212,6 +212,9 @@ impl WorkerProc {
         if let Some(threads) = model.threads {
             cmd.arg("--threads").arg(threads.to_string());
         }
+        if model.kv_unified {
+            cmd.arg("--kv-unified");
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

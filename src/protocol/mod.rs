@@ -876,6 +876,7 @@ mod tests {
             gpu_layers: crate::config::GpuLayers::Layers(0),
             threads: Some(1),
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
+            kv_unified: false,
         }
     }
 

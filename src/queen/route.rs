@@ -231,6 +231,7 @@ mod tests {
             gpu_layers: crate::config::GpuLayers::Layers(0),
             threads: None,
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
+            kv_unified: false,
         }
     }
 

@@ -19,6 +19,10 @@ pub(crate) struct ServeArgs {
     /// Requests decoded together, each in its own KV sequence
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=crate::config::MAX_SLOTS as i64))]
     pub(crate) slots: u32,
+    /// One KV cache shared by the slots instead of one per slot (batched outputs may then
+    /// differ from solo ones)
+    #[arg(long)]
+    pub(crate) kv_unified: bool,
     /// CPU threads (default: all cores)
     #[arg(long)]
     pub(crate) threads: Option<u32>,

@@ -27,6 +27,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         threads: args.threads,
         gpu_layers: args.gpu_layers,
         slots: args.slots,
+        kv_unified: args.kv_unified,
     };
     // llama.cpp and HTTP share this thread; see `Batcher::serve`.
     let weights = Weights::load(&options).map_err(failed)?;

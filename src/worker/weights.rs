@@ -24,6 +24,8 @@ pub(crate) struct EngineOptions {
     pub(crate) gpu_layers: GpuLayers,
     /// Generations decoded together, each in its own KV sequence.
     pub(crate) slots: u32,
+    /// One KV cache for all slots (see `batcher`).
+    pub(crate) kv_unified: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -104,13 +106,15 @@ impl Weights {
         let slots = options.slots.max(1);
         let threads = options.threads.map_or_else(default_threads, |t| t.max(1));
         let threads = i32::try_from(threads).unwrap_or(i32::MAX);
-        // One KV stream per sequence (not a unified cache): a sequence's cells and attention do
-        // not depend on what the others hold, so a generation comes out the same batched or
-        // alone.
+        // By default one KV stream per sequence (not a unified cache): a sequence's cells and
+        // attention do not depend on what the others hold, so a generation comes out the same
+        // batched or alone. A unified cache (the model's `kv_unified`) lays every sequence's
+        // cells in one buffer, as llama-server does; each pass then attends over the cells of
+        // all of them, masked, so a batched generation is no longer bound to match a solo one.
         let ctx_params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(per_seq.saturating_mul(slots)))
             .with_n_seq_max(slots)
-            .with_kv_unified(false)
+            .with_kv_unified(options.kv_unified)
             .with_n_batch(per_seq.max(slots))
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
