@@ -224,7 +224,9 @@ pub(super) async fn listen(
 ) -> Result<(Forward, JoinHandle<()>)> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = crate::paths::private_run_dir()?;
-    remove_stale(&dir);
+    // Once per process: a command over many nodes opens a forward for each.
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    CLEANED.call_once(|| remove_stale(&dir));
     let local = dir.join(format!(
         "q{}-{}.sock",
         std::process::id(),
