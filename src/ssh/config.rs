@@ -45,6 +45,8 @@ pub(crate) struct HostEntry {
     ignore_unknown: Option<String>,
     /// The directives that have obtained their first value (only that one counts).
     seen: std::collections::BTreeSet<String>,
+    /// `KexAlgorithms`, `Ciphers`, `MACs`, `HostKeyAlgorithms`: the first of each.
+    pub(crate) algorithms: super::algorithms::Algorithms,
 }
 
 /// How deep `Include`s may nest, as in OpenSSH.
@@ -186,6 +188,27 @@ fn apply(
             }
             "ignoreunknown" if *active && entry.ignore_unknown.is_none() => {
                 entry.ignore_unknown = Some(value.to_ascii_lowercase());
+            }
+            "kexalgorithms" | "ciphers" | "macs" | "hostkeyalgorithms" if *active => {
+                let algorithms = &mut entry.algorithms;
+                let slot = match lower.as_str() {
+                    "kexalgorithms" => &mut algorithms.kex,
+                    "ciphers" => &mut algorithms.ciphers,
+                    "macs" => &mut algorithms.macs,
+                    _ => &mut algorithms.host_keys,
+                };
+                if slot.is_none() {
+                    *slot = Some(value.to_string());
+                    if let Err(why) = super::algorithms::check(&lower, value)
+                        && entry.refused.is_none()
+                    {
+                        entry.refused = Some(format!(
+                            "`{}` line {}: `{key} {value}`: {why}",
+                            file.display(),
+                            number + 1
+                        ));
+                    }
+                }
             }
             "serveralivecountmax" if *active && entry.alive_count.is_none() => {
                 entry.alive_count = value.parse().ok();

@@ -35,6 +35,10 @@ const HONOURED: &[&str] = &[
     "hashknownhosts",
     "ignoreunknown",
     "certificatefile",
+    "kexalgorithms",
+    "ciphers",
+    "macs",
+    "hostkeyalgorithms",
 ];
 
 /// Directives that have no effect on what rbee does, whatever their value: the interactive
@@ -145,13 +149,6 @@ const REFUSED: &[(&str, &str)] = &[
         "hostkeyalias",
         "rbee looks the host key up under the host's own name, not an alias",
     ),
-    (
-        "hostkeyalgorithms",
-        "rbee negotiates its own list of host key algorithms",
-    ),
-    ("kexalgorithms", "rbee negotiates its own key exchanges"),
-    ("ciphers", "rbee negotiates its own list of ciphers"),
-    ("macs", "rbee negotiates its own list of MACs"),
     (
         "pubkeyacceptedalgorithms",
         "rbee signs with its own list of public key algorithms",

@@ -209,6 +209,10 @@ pub(super) fn preferred_for(target: &Target) -> russh::Preferred {
     if has_authority(target) {
         preferred.host_key_certificates = preferred.key.clone();
     }
+    // A `HostKeyAlgorithms` list is the user's order, kept as OpenSSH keeps it.
+    if crate::ssh::algorithms::apply(&mut preferred, &target.algorithms) {
+        return preferred;
+    }
     let mut keys = preferred.key.to_vec();
     // Stable: each group keeps russh's own order.
     keys.sort_by_key(|a| !known.iter().any(|k| same_type(k, a)));

@@ -2,6 +2,7 @@
 //! aliases and what rbee does with each of its directives (`directives`), quoting, every command string run on a node (`remote`), and the background process
 //! that keeps a node's connection for later invocations (`mux`).
 
+mod algorithms;
 mod auth;
 pub(crate) mod config;
 mod directives;

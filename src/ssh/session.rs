@@ -73,6 +73,9 @@ pub(crate) struct Target {
     pub(crate) identities_only: bool,
     /// `ProxyCommand`, its `%` tokens expanded: its stdin and stdout carry the SSH session.
     pub(crate) proxy_command: Option<String>,
+    /// The algorithm lists ssh_config sets for this host.
+    #[serde(default)]
+    pub(crate) algorithms: crate::ssh::algorithms::Algorithms,
 }
 
 impl Target {
@@ -159,6 +162,7 @@ impl Target {
             connect_timeout: connect_timeout(entry.connect_timeout),
             jumps: Vec::new(),
             proxy_command,
+            algorithms: entry.algorithms.clone(),
         }
         .with_jumps(
             node.jump.as_deref().or(entry.proxy_jump.as_deref()),
@@ -250,6 +254,7 @@ impl Target {
                 ),
                 jumps: Vec::new(),
                 proxy_command: None,
+                algorithms: entry.algorithms.clone(),
             });
         }
         Ok(self)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{Fleet, node};
 use crate::support::eventually;
-use crate::support::sshd::{self, ClientKey};
+use crate::support::sshd::{self, ClientKey, Options};
 
 #[test]
 fn include_match_tokens_and_identities_only_resolve_as_openssh_does() {
@@ -284,7 +284,7 @@ fn directives_rbee_cannot_honour_are_refused_with_file_and_line_and_harmless_one
         ("HostKeyAlias gpu-box", "hostkeyalias gpu-box"),
         ("CanonicalizeHostname yes", "canonicalizehostname true"),
         ("StrictHostKeyChecking no", "stricthostkeychecking false"),
-        ("Ciphers aes128-ctr", "ciphers aes128-ctr"),
+        ("Ciphers 3des-cbc", "ciphers 3des-cbc"),
         ("BindAddress 127.0.0.1", "bindaddress 127.0.0.1"),
     ] {
         std::fs::write(
@@ -312,6 +312,86 @@ fn directives_rbee_cannot_honour_are_refused_with_file_and_line_and_harmless_one
     assert_eq!(code, Some(3), "{stderr}");
     assert!(
         stderr.contains(&format!("`{}` line 2", ssh_config.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn algorithm_lists_narrow_what_rbee_offers_as_they_narrow_openssh() {
+    // The node's sshd takes one cipher only.
+    let options = Options {
+        extra: "Ciphers aes256-ctr\n",
+        ..Options::default()
+    };
+    let Some(fleet) = Fleet::build_with(&[node("a")], true, "", &options) else {
+        return;
+    };
+    let env = &fleet.env;
+    let home = env.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    let key = fleet.key.private.clone();
+    let rbee = || {
+        let out = env
+            .command(&["hive", "status", "a"])
+            .env("HOME", &home)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ssh = || {
+        std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                fleet.known_hosts().display()
+            ))
+            .arg("-i")
+            .arg(&key)
+            .arg("-p")
+            .arg(fleet.servers[0].port.to_string())
+            .arg(format!("{}@127.0.0.1", crate::support::sshd::user()))
+            .arg("true")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ssh")
+            .status
+            .success()
+    };
+    // Without aes256-ctr in the list neither client finds a cipher the node takes; with it
+    // first, or in the list, both connect (only a list to remove holds wildcards).
+    for (spec, connects) in [
+        ("-aes256-ctr", false),
+        ("aes128-ctr,chacha20-poly1305@openssh.com", false),
+        ("^aes256-ctr", true),
+        ("aes128-ctr,aes256-ctr", true),
+        ("-aes*", false),
+    ] {
+        std::fs::write(&ssh_config, format!("Host 127.0.0.1\n  Ciphers {spec}\n")).expect("config");
+        assert_eq!(ssh(), connects, "OpenSSH with `Ciphers {spec}`");
+        let (code, stderr) = rbee();
+        if connects {
+            assert_eq!(code, Some(6), "`Ciphers {spec}`: {stderr}");
+        } else {
+            assert_eq!(code, Some(4), "`Ciphers {spec}`: {stderr}");
+        }
+    }
+    // A list that leaves rbee nothing it has is refused before connecting, naming its line.
+    std::fs::write(
+        &ssh_config,
+        "Host 127.0.0.1\n  KexAlgorithms curve25519-sha256\n  Ciphers 3des-cbc\n",
+    )
+    .expect("config");
+    let (code, stderr) = rbee();
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("`{}` line 3", ssh_config.display())),
         "{stderr}"
     );
 }

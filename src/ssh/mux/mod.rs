@@ -120,7 +120,7 @@ pub(super) const FRAME_EXIT: u8 = 3;
 pub(super) const FRAME_ERROR: u8 = 4;
 
 /// The socket of the holder for `target`: named by a hash of everything that makes the
-/// connection (host, port, user, keys, known_hosts, hops), so the path stays far below the
+/// connection (host, port, user, keys, certificates, known_hosts, algorithms, hops), so the path stays far below the
 /// 107-byte limit whatever the names.
 pub(crate) fn socket_for(target: &Target) -> Result<PathBuf> {
     let identity = serde_json::to_vec(&(
@@ -129,6 +129,8 @@ pub(crate) fn socket_for(target: &Target) -> Result<PathBuf> {
         &target.user,
         &target.identity_files,
         &target.known_hosts,
+        &target.certificate_files,
+        &target.algorithms,
         target
             .jumps
             .iter()
