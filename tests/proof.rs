@@ -110,7 +110,7 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 "#;
 
 /// The protocol this build's hive speaks (`protocol::PROTOCOL_VERSION`).
-const PROTOCOL: u32 = 4;
+const PROTOCOL: u32 = 5;
 
 /// The proxy (or fake hive) running in `mode`, at `port`, in front of `upstream`.
 struct Proxy(Child);

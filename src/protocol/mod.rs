@@ -9,7 +9,7 @@ use crate::config::Model;
 use crate::error::{Error, ExitKind};
 
 /// Bumped when a hive and a CLI of different versions can no longer talk.
-pub(crate) const PROTOCOL_VERSION: u32 = 4;
+pub(crate) const PROTOCOL_VERSION: u32 = 5;
 
 /// This rbee's version as it tells its peers. `RBEE_TEST_VERSION` stands in for it: the way the
 /// tests play another release of rbee (an older or newer queen, the hive such a queen starts on

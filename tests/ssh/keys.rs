@@ -184,7 +184,7 @@ fn a_queen_of_another_protocol_is_refused_naming_both_versions_and_never_stops_t
     let older = as_release(env, "0.0.1", "2", &args);
     older.expect(6);
     for named in [
-        format!("rbee {ours} (protocol 4)"),
+        format!("rbee {ours} (protocol 5)"),
         "rbee 0.0.1 (protocol 2)".to_string(),
     ] {
         assert!(older.stderr.contains(&named), "{named}: {}", older.stderr);
@@ -193,11 +193,11 @@ fn a_queen_of_another_protocol_is_refused_naming_both_versions_and_never_stops_t
 
     // A newer queen of another protocol replaces only an idle hive: this one is busy.
     let (mut stream, _lines) = env.spawn_endless(&["--node", "a"], 2);
-    let newer = as_release(env, "99.0.0", "5", &args);
+    let newer = as_release(env, "99.0.0", "6", &args);
     newer.expect(6);
     assert!(newer.stderr.contains("busy"), "{}", newer.stderr);
     assert!(
-        newer.stderr.contains("rbee 99.0.0 (protocol 5)"),
+        newer.stderr.contains("rbee 99.0.0 (protocol 6)"),
         "{}",
         newer.stderr
     );
@@ -223,7 +223,7 @@ fn a_newer_queen_replaces_an_idle_older_hive_and_an_older_queen_uses_a_newer_one
         run.json_lines()[0]["pid"].as_i64().expect("pid")
     };
     let args = ["--json", "infer", "--prompt", "Hi", "--max-tokens", "1"];
-    let protocol = "4";
+    let protocol = "5";
     as_release(&env, "0.0.1", protocol, &args).expect(0);
     let old = local_pid(&env);
     // This (newer) rbee replaces the idle older hive.
@@ -286,7 +286,7 @@ fn an_old_hive_that_cannot_be_talked_to_is_reported_with_the_command_to_run() {
     run.expect(5);
     for named in [
         "rbee 0.0.1 (protocol 1)",
-        &format!("rbee {} (protocol 4)", env!("CARGO_PKG_VERSION")),
+        &format!("rbee {} (protocol 5)", env!("CARGO_PKG_VERSION")),
         "`rbee hive stop a`",
     ] {
         assert!(run.stderr.contains(named), "{named}: {}", run.stderr);
