@@ -89,30 +89,15 @@ fn names<T: AsRef<str>>(list: &[T]) -> Vec<String> {
 }
 
 fn kex_all() -> Vec<String> {
-    names(
-        &russh::kex::ALL_KEX_ALGORITHMS
-            .iter()
-            .map(|n| **n)
-            .collect::<Vec<_>>(),
-    )
+    names(russh::kex::ALL_KEX_ALGORITHMS)
 }
 
 fn cipher_all() -> Vec<String> {
-    names(
-        &russh::cipher::ALL_CIPHERS
-            .iter()
-            .map(|n| **n)
-            .collect::<Vec<_>>(),
-    )
+    names(russh::cipher::ALL_CIPHERS)
 }
 
 fn mac_all() -> Vec<String> {
-    names(
-        &russh::mac::ALL_MAC_ALGORITHMS
-            .iter()
-            .map(|n| **n)
-            .collect::<Vec<_>>(),
-    )
+    names(russh::mac::ALL_MAC_ALGORITHMS)
 }
 
 /// The host key names rbee can ask for: each of its key algorithms and its certificate form.

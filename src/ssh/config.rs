@@ -353,13 +353,21 @@ fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> Result<bool, St
     Ok(result)
 }
 
-/// The passwd name of this process's uid, as OpenSSH's `%u` and `localuser`.
+/// The passwd name of this process's uid, as OpenSSH's `%u` and `localuser`; read once (a
+/// command over many nodes asks for every node).
+pub(super) fn passwd_name() -> Option<String> {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    })
+    .clone()
+}
+
 fn local_user() -> String {
-    nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_default()
+    passwd_name().unwrap_or_default()
 }
 
 /// `Match exec`: whether `command` exits 0.

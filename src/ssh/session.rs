@@ -315,10 +315,7 @@ fn connect_timeout(secs: Option<u64>) -> Duration {
 /// As OpenSSH does: the passwd name of this process's uid, whatever `$USER` says (cron with
 /// `env -i` and containers have none).
 fn user_default() -> String {
-    nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
+    ssh_config::passwd_name()
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "root".to_string())
 }

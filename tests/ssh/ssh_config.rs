@@ -228,6 +228,19 @@ fn connect_timeout_from_ssh_config_bounds_a_node_that_never_answers() {
     drop(silent);
 }
 
+/// `hive status a` with `home` as `$HOME` (its `.ssh/config`): the exit code and stderr.
+fn status_with_home(env: &crate::support::Env, home: &std::path::Path) -> (Option<i32>, String) {
+    let out = env
+        .command(&["hive", "status", "a"])
+        .env("HOME", home)
+        .output()
+        .expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn directives_rbee_cannot_honour_are_refused_with_file_and_line_and_harmless_ones_ignored() {
     let Some(fleet) = Fleet::new(&[node("a")]) else {
@@ -245,17 +258,7 @@ fn directives_rbee_cannot_honour_are_refused_with_file_and_line_and_harmless_one
             .output()
             .expect("ssh -G")
     };
-    let status = || {
-        let out = env
-            .command(&["hive", "status", "a"])
-            .env("HOME", &home)
-            .output()
-            .expect("run");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let status = || status_with_home(env, &home);
     // Harmless directives, a refused one in another host's block, and a refused value that is
     // not the first obtained: OpenSSH takes the file, and so does rbee.
     std::fs::write(
@@ -331,17 +334,7 @@ fn algorithm_lists_narrow_what_rbee_offers_as_they_narrow_openssh() {
     std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
     let ssh_config = home.join(".ssh/config");
     let key = fleet.key.private.clone();
-    let rbee = || {
-        let out = env
-            .command(&["hive", "status", "a"])
-            .env("HOME", &home)
-            .output()
-            .expect("run");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let rbee = || status_with_home(env, &home);
     let ssh = || {
         std::process::Command::new("ssh")
             .arg("-F")
