@@ -193,30 +193,7 @@ fn a_link_that_dies_under_a_held_stream_ends_infer_with_exit_4_and_the_text_kept
     let first = holders_in(&env);
     assert_eq!(first.len(), 1);
 
-    // The budget (60s) is far longer than the keep-alives' 3 x 5 s.
-    let (mut child, lines) = env.spawn_endless(&["--node", "far", "--timeout", "60s"], 3);
-    ns.link(false);
-    let cut = Instant::now();
-    let rest: Vec<serde_json::Value> = lines
-        .map(|l| serde_json::from_str(&l.expect("read")).expect("JSON"))
-        .collect();
-    let status = child.wait().expect("wait");
-    let took = cut.elapsed();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
-    ns.link(true);
-    eprintln!("the lost link ended a held infer {took:?} after the cut");
-    assert_eq!(status.code(), Some(4), "{stderr}");
-    let error = rest.last().expect("an error event");
-    assert_eq!(error["event"], "error", "{rest:?}");
-    assert_eq!(error["exit_code"], 4, "{error}");
-    let message = error["message"].as_str().unwrap_or_default();
-    assert!(message.contains("keep-alives"), "{error}");
-    assert!(
-        rest[..rest.len() - 1].iter().all(|l| l["event"] == "token"),
-        "{rest:?}"
-    );
+    super::keepalive::cut_under_an_endless_infer(&env, &ns, "a held infer");
     // The dead holder is not used again: the next invocation logs in anew, and the hive on
     // the far side rode it out.
     env.run(&["hive", "status", "far"]).expect(0);

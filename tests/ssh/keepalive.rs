@@ -45,6 +45,15 @@ fn a_link_that_dies_mid_stream_ends_infer_with_exit_4_and_the_text_kept() {
     env.infer(&["--node", "far", "--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
 
+    cut_under_an_endless_infer(&env, &ns, "infer");
+    // The hive on the far side rode it out.
+    env.run(&["hive", "status", "far"]).expect(0);
+}
+
+/// Cuts the link under an endless `infer` on node `far`: it ends with exit 4 once the
+/// keep-alives go unanswered, its last event the error and every earlier one a token (what was
+/// printed stays printed); the link is back when this returns. `what` names it in the log.
+pub(super) fn cut_under_an_endless_infer(env: &Env, ns: &Netns, what: &str) {
     // The budget (60s) is far longer than the keep-alives' 3 x 5 s.
     let (mut child, lines) = env.spawn_endless(&["--node", "far", "--timeout", "60s"], 3);
     ns.link(false);
@@ -58,18 +67,15 @@ fn a_link_that_dies_mid_stream_ends_infer_with_exit_4_and_the_text_kept() {
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
         .expect("stderr");
     ns.link(true);
-    eprintln!("the lost link ended infer {took:?} after the cut");
+    eprintln!("the lost link ended {what} {took:?} after the cut");
     assert_eq!(status.code(), Some(4), "{stderr}");
     let error = rest.last().expect("an error event");
     assert_eq!(error["event"], "error", "{rest:?}");
     assert_eq!(error["exit_code"], 4, "{error}");
     let message = error["message"].as_str().unwrap_or_default();
     assert!(message.contains("keep-alives"), "{error}");
-    // Only the error came after the cut's tokens: what was printed stays printed.
     assert!(
         rest[..rest.len() - 1].iter().all(|l| l["event"] == "token"),
         "{rest:?}"
     );
-    // The hive on the far side rode it out.
-    env.run(&["hive", "status", "far"]).expect(0);
 }
