@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use super::persist::{holders, holders_in};
 use super::{Fleet, node};
-use crate::support::netns::Netns;
-use crate::support::sshd::{self, ClientKey, Options, Sshd};
-use crate::support::{Env, MODEL_SHA256, free_port, model_table, tempdir};
+use crate::support::Env;
+use crate::support::sshd::{Options, Sshd};
 
 /// Commands sshd ran for its sessions so far (its config logs at `VERBOSE`).
 fn commands(server: &Sshd) -> usize {
@@ -27,6 +26,19 @@ fn verbose_fleet(names: &[&str], extra: &str) -> Option<Fleet> {
     Fleet::build_full(&specs, true, "", &options, "60s")
 }
 
+/// `hive status` (`args`, with `--json`) of node `a`, which must read `stopped` (exit 6).
+fn stopped(env: &Env, args: &[&str]) -> crate::support::Run {
+    let status = env.run(args);
+    status.expect(6);
+    assert_eq!(
+        status.json_lines()[0]["state"],
+        "stopped",
+        "{}",
+        status.stdout
+    );
+    status
+}
+
 #[test]
 fn a_stopped_hive_through_a_holder_costs_no_bridge_and_a_pidfile_check_only_when_unproven() {
     let Some(fleet) = verbose_fleet(&["a"], "") else {
@@ -39,14 +51,7 @@ fn a_stopped_hive_through_a_holder_costs_no_bridge_and_a_pidfile_check_only_when
     // The holder has opened channels to the hive: sshd forwards, so a failed channel means
     // that nothing listens, and no command is run to say so.
     let before = commands(server);
-    let status = env.run(&["--json", "hive", "status", "a"]);
-    status.expect(6);
-    assert_eq!(
-        status.json_lines()[0]["state"],
-        "stopped",
-        "{}",
-        status.stdout
-    );
+    stopped(env, &["--json", "hive", "status", "a"]);
     assert_eq!(commands(server), before, "{}", server.log());
     // A holder that has never opened a channel to the hive: it cannot know that sshd forwards.
     env.run(&["nodes", "disconnect"]).expect(0);
@@ -56,14 +61,7 @@ fn a_stopped_hive_through_a_holder_costs_no_bridge_and_a_pidfile_check_only_when
     let logged = hold_log().len();
     for _ in 0..2 {
         let before = commands(server);
-        let status = env.run(&["-v", "--json", "hive", "status", "a"]);
-        status.expect(6);
-        assert_eq!(
-            status.json_lines()[0]["state"],
-            "stopped",
-            "{}",
-            status.stdout
-        );
+        let status = stopped(env, &["-v", "--json", "hive", "status", "a"]);
         // The pidfile check, and no `rbee hive bridge` beside it.
         assert_eq!(commands(server) - before, 1, "{}", server.log());
         assert!(!status.stderr.contains("hive bridge"), "{}", status.stderr);
@@ -97,14 +95,7 @@ fn with_forwarding_refused_a_holder_says_so_and_requests_ride_the_bridge() {
     env.run(&["hive", "stop", "a"]).expect(0);
     let server = &fleet.servers[0];
     let before = commands(server);
-    let status = env.run(&["--json", "hive", "status", "a"]);
-    status.expect(6);
-    assert_eq!(
-        status.json_lines()[0]["state"],
-        "stopped",
-        "{}",
-        status.stdout
-    );
+    stopped(env, &["--json", "hive", "status", "a"]);
     assert_eq!(commands(server) - before, 1, "{}", server.log());
     assert_eq!(server.logins(), 1, "{}", server.log());
 }
@@ -151,43 +142,9 @@ fn a_holder_whose_connection_ended_is_replaced_at_once() {
 
 #[test]
 fn a_link_that_dies_under_a_held_stream_ends_infer_with_exit_4_and_the_text_kept() {
-    let Some(model) = crate::support::model() else {
+    let Some((ns, server, env)) = super::keepalive::far_node(15, "LogLevel INFO\n", "60s") else {
         return;
     };
-    if !sshd::available() {
-        return;
-    }
-    let Some(ns) = Netns::create(15) else { return };
-    let dir = tempdir();
-    let key = ClientKey::new(dir.path(), "client", "ed25519");
-    let server = Sshd::start_with(
-        &dir.path().join("sshd"),
-        &[&key],
-        &Options {
-            netns: Some((&ns.name, &ns.node_ip)),
-            extra: "LogLevel INFO\n",
-            ..Options::default()
-        },
-    );
-    std::fs::write(
-        dir.path().join("known_hosts"),
-        server.known_hosts_line_at(&ns.node_ip),
-    )
-    .expect("known_hosts");
-    let config = format!(
-        "{}[nodes.far]\nhost = {:?}\nport = {}\nuser = {:?}\nidentity_file = {:?}\n\
-         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\n\
-         persist = \"60s\"\n",
-        model_table(&model, MODEL_SHA256),
-        ns.node_ip,
-        server.port,
-        sshd::user(),
-        key.private.display().to_string(),
-        dir.path().join("known_hosts").display().to_string(),
-        dir.path().join("node-far").display().to_string(),
-        free_port(),
-    );
-    let env = Env::from_dir(dir, free_port(), &config);
     env.infer(&["--node", "far", "--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let first = holders_in(&env);

@@ -5,24 +5,41 @@
 use std::time::Instant;
 
 use crate::support::netns::Netns;
-use crate::support::sshd::{self, ClientKey, Sshd};
+use crate::support::sshd::{self, ClientKey, Options, Sshd};
 use crate::support::{Env, MODEL_SHA256, free_port, model_table, tempdir};
 
 #[test]
 fn a_link_that_dies_mid_stream_ends_infer_with_exit_4_and_the_text_kept() {
-    let Some(model) = crate::support::model() else {
+    let Some((ns, _server, env)) = far_node(7, "", "0") else {
         return;
     };
+    env.infer(&["--node", "far", "--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+
+    cut_under_an_endless_infer(&env, &ns, "infer");
+    // The hive on the far side rode it out.
+    env.run(&["hive", "status", "far"]).expect(0);
+}
+
+/// Node `far`: an sshd (with `sshd_extra` in its config) in network namespace `index`, whose
+/// link can be cut, with the model and `persist` as given; `None` where a prerequisite is
+/// missing outside CI.
+pub(super) fn far_node(index: u8, sshd_extra: &str, persist: &str) -> Option<(Netns, Sshd, Env)> {
+    let model = crate::support::model()?;
     if !sshd::available() {
-        return;
+        return None;
     }
-    let Some(ns) = Netns::create(7) else { return };
+    let ns = Netns::create(index)?;
     let dir = tempdir();
     let key = ClientKey::new(dir.path(), "client", "ed25519");
-    let server = Sshd::start_in(
+    let server = Sshd::start_with(
         &dir.path().join("sshd"),
         &[&key],
-        Some((&ns.name, &ns.node_ip)),
+        &Options {
+            netns: Some((&ns.name, &ns.node_ip)),
+            extra: sshd_extra,
+            ..Options::default()
+        },
     );
     std::fs::write(
         dir.path().join("known_hosts"),
@@ -31,7 +48,8 @@ fn a_link_that_dies_mid_stream_ends_infer_with_exit_4_and_the_text_kept() {
     .expect("known_hosts");
     let config = format!(
         "{}[nodes.far]\nhost = {:?}\nport = {}\nuser = {:?}\nidentity_file = {:?}\n\
-         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\npersist = \"0\"\n",
+         known_hosts = {:?}\nremote_dir = {:?}\nhive_port = {}\nmodels = [\"smollm2\"]\n\
+         persist = {persist:?}\n",
         model_table(&model, MODEL_SHA256),
         ns.node_ip,
         server.port,
@@ -42,12 +60,7 @@ fn a_link_that_dies_mid_stream_ends_infer_with_exit_4_and_the_text_kept() {
         free_port(),
     );
     let env = Env::from_dir(dir, free_port(), &config);
-    env.infer(&["--node", "far", "--prompt", "Hi", "--max-tokens", "2"])
-        .expect(0);
-
-    cut_under_an_endless_infer(&env, &ns, "infer");
-    // The hive on the far side rode it out.
-    env.run(&["hive", "status", "far"]).expect(0);
+    Some((ns, server, env))
 }
 
 /// Cuts the link under an endless `infer` on node `far`: it ends with exit 4 once the
