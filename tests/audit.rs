@@ -244,6 +244,42 @@ fn the_node_chain_continues_across_restarts_and_the_queen_witnesses_it() {
 }
 
 #[test]
+fn status_reads_leave_no_node_record_while_work_does() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let node_log = env.node_dir().join("audit.jsonl");
+    let before = lines(&node_log).len();
+    for _ in 0..3 {
+        let status = env.run(&["--json", "hive", "status", "n1"]);
+        status.expect(0);
+        // The status carries the worker the infer loaded, from the hive's one answer.
+        let workers = &status.json_lines()[0]["workers"];
+        assert_eq!(workers[0]["model"], "smollm2", "{}", status.stdout);
+        env.run(&["worker", "list", "--node", "n1"]).expect(0);
+    }
+    assert_eq!(
+        lines(&node_log).len(),
+        before,
+        "a status read wrote to the node's audit log"
+    );
+    // Work still does, named by the key that asked.
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let added: Vec<serde_json::Value> = lines(&node_log)[before..]
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert!(
+        added
+            .iter()
+            .any(|r| r["event"] == "auth_success" && r["fields"]["kid"].is_string()),
+        "{added:?}"
+    );
+    env.run(&["audit", "verify", "--all"]).expect(0);
+}
+
+#[test]
 fn a_truncated_node_log_with_a_recomputed_chain_is_still_caught() {
     let Some(env) = Env::new("") else { return };
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])

@@ -159,8 +159,11 @@ pub(crate) async fn require_signature(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let open = request.method() == axum::http::Method::GET
-        && matches!(request.uri().path(), "/health" | "/metrics");
+    let read = request.method() == axum::http::Method::GET;
+    let open = read && matches!(request.uri().path(), "/health" | "/metrics");
+    // Reads of state that change nothing on the node: what `hive status` and `worker list` ask.
+    let status_read =
+        open || (read && matches!(request.uri().path(), "/v1/workers" | "/v1/requests"));
     if open
         && !request
             .headers()
@@ -233,8 +236,9 @@ pub(crate) async fn require_signature(
     let proof = signer.as_ref().filter(|_| guard.proves_answers);
     let mut lost = None;
     // A signed status read is not work on the node: only its refusals go to the audit log, or
-    // every `infer` would write one more record for its health check.
-    let audited = !(open && result.is_ok());
+    // every `infer` would write one more record for its health check, and every `hive status`
+    // one more synced write per node.
+    let audited = !(status_read && result.is_ok());
     if let Some(audit) = guard.audit.as_ref().filter(|_| audited) {
         // Nothing here is authenticated yet (and the request id header never is): what goes in
         // the record is capped, so no request can make a record of any size.

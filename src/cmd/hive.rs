@@ -310,13 +310,24 @@ async fn answered(
     timeout: Duration,
 ) -> std::result::Result<NodeResult, Error> {
     match lifecycle::probe(&conn.client, timeout).await {
-        Probe::Ready(h) | Probe::NeedsRestart(h) | Probe::Incompatible(h) => Ok(NodeResult {
-            pid: h.signed.as_ref().map(|d| d.pid),
-            uptime_s: h.signed.as_ref().map(|d| d.uptime_s),
-            version: Some(h.version),
-            workers: conn.client.workers(timeout).await.ok(),
-            ..NodeResult::new(node, "running")
-        }),
+        Probe::Ready(h) | Probe::NeedsRestart(h) | Probe::Incompatible(h) => {
+            let (pid, uptime_s, workers) = match h.signed {
+                Some(d) => (Some(d.pid), Some(d.uptime_s), d.workers),
+                None => (None, None, None),
+            };
+            let workers = match workers {
+                Some(workers) => Some(workers),
+                // A hive from before its health listed them.
+                None => conn.client.workers(timeout).await.ok(),
+            };
+            Ok(NodeResult {
+                pid,
+                uptime_s,
+                version: Some(h.version),
+                workers,
+                ..NodeResult::new(node, "running")
+            })
+        }
         // It answered, and refused this machine's key: it runs, and says who may ask.
         Probe::Refused(e) | Probe::Unreachable(e @ Error::Unauthenticated(_)) => {
             Ok(NodeResult::failed(node, "refused", &e))

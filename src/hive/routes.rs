@@ -100,6 +100,7 @@ async fn health(
             pid: std::process::id(),
             uptime_s: hive.started.elapsed().as_secs_f64(),
             requests: Some(hive.requests.list().len()),
+            workers: Some(hive.registry.workers()),
         }),
     })
 }

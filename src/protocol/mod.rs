@@ -487,6 +487,10 @@ pub(crate) struct HiveDetail {
     /// Requests under way: a queen replaces only an idle hive (absent from older hives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) requests: Option<usize>,
+    /// Its workers, as `GET /v1/workers` lists them: a status is one exchange (absent from
+    /// older hives, which are asked for them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) workers: Option<Vec<WorkerInfo>>,
 }
 
 /// `GET /health` of a worker: its status to anyone, the rest to a signer only (the requests it
