@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt};
@@ -26,6 +27,9 @@ const HANDSHAKE: Duration = Duration::from_millis(100);
 pub(crate) struct Client {
     pub(crate) socket: PathBuf,
     target: Target,
+    /// The connection whose ping found the holder alive: the holder waits on it for another
+    /// request, so the first command or stream costs no connection of its own.
+    spare: Arc<std::sync::Mutex<Option<UnixStream>>>,
 }
 
 /// What a look at the socket found.
@@ -39,7 +43,7 @@ enum Found {
 
 /// Opens a connection to the holder and asks `op`: the stream, ready for what follows.
 async fn ask(socket: &Path, op: Op) -> Found {
-    let mut stream = match UnixStream::connect(socket).await {
+    let stream = match UnixStream::connect(socket).await {
         Ok(stream) => stream,
         Err(_) => return Found::Absent,
     };
@@ -47,6 +51,11 @@ async fn ask(socket: &Path, op: Op) -> Found {
         Ok(cred) if cred.uid() == nix::unistd::geteuid().as_raw() => {}
         _ => return Found::Bypass("the holder's socket belongs to another user".to_string()),
     }
+    handshake(stream, op).await
+}
+
+/// Asks `op` over a connection to the holder.
+async fn handshake(mut stream: UnixStream, op: Op) -> Found {
     let request = Request {
         protocol: PROTOCOL,
         version: VERSION.to_string(),
@@ -96,10 +105,14 @@ pub(crate) async fn reach(
     let client = Client {
         socket: socket.clone(),
         target: target.clone(),
+        spare: Arc::default(),
     };
     match ask(&socket, Op::Ping).await {
-        Found::Alive(_) => {
+        Found::Alive(stream) => {
             tracing::debug!(node = %target.node, "reusing the held SSH connection");
+            if let Ok(mut spare) = client.spare.lock() {
+                *spare = Some(stream);
+            }
             return Ok(Some(Session::held(target, client, HostKey::Known)));
         }
         Found::Bypass(why) => {
@@ -239,6 +252,16 @@ impl Client {
     }
 
     async fn open(&self, op: Op) -> std::result::Result<UnixStream, String> {
+        let spare = self.spare.lock().ok().and_then(|mut s| s.take());
+        if let Some(stream) = spare {
+            // Nothing runs before the holder answers, so a spare it has let go of (it waited
+            // long enough, or it is another build's) costs only the new connection below.
+            match handshake(stream, op.clone()).await {
+                Found::Alive(stream) => return Ok(stream),
+                Found::Absent => {}
+                Found::Bypass(why) => return Err(format!("the connection's holder: {why}")),
+            }
+        }
         match ask(&self.socket, op).await {
             Found::Alive(stream) => Ok(stream),
             Found::Absent => Err("the connection's holder is gone".to_string()),

@@ -24,6 +24,9 @@ use crate::ssh::Session;
 
 /// Longest wait for a connection's request: a client that says nothing is dropped.
 const REQUEST_WAIT: Duration = Duration::from_secs(2);
+/// How long a pinged connection is kept for the invocation's first command or stream. The
+/// invocation holds it while it lives; it counts as use, so the holder stays meanwhile.
+const SPARE_WAIT: Duration = Duration::from_secs(30);
 
 /// Use of the session: connections open now, and when the last one ended.
 struct Usage {
@@ -185,71 +188,80 @@ async fn say(stdout: &mut tokio::io::Stdout, ready: &Ready) {
     let _ = stdout.flush().await;
 }
 
-/// One connection: its request, the answer, then what it asked for.
+/// One connection: its request, the answer, then what it asked for. After a ping the same
+/// connection may ask once more (the invocation's first command or stream).
 async fn serve(session: &Session, mut stream: UnixStream, in_use: InUse) {
-    let request =
-        match tokio::time::timeout(REQUEST_WAIT, read_msg::<_, Request>(&mut stream)).await {
+    let mut wait = REQUEST_WAIT;
+    loop {
+        let request = match tokio::time::timeout(wait, read_msg::<_, Request>(&mut stream)).await {
             Ok(Ok(request)) => request,
-            Ok(Err(e)) => {
+            Ok(Err(e)) if wait == REQUEST_WAIT => {
                 // Another version's request may not parse: say who this is, so it bypasses.
                 let _ = write_msg(&mut stream, &answer(false, Some(e.to_string()))).await;
                 return;
             }
-            Err(_) => return,
+            // The pinging invocation closed its spare, or left it unused.
+            Ok(Err(_)) | Err(_) => return,
         };
-    if request.protocol != PROTOCOL || request.version != VERSION {
-        let _ = write_msg(&mut stream, &answer(false, Some("another version".into()))).await;
-        return;
-    }
-    // A connection that has ended (its keep-alives went unanswered, the node closed it) is not
-    // handed out until the next tick notices: the invocation replaces this holder at once.
-    if ended(session).await {
-        let gone = Answer {
-            gone: true,
-            ..answer(false, Some("its SSH connection has ended".into()))
-        };
-        let _ = write_msg(&mut stream, &gone).await;
-        in_use.0.exit.notify_one();
-        return;
-    }
-    if write_msg(&mut stream, &answer(true, None)).await.is_err() {
-        return;
-    }
-    match request.op {
-        Op::Ping => {}
-        Op::Exit => {
-            in_use.0.exit.notify_one();
+        if request.protocol != PROTOCOL || request.version != VERSION {
+            let _ = write_msg(&mut stream, &answer(false, Some("another version".into()))).await;
+            return;
         }
-        Op::Exec { command } => {
-            let (reader, mut writer) = stream.into_split();
-            let result = session.exec_wrapped(&command, reader).await;
-            let _ = match result {
-                Ok(out) => {
-                    let mut sent = write_frame(&mut writer, FRAME_STDOUT, &out.stdout).await;
-                    if sent.is_ok() {
-                        sent = write_frame(&mut writer, FRAME_STDERR, &out.stderr).await;
-                    }
-                    if let (Ok(()), Some(code)) = (&sent, out.code) {
-                        sent = write_frame(&mut writer, FRAME_EXIT, &code.to_be_bytes()).await;
-                    }
-                    sent
-                }
-                Err(e) => write_frame(&mut writer, FRAME_ERROR, e.to_string().as_bytes()).await,
+        // A connection that has ended (its keep-alives went unanswered, the node closed it) is
+        // not handed out until the next tick notices: the invocation replaces this holder at
+        // once.
+        if ended(session).await {
+            let gone = Answer {
+                gone: true,
+                ..answer(false, Some("its SSH connection has ended".into()))
             };
-            let _ = writer.shutdown().await;
-            ended_with_session(session, &in_use);
+            let _ = write_msg(&mut stream, &gone).await;
+            in_use.0.exit.notify_one();
+            return;
         }
-        Op::Stream { path, mode } => {
-            let (opened, carrier) = session.open_stream(&path, mode).await;
-            if write_msg(&mut stream, &opened).await.is_ok()
-                && let Some(carrier) = carrier
-            {
-                carrier.relay(&mut stream).await;
+        if write_msg(&mut stream, &answer(true, None)).await.is_err() {
+            return;
+        }
+        match request.op {
+            Op::Ping if wait == REQUEST_WAIT => {
+                wait = SPARE_WAIT;
+                continue;
             }
-            ended_with_session(session, &in_use);
+            Op::Ping => {}
+            Op::Exit => {
+                in_use.0.exit.notify_one();
+            }
+            Op::Exec { command } => {
+                let (reader, mut writer) = stream.into_split();
+                let result = session.exec_wrapped(&command, reader).await;
+                let _ = match result {
+                    Ok(out) => {
+                        let mut sent = write_frame(&mut writer, FRAME_STDOUT, &out.stdout).await;
+                        if sent.is_ok() {
+                            sent = write_frame(&mut writer, FRAME_STDERR, &out.stderr).await;
+                        }
+                        if let (Ok(()), Some(code)) = (&sent, out.code) {
+                            sent = write_frame(&mut writer, FRAME_EXIT, &code.to_be_bytes()).await;
+                        }
+                        sent
+                    }
+                    Err(e) => write_frame(&mut writer, FRAME_ERROR, e.to_string().as_bytes()).await,
+                };
+                let _ = writer.shutdown().await;
+                ended_with_session(session, &in_use);
+            }
+            Op::Stream { path, mode } => {
+                let (opened, carrier) = session.open_stream(&path, mode).await;
+                if write_msg(&mut stream, &opened).await.is_ok()
+                    && let Some(carrier) = carrier
+                {
+                    carrier.relay(&mut stream).await;
+                }
+                ended_with_session(session, &in_use);
+            }
         }
+        return;
     }
-    drop(in_use);
 }
 
 /// Whether the SSH connection has ended, once the session's own task has had its turn: a close

@@ -26,7 +26,7 @@ pub(super) const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_MESSAGE: usize = 1 << 20;
 
 /// What an invocation asks of a holder.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(super) enum Op {
     /// Only the handshake: is the holder there, of this version, and answering.
