@@ -277,6 +277,17 @@ impl Target {
     }
 }
 
+/// Most a command's output (stdout and stderr together) may hold: rbee's own commands print
+/// little, and a file read or a log tail that is bigger ends as an error, not as memory.
+pub(crate) const OUTPUT_LIMIT: usize = 64 << 20;
+
+pub(crate) fn output_too_large() -> String {
+    format!(
+        "a command's output passed {} MiB: rbee reads no more of it",
+        OUTPUT_LIMIT >> 20
+    )
+}
+
 /// File names of ssh_config, their `%` tokens and `~` expanded.
 fn expanded(files: &[String], tokens: &ssh_config::Tokens<'_>) -> Vec<PathBuf> {
     files
@@ -515,6 +526,12 @@ impl Session {
         let mut out = Exec::default();
         while let Some(msg) = channel.wait().await {
             match msg {
+                ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, ext: 1 }
+                    if out.stdout.len() + out.stderr.len() + data.len() > OUTPUT_LIMIT =>
+                {
+                    let _ = channel.close().await;
+                    return Err(self.target.broke(output_too_large()));
+                }
                 ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
                 ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
                 ChannelMsg::ExitStatus { exit_status } => out.code = Some(exit_status),

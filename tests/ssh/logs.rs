@@ -109,3 +109,33 @@ fn logs_of_an_ssh_node_whose_hive_is_stopped_are_read_over_ssh() {
         "a hive answers"
     );
 }
+
+#[test]
+fn a_log_line_bigger_than_a_command_may_print_is_an_error_not_memory() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    env.run(&["hive", "start", "a"]).expect(0);
+    env.run(&["hive", "stop", "a"]).expect(0);
+    // One line of 80 MiB at the end of the stopped hive's log: its tail is the whole line.
+    let log = fleet.remote_dir("a").join("hive.log");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("log");
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..80 {
+        std::io::Write::write_all(&mut file, &chunk).expect("write");
+    }
+    drop(file);
+    let run = env.run(&["logs", "a", "-n", "1"]);
+    run.expect(4);
+    assert!(run.stdout.is_empty(), "{} bytes printed", run.stdout.len());
+    assert!(run.stderr.contains("64 MiB"), "{}", run.stderr);
+    // The connection still serves what fits.
+    std::fs::write(&log, "one\ntwo\n").expect("write");
+    let run = env.run(&["logs", "a", "-n", "1"]);
+    run.expect(0);
+    assert_eq!(run.stdout.trim(), "two");
+}

@@ -292,6 +292,12 @@ impl Client {
             let mut out = Exec::default();
             let mut failed = None;
             while let Some((tag, data)) = read_frame(&mut reader).await? {
+                if out.stdout.len() + out.stderr.len() + data.len()
+                    > crate::ssh::session::OUTPUT_LIMIT
+                {
+                    failed = Some(crate::ssh::session::output_too_large());
+                    break;
+                }
                 match tag {
                     FRAME_STDOUT => out.stdout.extend_from_slice(&data),
                     FRAME_STDERR => out.stderr.extend_from_slice(&data),

@@ -193,6 +193,13 @@ pub(super) async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e),
     }
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    // A holder sends a command's output in one frame, never more than a command may print.
+    if len > crate::ssh::session::OUTPUT_LIMIT {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            crate::ssh::session::output_too_large(),
+        ));
+    }
     let mut data = vec![0u8; len];
     r.read_exact(&mut data).await?;
     Ok(Some((head[0], data)))
