@@ -1,4 +1,4 @@
-//! `~/.ssh/config` for a `host` alias as OpenSSH reads it: HostName, User, Port, IdentityFile
+//! `~/.ssh/config`, then `/etc/ssh/ssh_config`, for a `host` alias as OpenSSH reads them: HostName, User, Port, IdentityFile
 //! and CertificateFile (with `%` tokens), IdentitiesOnly, ProxyJump, ProxyCommand,
 //! ServerAliveInterval, ServerAliveCountMax, UserKnownHostsFile and the rest of `directives`'
 //! honoured list, in `Host` and `Match` blocks and `Include`d files, first obtained value wins;
@@ -52,22 +52,51 @@ pub(crate) struct HostEntry {
 /// How deep `Include`s may nest, as in OpenSSH.
 const INCLUDE_DEPTH: usize = 16;
 
-/// Reads the user's `~/.ssh/config`; a missing or unreadable file means no entries.
+/// Reads the user's `~/.ssh/config`, then the system's `/etc/ssh/ssh_config`, as OpenSSH does:
+/// the first value obtained in either wins. A missing or unreadable file means no entries.
 pub(crate) fn lookup(alias: &str) -> HostEntry {
-    let Some(home) = crate::paths::home_dir() else {
-        return HostEntry::default();
-    };
-    lookup_in(&home.join(".ssh/config"), alias)
+    let mut entry = HostEntry::default();
+    if let Some(home) = user_config_home() {
+        read_into(&home.join(".ssh/config"), alias, &mut entry);
+    }
+    if let Some(system) = system_file() {
+        read_into(&system, alias, &mut entry);
+    }
+    entry
 }
 
-pub(crate) fn lookup_in(path: &Path, alias: &str) -> HostEntry {
+/// Where `~/.ssh/config` is looked for: `$HOME`, else the passwd entry's home. OpenSSH takes
+/// the passwd home only; `$HOME` first lets a caller (the tests) point rbee at another file.
+fn user_config_home() -> Option<PathBuf> {
+    crate::paths::home_dir().or_else(passwd_home)
+}
+
+/// The system-wide file: `$RBEE_SSH_SYSTEM_CONFIG` where set (a test and packaging knob;
+/// empty or `none`: no system file), else OpenSSH's `/etc/ssh/ssh_config`.
+fn system_file() -> Option<PathBuf> {
+    match std::env::var_os("RBEE_SSH_SYSTEM_CONFIG") {
+        Some(path) if path.is_empty() || path.eq_ignore_ascii_case("none") => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => Some(PathBuf::from("/etc/ssh/ssh_config")),
+    }
+}
+
+#[cfg(test)]
+fn lookup_in(path: &Path, alias: &str) -> HostEntry {
     let mut entry = HostEntry::default();
+    read_into(path, alias, &mut entry);
+    entry
+}
+
+/// Applies the file at `path` to `entry`: it starts outside any block, and its relative
+/// `Include`s start in its own directory (`~/.ssh` for the user's file, `/etc/ssh` for the
+/// system's, as in OpenSSH).
+fn read_into(path: &Path, alias: &str, entry: &mut HostEntry) {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     if let Ok(text) = std::fs::read_to_string(path) {
         let mut active = true;
-        apply(&text, path, &base, alias, &mut entry, &mut active, 0);
+        apply(&text, path, &base, alias, entry, &mut active, 0);
     }
-    entry
 }
 
 #[cfg(test)]
@@ -353,17 +382,31 @@ fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> Result<bool, St
     Ok(result)
 }
 
-/// The passwd name of this process's uid, as OpenSSH's `%u` and `localuser`; read once (a
-/// command over many nodes asks for every node).
+/// The passwd entry of this process's uid: its name and home, as OpenSSH's `%u`, `localuser`,
+/// `%d` and `~` use them (never `$USER` or `$HOME`); read once (a command over many nodes asks
+/// for every node).
+fn passwd_entry() -> Option<&'static (String, PathBuf)> {
+    static ENTRY: std::sync::OnceLock<Option<(String, PathBuf)>> = std::sync::OnceLock::new();
+    ENTRY
+        .get_or_init(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| (u.name, u.dir))
+        })
+        .as_ref()
+}
+
+/// The passwd name of this process's uid.
 pub(super) fn passwd_name() -> Option<String> {
-    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    NAME.get_or_init(|| {
-        nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-    })
-    .clone()
+    passwd_entry().map(|(name, _)| name.clone())
+}
+
+/// The passwd home of this process's uid.
+pub(super) fn passwd_home() -> Option<PathBuf> {
+    passwd_entry()
+        .map(|(_, dir)| dir.clone())
+        .filter(|dir| !dir.as_os_str().is_empty())
 }
 
 fn local_user() -> String {
