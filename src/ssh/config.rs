@@ -1,5 +1,6 @@
-//! `~/.ssh/config`, then `/etc/ssh/ssh_config`, for a `host` alias as OpenSSH reads them: HostName, User, Port, IdentityFile
-//! and CertificateFile (with `%` tokens), IdentitiesOnly, ProxyJump, ProxyCommand,
+//! `~/.ssh/config`, then `/etc/ssh/ssh_config`, for a `host` alias as OpenSSH reads them:
+//! HostName, User, Port, IdentityFile and CertificateFile (with `%` tokens), IdentitiesOnly,
+//! ProxyJump, ProxyCommand,
 //! ServerAliveInterval, ServerAliveCountMax, UserKnownHostsFile and the rest of `directives`'
 //! honoured list, in `Host` and `Match` blocks and `Include`d files, first obtained value wins;
 //! a directive rbee cannot honour is kept in `refused`, with its file and line.
@@ -288,7 +289,7 @@ fn rest<'a>(line: &'a str, key: &str) -> &'a str {
 fn included(value: &str, base: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for word in value.split_whitespace() {
-        let path = crate::paths::expand_tilde(word);
+        let path = expand_tilde(word);
         let path = if path.is_absolute() {
             path
         } else {
@@ -343,9 +344,7 @@ fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> Result<bool, St
                 match name {
                     "exec" if !result => false,
                     "exec" => {
-                        let home = crate::paths::home_dir()
-                            .map(|h| h.display().to_string())
-                            .unwrap_or_default();
+                        let home = home_token();
                         let local = local_user();
                         let tokens = Tokens {
                             alias,
@@ -536,10 +535,25 @@ pub(super) fn glob(pattern: &str, text: &str) -> bool {
 
 /// Identity files as written, `~` expanded.
 pub(crate) fn expand(files: &[String]) -> Vec<PathBuf> {
-    files
-        .iter()
-        .map(|f| crate::paths::expand_tilde(f))
-        .collect()
+    files.iter().map(|f| expand_tilde(f)).collect()
+}
+
+/// The home that `~` and `%d` stand for in ssh_config, as in OpenSSH: the passwd entry's,
+/// whatever `$HOME` says (`$HOME` only where the uid has no passwd entry).
+fn ssh_home() -> Option<PathBuf> {
+    passwd_home().or_else(crate::paths::home_dir)
+}
+
+/// `%d`.
+pub(crate) fn home_token() -> String {
+    ssh_home()
+        .map(|h| h.display().to_string())
+        .unwrap_or_default()
+}
+
+/// A leading `~` or `~/` expanded as OpenSSH expands it in ssh_config's file names.
+pub(crate) fn expand_tilde(path: &str) -> PathBuf {
+    crate::paths::expand_tilde_with(path, ssh_home().as_deref())
 }
 
 #[cfg(test)]

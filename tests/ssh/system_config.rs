@@ -1,9 +1,11 @@
-//! The system-wide ssh_config (`/etc/ssh/ssh_config`) read after the user's, as OpenSSH reads
-//! them: the first value obtained in either file wins, and the system file's relative
-//! `Include`s start in its own directory. OpenSSH's own client on the two files concatenated
-//! (the user's first) is the oracle; `RBEE_SSH_SYSTEM_CONFIG` points rbee at a test's file.
+//! What OpenSSH reads whatever the environment says: the system-wide ssh_config
+//! (`/etc/ssh/ssh_config`) after the user's, the first value obtained in either file winning
+//! and the system file's relative `Include`s starting in its own directory (OpenSSH's own
+//! client on the two files concatenated, the user's first, is the oracle;
+//! `RBEE_SSH_SYSTEM_CONFIG` points rbee at a test's file); and `~` and `%d` in them, the
+//! passwd entry's home, not `$HOME`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{Fleet, node};
 
@@ -181,4 +183,123 @@ fn this_machines_own_system_file_passes_rbees_verdicts() {
     );
     let hashed = oracle(system, "hashknownhosts") == "yes";
     assert_eq!(recorded.starts_with("|1|"), hashed, "{recorded:?}");
+}
+
+/// This uid's home in its passwd entry.
+fn passwd_home() -> PathBuf {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+        .expect("passwd entry")
+}
+
+/// `path` (absolute) written from the passwd home: what follows `~/` or `%d/` to name it.
+pub(super) fn from_passwd_home(path: &Path) -> String {
+    let up = "../".repeat(passwd_home().components().count().saturating_sub(1));
+    format!("{up}{}", path.display().to_string().trim_start_matches('/'))
+}
+
+/// `path` with its `..` taken out, as the kernel resolves it (no links on the way).
+pub(super) fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[test]
+fn tilde_and_percent_d_are_the_passwd_home_whatever_home_says() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let port = fleet.servers[0].port;
+    let key = &fleet.key.private;
+    let known_hosts = fleet.known_hosts();
+    // Only ssh_config names the key and the known_hosts file, from the home.
+    env.edit_config(
+        &format!("identity_file = {:?}\n", key.display().to_string()),
+        "",
+    );
+    env.edit_config(
+        &format!("known_hosts = {:?}\n", known_hosts.display().to_string()),
+        "",
+    );
+    let file = env.path().join("ssh_config");
+    std::fs::write(
+        &file,
+        format!(
+            "Host 127.0.0.1\n  IdentityFile ~/{}\n  UserKnownHostsFile %d/{}\n  \
+             IdentitiesOnly yes\n",
+            from_passwd_home(key),
+            from_passwd_home(&known_hosts)
+        ),
+    )
+    .expect("ssh config");
+    let elsewhere = env.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    // OpenSSH, with `$HOME` elsewhere: the passwd home, and it logs in.
+    let said = oracle_with_home(&file, &elsewhere, "userknownhostsfile");
+    assert_eq!(lexical(Path::new(&said)), known_hosts, "{said}");
+    let out = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(&file)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg(format!("{}@127.0.0.1", crate::support::sshd::user()))
+        .arg("true")
+        .env("HOME", &elsewhere)
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("ssh");
+    assert!(out.status.success(), "{out:?}");
+    // rbee, with `$HOME` elsewhere and with none: the same key and file, so reached and logged
+    // in (the hive is simply not running).
+    for home in [Some(&elsewhere), None] {
+        let mut command = env.command(&["hive", "status", "a"]);
+        command
+            .env("RBEE_SSH_SYSTEM_CONFIG", &file)
+            .env_remove("SSH_AUTH_SOCK");
+        match home {
+            Some(home) => command.env("HOME", home),
+            None => command.env_remove("HOME"),
+        };
+        let out = command.output().expect("run");
+        assert_eq!(
+            out.status.code(),
+            Some(6),
+            "HOME {home:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `oracle` with `$HOME` set to `home`.
+fn oracle_with_home(file: &Path, home: &Path, key: &str) -> String {
+    let out = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(file)
+        .args(["-G", "127.0.0.1"])
+        .env("HOME", home)
+        .output()
+        .expect("ssh -G");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")).map(str::to_string))
+        .unwrap_or_default()
 }
