@@ -760,6 +760,7 @@ mod logs;
 mod model_transfers;
 mod no_forwarding;
 mod persist;
+mod pubkey_algorithms;
 mod refusals;
 mod routing;
 mod serve;

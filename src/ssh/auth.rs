@@ -1,5 +1,6 @@
 //! Logging in to the node: each identity in ssh-agent (only those of the identity files under
-//! `IdentitiesOnly`), then each key file (its user certificates first), until one is accepted.
+//! `IdentitiesOnly`), then each key file (its user certificates first), until one is accepted;
+//! only what `PubkeyAcceptedAlgorithms` accepts is offered.
 
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ pub(super) async fn authenticate(
     target: &Target,
 ) -> Result<()> {
     let mut tried = Vec::new();
+    let accepted = crate::ssh::algorithms::pubkey_accepted(target.algorithms.pubkey.as_deref());
+    let accepted = accepted.as_deref();
     if std::env::var_os("SSH_AUTH_SOCK").is_some() {
         match russh::keys::agent::client::AgentClient::connect_env().await {
             Ok(mut agent) => {
@@ -31,7 +34,10 @@ pub(super) async fn authenticate(
                     {
                         continue;
                     }
-                    let hash = rsa_hash(handle, &key).await;
+                    let Some(hash) = signing(handle, &key, accepted).await else {
+                        tried.push(not_accepted("an ssh-agent key", &key));
+                        continue;
+                    };
                     let result = handle
                         .authenticate_publickey_with(&target.user, key, hash, &mut agent)
                         .await;
@@ -66,6 +72,14 @@ pub(super) async fn authenticate(
         let key = Arc::new(key);
         // As OpenSSH: the identity's certificates first, then its plain key.
         for (path, cert) in certificates_for(target, file, key.public_key()) {
+            let name = cert.algorithm().to_certificate_type();
+            if !accepts(accepted, &name) {
+                tried.push(format!(
+                    "the certificate `{}` (`PubkeyAcceptedAlgorithms` does not accept `{name}`)",
+                    path.display()
+                ));
+                continue;
+            }
             let result = handle
                 .authenticate_openssh_cert(&target.user, key.clone(), cert)
                 .await
@@ -77,7 +91,13 @@ pub(super) async fn authenticate(
             second_factor(target, &result, &what)?;
             tried.push(what);
         }
-        let hash = rsa_hash(handle, key.public_key()).await;
+        let Some(hash) = signing(handle, key.public_key(), accepted).await else {
+            tried.push(not_accepted(
+                &format!("the key `{}`", file.display()),
+                key.public_key(),
+            ));
+            continue;
+        };
         let result = handle
             .authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(key, hash))
             .await
@@ -160,6 +180,47 @@ fn file_public_keys(target: &Target) -> Vec<PublicKey> {
             })
         })
         .collect()
+}
+
+/// Whether `PubkeyAcceptedAlgorithms` (`None`: unset) accepts the algorithm `name`.
+fn accepts(accepted: Option<&[String]>, name: &str) -> bool {
+    accepted.is_none_or(|list| list.iter().any(|n| n == name))
+}
+
+/// The hash to sign a login with `key` by (`None`: the key's only algorithm, or RSA's
+/// SHA-1), where `PubkeyAcceptedAlgorithms` accepts the key: for RSA the node's best of
+/// `rsa-sha2-512`, `rsa-sha2-256` and `ssh-rsa` where the list has it, else the list's first
+/// of them.
+async fn signing(
+    handle: &client::Handle<Checker>,
+    key: &PublicKey,
+    accepted: Option<&[String]>,
+) -> Option<Option<HashAlg>> {
+    if !key.algorithm().is_rsa() {
+        return accepts(accepted, key.algorithm().as_str()).then_some(None);
+    }
+    let best = rsa_hash(handle, key).await;
+    let Some(list) = accepted else {
+        return Some(best);
+    };
+    let rsa = |name: &str| match name {
+        "rsa-sha2-512" => Some(Some(HashAlg::Sha512)),
+        "rsa-sha2-256" => Some(Some(HashAlg::Sha256)),
+        "ssh-rsa" => Some(None),
+        _ => None,
+    };
+    if list.iter().any(|n| rsa(n) == Some(best)) {
+        return Some(best);
+    }
+    list.iter().find_map(|n| rsa(n))
+}
+
+/// A key left out because `PubkeyAcceptedAlgorithms` accepts none of its algorithms.
+fn not_accepted(what: &str, key: &PublicKey) -> String {
+    format!(
+        "{what} (`PubkeyAcceptedAlgorithms` does not accept `{}`)",
+        key.algorithm().as_str()
+    )
 }
 
 async fn rsa_hash(handle: &client::Handle<Checker>, key: &PublicKey) -> Option<HashAlg> {

@@ -219,13 +219,22 @@ fn apply(
             "ignoreunknown" if *active && entry.ignore_unknown.is_none() => {
                 entry.ignore_unknown = Some(value.to_ascii_lowercase());
             }
-            "kexalgorithms" | "ciphers" | "macs" | "hostkeyalgorithms" if *active => {
+            "kexalgorithms"
+            | "ciphers"
+            | "macs"
+            | "hostkeyalgorithms"
+            | "pubkeyacceptedalgorithms"
+            | "pubkeyacceptedkeytypes"
+                if *active =>
+            {
                 let algorithms = &mut entry.algorithms;
+                // The old name and the new are one option: the first of either wins.
                 let slot = match lower.as_str() {
                     "kexalgorithms" => &mut algorithms.kex,
                     "ciphers" => &mut algorithms.ciphers,
                     "macs" => &mut algorithms.macs,
-                    _ => &mut algorithms.host_keys,
+                    "hostkeyalgorithms" => &mut algorithms.host_keys,
+                    _ => &mut algorithms.pubkey,
                 };
                 if slot.is_none() {
                     *slot = Some(value.to_string());
