@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use russh::client;
+use russh::keys::agent::AgentIdentity;
 use russh::keys::{Certificate, HashAlg, PrivateKeyWithHashAlg, PublicKey};
 
 use crate::error::{Error, Result};
@@ -19,38 +20,10 @@ pub(super) async fn authenticate(
     let mut tried = Vec::new();
     let accepted = crate::ssh::algorithms::pubkey_accepted(target.algorithms.pubkey.as_deref());
     let accepted = accepted.as_deref();
-    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
-        match russh::keys::agent::client::AgentClient::connect_env().await {
-            Ok(mut agent) => {
-                let identities = agent.request_identities().await.unwrap_or_default();
-                let only = target.identities_only.then(|| file_public_keys(target));
-                for identity in identities {
-                    let key = identity.public_key().into_owned();
-                    // sshd counts every key offered (MaxAuthTries): with IdentitiesOnly, the
-                    // agent's other keys are never offered.
-                    if only
-                        .as_ref()
-                        .is_some_and(|keys| !keys.iter().any(|k| k.key_data() == key.key_data()))
-                    {
-                        continue;
-                    }
-                    let Some(hash) = signing(handle, &key, accepted).await else {
-                        tried.push(not_accepted("an ssh-agent key", &key));
-                        continue;
-                    };
-                    let result = handle
-                        .authenticate_publickey_with(&target.user, key, hash, &mut agent)
-                        .await;
-                    match result {
-                        Ok(r) if r.success() => return Ok(()),
-                        Ok(r) => second_factor(target, &r, "an ssh-agent key")?,
-                        Err(_) => {}
-                    }
-                }
-                tried.push("ssh-agent".to_string());
-            }
-            Err(e) => tracing::debug!("ssh-agent unavailable: {e}"),
-        }
+    if std::env::var_os("SSH_AUTH_SOCK").is_some()
+        && with_agent(handle, target, accepted, &mut tried).await?
+    {
+        return Ok(());
     }
     for file in &target.identity_files {
         if !file.exists() {
@@ -71,7 +44,7 @@ pub(super) async fn authenticate(
         };
         let key = Arc::new(key);
         // As OpenSSH: the identity's certificates first, then its plain key.
-        for (path, cert) in certificates_for(target, file, key.public_key()) {
+        for (path, cert) in certificates_for(target, Some(file), key.public_key()) {
             let name = cert.algorithm().to_certificate_type();
             if !accepts(accepted, &name) {
                 tried.push(format!(
@@ -120,17 +93,122 @@ pub(super) async fn authenticate(
     }))
 }
 
-/// The user certificates for the identity `file` whose key is `key`: `<file>-cert.pub`, then
-/// each `CertificateFile` that certifies that key, as OpenSSH pairs them.
+/// Each identity in ssh-agent: the `CertificateFile`s that certify its key first, then the
+/// plain key (only the identity files' keys under `IdentitiesOnly`, though a certificate
+/// file, named in ssh_config, is always tried); whether one logged in.
+async fn with_agent(
+    handle: &mut client::Handle<Checker>,
+    target: &Target,
+    accepted: Option<&[String]>,
+    tried: &mut Vec<String>,
+) -> Result<bool> {
+    let mut agent = match russh::keys::agent::client::AgentClient::connect_env().await {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::debug!("ssh-agent unavailable: {e}");
+            return Ok(false);
+        }
+    };
+    let identities = agent.request_identities().await.unwrap_or_default();
+    let only = target.identities_only.then(|| file_public_keys(target));
+    for identity in identities {
+        let key = identity.public_key().into_owned();
+        for (path, cert) in certificates_for(target, None, &key) {
+            let hash = rsa_hash(handle, &key).await;
+            let name = certificate_name(&cert, hash);
+            if !accepts(accepted, &name) {
+                tried.push(format!(
+                    "the certificate `{}` (`PubkeyAcceptedAlgorithms` does not accept `{name}`)",
+                    path.display()
+                ));
+                continue;
+            }
+            let what = format!(
+                "the certificate `{}` with its ssh-agent key",
+                path.display()
+            );
+            let result = handle
+                .authenticate_certificate_with(&target.user, cert, hash, &mut PlainKey(&mut agent))
+                .await;
+            match result {
+                Ok(r) if r.success() => return Ok(true),
+                Ok(r) => second_factor(target, &r, &what)?,
+                Err(e) => tracing::debug!("{what}: {e}"),
+            }
+            tried.push(what);
+        }
+        // sshd counts every key offered (MaxAuthTries): with IdentitiesOnly, the agent's
+        // other keys are never offered.
+        if only
+            .as_ref()
+            .is_some_and(|keys| !keys.iter().any(|k| k.key_data() == key.key_data()))
+        {
+            continue;
+        }
+        let Some(hash) = signing(handle, &key, accepted).await else {
+            tried.push(not_accepted("an ssh-agent key", &key));
+            continue;
+        };
+        let result = handle
+            .authenticate_publickey_with(&target.user, key, hash, &mut agent)
+            .await;
+        match result {
+            Ok(r) if r.success() => return Ok(true),
+            Ok(r) => second_factor(target, &r, "an ssh-agent key")?,
+            Err(_) => {}
+        }
+    }
+    tried.push("ssh-agent".to_string());
+    Ok(false)
+}
+
+/// ssh-agent asked to sign a certificate's login with the certificate's plain key, as
+/// OpenSSH's client asks it: an agent given the key alone (`ssh-add KEY`) holds no
+/// certificate identity, and refuses a request that names the certificate.
+struct PlainKey<'a>(&'a mut russh::keys::agent::client::AgentClient<tokio::net::UnixStream>);
+
+impl russh::Signer for PlainKey<'_> {
+    type Error = russh::AgentAuthError;
+
+    async fn auth_sign(
+        &mut self,
+        identity: &AgentIdentity,
+        hash_alg: Option<HashAlg>,
+        to_sign: Vec<u8>,
+    ) -> std::result::Result<Vec<u8>, Self::Error> {
+        let plain = AgentIdentity::from(identity.public_key().into_owned());
+        self.0
+            .sign_request(&plain, hash_alg, to_sign)
+            .await
+            .map_err(Into::into)
+    }
+}
+
+/// The algorithm name a certificate login with `hash` goes under, as russh sends it.
+fn certificate_name(cert: &Certificate, hash: Option<HashAlg>) -> String {
+    match (cert.algorithm().is_rsa(), hash) {
+        (true, Some(HashAlg::Sha512)) => "rsa-sha2-512-cert-v01@openssh.com".to_string(),
+        (true, Some(HashAlg::Sha256)) => "rsa-sha2-256-cert-v01@openssh.com".to_string(),
+        _ => cert.algorithm().to_certificate_type(),
+    }
+}
+
+/// The user certificates for the key `key` (of the identity `file`, if it is one):
+/// `<file>-cert.pub`, then each `CertificateFile` that certifies that key, as OpenSSH pairs
+/// them.
 fn certificates_for(
     target: &Target,
-    file: &std::path::Path,
+    file: Option<&std::path::Path>,
     key: &PublicKey,
 ) -> Vec<(std::path::PathBuf, Certificate)> {
-    let mut beside = file.as_os_str().to_owned();
-    beside.push("-cert.pub");
+    let beside = file.map(|file| {
+        let mut beside = file.as_os_str().to_owned();
+        beside.push("-cert.pub");
+        std::path::PathBuf::from(beside)
+    });
     let mut found = Vec::new();
-    for path in std::iter::once(std::path::PathBuf::from(beside))
+    for path in beside
+        .into_iter()
         .chain(target.certificate_files.iter().cloned())
     {
         if !path.exists() || found.iter().any(|(p, _)| p == &path) {
