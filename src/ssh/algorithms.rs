@@ -293,6 +293,23 @@ mod tests {
     }
 
     #[test]
+    fn pubkey_lists_change_openssh_default_and_refuse_what_rbee_cannot_sign_with() {
+        assert_eq!(pubkey_accepted(None), None);
+        let left = pubkey_accepted(Some("-ssh-ed25519")).expect("list");
+        assert!(!left.contains(&"ssh-ed25519".to_string()), "{left:?}");
+        assert!(left.contains(&"ssh-ed25519-cert-v01@openssh.com".to_string()));
+        assert!(
+            !left.contains(&"ssh-rsa".to_string()),
+            "SHA-1 is not in the default"
+        );
+        let added = pubkey_accepted(Some("+ssh-rsa")).expect("list");
+        assert_eq!(added.last().map(String::as_str), Some("ssh-rsa"));
+        assert!(check("pubkeyacceptedalgorithms", "sk-ssh-ed25519@openssh.com").is_err());
+        assert!(check("pubkeyacceptedkeytypes", "-*").is_err());
+        assert!(check("pubkeyacceptedalgorithms", "rsa-sha2-256").is_ok());
+    }
+
+    #[test]
     fn a_list_rbee_has_nothing_of_is_refused_and_markers_stay() {
         assert!(check("ciphers", "aes256-ctr").is_ok());
         assert!(check("ciphers", "3des-cbc").is_err());

@@ -93,9 +93,8 @@ pub(super) async fn authenticate(
     }))
 }
 
-/// Each identity in ssh-agent: the `CertificateFile`s that certify its key first, then the
-/// plain key (only the identity files' keys under `IdentitiesOnly`, though a certificate
-/// file, named in ssh_config, is always tried); whether one logged in.
+/// Each identity in ssh-agent (only the identity files' keys under `IdentitiesOnly`): the
+/// `CertificateFile`s that certify its key first, then the plain key; whether one logged in.
 async fn with_agent(
     handle: &mut client::Handle<Checker>,
     target: &Target,
@@ -113,6 +112,15 @@ async fn with_agent(
     let only = target.identities_only.then(|| file_public_keys(target));
     for identity in identities {
         let key = identity.public_key().into_owned();
+        // sshd counts every key offered (MaxAuthTries): with IdentitiesOnly, the agent's
+        // other keys are never offered, nor their certificates (as OpenSSH, which then
+        // finds no key to sign a certificate file's login with).
+        if only
+            .as_ref()
+            .is_some_and(|keys| !keys.iter().any(|k| k.key_data() == key.key_data()))
+        {
+            continue;
+        }
         for (path, cert) in certificates_for(target, None, &key) {
             let hash = rsa_hash(handle, &key).await;
             let name = certificate_name(&cert, hash);
@@ -136,14 +144,6 @@ async fn with_agent(
                 Err(e) => tracing::debug!("{what}: {e}"),
             }
             tried.push(what);
-        }
-        // sshd counts every key offered (MaxAuthTries): with IdentitiesOnly, the agent's
-        // other keys are never offered.
-        if only
-            .as_ref()
-            .is_some_and(|keys| !keys.iter().any(|k| k.key_data() == key.key_data()))
-        {
-            continue;
         }
         let Some(hash) = signing(handle, &key, accepted).await else {
             tried.push(not_accepted("an ssh-agent key", &key));

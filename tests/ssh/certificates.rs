@@ -191,6 +191,18 @@ fn a_certificate_file_is_signed_with_the_agents_key_where_no_key_file_is_readabl
     .expect("ssh config");
     let ssh_out = openssh();
     let out = status();
+    // `IdentitiesOnly`: the agent's key is no identity file, so OpenSSH finds no key to sign
+    // the certificate's login with.
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Host 127.0.0.1\n  IdentitiesOnly yes\n  CertificateFile {}\n",
+            cert.display()
+        ),
+    )
+    .expect("ssh config");
+    let ssh_only = openssh();
+    let only = status();
     // Without it, neither: the agent's plain key is not authorized.
     std::fs::write(&ssh_config, "Host other\n  User x\n").expect("ssh config");
     let ssh_without = openssh();
@@ -203,6 +215,13 @@ fn a_certificate_file_is_signed_with_the_agents_key_where_no_key_file_is_readabl
         Some(6),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!ssh_only.status.success(), "{ssh_only:?}");
+    assert_eq!(
+        only.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&only.stderr)
     );
     assert!(!ssh_without.status.success(), "{ssh_without:?}");
     assert_eq!(
