@@ -102,6 +102,9 @@ fn the_system_file_applies_after_the_users_and_the_first_value_wins_across_both(
     assert!(recorded.starts_with("|1|"), "not hashed: {recorded:?}");
     assert!(!recorded.contains("127.0.0.1"), "{recorded:?}");
     assert!(keygen_finds(&host, &known_hosts), "{recorded:?}");
+    // The hashed line is read back as the host's key.
+    let (code, stderr) = run(&[], &system);
+    assert_eq!(code, Some(6), "{stderr}");
 
     // `none`: no system file, so port 22, where no sshd of the test listens.
     let (code, stderr) = run(&[], Path::new("none"));
