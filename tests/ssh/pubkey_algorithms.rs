@@ -13,8 +13,8 @@ fn only_the_keys_the_list_accepts_are_offered_as_openssh_offers_them() {
     let home = env.path().join("home");
     std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
     let ssh_config = home.join(".ssh/config");
-    // The client's only key is ed25519.
-    let key = fleet.key.private.clone();
+    // The client's only key is ed25519 (an RSA one comes later).
+    let key = std::cell::RefCell::new(fleet.key.private.clone());
     let rbee = || {
         let out = env
             .command(&["hive", "status", "a"])
@@ -38,7 +38,7 @@ fn only_the_keys_the_list_accepts_are_offered_as_openssh_offers_them() {
                 fleet.known_hosts().display()
             ))
             .arg("-i")
-            .arg(&key)
+            .arg(&*key.borrow())
             .arg("-p")
             .arg(fleet.servers[0].port.to_string())
             .arg(format!("{}@127.0.0.1", crate::support::sshd::user()))
@@ -81,11 +81,43 @@ fn only_the_keys_the_list_accepts_are_offered_as_openssh_offers_them() {
             );
         }
     }
+    // An RSA key: signed with the node's best SHA-2 hash the list holds, or not offered.
+    let rsa = crate::support::sshd::ClientKey::new(env.path(), "client_rsa", "rsa");
+    let authorized = fleet.servers[0].dir.join("authorized_keys");
+    let mut keys = std::fs::read_to_string(&authorized).expect("authorized_keys");
+    keys.push_str(&format!("{}\n", rsa.public));
+    std::fs::write(&authorized, keys).expect("authorized_keys");
+    env.edit_config(
+        &format!("identity_file = {:?}", key.borrow().display().to_string()),
+        &format!("identity_file = {:?}", rsa.private.display().to_string()),
+    );
+    *key.borrow_mut() = rsa.private.clone();
+    for (spec, connects) in [
+        ("rsa-sha2-256", true),
+        ("-rsa-sha2-512", true),
+        ("^rsa-sha2-512", true),
+        ("-rsa-sha2-*", false),
+        // SHA-1, which this sshd refuses.
+        ("ssh-rsa", false),
+    ] {
+        std::fs::write(
+            &ssh_config,
+            format!("Host 127.0.0.1\n  PubkeyAcceptedAlgorithms {spec}\n"),
+        )
+        .expect("config");
+        assert_eq!(ssh(), connects, "OpenSSH with `{spec}` and an RSA key");
+        let (code, stderr) = rbee();
+        assert_eq!(
+            code,
+            Some(if connects { 6 } else { 4 }),
+            "`{spec}` with an RSA key: {stderr}"
+        );
+    }
     // The first value obtained wins, under either name.
     std::fs::write(
         &ssh_config,
-        "Host 127.0.0.1\n  PubkeyAcceptedKeyTypes -ssh-ed25519\n\
-         Host *\n  PubkeyAcceptedAlgorithms ssh-ed25519\n",
+        "Host 127.0.0.1\n  PubkeyAcceptedKeyTypes -rsa-sha2-*,ssh-ed25519\n\
+         Host *\n  PubkeyAcceptedAlgorithms rsa-sha2-512,ssh-ed25519\n",
     )
     .expect("config");
     assert!(!ssh());
