@@ -760,11 +760,13 @@ mod logs;
 mod model_transfers;
 mod no_forwarding;
 mod persist;
+mod pubkey_algorithms;
 mod refusals;
 mod routing;
 mod serve;
 mod shells;
 mod ssh_config;
+mod system_config;
 /// A fleet of one node `a` whose model has a `source`, so that `hive install` pushes it into
 /// the node's own directory; returns it with the node's binary and model paths.
 fn fleet_with_a_model_to_push() -> Option<(Fleet, PathBuf, PathBuf)> {

@@ -1,7 +1,8 @@
-//! `KexAlgorithms`, `Ciphers`, `MACs` and `HostKeyAlgorithms` as OpenSSH reads them: a list
-//! that is the whole choice, or that changes the default (`+` appends, `-` removes, `^` puts
-//! first); names to remove may hold `*` and `?`. rbee offers what the list leaves of the algorithms it
-//! has, so a hardened `Host *` block narrows rbee's choice as it narrows ssh's.
+//! `KexAlgorithms`, `Ciphers`, `MACs`, `HostKeyAlgorithms` and `PubkeyAcceptedAlgorithms` as
+//! OpenSSH reads them: a list that is the whole choice, or that changes the default (`+`
+//! appends, `-` removes, `^` puts first); names to remove may hold `*` and `?`. rbee offers
+//! what the list leaves of the algorithms it has, so a hardened `Host *` block narrows rbee's
+//! choice as it narrows ssh's.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +13,51 @@ pub(crate) struct Algorithms {
     pub(crate) ciphers: Option<String>,
     pub(crate) macs: Option<String>,
     pub(crate) host_keys: Option<String>,
+    /// `PubkeyAcceptedAlgorithms` (or its old name `PubkeyAcceptedKeyTypes`): the keys and
+    /// certificates a login may offer.
+    #[serde(default)]
+    pub(crate) pubkey: Option<String>,
+}
+
+/// The signature algorithms rbee can log in with: its key types' certificates, then the keys
+/// (RSA with SHA-2 or, where the list adds it, SHA-1).
+const PUBKEY_ALL: &[&str] = &[
+    "ssh-ed25519-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp256-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp384-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp521-cert-v01@openssh.com",
+    "rsa-sha2-512-cert-v01@openssh.com",
+    "rsa-sha2-256-cert-v01@openssh.com",
+    "ssh-rsa-cert-v01@openssh.com",
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+    "ssh-rsa",
+];
+
+/// OpenSSH's default `PubkeyAcceptedAlgorithms`, less the security keys (`sk-*`) rbee has none of.
+const PUBKEY_DEFAULT: &[&str] = &[
+    "ssh-ed25519-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp256-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp384-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp521-cert-v01@openssh.com",
+    "rsa-sha2-512-cert-v01@openssh.com",
+    "rsa-sha2-256-cert-v01@openssh.com",
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+];
+
+/// What a `PubkeyAcceptedAlgorithms` list leaves of the algorithms rbee can log in with, in
+/// its order; `None` where ssh_config sets none (every key is offered).
+pub(crate) fn pubkey_accepted(spec: Option<&str>) -> Option<Vec<String>> {
+    spec.map(|spec| assemble(spec, &names(PUBKEY_DEFAULT), &names(PUBKEY_ALL)))
 }
 
 /// Markers in the key exchange list that are no algorithm (extension negotiation, strict key
@@ -114,6 +160,9 @@ pub(super) fn check(key: &str, value: &str) -> Result<(), String> {
         "kexalgorithms" => assemble(value, &names(&preferred.kex), &kex_all()),
         "ciphers" => assemble(value, &names(&preferred.cipher), &cipher_all()),
         "macs" => assemble(value, &names(&preferred.mac), &mac_all()),
+        "pubkeyacceptedalgorithms" | "pubkeyacceptedkeytypes" => {
+            assemble(value, &names(PUBKEY_DEFAULT), &names(PUBKEY_ALL))
+        }
         "hostkeyalgorithms" => {
             let all = host_key_names(&preferred.key);
             // A list of certificates only leaves no plain key to fall back on; rbee asks for
@@ -132,7 +181,8 @@ pub(super) fn check(key: &str, value: &str) -> Result<(), String> {
                 "kexalgorithms" => kex_all().join(","),
                 "ciphers" => cipher_all().join(","),
                 "macs" => mac_all().join(","),
-                _ => host_key_names(&preferred.key).join(","),
+                "hostkeyalgorithms" => host_key_names(&preferred.key).join(","),
+                _ => PUBKEY_ALL.join(","),
             }
         ));
     }
@@ -240,6 +290,23 @@ mod tests {
             assemble("nothing-we-have", &default, &all),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn pubkey_lists_change_openssh_default_and_refuse_what_rbee_cannot_sign_with() {
+        assert_eq!(pubkey_accepted(None), None);
+        let left = pubkey_accepted(Some("-ssh-ed25519")).expect("list");
+        assert!(!left.contains(&"ssh-ed25519".to_string()), "{left:?}");
+        assert!(left.contains(&"ssh-ed25519-cert-v01@openssh.com".to_string()));
+        assert!(
+            !left.contains(&"ssh-rsa".to_string()),
+            "SHA-1 is not in the default"
+        );
+        let added = pubkey_accepted(Some("+ssh-rsa")).expect("list");
+        assert_eq!(added.last().map(String::as_str), Some("ssh-rsa"));
+        assert!(check("pubkeyacceptedalgorithms", "sk-ssh-ed25519@openssh.com").is_err());
+        assert!(check("pubkeyacceptedkeytypes", "-*").is_err());
+        assert!(check("pubkeyacceptedalgorithms", "rsa-sha2-256").is_ok());
     }
 
     #[test]

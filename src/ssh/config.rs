@@ -1,5 +1,6 @@
-//! `~/.ssh/config` for a `host` alias as OpenSSH reads it: HostName, User, Port, IdentityFile
-//! and CertificateFile (with `%` tokens), IdentitiesOnly, ProxyJump, ProxyCommand,
+//! `~/.ssh/config`, then `/etc/ssh/ssh_config`, for a `host` alias as OpenSSH reads them:
+//! HostName, User, Port, IdentityFile and CertificateFile (with `%` tokens), IdentitiesOnly,
+//! ProxyJump, ProxyCommand,
 //! ServerAliveInterval, ServerAliveCountMax, UserKnownHostsFile and the rest of `directives`'
 //! honoured list, in `Host` and `Match` blocks and `Include`d files, first obtained value wins;
 //! a directive rbee cannot honour is kept in `refused`, with its file and line.
@@ -52,22 +53,51 @@ pub(crate) struct HostEntry {
 /// How deep `Include`s may nest, as in OpenSSH.
 const INCLUDE_DEPTH: usize = 16;
 
-/// Reads the user's `~/.ssh/config`; a missing or unreadable file means no entries.
+/// Reads the user's `~/.ssh/config`, then the system's `/etc/ssh/ssh_config`, as OpenSSH does:
+/// the first value obtained in either wins. A missing or unreadable file means no entries.
 pub(crate) fn lookup(alias: &str) -> HostEntry {
-    let Some(home) = crate::paths::home_dir() else {
-        return HostEntry::default();
-    };
-    lookup_in(&home.join(".ssh/config"), alias)
+    let mut entry = HostEntry::default();
+    if let Some(home) = user_config_home() {
+        read_into(&home.join(".ssh/config"), alias, &mut entry);
+    }
+    if let Some(system) = system_file() {
+        read_into(&system, alias, &mut entry);
+    }
+    entry
 }
 
-pub(crate) fn lookup_in(path: &Path, alias: &str) -> HostEntry {
+/// Where `~/.ssh/config` is looked for: `$HOME`, else the passwd entry's home. OpenSSH takes
+/// the passwd home only; `$HOME` first lets a caller (the tests) point rbee at another file.
+fn user_config_home() -> Option<PathBuf> {
+    crate::paths::home_dir().or_else(passwd_home)
+}
+
+/// The system-wide file: `$RBEE_SSH_SYSTEM_CONFIG` where set (a test and packaging knob;
+/// empty or `none`: no system file), else OpenSSH's `/etc/ssh/ssh_config`.
+fn system_file() -> Option<PathBuf> {
+    match std::env::var_os("RBEE_SSH_SYSTEM_CONFIG") {
+        Some(path) if path.is_empty() || path.eq_ignore_ascii_case("none") => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => Some(PathBuf::from("/etc/ssh/ssh_config")),
+    }
+}
+
+#[cfg(test)]
+fn lookup_in(path: &Path, alias: &str) -> HostEntry {
     let mut entry = HostEntry::default();
+    read_into(path, alias, &mut entry);
+    entry
+}
+
+/// Applies the file at `path` to `entry`: it starts outside any block, and its relative
+/// `Include`s start in its own directory (`~/.ssh` for the user's file, `/etc/ssh` for the
+/// system's, as in OpenSSH).
+fn read_into(path: &Path, alias: &str, entry: &mut HostEntry) {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     if let Ok(text) = std::fs::read_to_string(path) {
         let mut active = true;
-        apply(&text, path, &base, alias, &mut entry, &mut active, 0);
+        apply(&text, path, &base, alias, entry, &mut active, 0);
     }
-    entry
 }
 
 #[cfg(test)]
@@ -189,13 +219,22 @@ fn apply(
             "ignoreunknown" if *active && entry.ignore_unknown.is_none() => {
                 entry.ignore_unknown = Some(value.to_ascii_lowercase());
             }
-            "kexalgorithms" | "ciphers" | "macs" | "hostkeyalgorithms" if *active => {
+            "kexalgorithms"
+            | "ciphers"
+            | "macs"
+            | "hostkeyalgorithms"
+            | "pubkeyacceptedalgorithms"
+            | "pubkeyacceptedkeytypes"
+                if *active =>
+            {
                 let algorithms = &mut entry.algorithms;
+                // The old name and the new are one option: the first of either wins.
                 let slot = match lower.as_str() {
                     "kexalgorithms" => &mut algorithms.kex,
                     "ciphers" => &mut algorithms.ciphers,
                     "macs" => &mut algorithms.macs,
-                    _ => &mut algorithms.host_keys,
+                    "hostkeyalgorithms" => &mut algorithms.host_keys,
+                    _ => &mut algorithms.pubkey,
                 };
                 if slot.is_none() {
                     *slot = Some(value.to_string());
@@ -259,7 +298,7 @@ fn rest<'a>(line: &'a str, key: &str) -> &'a str {
 fn included(value: &str, base: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for word in value.split_whitespace() {
-        let path = crate::paths::expand_tilde(word);
+        let path = expand_tilde(word);
         let path = if path.is_absolute() {
             path
         } else {
@@ -314,9 +353,7 @@ fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> Result<bool, St
                 match name {
                     "exec" if !result => false,
                     "exec" => {
-                        let home = crate::paths::home_dir()
-                            .map(|h| h.display().to_string())
-                            .unwrap_or_default();
+                        let home = home_token();
                         let local = local_user();
                         let tokens = Tokens {
                             alias,
@@ -353,17 +390,31 @@ fn match_matches(value: &str, alias: &str, entry: &HostEntry) -> Result<bool, St
     Ok(result)
 }
 
-/// The passwd name of this process's uid, as OpenSSH's `%u` and `localuser`; read once (a
-/// command over many nodes asks for every node).
+/// The passwd entry of this process's uid: its name and home, as OpenSSH's `%u`, `localuser`,
+/// `%d` and `~` use them (never `$USER` or `$HOME`); read once (a command over many nodes asks
+/// for every node).
+fn passwd_entry() -> Option<&'static (String, PathBuf)> {
+    static ENTRY: std::sync::OnceLock<Option<(String, PathBuf)>> = std::sync::OnceLock::new();
+    ENTRY
+        .get_or_init(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| (u.name, u.dir))
+        })
+        .as_ref()
+}
+
+/// The passwd name of this process's uid.
 pub(super) fn passwd_name() -> Option<String> {
-    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    NAME.get_or_init(|| {
-        nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-    })
-    .clone()
+    passwd_entry().map(|(name, _)| name.clone())
+}
+
+/// The passwd home of this process's uid.
+pub(super) fn passwd_home() -> Option<PathBuf> {
+    passwd_entry()
+        .map(|(_, dir)| dir.clone())
+        .filter(|dir| !dir.as_os_str().is_empty())
 }
 
 fn local_user() -> String {
@@ -493,10 +544,25 @@ pub(super) fn glob(pattern: &str, text: &str) -> bool {
 
 /// Identity files as written, `~` expanded.
 pub(crate) fn expand(files: &[String]) -> Vec<PathBuf> {
-    files
-        .iter()
-        .map(|f| crate::paths::expand_tilde(f))
-        .collect()
+    files.iter().map(|f| expand_tilde(f)).collect()
+}
+
+/// The home that `~` and `%d` stand for in ssh_config, as in OpenSSH: the passwd entry's,
+/// whatever `$HOME` says (`$HOME` only where the uid has no passwd entry).
+fn ssh_home() -> Option<PathBuf> {
+    passwd_home().or_else(crate::paths::home_dir)
+}
+
+/// `%d`.
+pub(crate) fn home_token() -> String {
+    ssh_home()
+        .map(|h| h.display().to_string())
+        .unwrap_or_default()
+}
+
+/// A leading `~` or `~/` expanded as OpenSSH expands it in ssh_config's file names.
+pub(crate) fn expand_tilde(path: &str) -> PathBuf {
+    crate::paths::expand_tilde_with(path, ssh_home().as_deref())
 }
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ const HONOURED: &[&str] = &[
     "ciphers",
     "macs",
     "hostkeyalgorithms",
+    "pubkeyacceptedalgorithms",
+    "pubkeyacceptedkeytypes",
 ];
 
 /// Directives that have no effect on what rbee does, whatever their value: the interactive
@@ -148,14 +150,6 @@ const REFUSED: &[(&str, &str)] = &[
     (
         "hostkeyalias",
         "rbee looks the host key up under the host's own name, not an alias",
-    ),
-    (
-        "pubkeyacceptedalgorithms",
-        "rbee signs with its own list of public key algorithms",
-    ),
-    (
-        "pubkeyacceptedkeytypes",
-        "rbee signs with its own list of public key algorithms",
     ),
     (
         "casignaturealgorithms",

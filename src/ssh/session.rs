@@ -103,9 +103,7 @@ impl Target {
         };
         let host = entry.host_name.clone().unwrap_or_else(|| alias.clone());
         let local_user = user_default();
-        let home = paths::home_dir()
-            .map(|h| h.display().to_string())
-            .unwrap_or_default();
+        let home = ssh_config::home_token();
         let tokens = ssh_config::Tokens {
             alias: &alias,
             host: &host,
@@ -127,11 +125,11 @@ impl Target {
             entry
                 .identity_files
                 .iter()
-                .map(|f| paths::expand_tilde(&ssh_config::expand_tokens(f, &tokens))),
+                .map(|f| ssh_config::expand_tilde(&ssh_config::expand_tokens(f, &tokens))),
         );
         if identity_files.is_empty() {
             for default in ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"] {
-                identity_files.push(paths::expand_tilde(default));
+                identity_files.push(ssh_config::expand_tilde(default));
             }
         }
         let known_hosts = match &node.known_hosts {
@@ -206,9 +204,7 @@ impl Target {
             let user = user
                 .or(entry.user.clone())
                 .unwrap_or_else(|| default_user.to_string());
-            let home = paths::home_dir()
-                .map(|h| h.display().to_string())
-                .unwrap_or_default();
+            let home = ssh_config::home_token();
             let tokens = ssh_config::Tokens {
                 alias,
                 host: &host,
@@ -292,7 +288,7 @@ pub(crate) fn output_too_large() -> String {
 fn expanded(files: &[String], tokens: &ssh_config::Tokens<'_>) -> Vec<PathBuf> {
     files
         .iter()
-        .map(|f| paths::expand_tilde(&ssh_config::expand_tokens(f, tokens)))
+        .map(|f| ssh_config::expand_tilde(&ssh_config::expand_tokens(f, tokens)))
         .collect()
 }
 
@@ -311,9 +307,12 @@ fn known_hosts_files(
         Some(words) if words.iter().any(|w| w.eq_ignore_ascii_case("none")) => Vec::new(),
         Some(words) => words
             .iter()
-            .map(|w| paths::expand_tilde(&ssh_config::expand_tokens(w, tokens)))
+            .map(|w| ssh_config::expand_tilde(&ssh_config::expand_tokens(w, tokens)))
             .collect(),
-        None => default.iter().map(|w| paths::expand_tilde(w)).collect(),
+        None => default
+            .iter()
+            .map(|w| ssh_config::expand_tilde(w))
+            .collect(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Certificates as OpenSSH uses them, OpenSSH's own client on the same files as the oracle:
 //! a user certificate (beside the key, or a `CertificateFile`) logs in where the plain key is
-//! not authorized; a host certificate is verified against an `@cert-authority` line; a key
+//! not authorized, signed with the key file or with ssh-agent's key; a host certificate is verified against an `@cert-authority` line; a key
 //! marked `@revoked` is refused.
 
 use super::{Fleet, node};
@@ -91,6 +91,145 @@ fn a_user_certificate_logs_in_where_the_plain_key_is_not_authorized() {
     std::fs::write(&ssh_config, "Host other\n  User x\n").expect("ssh config");
     assert!(!openssh(&ssh_config).status.success());
     assert_eq!(status(), Some(4));
+}
+
+#[test]
+fn a_certificate_file_is_signed_with_the_agents_key_where_no_key_file_is_readable() {
+    let ca_dir = crate::support::tempdir();
+    let ca = ClientKey::new(ca_dir.path(), "user_ca", "ed25519");
+    let extra = format!(
+        "TrustedUserCAKeys {}\nAuthorizedKeysFile none\n",
+        ca.private.with_extension("pub").display()
+    );
+    let options = Options {
+        extra: &extra,
+        ..Options::default()
+    };
+    let Some(fleet) = Fleet::build_with(&[node("a")], true, "", &options) else {
+        return;
+    };
+    let env = &fleet.env;
+    let root = env.path();
+    let port = fleet.servers[0].port;
+    let user = sshd::user();
+    let key = &fleet.key.private;
+    sshd::sign(
+        &ca.private,
+        &key.with_extension("pub"),
+        &["-I", "rbee-test", "-n", &user],
+    );
+    let cert = root.join("certs/lab-cert");
+    std::fs::create_dir_all(cert.parent().expect("parent")).expect("mkdir");
+    std::fs::rename(key.with_file_name("client_ed25519-cert.pub"), &cert).expect("move");
+    // The agent gets the key alone (no certificate beside it), then the key file goes: only
+    // the agent can sign.
+    let socket = root.join("agent.sock");
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    assert!(crate::support::eventually(
+        std::time::Duration::from_secs(5),
+        || socket.exists()
+    ));
+    let added = std::process::Command::new("ssh-add")
+        .arg(key)
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()
+        .expect("ssh-add");
+    assert!(added.status.success(), "{added:?}");
+    let listed = std::process::Command::new("ssh-add")
+        .arg("-L")
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()
+        .expect("ssh-add -L");
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains("cert"),
+        "{listed:?}"
+    );
+    std::fs::remove_file(key).expect("rm key");
+    env.edit_config(
+        &format!("identity_file = {:?}\n", key.display().to_string()),
+        "",
+    );
+    let home = root.join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+    let ssh_config = home.join(".ssh/config");
+    let openssh = || {
+        std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args(["-o", "BatchMode=yes"])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                fleet.known_hosts().display()
+            ))
+            .args(["-p", &port.to_string()])
+            .arg(format!("{user}@127.0.0.1"))
+            .arg("true")
+            .env("SSH_AUTH_SOCK", &socket)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ssh")
+    };
+    let status = || {
+        env.command(&["hive", "status", "a"])
+            .env("HOME", &home)
+            .env("SSH_AUTH_SOCK", &socket)
+            .output()
+            .expect("run")
+    };
+    // With the certificate named, both log in (the hive is simply not running).
+    std::fs::write(
+        &ssh_config,
+        format!("Host 127.0.0.1\n  CertificateFile {}\n", cert.display()),
+    )
+    .expect("ssh config");
+    let ssh_out = openssh();
+    let out = status();
+    // `IdentitiesOnly`: the agent's key is no identity file, so OpenSSH finds no key to sign
+    // the certificate's login with.
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Host 127.0.0.1\n  IdentitiesOnly yes\n  CertificateFile {}\n",
+            cert.display()
+        ),
+    )
+    .expect("ssh config");
+    let ssh_only = openssh();
+    let only = status();
+    // Without it, neither: the agent's plain key is not authorized.
+    std::fs::write(&ssh_config, "Host other\n  User x\n").expect("ssh config");
+    let ssh_without = openssh();
+    let without = status();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(ssh_out.status.success(), "{ssh_out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!ssh_only.status.success(), "{ssh_only:?}");
+    assert_eq!(
+        only.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&only.stderr)
+    );
+    assert!(!ssh_without.status.success(), "{ssh_without:?}");
+    assert_eq!(
+        without.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&without.stderr)
+    );
 }
 
 #[test]

@@ -146,10 +146,14 @@ fn user_known_hosts_file_from_ssh_config_is_read_whole_and_new_keys_go_to_its_fi
     std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
     let third = env.path().join("third");
     let ssh_config = home.join(".ssh/config");
+    // `~` and `%d` are the passwd entry's home (OpenSSH's, whatever `$HOME` says): the test's
+    // home is named from there.
+    let home_rel = super::system_config::from_passwd_home(&home);
     std::fs::write(
         &ssh_config,
         format!(
-            "Host 127.0.0.1\n  UserKnownHostsFile ~/.ssh/first-%u %d/second-%h {}\n",
+            "Host 127.0.0.1\n  UserKnownHostsFile ~/{home_rel}/.ssh/first-%u \
+             %d/{home_rel}/second-%h {}\n",
             third.display()
         ),
     )
@@ -165,27 +169,19 @@ fn user_known_hosts_file_from_ssh_config_is_read_whole_and_new_keys_go_to_its_fi
     let user = sshd::user();
     let first = home.join(format!(".ssh/first-{user}"));
     let second = home.join("second-127.0.0.1");
-    // OpenSSH's list, its home (`~`, `%d`: the passwd entry's) put where the test's is.
+    // OpenSSH's list.
     let oracle = std::process::Command::new("ssh")
         .arg("-F")
         .arg(&ssh_config)
         .args(["-G", "127.0.0.1"])
         .output()
         .expect("ssh -G");
-    let pw_home = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.dir)
-        .expect("passwd entry");
     let listed: Vec<std::path::PathBuf> = String::from_utf8_lossy(&oracle.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("userknownhostsfile "))
         .expect("userknownhostsfile")
         .split_whitespace()
-        .map(|f| match std::path::Path::new(f).strip_prefix(&pw_home) {
-            Ok(rest) => home.join(rest),
-            Err(_) => f.into(),
-        })
+        .map(|f| super::system_config::lexical(std::path::Path::new(f)))
         .collect();
     assert_eq!(listed, vec![first.clone(), second.clone(), third.clone()]);
     let status = |extra: &[&str]| {
@@ -221,8 +217,10 @@ fn user_known_hosts_file_from_ssh_config_is_read_whole_and_new_keys_go_to_its_fi
     std::fs::remove_file(&first).expect("rm");
     std::fs::write(
         &ssh_config,
-        "Host 127.0.0.1\n  StrictHostKeyChecking accept-new\n  \
-         UserKnownHostsFile ~/.ssh/first-%u\n",
+        format!(
+            "Host 127.0.0.1\n  StrictHostKeyChecking accept-new\n  \
+             UserKnownHostsFile ~/{home_rel}/.ssh/first-%u\n"
+        ),
     )
     .expect("ssh config");
     let (exit, stderr) = code(&status(&[]));
@@ -234,7 +232,7 @@ fn user_known_hosts_file_from_ssh_config_is_read_whole_and_new_keys_go_to_its_fi
     // nodes.toml's `known_hosts` wins over ssh_config's list (which holds the key).
     std::fs::write(
         &ssh_config,
-        "Host 127.0.0.1\n  UserKnownHostsFile ~/.ssh/first-%u\n",
+        format!("Host 127.0.0.1\n  UserKnownHostsFile ~/{home_rel}/.ssh/first-%u\n"),
     )
     .expect("ssh config");
     let empty = env.path().join("empty_known_hosts");

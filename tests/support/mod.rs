@@ -206,6 +206,9 @@ impl Env {
             .current_dir(self.path())
             .env("RBEE_CONFIG", &self.config)
             .env("RBEE_HOME", self.path().join("state"))
+            // Not this machine's /etc/ssh/ssh_config (Debian's hashes the known_hosts lines
+            // rbee writes); the tests of the system file set their own.
+            .env("RBEE_SSH_SYSTEM_CONFIG", "none")
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("XDG_STATE_HOME")
             .env_remove("RUST_LOG")
