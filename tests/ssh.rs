@@ -926,6 +926,45 @@ fn a_hive_on_an_ssh_node_killed_mid_stream_exits_6_and_one_stopped_is_not_answer
 }
 
 #[test]
+fn a_stop_through_the_pidfile_is_bounded_by_its_budget_and_kills_no_draining_hive() {
+    use nix::sys::signal::{Signal, kill};
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let (mut holder, _lines) = env.spawn_endless(&["--node", "a"], 1);
+    let hive: i32 = std::fs::read_to_string(fleet.remote_dir("a").join("hive.pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // Suspended, the hive takes no signed shutdown: the stop goes through its pidfile (SIGTERM,
+    // SIGCONT), and the endless generation keeps it draining past the budget.
+    kill(nix::unistd::Pid::from_raw(hive), Signal::SIGSTOP).expect("SIGSTOP");
+    let run = env.run(&["hive", "stop", "a", "--timeout", "5s"]);
+    run.expect(124);
+    assert!(
+        run.stderr.contains("still stopping") && run.stderr.contains(&format!("pid {hive}")),
+        "{}",
+        run.stderr
+    );
+    assert!(alive(hive), "the draining hive was killed");
+    // It finishes by itself, its workers stopped and the stop recorded.
+    assert!(
+        eventually(Duration::from_secs(60), || !alive(hive)),
+        "the hive did not stop by itself"
+    );
+    let audit = crate::support::records(&fleet.remote_dir("a").join("audit.jsonl"));
+    assert!(
+        audit.iter().any(|r| r["event"] == "hive_stopped"),
+        "no hive_stopped record"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    env.run(&["hive", "status", "a"]).expect(6);
+}
+
+#[test]
 fn an_ssh_node_is_reached_through_streamlocal_with_no_tcp_listener_on_either_end() {
     let Some(fleet) = Fleet::new(&[node("a")]) else {
         return;

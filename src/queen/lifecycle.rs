@@ -404,18 +404,31 @@ pub(crate) async fn stop(conn: &mut NodeConn, budget: &Budget) -> Result<Stopped
         }
     }
     let node = conn.node.clone();
-    let wait_s = u32::try_from(STOP_WAIT.as_secs()).unwrap_or(u32::MAX);
     let session = conn.ssh(budget).await?;
+    // Through its pidfile: SIGTERM, then the wait for it to let go. Only a wait of the whole
+    // `STOP_WAIT` ends in SIGKILL; a shorter budget leaves the hive finishing by itself, as a
+    // signed stop does, rather than killing its requests and workers half-way.
+    let margin = Duration::from_secs(1);
+    let whole = budget.remaining() >= STOP_WAIT + margin;
+    let wait = if whole {
+        STOP_WAIT
+    } else {
+        budget.remaining().saturating_sub(margin)
+    };
     let out = session
         .run(
             "stopping the hive",
-            &remote::stop_hive(&node.remote_dir, PID_FILE, wait_s),
+            &remote::stop_hive(&node.remote_dir, PID_FILE, wait, whole),
         )
         .await?;
-    Ok(match out.stdout_text().parse() {
-        Ok(pid) => Stopped::Stopped { pid },
-        Err(_) => Stopped::NotRunning,
-    })
+    let text = out.stdout_text();
+    let mut lines = text.lines();
+    let pid = lines.next().and_then(|l| l.trim().parse().ok());
+    match (pid, lines.next().map(str::trim)) {
+        (Some(pid), Some("stopping")) => Err(still_stopping(&node, Some(pid), budget)),
+        (Some(pid), _) => Ok(Stopped::Stopped { pid }),
+        (None, _) => Ok(Stopped::NotRunning),
+    }
 }
 
 /// A hive that took the request to stop (or SIGTERM) and is still going when the budget ends:

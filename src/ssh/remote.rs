@@ -295,11 +295,22 @@ pub(crate) fn bridge(socket: &str) -> String {
 }
 
 /// Stops the hive that holds the lock on the pidfile `<remote_dir>/<pid_file>`: SIGTERM, up to
-/// `wait_s` seconds for the lock to be released, then SIGKILL; prints its pid, or nothing when
-/// no process holds the lock (a pid in a stale file is never signalled). The lock is checked
-/// with flock(1) on a descriptor opened for reading, which cannot create the file.
-pub(crate) fn stop_hive(remote_dir: &str, pid_file: &str, wait_s: u32) -> String {
+/// `wait` for the lock to be released, then SIGKILL when `kill` (else it prints `stopping` and
+/// leaves the hive to finish); prints its pid, or nothing when no process holds the lock (a pid
+/// in a stale file is never signalled). The lock is checked with flock(1) on a descriptor
+/// opened for reading, which cannot create the file.
+pub(crate) fn stop_hive(
+    remote_dir: &str,
+    pid_file: &str,
+    wait: std::time::Duration,
+    kill: bool,
+) -> String {
     let pidfile = remote_join(remote_dir, pid_file);
+    let past = if kill {
+        "kill -KILL \"$pid\" 2>/dev/null"
+    } else {
+        "echo stopping"
+    };
     format!(
         "command -v flock >/dev/null 2>&1 || {{ echo 'flock(1) (util-linux) is needed on the node \
          to stop its hive' >&2; exit 2; }}; \
@@ -308,8 +319,8 @@ pub(crate) fn stop_hive(remote_dir: &str, pid_file: &str, wait_s: u32) -> String
          grep -q hive /proc/\"$pid\"/cmdline 2>/dev/null || exit 0; \
          kill -TERM \"$pid\" 2>/dev/null; kill -CONT \"$pid\" 2>/dev/null; echo \"$pid\"; i=0; \
          while locked && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; \
-         if locked; then kill -KILL \"$pid\" 2>/dev/null; fi; exit 0",
-        ticks = wait_s * 10
+         if locked; then {past}; fi; exit 0",
+        ticks = wait.as_millis() / 100
     )
 }
 
@@ -417,7 +428,12 @@ mod tests {
             .spawn()
             .expect("sleep");
         std::fs::write(&pidfile, format!("{}\n", bystander.id())).expect("pidfile");
-        let out = sh(&stop_hive(&remote_dir, "hive.pid", 1));
+        let out = sh(&stop_hive(
+            &remote_dir,
+            "hive.pid",
+            std::time::Duration::from_secs(1),
+            true,
+        ));
         assert!(out.status.success());
         assert!(out.stdout.is_empty(), "{:?}", out.stdout);
         assert!(bystander.try_wait().expect("try_wait").is_none());
@@ -438,7 +454,12 @@ mod tests {
         });
         assert!(held, "flock never took the lock");
         std::fs::write(&pidfile, format!("{}\n", holder.id())).expect("pidfile");
-        let out = sh(&stop_hive(&remote_dir, "hive.pid", 1));
+        let out = sh(&stop_hive(
+            &remote_dir,
+            "hive.pid",
+            std::time::Duration::from_secs(1),
+            true,
+        ));
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             holder.id().to_string()
