@@ -385,6 +385,60 @@ fn a_stop_with_a_short_timeout_ends_by_its_budget_and_the_hive_still_stops_whole
 }
 
 #[test]
+fn a_worker_that_crashes_in_its_stop_grace_is_recorded_as_a_crash() {
+    use nix::sys::signal::{Signal, kill};
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let worker = env.workers()[0]["pid"].as_i64().expect("worker pid") as i32;
+    let pid = nix::unistd::Pid::from_raw(worker);
+    // Suspended, the worker keeps the hive's SIGTERM pending; an abort sent meanwhile is
+    // delivered first when it resumes (the lower signal number), so it dies by SIGABRT within
+    // its stop's grace.
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let stopping = env.spawn(&["worker", "stop", "--node", "n1", "--model", "smollm2"]);
+    let term_pending = || {
+        std::fs::read_to_string(format!("/proc/{worker}/status")).is_ok_and(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("ShdPnd:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+                .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(20), term_pending),
+        "the hive sent no SIGTERM"
+    );
+    kill(pid, Signal::SIGABRT).expect("SIGABRT");
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let stopped = stopping.wait_with_output().expect("wait");
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    let audit = crate::support::records(&env.node_dir().join("audit.jsonl"));
+    let exits: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "worker_exited" && r["fields"]["pid"] == worker)
+        .collect();
+    assert_eq!(exits.len(), 1, "{audit:?}");
+    let fields = &exits[0]["fields"];
+    assert_eq!(fields["reason"], "crash", "{fields}");
+    assert_eq!(fields["next"], "none", "{fields}");
+    assert!(
+        fields["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("SIGABRT")),
+        "{fields}"
+    );
+    // The worker is gone and not restarted: it was being stopped.
+    assert!(!alive(worker));
+    assert!(!audit.iter().any(|r| r["event"] == "worker_restarted"));
+}
+
+#[test]
 fn a_worker_that_crashes_while_the_hive_drains_for_a_stop_is_recorded_as_a_crash() {
     let Some(env) = Env::new("") else { return };
     let (mut holder, _lines) = env.spawn_endless(&[], 1);

@@ -78,7 +78,7 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
     };
     let result = match result {
         Ok(proc) if registry.stopping.is_cancelled() => {
-            proc.stop(crate::hive::worker_proc::STOP_GRACE).await;
+            registry.stop_proc(&spec.name, &proc).await;
             Err(registry.stopping_error())
         }
         other => other,

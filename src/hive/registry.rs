@@ -174,7 +174,7 @@ impl Registry {
             if let Some(proc) = idle {
                 entry.lock().outdated = false;
                 tracing::info!(model = %entry.name, pid = proc.pid, "stopping a worker whose spec changed");
-                proc.stop(STOP_GRACE).await;
+                self.stop_proc(&entry.name, &proc).await;
             }
         }
         let mut names: Vec<&String> = new.keys().collect();
@@ -202,7 +202,7 @@ impl Registry {
         match proc {
             Some(p) => {
                 tracing::info!(model, pid = p.pid, "stopping worker");
-                p.stop(STOP_GRACE).await;
+                self.stop_proc(model, &p).await;
                 true
             }
             None => false,
@@ -210,16 +210,38 @@ impl Registry {
     }
 
     pub(crate) async fn stop_all(&self) {
-        let procs: Vec<Arc<WorkerProc>> = self
+        let procs: Vec<(String, Arc<WorkerProc>)> = self
             .entries()
             .iter()
             .filter_map(|e| {
                 let mut st = e.lock();
                 st.supervision = Supervision::Normal;
-                st.proc.take()
+                st.proc.take().map(|p| (e.name.clone(), p))
             })
             .collect();
-        futures::future::join_all(procs.iter().map(|p| p.stop(STOP_GRACE))).await;
+        futures::future::join_all(procs.iter().map(|(model, p)| self.stop_proc(model, p))).await;
+    }
+
+    /// Stops a worker taken out of its entry, and records an exit that was not the answer to
+    /// the stop (a crash during its grace), as the supervisor would have.
+    pub(crate) async fn stop_proc(&self, model: &str, proc: &WorkerProc) {
+        let Some(status) = proc.stop(STOP_GRACE).await else {
+            return;
+        };
+        tracing::warn!(model, pid = proc.pid, status = %status, "worker crashed while being stopped");
+        Metrics::add(&self.metrics.exits, 1);
+        self.metrics.exit_of(model, "crash");
+        self.audit
+            .note(
+                "worker_exited",
+                None,
+                serde_json::json!({
+                    "model": model, "pid": proc.pid, "status": status, "reason": "crash",
+                    "next": "none",
+                    "detail": { "reason": "it crashed while the hive stopped it" },
+                }),
+            )
+            .await;
     }
 
     /// Requests in flight across all models.
@@ -243,7 +265,7 @@ impl Registry {
             };
             if let Some(proc) = idle {
                 tracing::info!(model = %entry.name, pid = proc.pid, "unloading idle worker");
-                proc.stop(STOP_GRACE).await;
+                self.stop_proc(&entry.name, &proc).await;
             }
         }
     }

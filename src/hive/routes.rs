@@ -147,7 +147,7 @@ async fn restart_worker(
         st.proc.take()
     };
     if let Some(old) = old {
-        old.stop(crate::hive::worker_proc::STOP_GRACE).await;
+        hive.registry.stop_proc(&model, &old).await;
     }
     let budget = Budget::new(spec.load_timeout);
     entry.worker(&hive.registry, &budget).await?;

@@ -318,8 +318,11 @@ impl WorkerProc {
         let _ = kill(pid, Signal::SIGKILL);
     }
 
-    /// SIGTERM, wait up to `grace`, then SIGKILL.
-    pub(crate) async fn stop(&self, grace: Duration) {
+    /// Stops the worker: SIGTERM (and its stdin closed), `grace` to exit, then SIGKILL. Its exit
+    /// when that was not the answer to the stop (it crashed meanwhile: an abort, a signal from
+    /// elsewhere), for the caller to record: the supervisor no longer watches a worker taken
+    /// out of its entry.
+    pub(crate) async fn stop(&self, grace: Duration) -> Option<String> {
         let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
         let mut exit = self.exit.clone();
         let _ = kill(pid, Signal::SIGTERM);
@@ -331,7 +334,11 @@ impl WorkerProc {
             tracing::warn!(pid = self.pid, "worker ignored SIGTERM; killing it");
             let _ = kill(pid, Signal::SIGKILL);
             let _ = exit.wait_for(Option::is_some).await;
+            return None;
         }
+        let status = exit.borrow().clone()?;
+        // A worker ends a stop with exit 0, or by SIGTERM itself before its handler is set.
+        (!matches!(status.as_str(), "exit code 0" | "signal SIGTERM")).then_some(status)
     }
 }
 
