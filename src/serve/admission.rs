@@ -125,10 +125,10 @@ impl Admission {
         for node in config.nodes.values() {
             for name in &node.models {
                 if let Some(model) = config.models.get(name) {
-                    capacity
-                        .entry(name.clone())
-                        .or_default()
-                        .insert(node.name.clone(), model.slots.max(1) as usize);
+                    capacity.entry(name.clone()).or_default().insert(
+                        node.name.clone(),
+                        model.slots_before_report().max(1) as usize,
+                    );
                 }
             }
         }
@@ -141,7 +141,8 @@ impl Admission {
 
     /// What a node's hive reported (`None`: it did not answer): each model it serves counts
     /// the slots of its worker there, none while the breaker holds it, and the configured
-    /// slots while no worker is loaded.
+    /// slots while no worker is loaded (auto: `AUTO_SLOTS_BEFORE_REPORT`), or while its hive
+    /// has not derived an auto count yet.
     pub(crate) fn node_seen(&self, node: &str, workers: Option<&[WorkerInfo]>) {
         for (model, gate) in &self.gates {
             let worker = workers.and_then(|ws| ws.iter().find(|w| &w.model == model));
