@@ -139,9 +139,7 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
         st.load = None;
         match result {
             Ok(proc) => {
-                if spec.slots.is_none() {
-                    entry.queue().resize(proc.slots);
-                }
+                entry.started(&spec, &proc);
                 let proc = Arc::new(proc);
                 st.proc = Some(proc.clone());
                 st.last_used = Instant::now();
@@ -234,6 +232,14 @@ impl Entry {
         let was = std::mem::replace(&mut self.lock().spec, model.clone()).slots;
         if was != model.slots {
             *self.queue() = Queue::of(model);
+        }
+    }
+
+    /// A worker started for `spec` (a load or a restart): with auto slots, its count becomes
+    /// the queue's.
+    pub(crate) fn started(&self, spec: &Model, proc: &WorkerProc) {
+        if spec.slots.is_none() {
+            self.queue().resize(proc.slots);
         }
     }
 
