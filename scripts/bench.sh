@@ -79,6 +79,9 @@ cat > "$work/nodes.toml" <<TOML
 [models.smollm2]
 path = "$MODEL"
 sha256 = "$SHA"
+# The rows below compare waves of 4 with batch over 4 slots (scripts/bench_slots.sh measures
+# auto slots).
+slots = 4
 
 [defaults]
 user = "$(id -un)"

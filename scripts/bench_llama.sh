@@ -9,8 +9,8 @@
 #   b. the same llama-bench built with the CPU flags of the llama.cpp inside rbee
 #      (scripts/llama-cpp.sh matched): what llama-cpp-sys-2's build flags give up
 #   c. aggregate decode of 4 and 8 concurrent streamed requests: `rbee infer` against
-#      `llama-server --parallel 4` and `--parallel 8`; rbee's model has 4 slots (the default) for
-#      the 4-way row and 8 for the 8-way row, as many as llama-server's
+#      `llama-server --parallel 4` and `--parallel 8`; rbee's model has 4 slots for the 4-way
+#      row and 8 for the 8-way row, as many as llama-server's
 #      and the same with `kv_unified = true` (one KV cache shared by the slots, as llama-server
 #      has it) against the same servers: what bit-identical batching costs
 #   d. the per-token cost of the hive's proof: signing and verifying one stream event
@@ -18,6 +18,8 @@
 #   e. CPU time per generated token of the hive, the CLI and the worker during a decode
 #      (scripts/cpu_per_token.py): on 2 cores every CPU ms of the relay and the CLI is taken
 #      from the 2 decode threads
+#   f. 8-way aggregate with `slots` left out (auto) against `slots = 4` (scripts/bench_slots.sh
+#      with CAPS=0, the same ROUNDS)
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=7, TOKENS=128, BUDGET=10m
 set -euo pipefail
 
@@ -58,6 +60,7 @@ cat > "$work/nodes.toml" <<TOML
 [models.smollm2]
 path = "$MODEL"
 sha256 = "$SHA"
+slots = 4
 
 [models.smollm2-8]
 path = "$MODEL"
@@ -67,6 +70,7 @@ slots = 8
 [models.smollm2-u]
 path = "$MODEL"
 sha256 = "$SHA"
+slots = 4
 kv_unified = true
 
 [models.smollm2-u8]
@@ -196,3 +200,5 @@ for name, value in rows:
 json.dump({"rounds": int(sys.argv[2]), "medians": m, "runs": figures}, open("bench-llama.json", "w"), indent=2)
 PY
 say "wrote bench-llama.json"
+say "f. auto slots against slots = 4"
+CAPS=0 ROUNDS="$ROUNDS" TOKENS="$TOKENS" BUDGET="$BUDGET" RBEE="$RBEE" scripts/bench_slots.sh

@@ -59,6 +59,8 @@ fn infer_args(args: &[&'static str]) -> Vec<&'static str> {
 #[test]
 fn concurrent_requests_are_decoded_together_and_match_what_each_gives_alone() {
     let Some(env) = Env::new("") else { return };
+    // Four slots, so that the fifth request waits for one.
+    env.edit_config("threads = 1\n", "threads = 1\nslots = 4\n");
     // Alone, one after the other: the reference texts.
     let alone: Vec<Run> = REQUESTS
         .iter()

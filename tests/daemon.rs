@@ -52,6 +52,8 @@ fn a_script_capturing_the_output_returns_when_rbee_exits() {
 #[test]
 fn start_status_stop_and_no_leftovers() {
     let Some(env) = Env::new("") else { return };
+    // A fixed count for the status line below (auto would be this machine's choice).
+    env.edit_config("threads = 1\n", "threads = 1\nslots = 4\n");
     let stopped = env.run(&["--json", "hive", "status", "n1"]);
     stopped.expect(6);
     assert!(

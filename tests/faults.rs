@@ -249,6 +249,8 @@ fn a_worker_stopped_in_the_middle_of_a_long_prefill_is_still_replaced_as_stuck()
 #[test]
 fn a_hive_stopped_under_load_drains_refuses_the_queue_and_exits_by_itself() {
     let Some(env) = Env::new("") else { return };
+    // Four slots: of eight clients, four stream and four wait.
+    env.edit_config("threads = 1\n", "threads = 1\nslots = 4\n");
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let hive = hive_pid(&env);

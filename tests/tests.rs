@@ -33,5 +33,6 @@ mod proof;
 mod serve;
 mod serve_errors;
 mod signing;
+mod slots;
 mod ssh;
 mod supervision;

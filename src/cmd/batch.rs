@@ -201,7 +201,7 @@ impl Batch<'_> {
                 Ok((text, done)) => {
                     if !warm[node] {
                         warm[node] = true;
-                        free[node] += self.model.slots.saturating_sub(1);
+                        free[node] += self.model.slots_before_report().saturating_sub(1);
                     }
                     tokens_out += u64::from(done.tokens_out);
                     outcome.ok += 1;

@@ -51,6 +51,7 @@ async fn list(ctx: &Context, node: Option<&str>) -> Result<()> {
         let headers = [
             "MODEL",
             "STATE",
+            "BUSY",
             "PID",
             "SOCKET",
             "UP",
@@ -97,6 +98,12 @@ fn row(w: &WorkerInfo) -> Vec<String> {
     vec![
         w.model.clone(),
         state_name(w.state).to_string(),
+        // In flight of the slots the hive counts (auto: the count it chose at load).
+        if w.slots > 0 {
+            format!("{}/{}", w.in_flight, w.slots)
+        } else {
+            w.in_flight.to_string()
+        },
         w.pid.map_or_else(dash, |p| p.to_string()),
         w.socket.as_deref().map_or_else(dash, |s| {
             std::path::Path::new(s)

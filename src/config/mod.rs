@@ -41,6 +41,9 @@ pub(crate) const DEFAULT_PERSIST: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// llama.cpp's limit on sequences in one context.
 pub(crate) const MAX_SLOTS: u32 = 256;
+/// The slots a queen counts for a model whose slots are auto before its hive has told the
+/// count it chose: the fixed default auto replaced (the hive queues what goes beyond it).
+pub(crate) const AUTO_SLOTS_BEFORE_REPORT: u32 = 4;
 /// Tokens of context per request: llama.cpp's largest trained contexts are 1M tokens, and each
 /// slot's KV cache is sized from this, so a larger number is a typo.
 pub(crate) const MAX_CONTEXT: u32 = 1 << 21;
@@ -144,7 +147,11 @@ pub(crate) struct Model {
     pub(crate) sha256: String,
     pub(crate) source: Option<String>,
     pub(crate) context: Option<u32>,
-    pub(crate) slots: u32,
+    /// Generations decoded together; none (`slots` left out or `"auto"`) lets the hive derive
+    /// the count on the node from its memory and the model (`hive::memory::plan`). Left out of
+    /// the spec's JSON when auto, so the digest of a spec with a number stays what it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) slots: Option<u32>,
     pub(crate) gpu_layers: GpuLayers,
     pub(crate) threads: Option<u32>,
     /// The bound of one load on the node; it outlives the request that started it.
@@ -209,6 +216,29 @@ impl GpuLayers {
     }
 }
 
+/// `slots` as nodes.toml writes it: a number, or `"auto"` (the same as leaving it out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotsSetting(pub(crate) Option<u32>);
+
+impl<'de> serde::Deserialize<'de> for SlotsSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(i64),
+            Word(String),
+        }
+        match Written::deserialize(d)? {
+            // Out of range reads as 0, which the range check refuses with the bounds.
+            Written::Number(n) => Ok(SlotsSetting(Some(u32::try_from(n).unwrap_or(0)))),
+            Written::Word(w) if w == "auto" => Ok(SlotsSetting(None)),
+            Written::Word(w) => Err(serde::de::Error::custom(format!(
+                "`slots` must be a number or \"auto\", not {w:?}"
+            ))),
+        }
+    }
+}
+
 impl Serialize for GpuLayers {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         match self {
@@ -235,6 +265,12 @@ impl<'de> serde::Deserialize<'de> for GpuLayers {
 }
 
 impl Model {
+    /// The slots a queen counts for this model on a node whose hive has not told its own
+    /// count: the configured number, or `AUTO_SLOTS_BEFORE_REPORT` when auto.
+    pub(crate) fn slots_before_report(&self) -> u32 {
+        self.slots.unwrap_or(AUTO_SLOTS_BEFORE_REPORT)
+    }
+
     /// Where the model's file comes from, when it has a `source` (checked when loaded).
     pub(crate) fn origin(&self) -> Option<Origin> {
         self.source.as_deref().and_then(|s| Origin::parse(s).ok())

@@ -81,7 +81,7 @@ pub(crate) struct RawModel {
     pub(crate) sha256: Sha256Hex,
     pub(crate) source: Option<String>,
     pub(crate) context: Option<u32>,
-    pub(crate) slots: Option<u32>,
+    pub(crate) slots: Option<crate::config::SlotsSetting>,
     pub(crate) gpu_layers: Option<crate::config::GpuLayers>,
     pub(crate) threads: Option<u32>,
     pub(crate) load_timeout: Option<HumanDuration>,

@@ -29,7 +29,8 @@ pub(super) fn resolve(
         if !valid_name(&name) {
             return Err(located(Some(span), &bad_name("model", &name)));
         }
-        if m.slots.is_some_and(|s| !(1..=MAX_SLOTS).contains(&s)) {
+        let slots = m.slots.and_then(|s| s.0);
+        if slots.is_some_and(|s| !(1..=MAX_SLOTS).contains(&s)) {
             return Err(located(
                 Some(span),
                 &format!("`slots` must be between 1 and {MAX_SLOTS}"),
@@ -61,7 +62,7 @@ pub(super) fn resolve(
                 sha256: m.sha256.0,
                 source: m.source,
                 context: m.context,
-                slots: m.slots.unwrap_or(4),
+                slots,
                 gpu_layers: m.gpu_layers.unwrap_or_default(),
                 threads: m.threads,
                 load_timeout: m

@@ -93,7 +93,7 @@ impl Config {
             sha256: DEFAULT_MODEL_SHA256.to_string(),
             source: None,
             context: None,
-            slots: 4,
+            slots: None,
             gpu_layers: super::GpuLayers::Auto,
             threads: None,
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,

@@ -164,12 +164,18 @@ fn names_that_could_escape_a_path_are_refused() {
 fn slots_must_fit_llama_cpp() {
     let node = "\n[nodes.a]\ntransport = \"local\"\n";
     let ok = parse(&format!("{MODEL}slots = 8\n{node}")).expect("8 slots");
-    assert_eq!(ok.models["m"].slots, 8);
-    assert_eq!(
-        parse(&format!("{MODEL}{node}")).expect("default").models["m"].slots,
-        4
-    );
-    for bad in [0, MAX_SLOTS + 1] {
+    assert_eq!(ok.models["m"].slots, Some(8));
+    // Left out or "auto": the hive derives the count on the node.
+    let auto = parse(&format!("{MODEL}{node}")).expect("default");
+    assert_eq!(auto.models["m"].slots, None);
+    assert_eq!(auto.models["m"].slots_before_report(), 4);
+    let spelled = parse(&format!("{MODEL}slots = \"auto\"\n{node}")).expect("auto");
+    assert_eq!(spelled.models["m"], auto.models["m"]);
+    let err = parse(&format!("{MODEL}slots = \"many\"\n{node}")).expect_err("a word");
+    assert_eq!(err.code(), 3);
+    assert!(err.to_string().contains("\"auto\""), "{err}");
+    assert!(err.to_string().contains("nodes.toml:"), "{err}");
+    for bad in [-1, 0, i64::from(MAX_SLOTS) + 1, 1 << 40] {
         let err = parse(&format!("{MODEL}slots = {bad}\n{node}")).expect_err("out of range");
         assert_eq!(err.code(), 3);
         assert!(

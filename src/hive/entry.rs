@@ -18,11 +18,61 @@ use crate::protocol::{WorkerInfo, WorkerState};
 
 pub(crate) struct Entry {
     pub(crate) name: String,
-    /// One permit per slot. A changed `slots` swaps in a new semaphore; leases on the old one
-    /// run out, and the worker holds any excess in its own queue until it respawns.
-    queue: Mutex<(u32, Arc<Semaphore>)>,
+    queue: Mutex<Queue>,
     spawn_lock: tokio::sync::Mutex<()>,
     state: Mutex<EntryState>,
+}
+
+/// One permit per slot. A changed `slots` swaps in a new semaphore; leases on the old one run
+/// out, and the worker holds any excess in its own queue until it respawns. With auto slots
+/// the count is known once a load has derived it: until then one request at a time goes on
+/// (the first starts the load; the others wait for it anyway), and each load's count resizes
+/// the semaphore in place, so that the requests waiting on it go on at once.
+struct Queue {
+    slots: u32,
+    /// Whether `slots` is the model's (explicit) or a load's (auto), not the placeholder.
+    known: bool,
+    permits: Arc<Semaphore>,
+    /// Permits to take out of use as they come back: the count shrank while they were held.
+    owed: u32,
+}
+
+impl Queue {
+    fn of(model: &Model) -> Queue {
+        let slots = model.slots.unwrap_or(1);
+        Queue {
+            slots,
+            known: model.slots.is_some(),
+            permits: Arc::new(Semaphore::new(slots as usize)),
+            owed: 0,
+        }
+    }
+
+    /// The count a load derived for an auto model, applied to the semaphore waiters wait on.
+    fn resize(&mut self, slots: u32) {
+        self.known = true;
+        if slots > self.slots {
+            let grow = slots - self.slots;
+            let paid = grow.min(self.owed);
+            self.owed -= paid;
+            self.permits.add_permits((grow - paid) as usize);
+        } else {
+            let shrink = self.slots - slots;
+            let forgotten = self.permits.forget_permits(shrink as usize);
+            // At most `shrink`, a u32.
+            self.owed += u32::try_from(forgotten).map_or(0, |f| shrink - f);
+        }
+        self.slots = slots;
+    }
+
+    /// A lease's permit coming back: forgotten while the count owes one (a permit of a
+    /// semaphore swapped out since goes back to that one, which nothing waits on any more).
+    fn give_back(&mut self, permit: OwnedSemaphorePermit) {
+        if self.owed > 0 && Arc::ptr_eq(permit.semaphore(), &self.permits) {
+            self.owed -= 1;
+            permit.forget();
+        }
+    }
 }
 
 /// What the supervisor is doing about a worker.
@@ -89,6 +139,7 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
         st.load = None;
         match result {
             Ok(proc) => {
+                entry.started(&spec, &proc);
                 let proc = Arc::new(proc);
                 st.proc = Some(proc.clone());
                 st.last_used = Instant::now();
@@ -107,7 +158,7 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
 /// A place in a model's queue, held for the length of one generation.
 pub(crate) struct Lease {
     entry: Arc<Entry>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Lease {
@@ -137,6 +188,9 @@ impl Drop for Queued<'_> {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.entry.queue().give_back(permit);
+        }
         let mut st = self.entry.lock();
         st.in_flight = st.in_flight.saturating_sub(1);
         st.served += 1;
@@ -148,7 +202,7 @@ impl Entry {
     pub(super) fn new(model: &Model) -> Entry {
         Entry {
             name: model.name.clone(),
-            queue: Mutex::new((model.slots, Arc::new(Semaphore::new(model.slots as usize)))),
+            queue: Mutex::new(Queue::of(model)),
             spawn_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(EntryState {
                 spec: model.clone(),
@@ -173,14 +227,25 @@ impl Entry {
     }
 
     /// Takes the model's current spec: it applies from the next spawn, and a changed `slots`
-    /// from the next lease.
+    /// from the next lease (auto: from the next load).
     pub(super) fn respec(&self, model: &Model) {
-        self.lock().spec = model.clone();
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.0 != model.slots {
-            *queue = (model.slots, Arc::new(Semaphore::new(model.slots as usize)));
+        let was = std::mem::replace(&mut self.lock().spec, model.clone()).slots;
+        if was != model.slots {
+            *self.queue() = Queue::of(model);
         }
-        drop(queue);
+    }
+
+    /// A worker started for `spec` (a load or a restart): with auto slots, its count becomes
+    /// the queue's.
+    pub(crate) fn started(&self, spec: &Model, proc: &WorkerProc) {
+        if spec.slots.is_none() {
+            self.queue().resize(proc.slots);
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Plain counts and a semaphore; one left half-updated by a panic is still usable.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, EntryState> {
@@ -199,12 +264,7 @@ impl Entry {
         registry: &Registry,
     ) -> Result<Lease> {
         let waiting = Queued::enter(self);
-        let queue = self
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clone();
+        let queue = self.queue().permits.clone();
         let acquired = tokio::select! {
             biased;
             () = registry.stopping.cancelled() => None,
@@ -222,7 +282,7 @@ impl Entry {
                 st.in_flight += 1;
                 Ok(Lease {
                     entry: self.clone(),
-                    _permit: permit,
+                    permit: Some(permit),
                 })
             }
             Ok(Err(_)) => Err(Error::hive("the hive is shutting down")),
@@ -353,7 +413,11 @@ impl Entry {
             offload: proc.map(|p| p.offload.clone()),
             requests_served: st.served,
             in_flight: st.in_flight,
-            slots: self.queue.lock().unwrap_or_else(|p| p.into_inner()).0,
+            // Auto before a load has derived the count: none to tell (the queen counts its
+            // placeholder).
+            slots: Some(self.queue())
+                .filter(|q| q.known)
+                .map_or(0, |q| q.slots),
             queued: st.queued,
             idle_s: (st.in_flight == 0).then(|| st.last_used.elapsed().as_secs_f64()),
             last_backoff_ms: st
@@ -387,4 +451,51 @@ pub(crate) fn wall_time(at: Instant) -> SystemTime {
 
 pub(crate) fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auto() -> Model {
+        let config = crate::config::Config::embedded();
+        let model = config.models.values().next().expect("the default model");
+        assert_eq!(model.slots, None, "the default is auto");
+        model.clone()
+    }
+
+    #[test]
+    fn auto_slots_let_one_in_until_a_load_tells_the_count_then_resize_in_place() {
+        let mut queue = Queue::of(&auto());
+        assert_eq!((queue.slots, queue.known), (1, false));
+        let permits = queue.permits.clone();
+        let held = permits.clone().try_acquire_owned().expect("the first");
+        assert!(permits.clone().try_acquire_owned().is_err());
+        // The load derives 3: the same semaphore, so its waiters go on.
+        queue.resize(3);
+        assert!(queue.known);
+        let more: Vec<_> = (0..2)
+            .map(|_| permits.clone().try_acquire_owned().expect("a slot"))
+            .collect();
+        assert!(permits.clone().try_acquire_owned().is_err());
+        // The next load derives 1 while 3 are held: 2 are owed, and the first two back are
+        // forgotten.
+        queue.resize(1);
+        assert_eq!(queue.owed, 2);
+        queue.give_back(held);
+        assert_eq!((queue.owed, permits.available_permits()), (1, 0));
+        // Growing to 2 pays the debt first: one more back is one free.
+        queue.resize(2);
+        assert_eq!(queue.owed, 0);
+        let mut more = more.into_iter();
+        queue.give_back(more.next().expect("held"));
+        assert_eq!(permits.available_permits(), 1);
+        queue.give_back(more.next().expect("held"));
+        assert_eq!(permits.available_permits(), 2);
+        let explicit = Queue::of(&Model {
+            slots: Some(5),
+            ..auto()
+        });
+        assert_eq!((explicit.slots, explicit.known), (5, true));
+    }
 }

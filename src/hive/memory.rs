@@ -12,11 +12,27 @@ const OVERHEAD_BYTES: u64 = 128 << 20;
 /// Room kept for everything beside the weights when the model's header cannot be read.
 const FALLBACK_BYTES: u64 = 256 << 20;
 
-/// `context` and `slots` as the model's worker will get them: its KV cache holds
-/// `slots` x `context` tokens. With layers to offload and a device to take them (a GPU build
-/// of `exe` that sees one), the offloaded layers' weights and KV cache count against the
-/// device's free memory and the rest against the host's.
-pub(crate) async fn check(model: &Path, spec: &Model, exe: &Path) -> Result<()> {
+/// Most slots auto gives a model on the CPU: 16 concurrent requests over 16 slots gave two to
+/// three times the tokens per second of the same over 8 on a 2-core machine, and a slot left
+/// unused costs its KV cache but no pass time (see the README's performance reading for the
+/// figures); more than 16 was not measured.
+pub(crate) const AUTO_SLOTS_CPU: u32 = 16;
+/// Most slots auto gives a model offloaded to a device: a GPU decodes a wider batch for little
+/// more than a narrow one, so the cap is higher (chosen, not measured here); memory usually
+/// decides first.
+pub(crate) const AUTO_SLOTS_DEVICE: u32 = 32;
+/// Slots auto gives a model whose header cannot be read (its KV cache is unknown).
+const AUTO_SLOTS_UNKNOWN: u32 = crate::config::AUTO_SLOTS_BEFORE_REPORT;
+
+/// Stands in for the host's available memory (bytes), for tests only: how the tests show that
+/// auto slots follow memory without filling the test machine's.
+const TEST_MEM_AVAILABLE: &str = "RBEE_TEST_MEM_AVAILABLE";
+
+/// The slots the model's worker gets, after checking there is memory for them: the model's own
+/// `slots`, or with auto (`None`) as many as `auto_slots` derives from memory and the model.
+/// Either way the worker's KV cache holds `slots` x `context` tokens, checked as `check` does;
+/// a node whose memory holds not even one slot gets the refusal of one.
+pub(crate) async fn plan(model: &Path, spec: &Model, exe: &Path) -> Result<u32> {
     let size = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
     let shape = gguf::shape(model);
     let device = match (&shape, spec.gpu_layers) {
@@ -24,18 +40,68 @@ pub(crate) async fn check(model: &Path, spec: &Model, exe: &Path) -> Result<()> 
         _ => offload_device(exe).await,
     };
     let available = mem_available();
-    if let (Some(shape), Some(device)) = (&shape, device) {
+    let offloaded = shape.as_ref().map_or(0, |shape| {
         let layers = u32::try_from(shape.layers).unwrap_or(u32::MAX);
-        let offloaded = spec.gpu_layers.offloaded(true, layers);
-        let split = split(shape, size, offloaded, spec.context, spec.slots);
-        return enough_split(model, &split, available, &device);
+        spec.gpu_layers.offloaded(true, layers)
+    });
+    let slots = match (spec.slots, &shape) {
+        (Some(slots), _) => slots,
+        (None, None) => AUTO_SLOTS_UNKNOWN,
+        (None, Some(shape)) => {
+            let offload = device.as_ref().map(|d| (d, offloaded));
+            auto_slots(shape, size, spec.context, available, offload)
+        }
+    };
+    if let (Some(shape), Some(device)) = (&shape, &device) {
+        let split = split(shape, size, offloaded, spec.context, slots);
+        enough_split(model, &split, available, device)?;
+        return Ok(slots);
     }
     let Some(available) = available else {
         // No /proc/meminfo (not Linux): nothing to check against.
-        return Ok(());
+        return Ok(slots);
     };
-    let kv = shape.map(|shape| kv_bytes(&shape, spec.context, spec.slots));
-    enough(model, size, kv, available)
+    let kv = shape.map(|shape| kv_bytes(&shape, spec.context, slots));
+    enough(model, size, kv, available)?;
+    Ok(slots)
+}
+
+/// Auto slots, the pure part: as many as fit in half the room each memory has beside the
+/// weights and the margins `enough` and `enough_split` keep (the other half stays for other
+/// models and the rest of the node, since llama.cpp allocates the whole KV cache at load), at
+/// most `AUTO_SLOTS_CPU` (`AUTO_SLOTS_DEVICE` when layers go to a device), and never fewer than
+/// one: whether one fits is the check's to say. Without offload, the host's memory counts;
+/// with `offload` (the device and the layers on it), the device's share of each slot against
+/// its free memory and the host's share against the host's. Memory not known: the cap.
+pub(crate) fn auto_slots(
+    shape: &Shape,
+    size: u64,
+    context: Option<u32>,
+    host_available: Option<u64>,
+    offload: Option<(&DeviceBudget, u32)>,
+) -> u32 {
+    /// Slots whose `per_slot` bytes fit in half of `room`; none to count means no limit.
+    fn fitting(room: u64, per_slot: u64) -> u64 {
+        (room / 2).checked_div(per_slot).unwrap_or(u64::MAX)
+    }
+    let one = split(shape, size, offload.map_or(0, |(_, on)| on), context, 1);
+    let mut fit = u64::MAX;
+    if let Some(available) = host_available {
+        let kept = one
+            .host_weights
+            .saturating_add(one.host_weights / 4)
+            .saturating_add(OVERHEAD_BYTES);
+        fit = fit.min(fitting(available.saturating_sub(kept), one.host_kv));
+    }
+    let cap = match offload {
+        Some((device, _)) => {
+            let kept = one.device_weights.saturating_add(OVERHEAD_BYTES);
+            fit = fit.min(fitting(device.free.saturating_sub(kept), one.device_kv));
+            AUTO_SLOTS_DEVICE
+        }
+        None => AUTO_SLOTS_CPU,
+    };
+    u32::try_from(fit.min(u64::from(cap))).unwrap_or(cap).max(1)
 }
 
 /// A device llama.cpp would offload to, and its free memory.
@@ -189,7 +255,14 @@ pub(crate) fn enough(model: &Path, size: u64, kv: Option<u64>, available: u64) -
     )))
 }
 
+/// The host's available memory: `MemAvailable` of /proc/meminfo, or `RBEE_TEST_MEM_AVAILABLE`.
 fn mem_available() -> Option<u64> {
+    if let Some(bytes) = std::env::var(TEST_MEM_AVAILABLE)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Some(bytes);
+    }
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -280,5 +353,67 @@ mod tests {
         // The host's share is checked too: little host memory refuses the ten-layer load.
         let err = enough_split(path, &ten, Some(200 * mb), &device).expect_err("refused");
         assert!(err.to_string().contains("not enough host memory"), "{err}");
+    }
+
+    #[test]
+    fn auto_slots_fill_half_the_room_beside_the_weights_between_one_and_the_cap() {
+        let mb = 1u64 << 20;
+        let shape = smollm2();
+        let size = 98 * mb;
+        let kept = size + size / 4 + OVERHEAD_BYTES;
+        let slot = kv_bytes(&shape, Some(512), 1);
+        let auto = |available: u64| auto_slots(&shape, size, Some(512), Some(available), None);
+        // Half the room: 7 slots of room give 3, 6 give 3, 5 give 2.
+        assert_eq!(auto(kept + 7 * slot), 3);
+        assert_eq!(auto(kept + 6 * slot), 3);
+        assert_eq!(auto(kept + 6 * slot - 1), 2);
+        // Never fewer than one, even with no room at all (the check refuses that).
+        assert_eq!(auto(kept + slot), 1);
+        assert_eq!(auto(0), 1);
+        // Ample memory: the CPU's cap; unknown memory too.
+        assert_eq!(auto(1 << 40), AUTO_SLOTS_CPU);
+        assert_eq!(
+            auto_slots(&shape, size, Some(512), None, None),
+            AUTO_SLOTS_CPU
+        );
+        // A longer context costs more per slot: 4096 tokens (the default) are 8 times 512.
+        let room = kept + 2 * 8 * slot * 3;
+        assert_eq!(auto(room), AUTO_SLOTS_CPU);
+        assert_eq!(auto_slots(&shape, size, None, Some(room), None), 3);
+
+        // Offloaded: the device's share of each slot against its free memory, the host's
+        // share against the host's; the tighter decides, capped at the device cap.
+        let all = |free: u64, host: u64| {
+            let device = DeviceBudget {
+                name: "CUDA0 (test budget)".to_string(),
+                free,
+            };
+            auto_slots(&shape, size, None, Some(host), Some((&device, 31)))
+        };
+        let per_slot = kv_bytes(&shape, None, 1); // all of it on the device
+        let device_kept = size / 31 * 31 + OVERHEAD_BYTES;
+        assert_eq!(all(device_kept + 2 * 5 * per_slot, 1 << 40), 5);
+        assert_eq!(all(1 << 40, 1 << 40), AUTO_SLOTS_DEVICE);
+        assert_eq!(all(0, 1 << 40), 1);
+        // Ten layers offloaded: two thirds of each slot on the host, whose room decides.
+        let device = DeviceBudget {
+            name: "CUDA0 (test budget)".to_string(),
+            free: 1 << 40,
+        };
+        let ten = split(&shape, size, 10, None, 1);
+        let host = ten.host_weights + ten.host_weights / 4 + OVERHEAD_BYTES + 2 * 4 * ten.host_kv;
+        assert_eq!(
+            auto_slots(&shape, size, None, Some(host), Some((&device, 10))),
+            4
+        );
+        // Whatever auto chooses passes the check with the same memory.
+        for available in [kept + 7 * slot, kept + 100 * slot, 1 << 40] {
+            let n = auto(available);
+            let kv = kv_bytes(&shape, Some(512), n);
+            assert!(
+                enough(Path::new("/m"), size, Some(kv), available).is_ok(),
+                "{n}"
+            );
+        }
     }
 }

@@ -303,7 +303,7 @@ impl Registry {
             )
             .await;
         verified?;
-        crate::hive::memory::check(&path, spec, &self.exe).await?;
+        let slots = crate::hive::memory::plan(&path, spec, &self.exe).await?;
         let n = self.sockets.fetch_add(1, Ordering::Relaxed);
         let socket = self.dir.join(worker_socket_name(n));
         let log = self.worker_log(&spec.name);
@@ -318,7 +318,7 @@ impl Registry {
             key: &self.worker_key,
         };
         let wait = spec.load_timeout.saturating_sub(started.elapsed());
-        let proc = WorkerProc::spawn(spec, &opts, wait).await?;
+        let proc = WorkerProc::spawn(spec, slots, &opts, wait).await?;
         Metrics::add(&self.metrics.spawns, 1);
         self.audit
             .note(
@@ -326,10 +326,11 @@ impl Registry {
                 None,
                 serde_json::json!({
                     "model": spec.name, "pid": proc.pid, "load_ms": proc.load_ms,
+                    "slots": proc.slots,
                 }),
             )
             .await;
-        tracing::info!(model = %spec.name, pid = proc.pid, socket = %socket.display(), load_ms = proc.load_ms, "worker ready");
+        tracing::info!(model = %spec.name, pid = proc.pid, socket = %socket.display(), load_ms = proc.load_ms, slots = proc.slots, "worker ready");
         Ok(proc)
     }
 }

@@ -153,6 +153,7 @@ async fn restart_after(
         st.loading = false;
         match result {
             Ok(proc) => {
+                entry.started(&spec, &proc);
                 tracing::info!(model = %entry.name, pid = proc.pid, "worker restarted");
                 let fields = serde_json::json!({ "model": entry.name, "pid": proc.pid });
                 let audit = registry.audit.clone();

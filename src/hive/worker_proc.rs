@@ -25,6 +25,8 @@ pub(crate) struct WorkerProc {
     pub(crate) http: reqwest::Client,
     pub(crate) load_ms: f64,
     pub(crate) offload: crate::protocol::Offload,
+    /// Generations it decodes together: the model's `slots`, or the count the hive derived.
+    pub(crate) slots: u32,
     pub(crate) started_at: SystemTime,
     exit: watch::Receiver<Option<String>>,
     /// Why the hive killed it, set just before the signal, so that its exit is told as that
@@ -180,8 +182,10 @@ pub(crate) fn classify(
 }
 
 impl WorkerProc {
+    /// Starts a worker for `model` with `slots` (its own, or the count the hive derived).
     pub(crate) async fn spawn(
         model: &Model,
+        slots: u32,
         opts: &SpawnOptions<'_>,
         wait: Duration,
     ) -> Result<WorkerProc> {
@@ -201,7 +205,7 @@ impl WorkerProc {
             .arg("--gpu-layers")
             .arg(model.gpu_layers.arg())
             .arg("--slots")
-            .arg(model.slots.to_string())
+            .arg(slots.to_string())
             .arg("--hive-dir")
             .arg(opts.hive_dir)
             .arg("--socket")
@@ -290,6 +294,7 @@ impl WorkerProc {
             http,
             load_ms,
             offload,
+            slots,
             started_at: SystemTime::now(),
             exit: exit_rx,
             killed,

@@ -252,7 +252,7 @@ impl ModelTable {
                 Some("an invalid path")
             } else if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 Some("an invalid sha256")
-            } else if m.slots == 0 || m.slots > MAX_SLOTS {
+            } else if m.slots.is_some_and(|s| s == 0 || s > MAX_SLOTS) {
                 Some("`slots` out of range")
             } else if m.context.is_some_and(|c| c == 0 || c > MAX_CONTEXT)
                 || m.threads.is_some_and(|t| t == 0 || t > MAX_THREADS)
@@ -876,7 +876,7 @@ mod tests {
             sha256: "ab".repeat(32),
             source: Some("hf://o/r/m.gguf".to_string()),
             context: Some(2048),
-            slots: 2,
+            slots: Some(2),
             gpu_layers: crate::config::GpuLayers::Layers(0),
             threads: Some(1),
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
@@ -898,7 +898,14 @@ mod tests {
                 path: "/other.gguf".to_string(),
                 ..spec()
             },
-            Model { slots: 3, ..spec() },
+            Model {
+                slots: Some(3),
+                ..spec()
+            },
+            Model {
+                slots: None,
+                ..spec()
+            },
             Model {
                 context: None,
                 ..spec()
@@ -909,6 +916,33 @@ mod tests {
         let table = ModelTable::of([&spec()]);
         assert_eq!(table.models[0].source, None);
         assert!(table.validate().is_ok());
+        let auto = ModelTable::of([&Model {
+            slots: None,
+            ..spec()
+        }]);
+        assert!(auto.validate().is_ok());
+    }
+
+    /// A spec with a number of slots is the JSON it was when `slots` was always a number (so
+    /// its digest is too), and auto leaves the key out; both read back as they were.
+    #[test]
+    fn explicit_slots_keep_their_json_and_auto_leaves_the_key_out() {
+        let explicit = serde_json::to_string(&node_spec(&spec())).expect("json");
+        assert_eq!(
+            explicit,
+            r#"{"name":"m","path":"/models/m.gguf","sha256":"abababababababababababababababababababababababababababababababab","source":null,"context":2048,"slots":2,"gpu_layers":0,"threads":1,"load_timeout":600000}"#
+        );
+        let auto = Model {
+            slots: None,
+            ..spec()
+        };
+        let json = serde_json::to_string(&node_spec(&auto)).expect("json");
+        assert_eq!(json, explicit.replace(r#""slots":2,"#, ""));
+        for model in [spec(), auto] {
+            let back: Model =
+                serde_json::from_str(&serde_json::to_string(&model).expect("json")).expect("read");
+            assert_eq!(back, model);
+        }
     }
 
     #[test]
@@ -923,7 +957,10 @@ mod tests {
                 sha256: "x".to_string(),
                 ..spec()
             }],
-            vec![Model { slots: 0, ..spec() }],
+            vec![Model {
+                slots: Some(0),
+                ..spec()
+            }],
             vec![Model {
                 path: String::new(),
                 ..spec()

@@ -59,11 +59,12 @@ pub(crate) fn standing(workers: &[WorkerInfo], model: &Model) -> Option<Standing
     let Some(worker) = workers.iter().find(|w| w.model == model.name) else {
         return Some(Standing::Running);
     };
-    // The hive's own count of slots, where it tells one (it runs with the spec it was given).
+    // The hive's own count of slots, where it tells one (it runs with the spec it was given,
+    // and chose the count itself when the model's slots are auto).
     let slots = if worker.slots > 0 {
         worker.slots
     } else {
-        model.slots
+        model.slots_before_report()
     };
     match worker.state {
         WorkerState::Failed => None,
@@ -227,7 +228,7 @@ mod tests {
             sha256: "ab".repeat(32),
             source: None,
             context: None,
-            slots,
+            slots: Some(slots),
             gpu_layers: crate::config::GpuLayers::Layers(0),
             threads: None,
             load_timeout: crate::config::DEFAULT_LOAD_TIMEOUT,
@@ -270,6 +271,25 @@ mod tests {
                 Standing::Stopped
             ]
         );
+    }
+
+    /// Auto slots: the count the hive tells once it has chosen one, the placeholder before.
+    #[test]
+    fn auto_slots_count_what_the_hive_chose_and_four_before_it_has() {
+        let auto = Model {
+            slots: None,
+            ..model(1)
+        };
+        let with = |slots: u32, in_flight: u32| {
+            let mut w = worker(WorkerState::Busy, in_flight, 0);
+            w.slots = slots;
+            standing(&[w], &auto)
+        };
+        assert_eq!(with(0, 3), Some(Standing::Free));
+        assert_eq!(with(0, 4), Some(Standing::Loaded { queued: 0 }));
+        assert_eq!(with(8, 7), Some(Standing::Free));
+        assert_eq!(with(8, 8), Some(Standing::Loaded { queued: 0 }));
+        assert_eq!(with(2, 2), Some(Standing::Loaded { queued: 0 }));
     }
 
     #[test]

@@ -125,10 +125,10 @@ impl Admission {
         for node in config.nodes.values() {
             for name in &node.models {
                 if let Some(model) = config.models.get(name) {
-                    capacity
-                        .entry(name.clone())
-                        .or_default()
-                        .insert(node.name.clone(), model.slots.max(1) as usize);
+                    capacity.entry(name.clone()).or_default().insert(
+                        node.name.clone(),
+                        model.slots_before_report().max(1) as usize,
+                    );
                 }
             }
         }
@@ -141,7 +141,8 @@ impl Admission {
 
     /// What a node's hive reported (`None`: it did not answer): each model it serves counts
     /// the slots of its worker there, none while the breaker holds it, and the configured
-    /// slots while no worker is loaded.
+    /// slots while no worker is loaded (auto: `AUTO_SLOTS_BEFORE_REPORT`), or while its hive
+    /// has not derived an auto count yet.
     pub(crate) fn node_seen(&self, node: &str, workers: Option<&[WorkerInfo]>) {
         for (model, gate) in &self.gates {
             let worker = workers.and_then(|ws| ws.iter().find(|w| &w.model == model));
@@ -182,6 +183,8 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
+
     use super::*;
 
     fn admission(slots: usize, max_queue: usize) -> Admission {
@@ -250,5 +253,31 @@ mod tests {
             std::mem::forget(a.admit("m").await.expect("slot"));
         }
         assert_eq!(a.admit("m").await.err(), Some(Refused::Full));
+    }
+
+    /// An auto model (the embedded default): 4 until its hive tells the count it chose, then
+    /// that count, and 4 again while no worker is loaded (still loading: none told).
+    #[tokio::test]
+    async fn an_auto_model_counts_four_until_its_hive_tells_its_choice() {
+        let config = crate::config::Config::embedded();
+        let model = config.models.values().next().expect("the default model");
+        assert_eq!(model.slots, None);
+        let a = Admission::new(&config, 0);
+        let admit_all = |a: &Admission| {
+            let mut held = Vec::new();
+            while let Some(permit) = a.admit(&model.name).now_or_never().and_then(Result::ok) {
+                held.push(permit);
+            }
+            held.len()
+        };
+        assert_eq!(admit_all(&a), 4);
+        let mut chosen = worker(8, WorkerState::Ready);
+        chosen.model = model.name.clone();
+        a.node_seen("local", Some(&[chosen.clone()]));
+        assert_eq!(admit_all(&a), 8);
+        chosen.slots = 0;
+        chosen.state = WorkerState::Loading;
+        a.node_seen("local", Some(&[chosen]));
+        assert_eq!(admit_all(&a), 4);
     }
 }
