@@ -133,23 +133,23 @@ fn auto_slots_follow_the_nodes_memory_and_that_many_requests_run_at_once() {
 fn ample_memory_gives_the_cpu_cap_and_an_explicit_count_stays_what_it_says() {
     let Some(env) = env("") else { return };
     let (kept, slot) = kept_and_one_slot();
-    // Room for hundreds of slots: the CPU's cap of 16.
+    // Room for hundreds of slots: the CPU's cap of 8.
     hive_with_memory(&env, kept + 1000 * slot);
-    assert_eq!(loaded_slots(&env), 16);
+    assert_eq!(loaded_slots(&env), 8);
     let status = env.run(&["--json", "hive", "status", "n1"]);
     status.expect(0);
     let status: serde_json::Value = serde_json::from_str(status.stdout.trim()).expect("JSON");
-    assert_eq!(slots_in(&status), Some(16), "{status}");
+    assert_eq!(slots_in(&status), Some(8), "{status}");
     let table = env.run(&["worker", "list"]);
     table.expect(0);
-    assert!(table.stdout.contains(" 0/16 "), "{}", table.stdout);
+    assert!(table.stdout.contains(" 0/8 "), "{}", table.stdout);
 
     // `slots = 2` with the same memory: 2, on the next request's spec.
     env.edit_config("gpu_layers = 0\n", "gpu_layers = 0\nslots = 2\n");
     assert_eq!(loaded_slots(&env), 2);
     assert_eq!(worker_health(&env)["slots"], 2);
-    // Back to auto ("auto" spelled out): 16 again.
+    // Back to auto ("auto" spelled out): 8 again.
     env.edit_config("slots = 2\n", "slots = \"auto\"\n");
-    assert_eq!(loaded_slots(&env), 16);
-    assert_eq!(worker_health(&env)["slots"], 16);
+    assert_eq!(loaded_slots(&env), 8);
+    assert_eq!(worker_health(&env)["slots"], 8);
 }

@@ -12,11 +12,10 @@ const OVERHEAD_BYTES: u64 = 128 << 20;
 /// Room kept for everything beside the weights when the model's header cannot be read.
 const FALLBACK_BYTES: u64 = 256 << 20;
 
-/// Most slots auto gives a model on the CPU: 16 concurrent requests over 16 slots gave two to
-/// three times the tokens per second of the same over 8 on a 2-core machine, and a slot left
-/// unused costs its KV cache but no pass time (see the README's performance reading for the
-/// figures); more than 16 was not measured.
-pub(crate) const AUTO_SLOTS_CPU: u32 = 16;
+/// Most slots auto gives a model on the CPU: on an idle 2-core machine 8 slots gave the most
+/// tokens per second under 8 and 16 concurrent requests, and 16 slots no more (see the README's
+/// performance reading), while each slot costs its KV cache, allocated and cleared at load.
+pub(crate) const AUTO_SLOTS_CPU: u32 = 8;
 /// Most slots auto gives a model offloaded to a device: a GPU decodes a wider batch for little
 /// more than a narrow one, so the cap is higher (chosen, not measured here); memory usually
 /// decides first.
