@@ -386,6 +386,27 @@ fn a_stop_with_a_short_timeout_ends_by_its_budget_and_the_hive_still_stops_whole
     env.run(&["hive", "status", "n1"]).expect(6);
 }
 
+/// The node's audit, after checking it holds one `worker_exited` for `worker`: its SIGABRT told
+/// as a crash, with no restart to come.
+fn the_abort_recorded_as_a_crash(env: &Env, worker: i32) -> Vec<serde_json::Value> {
+    let audit = crate::support::records(&env.node_dir().join("audit.jsonl"));
+    let exits: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "worker_exited" && r["fields"]["pid"] == worker)
+        .collect();
+    assert_eq!(exits.len(), 1, "{audit:?}");
+    let fields = &exits[0]["fields"];
+    assert_eq!(fields["reason"], "crash", "{fields}");
+    assert_eq!(fields["next"], "none", "{fields}");
+    assert!(
+        fields["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("SIGABRT")),
+        "{fields}"
+    );
+    audit
+}
+
 #[test]
 fn a_worker_that_crashes_in_its_stop_grace_is_recorded_as_a_crash() {
     use nix::sys::signal::{Signal, kill};
@@ -420,21 +441,7 @@ fn a_worker_that_crashes_in_its_stop_grace_is_recorded_as_a_crash() {
         "{}",
         String::from_utf8_lossy(&stopped.stderr)
     );
-    let audit = crate::support::records(&env.node_dir().join("audit.jsonl"));
-    let exits: Vec<&serde_json::Value> = audit
-        .iter()
-        .filter(|r| r["event"] == "worker_exited" && r["fields"]["pid"] == worker)
-        .collect();
-    assert_eq!(exits.len(), 1, "{audit:?}");
-    let fields = &exits[0]["fields"];
-    assert_eq!(fields["reason"], "crash", "{fields}");
-    assert_eq!(fields["next"], "none", "{fields}");
-    assert!(
-        fields["status"]
-            .as_str()
-            .is_some_and(|s| s.contains("SIGABRT")),
-        "{fields}"
-    );
+    let audit = the_abort_recorded_as_a_crash(&env, worker);
     // The worker is gone and not restarted: it was being stopped.
     assert!(!alive(worker));
     assert!(!audit.iter().any(|r| r["event"] == "worker_restarted"));
@@ -468,22 +475,8 @@ fn a_worker_that_crashes_while_the_hive_drains_for_a_stop_is_recorded_as_a_crash
     );
     let _ = holder.kill();
     let _ = holder.wait();
-    let audit = crate::support::records(&env.node_dir().join("audit.jsonl"));
-    let exits: Vec<&serde_json::Value> = audit
-        .iter()
-        .filter(|r| r["event"] == "worker_exited" && r["fields"]["pid"] == worker)
-        .collect();
-    assert_eq!(exits.len(), 1, "{audit:?}");
-    let fields = &exits[0]["fields"];
-    assert_eq!(fields["reason"], "crash", "{fields}");
-    assert!(
-        fields["status"]
-            .as_str()
-            .is_some_and(|s| s.contains("SIGABRT")),
-        "{fields}"
-    );
     // No restart is promised by a hive that is stopping, and none happened.
-    assert_eq!(fields["next"], "none", "{fields}");
+    let audit = the_abort_recorded_as_a_crash(&env, worker);
     assert!(!audit.iter().any(|r| r["event"] == "worker_restarted"));
     assert!(audit.iter().any(|r| r["event"] == "hive_stopped"));
 }

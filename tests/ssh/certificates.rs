@@ -6,11 +6,12 @@
 use super::{Fleet, node};
 use crate::support::sshd::{self, ClientKey, Options};
 
-#[test]
-fn a_user_certificate_logs_in_where_the_plain_key_is_not_authorized() {
+/// A node whose sshd trusts a user CA and has no authorized_keys at all (the first value wins
+/// in sshd_config too): only a certificate logs in. The CA's directory lives as long as the
+/// first part.
+fn user_ca_fleet() -> Option<(tempfile::TempDir, ClientKey, Fleet)> {
     let ca_dir = crate::support::tempdir();
     let ca = ClientKey::new(ca_dir.path(), "user_ca", "ed25519");
-    // The first value wins in sshd_config too: no authorized_keys at all.
     let extra = format!(
         "TrustedUserCAKeys {}\nAuthorizedKeysFile none\n",
         ca.private.with_extension("pub").display()
@@ -19,7 +20,13 @@ fn a_user_certificate_logs_in_where_the_plain_key_is_not_authorized() {
         extra: &extra,
         ..Options::default()
     };
-    let Some(fleet) = Fleet::build_with(&[node("a")], true, "", &options) else {
+    let fleet = Fleet::build_with(&[node("a")], true, "", &options)?;
+    Some((ca_dir, ca, fleet))
+}
+
+#[test]
+fn a_user_certificate_logs_in_where_the_plain_key_is_not_authorized() {
+    let Some((_ca_dir, ca, fleet)) = user_ca_fleet() else {
         return;
     };
     let env = &fleet.env;
@@ -95,17 +102,7 @@ fn a_user_certificate_logs_in_where_the_plain_key_is_not_authorized() {
 
 #[test]
 fn a_certificate_file_is_signed_with_the_agents_key_where_no_key_file_is_readable() {
-    let ca_dir = crate::support::tempdir();
-    let ca = ClientKey::new(ca_dir.path(), "user_ca", "ed25519");
-    let extra = format!(
-        "TrustedUserCAKeys {}\nAuthorizedKeysFile none\n",
-        ca.private.with_extension("pub").display()
-    );
-    let options = Options {
-        extra: &extra,
-        ..Options::default()
-    };
-    let Some(fleet) = Fleet::build_with(&[node("a")], true, "", &options) else {
+    let Some((_ca_dir, ca, fleet)) = user_ca_fleet() else {
         return;
     };
     let env = &fleet.env;
