@@ -153,3 +153,36 @@ fn ample_memory_gives_the_cpu_cap_and_an_explicit_count_stays_what_it_says() {
     assert_eq!(loaded_slots(&env), 8);
     assert_eq!(worker_health(&env)["slots"], 8);
 }
+
+#[test]
+fn a_batch_opens_as_many_requests_per_node_as_the_hive_gave_auto_slots() {
+    let Some(env) = env("") else { return };
+    let (kept, slot) = kept_and_one_slot();
+    // 13 slots of room: auto takes 6, more than the 4 a queen counts before the hive says.
+    hive_with_memory(&env, kept + 13 * slot);
+    assert_eq!(loaded_slots(&env), 6);
+    // After its first item the batch opens the rest the worker's slots allow: 6 at once.
+    let input: String = (0..8)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("b{i}"), "prompt": "Tell me a story.", "max_tokens": 200,
+                "temperature": 5.0, "top_p": 1.0, "seed": i,
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let path = env.path().join("in.jsonl");
+    std::fs::write(&path, input).expect("input");
+    let batch = env.spawn(&["batch", path.to_str().expect("path")]);
+    let active = || worker_health(&env)["active"].as_array().map_or(0, Vec::len);
+    let mut most = 0;
+    let reached = eventually(Duration::from_secs(120), || {
+        most = most.max(active());
+        most >= 6
+    });
+    let out = batch.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{out:?}");
+    assert!(reached, "at most {most} items decoded at once over 6 slots");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 8);
+}

@@ -201,7 +201,11 @@ impl Batch<'_> {
                 Ok((text, done)) => {
                     if !warm[node] {
                         warm[node] = true;
-                        free[node] += self.model.slots_before_report().saturating_sub(1);
+                        // The worker's own count where it tells one (auto slots).
+                        let slots = self.model.slots.or(done.slots);
+                        free[node] += slots
+                            .unwrap_or(crate::config::AUTO_SLOTS_BEFORE_REPORT)
+                            .saturating_sub(1);
                     }
                     tokens_out += u64::from(done.tokens_out);
                     outcome.ok += 1;

@@ -429,6 +429,10 @@ pub(crate) struct DoneEvent {
     /// Process id of the worker that served the request.
     #[serde(default)]
     pub(crate) worker_pid: Option<u32>,
+    /// How many requests that worker runs at once: what a hive derived for auto slots, so that
+    /// `batch` opens that many (absent from older workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) slots: Option<u32>,
     /// The node's audit record for this request (seq and hash): the queen's witness of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) node_audit: Option<crate::audit::Head>,

@@ -525,6 +525,7 @@ impl Batcher<'_> {
             },
             decode_tokens_per_s,
             worker_pid: Some(std::process::id()),
+            slots: u32::try_from(self.cached.len()).ok(),
             node_audit: None,
             audit_warning: None,
         };
