@@ -87,9 +87,7 @@ models = ["smollm2", "smollm2-8", "smollm2-u", "smollm2-u8"]
 TOML
 
 fig() { echo "$1 $2" >> "$work/figures"; }
-PROMPTS=("Write a long story about a dragon." "Write a long essay about bicycles."
-         "Write a long story about the sea." "Write a long essay about copper.")
-done_field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])[sys.argv[2]])" "$@"; }
+. scripts/bench_rbee_many.sh
 
 "$RBEE" hive start local >/dev/null
 for m in smollm2 smollm2-8 smollm2-u smollm2-u8; do "$RBEE" infer --node local --timeout "$BUDGET" --model "$m" --prompt hi --max-tokens 1 >/dev/null; done
@@ -109,20 +107,6 @@ ls8=$(start_server 8)
 # N concurrent streamed requests to llama-server at PORT; prints tokens generated and wall ms.
 ls_many() {
     python3 scripts/ls_many.py "$1" "$2" "$TOKENS" "${PROMPTS[@]}"
-}
-# N concurrent `rbee infer` of MODEL; prints tokens generated and wall ms.
-rbee_many() {
-    local n=$1 model=$2 t0 t1 total=0 clients=()
-    t0=$(now_ms)
-    for i in $(seq 0 $((n - 1))); do
-        "$RBEE" --json infer --node local --timeout "$BUDGET" --model "$model" --prompt "${PROMPTS[$((i % 4))]}" \
-            --max-tokens "$TOKENS" --temperature 0 > "$work/c$i.json" &
-        clients+=($!)
-    done
-    wait "${clients[@]}"
-    t1=$(now_ms)
-    for i in $(seq 0 $((n - 1))); do total=$((total + $(done_field "$work/c$i.json" tokens_out))); done
-    echo "$total" $((t1 - t0))
 }
 llama_bench() {
     "$1/llama-bench" -m "$MODEL" -p 0 -n "$TOKENS" -r 3 -t "$threads" -o json 2>/dev/null \

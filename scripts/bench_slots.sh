@@ -39,22 +39,12 @@ now_ms() { date +%s%3N; }
 } > "$work/nodes.toml"
 
 fig() { echo "$1 $2" >> "$work/figures"; }
-PROMPTS=("Write a long story about a dragon." "Write a long essay about bicycles."
-         "Write a long story about the sea." "Write a long essay about copper.")
-done_field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])[sys.argv[2]])" "$@"; }
+. scripts/bench_rbee_many.sh
 # N concurrent `rbee infer` of MODEL; prints aggregate tokens/s.
-rbee_many() {
-    local n=$1 model=$2 t0 t1 total=0 clients=()
-    t0=$(now_ms)
-    for i in $(seq 0 $((n - 1))); do
-        "$RBEE" --json infer --node local --timeout "$BUDGET" --model "$model" --prompt "${PROMPTS[$((i % 4))]}" \
-            --max-tokens "$TOKENS" --temperature 0 > "$work/c$i.json" &
-        clients+=($!)
-    done
-    wait "${clients[@]}"
-    t1=$(now_ms)
-    for i in $(seq 0 $((n - 1))); do total=$((total + $(done_field "$work/c$i.json" tokens_out))); done
-    python3 -c "print(round($total / (($t1 - $t0) / 1000), 1))"
+rbee_tps() {
+    local total ms
+    read -r total ms < <(rbee_many "$1" "$2")
+    python3 -c "print(round($total / ($ms / 1000), 1))"
 }
 pct() { python3 -c "print(round(100 * $1 / $2, 1))"; }
 
@@ -68,13 +58,13 @@ say "the hive chose $auto_slots slots for the model without \`slots\`"
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for round in $(seq "$ROUNDS"); do
     say "round $round of $ROUNDS: 8-way, auto and slots = 4"
-    a=$(rbee_many 8 auto)
-    f=$(rbee_many 8 s4)
+    a=$(rbee_tps 8 auto)
+    f=$(rbee_tps 8 s4)
     fig auto_8_tps "$a"; fig four_8_tps "$f"; fig auto_vs_four_8_pct "$(pct "$a" "$f")"
     if [ "$CAPS" = 1 ]; then
         for n in 8 16; do
             say "round $round: $n-way over 4, 8 and 16 slots"
-            for s in 4 8 16; do fig "slots_${s}_${n}_tps" "$(rbee_many "$n" "s$s")"; done
+            for s in 4 8 16; do fig "slots_${s}_${n}_tps" "$(rbee_tps "$n" "s$s")"; done
         done
     fi
 done
