@@ -2,7 +2,8 @@
 //! thread count as a worker (all cores). Prints prefill and decode tokens/s for one sequence,
 //! and the aggregate decode tokens/s of 2, 4 and 8 sequences decoded in one batch per step
 //! (one KV stream each, as a worker does), medians of 3 runs; and the time to the first token of
-//! the prompt "hi" (prefill and one sample on a loaded context), median of 5.
+//! the prompt "hi" (prefill and one sample on a loaded context), median of 5. `--decode N` and
+//! `--batched N` print single runs, for benchmarks that alternate them with other tools.
 //! `cargo bench --bench engine` (RBEE_TEST_MODEL or ~/.cache/rbee/models/...).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -96,6 +97,17 @@ fn main() {
         for _ in 0..n {
             println!("raw engine decode: {:.1} tokens/s", run(1).0);
         }
+        return;
+    }
+    // `--batched N`: one run of N sequences decoded together, for interleaving with
+    // llama-server's N-way rows (scripts/bench_llama.sh): the most any orchestration of this
+    // engine could reach, since it leaves out prefill, HTTP and the relays.
+    if let Some(i) = args.iter().position(|a| a == "--batched") {
+        let n: usize = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(4);
+        println!(
+            "raw engine batched: {n} sequences, aggregate decode {:.1} tokens/s",
+            run(n).0
+        );
         return;
     }
     let (decode, prefill) = median(1);

@@ -52,12 +52,7 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 
 LLAMA_SERVER="$(scripts/llama-cpp.sh default)/llama-server"
 say "building the raw engine benchmark"
-cargo bench --quiet --bench engine --no-run 2>/dev/null
-ENGINE=$(cargo bench --quiet --bench engine --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="engine" and m.get("executable"): print(m["executable"])')
+ENGINE=$(scripts/bench_engine.sh)
 
 work=$(mktemp -d)
 pids=()

@@ -7,6 +7,9 @@
 #   b. `hive status` over 1 SSH node and over FLEET_NODES (default 32), persistent connections,
 #      alternating, ROUNDS x 5 runs: with only ssh1's hive running, with every hive running, and
 #      with every hive stopped
+#   c. the CPU per node of that status over every running hive, by process
+#      (scripts/fleet_cpu.py): this machine's side (invocation, holder) and the nodes' (sshd,
+#      hive), which on loopback share this machine's cores, and the least time that leaves
 #   (LATENCY_RUNS=0 skips a.; STRACE=FILE also traces one status over every running hive)
 # Prints medians with their range (min-max over the rounds' medians).
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=3, LATENCY_RUNS=10, FLEET_NODES=32
@@ -139,6 +142,9 @@ for ((i = 0; i < ${#all[@]}; i += 4)); do
     "$RBEE" hive start "${all[@]:i:4}" >/dev/null
 done
 status_rounds "_running"
+say "CPU per node of a status over every running hive, by process ($((ROUNDS * 10)) runs)"
+read -r _ cpu < <(python3 scripts/fleet_cpu.py "$RBEE" $((ROUNDS * 10)) "${all[@]}")
+out+=("cpu ${cpu// /,}")
 if [ -n "${STRACE:-}" ]; then
     # Where the time of one status over every node goes: each syscall of the invocation and
     # its threads, timestamped (`strace -f -tt`), and a summary.
@@ -153,9 +159,12 @@ status_rounds "_stopped"
 python3 - "$FLEET_NODES" "${out[@]}" <<'PY'
 import statistics, sys
 nodes, pairs = sys.argv[1], sys.argv[2:]
-runs = {}
+runs, cpu = {}, {}
 for p in pairs:
     k, v = p.split()
+    if k == "cpu":
+        cpu = {a: float(b) for a, b in (x.split("=") for x in v.split(","))}
+        continue
     runs.setdefault(k, []).append(float(v))
 def fig(k):
     v = runs[k]
@@ -172,4 +181,13 @@ for suffix, what in [("", "only ssh1's hive running"), ("_running", "every hive 
     print(f"14. hive status, 1 SSH node ({what}): {fig('status1' + suffix)}")
     print(f"14. hive status, {nodes} SSH nodes ({what}): {fig('statusN' + suffix)}, "
           f"{round(m['statusN' + suffix] / m['status1' + suffix], 2)}x of one node")
+if cpu:
+    here, there = cpu["invocation"] + cpu["holder"], cpu["sshd"] + cpu["hive"]
+    print(f"14. CPU per node of that status: invocation {cpu['invocation']} + holder "
+          f"{cpu['holder']} ms (this machine's side) + sshd {cpu['sshd']} + hive {cpu['hive']} ms "
+          f"(the nodes' side, here on the same cores): {round(here + there, 3)} ms")
+    one = m["status1_running"]
+    print(f"14. so {nodes} nodes on this machine's {__import__('os').cpu_count()} cores need at least "
+          f"{round((int(nodes) - 1) * (here + there) / __import__('os').cpu_count(), 1)} ms more than one; "
+          f"within 2x of one node ({round(one, 1)} ms) leaves {round(one, 1)} ms")
 PY

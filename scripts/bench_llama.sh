@@ -20,6 +20,9 @@
 #      from the 2 decode threads
 #   f. 8-way aggregate with `slots` left out (auto) against `slots = 4` (scripts/bench_slots.sh
 #      with CAPS=0, the same ROUNDS)
+#   g. the ceiling of c.: the raw engine (llama-cpp-2 in-process, `cargo bench --bench engine
+#      --batched N`) decoding N sequences in lockstep, no prefill, HTTP or relay, against the
+#      same llama-server in the same round; rbee runs this engine, so its c. rows stay under it
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=7, TOKENS=128, BUDGET=10m
 set -euo pipefail
 
@@ -40,8 +43,9 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 
 DEFAULT_BIN=$(scripts/llama-cpp.sh default)
 MATCHED_BIN=$(scripts/llama-cpp.sh matched)
-say "building the signing benchmark"
+say "building the signing and raw engine benchmarks"
 nice -n 10 cargo bench --quiet --bench auth --no-run 2>/dev/null
+ENGINE=$(scripts/bench_engine.sh)
 
 work=$(mktemp -d)
 cleanup() {
@@ -149,6 +153,10 @@ for round in $(seq "$ROUNDS"); do
         read -r ut ums < <(rbee_many "$n" "$model")
         fig "rbee_unified_${n}_tps" "$(tps "$ut" "$ums")"
         fig "rbee_unified_vs_llama_server_${n}_pct" "$(pct "$(tps "$ut" "$ums")" "$(tps "$lt" "$lms")")"
+        raw=$(RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench --batched "$n" 2>/dev/null \
+            | sed -nE 's/^raw engine batched: [0-9]+ sequences, aggregate decode ([0-9.]+).*/\1/p')
+        fig "raw_${n}_tps" "$raw"
+        fig "raw_vs_llama_server_${n}_pct" "$(pct "$raw" "$(tps "$lt" "$lms")")"
     done
 done
 say "signing and verifying one stream event"
@@ -174,6 +182,8 @@ for n in (4, 8):
                  f"{m[f'rbee_{n}_tps']} / {m[f'llama_server_{n}_tps']} tokens/s: {m[f'rbee_vs_llama_server_{n}_pct']}% ({rng(f'rbee_vs_llama_server_{n}_pct')}%)"))
 for n in (4, 8):
     rows.append((f"c. {n}-way, rbee with kv_unified = true", f"{m[f'rbee_unified_{n}_tps']} tokens/s: {m[f'rbee_unified_vs_llama_server_{n}_pct']}% of llama-server ({rng(f'rbee_unified_vs_llama_server_{n}_pct')}%)"))
+for n in (4, 8):
+    rows.append((f"g. {n}-way ceiling: raw engine in lockstep / llama-server", f"{m[f'raw_{n}_tps']} tokens/s: {m[f'raw_vs_llama_server_{n}_pct']}% ({rng(f'raw_vs_llama_server_{n}_pct')}%)"))
 if "event_sign_us" in m:
     rows.append(("d. one stream event: sign / verify", f"{m['event_sign_us']} / {m['event_verify_us']} us"))
 rows.append(("e. CPU per token: hive / CLI / worker", f"{m['hive_cpu_us']} / {m['cli_cpu_us']} / {m['worker_cpu_us']} us ({rng('hive_cpu_us')} / {rng('cli_cpu_us')} us)"))
