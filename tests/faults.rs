@@ -480,3 +480,69 @@ fn a_worker_that_crashes_while_the_hive_drains_for_a_stop_is_recorded_as_a_crash
     assert!(!audit.iter().any(|r| r["event"] == "worker_restarted"));
     assert!(audit.iter().any(|r| r["event"] == "hive_stopped"));
 }
+
+/// A generation whose text a stop string holds back sends no token for as long as the text may
+/// still become the stop string: the worker still says it is alive, so the hive does not kill
+/// it as stuck. Here a stop string of the generation's own first ~250 bytes (then a byte it
+/// never writes) holds everything back until the text parts from it, and the worker runs at a
+/// fortieth of its speed (stopped 195 ms of every 200) until a token arrives: the hold lasts
+/// well past the hive's stall timeout, as it does on a slow machine with a large model.
+#[test]
+fn a_generation_held_back_by_a_stop_string_past_the_stall_timeout_is_not_killed_as_stuck() {
+    let Some(env) = Env::new("") else { return };
+    let prompt = "Write a long story about a dragon.";
+    let args = [
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "100",
+        "--temperature",
+        "0",
+    ];
+    let free = env.infer(&args);
+    free.expect(0);
+    let text = free.text();
+    let pid = env.workers()[0]["pid"].as_i64().expect("pid");
+    let mut cut = text.len().min(250);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    assert!(cut >= 200, "too short a text to hold back: {text:?}");
+    let stop = format!("{}\u{7}", &text[..cut]);
+    let mut held_args = args.to_vec();
+    held_args.extend(["--stop", &stop, "--timeout", "300s"]);
+    let held = Watched::spawn(&env, &held_args);
+    wait_generating(&env);
+    let throttled = Instant::now();
+    let worker = nix::unistd::Pid::from_raw(pid as i32);
+    use nix::sys::signal::{Signal, kill};
+    // Ends when a token comes, the request ends, or the worker is gone (killed).
+    while !held.has_token() && held.seen().ended_at.is_none() {
+        if kill(worker, Signal::SIGSTOP).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(195));
+        let _ = kill(worker, Signal::SIGCONT);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let hold = throttled.elapsed();
+    let (code, stderr, seen) = held.finish();
+    assert_eq!(code, 0, "{stderr}\n{:?}", seen.lines.last());
+    assert!(
+        hold > STALL_TIMEOUT,
+        "the text was held back for only {hold:?}, within the stall timeout: nothing was tested"
+    );
+    let out: String = seen
+        .lines
+        .iter()
+        .filter(|l| l["event"] == "token")
+        .map(|l| l["text"].as_str().expect("text").to_string())
+        .collect();
+    assert_eq!(
+        out, text,
+        "the held-back text came out other than the free one"
+    );
+    let worker = &env.workers()[0];
+    assert_eq!(worker["pid"].as_i64(), Some(pid), "{worker}");
+    assert_eq!(worker["restart_count"], 0, "{worker}");
+}

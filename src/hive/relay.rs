@@ -43,9 +43,10 @@ pub(crate) struct Relay {
 }
 
 /// A busy worker that sends nothing for this long is taken as stuck. Every event counts, the
-/// worker's `prefill` progress between prompt chunks included, so a long prompt is not mistaken
-/// for a hang while a stopped worker still is.
-pub(crate) const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// worker's `prefill` progress between prompt chunks and its `progress` while a stop string
+/// holds text back included, so a long prompt or a long hold is not mistaken for a hang while
+/// a stopped worker still is.
+pub(crate) const STALL_TIMEOUT: std::time::Duration = crate::protocol::WORKER_STALL_TIMEOUT;
 
 impl Relay {
     pub(crate) async fn run(mut self, response: reqwest::Response, tx: mpsc::Sender<SseEvent>) {
@@ -95,6 +96,10 @@ impl Relay {
                     break;
                 }
             };
+            if event.event == "progress" {
+                // Only a sign of life: the timeout starts again.
+                continue;
+            }
             if event.event == "token" && first_token {
                 first_token = false;
                 self.metrics

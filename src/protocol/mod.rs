@@ -408,6 +408,19 @@ pub(crate) struct TokenEvent {
     pub(crate) text: String,
 }
 
+/// A busy worker that sends the hive nothing for this long is taken as stuck and killed.
+pub(crate) const WORKER_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest a decoding generation goes without an event, well inside the stall timeout: one
+/// whose text a stop string holds back sends `progress` instead of tokens.
+pub(crate) const WORKER_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// Decoding goes on although no text went out (a stop string may still be under way): the
+/// worker's sign of life, which the hive takes as such and passes on to no one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ProgressEvent {
+    pub(crate) tokens_out: u32,
+}
+
 /// How far a prompt's prefill has got: `done` of its `total` tokens. The worker sends it between
 /// chunks; the hive counts it as a sign of life and passes it on; the CLI shows it on its
 /// spinner only.

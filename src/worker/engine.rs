@@ -19,6 +19,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Error;
+use crate::protocol::WORKER_ALIVE_EVERY as ALIVE_EVERY;
 use crate::protocol::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
 use crate::worker::prompt::{render_prompt, sampler};
 use crate::worker::stop::StopMatcher;
@@ -35,6 +36,11 @@ pub(crate) enum EngineEvent {
     Prefill {
         done: u32,
         total: u32,
+    },
+    /// Tokens were decoded but none of their text went out (a stop string may still be under
+    /// way): sent at most every `ALIVE_EVERY`, so the hive does not take the worker for stuck.
+    Progress {
+        tokens_out: u32,
     },
     Token(String),
     Done(DoneEvent),
@@ -106,6 +112,8 @@ struct Slot {
     prefill_ms: f64,
     decode_started: Instant,
     first_token_at: Option<Instant>,
+    /// When the generation last sent an event.
+    last_sent: Instant,
 }
 
 /// A prompt on its way into its KV sequence, one chunk per turn.
@@ -385,6 +393,7 @@ impl Batcher<'_> {
             prefill_ms: ms(p.started),
             decode_started: Instant::now(),
             first_token_at: None,
+            last_sent: Instant::now(),
         }
     }
 
@@ -471,14 +480,18 @@ impl Batcher<'_> {
         slot.piece.clear();
         vocab.token_to_piece_into(token, &mut slot.piece, false, None);
         let released = slot.stop.push(&slot.utf8.push(&slot.piece));
-        if !released.text.is_empty()
-            && slot
-                .job
-                .events
-                .send(EngineEvent::Token(released.text))
-                .is_err()
-        {
-            return Some(StopReason::Cancelled);
+        let event = if !released.text.is_empty() {
+            Some(EngineEvent::Token(released.text))
+        } else if slot.last_sent.elapsed() >= ALIVE_EVERY {
+            Some(EngineEvent::Progress { tokens_out })
+        } else {
+            None
+        };
+        if let Some(event) = event {
+            if slot.job.events.send(event).is_err() {
+                return Some(StopReason::Cancelled);
+            }
+            slot.last_sent = Instant::now();
         }
         if released.stopped {
             return Some(StopReason::Stop);

@@ -16,7 +16,7 @@ use crate::deadline::Budget;
 use crate::error::Error;
 use crate::protocol::sse::sse_event;
 use crate::protocol::{
-    ErrorBody, GenerateRequest, PrefillEvent, TokenEvent, WorkerDetail, WorkerHealth,
+    ErrorBody, GenerateRequest, PrefillEvent, ProgressEvent, TokenEvent, WorkerDetail, WorkerHealth,
 };
 use crate::server::ApiError;
 use crate::worker::engine::{Engine, EngineEvent, Job};
@@ -106,6 +106,9 @@ fn to_sse(event: EngineEvent) -> Event {
     match event {
         EngineEvent::Token(text) => sse_event("token", &TokenEvent { text }),
         EngineEvent::Prefill { done, total } => sse_event("prefill", &PrefillEvent { done, total }),
+        EngineEvent::Progress { tokens_out } => {
+            sse_event("progress", &ProgressEvent { tokens_out })
+        }
         EngineEvent::Done(done) => sse_event("done", &done),
         EngineEvent::Failed(err) => sse_event("error", &ErrorBody::from(&err)),
         EngineEvent::Started { tokens_in } => {
