@@ -23,6 +23,8 @@
 #   g. the ceiling of c.: the raw engine (llama-cpp-2 in-process, `cargo bench --bench engine
 #      --batched N`) decoding N sequences in lockstep, no prefill, HTTP or relay, against the
 #      same llama-server in the same round; rbee runs this engine, so its c. rows stay under it
+#   h. decode under a JSON grammar (`--format json`) against free text, the worker's own
+#      decode rate of each (`decode_tokens_per_s`), the same prompt and 64 tokens at most
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=7, TOKENS=128, BUDGET=10m
 set -euo pipefail
 
@@ -139,6 +141,14 @@ for round in $(seq "$ROUNDS"); do
     fig llama_bench_tps "$lb"; fig rbee_wall_decode_tps "$rb"; fig llama_bench_matched_tps "$lbm"
     fig decode_vs_llama_bench_pct "$(pct "$rb" "$lb")"
     fig matched_vs_default_pct "$(pct "$lbm" "$lb")"
+    json_prompt="Describe a dragon as a JSON object with its name, color, age and a long story."
+    for f in text json; do
+        extra=(); [ "$f" = json ] && extra=(--format json)
+        "$RBEE" --json infer --node local --timeout "$BUDGET" --prompt "$json_prompt" --max-tokens 64 \
+            --temperature 0 "${extra[@]}" > "$work/$f.json"
+        fig "${f}_decode_tps" "$(python3 -c "print(round($(done_field "$work/$f.json" decode_tokens_per_s), 1))")"
+    done
+    fig json_vs_text_pct "$(pct "$(done_field "$work/json.json" decode_tokens_per_s)" "$(done_field "$work/text.json" decode_tokens_per_s)")"
     read -r hc cc wc < <(python3 scripts/cpu_per_token.py "$RBEE" "$work/node-local/hive.pid" "$TOKENS" "${PROMPTS[0]}")
     fig hive_cpu_us "$hc"; fig cli_cpu_us "$cc"; fig worker_cpu_us "$wc"
     for n in 4 8; do
@@ -184,6 +194,7 @@ for n in (4, 8):
     rows.append((f"c. {n}-way, rbee with kv_unified = true", f"{m[f'rbee_unified_{n}_tps']} tokens/s: {m[f'rbee_unified_vs_llama_server_{n}_pct']}% of llama-server ({rng(f'rbee_unified_vs_llama_server_{n}_pct')}%)"))
 for n in (4, 8):
     rows.append((f"g. {n}-way ceiling: raw engine in lockstep / llama-server", f"{m[f'raw_{n}_tps']} tokens/s: {m[f'raw_vs_llama_server_{n}_pct']}% ({rng(f'raw_vs_llama_server_{n}_pct')}%)"))
+rows.append(("h. decode under --format json / free text", f"{m['json_decode_tps']} / {m['text_decode_tps']} tokens/s: {m['json_vs_text_pct']}% ({rng('json_vs_text_pct')}%)"))
 if "event_sign_us" in m:
     rows.append(("d. one stream event: sign / verify", f"{m['event_sign_us']} / {m['event_verify_us']} us"))
 rows.append(("e. CPU per token: hive / CLI / worker", f"{m['hive_cpu_us']} / {m['cli_cpu_us']} / {m['worker_cpu_us']} us ({rng('hive_cpu_us')} / {rng('cli_cpu_us')} us)"))

@@ -13,7 +13,6 @@ use std::time::Instant;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -21,7 +20,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use crate::error::Error;
 use crate::protocol::WORKER_ALIVE_EVERY as ALIVE_EVERY;
 use crate::protocol::{DoneEvent, GenerateRequest, Generation, StopReason, Timings};
-use crate::worker::prompt::{render_prompt, sampler};
+use crate::worker::prompt::{Sampling, render_prompt, sampler};
 use crate::worker::stop::StopMatcher;
 use crate::worker::utf8::Utf8Buffer;
 
@@ -97,7 +96,7 @@ pub(super) fn ms(since: Instant) -> f64 {
 struct Slot {
     seq: i32,
     job: Job,
-    sampler: LlamaSampler,
+    sampler: Sampling,
     utf8: Utf8Buffer,
     /// The request's stop strings, and the text held back while it may still become one.
     stop: StopMatcher,
@@ -121,7 +120,7 @@ struct Prefill {
     seq: i32,
     job: Job,
     /// Built when the job is admitted, so that a format it cannot have fails it at once.
-    sampler: LlamaSampler,
+    sampler: Sampling,
     tokens: Vec<LlamaToken>,
     /// How many of `tokens` the sequence holds so far.
     held: usize,

@@ -1,8 +1,12 @@
 //! What a request becomes before it is decoded: its prompt (in the model's chat template, or raw),
 //! and the sampler that picks its tokens (constrained by a grammar when the request asks for JSON).
 
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 
 use crate::error::Error;
 use crate::protocol::{GenerateRequest, ResponseFormat, Role};
@@ -58,28 +62,72 @@ fn role_name(role: Role) -> &'static str {
 /// The request's sampler chain: the grammar of its format first (so that every later stage sees
 /// only tokens that keep the output valid), then nucleus, temperature and the seeded draw; at
 /// temperature 0 the most likely allowed token.
-pub(super) fn sampler(
-    model: &LlamaModel,
-    request: &GenerateRequest,
-) -> Result<LlamaSampler, Error> {
+pub(super) fn sampler(model: &LlamaModel, request: &GenerateRequest) -> Result<Sampling, Error> {
     let p = &request.params;
-    let mut chain = Vec::new();
-    if let Some(grammar) = grammar(&p.format)? {
-        let sampler = LlamaSampler::grammar(model, &grammar, "root").map_err(|e| {
+    let grammar = match grammar(&p.format)? {
+        Some(grammar) => Some(LlamaSampler::grammar(model, &grammar, "root").map_err(|e| {
             Error::invalid(format!(
                 "llama.cpp cannot build a grammar sampler for the format: {e}"
             ))
-        })?;
-        chain.push(sampler);
-    }
-    if p.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
+        })?),
+        None => None,
+    };
+    let chain = if p.temperature <= 0.0 {
+        vec![LlamaSampler::greedy()]
     } else {
-        chain.push(LlamaSampler::top_p(p.top_p, 1));
-        chain.push(LlamaSampler::temp(p.temperature));
-        chain.push(LlamaSampler::dist(p.seed.unwrap_or_else(rand::random)));
+        vec![
+            LlamaSampler::top_p(p.top_p, 1),
+            LlamaSampler::temp(p.temperature),
+            LlamaSampler::dist(p.seed.unwrap_or_else(rand::random)),
+        ]
+    };
+    Ok(Sampling {
+        chain: LlamaSampler::chain_simple(chain),
+        grammar,
+    })
+}
+
+/// How a generation picks its tokens: the request's sampler chain and, for a JSON format, the
+/// grammar the output must follow.
+pub(super) struct Sampling {
+    chain: LlamaSampler,
+    grammar: Option<LlamaSampler>,
+}
+
+impl Sampling {
+    /// The next token from row `idx` of the last pass's logits. Under a grammar, the chain picks
+    /// from the whole vocabulary first and the grammar checks only that token; only a token it
+    /// refuses costs the grammar's pass over the whole vocabulary, and the chain then picks
+    /// among what it allows (as llama.cpp's own common sampler does). Most tokens of a JSON text
+    /// pass, and a grammar pass over the ~50,000 tokens of a vocabulary costs more than the
+    /// model's own decode step on a small model. Greedy, the choice is the same as the grammar's
+    /// pass first would give (the most likely token of the whole vocabulary is the most likely
+    /// of any part of it that holds it); a draw kept when allowed and made again among the
+    /// allowed otherwise is a draw from the allowed tokens' distribution, only with top-p's cut
+    /// taken over the whole vocabulary.
+    pub(super) fn sample(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
+        let token = self.chain.sample(ctx, idx);
+        let Some(grammar) = self.grammar.as_mut() else {
+            return token;
+        };
+        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 1.0, 0.0)], false);
+        grammar.apply(&mut one);
+        let allowed = one.data.first().is_some_and(|t| t.logit().is_finite());
+        let token = if allowed {
+            token
+        } else {
+            let mut all = LlamaTokenDataArray::from_iter(ctx.candidates_ith(idx), false);
+            grammar.apply(&mut all);
+            self.chain.apply(&mut all);
+            // The chain always selects one (greedy or dist), and the grammar leaves at least
+            // the end of the text allowed; the first token is a fallback that is never taken.
+            let picked = all.selected_token().unwrap_or(token);
+            self.chain.accept(picked);
+            picked
+        };
+        grammar.accept(token);
+        token
     }
-    Ok(LlamaSampler::chain_simple(chain))
 }
 
 /// The GBNF grammar that a format constrains output to, through llama.cpp's converter; `None`
