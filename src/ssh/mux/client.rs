@@ -173,6 +173,9 @@ async fn lock(path: &Path, deadline: Instant) -> Option<nix::fcntl::Flock<std::f
     }
 }
 
+/// How long a holder that failed to connect gets to end by itself before it is killed.
+const FAILED_EXIT: Duration = Duration::from_secs(2);
+
 /// Starts a holder (this binary, `nodes hold`) and waits for its first line.
 async fn start(
     target: &Target,
@@ -218,7 +221,20 @@ async fn start(
     // The holder connects within the same deadline, so a little more covers its answer.
     let wait = deadline.max(Instant::now()) + Duration::from_secs(1);
     match tokio::time::timeout_at(wait.into(), reader.read_line(&mut answer)).await {
-        Ok(Ok(n)) if n > 0 => serde_json::from_str(&answer).map_err(|e| e.to_string()),
+        Ok(Ok(n)) if n > 0 => {
+            let ready: Ready = serde_json::from_str(&answer).map_err(|e| e.to_string())?;
+            if matches!(ready, Ready::Failed { .. }) {
+                // It ends by itself once it has said why; waiting for it means no holder of a
+                // refused connection outlives the command (a script that checks sees none).
+                if tokio::time::timeout(FAILED_EXIT, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.start_kill();
+                }
+            }
+            Ok(ready)
+        }
         Ok(_) => Err("the holder ended without answering (see hold.log)".to_string()),
         Err(_) => {
             let _ = child.start_kill();
