@@ -410,8 +410,8 @@ pub(crate) struct TokenEvent {
 
 /// A busy worker that sends the hive nothing for this long is taken as stuck and killed.
 pub(crate) const WORKER_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// The longest a decoding generation goes without an event, well inside the stall timeout: one
-/// whose text a stop string holds back sends `progress` instead of tokens.
+/// How long a decoding generation goes without an event before its next token sends one, well
+/// inside the stall timeout: one whose text a stop string holds back sends `progress` instead.
 pub(crate) const WORKER_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_millis(2500);
 
 /// Decoding goes on although no text went out (a stop string may still be under way): the

@@ -59,9 +59,9 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// The request's sampler chain: the grammar of its format first (so that every later stage sees
-/// only tokens that keep the output valid), then nucleus, temperature and the seeded draw; at
-/// temperature 0 the most likely allowed token.
+/// The request's sampler chain (nucleus, temperature and the seeded draw; at temperature 0 the
+/// most likely token) and its format's grammar, which `Sampling::sample` checks each pick
+/// against so that only tokens that keep the output valid are taken.
 pub(super) fn sampler(model: &LlamaModel, request: &GenerateRequest) -> Result<Sampling, Error> {
     let p = &request.params;
     let grammar = match grammar(&p.format)? {
