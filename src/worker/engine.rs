@@ -451,22 +451,27 @@ impl Batcher<'_> {
     /// text, and keeps the generation for the next step or ends it.
     fn after_logits(&mut self, mut slot: Slot, idx: i32) {
         match self.next_token(&mut slot, idx) {
-            None => self.active.push(slot),
-            Some(reason) => self.finish(slot, reason),
+            Ok(None) => self.active.push(slot),
+            Ok(Some(reason)) => self.finish(slot, reason),
+            Err(err) => {
+                // The sequence holds the tokens fed so far, as after any other ending.
+                self.cached[slot.seq as usize] = std::mem::take(&mut slot.tokens);
+                self.finish_failed(slot, err);
+            }
         }
     }
 
-    fn next_token(&self, slot: &mut Slot, idx: i32) -> Option<StopReason> {
+    fn next_token(&self, slot: &mut Slot, idx: i32) -> Result<Option<StopReason>, Error> {
         if slot.job.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Some(StopReason::Deadline);
+            return Ok(Some(StopReason::Deadline));
         }
         if slot.job.events.is_closed() {
-            return Some(StopReason::Cancelled);
+            return Ok(Some(StopReason::Cancelled));
         }
         let vocab = self.model.vocab();
-        let token = slot.sampler.sample(&self.ctx, idx);
+        let token = slot.sampler.sample(&self.ctx, idx)?;
         if vocab.is_eog(token) {
-            return Some(StopReason::Eos);
+            return Ok(Some(StopReason::Eos));
         }
         slot.tokens_out += 1;
         let (request_id, tokens_out) = (&slot.job.request.request_id, slot.tokens_out);
@@ -488,21 +493,21 @@ impl Batcher<'_> {
         };
         if let Some(event) = event {
             if slot.job.events.send(event).is_err() {
-                return Some(StopReason::Cancelled);
+                return Ok(Some(StopReason::Cancelled));
             }
             slot.last_sent = Instant::now();
         }
         if released.stopped {
-            return Some(StopReason::Stop);
+            return Ok(Some(StopReason::Stop));
         }
         if slot.tokens_out >= slot.job.request.params.max_tokens {
-            return Some(StopReason::MaxTokens);
+            return Ok(Some(StopReason::MaxTokens));
         }
         if slot.tokens.len() >= self.n_ctx as usize {
-            return Some(StopReason::ContextFull);
+            return Ok(Some(StopReason::ContextFull));
         }
         slot.next = token;
-        None
+        Ok(None)
     }
 
     fn finish(&mut self, mut slot: Slot, mut stop_reason: StopReason) {

@@ -105,10 +105,10 @@ impl Sampling {
     /// of any part of it that holds it); a draw kept when allowed and made again among the
     /// allowed otherwise is a draw from the allowed tokens' distribution, only with top-p's cut
     /// taken over the whole vocabulary.
-    pub(super) fn sample(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
+    pub(super) fn sample(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> Result<LlamaToken, Error> {
         let token = self.chain.sample(ctx, idx);
         let Some(grammar) = self.grammar.as_mut() else {
-            return token;
+            return Ok(token);
         };
         let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 1.0, 0.0)], false);
         grammar.apply(&mut one);
@@ -118,15 +118,28 @@ impl Sampling {
         } else {
             let mut all = LlamaTokenDataArray::from_iter(ctx.candidates_ith(idx), false);
             grammar.apply(&mut all);
+            // A grammar that allows nothing more (the text is complete) leaves every logit at
+            // minus infinity; a draw among them would hand the grammar a token it refuses, which
+            // llama.cpp answers by aborting the process.
+            if !all.data.iter().any(|t| t.logit().is_finite()) {
+                return Err(Error::worker("the format's grammar allows no next token"));
+            }
             self.chain.apply(&mut all);
-            // The chain always selects one (greedy or dist), and the grammar leaves at least
-            // the end of the text allowed; the first token is a fallback that is never taken.
-            let picked = all.selected_token().unwrap_or(token);
+            let picked = all
+                .selected_token()
+                .filter(|t| {
+                    all.data
+                        .iter()
+                        .any(|d| d.id() == *t && d.logit().is_finite())
+                })
+                .ok_or_else(|| {
+                    Error::worker("the sampler picked no token the format's grammar allows")
+                })?;
             self.chain.accept(picked);
             picked
         };
         grammar.accept(token);
-        token
+        Ok(token)
     }
 }
 
