@@ -502,6 +502,7 @@ fn a_generation_held_back_by_a_stop_string_past_the_stall_timeout_is_not_killed_
     let free = env.infer(&args);
     free.expect(0);
     let text = free.text();
+    let done = free.done();
     let pid = env.workers()[0]["pid"].as_i64().expect("pid");
     let mut cut = text.len().min(250);
     while !text.is_char_boundary(cut) {
@@ -509,21 +510,33 @@ fn a_generation_held_back_by_a_stop_string_past_the_stall_timeout_is_not_killed_
     }
     assert!(cut >= 200, "too short a text to hold back: {text:?}");
     let stop = format!("{}\u{7}", &text[..cut]);
+    // The worker runs 5 ms in every `period`, slowed enough that the text before the stop
+    // string takes ~2.5 stall timeouts to decode however fast this machine decodes it freely;
+    // it is slowed before the request goes, so none of the text comes at full speed.
+    let rate = done["decode_tokens_per_s"].as_f64().expect("decode rate");
+    let tokens = done["tokens_out"].as_f64().expect("tokens_out");
+    let free_secs = tokens * cut as f64 / text.len() as f64 / rate;
+    let slowdown = (2.5 * STALL_TIMEOUT.as_secs_f64() / free_secs).clamp(40.0, 200.0);
+    let run = Duration::from_millis(5);
+    let paused = run.mul_f64(slowdown - 1.0);
     let mut held_args = args.to_vec();
     held_args.extend(["--stop", &stop, "--timeout", "300s"]);
-    let held = Watched::spawn(&env, &held_args);
-    wait_generating(&env);
-    let throttled = Instant::now();
     let worker = nix::unistd::Pid::from_raw(pid as i32);
     use nix::sys::signal::{Signal, kill};
+    kill(worker, Signal::SIGSTOP).expect("SIGSTOP");
+    let throttled = Instant::now();
+    let held = Watched::spawn(&env, &held_args);
     // Ends when a token comes, the request ends, or the worker is gone (killed).
-    while !held.has_token() && held.seen().ended_at.is_none() {
+    loop {
+        let _ = kill(worker, Signal::SIGCONT);
+        std::thread::sleep(run);
+        if held.has_token() || held.seen().ended_at.is_some() {
+            break;
+        }
         if kill(worker, Signal::SIGSTOP).is_err() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(195));
-        let _ = kill(worker, Signal::SIGCONT);
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(paused);
     }
     let hold = throttled.elapsed();
     let (code, stderr, seen) = held.finish();
