@@ -143,7 +143,9 @@ for ((i = 0; i < ${#all[@]}; i += 4)); do
 done
 status_rounds "_running"
 say "CPU per node of a status over every running hive, by process ($((ROUNDS * 10)) runs)"
-read -r _ cpu < <(python3 scripts/fleet_cpu.py "$RBEE" $((ROUNDS * 10)) "${all[@]}")
+cpu=$(python3 scripts/fleet_cpu.py "$RBEE" $((ROUNDS * 10)) "${all[@]}") \
+    || { say "scripts/fleet_cpu.py failed (above)"; exit 1; }
+cpu=${cpu#cpu_per_node_ms }
 out+=("cpu ${cpu// /,}")
 if [ -n "${STRACE:-}" ]; then
     # Where the time of one status over every node goes: each syscall of the invocation and

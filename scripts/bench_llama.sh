@@ -92,7 +92,14 @@ hive_port = $(free_port)
 models = ["smollm2", "smollm2-8", "smollm2-u", "smollm2-u8"]
 TOML
 
-fig() { echo "$1 $2" >> "$work/figures"; }
+# A figure a round could not take (a failed run, a rate the worker did not report) is left out
+# of that round and said; the summary shows the rounds that have it.
+fig() {
+    case "$2" in
+        "" | None | null | nan) say "no figure for $1 in this round" ;;
+        *) echo "$1 $2" >> "$work/figures" ;;
+    esac
+}
 . scripts/bench_rbee_many.sh
 
 "$RBEE" hive start local >/dev/null
@@ -141,14 +148,18 @@ for round in $(seq "$ROUNDS"); do
     fig llama_bench_tps "$lb"; fig rbee_wall_decode_tps "$rb"; fig llama_bench_matched_tps "$lbm"
     fig decode_vs_llama_bench_pct "$(pct "$rb" "$lb")"
     fig matched_vs_default_pct "$(pct "$lbm" "$lb")"
+    declare -A rate=()
     json_prompt="Describe a dragon as a JSON object with its name, color, age and a long story."
     for f in text json; do
         extra=(); [ "$f" = json ] && extra=(--format json)
+        # `${extra[@]+...}`: an empty array is "unbound" to bash before 4.4 under `set -u`.
         "$RBEE" --json infer --node local --timeout "$BUDGET" --prompt "$json_prompt" --max-tokens 64 \
-            --temperature 0 "${extra[@]}" > "$work/$f.json"
-        fig "${f}_decode_tps" "$(python3 -c "print(round($(done_field "$work/$f.json" decode_tokens_per_s), 1))")"
+            --temperature 0 ${extra[@]+"${extra[@]}"} > "$work/$f.json" || say "the $f infer failed"
+        rate[$f]=$(done_field "$work/$f.json" decode_tokens_per_s 2>/dev/null || true)
+        fig "${f}_decode_tps" "$(python3 -c "print(round(float('${rate[$f]}'), 1))" 2>/dev/null || true)"
     done
-    fig json_vs_text_pct "$(pct "$(done_field "$work/json.json" decode_tokens_per_s)" "$(done_field "$work/text.json" decode_tokens_per_s)")"
+    [ -n "${rate[json]}" ] && [ -n "${rate[text]}" ] \
+        && fig json_vs_text_pct "$(pct "${rate[json]}" "${rate[text]}" 2>/dev/null || true)"
     read -r hc cc wc < <(python3 scripts/cpu_per_token.py "$RBEE" "$work/node-local/hive.pid" "$TOKENS" "${PROMPTS[0]}")
     fig hive_cpu_us "$hc"; fig cli_cpu_us "$cc"; fig worker_cpu_us "$wc"
     for n in 4 8; do
@@ -163,10 +174,10 @@ for round in $(seq "$ROUNDS"); do
         read -r ut ums < <(rbee_many "$n" "$model")
         fig "rbee_unified_${n}_tps" "$(tps "$ut" "$ums")"
         fig "rbee_unified_vs_llama_server_${n}_pct" "$(pct "$(tps "$ut" "$ums")" "$(tps "$lt" "$lms")")"
-        raw=$(RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench --batched "$n" 2>/dev/null \
+        raw=$({ RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench --batched "$n" 2>/dev/null || true; } \
             | sed -nE 's/^raw engine batched: [0-9]+ sequences, aggregate decode ([0-9.]+).*/\1/p')
         fig "raw_${n}_tps" "$raw"
-        fig "raw_vs_llama_server_${n}_pct" "$(pct "$raw" "$(tps "$lt" "$lms")")"
+        [ -n "$raw" ] && fig "raw_vs_llama_server_${n}_pct" "$(pct "$raw" "$(tps "$lt" "$lms")")"
     done
 done
 say "signing and verifying one stream event"
@@ -181,7 +192,17 @@ for line in open(sys.argv[1]):
     name, value = line.split()
     figures.setdefault(name, []).append(float(value))
 m = {k: round(statistics.median(v), 1) for k, v in figures.items()}
-rng = lambda k: f"{min(figures[k])}-{max(figures[k])}"
+
+
+class Missing(dict):
+    """A figure no round took reads as n/a in its row rather than ending the summary."""
+
+    def __missing__(self, key):
+        return "n/a"
+
+
+m = Missing(m)
+rng = lambda k: f"{min(figures[k])}-{max(figures[k])}" if k in figures else "n/a"
 rows = [
     (f"a. llama-bench tg{sys.argv[3]}, llama.cpp's defaults", f"{m['llama_bench_tps']} tokens/s"),
     ("a. rbee infer decode (wall times)", f"{m['rbee_wall_decode_tps']} tokens/s: {m['decode_vs_llama_bench_pct']}% of llama-bench (median of rounds, {rng('decode_vs_llama_bench_pct')}%)"),

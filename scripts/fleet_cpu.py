@@ -62,6 +62,11 @@ for pid, (kind, ticks) in after.items():
 per = {k: v / (runs * len(nodes)) for k, v in ms.items()}
 # An invocation's start and end cost the same over one node as over many: what each further
 # node adds is the difference.
-one = invocations(nodes[:1])
-per["invocation"] = (many - one) / (runs * (len(nodes) - 1))
+if len(nodes) > 1:
+    one = invocations(nodes[:1])
+    per["invocation"] = (many - one) / (runs * (len(nodes) - 1))
+else:
+    # Over one node there is no further node to take the difference over: the whole
+    # invocation is that node's.
+    per["invocation"] = many / runs
 print("cpu_per_node_ms " + " ".join(f"{k}={v:.3f}" for k, v in per.items()))
