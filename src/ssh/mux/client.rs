@@ -230,7 +230,10 @@ async fn start(
                     .await
                     .is_err()
                 {
-                    let _ = child.start_kill();
+                    // `kill` waits for it too, so that no zombie is left for as long as this
+                    // process lives; a process that SIGKILL does not end at once is in the
+                    // kernel, and not worth holding the command for.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), child.kill()).await;
                 }
             }
             Ok(ready)
