@@ -189,3 +189,65 @@ fn a_model_with_a_unified_kv_cache_serves_concurrent_requests() {
     let workers = env.workers();
     assert_eq!(workers[0]["restart_count"], 0, "{workers:?}");
 }
+
+/// Requests that reach the worker together (queued on its socket while it could not run, as a
+/// script's parallel calls queue during a pass) are prefilled in one pass, and each still comes
+/// out as it does alone: the prompts differ in length, so llama.cpp runs their common length in
+/// one ubatch and the rest of the longer ones after it.
+#[test]
+fn prompts_that_arrive_together_share_one_prefill_pass_and_match_what_each_gives_alone() {
+    let Some(env) = Env::new("") else { return };
+    env.edit_config("threads = 1\n", "threads = 1\nslots = 4\n");
+    let alone: Vec<Run> = REQUESTS
+        .iter()
+        .map(|args| {
+            let run = env.run(&infer_args(args));
+            run.expect(0);
+            run
+        })
+        .collect();
+    let before = worker_health(&env);
+    let pid = before["pid"].as_i64().expect("the worker's pid");
+    let worker = nix::unistd::Pid::from_raw(pid as i32);
+    use nix::sys::signal::{Signal, kill};
+    kill(worker, Signal::SIGSTOP).expect("SIGSTOP");
+    let children: Vec<Child> = REQUESTS
+        .iter()
+        .map(|args| env.spawn(&infer_args(args)))
+        .collect();
+    // The hive has handed all four to the worker; what it wrote waits on the worker's socket.
+    let handed = crate::support::eventually(Duration::from_secs(30), || {
+        let (status, body) = env.signed("GET", "/v1/requests", &[], b"");
+        assert_eq!(status, 200, "{body}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+        list.iter().filter(|r| r["stage"] == "generating").count() == REQUESTS.len()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    kill(worker, Signal::SIGCONT).expect("SIGCONT");
+    assert!(
+        handed,
+        "the hive never handed the four requests to the worker"
+    );
+    for ((args, child), alone) in REQUESTS.iter().zip(children).zip(&alone) {
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        run.expect(0);
+        assert_eq!(
+            run.done()["worker_pid"],
+            pid,
+            "another worker served {args:?}"
+        );
+        assert_eq!(
+            run.text(),
+            alone.text(),
+            "{args:?} gave another text prefilled with the others than alone"
+        );
+    }
+    let after = worker_health(&env);
+    let delta =
+        |field: &str| after[field].as_u64().unwrap_or(0) - before[field].as_u64().unwrap_or(0);
+    assert_eq!(
+        (delta("prefill_passes"), delta("prefill_chunks")),
+        (1, 4),
+        "the four prompts were not prefilled in one pass: {after}"
+    );
+}

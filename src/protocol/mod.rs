@@ -534,6 +534,12 @@ pub(crate) struct WorkerDetail {
     pub(crate) last: Option<Generation>,
     #[serde(default)]
     pub(crate) offload: Offload,
+    /// Prefill passes run since the worker started, and the prompt chunks they carried: more
+    /// chunks than passes means prompts that came in together shared a pass.
+    #[serde(default)]
+    pub(crate) prefill_passes: u64,
+    #[serde(default)]
+    pub(crate) prefill_chunks: u64,
 }
 
 /// A generation as the worker sees it.

@@ -1,8 +1,9 @@
 //! llama.cpp with continuous batching: one context holds one KV sequence per slot; every decode
 //! step feeds the next token of every active generation in one batch, so concurrent requests
-//! share each pass over the weights. A request joins between steps (its prompt is prefilled on
-//! its own, in chunks, with a decode step for the others after each chunk; then it rides along)
-//! and leaves between steps; each keeps its own sampler and seed.
+//! share each pass over the weights. A request joins between steps (its prompt is prefilled in
+//! chunks, in one pass with the other prompts waiting, with a decode step for the generations
+//! under way after each pass; then it rides along) and leaves between steps; each keeps its own
+//! sampler and seed.
 //! The batcher is a future on the worker's single-threaded runtime: a pass blocks the thread,
 //! and the HTTP side runs between passes (see `Batcher::serve`).
 
@@ -57,6 +58,8 @@ pub(crate) struct Job {
 pub(crate) struct Activity {
     pub(crate) active: Vec<Generation>,
     pub(crate) last: Option<Generation>,
+    pub(crate) prefill_passes: u64,
+    pub(crate) prefill_chunks: u64,
 }
 
 type SharedActivity = Arc<Mutex<Activity>>;
@@ -183,9 +186,10 @@ impl<'m> Batcher<'m> {
 
 impl Batcher<'_> {
     /// Runs until every `Engine` handle is gone and the generations under way have ended:
-    /// admits jobs while there are free sequences, runs one chunk of a prompt being prefilled,
-    /// then one decode step, so that a long prompt neither holds back the generations already
-    /// decoding nor the short prompts that come after it.
+    /// admits jobs while there are free sequences, runs one pass of the prompts being
+    /// prefilled (a chunk of each, within a pass's budget), then one decode step, so that a long
+    /// prompt neither holds back the generations already decoding nor the short prompts that
+    /// come after it.
     ///
     /// It runs on the thread that serves HTTP, and yields to it between passes over the model:
     /// the tokens of a step go out, and new requests come in, without waking another thread,
@@ -203,28 +207,25 @@ impl Batcher<'_> {
                 }
                 admitted = true;
             }
-            while !self.free.is_empty() {
-                match self.jobs.try_recv() {
-                    Ok(job) => {
-                        self.admit(job);
-                        admitted = true;
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    // Finish what is under way; the loop ends when nothing is left.
-                    Err(TryRecvError::Disconnected)
-                        if self.active.is_empty() && self.prefills.is_empty() =>
-                    {
-                        return;
-                    }
-                    Err(TryRecvError::Disconnected) => break,
-                }
+            match self.admit_waiting() {
+                None => return,
+                Some(more) => admitted |= more,
             }
             if admitted {
-                // The `started` events go out (and the hive has its response) before the pass.
-                tokio::task::yield_now().await;
+                // The `started` events go out (and the hive has its response) before the pass,
+                // and requests already on their way in (a script's parallel calls, queued on
+                // the socket while the last pass ran) get in too, to share the next prefill
+                // pass: taking one in needs a turn or more of the HTTP side (see
+                // `between_chunks`), and a turn with nothing to do costs one poll.
+                for _ in 0..HTTP_TURNS_PER_CHUNK {
+                    tokio::task::yield_now().await;
+                }
+                if self.admit_waiting().is_none() {
+                    return;
+                }
             }
-            if let Some(prefill) = self.prefills.pop_front() {
-                self.prefill_chunk(prefill);
+            if !self.prefills.is_empty() {
+                self.prefill_pass();
                 between_chunks().await;
             }
             if !self.active.is_empty() {
@@ -232,6 +233,29 @@ impl Batcher<'_> {
                 between_passes().await;
             }
         }
+    }
+
+    /// Admits the jobs waiting while there are free sequences: whether any came in, or `None`
+    /// once every `Engine` handle is gone and nothing is under way.
+    fn admit_waiting(&mut self) -> Option<bool> {
+        let mut admitted = false;
+        while !self.free.is_empty() {
+            match self.jobs.try_recv() {
+                Ok(job) => {
+                    self.admit(job);
+                    admitted = true;
+                }
+                Err(TryRecvError::Empty) => break,
+                // Finish what is under way; the loop ends when nothing is left.
+                Err(TryRecvError::Disconnected)
+                    if self.active.is_empty() && self.prefills.is_empty() =>
+                {
+                    return None;
+                }
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        Some(admitted)
     }
 
     /// Takes a job into a free sequence: what the sequence still holds of the prompt is kept,
@@ -301,54 +325,88 @@ impl Batcher<'_> {
         })
     }
 
-    /// Runs the next chunk of a prompt through the model, alone. After the last chunk the
-    /// generation takes its first token and joins the decode steps; before it, the prompt goes
-    /// back in line behind the other prefills and the client hears how far it got (which also
-    /// tells the hive that the worker is not stuck). A prompt whose client has gone or whose
-    /// deadline has passed ends before its next chunk.
-    fn prefill_chunk(&mut self, mut p: Prefill) {
-        let stop = if p.job.events.is_closed() {
-            Some(StopReason::Cancelled)
-        } else if p.job.deadline.is_some_and(|d| Instant::now() >= d) {
-            Some(StopReason::Deadline)
-        } else {
-            None
-        };
-        if let Some(reason) = stop {
-            // The sequence holds only what was decoded.
-            p.tokens.truncate(p.held);
-            let slot = self.slot(p);
-            self.finish(slot, reason);
+    /// Runs the next chunks of the prompts waiting, as many as fit one pass's token budget, in
+    /// one batch. After a prompt's last chunk its generation takes its first token and joins
+    /// the decode steps; before it, the prompt goes back in line behind the others and the
+    /// client hears how far it got (which also tells the hive that the worker is not stuck). A
+    /// prompt whose client has gone or whose deadline has passed ends before its next chunk.
+    ///
+    /// Requests that arrive together (a script's parallel calls, a batch) are prefilled in
+    /// one pass and then decode in step, instead of each taking a pass of its own with a
+    /// decode step of the others between: llama.cpp runs the prompts of consecutive sequences
+    /// together, as many tokens of each as the shortest has, in one pass over the weights (see
+    /// `step` on the order), and generations that start together end together, without a
+    /// tail of steps with few sequences in them.
+    fn prefill_pass(&mut self) {
+        let budget = (self.ctx.n_batch() as usize).clamp(1, self.chunk);
+        let mut taken: Vec<(Prefill, usize)> = Vec::new();
+        let mut used = 0;
+        while used < budget {
+            let Some(mut p) = self.prefills.pop_front() else {
+                break;
+            };
+            let stop = if p.job.events.is_closed() {
+                Some(StopReason::Cancelled)
+            } else if p.job.deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(StopReason::Deadline)
+            } else {
+                None
+            };
+            if let Some(reason) = stop {
+                // The sequence holds only what was decoded.
+                p.tokens.truncate(p.held);
+                let slot = self.slot(p);
+                self.finish(slot, reason);
+                continue;
+            }
+            let end = (p.held + budget - used).min(p.tokens.len());
+            used += end - p.held;
+            taken.push((p, end));
+        }
+        if taken.is_empty() {
             return;
         }
-        let n_batch = (self.ctx.n_batch() as usize).clamp(1, self.chunk);
-        let chunk_started = Instant::now();
-        let end = (p.held + n_batch).min(p.tokens.len());
-        let last = end == p.tokens.len();
+        taken.sort_by_key(|(p, _)| p.seq);
+        let pass_started = Instant::now();
         self.batch.clear();
         let mut added = Ok(());
-        for (i, token) in p.tokens[p.held..end].iter().enumerate() {
-            let pos = i32::try_from(p.held + i).unwrap_or(i32::MAX);
-            let logits = last && p.held + i + 1 == end;
-            added = added.and_then(|()| self.batch.add(*token, pos, &[p.seq], logits));
+        // By prompt: the batch row of its last token's logits, after its last chunk.
+        let mut rows = Vec::with_capacity(taken.len());
+        for (p, end) in &taken {
+            let last = *end == p.tokens.len();
+            for (i, token) in p.tokens[p.held..*end].iter().enumerate() {
+                let pos = i32::try_from(p.held + i).unwrap_or(i32::MAX);
+                let logits = last && p.held + i + 1 == *end;
+                added = added.and_then(|()| self.batch.add(*token, pos, &[p.seq], logits));
+            }
+            rows.push(last.then(|| self.batch.n_tokens() - 1));
         }
         let result = match added {
             Err(e) => Err(Error::internal(format!("batch: {e}"))),
             Ok(()) => self.ctx.decode(&mut self.batch).map_err(decode_error),
         };
         if let Err(err) = result {
-            self.forget(p.seq);
-            self.free.insert(p.seq);
-            let _ = p.job.events.send(EngineEvent::Failed(err));
+            // A failed pass leaves every sequence in it unusable.
+            for (p, _) in taken {
+                self.forget(p.seq);
+                self.free.insert(p.seq);
+                let _ = p.job.events.send(EngineEvent::Failed(Error::of_kind(
+                    err.kind(),
+                    err.to_string(),
+                )));
+            }
             return;
         }
-        // The next chunk is sized from this one's speed, so that it takes about CHUNK_TARGET.
-        let took = chunk_started.elapsed().as_secs_f64().max(1e-3);
-        let per_target = ((end - p.held) as f64 * CHUNK_TARGET.as_secs_f64() / took) as usize;
+        update(&self.activity, |a| {
+            a.prefill_passes += 1;
+            a.prefill_chunks += taken.len() as u64;
+        });
+        // The next pass is sized from this one's speed, so that it takes about CHUNK_TARGET.
+        let took = pass_started.elapsed().as_secs_f64().max(1e-3);
+        let per_target = (used as f64 * CHUNK_TARGET.as_secs_f64() / took) as usize;
         self.chunk = per_target.clamp(MIN_PREFILL_CHUNK, PREFILL_CHUNK);
-        p.held = end;
-        // Every prompt waiting its turn hears of this chunk too: with several long prompts
-        // taking turns, each one's own chunk comes only every few chunks, and on a loaded
+        // Every prompt still waiting its turn hears of this pass too: with several long prompts
+        // taking turns, each one's own chunk comes only every few passes, and on a loaded
         // machine that gap alone would outlast the hive's stall timeout.
         for waiting in &self.prefills {
             let _ = waiting.job.events.send(EngineEvent::Prefill {
@@ -356,24 +414,27 @@ impl Batcher<'_> {
                 total: waiting.tokens_in,
             });
         }
-        if !last {
-            let done = u32::try_from(end).unwrap_or(u32::MAX);
-            let _ = p.job.events.send(EngineEvent::Prefill {
-                done,
-                total: p.tokens_in,
+        for ((mut p, end), row) in taken.into_iter().zip(rows) {
+            p.held = end;
+            let Some(row) = row else {
+                let done = u32::try_from(end).unwrap_or(u32::MAX);
+                let _ = p.job.events.send(EngineEvent::Prefill {
+                    done,
+                    total: p.tokens_in,
+                });
+                self.prefills.push_back(p);
+                continue;
+            };
+            update(&self.activity, |a| {
+                a.active.push(Generation {
+                    request_id: p.job.request.request_id.clone(),
+                    tokens_out: 0,
+                    stop_reason: None,
+                });
             });
-            self.prefills.push_back(p);
-            return;
+            let slot = self.slot(p);
+            self.after_logits(slot, row);
         }
-        update(&self.activity, |a| {
-            a.active.push(Generation {
-                request_id: p.job.request.request_id.clone(),
-                tokens_out: 0,
-                stop_reason: None,
-            });
-        });
-        let slot = self.slot(p);
-        self.after_logits(slot, self.batch.n_tokens() - 1);
     }
 
     /// The generation of a prompt whose prefill has ended.

@@ -65,6 +65,8 @@ async fn health(
             active: activity.active,
             last: activity.last,
             offload: state.offload.clone(),
+            prefill_passes: activity.prefill_passes,
+            prefill_chunks: activity.prefill_chunks,
         }),
     })
 }
