@@ -118,11 +118,14 @@ impl Sampling {
         } else {
             let mut all = LlamaTokenDataArray::from_iter(ctx.candidates_ith(idx), false);
             grammar.apply(&mut all);
-            // A grammar that allows nothing more (the text is complete) leaves every logit at
+            // A grammar at a dead end (or logits that are not numbers) leaves every logit at
             // minus infinity; a draw among them would hand the grammar a token it refuses, which
-            // llama.cpp answers by aborting the process.
+            // llama.cpp answers by aborting the process. It belongs to this request (its format,
+            // model and seed), which another node would repeat: not a worker fault to fail over.
             if !all.data.iter().any(|t| t.logit().is_finite()) {
-                return Err(Error::worker("the format's grammar allows no next token"));
+                return Err(Error::invalid(
+                    "the format's grammar allows no next token for this output",
+                ));
             }
             self.chain.apply(&mut all);
             let picked = all
@@ -133,7 +136,7 @@ impl Sampling {
                         .any(|d| d.id() == *t && d.logit().is_finite())
                 })
                 .ok_or_else(|| {
-                    Error::worker("the sampler picked no token the format's grammar allows")
+                    Error::invalid("the sampler picked no token the format's grammar allows")
                 })?;
             self.chain.accept(picked);
             picked
