@@ -484,9 +484,9 @@ fn a_worker_that_crashes_while_the_hive_drains_for_a_stop_is_recorded_as_a_crash
 /// A generation whose text a stop string holds back sends no token for as long as the text may
 /// still become the stop string: the worker still says it is alive, so the hive does not kill
 /// it as stuck. Here a stop string of the generation's own first ~250 bytes (then a byte it
-/// never writes) holds everything back until the text parts from it, and the worker runs at a
-/// fortieth of its speed (stopped 195 ms of every 200) until a token arrives: the hold lasts
-/// well past the hive's stall timeout, as it does on a slow machine with a large model.
+/// never writes) holds everything back until the text parts from it, and the worker is slowed
+/// (stopped most of the time, by a factor sized from its free speed) until a token arrives: the
+/// hold lasts well past the hive's stall timeout, as it does on a slow machine with a large model.
 #[test]
 fn a_generation_held_back_by_a_stop_string_past_the_stall_timeout_is_not_killed_as_stuck() {
     let Some(env) = Env::new("") else { return };
@@ -510,14 +510,22 @@ fn a_generation_held_back_by_a_stop_string_past_the_stall_timeout_is_not_killed_
     }
     assert!(cut >= 200, "too short a text to hold back: {text:?}");
     let stop = format!("{}\u{7}", &text[..cut]);
-    // The worker runs 5 ms in every `period`, slowed enough that the text before the stop
-    // string takes ~2.5 stall timeouts to decode however fast this machine decodes it freely;
-    // it is slowed before the request goes, so none of the text comes at full speed.
-    let rate = done["decode_tokens_per_s"].as_f64().expect("decode rate");
-    let tokens = done["tokens_out"].as_f64().expect("tokens_out");
-    let free_secs = tokens * cut as f64 / text.len() as f64 / rate;
-    let slowdown = (2.5 * STALL_TIMEOUT.as_secs_f64() / free_secs).clamp(40.0, 200.0);
-    let run = Duration::from_millis(5);
+    // The worker runs `run` in every `run + paused`, slowed enough that the text before the stop
+    // string takes ~2.5 stall timeouts to decode however fast this machine decodes it freely.
+    // It is slowed before the request goes, so none of the text comes at full speed; the
+    // prompt's prefill is slowed too, and sends nothing either, so the factor stays low enough
+    // for the prefill and the first `progress` after it (2.5 s) to fit well in the timeout.
+    let secs = |v: &serde_json::Value| v.as_f64().expect("a number");
+    let rate = secs(&done["decode_tokens_per_s"]);
+    let free_secs = secs(&done["tokens_out"]) * cut as f64 / text.len() as f64 / rate;
+    let prefill_secs = secs(&done["timings_ms"]["prefill"]) / 1000.0;
+    let slowdown = (2.5 * STALL_TIMEOUT.as_secs_f64() / free_secs)
+        .min(4.0 / prefill_secs.max(1e-3))
+        .clamp(2.0, 1000.0);
+    // At most a second stopped at a time, so the hive's health checks (every 2 s) get answers.
+    let run = Duration::from_secs(1)
+        .div_f64(slowdown)
+        .clamp(Duration::from_millis(1), Duration::from_millis(5));
     let paused = run.mul_f64(slowdown - 1.0);
     let mut held_args = args.to_vec();
     held_args.extend(["--stop", &stop, "--timeout", "300s"]);
