@@ -230,20 +230,27 @@ async fn start(
                     .await
                     .is_err()
                 {
-                    // `kill` waits for it too, so that no zombie is left for as long as this
-                    // process lives; a process that SIGKILL does not end at once is in the
-                    // kernel, and not worth holding the command for.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), child.kill()).await;
+                    reap(&mut child).await;
                 }
             }
             Ok(ready)
         }
-        Ok(_) => Err("the holder ended without answering (see hold.log)".to_string()),
+        Ok(_) => {
+            reap(&mut child).await;
+            Err("the holder ended without answering (see hold.log)".to_string())
+        }
         Err(_) => {
-            let _ = child.start_kill();
+            reap(&mut child).await;
             Err("the holder did not answer in time".to_string())
         }
     }
+}
+
+/// Kills a holder that is no use, and waits for it, so that no zombie is left for as long as
+/// this process lives; one that SIGKILL does not end at once is stuck in the kernel, and not
+/// worth holding the command for.
+async fn reap(child: &mut tokio::process::Child) {
+    let _ = tokio::time::timeout(Duration::from_millis(500), child.kill()).await;
 }
 
 /// Asks the holder of `target`, if any, to close its connection and end. `Ok(false)`: there
