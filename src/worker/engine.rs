@@ -216,7 +216,8 @@ impl Batcher<'_> {
                 // and requests already on their way in (a script's parallel calls, queued on
                 // the socket while the last pass ran) get in too, to share the next prefill
                 // pass: taking one in needs a turn or more of the HTTP side (see
-                // `between_chunks`), and a turn with nothing to do costs one poll.
+                // `between_chunks`), and a turn with nothing to do costs one poll. Those taken
+                // in by the second look hear `started` after the pass.
                 for _ in 0..HTTP_TURNS_PER_CHUNK {
                     tokio::task::yield_now().await;
                 }
@@ -334,9 +335,10 @@ impl Batcher<'_> {
     /// Requests that arrive together (a script's parallel calls, a batch) are prefilled in
     /// one pass and then decode in step, instead of each taking a pass of its own with a
     /// decode step of the others between: llama.cpp runs the prompts of consecutive sequences
-    /// together, as many tokens of each as the shortest has, in one pass over the weights (see
-    /// `step` on the order), and generations that start together end together, without a
-    /// tail of steps with few sequences in them.
+    /// together, as many tokens of each as the shortest has, in one pass over the weights, and
+    /// the rest of the longer ones after it (a gap in the ids starts another pass; see `step`
+    /// on the order), and generations that start together end together, without a tail of
+    /// steps with few sequences in them.
     fn prefill_pass(&mut self) {
         let budget = (self.ctx.n_batch() as usize).clamp(1, self.chunk);
         let mut taken: Vec<(Prefill, usize)> = Vec::new();
