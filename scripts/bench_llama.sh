@@ -158,8 +158,9 @@ for round in $(seq "$ROUNDS"); do
         rate[$f]=$(done_field "$work/$f.json" decode_tokens_per_s 2>/dev/null || true)
         fig "${f}_decode_tps" "$(python3 -c "print(round(float('${rate[$f]}'), 1))" 2>/dev/null || true)"
     done
-    [ -n "${rate[json]}" ] && [ -n "${rate[text]}" ] \
-        && fig json_vs_text_pct "$(pct "${rate[json]}" "${rate[text]}" 2>/dev/null || true)"
+    if [ -n "${rate[json]}" ] && [ -n "${rate[text]}" ]; then
+        fig json_vs_text_pct "$(pct "${rate[json]}" "${rate[text]}" 2>/dev/null || true)"
+    fi
     read -r hc cc wc < <(python3 scripts/cpu_per_token.py "$RBEE" "$work/node-local/hive.pid" "$TOKENS" "${PROMPTS[0]}")
     fig hive_cpu_us "$hc"; fig cli_cpu_us "$cc"; fig worker_cpu_us "$wc"
     for n in 4 8; do
@@ -177,13 +178,16 @@ for round in $(seq "$ROUNDS"); do
         raw=$({ RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench --batched "$n" 2>/dev/null || true; } \
             | sed -nE 's/^raw engine batched: [0-9]+ sequences, aggregate decode ([0-9.]+).*/\1/p')
         fig "raw_${n}_tps" "$raw"
-        [ -n "$raw" ] && fig "raw_vs_llama_server_${n}_pct" "$(pct "$raw" "$(tps "$lt" "$lms")")"
+        if [ -n "$raw" ]; then
+            fig "raw_vs_llama_server_${n}_pct" "$(pct "$raw" "$(tps "$lt" "$lms")")"
+        fi
     done
 done
 say "signing and verifying one stream event"
-cargo bench --quiet --bench auth 2>/dev/null | sed -nE 's/^token event: sign +([0-9.]+) us, verify +([0-9.]+) us.*/\1 \2/p' \
+{ cargo bench --quiet --bench auth 2>/dev/null || say "cargo bench --bench auth failed"; } | sed -nE 's/^token event: sign +([0-9.]+) us, verify +([0-9.]+) us.*/\1 \2/p' \
     | { read -r s v; fig event_sign_us "$s"; fig event_verify_us "$v"; }
 
+touch "$work/figures"
 echo "load average (1, 5, 15 min): $load_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 python3 - "$work/figures" "$ROUNDS" "$TOKENS" <<'PY'
 import json, statistics, sys

@@ -67,6 +67,7 @@ if len(nodes) > 1:
     per["invocation"] = (many - one) / (runs * (len(nodes) - 1))
 else:
     # Over one node there is no further node to take the difference over: the whole
-    # invocation is that node's.
+    # invocation is that node's, start and end included, which more nodes share.
+    print("fleet_cpu: one node: invocation is the whole invocation's CPU", file=sys.stderr)
     per["invocation"] = many / runs
 print("cpu_per_node_ms " + " ".join(f"{k}={v:.3f}" for k, v in per.items()))
