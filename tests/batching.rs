@@ -56,20 +56,25 @@ fn infer_args(args: &[&'static str]) -> Vec<&'static str> {
     all
 }
 
-#[test]
-fn concurrent_requests_are_decoded_together_and_match_what_each_gives_alone() {
-    let Some(env) = Env::new("") else { return };
-    // Four slots, so that the fifth request waits for one.
+/// Gives the model four slots and runs each of `REQUESTS` alone, one after the other: the
+/// reference texts.
+fn four_slots_and_each_alone(env: &Env) -> Vec<Run> {
     env.edit_config("threads = 1\n", "threads = 1\nslots = 4\n");
-    // Alone, one after the other: the reference texts.
-    let alone: Vec<Run> = REQUESTS
+    REQUESTS
         .iter()
         .map(|args| {
             let run = env.run(&infer_args(args));
             run.expect(0);
             run
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn concurrent_requests_are_decoded_together_and_match_what_each_gives_alone() {
+    let Some(env) = Env::new("") else { return };
+    // Four slots, so that the fifth request waits for one.
+    let alone = four_slots_and_each_alone(&env);
     let pid = alone[0].done()["worker_pid"].clone();
 
     // Together: an endless generation holds one slot and is cancelled part way; the four others
@@ -197,15 +202,7 @@ fn a_model_with_a_unified_kv_cache_serves_concurrent_requests() {
 #[test]
 fn prompts_that_arrive_together_share_one_prefill_pass_and_match_what_each_gives_alone() {
     let Some(env) = Env::new("") else { return };
-    env.edit_config("threads = 1\n", "threads = 1\nslots = 4\n");
-    let alone: Vec<Run> = REQUESTS
-        .iter()
-        .map(|args| {
-            let run = env.run(&infer_args(args));
-            run.expect(0);
-            run
-        })
-        .collect();
+    let alone = four_slots_and_each_alone(&env);
     let before = worker_health(&env);
     let pid = before["pid"].as_i64().expect("the worker's pid");
     let worker = nix::unistd::Pid::from_raw(pid as i32);
