@@ -128,13 +128,12 @@ impl Sampling {
                 ));
             }
             self.chain.apply(&mut all);
+            // The chain's pick, if it is one the grammar allows.
             let picked = all
-                .selected_token()
-                .filter(|t| {
-                    all.data
-                        .iter()
-                        .any(|d| d.id() == *t && d.logit().is_finite())
-                })
+                .selected
+                .and_then(|i| all.data.get(i))
+                .filter(|t| t.logit().is_finite())
+                .map(|t| t.id())
                 .ok_or_else(|| {
                     Error::invalid("the sampler picked no token the format's grammar allows")
                 })?;
