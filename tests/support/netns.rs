@@ -78,6 +78,22 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // What still runs in the namespace goes with it: an sshd session whose client was
+        // behind a cut link waits for that client forever (no keepalive), holding the
+        // namespace after it is deleted.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
         let _ = ip(&["link", "del", &self.veth]);
         let _ = ip(&["netns", "del", &self.name]);
     }
