@@ -976,18 +976,23 @@ fn an_ssh_node_is_reached_through_streamlocal_with_no_tcp_listener_on_either_end
     let listeners = crate::isolation::tcp_listeners_of(&pids);
     assert!(listeners.is_empty(), "{listeners:?}");
     assert!(fleet.remote_dir("a").join("hive.sock").exists());
-    // The queen's end of each forward is a socket in its private directory, gone with it.
+    // The queen's end of each forward is an abstract socket: no file of it is left in the
+    // private run directory (where holders' sockets live, when there are any).
     let run = env.path().join("state/run");
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&run)
-        .expect("run dir")
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o700);
+    if run.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&run)
+            .expect("run dir")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+    }
     let left: Vec<_> = std::fs::read_dir(&run)
-        .expect("read run dir")
+        .into_iter()
+        .flatten()
         .map(|e| e.expect("entry").file_name())
+        .filter(|n| n.to_string_lossy().starts_with('q'))
         .collect();
     assert!(left.is_empty(), "forward sockets left behind: {left:?}");
     env.run(&["hive", "stop", "a"]).expect(0);
@@ -995,6 +1000,60 @@ fn an_ssh_node_is_reached_through_streamlocal_with_no_tcp_listener_on_either_end
         eventually(Duration::from_secs(5), || pids.iter().all(|p| !alive(*p))),
         "hive or worker survived the stop"
     );
+}
+
+/// The local end of a forward is an abstract socket, which no file permission guards: another
+/// process connecting to it (of the same user here, the test itself) is dropped unserved, and
+/// the invocation's own stream goes on.
+#[test]
+fn the_local_end_of_a_forward_serves_its_own_process_only() {
+    use std::io::{Read, Write};
+    use std::os::linux::net::SocketAddrExt;
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let env = &fleet.env;
+    let (mut child, mut lines) = env.spawn_endless(&["--node", "a"], 2);
+    let prefix = format!("@rbee-q{}-", child.id());
+    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    let mut names: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    names.dedup();
+    assert!(
+        !names.is_empty(),
+        "the invocation has no abstract socket named {prefix}..."
+    );
+    for name in names {
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name.as_bytes()[1..])
+            .expect("an abstract name");
+        let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nhost: hive\r\n\r\n")
+            .expect("write");
+        // Closed unanswered: the end of the stream, or a reset for the request left unread.
+        let mut answer = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut answer) {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+        assert!(
+            answer.is_empty(),
+            "another process rode the forward: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    for _ in 0..3 {
+        let line = lines.next().expect("the stream goes on").expect("read");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(event["event"], "token", "{event}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

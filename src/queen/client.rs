@@ -31,6 +31,17 @@ pub(crate) struct HiveClient {
 impl HiveClient {
     /// A client for the hive of `node` behind the Unix socket at `socket`.
     pub(crate) fn unix(node: &str, socket: &std::path::Path, key: Key) -> Result<HiveClient> {
+        Self::unix_at(node, socket, socket.display().to_string(), key)
+    }
+
+    /// The same, where messages name the hive's place as `place` (the local end of a forward
+    /// says nothing to a user).
+    pub(crate) fn unix_at(
+        node: &str,
+        socket: &std::path::Path,
+        place: String,
+        key: Key,
+    ) -> Result<HiveClient> {
         let http = reqwest::Client::builder()
             .unix_socket(socket)
             .build()
@@ -38,7 +49,7 @@ impl HiveClient {
         Ok(HiveClient {
             node: node.to_string(),
             base: "http://hive".to_string(),
-            place: socket.display().to_string(),
+            place,
             http,
             key,
         })

@@ -64,7 +64,8 @@ impl NodeConn {
                     not_the_home(node, &dir, home)?;
                 }
                 let forward = session.forward(&crate::paths::hive_socket(&dir)?).await?;
-                let client = HiveClient::unix(&node.name, &forward.local, key)?;
+                let client =
+                    HiveClient::unix_at(&node.name, &forward.local, forward.describe(), key)?;
                 (client, Some(session), Some((forward, home)))
             }
             Transport::Http => {

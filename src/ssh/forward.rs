@@ -16,8 +16,8 @@
 //! (`Mode`), the holder opens the way as this module would, and says how it went (`Opened`),
 //! which the forward learns as if it had opened the channel itself.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use russh::client;
@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 use crate::ssh::known_hosts::Checker;
 use crate::ssh::mux::{Mode, Opened};
 use crate::ssh::remote;
@@ -108,6 +108,12 @@ impl State {
 }
 
 impl Forward {
+    /// Where the forward leads, for messages.
+    pub(crate) fn describe(&self) -> String {
+        let target = self.target.lock().map(|t| t.clone()).unwrap_or_default();
+        format!("`{target}` on the node, through SSH")
+    }
+
     /// Points new connections at another socket on the node (the node's home turned out to be
     /// other than the one remembered).
     pub(crate) fn retarget(&self, remote_socket: &str) {
@@ -147,6 +153,7 @@ impl Forward {
 }
 
 /// Removes the local socket when the forward's task ends or is aborted.
+#[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
 struct Unlink(PathBuf);
 
 impl Drop for Unlink {
@@ -222,26 +229,26 @@ pub(super) async fn listen(
     node: String,
     remote_socket: &str,
 ) -> Result<(Forward, JoinHandle<()>)> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = crate::paths::private_run_dir()?;
-    // Once per process: a command over many nodes opens a forward for each.
-    static CLEANED: std::sync::Once = std::sync::Once::new();
-    CLEANED.call_once(|| remove_stale(&dir));
-    let local = dir.join(format!(
-        "q{}-{}.sock",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let listener = tokio::net::UnixListener::bind(&local).at("listen on", &local)?;
+    let (listener, local, unlink) = bind_local()?;
     let target = Arc::new(Mutex::new(remote_socket.to_string()));
     let state = Arc::new(State::new(node, via.learnt()));
-    let unlink = Unlink(local.clone());
     let task = {
         let target = target.clone();
         let state = state.clone();
         tokio::spawn(async move {
             let _unlink = unlink;
+            let own = std::process::id();
             while let Ok((stream, _)) = listener.accept().await {
+                // Only this process's own HTTP client rides the forward: an abstract socket
+                // has no file permissions to keep anyone else out.
+                let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+                if pid.and_then(|p| u32::try_from(p).ok()) != Some(own) {
+                    tracing::warn!(
+                        node = %state.node,
+                        "refused a connection to the forward from another process ({pid:?})"
+                    );
+                    continue;
+                }
                 let via = via.clone();
                 let state = state.clone();
                 let path = target.lock().map(|t| t.clone()).unwrap_or_default();
@@ -262,6 +269,49 @@ pub(super) async fn listen(
         },
         task,
     ))
+}
+
+/// The forward's local end. On Linux an abstract socket, named at random: no file to create
+/// and remove for each node (on ext4 that was a fifth of a many-node command's CPU), and none
+/// left behind by a process that was killed. Elsewhere a socket in the private run directory,
+/// removed when the forward ends.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn bind_local() -> Result<(tokio::net::UnixListener, PathBuf, Option<Unlink>)> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut tries = 0;
+    loop {
+        let name = format!(
+            "\0rbee-q{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let local = PathBuf::from(std::ffi::OsString::from_vec(name.into_bytes()));
+        match tokio::net::UnixListener::bind(&local) {
+            Ok(listener) => return Ok((listener, local, None)),
+            // Someone holds that name: another draw.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 8 => tries += 1,
+            Err(e) => {
+                return Err(crate::error::IoError::doing("listen on an abstract socket", e).into());
+            }
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn bind_local() -> Result<(tokio::net::UnixListener, PathBuf, Option<Unlink>)> {
+    use crate::error::IoContext;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = crate::paths::private_run_dir()?;
+    // Once per process: a command over many nodes opens a forward for each.
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    CLEANED.call_once(|| remove_stale(&dir));
+    let local = dir.join(format!(
+        "q{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let listener = tokio::net::UnixListener::bind(&local).at("listen on", &local)?;
+    Ok((listener, local.clone(), Some(Unlink(local))))
 }
 
 /// Carries one local connection to `path` on the node: a direct-streamlocal channel, or the
@@ -425,7 +475,8 @@ async fn bridge(
 }
 
 /// Forward sockets of rbee processes that ended without removing theirs.
-fn remove_stale(dir: &Path) {
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn remove_stale(dir: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
