@@ -6,18 +6,35 @@
 /// direct-tcpip confirmation (after sshd's debug messages on login) and every streamed event
 /// that followed another within 40 ms, the done event of a short generation included. Quick-ack
 /// mode wears off by itself, so it is set again after every read.
-pub(super) struct QuickAck(tokio::net::TcpStream);
+///
+/// Reads are buffered: russh reads each packet's length, then its body, so unbuffered every
+/// packet cost two reads and two re-arms, and an empty read to find the socket drained.
+pub(super) struct QuickAck {
+    tcp: tokio::net::TcpStream,
+    buf: Box<[u8]>,
+    /// What of `buf` is read from the socket and not yet taken.
+    start: usize,
+    end: usize,
+}
+
+/// About what one read of a busy connection brings (a few SSH packets).
+const READ_BUFFER: usize = 16 * 1024;
 
 impl QuickAck {
     pub(super) fn new(tcp: tokio::net::TcpStream) -> QuickAck {
-        QuickAck(tcp)
+        QuickAck {
+            tcp,
+            buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
     }
 
     fn rearm(&self) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
             // Only a latency hint: a socket that refuses it still works.
-            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+            let _ = socket2::SockRef::from(&self.tcp).set_tcp_quickack(true);
         }
     }
 }
@@ -29,12 +46,25 @@ impl tokio::io::AsyncRead for QuickAck {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut this.0).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.rearm();
+        if buf.remaining() == 0 {
+            return std::task::Poll::Ready(Ok(()));
         }
-        polled
+        if this.start == this.end {
+            let mut into = tokio::io::ReadBuf::new(&mut this.buf);
+            std::task::ready!(std::pin::Pin::new(&mut this.tcp).poll_read(cx, &mut into))?;
+            let read = into.filled().len();
+            if read == 0 {
+                // The end of the stream.
+                return std::task::Poll::Ready(Ok(()));
+            }
+            this.rearm();
+            this.start = 0;
+            this.end = read;
+        }
+        let n = buf.remaining().min(this.end - this.start);
+        buf.put_slice(&this.buf[this.start..this.start + n]);
+        this.start += n;
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
@@ -44,20 +74,20 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, data)
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_write(cx, data)
     }
 
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
