@@ -7,8 +7,10 @@ scripts/bench_fleet.sh:
 
     python3 fleet_cpu.py RBEE RUNS NODE...
 
-Process CPU is read from /proc (utime + stime, and the children's for sshd's per-connection
-processes) before and after RUNS invocations over every node; the invocations' own from
+Process CPU is read from /proc before and after RUNS invocations over every node: each
+thread's run time in nanoseconds (schedstat; utime and stime count whole clock ticks, which
+a holder's or hive's share of a few runs rounds to nothing), and for the children that ended
+meanwhile, their utime + stime; the invocations' own from
 getrusage, less that of RUNS invocations over the first node only (what starting and ending
 costs).
 """
@@ -40,8 +42,23 @@ def snapshot():
             kind = "sshd"
         else:
             continue
-        seen[pid] = (kind, sum(int(x) for x in stat[11:15]))
+        seen[pid] = (kind, run_ns(pid) + sum(int(x) for x in stat[13:15]) * 1e9 / tick)
     return seen
+
+
+def run_ns(pid):
+    """The run time of every thread of `pid` now, in nanoseconds."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            total += int(open(f"/proc/{pid}/task/{task}/schedstat").read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def invocations(over):
@@ -57,8 +74,8 @@ before = snapshot()
 many = invocations(nodes)
 after = snapshot()
 ms = {"holder": 0.0, "sshd": 0.0, "hive": 0.0}
-for pid, (kind, ticks) in after.items():
-    ms[kind] += (ticks - before.get(pid, (kind, 0))[1]) * 1000 / tick
+for pid, (kind, ns) in after.items():
+    ms[kind] += (ns - before.get(pid, (kind, 0))[1]) / 1e6
 per = {k: v / (runs * len(nodes)) for k, v in ms.items()}
 # An invocation's start and end cost the same over one node as over many: what each further
 # node adds is the difference.
