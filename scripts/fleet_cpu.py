@@ -10,7 +10,7 @@ scripts/bench_fleet.sh:
 Process CPU is read from /proc before and after RUNS invocations over every node: each
 thread's run time in nanoseconds (schedstat; utime and stime count whole clock ticks, which
 a holder's or hive's share of a few runs rounds to nothing), and for the children that ended
-meanwhile, their utime + stime; the invocations' own from
+meanwhile (sshd's per-session processes), their utime + stime; the invocations' own from
 getrusage, less that of RUNS invocations over the first node only (what starting and ending
 costs).
 """
@@ -25,6 +25,8 @@ tick = os.sysconf("SC_CLK_TCK")
 
 
 def snapshot():
+    """The run time so far of every thread of every holder, sshd and hive, and of their ended
+    children, keyed so that a thread or process is only ever compared with itself."""
     seen = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -42,23 +44,30 @@ def snapshot():
             kind = "sshd"
         else:
             continue
-        seen[pid] = (kind, run_ns(pid) + sum(int(x) for x in stat[13:15]) * 1e9 / tick)
+        # stat[19] is the start time: a pid reused meanwhile is another process.
+        seen[("children", pid, stat[19])] = (kind, sum(int(x) for x in stat[13:15]) * 1e9 / tick)
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            ns = thread_ns(pid, tid)
+            if ns is not None:
+                seen[("thread", pid, tid, ns[1])] = (kind, ns[0])
     return seen
 
 
-def run_ns(pid):
-    """The run time of every thread of `pid` now, in nanoseconds."""
-    total = 0
+def thread_ns(pid, tid):
+    """A thread's run time in nanoseconds (schedstat; its utime + stime where the kernel has no
+    schedstat) and its start time, or None once it has ended."""
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
+        stat = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    for task in tasks:
-        try:
-            total += int(open(f"/proc/{pid}/task/{task}/schedstat").read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+        return None
+    try:
+        return int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0]), stat[19]
+    except (OSError, ValueError, IndexError):
+        return sum(int(x) for x in stat[11:13]) * 1e9 / tick, stat[19]
 
 
 def invocations(over):
@@ -74,8 +83,10 @@ before = snapshot()
 many = invocations(nodes)
 after = snapshot()
 ms = {"holder": 0.0, "sshd": 0.0, "hive": 0.0}
-for pid, (kind, ns) in after.items():
-    ms[kind] += (ns - before.get(pid, (kind, 0))[1]) / 1e6
+for key, (kind, ns) in after.items():
+    # A thread that ended between the snapshots is missing from `after`: its time is lost
+    # (a hive's or holder's threads live as long as they do, but tokio's blocking ones).
+    ms[kind] += max(0.0, ns - before.get(key, (kind, 0))[1]) / 1e6
 per = {k: v / (runs * len(nodes)) for k, v in ms.items()}
 # An invocation's start and end cost the same over one node as over many: what each further
 # node adds is the difference.

@@ -64,7 +64,8 @@ pub(crate) fn state_dir() -> PathBuf {
         .join(".local/state/rbee")
 }
 
-/// A directory only this user can enter, for the local ends of SSH forwards: `<state>/run`, or
+/// A directory only this user can enter, for holders' sockets (and, off Linux, the local ends
+/// of SSH forwards): `<state>/run`, or
 /// `$TMPDIR/rbee-<uid>` when the state directory's path leaves too little room for a socket.
 pub(crate) fn private_run_dir() -> crate::error::Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};

@@ -55,6 +55,11 @@ impl HiveClient {
         })
     }
 
+    /// Names the hive's place anew (a forward that now leads elsewhere).
+    pub(crate) fn set_place(&mut self, place: String) {
+        self.place = place;
+    }
+
     /// A client for the hive of `node` at `host:port` (`transport = "http"`).
     pub(crate) fn tcp(node: &str, host: &str, port: u16, key: Key) -> Result<HiveClient> {
         let http = reqwest::Client::builder()

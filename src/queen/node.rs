@@ -108,6 +108,7 @@ impl NodeConn {
         let home = home::checked(&session.target, seen.to_string())?;
         let dir = home::absolute(&self.node.remote_dir, &home);
         forward.retarget(&crate::paths::hive_socket(&dir)?);
+        self.client.set_place(forward.describe());
         *used = Some(home);
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! Unix sockets on this machine whose connections reach a Unix socket on the node through
-//! direct-streamlocal channels of a session. The local socket lives in a private directory
-//! (0700, this user's), so no other user of this machine can ride the connection. Where sshd
+//! direct-streamlocal channels of a session. The local socket serves only the process that made
+//! it: on Linux an abstract socket whose connections must come from this process (their
+//! `SO_PEERCRED` pid), elsewhere a socket in a private directory (0700, this user's). So no
+//! other user of this machine can ride the connection. Where sshd
 //! refuses forwarding, the forward switches to exec channels that run `rbee hive bridge` on the
 //! node, which relays its stdio to the socket.
 //!
@@ -110,8 +112,7 @@ impl State {
 impl Forward {
     /// Where the forward leads, for messages.
     pub(crate) fn describe(&self) -> String {
-        let target = self.target.lock().map(|t| t.clone()).unwrap_or_default();
-        format!("`{target}` on the node, through SSH")
+        format!("`{}` on the node, through SSH", current(&self.target))
     }
 
     /// Points new connections at another socket on the node (the node's home turned out to be
@@ -144,7 +145,7 @@ impl Forward {
     /// Carries the next connections over the bridge: the node's hive runs, and sshd failed the
     /// open to its socket, so it refuses forwarding.
     pub(crate) fn use_bridge(&self) {
-        let path = self.target.lock().map(|t| t.clone()).unwrap_or_default();
+        let path = current(&self.target);
         self.state.bridge(
             &path,
             "the hive runs, and sshd failed the channel to its socket",
@@ -237,21 +238,28 @@ pub(super) async fn listen(
         let state = state.clone();
         tokio::spawn(async move {
             let _unlink = unlink;
-            let own = std::process::id();
-            while let Ok((stream, _)) = listener.accept().await {
-                // Only this process's own HTTP client rides the forward: an abstract socket
-                // has no file permissions to keep anyone else out.
-                let pid = stream.peer_cred().ok().and_then(|c| c.pid());
-                if pid.and_then(|p| u32::try_from(p).ok()) != Some(own) {
-                    tracing::warn!(
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    // Out of descriptors, say: the listener is kept (giving up its name would
+                    // let someone else take it while this process still connects to it), and
+                    // the forward ends only with its session.
+                    Err(e) => {
+                        tracing::debug!(node = %state.node, "accepting on the forward: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                if !own_process(&stream) {
+                    tracing::debug!(
                         node = %state.node,
-                        "refused a connection to the forward from another process ({pid:?})"
+                        "refused a connection to the forward from another process"
                     );
                     continue;
                 }
                 let via = via.clone();
                 let state = state.clone();
-                let path = target.lock().map(|t| t.clone()).unwrap_or_default();
+                let path = current(&target);
                 tokio::spawn(async move {
                     match &via {
                         Via::Ssh { handle, .. } => connect(handle, &state, &path, stream).await,
@@ -269,6 +277,24 @@ pub(super) async fn listen(
         },
         task,
     ))
+}
+
+/// Only this process's own HTTP client rides the forward: an abstract socket has no file
+/// permissions to keep anyone else out. Elsewhere the private directory does.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn own_process(stream: &tokio::net::UnixStream) -> bool {
+    let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+    pid.and_then(|p| u32::try_from(p).ok()) == Some(std::process::id())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn own_process(_: &tokio::net::UnixStream) -> bool {
+    true
+}
+
+/// Where a forward's connections go now.
+fn current(target: &Mutex<String>) -> String {
+    target.lock().map(|t| t.clone()).unwrap_or_default()
 }
 
 /// The forward's local end. On Linux an abstract socket, named at random: no file to create

@@ -5,7 +5,7 @@
 /// before is acknowledged, and Linux delays acknowledgements by up to 40 ms. That stalled the
 /// direct-tcpip confirmation (after sshd's debug messages on login) and every streamed event
 /// that followed another within 40 ms, the done event of a short generation included. Quick-ack
-/// mode wears off by itself, so it is set again after every read.
+/// mode wears off by itself, so it is set again after every read from the socket.
 ///
 /// Reads are buffered: russh reads each packet's length, then its body, so unbuffered every
 /// packet cost two reads and two re-arms, and an empty read to find the socket drained.
