@@ -1,6 +1,7 @@
 //! The hive's endpoints for its signing keys: rotation (`reload`, `retire`), and the keys of
 //! the controlling machines: the list, approving a key that asked to be enrolled, revoking one.
-//! Every change is recorded with the key that asked for it (`by`) before it is made.
+//! Every change is checked, then recorded with the key that asked for it (`by`), then made: a
+//! change the node refuses is never recorded as made, and one it cannot record is not made.
 
 use std::sync::Arc;
 
@@ -58,6 +59,7 @@ pub(crate) async fn retire(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let keys = match key_id(&body)? {
         Some(kid) => {
+            hive.keys.retire_kid_check(&kid)?;
             record(&hive, "key_retired", &kid, &by).await?;
             hive.keys.retire_kid(&kid)?
         }
@@ -76,6 +78,12 @@ pub(crate) async fn approve(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
+    if hive.keys.approve_check(&kid)?.is_none() {
+        // Enrolled already: nothing changes, nothing to record.
+        return Ok(Json(
+            serde_json::json!({ "accepted": hive.keys.verifier().fingerprints() }),
+        ));
+    }
     record(&hive, "key_enrolled", &kid, &by).await?;
     let keys = hive.keys.approve(&kid)?;
     tracing::info!(kid = %kid, by = %by.kid(), "key enrolled");
@@ -88,6 +96,7 @@ pub(crate) async fn revoke(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
+    hive.keys.revoke_check(&kid)?;
     record(&hive, "key_revoked", &kid, &by).await?;
     let keys = hive.keys.revoke(&kid)?;
     tracing::info!(kid = %kid, by = %by.kid(), "key revoked");

@@ -18,6 +18,27 @@ pub(crate) const NEXT_KEY_FILE: &str = "hive.key.next";
 /// The enrolled keys, one file per key, named by key id.
 pub(crate) const KEYS_DIR: &str = "keys";
 
+/// What `revoke` would remove: a waiting key's file or an enrolled key's.
+pub(crate) enum Revocation {
+    Waiting(PathBuf),
+    Enrolled(PathBuf),
+}
+
+/// How long a key waits in `keys/pending/` for approval. An operator approves a request they
+/// just heard of; one left for a week is stale, and whoever holds that key can ask again
+/// (`rbee nodes enroll NODE` writes it anew).
+const PENDING_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Whether the waiting key at `path` asked longer than `PENDING_FOR` ago (by its file's
+/// modification time; one whose time cannot be read counts as stale).
+fn stale(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_none_or(|age| age > PENDING_FOR)
+}
+
 /// The key the hive signs its requests to workers with, made anew at each start.
 pub(crate) const WORKER_KEY_FILE: &str = "worker.key";
 const RETIRE_GRACE: Duration = Duration::from_secs(60);
@@ -135,13 +156,19 @@ impl NodeKeys {
     /// Ends the key `kid` the way a rotation does: its file goes now, and the key stays
     /// accepted for the grace, for the requests its machine signed before it switched.
     pub(crate) fn retire_kid(&self, kid: &str) -> Result<Vec<String>> {
-        let path = self.file_of(kid).ok_or_else(|| unknown(kid))?;
+        let path = self.retire_kid_check(kid)?;
         let old = Key::load(&path)?;
         std::fs::remove_file(&path).at("remove the retired key", &path)?;
         let now = Instant::now();
         let mut leaving = self.verifier.leaving(now);
         leaving.push((old, now + RETIRE_GRACE));
         self.reload_leaving(leaving)
+    }
+
+    /// Whether `retire_kid` would retire `kid`: the file that holds it, or why not. The hive
+    /// checks before it records the change, so its audit never records one that is refused.
+    pub(crate) fn retire_kid_check(&self, kid: &str) -> Result<PathBuf> {
+        self.file_of(kid).ok_or_else(|| unknown(kid))
     }
 
     fn reload_leaving(&self, leaving: Vec<(Key, Instant)>) -> Result<Vec<String>> {
@@ -165,7 +192,13 @@ impl NodeKeys {
         let mut pending = Vec::new();
         if let Ok(entries) = std::fs::read_dir(self.dir.join("pending")) {
             for entry in entries.flatten() {
-                if let Some(kid) = kid_of(&entry.path()) {
+                let path = entry.path();
+                if let Some(kid) = kid_of(&path) {
+                    if stale(&path) {
+                        // Dropped, so that nobody approves a request asked long ago.
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
                     pending.push(kid);
                 }
             }
@@ -179,17 +212,37 @@ impl NodeKeys {
     /// Approves the key `kid` that asked to be enrolled (`keys/pending/<kid>.key`, put there
     /// over SSH by its machine): it moves among the enrolled keys and is accepted from now on.
     pub(crate) fn approve(&self, kid: &str) -> Result<Vec<String>> {
+        let Some(pending) = self.approve_check(kid)? else {
+            return Ok(self.verifier.fingerprints());
+        };
+        let enrolled = self.dir.join(format!("{kid}.key"));
+        std::fs::rename(&pending, &enrolled).at("enroll the key at", &enrolled)?;
+        let leaving = self.verifier.leaving(Instant::now());
+        self.reload_leaving(leaving)
+    }
+
+    /// Whether `approve` would enroll `kid`: the waiting key's file, `None` when the key is
+    /// enrolled already, or why it is refused. A request that waited too long is dropped here.
+    pub(crate) fn approve_check(&self, kid: &str) -> Result<Option<PathBuf>> {
         if !valid_kid(kid) {
             return Err(unknown(kid));
         }
         if self.file_of(kid).is_some() {
-            return Ok(self.verifier.fingerprints());
+            return Ok(None);
         }
         let pending = self.dir.join("pending").join(format!("{kid}.key"));
         if !pending.exists() {
             return Err(Error::invalid(format!(
                 "no key `{kid}` is waiting to be enrolled on this node; on the machine that \
                  holds it, run `rbee nodes enroll NODE` first"
+            )));
+        }
+        if stale(&pending) {
+            let _ = std::fs::remove_file(&pending);
+            return Err(Error::invalid(format!(
+                "key `{kid}` asked to be enrolled more than {} days ago and its request was \
+                 dropped; on the machine that holds it, run `rbee nodes enroll NODE` again",
+                PENDING_FOR.as_secs() / 86_400
             )));
         }
         let key = Key::load(&pending)?;
@@ -199,27 +252,19 @@ impl NodeKeys {
                 key.fingerprint()
             )));
         }
-        let enrolled = self.dir.join(format!("{kid}.key"));
-        std::fs::rename(&pending, &enrolled).at("enroll the key at", &enrolled)?;
-        let leaving = self.verifier.leaving(Instant::now());
-        self.reload_leaving(leaving)
+        Ok(Some(pending))
     }
 
     /// Revokes the key `kid` (enrolled or waiting) at once; the last enrolled key is kept, or
     /// nobody could reach the node's hive any more.
     pub(crate) fn revoke(&self, kid: &str) -> Result<Vec<String>> {
-        let pending = self.dir.join("pending").join(format!("{kid}.key"));
-        if valid_kid(kid) && pending.exists() {
-            std::fs::remove_file(&pending).at("remove the waiting key", &pending)?;
-            return Ok(self.verifier.fingerprints());
-        }
-        let path = self.file_of(kid).ok_or_else(|| unknown(kid))?;
-        if self.list()?.enrolled.len() <= 1 {
-            return Err(Error::invalid(format!(
-                "key `{kid}` is the node's last enrolled key; enroll another one first, or \
-                 rotate it with `rbee hive rotate-key NODE`"
-            )));
-        }
+        let path = match self.revoke_check(kid)? {
+            Revocation::Waiting(pending) => {
+                std::fs::remove_file(&pending).at("remove the waiting key", &pending)?;
+                return Ok(self.verifier.fingerprints());
+            }
+            Revocation::Enrolled(path) => path,
+        };
         std::fs::remove_file(&path).at("remove the revoked key", &path)?;
         // No grace: a revoked key is refused from the next request on.
         let leaving = self
@@ -229,6 +274,23 @@ impl NodeKeys {
             .filter(|(k, _)| k.fingerprint() != kid)
             .collect();
         self.reload_leaving(leaving)
+    }
+
+    /// Whether `revoke` would revoke `kid`, and which file it removes; the last enrolled key is
+    /// refused.
+    pub(crate) fn revoke_check(&self, kid: &str) -> Result<Revocation> {
+        let pending = self.dir.join("pending").join(format!("{kid}.key"));
+        if valid_kid(kid) && pending.exists() {
+            return Ok(Revocation::Waiting(pending));
+        }
+        let path = self.file_of(kid).ok_or_else(|| unknown(kid))?;
+        if self.list()?.enrolled.len() <= 1 {
+            return Err(Error::invalid(format!(
+                "key `{kid}` is the node's last enrolled key; enroll another one first, or \
+                 rotate it with `rbee hive rotate-key NODE`"
+            )));
+        }
+        Ok(Revocation::Enrolled(path))
     }
 }
 
@@ -282,5 +344,51 @@ mod tests {
         let last = keys.revoke(&first.fingerprint()).expect_err("last key");
         assert_eq!(last.kind(), crate::error::ExitKind::InvalidRequest);
         assert!(keys.revoke("../hive").is_err());
+    }
+
+    #[test]
+    fn a_key_that_waited_longer_than_a_week_is_neither_listed_nor_approved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Key::random();
+        first
+            .save(&dir.path().join(format!("keys/{}.key", first.fingerprint())))
+            .expect("first");
+        let keys = NodeKeys::open(dir.path(), Duration::from_secs(300)).expect("open");
+        let ask = |key: &Key, age: Duration| {
+            let path = dir
+                .path()
+                .join(format!("keys/pending/{}.key", key.fingerprint()));
+            key.save(&path).expect("pending");
+            let file = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .expect("open");
+            file.set_modified(std::time::SystemTime::now() - age)
+                .expect("set mtime");
+            path
+        };
+        let old = Key::random();
+        let old_path = ask(&old, PENDING_FOR + Duration::from_secs(3600));
+        let err = keys.approve(&old.fingerprint()).expect_err("stale");
+        assert_eq!(err.kind(), crate::error::ExitKind::InvalidRequest);
+        assert!(err.to_string().contains("nodes enroll"), "{err}");
+        assert!(!keys.verifier().fingerprints().contains(&old.fingerprint()));
+        assert!(!old_path.exists());
+
+        // Asked again, now: approved. One a day short of the limit is still listed.
+        ask(&old, Duration::ZERO);
+        let recent = Key::random();
+        ask(&recent, PENDING_FOR - Duration::from_secs(86_400));
+        let stale_one = Key::random();
+        let stale_path = ask(&stale_one, PENDING_FOR * 2);
+        let mut waiting = vec![old.fingerprint(), recent.fingerprint()];
+        waiting.sort();
+        assert_eq!(keys.list().expect("list").pending, waiting);
+        assert!(!stale_path.exists());
+        assert!(
+            keys.approve(&old.fingerprint())
+                .expect("approve")
+                .contains(&old.fingerprint())
+        );
     }
 }

@@ -64,6 +64,26 @@ fn two_machines_drive_one_node_alternately_once_the_second_is_enrolled() {
     assert_eq!(hive_pid(first), pid, "the hive was replaced");
     infer(first).expect(0);
 
+    // A request left waiting for more than a week is dropped, not approved; asked again, it
+    // waits anew.
+    let waiting = remote.join(format!("keys/pending/{kid_b}.key"));
+    std::fs::File::options()
+        .write(true)
+        .open(&waiting)
+        .expect("open the waiting key")
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 86_400))
+        .expect("age the waiting key");
+    let stale = first.run(&["nodes", "enroll", "a", "--approve", &kid_b]);
+    stale.expect(8);
+    assert!(
+        stale.stderr.contains("rbee nodes enroll"),
+        "{}",
+        stale.stderr
+    );
+    assert!(!waiting.exists() && !remote.join(format!("keys/{kid_b}.key")).exists());
+    second.run(&["nodes", "enroll", "a"]).expect(0);
+    assert!(waiting.is_file());
+
     // The first machine sees the waiting key and approves it.
     let keys = first.run(&["--json", "nodes", "keys", "a"]);
     keys.expect(0);
@@ -120,6 +140,9 @@ fn two_machines_drive_one_node_alternately_once_the_second_is_enrolled() {
     let last = first.run(&["nodes", "revoke", "a", &kid_a]);
     last.expect(8);
     infer(first).expect(0);
+    // A change the node refused is not in its audit as made.
+    assert_eq!(node_records(&remote, "key_revoked").len(), 1);
+    assert_eq!(node_records(&remote, "key_enrolled").len(), 1);
 }
 
 #[test]
