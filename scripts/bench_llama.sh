@@ -25,7 +25,8 @@
 #      same llama-server in the same round; rbee runs this engine, so its c. rows stay under it
 #   h. decode under a JSON grammar (`--format json`) against free text, the worker's own
 #      decode rate of each (`decode_tokens_per_s`), the same prompt and 64 tokens at most
-#   RBEE=path/to/rbee (default: the release build), ROUNDS=7, TOKENS=128, BUDGET=10m
+#   RBEE=path/to/rbee (default: the release build; RBEE_NATIVE=1 scripts/setup.sh builds one for
+#   this CPU into ~/.cache/rbee/target-native), ROUNDS=7, TOKENS=128, BUDGET=10m
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -189,6 +190,9 @@ say "signing and verifying one stream event"
 
 touch "$work/figures"
 echo "load average (1, 5, 15 min): $load_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+# Which rbee: the portable build, or one for this CPU (RBEE_NATIVE=1); rows d and g are built
+# into $CARGO_TARGET_DIR with its flags, whatever RBEE is.
+"$RBEE" --json version | python3 -c 'import json,sys; v=json.load(sys.stdin); print("rbee:", "built for this CPU (-C target-cpu=native)" if v.get("native") else "the portable build (llama.cpp default x86-64 set)")'
 python3 - "$work/figures" "$ROUNDS" "$TOKENS" <<'PY'
 import json, statistics, sys
 figures = {}

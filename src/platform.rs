@@ -7,6 +7,111 @@ use serde::Serialize;
 /// The target triple of this build, as cargo named it.
 pub(crate) const TARGET: &str = env!("RBEE_TARGET");
 
+/// The CPU features the compiler was told this build may use, comma-separated, as cargo names
+/// them (`avx2`, `avx512vnni`, `neon`).
+const TARGET_FEATURES: &str = env!("RBEE_TARGET_FEATURES");
+
+/// Whether this build is `-C target-cpu=native`: llama.cpp built with GGML_NATIVE, for the build
+/// machine's CPU.
+const TARGET_CPU_NATIVE: bool = !env!("RBEE_TARGET_CPU_NATIVE").is_empty();
+
+/// llama.cpp's default x86-64 instructions the build turned off (`GGML_AVX2=OFF`).
+const GGML_OFF: &str = env!("RBEE_GGML_OFF");
+
+/// Whether this build is for its build machine's CPU (`-C target-cpu=native`).
+pub(crate) const fn native() -> bool {
+    TARGET_CPU_NATIVE
+}
+
+/// Rust's names of the CPU features a node's CPU must have, and the names Linux's
+/// `/proc/cpuinfo` gives them (`flags` on x86-64, `Features` on aarch64). Features outside this
+/// list (the target's baseline, or ones without a stable kernel name) are not checked.
+const CPU_FLAG_NAMES: &[(&str, &str, &str)] = &[
+    ("x86_64", "sse3", "pni"),
+    ("x86_64", "ssse3", "ssse3"),
+    ("x86_64", "sse4.1", "sse4_1"),
+    ("x86_64", "sse4.2", "sse4_2"),
+    ("x86_64", "popcnt", "popcnt"),
+    ("x86_64", "avx", "avx"),
+    ("x86_64", "avx2", "avx2"),
+    ("x86_64", "fma", "fma"),
+    ("x86_64", "f16c", "f16c"),
+    ("x86_64", "bmi1", "bmi1"),
+    ("x86_64", "bmi2", "bmi2"),
+    ("x86_64", "lzcnt", "abm"),
+    ("x86_64", "movbe", "movbe"),
+    ("x86_64", "avx512f", "avx512f"),
+    ("x86_64", "avx512cd", "avx512cd"),
+    ("x86_64", "avx512bw", "avx512bw"),
+    ("x86_64", "avx512dq", "avx512dq"),
+    ("x86_64", "avx512vl", "avx512vl"),
+    ("x86_64", "avx512ifma", "avx512ifma"),
+    ("x86_64", "avx512vbmi", "avx512vbmi"),
+    ("x86_64", "avx512vbmi2", "avx512_vbmi2"),
+    ("x86_64", "avx512vnni", "avx512_vnni"),
+    ("x86_64", "avx512bitalg", "avx512_bitalg"),
+    ("x86_64", "avx512vpopcntdq", "avx512_vpopcntdq"),
+    ("x86_64", "avx512bf16", "avx512_bf16"),
+    ("x86_64", "avx512fp16", "avx512_fp16"),
+    ("x86_64", "avxvnni", "avx_vnni"),
+    ("x86_64", "gfni", "gfni"),
+    ("x86_64", "vaes", "vaes"),
+    ("x86_64", "vpclmulqdq", "vpclmulqdq"),
+    ("x86_64", "amx-tile", "amx_tile"),
+    ("x86_64", "amx-int8", "amx_int8"),
+    ("x86_64", "amx-bf16", "amx_bf16"),
+    ("aarch64", "neon", "asimd"),
+    ("aarch64", "dotprod", "asimddp"),
+    ("aarch64", "i8mm", "i8mm"),
+    ("aarch64", "sve", "sve"),
+    ("aarch64", "sve2", "sve2"),
+    ("aarch64", "fp16", "asimdhp"),
+    ("aarch64", "bf16", "bf16"),
+    ("aarch64", "rdm", "asimdrdm"),
+    ("aarch64", "lse", "atomics"),
+];
+
+/// What llama.cpp's CMake build turns on for x86-64 when it is not built for the build machine
+/// (GGML_NATIVE off, as llama-cpp-sys-2 has it unless `target-cpu=native`): its options
+/// GGML_SSE42, GGML_AVX, GGML_AVX2, GGML_BMI2, GGML_FMA and GGML_F16C default to on, whatever
+/// Rust's own baseline is.
+const GGML_X86_DEFAULTS: &[&str] = &["sse4.2", "avx", "avx2", "bmi2", "fma", "f16c"];
+
+/// The CPU flags a node must list for this build to run there, as `/proc/cpuinfo` names them.
+pub(crate) fn cpu_flags() -> Vec<&'static str> {
+    required_flags(
+        std::env::consts::ARCH,
+        TARGET_FEATURES,
+        TARGET_CPU_NATIVE,
+        GGML_OFF,
+    )
+}
+
+/// The `/proc/cpuinfo` names of what a build for `arch` with the compiler's `features` needs:
+/// those features, and on x86-64 without `native` llama.cpp's default instruction set less what
+/// `ggml_off` turned off.
+fn required_flags(arch: &str, features: &str, native: bool, ggml_off: &str) -> Vec<&'static str> {
+    let mut wanted: Vec<&str> = features.split(',').map(str::trim).collect();
+    if arch == "x86_64" && !native {
+        let off: Vec<&str> = ggml_off.split(',').collect();
+        wanted.extend(GGML_X86_DEFAULTS.iter().filter(|f| !off.contains(f)));
+    }
+    CPU_FLAG_NAMES
+        .iter()
+        .filter(|(a, rust, _)| *a == arch && wanted.contains(rust))
+        .map(|(_, _, flag)| *flag)
+        .collect()
+}
+
+/// The flags of `required` a node's `/proc/cpuinfo` flags line does not list.
+pub(crate) fn missing_flags<'a>(required: &[&'a str], node_flags: &[String]) -> Vec<&'a str> {
+    required
+        .iter()
+        .filter(|f| !node_flags.iter().any(|n| n == *f))
+        .copied()
+        .collect()
+}
+
 /// The variants a `[[binaries]]` entry may name.
 pub(crate) const VARIANTS: &[&str] = &["cpu", "cuda", "rocm", "vulkan", "metal"];
 
@@ -87,6 +192,12 @@ pub(crate) struct VersionInfo {
     pub(crate) variant: String,
     pub(crate) backends: Vec<String>,
     pub(crate) devices: Vec<Device>,
+    /// The CPU flags a machine needs to run this build, as `/proc/cpuinfo` names them.
+    #[serde(default)]
+    pub(crate) cpu_flags: Vec<String>,
+    /// Whether it was built for the build machine's CPU (`-C target-cpu=native`).
+    #[serde(default)]
+    pub(crate) native: bool,
 }
 
 impl VersionInfo {
@@ -98,6 +209,64 @@ impl VersionInfo {
             variant: variant().to_string(),
             backends: backends(&devices),
             devices,
+            cpu_flags: cpu_flags().into_iter().map(str::to_string).collect(),
+            native: TARGET_CPU_NATIVE,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_portable_x86_build_needs_llama_cpps_default_set_and_a_native_one_what_it_was_given() {
+        // Rust's x86-64 baseline alone: llama.cpp's defaults still make it an AVX2 build.
+        assert_eq!(
+            required_flags("x86_64", "fxsr,sse,sse2", false, ""),
+            ["sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"]
+        );
+        // Built with `GGML_AVX2=OFF GGML_FMA=OFF`: those are no longer needed.
+        assert_eq!(
+            required_flags("x86_64", "fxsr,sse,sse2", false, "avx2,fma"),
+            ["sse4_2", "avx", "f16c", "bmi2"]
+        );
+        // A native build on an AVX-512 machine: what the compiler was told, by kernel names.
+        let native = required_flags(
+            "x86_64",
+            "avx,avx2,avx512f,avx512vnni,fxsr,sse,sse2",
+            true,
+            "",
+        );
+        assert_eq!(native, ["avx", "avx2", "avx512f", "avx512_vnni"]);
+        assert_eq!(
+            required_flags("aarch64", "neon,dotprod,fp-armv8", true, ""),
+            ["asimd", "asimddp"]
+        );
+        // Another architecture's names never leak in.
+        assert!(required_flags("riscv64", "avx2", false, "").is_empty());
+    }
+
+    #[test]
+    fn missing_flags_are_those_the_node_does_not_list() {
+        let node: Vec<String> = "fpu sse4_2 avx avx2 fma"
+            .split(' ')
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            missing_flags(&["avx2", "avx512f", "avx512_vnni"], &node),
+            ["avx512f", "avx512_vnni"]
+        );
+        assert!(missing_flags(&["avx", "avx2"], &node).is_empty());
+    }
+
+    #[test]
+    fn this_build_runs_on_the_machine_that_tests_it() {
+        let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return;
+        };
+        let flags = crate::queen::probe::cpu_flags_line(&cpuinfo);
+        assert!(!flags.is_empty(), "no flags line in /proc/cpuinfo");
+        assert_eq!(missing_flags(&cpu_flags(), &flags), Vec::<&str>::new());
     }
 }

@@ -1,5 +1,5 @@
-//! `rbee version [--json]`: this binary's version, target triple, variant and the llama.cpp
-//! backends and devices its registry holds.
+//! `rbee version [--json]`: this binary's version, target triple, variant, the CPU flags it
+//! needs and the llama.cpp backends and devices its registry holds.
 
 use crate::cmd::Context;
 use crate::error::Result;
@@ -11,11 +11,21 @@ pub(crate) fn run(ctx: &Context) -> Result<()> {
     let info = VersionInfo::this();
     ctx.out.result(&info, || {
         let mut text = format!(
-            "rbee {}\ntarget: {}\nvariant: {}\nbackends: {}",
+            "rbee {}\ntarget: {}\nvariant: {}\nbackends: {}\ncpu: {}{}",
             info.version,
             info.target,
             info.variant,
-            info.backends.join(", ")
+            info.backends.join(", "),
+            if info.native {
+                "built for this build machine's CPU: "
+            } else {
+                ""
+            },
+            if info.cpu_flags.is_empty() {
+                "the target's baseline".to_string()
+            } else {
+                info.cpu_flags.join(" ")
+            }
         );
         for d in info.devices.iter().filter(|d| d.offloads()) {
             text.push_str(&format!(

@@ -137,6 +137,10 @@ pub(crate) fn choose(node: &Node, facts: &NodeFacts) -> Result<Choice> {
         )
     };
     match found {
+        Some(c) if c.origin == Origin::Running => {
+            cpu_fits(node, facts)?;
+            Ok(Choice { reason, ..c })
+        }
         Some(c) => Ok(Choice { reason, ..c }),
         None => Err(Error::config(format!(
             "node `{}` runs {} and no binary for it is known ({reason}); build or download rbee \
@@ -148,6 +152,40 @@ pub(crate) fn choose(node: &Node, facts: &NodeFacts) -> Result<Choice> {
             facts.target,
         ))),
     }
+}
+
+/// Whether the node's CPU has what this build uses (`platform::cpu_flags`), where the node lists
+/// its CPU's flags: a build for another CPU would die there with SIGILL at its first such
+/// instruction, so it is refused before anything is sent (exit 3).
+fn cpu_fits(node: &Node, facts: &NodeFacts) -> Result<()> {
+    let Some(flags) = &facts.cpu_flags else {
+        return Ok(());
+    };
+    let missing = platform::missing_flags(&platform::cpu_flags(), flags);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let (built, instead) = if platform::native() {
+        (
+            "built for its build machine's CPU (`-C target-cpu=native`, `RBEE_NATIVE=1`)",
+            "Build rbee without `RBEE_NATIVE` (or on a machine with that node's CPU)",
+        )
+    } else {
+        (
+            "built with llama.cpp's default x86-64 instructions (AVX2)",
+            "Build rbee with those turned off (`GGML_AVX=OFF GGML_AVX2=OFF GGML_FMA=OFF \
+             GGML_F16C=OFF GGML_BMI2=OFF cargo build --release`)",
+        )
+    };
+    Err(Error::config(format!(
+        "node `{}`'s CPU lacks {}, which this rbee uses: it is {built}. {instead} and list that \
+         build for the node's platform:\n\n[[binaries]]\ntarget = \"{}\"\nvariant = \"{}\"\n\
+         path = \"PATH/TO/rbee\"\nsha256 = \"...\"             # sha256sum of the file",
+        node.name,
+        missing.join(", "),
+        facts.target,
+        platform::variant(),
+    )))
 }
 
 /// The SHA-256 of a file here, hashed off the runtime's thread.
@@ -581,4 +619,72 @@ pub(crate) fn not_enrolled(node: &Node, key: &crate::auth::Key) -> Error {
          `rbee nodes enroll {0} --approve {kid}`, then run this again",
         node.name
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Source};
+
+    fn ssh_node() -> Node {
+        let config = Config::parse(
+            "[nodes.gpu1]\nhost = \"10.0.0.9\"\n",
+            Source::File(std::path::PathBuf::from("nodes.toml")),
+        )
+        .expect("parse");
+        config.nodes["gpu1"].clone()
+    }
+
+    /// A probe of a node of this build's own platform whose CPU lists `flags`.
+    fn facts(flags: Option<&str>) -> NodeFacts {
+        let mut text = format!("uname=Linux {}\nglibc=2.36\n", std::env::consts::ARCH);
+        if let Some(f) = flags {
+            text.push_str(&format!("cpu_flags= {f}\n"));
+        }
+        let mut facts = NodeFacts::parse(&text);
+        facts.target = TARGET.to_string();
+        facts
+    }
+
+    #[test]
+    fn the_running_binary_is_refused_for_a_cpu_without_what_it_uses() {
+        let needed = platform::cpu_flags();
+        let Some((dropped, kept)) = needed.split_last() else {
+            // A build with nothing checked (another architecture): nothing to refuse.
+            return;
+        };
+        let err = choose(&ssh_node(), &facts(Some(&kept.join(" ")))).expect_err("refused");
+        assert_eq!(err.code(), 3, "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("lacks {dropped},")), "{text}");
+        assert!(text.contains(&format!("target = \"{TARGET}\"")), "{text}");
+        // Every flag there, or a node that does not list its flags: chosen.
+        let all = needed.join(" ");
+        assert_eq!(
+            choose(&ssh_node(), &facts(Some(&all)))
+                .expect("fits")
+                .origin,
+            Origin::Running
+        );
+        assert_eq!(
+            choose(&ssh_node(), &facts(None)).expect("unknown").origin,
+            Origin::Running
+        );
+    }
+
+    #[test]
+    fn a_listed_binary_is_not_checked_against_this_builds_flags() {
+        let mut node = ssh_node();
+        node.binaries.push(crate::config::Binary {
+            target: TARGET.to_string(),
+            variant: platform::variant().to_string(),
+            sha256: "0".repeat(64),
+            location: BinaryLocation::Url("https://example.com/rbee".to_string()),
+        });
+        let choice = choose(&node, &facts(Some("fpu"))).expect("listed");
+        assert_eq!(
+            choice.origin,
+            Origin::Url("https://example.com/rbee".to_string())
+        );
+    }
 }

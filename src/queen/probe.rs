@@ -34,6 +34,10 @@ pub(crate) struct NodeFacts {
     pub(crate) target: String,
     pub(crate) glibc: Option<String>,
     pub(crate) gpus: Vec<Gpu>,
+    /// The CPU's flags as `/proc/cpuinfo` lists them (`flags`, or `Features` on aarch64);
+    /// `None` where the node has no such file.
+    #[serde(skip)]
+    pub(crate) cpu_flags: Option<Vec<String>>,
     /// Where `bin/rbee` points (`<sha256>/rbee`), if it is a link.
     pub(crate) current: Option<String>,
     /// The SHA-256 of the binary `bin/rbee` runs.
@@ -63,6 +67,10 @@ impl NodeFacts {
                 "glibc" => facts.glibc = some(value),
                 "nvidia" => facts.gpus.push(nvidia(value)),
                 "amd" => amd = true,
+                "cpu_flags" => {
+                    let flags: Vec<String> = value.split_whitespace().map(String::from).collect();
+                    facts.cpu_flags = (!flags.is_empty()).then_some(flags);
+                }
                 "current" => facts.current = some(value),
                 "current_sha" => facts.current_sha256 = some(value),
                 "installed" => facts.installed.push(value.trim().to_string()),
@@ -96,6 +104,20 @@ impl NodeFacts {
             None => format!("{} ({})", self.platform, self.target),
         }
     }
+}
+
+/// The flags of a `/proc/cpuinfo` text: its first `flags` (x86) or `Features` (aarch64) line,
+/// as the probe's `awk` picks it.
+#[cfg(test)]
+pub(crate) fn cpu_flags_line(cpuinfo: &str) -> Vec<String> {
+    cpuinfo
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            matches!(key.trim_end(), "flags" | "Features").then_some(value)
+        })
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
 }
 
 /// One line of `nvidia-smi --format=csv,noheader,nounits`.
@@ -237,6 +259,10 @@ mod tests {
         assert!(facts.glibc.is_some(), "{facts:?}");
         assert!(facts.current.is_none() && facts.installed.is_empty());
         assert!(facts.free_bytes.is_some_and(|b| b > 0));
+        // The CPU's flags, as this machine's own /proc/cpuinfo lists them.
+        if let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") {
+            assert_eq!(facts.cpu_flags, Some(cpu_flags_line(&cpuinfo)));
+        }
     }
 
     #[test]

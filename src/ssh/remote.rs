@@ -67,6 +67,7 @@ pub(crate) fn node_facts(remote_dir: &str, with_version: bool) -> String {
          --query-gpu=name,memory.total,memory.free,driver_version,compute_cap \
          --format=csv,noheader,nounits 2>/dev/null | sed 's/^/nvidia=/'; fi; \
          [ -e /dev/kfd ] && echo amd=kfd; \
+         printf 'cpu_flags=%s\\n' \"$(awk -F: '/^(flags|Features)[ \\t]*:/ {{print $2; exit}}' /proc/cpuinfo 2>/dev/null)\"; \
          printf 'current=%s\\n' \"$(readlink {bin} 2>/dev/null)\"; \
          printf 'current_sha=%s\\n' \"$({})\"; \
          for v in $(cd {bindir} 2>/dev/null && ls -dt */ 2>/dev/null); do \

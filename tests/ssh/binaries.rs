@@ -73,6 +73,81 @@ fn a_node_whose_only_entry_is_for_another_target_exits_3_and_gets_nothing() {
 }
 
 #[test]
+fn a_node_whose_cpu_lacks_what_this_build_uses_is_refused_before_anything_is_sent() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test binds a node's /proc/cpuinfo in a mount namespace: run it as root"
+        );
+        eprintln!("skipped: a node with another /proc/cpuinfo needs root");
+        return;
+    }
+    let dir = crate::support::tempdir();
+    // What this build needs, as it reports it; the node lists all of it but the last flag, as
+    // an older CPU would.
+    let out = std::process::Command::new(bin())
+        .args(["--json", "version"])
+        .output()
+        .expect("rbee version");
+    assert!(out.status.success(), "{out:?}");
+    let version: serde_json::Value = serde_json::from_slice(&out.stdout).expect("version json");
+    let needed: Vec<String> = version["cpu_flags"]
+        .as_array()
+        .expect("cpu_flags")
+        .iter()
+        .map(|f| f.as_str().expect("flag").to_string())
+        .collect();
+    let Some(dropped) = needed.last() else {
+        // A build that needs nothing beyond its target's baseline: nothing to refuse.
+        return;
+    };
+    let cpuinfo = dir.path().join("cpuinfo");
+    let real = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+    let fake: String = real
+        .lines()
+        .map(|line| match line.split_once(':') {
+            Some((key, flags)) if matches!(key.trim_end(), "flags" | "Features") => {
+                let kept: Vec<&str> = flags.split_whitespace().filter(|f| f != dropped).collect();
+                format!("{key}: {}\n", kept.join(" "))
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    assert_ne!(fake, real, "no flags line lists {dropped}");
+    std::fs::write(&cpuinfo, fake).expect("write cpuinfo");
+    let options = crate::support::sshd::Options {
+        cpuinfo: Some(&cpuinfo),
+        ..crate::support::sshd::Options::default()
+    };
+    let Some(fleet) = Fleet::build_with(&[node("a")], true, "", &options) else {
+        return;
+    };
+    let check = fleet.env.run(&["--json", "nodes", "check", "a"]);
+    check.expect(3);
+    let report = &check.json_lines()[0];
+    assert_eq!(report["ok"], false, "{report}");
+    let error = report["error"].as_str().expect("error");
+    assert!(error.contains(&format!("lacks {dropped},")), "{error}");
+    for args in [&["hive", "install", "a"][..], &["hive", "start", "a"][..]] {
+        let run = fleet.env.run(args);
+        run.expect(3);
+        assert!(
+            run.stderr.contains(&format!("lacks {dropped},")),
+            "{}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("[[binaries]]"), "{}", run.stderr);
+    }
+    // Nothing was sent and no hive runs there.
+    let remote_dir = fleet.remote_dir("a");
+    let entries: Vec<_> = std::fs::read_dir(remote_dir.join("bin"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "uploaded: {entries:?}");
+    assert!(!remote_dir.join("hive.pid").exists());
+}
+
+#[test]
 fn each_variant_lands_at_its_digest_and_the_hive_runs_from_there() {
     let spec = NodeSpec {
         extra: "binary = \"vulkan\"\n",

@@ -16,6 +16,7 @@ const LOG_LOGINS: sshd::Options<'static> = sshd::Options {
     netns: None,
     listen: None,
     host_ca: None,
+    cpuinfo: None,
 };
 
 /// One chat completion through `serve` with curl; its text.

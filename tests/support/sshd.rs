@@ -29,6 +29,9 @@ pub(crate) struct Options<'a> {
     /// A certificate authority's private key and the principals (comma-separated) it signs
     /// each host key for: sshd then presents host certificates (`HostCertificate`).
     pub(crate) host_ca: Option<(&'a Path, &'a str)>,
+    /// The node's `/proc/cpuinfo`: sshd, and every session it starts, runs in a mount namespace
+    /// of its own where this file is bound over it (root only).
+    pub(crate) cpuinfo: Option<&'a Path>,
 }
 
 impl Default for Options<'_> {
@@ -39,6 +42,7 @@ impl Default for Options<'_> {
             netns: None,
             listen: None,
             host_ca: None,
+            cpuinfo: None,
         }
     }
 }
@@ -196,7 +200,17 @@ impl Sshd {
                 c.args(["netns", "exec", name, SSHD]);
                 c
             }
-            None => Command::new(SSHD),
+            None => match options.cpuinfo {
+                Some(cpuinfo) => {
+                    let mut c = Command::new("unshare");
+                    c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                        .arg("mount --bind \"$0\" /proc/cpuinfo && exec \"$@\"")
+                        .arg(cpuinfo)
+                        .arg(SSHD);
+                    c
+                }
+                None => Command::new(SSHD),
+            },
         };
         let mut child = command
             .arg("-D")
