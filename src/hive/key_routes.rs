@@ -59,11 +59,15 @@ pub(crate) async fn retire(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let keys = match key_id(&body)? {
         Some(kid) => {
+            let _changing = hive.keys.changing().await;
             hive.keys.retire_kid_check(&kid)?;
             record(&hive, "key_retired", &kid, &by).await?;
             hive.keys.retire_kid(&kid)?
         }
-        None => hive.keys.retire()?,
+        None => {
+            let _changing = hive.keys.changing().await;
+            hive.keys.retire()?
+        }
     };
     Ok(Json(serde_json::json!({ "accepted": keys })))
 }
@@ -78,6 +82,7 @@ pub(crate) async fn approve(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
+    let _changing = hive.keys.changing().await;
     if hive.keys.approve_check(&kid)?.is_none() {
         // Enrolled already: nothing changes, nothing to record.
         return Ok(Json(
@@ -96,6 +101,7 @@ pub(crate) async fn revoke(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
+    let _changing = hive.keys.changing().await;
     hive.keys.revoke_check(&kid)?;
     record(&hive, "key_revoked", &kid, &by).await?;
     let keys = hive.keys.revoke(&kid)?;

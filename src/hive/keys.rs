@@ -29,14 +29,14 @@ pub(crate) enum Revocation {
 /// (`rbee nodes enroll NODE` writes it anew).
 const PENDING_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Whether the waiting key at `path` asked longer than `PENDING_FOR` ago (by its file's
-/// modification time; one whose time cannot be read counts as stale).
+/// Whether the waiting key at `path` asked longer than `PENDING_FOR` ago, by its file's
+/// modification time. A time ahead of the clock (a clock stepped back) counts as now; a file
+/// whose time cannot be read, as stale.
 fn stale(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_none_or(|age| age > PENDING_FOR)
+    match std::fs::metadata(path).and_then(|m| m.modified()) {
+        Ok(written) => written.elapsed().is_ok_and(|age| age > PENDING_FOR),
+        Err(_) => true,
+    }
 }
 
 /// The key the hive signs its requests to workers with, made anew at each start.
@@ -50,6 +50,9 @@ pub(crate) struct NodeKeys {
     next: PathBuf,
     dir: PathBuf,
     verifier: Arc<Verifier>,
+    /// Held from a change's check through its audit record to the change itself, so that two
+    /// changes at once cannot both pass one check (two revokes of the last two keys).
+    changes: tokio::sync::Mutex<()>,
 }
 
 /// A key id: 16 lower-case hex digits (what `Key::fingerprint` makes), so it is safe in a path.
@@ -64,6 +67,7 @@ impl NodeKeys {
             next: dir.join(NEXT_KEY_FILE),
             dir: dir.join(KEYS_DIR),
             verifier: Arc::new(Verifier::new(Vec::new(), skew)),
+            changes: tokio::sync::Mutex::new(()),
         };
         keys.reload()?;
         let nonces = dir.join(NONCE_FILE);
@@ -75,6 +79,12 @@ impl NodeKeys {
 
     pub(crate) fn verifier(&self) -> Arc<Verifier> {
         self.verifier.clone()
+    }
+
+    /// Taken by a change to the keys (approve, revoke, retire) for its check, its audit record
+    /// and the change.
+    pub(crate) async fn changing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
     }
 
     /// The enrolled keys in `keys/`, each checked to be the key its file name says.
@@ -156,8 +166,7 @@ impl NodeKeys {
     /// Ends the key `kid` the way a rotation does: its file goes now, and the key stays
     /// accepted for the grace, for the requests its machine signed before it switched.
     pub(crate) fn retire_kid(&self, kid: &str) -> Result<Vec<String>> {
-        let path = self.retire_kid_check(kid)?;
-        let old = Key::load(&path)?;
+        let (path, old) = self.retire_kid_check(kid)?;
         std::fs::remove_file(&path).at("remove the retired key", &path)?;
         let now = Instant::now();
         let mut leaving = self.verifier.leaving(now);
@@ -167,8 +176,23 @@ impl NodeKeys {
 
     /// Whether `retire_kid` would retire `kid`: the file that holds it, or why not. The hive
     /// checks before it records the change, so its audit never records one that is refused.
-    pub(crate) fn retire_kid_check(&self, kid: &str) -> Result<PathBuf> {
-        self.file_of(kid).ok_or_else(|| unknown(kid))
+    pub(crate) fn retire_kid_check(&self, kid: &str) -> Result<(PathBuf, Key)> {
+        let path = self.file_of(kid).ok_or_else(|| unknown(kid))?;
+        let key = Key::load(&path)?;
+        self.not_the_last(kid)?;
+        Ok((path, key))
+    }
+
+    /// Refuses to end `kid` when it is the node's last enrolled key: nobody could reach the
+    /// node's hive any more.
+    fn not_the_last(&self, kid: &str) -> Result<()> {
+        if self.list()?.enrolled.len() <= 1 {
+            return Err(Error::invalid(format!(
+                "key `{kid}` is the node's last enrolled key; enroll another one first, or \
+                 rotate it with `rbee hive rotate-key NODE`"
+            )));
+        }
+        Ok(())
     }
 
     fn reload_leaving(&self, leaving: Vec<(Key, Instant)>) -> Result<Vec<String>> {
@@ -193,12 +217,10 @@ impl NodeKeys {
         if let Ok(entries) = std::fs::read_dir(self.dir.join("pending")) {
             for entry in entries.flatten() {
                 let path = entry.path();
-                if let Some(kid) = kid_of(&path) {
-                    if stale(&path) {
-                        // Dropped, so that nobody approves a request asked long ago.
-                        let _ = std::fs::remove_file(&path);
-                        continue;
-                    }
+                // A request asked long ago is not offered for approval. Its file stays until
+                // the machine asks again (which rewrites it) or it is revoked: removing it here
+                // could remove a request rewritten a moment ago.
+                if let Some(kid) = kid_of(&path).filter(|_| !stale(&path)) {
                     pending.push(kid);
                 }
             }
@@ -238,10 +260,9 @@ impl NodeKeys {
             )));
         }
         if stale(&pending) {
-            let _ = std::fs::remove_file(&pending);
             return Err(Error::invalid(format!(
-                "key `{kid}` asked to be enrolled more than {} days ago and its request was \
-                 dropped; on the machine that holds it, run `rbee nodes enroll NODE` again",
+                "key `{kid}` asked to be enrolled more than {} days ago, too long to approve; on \
+                 the machine that holds it, run `rbee nodes enroll NODE` again",
                 PENDING_FOR.as_secs() / 86_400
             )));
         }
@@ -284,12 +305,7 @@ impl NodeKeys {
             return Ok(Revocation::Waiting(pending));
         }
         let path = self.file_of(kid).ok_or_else(|| unknown(kid))?;
-        if self.list()?.enrolled.len() <= 1 {
-            return Err(Error::invalid(format!(
-                "key `{kid}` is the node's last enrolled key; enroll another one first, or \
-                 rotate it with `rbee hive rotate-key NODE`"
-            )));
-        }
+        self.not_the_last(kid)?;
         Ok(Revocation::Enrolled(path))
     }
 }
@@ -373,18 +389,27 @@ mod tests {
         assert_eq!(err.kind(), crate::error::ExitKind::InvalidRequest);
         assert!(err.to_string().contains("nodes enroll"), "{err}");
         assert!(!keys.verifier().fingerprints().contains(&old.fingerprint()));
-        assert!(!old_path.exists());
+        assert!(keys.list().expect("list").pending.is_empty());
+        assert!(old_path.exists(), "left for the machine to ask again");
 
         // Asked again, now: approved. One a day short of the limit is still listed.
         ask(&old, Duration::ZERO);
         let recent = Key::random();
         ask(&recent, PENDING_FOR - Duration::from_secs(86_400));
         let stale_one = Key::random();
-        let stale_path = ask(&stale_one, PENDING_FOR * 2);
-        let mut waiting = vec![old.fingerprint(), recent.fingerprint()];
+        ask(&stale_one, PENDING_FOR * 2);
+        // A time ahead of the clock (the clock stepped back) is a request asked now.
+        let ahead = Key::random();
+        let ahead_path = ask(&ahead, Duration::ZERO);
+        std::fs::File::options()
+            .write(true)
+            .open(&ahead_path)
+            .expect("open")
+            .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .expect("set mtime");
+        let mut waiting = vec![old.fingerprint(), recent.fingerprint(), ahead.fingerprint()];
         waiting.sort();
         assert_eq!(keys.list().expect("list").pending, waiting);
-        assert!(!stale_path.exists());
         assert!(
             keys.approve(&old.fingerprint())
                 .expect("approve")

@@ -64,8 +64,8 @@ fn two_machines_drive_one_node_alternately_once_the_second_is_enrolled() {
     assert_eq!(hive_pid(first), pid, "the hive was replaced");
     infer(first).expect(0);
 
-    // A request left waiting for more than a week is dropped, not approved; asked again, it
-    // waits anew.
+    // A request left waiting for more than a week is neither listed nor approved; asked again,
+    // it waits anew.
     let waiting = remote.join(format!("keys/pending/{kid_b}.key"));
     std::fs::File::options()
         .write(true)
@@ -80,9 +80,15 @@ fn two_machines_drive_one_node_alternately_once_the_second_is_enrolled() {
         "{}",
         stale.stderr
     );
-    assert!(!waiting.exists() && !remote.join(format!("keys/{kid_b}.key")).exists());
+    assert!(!remote.join(format!("keys/{kid_b}.key")).exists());
+    let pending = |env: &Env| {
+        let keys = env.run(&["--json", "nodes", "keys", "a"]);
+        keys.expect(0);
+        keys.json_lines()[0]["pending"].clone()
+    };
+    assert_eq!(pending(first), serde_json::json!([]));
     second.run(&["nodes", "enroll", "a"]).expect(0);
-    assert!(waiting.is_file());
+    assert_eq!(pending(first), serde_json::json!([kid_b]));
 
     // The first machine sees the waiting key and approves it.
     let keys = first.run(&["--json", "nodes", "keys", "a"]);
