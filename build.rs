@@ -1,42 +1,94 @@
 //! Records what this binary is built for: the target triple, which `rbee version` reports and
-//! `[[binaries]]` entries are matched against, and the CPU features the compiler was told it
-//! may use (with `-C target-cpu=native`, the build machine's), which a node's CPU must have.
+//! `[[binaries]]` entries are matched against, and the CPU features its code may use, which a
+//! node's CPU must have: the compiler's (with `-C target-cpu=native`, the build machine's) and
+//! those llama.cpp's CMake build adds on its own.
 
 fn main() {
     let target = std::env::var("TARGET").unwrap_or_default();
     println!("cargo:rustc-env=RBEE_TARGET={target}");
     let features = std::env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
     println!("cargo:rustc-env=RBEE_TARGET_FEATURES={features}");
-    // llama-cpp-sys-2 reads the same flags: `target-cpu=native` turns llama.cpp's GGML_NATIVE
-    // on, anything else leaves llama.cpp at its default instruction set.
-    let native = std::env::var("CARGO_ENCODED_RUSTFLAGS")
-        .unwrap_or_default()
+    // llama-cpp-sys-2 turns llama.cpp's GGML_NATIVE on when the first `target-cpu=` of the
+    // flags is `native`; rustc takes the last one.
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let cpus: Vec<&str> = flags
         .split('\x1f')
-        .any(|f| f.ends_with("target-cpu=native"));
+        .filter_map(|f| f.split("target-cpu=").nth(1))
+        .collect();
+    let native = cpus.first() == Some(&"native");
+    if native != (cpus.last() == Some(&"native")) {
+        println!(
+            "cargo:warning=RUSTFLAGS name more than one target-cpu ({}): llama.cpp follows the \
+             first, Rust the last, and the CPU check knows only Rust's features",
+            cpus.join(", ")
+        );
+    }
     println!(
         "cargo:rustc-env=RBEE_TARGET_CPU_NATIVE={}",
         if native { "1" } else { "" }
     );
-    // llama.cpp's default x86-64 instructions that the build's environment turned off
-    // (llama-cpp-sys-2 hands every GGML_* variable to llama.cpp's CMake).
-    let mut off = Vec::new();
-    for (option, feature) in [
-        ("GGML_SSE42", "sse4.2"),
-        ("GGML_AVX", "avx"),
-        ("GGML_AVX2", "avx2"),
-        ("GGML_BMI2", "bmi2"),
-        ("GGML_FMA", "fma"),
-        ("GGML_F16C", "f16c"),
-    ] {
-        println!("cargo:rerun-if-env-changed={option}");
-        let value = std::env::var(option)
-            .unwrap_or_default()
-            .to_ascii_uppercase();
-        if matches!(value.as_str(), "OFF" | "0" | "FALSE" | "NO" | "N") {
-            off.push(feature);
-        }
-    }
-    println!("cargo:rustc-env=RBEE_GGML_OFF={}", off.join(","));
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let ggml = if arch == "x86_64" && !native {
+        ggml_x86_features(&target)
+    } else {
+        // Native: llama.cpp uses the build machine's features, which the compiler's list
+        // holds. Elsewhere llama-cpp-sys-2 pins the target's baseline.
+        Vec::new()
+    };
+    println!("cargo:rustc-env=RBEE_GGML_FEATURES={}", ggml.join(","));
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+}
+
+/// llama.cpp's CMake options for x86 instruction sets, and the features each one compiles in
+/// (ggml/src/ggml-cpu/CMakeLists.txt); the first six default to on.
+const GGML_X86: &[(&str, &[&str])] = &[
+    ("GGML_SSE42", &["sse4.2"]),
+    ("GGML_AVX", &["avx"]),
+    ("GGML_AVX2", &["avx2"]),
+    ("GGML_BMI2", &["bmi2"]),
+    ("GGML_FMA", &["fma"]),
+    ("GGML_F16C", &["f16c"]),
+    (
+        "GGML_AVX512",
+        &["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"],
+    ),
+    ("GGML_AVX512_VBMI", &["avx512vbmi"]),
+    ("GGML_AVX512_VNNI", &["avx512vnni"]),
+    ("GGML_AVX512_BF16", &["avx512bf16"]),
+    ("GGML_AVX_VNNI", &["avxvnni"]),
+    ("GGML_AMX_TILE", &["amx-tile"]),
+    ("GGML_AMX_INT8", &["amx-int8"]),
+    ("GGML_AMX_BF16", &["amx-bf16"]),
+];
+
+/// The x86 features llama.cpp compiles in without GGML_NATIVE, in Rust's names: its defaults
+/// (on unless CMake cross-compiles or SOURCE_DATE_EPOCH is set, as ggml/CMakeLists.txt has it)
+/// and whatever a GGML_* variable of the build's environment turns on or off (llama-cpp-sys-2
+/// hands each one to CMake).
+fn ggml_x86_features(target: &str) -> Vec<&'static str> {
+    let host = std::env::var("HOST").unwrap_or_default();
+    let defaults_on = host == target && std::env::var_os("SOURCE_DATE_EPOCH").is_none();
+    let mut out = Vec::new();
+    for (i, (option, features)) in GGML_X86.iter().enumerate() {
+        println!("cargo:rerun-if-env-changed={option}");
+        let on = match std::env::var(option) {
+            Ok(value) => cmake_true(&value),
+            Err(_) => defaults_on && i < 6,
+        };
+        if on {
+            out.extend_from_slice(features);
+        }
+    }
+    out
+}
+
+/// CMake's reading of a boolean: its false constants, else true.
+fn cmake_true(value: &str) -> bool {
+    let v = value.trim().to_ascii_uppercase();
+    !(matches!(
+        v.as_str(),
+        "" | "0" | "OFF" | "NO" | "FALSE" | "N" | "IGNORE" | "NOTFOUND"
+    ) || v.ends_with("-NOTFOUND"))
 }

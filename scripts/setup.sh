@@ -19,6 +19,11 @@ cd "$(dirname "$0")/.."
 for_cpu=""
 if [ "${RBEE_NATIVE:-}" = 1 ]; then
     for_cpu=", for this CPU"
+    case " ${RUSTFLAGS:-} " in
+        *target-cpu=*)
+            printf 'setup: RBEE_NATIVE=1 sets -C target-cpu=native, and RUSTFLAGS already names a target-cpu: %s\n' "$RUSTFLAGS" >&2
+            exit 1 ;;
+    esac
     export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-cpu=native"
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target-native}"
 fi

@@ -11,12 +11,13 @@ pub(crate) const TARGET: &str = env!("RBEE_TARGET");
 /// them (`avx2`, `avx512vnni`, `neon`).
 const TARGET_FEATURES: &str = env!("RBEE_TARGET_FEATURES");
 
+/// The x86 features llama.cpp's CMake build compiles in on its own (its default set, and what
+/// a GGML_* variable of the build turned on), in the same names; see build.rs.
+const GGML_FEATURES: &str = env!("RBEE_GGML_FEATURES");
+
 /// Whether this build is `-C target-cpu=native`: llama.cpp built with GGML_NATIVE, for the build
 /// machine's CPU.
 const TARGET_CPU_NATIVE: bool = !env!("RBEE_TARGET_CPU_NATIVE").is_empty();
-
-/// llama.cpp's default x86-64 instructions the build turned off (`GGML_AVX2=OFF`).
-const GGML_OFF: &str = env!("RBEE_GGML_OFF");
 
 /// Whether this build is for its build machine's CPU (`-C target-cpu=native`).
 pub(crate) const fn native() -> bool {
@@ -25,13 +26,20 @@ pub(crate) const fn native() -> bool {
 
 /// Rust's names of the CPU features a node's CPU must have, and the names Linux's
 /// `/proc/cpuinfo` gives them (`flags` on x86-64, `Features` on aarch64). Features outside this
-/// list (the target's baseline, or ones without a stable kernel name) are not checked.
+/// list are not checked: the target's baseline, and those the kernel may hide although the CPU
+/// has them (`rdrand` on some AMD parts, the `xsave` variants).
 const CPU_FLAG_NAMES: &[(&str, &str, &str)] = &[
     ("x86_64", "sse3", "pni"),
     ("x86_64", "ssse3", "ssse3"),
     ("x86_64", "sse4.1", "sse4_1"),
     ("x86_64", "sse4.2", "sse4_2"),
+    ("x86_64", "sse4a", "sse4a"),
     ("x86_64", "popcnt", "popcnt"),
+    ("x86_64", "cmpxchg16b", "cx16"),
+    ("x86_64", "aes", "aes"),
+    ("x86_64", "pclmulqdq", "pclmulqdq"),
+    ("x86_64", "sha", "sha_ni"),
+    ("x86_64", "adx", "adx"),
     ("x86_64", "avx", "avx"),
     ("x86_64", "avx2", "avx2"),
     ("x86_64", "fma", "fma"),
@@ -71,31 +79,19 @@ const CPU_FLAG_NAMES: &[(&str, &str, &str)] = &[
     ("aarch64", "lse", "atomics"),
 ];
 
-/// What llama.cpp's CMake build turns on for x86-64 when it is not built for the build machine
-/// (GGML_NATIVE off, as llama-cpp-sys-2 has it unless `target-cpu=native`): its options
-/// GGML_SSE42, GGML_AVX, GGML_AVX2, GGML_BMI2, GGML_FMA and GGML_F16C default to on, whatever
-/// Rust's own baseline is.
-const GGML_X86_DEFAULTS: &[&str] = &["sse4.2", "avx", "avx2", "bmi2", "fma", "f16c"];
-
 /// The CPU flags a node must list for this build to run there, as `/proc/cpuinfo` names them.
 pub(crate) fn cpu_flags() -> Vec<&'static str> {
-    required_flags(
-        std::env::consts::ARCH,
-        TARGET_FEATURES,
-        TARGET_CPU_NATIVE,
-        GGML_OFF,
-    )
+    required_flags(std::env::consts::ARCH, TARGET_FEATURES, GGML_FEATURES)
 }
 
-/// The `/proc/cpuinfo` names of what a build for `arch` with the compiler's `features` needs:
-/// those features, and on x86-64 without `native` llama.cpp's default instruction set less what
-/// `ggml_off` turned off.
-fn required_flags(arch: &str, features: &str, native: bool, ggml_off: &str) -> Vec<&'static str> {
-    let mut wanted: Vec<&str> = features.split(',').map(str::trim).collect();
-    if arch == "x86_64" && !native {
-        let off: Vec<&str> = ggml_off.split(',').collect();
-        wanted.extend(GGML_X86_DEFAULTS.iter().filter(|f| !off.contains(f)));
-    }
+/// The `/proc/cpuinfo` names, for `arch`, of the compiler's `features` and llama.cpp's `ggml`
+/// ones (both comma-separated Rust names).
+fn required_flags(arch: &str, features: &str, ggml: &str) -> Vec<&'static str> {
+    let wanted: Vec<&str> = features
+        .split(',')
+        .chain(ggml.split(','))
+        .map(str::trim)
+        .collect();
     CPU_FLAG_NAMES
         .iter()
         .filter(|(a, rust, _)| *a == arch && wanted.contains(rust))
@@ -220,31 +216,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_portable_x86_build_needs_llama_cpps_default_set_and_a_native_one_what_it_was_given() {
-        // Rust's x86-64 baseline alone: llama.cpp's defaults still make it an AVX2 build.
+    fn a_build_needs_the_compilers_features_and_llama_cpps_by_kernel_names() {
+        // Rust's x86-64 baseline with llama.cpp's default set: an AVX2 build.
         assert_eq!(
-            required_flags("x86_64", "fxsr,sse,sse2", false, ""),
+            required_flags("x86_64", "fxsr,sse,sse2", "sse4.2,avx,avx2,bmi2,fma,f16c"),
             ["sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"]
         );
-        // Built with `GGML_AVX2=OFF GGML_FMA=OFF`: those are no longer needed.
+        // A native build on an AVX-512 machine: what the compiler was told.
         assert_eq!(
-            required_flags("x86_64", "fxsr,sse,sse2", false, "avx2,fma"),
-            ["sse4_2", "avx", "f16c", "bmi2"]
+            required_flags(
+                "x86_64",
+                "avx,avx2,avx512f,avx512vnni,fxsr,sha,sse,sse2",
+                ""
+            ),
+            ["sha_ni", "avx", "avx2", "avx512f", "avx512_vnni"]
         );
-        // A native build on an AVX-512 machine: what the compiler was told, by kernel names.
-        let native = required_flags(
-            "x86_64",
-            "avx,avx2,avx512f,avx512vnni,fxsr,sse,sse2",
-            true,
-            "",
-        );
-        assert_eq!(native, ["avx", "avx2", "avx512f", "avx512_vnni"]);
         assert_eq!(
-            required_flags("aarch64", "neon,dotprod,fp-armv8", true, ""),
+            required_flags("aarch64", "neon,dotprod,fp-armv8", ""),
             ["asimd", "asimddp"]
         );
         // Another architecture's names never leak in.
-        assert!(required_flags("riscv64", "avx2", false, "").is_empty());
+        assert!(required_flags("riscv64", "avx2", "avx2").is_empty());
     }
 
     #[test]

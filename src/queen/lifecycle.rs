@@ -277,11 +277,8 @@ async fn start(
         if let Some(pid) = remote_pid
             && Instant::now() >= next_watch
         {
-            if let Some(why) = remote_exit(conn, budget, pid).await? {
-                return Err(Error::hive(format!(
-                    "the hive on `{}` exited during start: {why}",
-                    conn.node.name
-                )));
+            if let Some(e) = remote_exit(conn, budget, pid).await? {
+                return Err(e);
             }
             next_watch = Instant::now() + REMOTE_WATCH;
         }
@@ -300,7 +297,7 @@ const REMOTE_WATCH: Duration = Duration::from_millis(250);
 
 /// Why the hive started on the node as `pid` exited, from its log; `None` while it runs (or
 /// another hive holds the pidfile).
-async fn remote_exit(conn: &mut NodeConn, budget: &Budget, pid: u32) -> Result<Option<String>> {
+async fn remote_exit(conn: &mut NodeConn, budget: &Budget, pid: u32) -> Result<Option<Error>> {
     let node = conn.node.clone();
     let session = conn.ssh(budget).await?;
     let out = session
@@ -313,16 +310,34 @@ async fn remote_exit(conn: &mut NodeConn, budget: &Budget, pid: u32) -> Result<O
     let Some(rest) = text.strip_prefix("exited") else {
         return Ok(None);
     };
-    let why = rest
-        .trim()
-        .rsplit_once("ERROR")
-        .map_or(rest.trim(), |(_, why)| why.trim())
-        .to_string();
-    Ok(Some(if why.is_empty() {
+    let rest = rest.trim();
+    let why = match rest.strip_prefix("binary_status=") {
+        // 128 + SIGILL from a POSIX shell (ksh93 adds 256): the binary itself cannot run there.
+        Some("132" | "260") => {
+            return Ok(Some(Error::config(format!(
+                "the hive on `{0}` exited during start: `{1}/bin/rbee` dies there with SIGILL \
+                 (an instruction the node's CPU lacks), so it was built for another CPU; list a \
+                 build for that CPU under [[binaries]] (`rbee nodes check {0}` shows the node's \
+                 platform and the entry chosen)",
+                node.name,
+                node.remote_dir.trim_end_matches('/'),
+            ))));
+        }
+        Some(_) => String::new(),
+        None => rest
+            .rsplit_once("ERROR")
+            .map_or(rest, |(_, why)| why.trim())
+            .to_string(),
+    };
+    let why = if why.is_empty() {
         format!("its log holds no error; `rbee logs {}` shows it", node.name)
     } else {
         why
-    }))
+    };
+    Ok(Some(Error::hive(format!(
+        "the hive on `{}` exited during start: {why}",
+        node.name
+    ))))
 }
 
 fn spawn_local(node: &Node) -> Result<std::process::Child> {

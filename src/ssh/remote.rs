@@ -273,13 +273,18 @@ pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
 /// Prints `exited` and the last error line of `<remote_dir>/<log_file>` when the hive started as
 /// `pid` has exited and no other hive holds the pidfile (one started beside it may have won);
 /// prints nothing while it runs. An exited hive may stay a zombie for a while (its parent is
-/// whatever reaps orphans on the node), so its state is read, not just its pid signalled.
+/// whatever reaps orphans on the node), so its state is read, not just its pid signalled. A hive
+/// that logged no error may not have run at all: then `binary_status=N` is the exit status of
+/// `bin/rbee --version` (132, 128 + SIGILL, for a build the node's CPU cannot run).
 pub(crate) fn hive_exited(remote_dir: &str, pid_file: &str, log_file: &str, pid: u32) -> String {
     let log = remote_join(remote_dir, log_file);
+    let bin = remote_join(remote_dir, "bin/rbee");
     format!(
         "s=$(sed 's/.*) //' /proc/{pid}/stat 2>/dev/null | cut -c1); \
          [ -n \"$s\" ] && [ \"$s\" != Z ] && exit 0; h=$({}); [ -n \"$h\" ] && exit 0; \
-         echo exited; grep ERROR {log} 2>/dev/null | tail -n 1",
+         echo exited; e=$(grep ERROR {log} 2>/dev/null | tail -n 1); \
+         if [ -n \"$e\" ]; then printf '%s\\n' \"$e\"; \
+         else {bin} --version >/dev/null 2>&1; echo \"binary_status=$?\"; fi",
         pidfile_holder(remote_dir, pid_file)
     )
 }

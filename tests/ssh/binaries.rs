@@ -148,6 +148,24 @@ fn a_node_whose_cpu_lacks_what_this_build_uses_is_refused_before_anything_is_sen
 }
 
 #[test]
+fn a_listed_build_the_nodes_cpu_cannot_run_is_reported_as_such_when_its_hive_dies() {
+    let Some(fleet) = Fleet::new(&[node("a")]) else {
+        return;
+    };
+    let target = this_target(&fleet);
+    // A build for another CPU, as the node sees it: it dies at once with SIGILL.
+    let other = fleet.env.path().join("rbee-other-cpu");
+    std::fs::write(&other, "#!/bin/sh\nkill -ILL $$\n").expect("write");
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    add_binary(&fleet, &target, "cpu", &other, &sha256(&other));
+    let run = fleet.env.run(&["hive", "start", "a"]);
+    run.expect(3);
+    assert!(run.stderr.contains("SIGILL"), "{}", run.stderr);
+    assert!(run.stderr.contains("[[binaries]]"), "{}", run.stderr);
+}
+
+#[test]
 fn each_variant_lands_at_its_digest_and_the_hive_runs_from_there() {
     let spec = NodeSpec {
         extra: "binary = \"vulkan\"\n",
