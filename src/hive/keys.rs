@@ -330,14 +330,20 @@ fn unknown(kid: &str) -> Error {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_waiting_key_is_accepted_once_approved_and_refused_once_revoked() {
+    /// A node directory with one enrolled key, and its keys opened.
+    fn one_enrolled() -> (tempfile::TempDir, Key, NodeKeys) {
         let dir = tempfile::tempdir().expect("tempdir");
         let first = Key::random();
         first
             .save(&dir.path().join(format!("keys/{}.key", first.fingerprint())))
             .expect("first");
         let keys = NodeKeys::open(dir.path(), Duration::from_secs(300)).expect("open");
+        (dir, first, keys)
+    }
+
+    #[test]
+    fn a_waiting_key_is_accepted_once_approved_and_refused_once_revoked() {
+        let (dir, first, keys) = one_enrolled();
         // No `hive.key` is made beside an enrolled key.
         assert_eq!(keys.reload().expect("reload"), vec![first.fingerprint()]);
         assert!(!dir.path().join(KEY_FILE).exists());
@@ -364,12 +370,7 @@ mod tests {
 
     #[test]
     fn a_key_that_waited_longer_than_a_week_is_neither_listed_nor_approved() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let first = Key::random();
-        first
-            .save(&dir.path().join(format!("keys/{}.key", first.fingerprint())))
-            .expect("first");
-        let keys = NodeKeys::open(dir.path(), Duration::from_secs(300)).expect("open");
+        let (dir, _first, keys) = one_enrolled();
         let ask = |key: &Key, age: Duration| {
             let path = dir
                 .path()

@@ -22,6 +22,14 @@ fn add_binary(fleet: &Fleet, target: &str, variant: &str, path: &Path, sha: &str
     std::fs::write(&fleet.env.config, text).expect("write");
 }
 
+/// Checks that no binary reached the node's `bin/`.
+fn nothing_uploaded(remote_dir: &Path) {
+    let entries: Vec<_> = std::fs::read_dir(remote_dir.join("bin"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "uploaded: {entries:?}");
+}
+
 /// The file the hive of `remote_dir` runs, from its `/proc/PID/exe`.
 fn hive_exe(remote_dir: &Path) -> (i32, PathBuf) {
     let pid: i32 = std::fs::read_to_string(remote_dir.join("hive.pid"))
@@ -65,11 +73,7 @@ fn a_node_whose_only_entry_is_for_another_target_exits_3_and_gets_nothing() {
             run.stderr
         );
     }
-    let bin_dir = fleet.remote_dir("a").join("bin");
-    let entries: Vec<_> = std::fs::read_dir(&bin_dir)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(entries.is_empty(), "uploaded: {entries:?}");
+    nothing_uploaded(&fleet.remote_dir("a"));
 }
 
 #[test]
@@ -140,10 +144,7 @@ fn a_node_whose_cpu_lacks_what_this_build_uses_is_refused_before_anything_is_sen
     }
     // Nothing was sent and no hive runs there.
     let remote_dir = fleet.remote_dir("a");
-    let entries: Vec<_> = std::fs::read_dir(remote_dir.join("bin"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(entries.is_empty(), "uploaded: {entries:?}");
+    nothing_uploaded(&remote_dir);
     assert!(!remote_dir.join("hive.pid").exists());
 }
 
