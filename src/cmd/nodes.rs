@@ -129,6 +129,10 @@ struct Check {
     glibc: Option<String>,
     gpus: Vec<crate::queen::probe::Gpu>,
     platform_matches: Option<bool>,
+    /// The CPU flags this rbee uses that the node's `/proc/cpuinfo` does not list, where it runs
+    /// on the node's platform (then it is not installed there).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cpu_missing: Vec<&'static str>,
     free_bytes: Option<u64>,
     installed_version: Option<String>,
     /// The llama.cpp backends of the binary the node runs (or would run).
@@ -300,6 +304,13 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
     check.target = Some(facts.target.clone());
     check.glibc = facts.glibc.clone();
     check.gpus = facts.gpus.clone();
+    if let Some(flags) = facts
+        .cpu_flags
+        .as_ref()
+        .filter(|_| crate::queen::probe::runs_on(crate::platform::TARGET, &facts.target))
+    {
+        check.cpu_missing = crate::platform::missing_flags(&crate::platform::cpu_flags(), flags);
+    }
     check.free_bytes = facts.free_bytes;
     check
         .warnings

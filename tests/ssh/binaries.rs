@@ -132,6 +132,11 @@ fn a_node_whose_cpu_lacks_what_this_build_uses_is_refused_before_anything_is_sen
     assert_eq!(report["ok"], false, "{report}");
     let error = report["error"].as_str().expect("error");
     assert!(error.contains(&format!("lacks {dropped},")), "{error}");
+    assert_eq!(
+        report["cpu_missing"],
+        serde_json::json!([dropped]),
+        "{report}"
+    );
     for args in [&["hive", "install", "a"][..], &["hive", "start", "a"][..]] {
         let run = fleet.env.run(args);
         run.expect(3);
@@ -276,6 +281,8 @@ fn nodes_check_on_a_cpu_only_node_reports_platform_libc_no_gpus_and_backends() {
     };
     let before = check(&fleet);
     assert_eq!(before["ok"], true, "{before}");
+    // This machine's CPU runs this build: nothing is missing.
+    assert!(before.get("cpu_missing").is_none(), "{before}");
     assert_eq!(
         before["platform"],
         format!("Linux {}", std::env::consts::ARCH),
