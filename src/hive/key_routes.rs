@@ -57,19 +57,33 @@ pub(crate) async fn retire(
     Extension(by): Extension<Authenticated>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let keys = match key_id(&body)? {
-        Some(kid) => {
-            let _changing = hive.keys.changing().await;
-            hive.keys.retire_kid_check(&kid)?;
-            record(&hive, "key_retired", &kid, &by).await?;
-            hive.keys.retire_kid(&kid)?
+    let kid = key_id(&body)?;
+    let keys = changed(hive, move |hive| async move {
+        let _changing = hive.keys.changing().await;
+        match kid {
+            Some(kid) => {
+                let checked = hive.keys.retire_kid_check(&kid)?;
+                record(&hive, "key_retired", &kid, &by).await?;
+                hive.keys.retire_checked(checked)
+            }
+            None => hive.keys.retire(),
         }
-        None => {
-            let _changing = hive.keys.changing().await;
-            hive.keys.retire()?
-        }
-    };
+    })
+    .await?;
     Ok(Json(serde_json::json!({ "accepted": keys })))
+}
+
+/// Runs a change to the keys as a task of its own: once its record is written the change is
+/// made, even when the client that asked has gone (a dropped handler would stop between the
+/// two).
+async fn changed<F, Fut>(hive: Arc<Hive>, change: F) -> Result<Vec<String>>
+where
+    F: FnOnce(Arc<Hive>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<String>>> + Send + 'static,
+{
+    tokio::spawn(change(hive))
+        .await
+        .map_err(|e| Error::internal(format!("the key change failed: {e}")))?
 }
 
 pub(crate) async fn list(State(hive): State<Arc<Hive>>) -> Result<Json<KeyList>, ApiError> {
@@ -82,16 +96,18 @@ pub(crate) async fn approve(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
-    let _changing = hive.keys.changing().await;
-    if hive.keys.approve_check(&kid)?.is_none() {
-        // Enrolled already: nothing changes, nothing to record.
-        return Ok(Json(
-            serde_json::json!({ "accepted": hive.keys.verifier().fingerprints() }),
-        ));
-    }
-    record(&hive, "key_enrolled", &kid, &by).await?;
-    let keys = hive.keys.approve(&kid)?;
-    tracing::info!(kid = %kid, by = %by.kid(), "key enrolled");
+    let keys = changed(hive, move |hive| async move {
+        let _changing = hive.keys.changing().await;
+        let Some(pending) = hive.keys.approve_check(&kid)? else {
+            // Enrolled already: nothing changes, nothing to record.
+            return Ok(hive.keys.verifier().fingerprints());
+        };
+        record(&hive, "key_enrolled", &kid, &by).await?;
+        let keys = hive.keys.approve_checked(&kid, &pending)?;
+        tracing::info!(kid = %kid, by = %by.kid(), "key enrolled");
+        Ok(keys)
+    })
+    .await?;
     Ok(Json(serde_json::json!({ "accepted": keys })))
 }
 
@@ -101,10 +117,14 @@ pub(crate) async fn revoke(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kid = key_id(&body)?.ok_or_else(|| Error::invalid("name the key: {\"kid\": KEY_ID}"))?;
-    let _changing = hive.keys.changing().await;
-    hive.keys.revoke_check(&kid)?;
-    record(&hive, "key_revoked", &kid, &by).await?;
-    let keys = hive.keys.revoke(&kid)?;
-    tracing::info!(kid = %kid, by = %by.kid(), "key revoked");
+    let keys = changed(hive, move |hive| async move {
+        let _changing = hive.keys.changing().await;
+        let checked = hive.keys.revoke_check(&kid)?;
+        record(&hive, "key_revoked", &kid, &by).await?;
+        let keys = hive.keys.revoke_checked(&kid, checked)?;
+        tracing::info!(kid = %kid, by = %by.kid(), "key revoked");
+        Ok(keys)
+    })
+    .await?;
     Ok(Json(serde_json::json!({ "accepted": keys })))
 }

@@ -165,8 +165,14 @@ impl NodeKeys {
 
     /// Ends the key `kid` the way a rotation does: its file goes now, and the key stays
     /// accepted for the grace, for the requests its machine signed before it switched.
+    #[cfg(test)]
     pub(crate) fn retire_kid(&self, kid: &str) -> Result<Vec<String>> {
-        let (path, old) = self.retire_kid_check(kid)?;
+        let checked = self.retire_kid_check(kid)?;
+        self.retire_checked(checked)
+    }
+
+    /// `retire_kid` of what `retire_kid_check` found.
+    pub(crate) fn retire_checked(&self, (path, old): (PathBuf, Key)) -> Result<Vec<String>> {
         std::fs::remove_file(&path).at("remove the retired key", &path)?;
         let now = Instant::now();
         let mut leaving = self.verifier.leaving(now);
@@ -233,12 +239,19 @@ impl NodeKeys {
 
     /// Approves the key `kid` that asked to be enrolled (`keys/pending/<kid>.key`, put there
     /// over SSH by its machine): it moves among the enrolled keys and is accepted from now on.
+    #[cfg(test)]
     pub(crate) fn approve(&self, kid: &str) -> Result<Vec<String>> {
-        let Some(pending) = self.approve_check(kid)? else {
-            return Ok(self.verifier.fingerprints());
-        };
+        match self.approve_check(kid)? {
+            Some(pending) => self.approve_checked(kid, &pending),
+            None => Ok(self.verifier.fingerprints()),
+        }
+    }
+
+    /// `approve` of the waiting file `approve_check` found, without checking it again: the
+    /// change its record says was made.
+    pub(crate) fn approve_checked(&self, kid: &str, pending: &Path) -> Result<Vec<String>> {
         let enrolled = self.dir.join(format!("{kid}.key"));
-        std::fs::rename(&pending, &enrolled).at("enroll the key at", &enrolled)?;
+        std::fs::rename(pending, &enrolled).at("enroll the key at", &enrolled)?;
         let leaving = self.verifier.leaving(Instant::now());
         self.reload_leaving(leaving)
     }
@@ -278,8 +291,15 @@ impl NodeKeys {
 
     /// Revokes the key `kid` (enrolled or waiting) at once; the last enrolled key is kept, or
     /// nobody could reach the node's hive any more.
+    #[cfg(test)]
     pub(crate) fn revoke(&self, kid: &str) -> Result<Vec<String>> {
-        let path = match self.revoke_check(kid)? {
+        let checked = self.revoke_check(kid)?;
+        self.revoke_checked(kid, checked)
+    }
+
+    /// `revoke` of what `revoke_check` found.
+    pub(crate) fn revoke_checked(&self, kid: &str, checked: Revocation) -> Result<Vec<String>> {
+        let path = match checked {
             Revocation::Waiting(pending) => {
                 std::fs::remove_file(&pending).at("remove the waiting key", &pending)?;
                 return Ok(self.verifier.fingerprints());
@@ -366,6 +386,14 @@ mod tests {
         let last = keys.revoke(&first.fingerprint()).expect_err("last key");
         assert_eq!(last.kind(), crate::error::ExitKind::InvalidRequest);
         assert!(keys.revoke("../hive").is_err());
+        // Nor is it retired.
+        let last = keys.retire_kid(&first.fingerprint()).expect_err("last key");
+        assert_eq!(last.kind(), crate::error::ExitKind::InvalidRequest);
+        assert!(
+            keys.verifier()
+                .fingerprints()
+                .contains(&first.fingerprint())
+        );
     }
 
     #[test]
