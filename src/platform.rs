@@ -84,6 +84,12 @@ pub(crate) fn cpu_flags() -> Vec<&'static str> {
     required_flags(std::env::consts::ARCH, TARGET_FEATURES, GGML_FEATURES)
 }
 
+/// Those of `cpu_flags` that llama.cpp's own build adds (its default set, or a GGML_* variable),
+/// apart from the compiler's.
+pub(crate) fn ggml_cpu_flags() -> Vec<&'static str> {
+    required_flags(std::env::consts::ARCH, "", GGML_FEATURES)
+}
+
 /// The `/proc/cpuinfo` names, for `arch`, of the compiler's `features` and llama.cpp's `ggml`
 /// ones (both comma-separated Rust names).
 fn required_flags(arch: &str, features: &str, ggml: &str) -> Vec<&'static str> {

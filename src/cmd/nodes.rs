@@ -129,10 +129,11 @@ struct Check {
     glibc: Option<String>,
     gpus: Vec<crate::queen::probe::Gpu>,
     platform_matches: Option<bool>,
-    /// The CPU flags this rbee uses that the node's `/proc/cpuinfo` does not list, where it runs
-    /// on the node's platform (then it is not installed there).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    cpu_missing: Vec<&'static str>,
+    /// Where this very rbee is the binary chosen for the node and the node lists its CPU's
+    /// flags: those it uses that the node's `/proc/cpuinfo` does not list (empty: it fits; not
+    /// empty: it is not installed there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_missing: Option<Vec<&'static str>>,
     free_bytes: Option<u64>,
     installed_version: Option<String>,
     /// The llama.cpp backends of the binary the node runs (or would run).
@@ -304,13 +305,6 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
     check.target = Some(facts.target.clone());
     check.glibc = facts.glibc.clone();
     check.gpus = facts.gpus.clone();
-    if let Some(flags) = facts
-        .cpu_flags
-        .as_ref()
-        .filter(|_| crate::queen::probe::runs_on(crate::platform::TARGET, &facts.target))
-    {
-        check.cpu_missing = crate::platform::missing_flags(&crate::platform::cpu_flags(), flags);
-    }
     check.free_bytes = facts.free_bytes;
     check
         .warnings
@@ -327,6 +321,11 @@ async fn check_one(ctx: &Context, node: Node) -> Check {
             .as_deref()
             .map(|v| v.trim_start_matches("rbee ").to_string()),
     };
+    if let Ok(choice) = install::choose_entry(&node, &facts)
+        && choice.origin == Origin::Running
+    {
+        check.cpu_missing = install::cpu_missing(&facts);
+    }
     match install::choose(&node, &facts) {
         Ok(choice) => {
             let sha256 = match &choice.origin {

@@ -76,6 +76,15 @@ fn gpu_variants(facts: &NodeFacts) -> Vec<(&'static str, String)> {
 /// target and variant, unless the file lists that pair itself). Pure: what the node is comes
 /// from its probe.
 pub(crate) fn choose(node: &Node, facts: &NodeFacts) -> Result<Choice> {
+    let choice = choose_entry(node, facts)?;
+    if choice.origin == Origin::Running {
+        cpu_fits(node, facts)?;
+    }
+    Ok(choice)
+}
+
+/// `choose` without the CPU check, for `nodes check` to report what it found.
+pub(crate) fn choose_entry(node: &Node, facts: &NodeFacts) -> Result<Choice> {
     let mut entries: Vec<Choice> = node
         .binaries
         .iter()
@@ -137,10 +146,6 @@ pub(crate) fn choose(node: &Node, facts: &NodeFacts) -> Result<Choice> {
         )
     };
     match found {
-        Some(c) if c.origin == Origin::Running => {
-            cpu_fits(node, facts)?;
-            Ok(Choice { reason, ..c })
-        }
         Some(c) => Ok(Choice { reason, ..c }),
         None => Err(Error::config(format!(
             "node `{}` runs {} and no binary for it is known ({reason}); build or download rbee \
@@ -154,35 +159,52 @@ pub(crate) fn choose(node: &Node, facts: &NodeFacts) -> Result<Choice> {
     }
 }
 
+/// The CPU flags the running build uses that the node's CPU does not list; `None` where the
+/// node does not list its flags (no `/proc/cpuinfo`).
+pub(crate) fn cpu_missing(facts: &NodeFacts) -> Option<Vec<&'static str>> {
+    let flags = facts.cpu_flags.as_ref()?;
+    Some(platform::missing_flags(&platform::cpu_flags(), flags))
+}
+
 /// Whether the node's CPU has what this build uses (`platform::cpu_flags`), where the node lists
 /// its CPU's flags: a build for another CPU would die there with SIGILL at its first such
-/// instruction, so it is refused before anything is sent (exit 3).
+/// instruction, so it is refused before anything is sent (exit 3). The message says where each
+/// missing flag comes from: the compiler's flags or llama.cpp's own build.
 fn cpu_fits(node: &Node, facts: &NodeFacts) -> Result<()> {
-    let Some(flags) = &facts.cpu_flags else {
-        return Ok(());
-    };
-    let missing = platform::missing_flags(&platform::cpu_flags(), flags);
+    let missing = cpu_missing(facts).unwrap_or_default();
     if missing.is_empty() {
         return Ok(());
     }
-    let (built, instead) = if platform::native() {
-        (
-            "built for its build machine's CPU (`-C target-cpu=native`, `RBEE_NATIVE=1`)",
-            "Build rbee without `RBEE_NATIVE` (or on a machine with that node's CPU)",
-        )
-    } else if std::env::consts::ARCH != "x86_64" {
-        ("built for its target's baseline", "Build rbee for that CPU")
+    let why = if platform::native() {
+        "it was built for its build machine's CPU (`-C target-cpu=native`, `RBEE_NATIVE=1`). \
+         Build rbee without `RBEE_NATIVE` (or on a machine with that node's CPU)"
+            .to_string()
     } else {
-        (
-            "built with llama.cpp's default x86-64 instructions (SSE4.2, AVX, AVX2, FMA, F16C, \
-             BMI2)",
-            "Build rbee with those turned off (`GGML_SSE42=OFF GGML_AVX=OFF GGML_AVX2=OFF \
-             GGML_FMA=OFF GGML_F16C=OFF GGML_BMI2=OFF cargo build --release`)",
-        )
+        let ggml = platform::ggml_cpu_flags();
+        let (from_ggml, from_rust): (Vec<&str>, Vec<&str>) =
+            missing.iter().partition(|f| ggml.contains(f));
+        let mut parts = Vec::new();
+        if !from_rust.is_empty() {
+            parts.push(format!(
+                "Rust code compiled for {} (`-C target-cpu` or `-C target-feature` in RUSTFLAGS: \
+                 build without them)",
+                from_rust.join(", ")
+            ));
+        }
+        if !from_ggml.is_empty() {
+            parts.push(format!(
+                "llama.cpp built with {} (its default x86-64 set, or a GGML_* variable: build \
+                 in a fresh CARGO_TARGET_DIR with those turned off, for example `GGML_SSE42=OFF \
+                 GGML_AVX=OFF GGML_AVX2=OFF GGML_FMA=OFF GGML_F16C=OFF GGML_BMI2=OFF cargo build \
+                 --release`, as llama.cpp's CMake cache keeps the old ones)",
+                from_ggml.join(", ")
+            ));
+        }
+        format!("it has {}. Build it that way", parts.join(", and "))
     };
     Err(Error::config(format!(
-        "node `{}`'s CPU lacks {}, which this rbee uses: it is {built}. {instead} and list that \
-         build for the node's platform:\n\n[[binaries]]\ntarget = \"{}\"\nvariant = \"{}\"\n\
+        "node `{}`'s CPU lacks {}, which this rbee uses: {why}, and list that build for the \
+         node's platform:\n\n[[binaries]]\ntarget = \"{}\"\nvariant = \"{}\"\n\
          path = \"PATH/TO/rbee\"\nsha256 = \"...\"             # sha256sum of the file",
         node.name,
         missing.join(", "),

@@ -208,7 +208,8 @@ async fn start(
     let _spinner = progress.spinner(format!("starting the hive on `{}`", conn.node.name));
     let mut child = None;
     // The pid of the hive started on an SSH node, watched until it answers.
-    let mut remote_pid: Option<u32> = None;
+    // The hive's pid on the node, and its log's size before it started.
+    let mut remote_pid: Option<(u32, u64)> = None;
     if conn.is_local() {
         child = Some(spawn_local(&conn.node)?);
     } else {
@@ -228,11 +229,14 @@ async fn start(
                 "starting the hive",
                 &remote::start_hive(
                     &node.remote_dir,
+                    LOG_FILE,
                     &crate::hive::args::ServeArgs::settings_for(&node),
                 ),
             )
             .await?;
-        remote_pid = out.stdout_text().parse().ok();
+        remote_pid = out.stdout_text().split_once(' ').and_then(|(pid, offset)| {
+            Some((pid.parse().ok()?, offset.trim().parse().unwrap_or(0)))
+        });
         conn.home_seen(&installed.home)?;
     }
     tracing::info!(node = %conn.node.name, "hive starting");
@@ -274,10 +278,10 @@ async fn start(
             )));
         }
         // A hive that fails at once on its node says why in its log before it exits.
-        if let Some(pid) = remote_pid
+        if let Some((pid, offset)) = remote_pid
             && Instant::now() >= next_watch
         {
-            if let Some(e) = remote_exit(conn, budget, pid).await? {
+            if let Some(e) = remote_exit(conn, budget, pid, offset).await? {
                 return Err(e);
             }
             next_watch = Instant::now() + REMOTE_WATCH;
@@ -297,12 +301,17 @@ const REMOTE_WATCH: Duration = Duration::from_millis(250);
 
 /// Why the hive started on the node as `pid` exited, from its log; `None` while it runs (or
 /// another hive holds the pidfile).
-async fn remote_exit(conn: &mut NodeConn, budget: &Budget, pid: u32) -> Result<Option<Error>> {
+async fn remote_exit(
+    conn: &mut NodeConn,
+    budget: &Budget,
+    pid: u32,
+    offset: u64,
+) -> Result<Option<Error>> {
     let node = conn.node.clone();
     let session = conn.ssh(budget).await?;
     let out = session
         .exec(
-            &remote::hive_exited(&node.remote_dir, PID_FILE, LOG_FILE, pid),
+            &remote::hive_exited(&node.remote_dir, PID_FILE, LOG_FILE, pid, offset),
             None,
         )
         .await?;

@@ -258,33 +258,46 @@ pub(crate) fn enroll_key(remote_dir: &str, kid: &str, sha: &str) -> String {
 
 /// Starts the hive detached from the SSH session: only the hive runs in the background, with
 /// none of the channel's streams, so the channel closes at once (the hive then leaves the
-/// session with setsid itself). Prints the hive's pid. `settings` are the hive's own
-/// arguments after `--dir`.
-pub(crate) fn start_hive(remote_dir: &str, settings: &[String]) -> String {
+/// session with setsid itself). Prints the hive's pid and the size of `<remote_dir>/<log_file>`
+/// before it started, so that what this start logged can be told from earlier runs' lines.
+/// `settings` are the hive's own arguments after `--dir`.
+pub(crate) fn start_hive(remote_dir: &str, log_file: &str, settings: &[String]) -> String {
     let bin = remote_join(remote_dir, "bin/rbee");
     let dir = remote_path(remote_dir);
+    let log = remote_join(remote_dir, log_file);
     let args: Vec<String> = settings.iter().map(|a| quote(a)).collect();
     format!(
-        "cd / || exit 1; {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 & echo $!",
+        "cd / || exit 1; o=$({{ wc -c < {log}; }} 2>/dev/null | tr -d ' '); \
+         {bin} hive serve --dir {dir} {} </dev/null >/dev/null 2>&1 & echo \"$! ${{o:-0}}\"",
         args.join(" ")
     )
 }
 
-/// Prints `exited` and the last error line of `<remote_dir>/<log_file>` when the hive started as
-/// `pid` has exited and no other hive holds the pidfile (one started beside it may have won);
-/// prints nothing while it runs. An exited hive may stay a zombie for a while (its parent is
-/// whatever reaps orphans on the node), so its state is read, not just its pid signalled. A hive
-/// that logged no error may not have run at all: then `binary_status=N` is the exit status of
-/// `bin/rbee --version` (132, 128 + SIGILL, for a build the node's CPU cannot run).
-pub(crate) fn hive_exited(remote_dir: &str, pid_file: &str, log_file: &str, pid: u32) -> String {
+/// Prints `exited` and the last error line that `<remote_dir>/<log_file>` gained past byte
+/// `offset` (its size when this start began; a log rotated since is read whole) when the hive
+/// started as `pid` has exited and no other hive holds the pidfile (one started beside it may
+/// have won); prints nothing while it runs. An exited hive may stay a zombie for a while (its
+/// parent is whatever reaps orphans on the node), so its state is read, not just its pid
+/// signalled. A hive that logged no error may not have run at all: then `binary_status=N` is the
+/// exit status of `bin/rbee --version` (132, 128 + SIGILL, for a build the node's CPU cannot
+/// run), with no core file left behind.
+pub(crate) fn hive_exited(
+    remote_dir: &str,
+    pid_file: &str,
+    log_file: &str,
+    pid: u32,
+    offset: u64,
+) -> String {
     let log = remote_join(remote_dir, log_file);
     let bin = remote_join(remote_dir, "bin/rbee");
     format!(
         "s=$(sed 's/.*) //' /proc/{pid}/stat 2>/dev/null | cut -c1); \
          [ -n \"$s\" ] && [ \"$s\" != Z ] && exit 0; h=$({}); [ -n \"$h\" ] && exit 0; \
-         echo exited; e=$(grep ERROR {log} 2>/dev/null | tail -n 1); \
+         echo exited; o={offset}; n=$({{ wc -c < {log}; }} 2>/dev/null | tr -d ' '); \
+         [ \"${{n:-0}}\" -lt $o ] && o=0; \
+         e=$(tail -c +$((o + 1)) {log} 2>/dev/null | grep ERROR | tail -n 1); \
          if [ -n \"$e\" ]; then printf '%s\\n' \"$e\"; \
-         else {bin} --version >/dev/null 2>&1; echo \"binary_status=$?\"; fi",
+         else (ulimit -c 0; {bin} --version >/dev/null 2>&1); echo \"binary_status=$?\"; fi",
         pidfile_holder(remote_dir, pid_file)
     )
 }

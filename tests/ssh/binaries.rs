@@ -165,10 +165,19 @@ fn a_listed_build_the_nodes_cpu_cannot_run_is_reported_as_such_when_its_hive_die
     std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
     add_binary(&fleet, &target, "cpu", &other, &sha256(&other));
+    // An error an earlier hive logged is not this start's.
+    let remote_dir = fleet.remote_dir("a");
+    std::fs::create_dir_all(&remote_dir).expect("remote dir");
+    std::fs::write(
+        remote_dir.join("hive.log"),
+        "2026-01-01T00:00:00Z ERROR rbee::hive: an earlier run's error\n",
+    )
+    .expect("old log");
     let run = fleet.env.run(&["hive", "start", "a"]);
     run.expect(3);
     assert!(run.stderr.contains("SIGILL"), "{}", run.stderr);
     assert!(run.stderr.contains("[[binaries]]"), "{}", run.stderr);
+    assert!(!run.stderr.contains("earlier run"), "{}", run.stderr);
 }
 
 #[test]
@@ -281,8 +290,8 @@ fn nodes_check_on_a_cpu_only_node_reports_platform_libc_no_gpus_and_backends() {
     };
     let before = check(&fleet);
     assert_eq!(before["ok"], true, "{before}");
-    // This machine's CPU runs this build: nothing is missing.
-    assert!(before.get("cpu_missing").is_none(), "{before}");
+    // This machine's CPU runs this build: checked, and nothing is missing.
+    assert_eq!(before["cpu_missing"], serde_json::json!([]), "{before}");
     assert_eq!(
         before["platform"],
         format!("Linux {}", std::env::consts::ARCH),
