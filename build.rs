@@ -27,6 +27,9 @@ fn main() {
         "cargo:rustc-env=RBEE_TARGET_CPU_NATIVE={}",
         if native { "1" } else { "" }
     );
+    if native {
+        warn_of_amx_miscompile();
+    }
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let ggml = if arch == "x86_64" && !native {
         ggml_x86_features(&target)
@@ -39,6 +42,42 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+}
+
+/// GGML_NATIVE on a build machine with AMX compiles in llama.cpp's AMX kernels, and GCC's RTL
+/// dead-store elimination drops the stores that fill their tile configuration before
+/// `ldtilecfg` reads it, so the worker dies with SIGSEGV on its first prompt (llama.cpp issue
+/// 20824). `RBEE_NATIVE=1 scripts/setup.sh` passes -fno-dse through llama-cpp-sys-2's CMAKE_*
+/// variables; a hand-made native build without it is told so here.
+fn warn_of_amx_miscompile() {
+    for var in [
+        "CMAKE_CXX_FLAGS_RELEASE",
+        "CMAKE_CXX_FLAGS_RELWITHDEBINFO",
+        "CMAKE_CXX_FLAGS",
+        "CXX",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let amx = std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|c| c.split_whitespace().any(|flag| flag == "amx_int8"));
+    let fixed = ["CMAKE_CXX_FLAGS_RELEASE", "CMAKE_CXX_FLAGS"]
+        .iter()
+        .any(|var| std::env::var(var).is_ok_and(|v| v.split_whitespace().any(|f| f == "-fno-dse")));
+    if !amx || fixed {
+        return;
+    }
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let gcc = std::process::Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("Free Software Foundation"));
+    if gcc {
+        println!(
+            "cargo:warning=this CPU has AMX and {cxx} is GCC, which miscompiles llama.cpp's AMX \
+             kernels without -fno-dse (GCC 12 does: the worker dies on its first prompt); build \
+             with `RBEE_NATIVE=1 scripts/setup.sh`, which sets it and rebuilds llama.cpp"
+        );
+    }
 }
 
 /// llama.cpp's CMake options for x86 instruction sets, and the features each one compiles in

@@ -12,7 +12,8 @@
 #     installed as $RBEE_BIN_DIR/rbee (default /usr/local/bin when writable, else ~/.local/bin)
 # RBEE_NATIVE=1 builds for this machine's CPU instead (`-C target-cpu=native`, which turns on
 # llama.cpp's GGML_NATIVE), into ~/.cache/rbee/target-native unless CARGO_TARGET_DIR says
-# otherwise: faster here, and refused (exit 3) for a node whose CPU lacks what it uses.
+# otherwise: faster here, and refused (exit 3) for a node whose CPU lacks what it uses. With
+# GCC it builds llama.cpp with -fno-dse, without which its AMX kernels crash (see below).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +27,25 @@ if [ "${RBEE_NATIVE:-}" = 1 ]; then
     esac
     export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-cpu=native"
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target-native}"
+    # On a CPU with AMX, GGML_NATIVE compiles in llama.cpp's AMX kernels, and GCC's RTL
+    # dead-store elimination drops the stores that fill their tile configuration before
+    # `ldtilecfg` reads it: every batched matrix product (each prompt) then dies with SIGSEGV, as
+    # llama.cpp's own default build does (llama.cpp issue 20824). -fno-dse keeps those stores.
+    # llama-cpp-sys-2 hands CMAKE_* variables to CMake; these are CMake's own Release and
+    # RelWithDebInfo flags plus -fno-dse.
+    if "${CXX:-c++}" --version 2>/dev/null | grep -qi "free software foundation"; then
+        export CMAKE_CXX_FLAGS_RELEASE="${CMAKE_CXX_FLAGS_RELEASE:--O3 -DNDEBUG} -fno-dse"
+        export CMAKE_CXX_FLAGS_RELWITHDEBINFO="${CMAKE_CXX_FLAGS_RELWITHDEBINFO:--O2 -g -DNDEBUG} -fno-dse"
+        # llama-cpp-sys-2 does not rebuild when a CMAKE_* variable changes, so a llama.cpp built
+        # here without the flag is removed, to be built again.
+        for cache in "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/build/CMakeCache.txt; do
+            if [ -f "$cache" ] && ! grep -q -- "-fno-dse" "$cache"; then
+                printf 'setup: rebuilding llama.cpp with -fno-dse (its AMX kernels)\n' >&2
+                rm -rf "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*
+                break
+            fi
+        done
+    fi
 fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target}"
 MODEL_DIR="${RBEE_MODEL_DIR:-$HOME/.cache/rbee/models}"
