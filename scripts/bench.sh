@@ -50,7 +50,8 @@ command -v curl >/dev/null || { echo "bench: needs curl" >&2; exit 1; }
 
 say() { printf 'bench: %s\n' "$*" >&2; }
 
-LLAMA_SERVER="$(scripts/llama-cpp.sh default)/llama-server"
+# llama.cpp's defaults, or the matched build where the default one dies on a prompt (it says so).
+LLAMA_SERVER="$(scripts/llama-cpp.sh server "$MODEL")/llama-server"
 say "building the raw engine benchmark"
 ENGINE=$(scripts/bench_engine.sh)
 

@@ -46,6 +46,12 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 
 DEFAULT_BIN=$(scripts/llama-cpp.sh default)
 MATCHED_BIN=$(scripts/llama-cpp.sh matched)
+SERVER_BIN=$(scripts/llama-cpp.sh server "$MODEL")
+case "$SERVER_BIN" in
+    "$DEFAULT_BIN") server_build="defaults" ;;
+    *-amx-fix/*) server_build="defaults and -fno-dse (the default build dies on a prompt here)" ;;
+    *) server_build="build with rbee's flags (the default build dies on a prompt here)" ;;
+esac
 say "building the signing and raw engine benchmarks"
 nice -n 10 cargo bench --quiet --bench auth --no-run 2>/dev/null
 ENGINE=$(scripts/bench_engine.sh)
@@ -109,7 +115,7 @@ for m in smollm2 smollm2-8 smollm2-u smollm2-u8; do "$RBEE" infer --node local -
 start_server() {
     local port
     port=$(free_port)
-    "$DEFAULT_BIN/llama-server" -m "$MODEL" -c $((4096 * $1)) --parallel "$1" -t "$threads" \
+    "$SERVER_BIN/llama-server" -m "$MODEL" -c $((4096 * $1)) --parallel "$1" -t "$threads" \
         --host 127.0.0.1 --port "$port" >"$work/llama-server-$1.log" 2>&1 &
     echo $! >> "$work/pids"
     for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
@@ -148,6 +154,7 @@ for round in $(seq "$ROUNDS"); do
     lbm=$(llama_bench "$MATCHED_BIN")
     fig llama_bench_tps "$lb"; fig rbee_wall_decode_tps "$rb"; fig llama_bench_matched_tps "$lbm"
     fig decode_vs_llama_bench_pct "$(pct "$rb" "$lb")"
+    fig decode_vs_matched_pct "$(pct "$rb" "$lbm")"
     fig matched_vs_default_pct "$(pct "$lbm" "$lb")"
     declare -A rate=()
     json_prompt="Describe a dragon as a JSON object with its name, color, age and a long story."
@@ -193,7 +200,7 @@ echo "load average (1, 5, 15 min): $load_start at the start, $(cut -d' ' -f1-3 /
 # Which rbee: the portable build, or one for this CPU (RBEE_NATIVE=1); rows d and g are built
 # into $CARGO_TARGET_DIR with its flags, whatever RBEE is.
 "$RBEE" --json version | python3 -c 'import json,sys; v=json.load(sys.stdin); print("rbee:", "built for this CPU (-C target-cpu=native)" if v.get("native") else "the portable build (llama.cpp default x86-64 set)")'
-python3 - "$work/figures" "$ROUNDS" "$TOKENS" <<'PY'
+python3 - "$work/figures" "$ROUNDS" "$TOKENS" "$server_build" <<'PY'
 import json, statistics, sys
 figures = {}
 for line in open(sys.argv[1]):
@@ -215,6 +222,7 @@ rows = [
     (f"a. llama-bench tg{sys.argv[3]}, llama.cpp's defaults", f"{m['llama_bench_tps']} tokens/s"),
     ("a. rbee infer decode (wall times)", f"{m['rbee_wall_decode_tps']} tokens/s: {m['decode_vs_llama_bench_pct']}% of llama-bench (median of rounds, {rng('decode_vs_llama_bench_pct')}%)"),
     (f"b. llama-bench tg{sys.argv[3]}, rbee's llama.cpp flags", f"{m['llama_bench_matched_tps']} tokens/s: {m['matched_vs_default_pct']}% of the defaults ({rng('matched_vs_default_pct')}%)"),
+    ("b. rbee infer decode / llama-bench with rbee's flags", f"{m['decode_vs_matched_pct']}% ({rng('decode_vs_matched_pct')}%)"),
 ]
 for n in (4, 8):
     rows.append((f"c. {n}-way aggregate, rbee / llama-server --parallel {n}",
@@ -228,10 +236,11 @@ if "event_sign_us" in m:
     rows.append(("d. one stream event: sign / verify", f"{m['event_sign_us']} / {m['event_verify_us']} us"))
 rows.append(("e. CPU per token: hive / CLI / worker", f"{m['hive_cpu_us']} / {m['cli_cpu_us']} / {m['worker_cpu_us']} us ({rng('hive_cpu_us')} / {rng('cli_cpu_us')} us)"))
 print(f"{sys.argv[2]} alternating rounds, medians of per-round ratios; {sys.argv[3]} tokens per generation")
+print(f"llama-server (rows c, g): llama.cpp's {sys.argv[4]}")
 width = max(len(r[0]) for r in rows)
 for name, value in rows:
     print(f"{name:<{width}}  {value}")
-json.dump({"rounds": int(sys.argv[2]), "medians": m, "runs": figures}, open("bench-llama.json", "w"), indent=2)
+json.dump({"rounds": int(sys.argv[2]), "llama_server_build": sys.argv[4], "medians": m, "runs": figures}, open("bench-llama.json", "w"), indent=2)
 PY
 say "wrote bench-llama.json"
 say "f. auto slots against slots = 4"

@@ -11,10 +11,46 @@
 #                                  AVX, AVX2, FMA, F16C, BMI2) on and AVX-512 off; spelled out so
 #                                  that both run the same kernels and the comparison measures the
 #                                  orchestration around the engine, not the compiler flags
+#   scripts/llama-cpp.sh amx-fix   the defaults, with GCC's RTL dead-store elimination off
+#                                  (-fno-dse), which rbee's native build also sets: GCC
+#                                  drops the stores that fill ggml's AMX tile configuration
+#   scripts/llama-cpp.sh server MODEL
+#                                  the folder whose llama-server to measure against: the
+#                                  default build's, unless that build dies on a prompt of MODEL
+#                                  here; then the amx-fix build's, else the matched build's,
+#                                  saying why on stderr
 #   LLAMA_CPP_CACHE (default ~/.cache/rbee/llama-cpp)
 set -euo pipefail
 
 FLAVOR="${1:-default}"
+# Whether the llama.cpp build in folder $1 can run a prompt of model $2. An 8-token prompt takes
+# the batched matrix path that a plain decode does not: on a CPU with AMX, GCC's build of
+# llama.cpp's defaults (GGML_NATIVE=ON) dies there with SIGSEGV in ggml_backend_amx_mul_mat
+# (llama.cpp issue 20824) while its batch-1 decode runs, so llama-bench tg works and
+# llama-server crashes while it warms up.
+runs_a_prompt() {
+    local rc=0
+    "$1/llama-bench" -m "$2" -p 8 -n 0 -r 1 >/dev/null 2>&1 || rc=$?
+    [ "$rc" -eq 0 ] && return 0
+    why="exit $rc"
+    [ "$rc" -gt 128 ] && why="signal $((rc - 128))"
+    return 1
+}
+if [ "$FLAVOR" = server ]; then
+    model="${2:?usage: llama-cpp.sh server MODEL}"
+    default=$("$0" default)
+    runs_a_prompt "$default" "$model" && { echo "$default"; exit 0; }
+    first="$why"
+    fixed=$("$0" amx-fix)
+    if runs_a_prompt "$fixed" "$model"; then
+        echo "llama-cpp: llama.cpp's default build dies on a prompt here ($first): the llama-server rows use it built with -fno-dse, as rbee's native build is" >&2
+        echo "$fixed"
+        exit 0
+    fi
+    echo "llama-cpp: llama.cpp's default build dies on a prompt here ($first, and $why with -fno-dse): the llama-server rows use the matched build" >&2
+    "$0" matched
+    exit 0
+fi
 VERSION=0.3.36
 CACHE="${LLAMA_CPP_CACHE:-$HOME/.cache/rbee/llama-cpp}"
 DIR="$CACHE/llama-cpp-python-$VERSION-$FLAVOR"
@@ -23,13 +59,14 @@ BIN="$DIR/build/bin"
 flags=()
 case "$FLAVOR" in
     default) ;;
+    amx-fix) flags+=("-DCMAKE_CXX_FLAGS_RELEASE=-O3 -DNDEBUG -fno-dse") ;;
     matched)
         flags+=(-DGGML_NATIVE=OFF)
         if [ "$(uname -m)" = x86_64 ]; then
             flags+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON)
         fi
         ;;
-    *) echo "llama-cpp: unknown flavor \`$FLAVOR\` (default or matched)" >&2; exit 2 ;;
+    *) echo "llama-cpp: unknown flavor \`$FLAVOR\` (default, amx-fix or matched)" >&2; exit 2 ;;
 esac
 
 if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
