@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{Env, Run, fresh_nonce, http, sign_with, unix_now, worker_health};
 
@@ -282,19 +282,34 @@ fn stop_strings_cut_the_text_before_them_alone_across_tokens_and_batched() {
         &with(&["--json", "infer"], &COLORS),
         &["--stop", &color_word],
     );
+    // The worker is held until the hive has handed it both, so that they are decoded together
+    // however fast it decodes; the worker's high-water mark of generations under way says so.
+    let health = worker_health(&env);
+    let worker =
+        nix::unistd::Pid::from_raw(health["pid"].as_i64().expect("the worker's pid") as i32);
+    assert_eq!(health["peak_active"], 1, "{health}");
+    use nix::sys::signal::{Signal, kill};
+    kill(worker, Signal::SIGSTOP).expect("SIGSTOP");
     let children = [env.spawn(&fruit_args), env.spawn(&color_args)];
-    let started = Instant::now();
-    let mut most_active = 0;
-    while started.elapsed() < Duration::from_secs(60) {
-        let active = worker_health(&env)["active"].as_array().map_or(0, Vec::len);
-        most_active = most_active.max(active);
-        if most_active >= 2 && active == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let handed = crate::support::eventually(Duration::from_secs(30), || {
+        let (status, body) = env.signed("GET", "/v1/requests", &[], b"");
+        assert_eq!(status, 200, "{body}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+        list.iter().filter(|r| r["stage"] == "generating").count() == 2
+    });
+    // The hive marks a request before it writes it to the worker's socket.
+    std::thread::sleep(Duration::from_millis(500));
+    kill(worker, Signal::SIGCONT).expect("SIGCONT");
+    assert!(
+        handed,
+        "the hive never handed the two requests to the worker"
+    );
     let [fruit, color] = children.map(|c| Run::from(c.wait_with_output().expect("wait")));
-    assert_eq!(most_active, 2, "the two requests were not decoded together");
+    let health = worker_health(&env);
+    assert_eq!(
+        health["peak_active"], 2,
+        "the two requests were not decoded together: {health}"
+    );
     assert_cut(&fruit, &fruit_before, &fruit_word);
     assert_cut(&color, &color_before, &color_word);
 }

@@ -540,6 +540,10 @@ pub(crate) struct WorkerDetail {
     pub(crate) prefill_passes: u64,
     #[serde(default)]
     pub(crate) prefill_chunks: u64,
+    /// The most generations decoded at once since the worker started: whether requests were
+    /// batched, however quickly they ran.
+    #[serde(default)]
+    pub(crate) peak_active: usize,
 }
 
 /// A generation as the worker sees it.

@@ -60,6 +60,7 @@ pub(crate) struct Activity {
     pub(crate) last: Option<Generation>,
     pub(crate) prefill_passes: u64,
     pub(crate) prefill_chunks: u64,
+    pub(crate) peak_active: usize,
 }
 
 type SharedActivity = Arc<Mutex<Activity>>;
@@ -433,6 +434,7 @@ impl Batcher<'_> {
                     tokens_out: 0,
                     stop_reason: None,
                 });
+                a.peak_active = a.peak_active.max(a.active.len());
             });
             let slot = self.slot(p);
             self.after_logits(slot, row);

@@ -67,6 +67,7 @@ async fn health(
             offload: state.offload.clone(),
             prefill_passes: activity.prefill_passes,
             prefill_chunks: activity.prefill_chunks,
+            peak_active: activity.peak_active,
         }),
     })
 }
