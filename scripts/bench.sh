@@ -50,7 +50,8 @@ command -v curl >/dev/null || { echo "bench: needs curl" >&2; exit 1; }
 
 say() { printf 'bench: %s\n' "$*" >&2; }
 
-# llama.cpp's defaults, or the matched build where the default one dies on a prompt (it says so).
+# llama.cpp's defaults, or where that build dies on a prompt the defaults with -fno-dse, else the
+# matched build (scripts/llama-cpp.sh says which).
 LLAMA_SERVER="$(scripts/llama-cpp.sh server "$MODEL")/llama-server"
 say "building the raw engine benchmark"
 ENGINE=$(scripts/bench_engine.sh)
