@@ -129,3 +129,47 @@ fn a_huge_unauthenticated_header_cannot_stop_the_node_trail() {
     let text = std::fs::read_to_string(node_log(&env)).expect("node log");
     assert!(text.lines().all(|l| l.len() < 4096), "an oversized record");
 }
+
+/// Another process holding this machine's audit lock (a stuck rbee, a hung disk) does not hold
+/// an invocation past its deadline: it ends at its budget, exit 124, naming the lock, and the
+/// request is not sent. Once the lock is free, work goes on.
+#[test]
+fn a_queen_audit_lock_held_by_another_process_ends_the_invocation_at_its_deadline() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    let node_before = records(&node_log(&env)).len();
+    let lock = env.path().join("state").join("audit.lock");
+    // Held from this process, as another rbee would hold it.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&lock)
+        .expect("open the lock");
+    let holder = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .expect("take the lock");
+    // Released when the invocation is over, or after 40 s should it wait for the lock.
+    let (done, release) = std::sync::mpsc::channel::<()>();
+    let releaser = std::thread::spawn(move || {
+        let _ = release.recv_timeout(std::time::Duration::from_secs(40));
+        drop(holder);
+    });
+    let started = std::time::Instant::now();
+    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2", "--timeout", "2s"]);
+    let took = started.elapsed();
+    let _ = done.send(());
+    releaser.join().expect("releaser");
+    run.expect(124);
+    // The lock was held all the while: the invocation ended at its 2 s budget, well before
+    // the 10 s an append waits at most for a lock.
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "the invocation of a 2s budget waited {took:?} for the lock"
+    );
+    assert!(run.stderr.contains("audit.lock"), "{}", run.stderr);
+    assert_eq!(
+        records(&node_log(&env)).len(),
+        node_before,
+        "the request reached the node"
+    );
+    env.infer(&HI).expect(0);
+}

@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::{Map, Value};
@@ -24,6 +25,10 @@ const KEEP_ROTATED: usize = 16;
 /// Longest line a record may take; the fields are bounded well below it (`super::bounded`),
 /// so only a bug reaches it, and it is refused rather than written.
 const MAX_RECORD_BYTES: usize = 64 << 10;
+/// How long an append waits for another writer's lock before it fails (closed, under
+/// `required`): a record takes milliseconds, so a lock held longer is a stuck process or a hung
+/// disk, and waiting on would hold every later action of this actor with it.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// An actor's audit log, and what the actor does with work it cannot record there.
 #[derive(Debug, Clone)]
@@ -31,6 +36,9 @@ pub(crate) struct Audit {
     pub(crate) path: PathBuf,
     pub(crate) actor: String,
     pub(crate) policy: AuditPolicy,
+    /// The latest an append may wait for the lock (the invocation's deadline), within
+    /// `LOCK_WAIT`.
+    pub(crate) until: Option<Instant>,
 }
 
 /// What became of the record of some work, when the work went on.
@@ -47,6 +55,15 @@ impl Audit {
             path,
             actor: actor.into(),
             policy: AuditPolicy::Required,
+            until: None,
+        }
+    }
+
+    /// Appends wait for the lock no later than `deadline`.
+    pub(crate) fn until(self, deadline: Instant) -> Audit {
+        Audit {
+            until: Some(deadline),
+            ..self
         }
     }
 
@@ -96,7 +113,11 @@ impl Audit {
         request_id: Option<&str>,
         fields: Value,
     ) -> Result<Head> {
-        append(&self.path, &self.actor, event, request_id, fields)
+        let mut by = Instant::now() + LOCK_WAIT;
+        if let Some(until) = self.until {
+            by = by.min(until);
+        }
+        append_until(&self.path, &self.actor, event, request_id, fields, by)
     }
 
     /// The same, off the async runtime's threads (a record waits for its fsync).
@@ -136,18 +157,40 @@ pub fn append(
     request_id: Option<&str>,
     fields: Value,
 ) -> Result<Head> {
+    append_until(
+        path,
+        actor,
+        event,
+        request_id,
+        fields,
+        Instant::now() + LOCK_WAIT,
+    )
+}
+
+/// `append`, waiting for another writer's lock no later than `by`.
+fn append_until(
+    path: &Path,
+    actor: &str,
+    event: &str,
+    request_id: Option<&str>,
+    fields: Value,
+    by: Instant,
+) -> Result<Head> {
     let bounds = Bounds {
         max_bytes: max_bytes(),
         keep: keep_rotated(),
+        lock_by: by,
     };
     append_within(path, actor, event, request_id, fields, bounds)
 }
 
-/// How large the current file grows, and how many rotated files are kept.
+/// How large the current file grows, how many rotated files are kept, and how long to wait
+/// for another writer's lock.
 #[derive(Debug, Clone, Copy)]
 struct Bounds {
     max_bytes: u64,
     keep: usize,
+    lock_by: Instant,
 }
 
 fn append_within(
@@ -161,9 +204,9 @@ fn append_within(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| audit_error(path, e))?;
     }
-    let lock_file = open(&path.with_extension("lock"), false).map_err(|e| audit_error(path, e))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| audit_error(path, format!("cannot lock: {e}")))?;
+    let lock_path = path.with_extension("lock");
+    let lock_file = open(&lock_path, false).map_err(|e| audit_error(path, e))?;
+    let _lock = lock(lock_file, &lock_path, bounds.lock_by).map_err(|e| audit_error(path, e))?;
     let mut file = open(path, true).map_err(|e| audit_error(path, e))?;
     let mut last = tail(path, &mut file, actor)?;
     if file.metadata().map_err(|e| audit_error(path, e))?.len() > bounds.max_bytes {
@@ -195,6 +238,30 @@ fn append_within(
         last.as_ref(),
     )?;
     Ok(record.head())
+}
+
+/// Takes the writers' lock, polling (flock has no timed wait) until `by`.
+fn lock(mut file: File, lock_path: &Path, by: Instant) -> std::result::Result<Flock<File>, String> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR)) => file = back,
+            Err((_, e)) => return Err(format!("cannot lock: {e}")),
+        }
+        let now = Instant::now();
+        if now >= by {
+            return Err(format!(
+                "another process has held its lock `{}` for {:.1}s (a stuck rbee, or a hung \
+                 disk); the record was not written",
+                lock_path.display(),
+                now.duration_since(started).as_secs_f64()
+            ));
+        }
+        std::thread::sleep(pause.min(by - now));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
 }
 
 fn keep_rotated() -> usize {
@@ -537,11 +604,35 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_held_past_the_wait_fails_the_append_without_writing_and_a_free_one_is_taken() {
+        let (_dir, path) = temp_log();
+        append(&path, "t", "first", None, Value::Null).expect("append");
+        let before = std::fs::read(&path).expect("read");
+        let other = open(&path.with_extension("lock"), false).expect("open the lock");
+        let held = Flock::lock(other, FlockArg::LockExclusiveNonblock).expect("lock");
+        let started = Instant::now();
+        let by = started + Duration::from_millis(200);
+        let refused = append_until(&path, "t", "second", None, Value::Null, by);
+        assert!(matches!(refused, Err(Error::Audit(_))), "{refused:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "a record was written"
+        );
+        drop(held);
+        let head = append_until(&path, "t", "second", None, Value::Null, Instant::now())
+            .expect("a free lock is taken even at the deadline");
+        assert_eq!(head.seq, 2);
+    }
+
+    #[test]
     fn past_the_bound_the_oldest_rotated_file_is_dropped_and_recorded_and_the_rest_verifies() {
         let (_dir, path) = temp_log();
         let bounds = Bounds {
             max_bytes: 600,
             keep: 2,
+            lock_by: Instant::now() + LOCK_WAIT,
         };
         for i in 0..40 {
             let fields = serde_json::json!({ "i": i });

@@ -42,6 +42,9 @@ pub(crate) fn record_request(
     if let (Some(fields), serde_json::Value::Object(extra)) = (fields.as_object_mut(), extra) {
         fields.extend(extra);
     }
+    // Another process holding the log's lock (a stuck rbee, a hung disk) must not hold the
+    // invocation past its deadline.
+    let audit = audit.clone().until(budget.deadline());
     match audit.record("infer_requested", Some(&request.request_id), fields) {
         Ok(head) => {
             request.queen_audit = Some(crate::audit::QueenHead {
@@ -51,6 +54,11 @@ pub(crate) fn record_request(
             });
             Ok(())
         }
+        Err(e) if budget.is_spent() => Err(Error::deadline(format!(
+            "the budget of {} ran out before this machine's audit trail could record the \
+             request, so it was not sent: {e}",
+            humantime::format_duration(budget.total())
+        ))),
         Err(e) => unrecorded_request(node, &e),
     }
 }
