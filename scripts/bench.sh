@@ -13,7 +13,8 @@
 #   6. `hive status` wall time over 1 and 8 SSH nodes
 #   7. resident memory of an idle hive and of a worker with the model loaded
 #   8. llama-server --parallel 4, built with llama.cpp's own CMake defaults (scripts/llama-cpp.sh
-#      builds it once): 1-token request
+#      builds it once; where that build dies on a prompt, the one `llama-cpp.sh server` names on
+#      stderr): 1-token request
 #      latency (curl) and 4-way streamed aggregate throughput
 #   9. how far past `--timeout 1s` an invocation ends, local and SSH (OVERSHOOT_RUNS each)
 #  10. rbee batch of 16 items over one node against the same 16 as waves of 4 concurrent infer
@@ -26,7 +27,8 @@
 #      node against llama-server --parallel 4: time to the first streamed token, and 4-way
 #      streamed aggregate decode
 #  13. scripts/bench_llama.sh (BENCH_LLAMA=0 skips it): rbee against llama-bench and
-#      llama-server --parallel 4 and 8 built with llama.cpp's defaults, in alternating rounds
+#      llama-server --parallel 4 and 8 built with llama.cpp's defaults (or as row 8 says), in
+#      alternating rounds
 # Figures that move with the machine's load (1-4, 8) are measured in ROUNDS interleaved rounds
 # and reported as medians; latencies are medians of LATENCY_RUNS per round.
 #   RBEE=path/to/rbee (default: the release build), ROUNDS=3, DECODE_PAIRS=4 (per round),

@@ -41,6 +41,11 @@ if [ "$FLAVOR" = server ]; then
     default=$("$0" default)
     runs_a_prompt "$default" "$model" && { echo "$default"; exit 0; }
     first="$why"
+    # Only a crash (a signal) is the miscompile; any other failure is the build's or the model's.
+    if [ "$first" = "${first#signal}" ]; then
+        echo "llama-cpp: llama.cpp's default build cannot run a prompt of $model ($first)" >&2
+        exit 1
+    fi
     fixed=$("$0" amx-fix)
     if runs_a_prompt "$fixed" "$model"; then
         echo "llama-cpp: llama.cpp's default build dies on a prompt here ($first): the llama-server rows use it built with -fno-dse, as rbee's native build is" >&2

@@ -13,7 +13,7 @@
 # RBEE_NATIVE=1 builds for this machine's CPU instead (`-C target-cpu=native`, which turns on
 # llama.cpp's GGML_NATIVE), into ~/.cache/rbee/target-native unless CARGO_TARGET_DIR says
 # otherwise: faster here, and refused (exit 3) for a node whose CPU lacks what it uses. With
-# GCC it builds llama.cpp with -fno-dse, without which its AMX kernels crash (see below).
+# GCC on a CPU with AMX it builds llama.cpp with -fno-dse, without which its AMX kernels crash.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,13 +33,15 @@ if [ "${RBEE_NATIVE:-}" = 1 ]; then
     # llama.cpp's own default build does (llama.cpp issue 20824). -fno-dse keeps those stores.
     # llama-cpp-sys-2 hands CMAKE_* variables to CMake; these are CMake's own Release and
     # RelWithDebInfo flags plus -fno-dse.
-    if "${CXX:-c++}" --version 2>/dev/null | grep -qi "free software foundation"; then
+    if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null \
+        && "${CXX:-c++}" --version 2>/dev/null | grep -qi "free software foundation"; then
         export CMAKE_CXX_FLAGS_RELEASE="${CMAKE_CXX_FLAGS_RELEASE:--O3 -DNDEBUG} -fno-dse"
         export CMAKE_CXX_FLAGS_RELWITHDEBINFO="${CMAKE_CXX_FLAGS_RELWITHDEBINFO:--O2 -g -DNDEBUG} -fno-dse"
         # llama-cpp-sys-2 does not rebuild when a CMAKE_* variable changes, so a llama.cpp built
         # here without the flag is removed, to be built again.
         for cache in "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/build/CMakeCache.txt; do
-            if [ -f "$cache" ] && ! grep -q -- "-fno-dse" "$cache"; then
+            if [ -f "$cache" ] && grep -q "^GGML_NATIVE:[A-Z]*=ON" "$cache" \
+                && ! grep -q -- "-fno-dse" "$cache"; then
                 printf 'setup: rebuilding llama.cpp with -fno-dse (its AMX kernels)\n' >&2
                 rm -rf "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*
                 break

@@ -289,9 +289,18 @@ fn stop_strings_cut_the_text_before_them_alone_across_tokens_and_batched() {
         nix::unistd::Pid::from_raw(health["pid"].as_i64().expect("the worker's pid") as i32);
     assert_eq!(health["peak_active"], 1, "{health}");
     use nix::sys::signal::{Signal, kill};
+    /// Lets the worker go on however the test ends.
+    struct Held(nix::unistd::Pid);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
     kill(worker, Signal::SIGSTOP).expect("SIGSTOP");
+    let held = Held(worker);
     let children = [env.spawn(&fruit_args), env.spawn(&color_args)];
-    let handed = crate::support::eventually(Duration::from_secs(30), || {
+    // Within the hive's 10 s for a worker to start a request it was handed.
+    let handed = crate::support::eventually(Duration::from_secs(8), || {
         let (status, body) = env.signed("GET", "/v1/requests", &[], b"");
         assert_eq!(status, 200, "{body}");
         let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
@@ -299,7 +308,7 @@ fn stop_strings_cut_the_text_before_them_alone_across_tokens_and_batched() {
     });
     // The hive marks a request before it writes it to the worker's socket.
     std::thread::sleep(Duration::from_millis(500));
-    kill(worker, Signal::SIGCONT).expect("SIGCONT");
+    drop(held);
     assert!(
         handed,
         "the hive never handed the two requests to the worker"

@@ -25,10 +25,6 @@ const KEEP_ROTATED: usize = 16;
 /// Longest line a record may take; the fields are bounded well below it (`super::bounded`),
 /// so only a bug reaches it, and it is refused rather than written.
 const MAX_RECORD_BYTES: usize = 64 << 10;
-/// How long an append waits for another writer's lock before it fails (closed, under
-/// `required`): a record takes milliseconds, so a lock held longer is a stuck process or a hung
-/// disk, and waiting on would hold every later action of this actor with it.
-const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// An actor's audit log, and what the actor does with work it cannot record there.
 #[derive(Debug, Clone)]
@@ -36,8 +32,8 @@ pub(crate) struct Audit {
     pub(crate) path: PathBuf,
     pub(crate) actor: String,
     pub(crate) policy: AuditPolicy,
-    /// The latest an append may wait for the lock (the invocation's deadline), within
-    /// `LOCK_WAIT`.
+    /// The latest an append may wait for the writers' lock (an invocation's deadline); without
+    /// it an append waits as long as the lock is held.
     pub(crate) until: Option<Instant>,
 }
 
@@ -113,11 +109,14 @@ impl Audit {
         request_id: Option<&str>,
         fields: Value,
     ) -> Result<Head> {
-        let mut by = Instant::now() + LOCK_WAIT;
-        if let Some(until) = self.until {
-            by = by.min(until);
-        }
-        append_until(&self.path, &self.actor, event, request_id, fields, by)
+        append_until(
+            &self.path,
+            &self.actor,
+            event,
+            request_id,
+            fields,
+            self.until,
+        )
     }
 
     /// The same, off the async runtime's threads (a record waits for its fsync).
@@ -157,24 +156,17 @@ pub fn append(
     request_id: Option<&str>,
     fields: Value,
 ) -> Result<Head> {
-    append_until(
-        path,
-        actor,
-        event,
-        request_id,
-        fields,
-        Instant::now() + LOCK_WAIT,
-    )
+    append_until(path, actor, event, request_id, fields, None)
 }
 
-/// `append`, waiting for another writer's lock no later than `by`.
+/// `append`, waiting for another writer's lock no later than `by`, if given.
 fn append_until(
     path: &Path,
     actor: &str,
     event: &str,
     request_id: Option<&str>,
     fields: Value,
-    by: Instant,
+    by: Option<Instant>,
 ) -> Result<Head> {
     let bounds = Bounds {
         max_bytes: max_bytes(),
@@ -184,13 +176,13 @@ fn append_until(
     append_within(path, actor, event, request_id, fields, bounds)
 }
 
-/// How large the current file grows, how many rotated files are kept, and how long to wait
-/// for another writer's lock.
+/// How large the current file grows, how many rotated files are kept, and until when to wait
+/// for another writer's lock (without it, as long as it is held).
 #[derive(Debug, Clone, Copy)]
 struct Bounds {
     max_bytes: u64,
     keep: usize,
-    lock_by: Instant,
+    lock_by: Option<Instant>,
 }
 
 fn append_within(
@@ -240,8 +232,17 @@ fn append_within(
     Ok(record.head())
 }
 
-/// Takes the writers' lock, polling (flock has no timed wait) until `by`.
-fn lock(mut file: File, lock_path: &Path, by: Instant) -> std::result::Result<Flock<File>, String> {
+/// Takes the writers' lock: waiting as long as it is held, or polling (flock has no timed wait)
+/// until `by`.
+fn lock(
+    mut file: File,
+    lock_path: &Path,
+    by: Option<Instant>,
+) -> std::result::Result<Flock<File>, String> {
+    let Some(by) = by else {
+        return Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| format!("cannot lock: {e}"));
+    };
     let started = Instant::now();
     let mut pause = Duration::from_millis(1);
     loop {
@@ -253,8 +254,8 @@ fn lock(mut file: File, lock_path: &Path, by: Instant) -> std::result::Result<Fl
         let now = Instant::now();
         if now >= by {
             return Err(format!(
-                "another process has held its lock `{}` for {:.1}s (a stuck rbee, or a hung \
-                 disk); the record was not written",
+                "could not take its lock `{}` within {:.1}s (another writer holds it: a stuck \
+                 rbee, or a hung disk); the record was not written",
                 lock_path.display(),
                 now.duration_since(started).as_secs_f64()
             ));
@@ -612,7 +613,7 @@ mod tests {
         let held = Flock::lock(other, FlockArg::LockExclusiveNonblock).expect("lock");
         let started = Instant::now();
         let by = started + Duration::from_millis(200);
-        let refused = append_until(&path, "t", "second", None, Value::Null, by);
+        let refused = append_until(&path, "t", "second", None, Value::Null, Some(by));
         assert!(matches!(refused, Err(Error::Audit(_))), "{refused:?}");
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert_eq!(
@@ -621,8 +622,15 @@ mod tests {
             "a record was written"
         );
         drop(held);
-        let head = append_until(&path, "t", "second", None, Value::Null, Instant::now())
-            .expect("a free lock is taken even at the deadline");
+        let head = append_until(
+            &path,
+            "t",
+            "second",
+            None,
+            Value::Null,
+            Some(Instant::now()),
+        )
+        .expect("a free lock is taken even at the deadline");
         assert_eq!(head.seq, 2);
     }
 
@@ -632,7 +640,7 @@ mod tests {
         let bounds = Bounds {
             max_bytes: 600,
             keep: 2,
-            lock_by: Instant::now() + LOCK_WAIT,
+            lock_by: None,
         };
         for i in 0..40 {
             let fields = serde_json::json!({ "i": i });
