@@ -205,23 +205,14 @@ fn prompts_that_arrive_together_share_one_prefill_pass_and_match_what_each_gives
     let alone = four_slots_and_each_alone(&env);
     let before = worker_health(&env);
     let pid = before["pid"].as_i64().expect("the worker's pid");
-    let worker = nix::unistd::Pid::from_raw(pid as i32);
-    use nix::sys::signal::{Signal, kill};
-    kill(worker, Signal::SIGSTOP).expect("SIGSTOP");
+    let held = crate::support::HeldWorker::stop(pid);
     let children: Vec<Child> = REQUESTS
         .iter()
         .map(|args| env.spawn(&infer_args(args)))
         .collect();
-    // The hive has taken all four to the worker (it marks them before it sends); the pause gives
-    // it time to write them, so that all four wait on the worker's socket.
-    let handed = crate::support::eventually(Duration::from_secs(30), || {
-        let (status, body) = env.signed("GET", "/v1/requests", &[], b"");
-        assert_eq!(status, 200, "{body}");
-        let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
-        list.iter().filter(|r| r["stage"] == "generating").count() == REQUESTS.len()
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    kill(worker, Signal::SIGCONT).expect("SIGCONT");
+    // All four wait on the worker's socket.
+    let handed = held.handed(&env, REQUESTS.len(), Duration::from_secs(30));
+    drop(held);
     assert!(
         handed,
         "the hive never handed the four requests to the worker"

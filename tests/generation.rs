@@ -285,29 +285,11 @@ fn stop_strings_cut_the_text_before_them_alone_across_tokens_and_batched() {
     // The worker is held until the hive has handed it both, so that they are decoded together
     // however fast it decodes; the worker's high-water mark of generations under way says so.
     let health = worker_health(&env);
-    let worker =
-        nix::unistd::Pid::from_raw(health["pid"].as_i64().expect("the worker's pid") as i32);
     assert_eq!(health["peak_active"], 1, "{health}");
-    use nix::sys::signal::{Signal, kill};
-    /// Lets the worker go on however the test ends.
-    struct Held(nix::unistd::Pid);
-    impl Drop for Held {
-        fn drop(&mut self) {
-            let _ = kill(self.0, Signal::SIGCONT);
-        }
-    }
-    kill(worker, Signal::SIGSTOP).expect("SIGSTOP");
-    let held = Held(worker);
+    let held = crate::support::HeldWorker::stop(health["pid"].as_i64().expect("the worker's pid"));
     let children = [env.spawn(&fruit_args), env.spawn(&color_args)];
     // Within the hive's 10 s for a worker to start a request it was handed.
-    let handed = crate::support::eventually(Duration::from_secs(8), || {
-        let (status, body) = env.signed("GET", "/v1/requests", &[], b"");
-        assert_eq!(status, 200, "{body}");
-        let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
-        list.iter().filter(|r| r["stage"] == "generating").count() == 2
-    });
-    // The hive marks a request before it writes it to the worker's socket.
-    std::thread::sleep(Duration::from_millis(500));
+    let handed = held.handed(&env, 2, Duration::from_secs(8));
     drop(held);
     assert!(
         handed,

@@ -639,3 +639,34 @@ pub(crate) fn results(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
         .collect()
 }
+
+/// A worker stopped with SIGSTOP, let go (SIGCONT) when this drops, however the test ends: so
+/// that requests queue on its socket and it takes them together.
+pub(crate) struct HeldWorker(nix::unistd::Pid);
+
+impl HeldWorker {
+    pub(crate) fn stop(pid: i64) -> HeldWorker {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        HeldWorker(pid)
+    }
+
+    /// Whether the hive has taken `n` requests to the worker within `limit` (it marks them
+    /// `generating` before it sends); a pause then gives it time to write them to the socket.
+    pub(crate) fn handed(&self, env: &Env, n: usize, limit: Duration) -> bool {
+        let handed = eventually(limit, || {
+            let (status, body) = env.signed("GET", "/v1/requests", &[], b"");
+            assert_eq!(status, 200, "{body}");
+            let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+            list.iter().filter(|r| r["stage"] == "generating").count() == n
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        handed
+    }
+}
+
+impl Drop for HeldWorker {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
