@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::{GENESIS, Head, Record, now_rfc3339};
 use crate::config::AuditPolicy;
-use crate::error::{Error, Result};
+use crate::error::{DeadlineError, Error, Result};
 
 /// Rotate when the current file passes this size (`RBEE_AUDIT_MAX_BYTES` overrides).
 const MAX_BYTES: u64 = 64 << 20;
@@ -198,7 +198,14 @@ fn append_within(
     }
     let lock_path = path.with_extension("lock");
     let lock_file = open(&lock_path, false).map_err(|e| audit_error(path, e))?;
-    let _lock = lock(lock_file, &lock_path, bounds.lock_by).map_err(|e| audit_error(path, e))?;
+    let _lock = lock(lock_file, &lock_path, bounds.lock_by).map_err(|e| match e {
+        // The wait was bounded by the invocation's deadline: it is that deadline that ran out.
+        LockFailure::TimedOut(why) => Error::Deadline(DeadlineError::During(format!(
+            "audit log `{}`: {why}",
+            path.display()
+        ))),
+        LockFailure::Failed(why) => audit_error(path, why),
+    })?;
     let mut file = open(path, true).map_err(|e| audit_error(path, e))?;
     let mut last = tail(path, &mut file, actor)?;
     if file.metadata().map_err(|e| audit_error(path, e))?.len() > bounds.max_bytes {
@@ -232,16 +239,24 @@ fn append_within(
     Ok(record.head())
 }
 
+/// Why the writers' lock was not taken.
+#[derive(Debug)]
+enum LockFailure {
+    /// Another writer held it until the wait's bound.
+    TimedOut(String),
+    Failed(String),
+}
+
 /// Takes the writers' lock: waiting as long as it is held, or polling (flock has no timed wait)
 /// until `by`.
 fn lock(
     mut file: File,
     lock_path: &Path,
     by: Option<Instant>,
-) -> std::result::Result<Flock<File>, String> {
+) -> std::result::Result<Flock<File>, LockFailure> {
     let Some(by) = by else {
         return Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| format!("cannot lock: {e}"));
+            .map_err(|(_, e)| LockFailure::Failed(format!("cannot lock: {e}")));
     };
     let started = Instant::now();
     let mut pause = Duration::from_millis(1);
@@ -249,16 +264,16 @@ fn lock(
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(lock),
             Err((back, nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR)) => file = back,
-            Err((_, e)) => return Err(format!("cannot lock: {e}")),
+            Err((_, e)) => return Err(LockFailure::Failed(format!("cannot lock: {e}"))),
         }
         let now = Instant::now();
         if now >= by {
-            return Err(format!(
+            return Err(LockFailure::TimedOut(format!(
                 "could not take its lock `{}` within {:.1}s (another writer holds it: a stuck \
                  rbee, or a hung disk); the record was not written",
                 lock_path.display(),
                 now.duration_since(started).as_secs_f64()
-            ));
+            )));
         }
         std::thread::sleep(pause.min(by - now));
         pause = (pause * 2).min(Duration::from_millis(50));
@@ -614,7 +629,10 @@ mod tests {
         let started = Instant::now();
         let by = started + Duration::from_millis(200);
         let refused = append_until(&path, "t", "second", None, Value::Null, Some(by));
-        assert!(matches!(refused, Err(Error::Audit(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(Error::Deadline(DeadlineError::During(_)))),
+            "{refused:?}"
+        );
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert_eq!(
             std::fs::read(&path).expect("read"),
