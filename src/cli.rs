@@ -199,6 +199,10 @@ pub(crate) struct ServeArgs {
     /// Requests per model that may wait for a slot; beyond them a request gets 429
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub(crate) max_queue: usize,
+    /// How long requests in flight may take to finish after SIGTERM or SIGINT, e.g. `30s`;
+    /// those still running then end with an error
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub(crate) drain: std::time::Duration,
     #[command(subcommand)]
     pub(crate) command: Option<ServeCommand>,
 }

@@ -375,13 +375,97 @@ fn sigterm_lets_the_request_in_flight_finish_and_exits_0_and_metrics_health_and_
     assert_eq!(code, 0, "{stderr}");
     let mut rest = String::new();
     out.read_to_string(&mut rest).expect("read");
-    assert!(client.wait().expect("wait").success(), "{rest}");
+    assert!(
+        client.wait().expect("wait").success(),
+        "the stream was cut: {rest}\nserve said: {stderr}"
+    );
+    assert!(!stderr.contains("were cut off"), "{stderr}");
     let ended: serde_json::Value = serde_json::from_str(&rest).expect("JSON");
     assert!(
         ["stop", "length"].contains(&ended["finish_reason"].as_str().unwrap_or("")),
         "{rest}"
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+/// A stream still generating when the drain time after SIGTERM runs out ends with an error
+/// event the SDK raises as an API error (not a cut connection), the generation on the node is
+/// cancelled, and serve exits 0 soon after.
+#[test]
+fn a_stream_still_running_when_the_drain_ends_gets_an_error_event_and_is_cancelled_on_the_node() {
+    use std::io::{BufRead, Read};
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &["--drain", "2s"]);
+    let auth = format!("Bearer {}", serve.key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
+    assert_eq!(status, 200, "{answer}");
+    let pid = crate::support::worker_health(&env)["pid"]
+        .as_i64()
+        .expect("the worker's pid");
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/cut.py");
+    let mut client = Command::new("python3")
+        .arg(&script)
+        .env("RBEE_BASE_URL", serve.base_url())
+        .env("RBEE_KEY", &serve.key)
+        .env("RBEE_MODEL", "smollm2")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = std::io::BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "reading");
+    // The stream cannot finish while its worker is stopped.
+    let held = crate::support::HeldWorker::stop(pid);
+    let asked = std::time::Instant::now();
+    let (code, stderr) = serve.stop();
+    let took = asked.elapsed();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("after 2s were cut off"), "{stderr}");
+    // The drain, then at most a second for the cut requests to send their error.
+    assert!(
+        took < Duration::from_secs(6),
+        "serve took {took:?} to stop: {stderr}"
+    );
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read");
+    assert!(client.wait().expect("wait").success(), "{rest}");
+    let ended: serde_json::Value = serde_json::from_str(&rest).expect("JSON");
+    assert_eq!(
+        ended["error"]["class"], "APIError",
+        "{rest}\nserve said: {stderr}"
+    );
+    let message = ended["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("drain time"), "{rest}");
+    assert!(!message.contains("127.0.0.1"), "{rest}");
+    assert!(!ended["text"].as_str().unwrap_or("").is_empty(), "{rest}");
+
+    // Let go, the worker hears that the request is gone and drops it.
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            crate::support::worker_health(&env)["active"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        }),
+        "{}",
+        crate::support::worker_health(&env)
+    );
+    let records = crate::support::records(&env.path().join("state/audit.jsonl"));
+    let cut = records
+        .iter()
+        .filter(|r| r["event"] == "infer_completed")
+        .find(|r| r["fields"]["exit_code"] == 130);
+    assert!(cut.is_some(), "{records:?}");
 }
 
 #[test]

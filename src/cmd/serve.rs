@@ -12,6 +12,7 @@ pub(crate) fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
         None => crate::serve::run(crate::serve::Settings {
             listen: args.listen,
             max_queue: args.max_queue,
+            drain: args.drain,
             connect: ctx.connect,
             config: ctx.config()?,
         }),

@@ -160,12 +160,18 @@ async fn handle(
         request,
         budget,
     };
-    let permit = match tokio::time::timeout_at(
-        job.budget.deadline().into(),
-        app.admission.admit(&model_name),
-    )
-    .await
-    {
+    let admitted = tokio::select! {
+        admitted = tokio::time::timeout_at(
+            job.budget.deadline().into(),
+            app.admission.admit(&model_name),
+        ) => admitted,
+        () = app.cut.cancelled() => return Err(super::api_error(
+            &Error::Interrupted,
+            &model_name,
+            request_id,
+        )),
+    };
+    let permit = match admitted {
         Ok(Ok(permit)) => permit,
         Ok(Err(Refused::Full)) => {
             app.metrics.request(&model_name, "-", "busy");
@@ -407,6 +413,13 @@ async fn run(
             account.get().reader_gone = true;
             Ok(())
         }
+        // The drain time after a stop ran out: dropping the work cancels it on the node, and
+        // the client hears why.
+        () = app.cut.cancelled() => Err(Error::Classified {
+            kind: crate::error::ExitKind::Interrupted,
+            message: "cut off: the server's drain time after a stop ran out before it finished"
+                .to_string(),
+        }),
         result = tokio::time::timeout_at(budget.deadline().into(), work) => match result {
             Ok(result) => result,
             Err(_) => Err(Error::Deadline(DeadlineError::Spent(breakdown(

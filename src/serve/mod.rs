@@ -10,6 +10,7 @@ pub(crate) mod keys;
 mod metrics;
 mod openai;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,13 +31,16 @@ use admission::Admission;
 use keys::Keys;
 use openai::ApiError;
 
-/// How long requests in flight may take to finish once a stop is asked for.
-const DRAIN: Duration = Duration::from_secs(10);
+/// How long the requests cut off at the end of the drain have to send their error and close
+/// their connections.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
 /// What `rbee serve` runs with.
 pub(crate) struct Settings {
     pub(crate) listen: SocketAddr,
     pub(crate) max_queue: usize,
+    /// How long requests in flight may take to finish once a stop is asked for.
+    pub(crate) drain: Duration,
     pub(crate) connect: ConnectOptions,
     pub(crate) config: Config,
 }
@@ -53,6 +57,10 @@ pub(crate) struct App {
     pool: Arc<crate::queen::pool::Pool>,
     /// When this server started (Unix seconds): the `created` of its models.
     started: u64,
+    /// Cancelled when the drain time after a stop has run out: the requests still waiting or
+    /// generating then end with an error (an error event once a stream has begun) rather than
+    /// with their connection cut.
+    cut: CancellationToken,
 }
 
 fn unix_now() -> u64 {
@@ -62,7 +70,7 @@ fn unix_now() -> u64 {
 }
 
 /// Runs the server until SIGTERM or SIGINT, then lets requests in flight finish for up to
-/// `DRAIN` and returns.
+/// the drain time and returns.
 pub(crate) fn run(settings: Settings) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -105,6 +113,7 @@ async fn serve(settings: Settings) -> Result<()> {
         },
         metrics: metrics::Metrics::default(),
         started: unix_now(),
+        cut: CancellationToken::new(),
     });
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -119,20 +128,27 @@ async fn serve(settings: Settings) -> Result<()> {
         json!({ "listen": local.to_string(), "max_queue": settings.max_queue }),
     );
 
+    let drain = settings.drain;
     tokio::spawn({
         let stop = stop.clone();
         async move {
             crate::signals::terminated().await;
-            eprintln!("rbee serve: stopping; requests in flight have {DRAIN:?} to finish");
+            eprintln!("rbee serve: stopping; requests in flight have {drain:?} to finish");
             stop.cancel();
         }
     });
-    let server = axum::serve(crate::server::NoDelay(listener), router(app))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let server = axum::serve(crate::server::NoDelay(listener), router(app.clone()))
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .into_future();
+    let mut server = std::pin::pin!(server);
     tokio::select! {
-        result = server => result.map_err(|e| IoError::doing("serve", e))?,
-        () = async { stop.cancelled().await; tokio::time::sleep(DRAIN).await } => {
-            eprintln!("rbee serve: requests still in flight after {DRAIN:?} were cut off");
+        result = &mut server => result.map_err(|e| IoError::doing("serve", e))?,
+        () = async { stop.cancelled().await; tokio::time::sleep(drain).await } => {
+            eprintln!("rbee serve: requests still in flight after {drain:?} were cut off");
+            app.cut.cancel();
+            if let Ok(result) = tokio::time::timeout(CUT_GRACE, server).await {
+                result.map_err(|e| IoError::doing("serve", e))?;
+            }
         }
     }
     crate::queen::audit_note("serve_stopped", None, json!({}));
@@ -250,6 +266,10 @@ fn api_error(err: &Error, model: &str, request_id: &str) -> ApiError {
         )),
         ExitKind::Internal => ApiError::internal(format!(
             "the server failed on this request (request id {request_id})"
+        )),
+        ExitKind::Interrupted => ApiError::unavailable(format!(
+            "the server is stopping and this request did not finish within its drain time \
+             (request id {request_id})"
         )),
         _ => ApiError::unavailable(format!(
             "no node can serve `{model}` now; try again later (request id {request_id})"

@@ -11,7 +11,7 @@ client = openai.OpenAI(base_url=os.environ["RBEE_BASE_URL"], api_key=os.environ[
 stream = client.chat.completions.create(
     model=os.environ["RBEE_MODEL"],
     messages=[{"role": "user", "content": "Write a long essay about the history of the bicycle."}],
-    max_tokens=200, temperature=0, stream=True,
+    max_tokens=48, temperature=0, stream=True,
 )
 text, finish, said = "", None, False
 for chunk in stream:
