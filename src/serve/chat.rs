@@ -161,15 +161,17 @@ async fn handle(
         budget,
     };
     let admitted = tokio::select! {
-        admitted = tokio::time::timeout_at(
-            job.budget.deadline().into(),
-            app.admission.admit(&model_name),
-        ) => admitted,
+        // Cut first: the slots the cut requests free must not start new ones.
+        biased;
         () = app.cut.cancelled() => return Err(super::api_error(
             &Error::Interrupted,
             &model_name,
             request_id,
         )),
+        admitted = tokio::time::timeout_at(
+            job.budget.deadline().into(),
+            app.admission.admit(&model_name),
+        ) => admitted,
     };
     let permit = match admitted {
         Ok(Ok(permit)) => permit,
@@ -417,7 +419,8 @@ async fn run(
         // the client hears why.
         () = app.cut.cancelled() => Err(Error::Classified {
             kind: crate::error::ExitKind::Interrupted,
-            message: "cut off: the server's drain time after a stop ran out before it finished"
+            message: "still running when serve's drain time after a stop ran out; cancelled on \
+                      the node"
                 .to_string(),
         }),
         result = tokio::time::timeout_at(budget.deadline().into(), work) => match result {

@@ -31,9 +31,10 @@ use admission::Admission;
 use keys::Keys;
 use openai::ApiError;
 
-/// How long the requests cut off at the end of the drain have to send their error and close
-/// their connections.
-const CUT_GRACE: Duration = Duration::from_secs(1);
+/// How long the requests cut off at the end of the drain have at most to send their error and
+/// close their connections (each first writes its audit record); the server ends as soon as
+/// they have.
+const CUT_GRACE: Duration = Duration::from_secs(5);
 
 /// What `rbee serve` runs with.
 pub(crate) struct Settings {
@@ -144,10 +145,16 @@ async fn serve(settings: Settings) -> Result<()> {
     tokio::select! {
         result = &mut server => result.map_err(|e| IoError::doing("serve", e))?,
         () = async { stop.cancelled().await; tokio::time::sleep(drain).await } => {
-            eprintln!("rbee serve: requests still in flight after {drain:?} were cut off");
+            eprintln!(
+                "rbee serve: the drain time ({drain:?}) ran out; requests still in flight were cut \
+                 off and end with an error"
+            );
             app.cut.cancel();
-            if let Ok(result) = tokio::time::timeout(CUT_GRACE, server).await {
-                result.map_err(|e| IoError::doing("serve", e))?;
+            match tokio::time::timeout(CUT_GRACE, server).await {
+                Ok(result) => result.map_err(|e| IoError::doing("serve", e))?,
+                Err(_) => eprintln!(
+                    "rbee serve: connections still open {CUT_GRACE:?} after the cut were closed"
+                ),
             }
         }
     }
@@ -267,9 +274,11 @@ fn api_error(err: &Error, model: &str, request_id: &str) -> ApiError {
         ExitKind::Internal => ApiError::internal(format!(
             "the server failed on this request (request id {request_id})"
         )),
+        // The node's operator cancelled it (`rbee worker cancel`), or serve's drain time after
+        // a stop ran out: serve's log says which.
         ExitKind::Interrupted => ApiError::unavailable(format!(
-            "the server is stopping and this request did not finish within its drain time \
-             (request id {request_id})"
+            "the request was cancelled before it finished: the server is stopping and its drain \
+             time ran out, or the node's operator cancelled it (request id {request_id})"
         )),
         _ => ApiError::unavailable(format!(
             "no node can serve `{model}` now; try again later (request id {request_id})"
