@@ -63,17 +63,25 @@ impl Serve {
         format!("http://127.0.0.1:{}/v1", self.port)
     }
 
-    /// Runs a Python script of `tests/serve/` against this server; its stdout.
-    pub(crate) fn python(&self, script: &str, model: &str, env: &[(&str, &str)]) -> String {
+    /// python3 running `tests/serve/NAME` against this server and `model`, with `env` added.
+    pub(crate) fn script(&self, name: &str, model: &str, env: &[(&str, &str)]) -> Command {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/serve")
-            .join(script);
-        let out = Command::new("python3")
+            .join(name);
+        let mut command = Command::new("python3");
+        command
             .arg(&path)
             .env("RBEE_BASE_URL", self.base_url())
             .env("RBEE_KEY", &self.key)
             .env("RBEE_MODEL", model)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        command
+    }
+
+    /// Runs a Python script of `tests/serve/` against this server; its stdout.
+    pub(crate) fn python(&self, script: &str, model: &str, env: &[(&str, &str)]) -> String {
+        let out = self
+            .script(script, model, env)
             .output()
             .expect("run python3");
         assert!(
@@ -90,13 +98,12 @@ impl Serve {
     /// first token: the client, and its stdout where it prints how the stream ended.
     pub(crate) fn reading(&self, max_tokens: u32) -> (Child, std::io::BufReader<ChildStdout>) {
         use std::io::BufRead;
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/drain.py");
-        let mut client = Command::new("python3")
-            .arg(&script)
-            .env("RBEE_BASE_URL", self.base_url())
-            .env("RBEE_KEY", &self.key)
-            .env("RBEE_MODEL", "smollm2")
-            .env("RBEE_MAX_TOKENS", max_tokens.to_string())
+        let mut client = self
+            .script(
+                "drain.py",
+                "smollm2",
+                &[("RBEE_MAX_TOKENS", &max_tokens.to_string())],
+            )
             .stdout(Stdio::piped())
             .spawn()
             .expect("python3");
@@ -248,12 +255,8 @@ fn a_client_that_closes_its_stream_frees_the_nodes_slot_at_once() {
         return;
     }
     let serve = Serve::start(&env, &[]);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/disconnect.py");
-    let mut client = Command::new("python3")
-        .arg(&script)
-        .env("RBEE_BASE_URL", serve.base_url())
-        .env("RBEE_KEY", &serve.key)
-        .env("RBEE_MODEL", "smollm2")
+    let mut client = serve
+        .script("disconnect.py", "smollm2", &[])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -473,6 +476,87 @@ fn a_stream_still_running_when_the_drain_ends_gets_an_error_event_and_is_cancell
         .filter(|r| r["event"] == "infer_completed")
         .find(|r| r["fields"]["exit_code"] == 130);
     assert!(cut.is_some(), "{records:?}");
+}
+
+/// The two other requests a drain can cut: one waiting for its whole answer and one still
+/// queued for a slot. Each gets the 503 that says why, and the SDK, which retries a 503 by
+/// default, does not retry it into a server that has gone (a connection error, which says
+/// nothing).
+#[test]
+fn at_the_drain_end_a_waiting_and_a_queued_request_get_a_503_the_sdk_does_not_retry() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    if !python_sdk() {
+        return;
+    }
+    let env = Env::custom(|dir, port| {
+        format!(
+            "{}slots = 2\n[nodes.n1]\ntransport = \"local\"\nremote_dir = {:?}\n\
+             hive_port = {port}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+            dir.join("node").display().to_string(),
+        )
+    });
+    let serve = Serve::start(&env, &["--drain", "2s"]);
+    let auth = format!("Bearer {}", serve.key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
+    assert_eq!(status, 200, "{answer}");
+    let pid = crate::support::worker_health(&env)["pid"]
+        .as_i64()
+        .expect("the worker's pid");
+
+    // One slot streams, held still; the other takes a whole answer; a third request queues.
+    let (mut streaming, _out) = serve.reading(400);
+    let held = crate::support::HeldWorker::stop(pid);
+    let spawn = || {
+        serve
+            .script("cut.py", "smollm2", &[("RBEE_MAX_TOKENS", "400")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3")
+    };
+    let waiting = spawn();
+    assert!(
+        held.handed(&env, 2, Duration::from_secs(20)),
+        "the whole-answer request never reached the worker"
+    );
+    let queued = spawn();
+    let queue = |serve: &Serve| {
+        let (_, body) = http(serve.port, "GET", "/health", &[], b"");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["queued"]["smollm2"]
+            .as_u64()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || queue(&serve) == Some(1)),
+        "the third request never queued: {:?}",
+        queue(&serve)
+    );
+
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("drain time (2s) ran out"), "{stderr}");
+    for (what, client) in [("waiting", waiting), ("queued", queued)] {
+        let out = client.wait_with_output().expect("wait");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{what}: {text}");
+        let ended: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(
+            ended["error"]["class"], "InternalServerError",
+            "{what}: {text}\nserve said: {stderr}"
+        );
+        assert_eq!(ended["error"]["status"], 503, "{what}: {text}");
+        let message = ended["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("drain time"), "{what}: {text}");
+        assert!(!message.contains("127.0.0.1"), "{what}: {text}");
+    }
+    drop(held);
+    let _ = streaming.wait();
 }
 
 #[test]

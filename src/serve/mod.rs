@@ -257,6 +257,7 @@ async fn not_found() -> Response {
         param: None,
         code: Some("unknown_url"),
         retry_after: None,
+        should_retry: None,
     }
     .into_response()
 }
@@ -275,11 +276,16 @@ fn api_error(err: &Error, model: &str, request_id: &str) -> ApiError {
             "the server failed on this request (request id {request_id})"
         )),
         // The node's operator cancelled it (`rbee worker cancel`), or serve's drain time after
-        // a stop ran out: serve's log says which.
-        ExitKind::Interrupted => ApiError::unavailable(format!(
-            "the request was cancelled before it finished: the server is stopping and its drain \
-             time ran out, or the node's operator cancelled it (request id {request_id})"
-        )),
+        // a stop ran out: serve's log says which. Not to be retried: a retry would run again
+        // what the operator cancelled, or find the server gone (and the SDK would then report
+        // a connection error, not this).
+        ExitKind::Interrupted => ApiError {
+            should_retry: Some(false),
+            ..ApiError::unavailable(format!(
+                "the request was cancelled before it finished: the server is stopping and its \
+                 drain time ran out, or the node's operator cancelled it (request id {request_id})"
+            ))
+        },
         _ => ApiError::unavailable(format!(
             "no node can serve `{model}` now; try again later (request id {request_id})"
         )),

@@ -19,6 +19,9 @@ pub(crate) struct ApiError {
     pub(crate) code: Option<&'static str>,
     /// Seconds, for 429.
     pub(crate) retry_after: Option<u64>,
+    /// `x-should-retry`, which the OpenAI SDKs obey over their own rule (they retry every
+    /// 5xx): `false` where a retry cannot help or would undo what ended the request.
+    pub(crate) should_retry: Option<bool>,
 }
 
 impl ApiError {
@@ -30,6 +33,7 @@ impl ApiError {
             param: param.map(str::to_string),
             code: None,
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -48,6 +52,7 @@ impl ApiError {
             param: None,
             code: Some("invalid_api_key"),
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -59,6 +64,7 @@ impl ApiError {
             param: Some("model".to_string()),
             code: Some("model_not_found"),
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -72,6 +78,7 @@ impl ApiError {
             param: None,
             code: Some("rate_limit_exceeded"),
             retry_after: Some(retry_after),
+            should_retry: None,
         }
     }
 
@@ -83,6 +90,7 @@ impl ApiError {
             param: None,
             code: Some("unavailable"),
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -94,6 +102,7 @@ impl ApiError {
             param: None,
             code: Some("deadline_exceeded"),
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -105,6 +114,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -128,6 +138,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(retry) = self.should_retry {
+            response.headers_mut().insert(
+                "x-should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response
