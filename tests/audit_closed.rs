@@ -173,3 +173,77 @@ fn a_queen_audit_lock_held_by_another_process_ends_the_invocation_at_its_deadlin
     );
     env.infer(&HI).expect(0);
 }
+
+/// The same lock taken once the request is under way (recorded and sent, its first token
+/// printed): the record of its end waits for the lock no later than the deadline, so the
+/// invocation ends there, exit 10 (`required`: its end is not on record), naming the lock, the
+/// text it printed kept. Before, it waited for as long as the lock was held.
+#[test]
+fn a_queen_audit_lock_taken_while_the_request_runs_does_not_hold_its_end_past_the_deadline() {
+    use std::io::Read;
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    let mut child = env
+        .command(&[
+            "infer",
+            "--prompt",
+            "Tell me a story about a dragon.",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--timeout",
+            "10s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn rbee infer");
+    let started = std::time::Instant::now();
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("a first token");
+    let lock = env.path().join("state").join("audit.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&lock)
+        .expect("open the lock");
+    let holder = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .expect("take the lock");
+    let (done, release) = std::sync::mpsc::channel::<()>();
+    let releaser = std::thread::spawn(move || {
+        let _ = release.recv_timeout(std::time::Duration::from_secs(45));
+        drop(holder);
+    });
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read stdout");
+    let status = child.wait().expect("wait");
+    let took = started.elapsed();
+    let _ = done.send(());
+    releaser.join().expect("releaser");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(10), "{stderr}");
+    // The lock was held for 45 s unless the invocation ended: it ended at its 10 s budget.
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "an invocation of a 10s budget waited {took:?} for the lock"
+    );
+    assert!(stderr.contains("audit.lock"), "{stderr}");
+    assert!(stderr.contains("cannot record its end"), "{stderr}");
+    assert!(
+        !rest.trim().is_empty(),
+        "the text printed was lost: {rest:?}"
+    );
+    // The node served and recorded it; this machine has the request but not its end.
+    let mine = records(&env.path().join("state/audit.jsonl"));
+    let last = mine.last().expect("a record");
+    assert_eq!(last["event"], "infer_requested", "{last}");
+    env.infer(&HI).expect(0);
+}

@@ -21,6 +21,19 @@ pub(crate) fn audit_id() -> String {
     hex::encode(&digest[..8])
 }
 
+/// How long past the end of the work the record of a request's end may wait for the log's
+/// lock, when the request's deadline is nearer than that: a healthy writer holds the lock for
+/// one fsync'd append, and a request that ran to its deadline still gets its end recorded.
+const END_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The log to record a request's end in (`infer_completed`): another process holding its lock
+/// (a stuck rbee, a hung disk) holds the invocation no later than the request's deadline, or
+/// `END_GRACE` past now where that is later. A wait that reaches it is a record not written,
+/// weighed by the node's policy (`audited`).
+pub(crate) fn end_audit(budget: &crate::deadline::Budget) -> crate::audit::Audit {
+    super::audit().until(budget.deadline().max(std::time::Instant::now() + END_GRACE))
+}
+
 /// Records `infer_requested` for `request` (its prompt and system prompt by digest only, with
 /// `extra` fields beside them), and puts the record's head in the request for the node to
 /// witness. A record that cannot be written stops the request under `node`'s `required`.
@@ -76,7 +89,7 @@ pub(crate) fn unrecorded_request(node: &Node, e: &Error) -> Result<()> {
             node.name
         ))),
         AuditPolicy::BestEffort => {
-            warn_unrecorded("this machine", &e.to_string());
+            warn_unrecorded("this machine", &e.to_string(), node.audit);
             Ok(())
         }
     }
@@ -94,7 +107,9 @@ pub(crate) fn audited(
     let mut outcome = outcome;
     if let Some(why) = done.and_then(|d| d.audit_warning.as_deref()) {
         match node.audit {
-            AuditPolicy::BestEffort => warn_unrecorded(&format!("node `{}`", node.name), why),
+            AuditPolicy::BestEffort => {
+                warn_unrecorded(&format!("node `{}`", node.name), why, node.audit);
+            }
             // The hive runs with a `best-effort` it was started with; this machine's setting
             // for the node is the stricter one.
             AuditPolicy::Required if outcome.is_ok() => {
@@ -105,28 +120,42 @@ pub(crate) fn audited(
                     node.name, node.name
                 )));
             }
-            AuditPolicy::Required => warn_unrecorded(&format!("node `{}`", node.name), why),
+            AuditPolicy::Required => {
+                warn_unrecorded(&format!("node `{}`", node.name), why, node.audit);
+            }
         }
     }
     if let Some(e) = completed {
         match node.audit {
             AuditPolicy::Required if outcome.is_ok() => {
+                // A lock wait that reached its bound: the log is writable, another process
+                // holds it.
+                let fix = match e {
+                    Error::Deadline(_) => "end the process that holds the log's lock",
+                    _ => "make the log writable",
+                };
                 outcome = Err(Error::Audit(format!(
                     "the request ran on `{}`, but this machine cannot record its end in its \
-                     audit trail: {e}; make the log writable, or set `audit = \"best-effort\"` \
-                     for the node to go on without it",
+                     audit trail: {e}; {fix}, or set `audit = \"best-effort\"` for the node to \
+                     go on without it",
                     node.name
                 )));
             }
-            _ => warn_unrecorded("this machine", &e.to_string()),
+            _ => warn_unrecorded("this machine", &e.to_string(), node.audit),
         }
     }
     outcome
 }
 
-/// The warning of a `best-effort` invocation whose records were lost, on every such invocation.
-fn warn_unrecorded(who: &str, why: &str) {
-    eprintln!(
-        "rbee: warning: {who} could not record this request in its audit trail (audit = \"best-effort\"): {why}"
-    );
+/// The warning of an invocation whose records were lost: on every `best-effort` one, and on a
+/// `required` one that failed anyway (its exit code is the failure's).
+fn warn_unrecorded(who: &str, why: &str, policy: AuditPolicy) {
+    match policy {
+        AuditPolicy::BestEffort => eprintln!(
+            "rbee: warning: {who} could not record this request in its audit trail (audit = \"best-effort\"): {why}"
+        ),
+        AuditPolicy::Required => eprintln!(
+            "rbee: warning: {who} could not record this request in its audit trail: {why}"
+        ),
+    }
 }
