@@ -4,7 +4,8 @@
 //! (one KV stream each, as a worker does), medians of 3 runs; and the time to the first token of
 //! the prompt "hi" (prefill and one sample on a loaded context), median of 5. `--decode N` and
 //! `--batched N` print single runs, for benchmarks that alternate them with other tools.
-//! `cargo bench --bench engine` (RBEE_TEST_MODEL or ~/.cache/rbee/models/...).
+//! `cargo bench --bench engine` (RBEE_TEST_MODEL or ~/.cache/rbee/models/...); ENGINE_CONTEXT
+//! sets the context per sequence (default 4096, a worker's), to see what its size costs.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -22,7 +23,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 /// tokens.
 const PROMPT: &str = "Write a long essay about bicycles.";
 const TOKENS: usize = 128;
-const CONTEXT: u32 = 4096;
+const DEFAULT_CONTEXT: u32 = 4096;
 
 fn main() {
     let path = std::env::var("RBEE_TEST_MODEL").unwrap_or_else(|_| {
@@ -31,6 +32,10 @@ fn main() {
             std::env::var("HOME").unwrap()
         )
     });
+    let context: u32 = std::env::var("ENGINE_CONTEXT")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(DEFAULT_CONTEXT);
     let mut backend = LlamaBackend::init().expect("backend");
     backend.void_logs();
     let model =
@@ -44,14 +49,14 @@ fn main() {
     let tokens = model.vocab().tokenize(text.as_bytes(), true, true);
     let run = |seqs: usize| {
         let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(CONTEXT * seqs as u32))
+            .with_n_ctx(NonZeroU32::new(context * seqs as u32))
             .with_n_seq_max(seqs as u32)
             .with_kv_unified(false)
-            .with_n_batch(CONTEXT)
+            .with_n_batch(context)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let mut ctx = model.new_context(&backend, params).expect("context");
-        let mut batch = LlamaBatch::new(CONTEXT as usize, 1);
+        let mut batch = LlamaBatch::new(context as usize, 1);
         let mut prefill = 0.0;
         for seq in 0..seqs as i32 {
             batch.clear();
@@ -117,8 +122,8 @@ fn main() {
     );
     {
         let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(CONTEXT))
-            .with_n_batch(CONTEXT)
+            .with_n_ctx(NonZeroU32::new(context))
+            .with_n_batch(context)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let mut ctx = model.new_context(&backend, params).expect("context");
@@ -127,7 +132,7 @@ fn main() {
             .apply_chat_template(&template, &chat, true)
             .expect("apply");
         let hi = model.vocab().tokenize(text.as_bytes(), true, true);
-        let mut batch = LlamaBatch::new(CONTEXT as usize, 1);
+        let mut batch = LlamaBatch::new(context as usize, 1);
         let mut times: Vec<f64> = (0..5)
             .map(|_| {
                 ctx.clear_kv_cache();

@@ -8,6 +8,14 @@
 #      times: (tokens of a 128-token `infer` - 1) / (its wall time - a 1-token `infer`'s)
 #   b. the same llama-bench built with the CPU flags of the llama.cpp inside rbee
 #      (scripts/llama-cpp.sh matched): what llama-cpp-sys-2's build flags give up
+#   b2. where the rest of a. goes, each in the same round: llama-bench built from the llama.cpp
+#      inside rbee (llama-cpp-sys-2's vendored tree, a newer llama.cpp than the sdist's;
+#      scripts/llama-cpp.sh crate and crate-matched) against the sdist's, with the defaults and
+#      with rbee's flags: what the version changes; the raw engine decoding one sequence as rbee
+#      drives it (`cargo bench --bench engine -- --decode 1`: 4096-token context, a greedy
+#      sampler over the vocabulary, a token at a time) against that llama-bench with rbee's
+#      flags: the engine's loop; and rbee against the raw engine: the worker's HTTP side, the
+#      hive and the CLI
 #   c. aggregate decode of 4 and 8 concurrent streamed requests: `rbee infer` against
 #      `llama-server --parallel 4` and `--parallel 8`; rbee's model has 4 slots for the 4-way
 #      row and 8 for the 8-way row, as many as llama-server's
@@ -26,13 +34,15 @@
 #   h. decode under a JSON grammar (`--format json`) against free text, the worker's own
 #      decode rate of each (`decode_tokens_per_s`), the same prompt and 64 tokens at most
 #   RBEE=path/to/rbee (default: the release build; RBEE_NATIVE=1 scripts/setup.sh builds one for
-#   this CPU into ~/.cache/rbee/target-native), ROUNDS=7, TOKENS=128, BUDGET=10m
+#   this CPU into ~/.cache/rbee/target-native), ROUNDS=7, TOKENS=128, BUDGET=10m,
+#   DECODE_ONLY=1 (rows a, b and b2 alone: a few seconds a round)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rbee/target}"
 RBEE="${RBEE:-$CARGO_TARGET_DIR/release/rbee}"
 ROUNDS="${ROUNDS:-7}"
+DECODE_ONLY="${DECODE_ONLY:-0}"
 TOKENS="${TOKENS:-128}"
 # Each request's budget: on a machine busy with other work a 128-token generation can outlast
 # infer's default minute.
@@ -46,6 +56,8 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 
 DEFAULT_BIN=$(scripts/llama-cpp.sh default)
 MATCHED_BIN=$(scripts/llama-cpp.sh matched)
+CRATE_BIN=$(scripts/llama-cpp.sh crate)
+CRATE_MATCHED_BIN=$(scripts/llama-cpp.sh crate-matched)
 SERVER_BIN=$(scripts/llama-cpp.sh server "$MODEL")
 case "$SERVER_BIN" in
     "$DEFAULT_BIN") server_build="defaults" ;;
@@ -121,8 +133,10 @@ start_server() {
     for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
     echo "$port"
 }
-ls4=$(start_server 4)
-ls8=$(start_server 8)
+if [ "$DECODE_ONLY" != 1 ]; then
+    ls4=$(start_server 4)
+    ls8=$(start_server 8)
+fi
 
 # N concurrent streamed requests to llama-server at PORT; prints tokens generated and wall ms.
 ls_many() {
@@ -148,14 +162,26 @@ pct() { python3 -c "print(round(100 * $1 / $2, 1))"; }
 # The machine is shared: the load averages at the start and the end say how quiet it was.
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for round in $(seq "$ROUNDS"); do
-    say "round $round of $ROUNDS: llama-bench (default and matched flags), rbee decode"
+    say "round $round of $ROUNDS: llama-bench (the sdist's and rbee's llama.cpp, default and matched flags), raw engine, rbee decode"
     lb=$(llama_bench "$DEFAULT_BIN")
     rb=$(rbee_decode)
     lbm=$(llama_bench "$MATCHED_BIN")
+    lbc=$(llama_bench "$CRATE_BIN")
+    raw1=$({ RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench --decode 1 2>/dev/null || true; } \
+        | sed -nE 's/^raw engine decode: ([0-9.]+) tokens.*/\1/p')
+    lbcm=$(llama_bench "$CRATE_MATCHED_BIN")
     fig llama_bench_tps "$lb"; fig rbee_wall_decode_tps "$rb"; fig llama_bench_matched_tps "$lbm"
+    fig llama_bench_crate_tps "$lbc"; fig llama_bench_crate_matched_tps "$lbcm"; fig raw_1_tps "$raw1"
     fig decode_vs_llama_bench_pct "$(pct "$rb" "$lb")"
     fig decode_vs_matched_pct "$(pct "$rb" "$lbm")"
     fig matched_vs_default_pct "$(pct "$lbm" "$lb")"
+    fig crate_vs_default_pct "$(pct "$lbc" "$lb")"
+    fig crate_matched_vs_matched_pct "$(pct "$lbcm" "$lbm")"
+    if [ -n "$raw1" ]; then
+        fig raw_1_vs_crate_matched_pct "$(pct "$raw1" "$lbcm")"
+        fig decode_vs_raw_1_pct "$(pct "$rb" "$raw1")"
+    fi
+    [ "$DECODE_ONLY" = 1 ] && continue
     declare -A rate=()
     json_prompt="Describe a dragon as a JSON object with its name, color, age and a long story."
     for f in text json; do
@@ -200,7 +226,7 @@ echo "load average (1, 5, 15 min): $load_start at the start, $(cut -d' ' -f1-3 /
 # Which rbee: the portable build, or one for this CPU (RBEE_NATIVE=1); rows d and g are built
 # into $CARGO_TARGET_DIR with its flags, whatever RBEE is.
 "$RBEE" --json version | python3 -c 'import json,sys; v=json.load(sys.stdin); print("rbee:", "built for this CPU (-C target-cpu=native)" if v.get("native") else "the portable build (llama.cpp default x86-64 set)")'
-python3 - "$work/figures" "$ROUNDS" "$TOKENS" "$server_build" <<'PY'
+python3 - "$work/figures" "$ROUNDS" "$TOKENS" "$server_build" "$DECODE_ONLY" <<'PY'
 import json, statistics, sys
 figures = {}
 for line in open(sys.argv[1]):
@@ -223,25 +249,34 @@ rows = [
     ("a. rbee infer decode (wall times)", f"{m['rbee_wall_decode_tps']} tokens/s: {m['decode_vs_llama_bench_pct']}% of llama-bench (median of rounds, {rng('decode_vs_llama_bench_pct')}%)"),
     (f"b. llama-bench tg{sys.argv[3]}, rbee's llama.cpp flags", f"{m['llama_bench_matched_tps']} tokens/s: {m['matched_vs_default_pct']}% of the defaults ({rng('matched_vs_default_pct')}%)"),
     ("b. rbee infer decode / llama-bench with rbee's flags", f"{m['decode_vs_matched_pct']}% ({rng('decode_vs_matched_pct')}%)"),
+    ("b2. llama-bench on rbee's llama.cpp / on the sdist's, defaults", f"{m['llama_bench_crate_tps']} tokens/s: {m['crate_vs_default_pct']}% ({rng('crate_vs_default_pct')}%)"),
+    ("b2. the same with rbee's flags", f"{m['llama_bench_crate_matched_tps']} tokens/s: {m['crate_matched_vs_matched_pct']}% ({rng('crate_matched_vs_matched_pct')}%)"),
+    ("b2. raw engine, one sequence / llama-bench on rbee's llama.cpp and flags", f"{m['raw_1_tps']} tokens/s: {m['raw_1_vs_crate_matched_pct']}% ({rng('raw_1_vs_crate_matched_pct')}%)"),
+    ("b2. rbee infer decode / raw engine, one sequence", f"{m['decode_vs_raw_1_pct']}% ({rng('decode_vs_raw_1_pct')}%)"),
 ]
-for n in (4, 8):
+decode_only = sys.argv[5] == "1"
+for n in () if decode_only else (4, 8):
     rows.append((f"c. {n}-way aggregate, rbee / llama-server --parallel {n}",
                  f"{m[f'rbee_{n}_tps']} / {m[f'llama_server_{n}_tps']} tokens/s: {m[f'rbee_vs_llama_server_{n}_pct']}% ({rng(f'rbee_vs_llama_server_{n}_pct')}%)"))
-for n in (4, 8):
+for n in () if decode_only else (4, 8):
     rows.append((f"c. {n}-way, rbee with kv_unified = true", f"{m[f'rbee_unified_{n}_tps']} tokens/s: {m[f'rbee_unified_vs_llama_server_{n}_pct']}% of llama-server ({rng(f'rbee_unified_vs_llama_server_{n}_pct')}%)"))
-for n in (4, 8):
+for n in () if decode_only else (4, 8):
     rows.append((f"g. {n}-way ceiling: raw engine in lockstep / llama-server", f"{m[f'raw_{n}_tps']} tokens/s: {m[f'raw_vs_llama_server_{n}_pct']}% ({rng(f'raw_vs_llama_server_{n}_pct')}%)"))
-rows.append(("h. decode under --format json / free text", f"{m['json_decode_tps']} / {m['text_decode_tps']} tokens/s: {m['json_vs_text_pct']}% ({rng('json_vs_text_pct')}%)"))
+if not decode_only:
+    rows.append(("h. decode under --format json / free text", f"{m['json_decode_tps']} / {m['text_decode_tps']} tokens/s: {m['json_vs_text_pct']}% ({rng('json_vs_text_pct')}%)"))
 if "event_sign_us" in m:
     rows.append(("d. one stream event: sign / verify", f"{m['event_sign_us']} / {m['event_verify_us']} us"))
-rows.append(("e. CPU per token: hive / CLI / worker", f"{m['hive_cpu_us']} / {m['cli_cpu_us']} / {m['worker_cpu_us']} us ({rng('hive_cpu_us')} / {rng('cli_cpu_us')} us)"))
+if not decode_only:
+    rows.append(("e. CPU per token: hive / CLI / worker", f"{m['hive_cpu_us']} / {m['cli_cpu_us']} / {m['worker_cpu_us']} us ({rng('hive_cpu_us')} / {rng('cli_cpu_us')} us)"))
 print(f"{sys.argv[2]} alternating rounds, medians of per-round ratios; {sys.argv[3]} tokens per generation")
-print(f"llama-server (rows c, g): llama.cpp's {sys.argv[4]}")
+if not decode_only:
+    print(f"llama-server (rows c, g): llama.cpp's {sys.argv[4]}")
 width = max(len(r[0]) for r in rows)
 for name, value in rows:
     print(f"{name:<{width}}  {value}")
 json.dump({"rounds": int(sys.argv[2]), "llama_server_build": sys.argv[4], "medians": m, "runs": figures}, open("bench-llama.json", "w"), indent=2)
 PY
 say "wrote bench-llama.json"
+[ "$DECODE_ONLY" = 1 ] && exit 0
 say "f. auto slots against slots = 4"
 CAPS=0 ROUNDS="$ROUNDS" TOKENS="$TOKENS" BUDGET="$BUDGET" RBEE="$RBEE" scripts/bench_slots.sh

@@ -14,6 +14,15 @@
 #   scripts/llama-cpp.sh amx-fix   the defaults, with GCC's RTL dead-store elimination off
 #                                  (-fno-dse), which rbee's native build also sets: GCC
 #                                  drops the stores that fill ggml's AMX tile configuration
+#   scripts/llama-cpp.sh crate     llama-bench alone, llama.cpp's defaults, on the llama.cpp
+#                                  libraries vendored in the llama-cpp-sys-2 crate that rbee is
+#                                  built with (a newer llama.cpp than the sdist's; llama-bench's
+#                                  own source from the sdist): against `default`, what the
+#                                  version alone changes
+#   scripts/llama-cpp.sh crate-matched
+#                                  the same tree with the `matched` flags: the engine rbee runs,
+#                                  built by llama.cpp's own CMake, so that rbee against it is
+#                                  rbee's loop and relay alone
 #   scripts/llama-cpp.sh server MODEL
 #                                  the folder whose llama-server to measure against: the
 #                                  default build's, unless that build dies on a prompt of MODEL
@@ -62,16 +71,60 @@ DIR="$CACHE/llama-cpp-python-$VERSION-$FLAVOR"
 BIN="$DIR/build/bin"
 
 flags=()
+matched_flags() {
+    flags+=(-DGGML_NATIVE=OFF)
+    if [ "$(uname -m)" = x86_64 ]; then
+        flags+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON)
+    fi
+}
 case "$FLAVOR" in
     default) ;;
     amx-fix) flags+=("-DCMAKE_CXX_FLAGS_RELEASE=-O3 -DNDEBUG -fno-dse") ;;
-    matched)
-        flags+=(-DGGML_NATIVE=OFF)
-        if [ "$(uname -m)" = x86_64 ]; then
-            flags+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON)
+    matched) matched_flags ;;
+    crate | crate-matched)
+        [ "$FLAVOR" = crate-matched ] && matched_flags
+        # The crate's version from the lock file; its source is in cargo's registry once the
+        # project has been built (scripts/setup.sh).
+        here="$(cd "$(dirname "$0")/.." && pwd)"
+        crate_version=$(awk '/^name = "llama-cpp-sys-2"$/ { getline; gsub(/"/, "", $3); print $3 }' "$here/Cargo.lock")
+        src=""
+        for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"llama-cpp-sys-2-$crate_version/llama.cpp"; do
+            [ -f "$d/CMakeLists.txt" ] && src="$d"
+        done
+        if [ -z "$src" ]; then
+            echo "llama-cpp: no source of llama-cpp-sys-2 $crate_version in cargo's registry (build rbee first: scripts/setup.sh)" >&2
+            exit 1
         fi
+        DIR="$CACHE/llama-cpp-sys-2-$crate_version-$FLAVOR"
+        BIN="$DIR/build/bin"
+        if [ ! -x "$BIN/llama-bench" ]; then
+            echo "llama-cpp: building llama-bench ($FLAVOR) on llama-cpp-sys-2 $crate_version's vendored llama.cpp (once, a few minutes)" >&2
+            mkdir -p "$CACHE"
+            tmp=$(mktemp -d)
+            trap 'rm -rf "$tmp"' EXIT
+            rm -rf "$DIR.part"
+            mkdir -p "$DIR.part"
+            cp -r "$src/." "$DIR.part"
+            # The crate ships llama.cpp's libraries without its tools' sources: llama-bench's
+            # comes from the sdist (a slightly older llama.cpp whose llama-bench builds against
+            # these libraries), and it is the only tool built.
+            python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$tmp" "llama-cpp-python==$VERSION"
+            tar -xzf "$tmp/llama_cpp_python-$VERSION.tar.gz" -C "$tmp" \
+                "llama_cpp_python-$VERSION/vendor/llama.cpp/tools/llama-bench"
+            rm -rf "$DIR.part/tools/llama-bench"
+            cp -r "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp/tools/llama-bench" "$DIR.part/tools/"
+            printf 'llama_add_compile_flags()\nadd_subdirectory(llama-bench)\n' > "$DIR.part/tools/CMakeLists.txt"
+            cmake -S "$DIR.part" -B "$DIR.part/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+                -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+                -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DBUILD_SHARED_LIBS=OFF ${flags[@]+"${flags[@]}"} >&2
+            cmake --build "$DIR.part/build" --target llama-bench -j "$(nproc)" >&2
+            rm -rf "$DIR"
+            mv "$DIR.part" "$DIR"
+        fi
+        echo "$BIN"
+        exit 0
         ;;
-    *) echo "llama-cpp: unknown flavor \`$FLAVOR\` (default, amx-fix or matched)" >&2; exit 2 ;;
+    *) echo "llama-cpp: unknown flavor \`$FLAVOR\` (default, amx-fix, matched, crate or crate-matched)" >&2; exit 2 ;;
 esac
 
 if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
