@@ -180,8 +180,47 @@ fn a_queen_audit_lock_held_by_another_process_ends_the_invocation_at_its_deadlin
 /// text it printed kept. Before, it waited for as long as the lock was held.
 #[test]
 fn a_queen_audit_lock_taken_while_the_request_runs_does_not_hold_its_end_past_the_deadline() {
-    use std::io::Read;
     let Some(env) = Env::new("") else { return };
+    lock_taken_mid_request(&env);
+}
+
+/// The same where the request is placed among two nodes, so that each node tried is an
+/// `infer_attempt` record of its own, written when the attempt ends: that one waits no later
+/// than the deadline either (a warning), and the invocation ends as above.
+#[test]
+fn a_queen_audit_lock_taken_while_a_placed_request_runs_holds_neither_its_attempt_nor_its_end() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    let env = Env::custom(|dir, port| {
+        // `b` cannot start a hive (its remote_dir lies under a regular file): `a` serves.
+        let blocker = dir.join("not-a-dir");
+        std::fs::write(&blocker, "").expect("blocker");
+        format!(
+            "{}\n[nodes.a]\ntransport = \"local\"\nremote_dir = {:?}\nhive_port = {port}\n\
+             models = [\"smollm2\"]\n\n[nodes.b]\ntransport = \"local\"\nremote_dir = {:?}\n\
+             hive_port = {}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+            dir.join("node").display().to_string(),
+            blocker.join("b").display().to_string(),
+            crate::support::free_port(),
+        )
+    });
+    let stderr = lock_taken_mid_request(&env);
+    let mine = records(&env.path().join("state/audit.jsonl"));
+    assert!(
+        mine.iter().any(|r| r["event"] == "infer_attempt"),
+        "the placed requests recorded no attempt: {mine:?}"
+    );
+    // The attempt that ended under the held lock is not on record, and the user is told.
+    assert!(stderr.contains("warning"), "{stderr}");
+}
+
+/// Runs a request, takes this machine's audit lock once its first token is printed and holds
+/// it for 45 s unless the invocation ends first; checks that it ended at its 10 s budget with
+/// exit 10 naming the lock, its text kept. Its stderr.
+fn lock_taken_mid_request(env: &Env) -> String {
+    use std::io::Read;
     env.infer(&HI).expect(0);
     let mut child = env
         .command(&[
@@ -243,7 +282,12 @@ fn a_queen_audit_lock_taken_while_the_request_runs_does_not_hold_its_end_past_th
     );
     // The node served and recorded it; this machine has the request but not its end.
     let mine = records(&env.path().join("state/audit.jsonl"));
-    let last = mine.last().expect("a record");
-    assert_eq!(last["event"], "infer_requested", "{last}");
+    let last = mine.iter().rev().find(|r| r["event"] != "infer_attempt");
+    assert_eq!(
+        last.map(|r| r["event"].clone()),
+        Some("infer_requested".into()),
+        "{mine:?}"
+    );
     env.infer(&HI).expect(0);
+    stderr
 }

@@ -140,7 +140,7 @@ pub(crate) async fn in_order(
 ) -> Result<()> {
     let mut failures: Vec<(String, Error)> = Vec::new();
     for s in order.skipped {
-        attempted(request, account, &s.node.name, s.outcome, s.ms);
+        attempted(request, budget, account, &s.node.name, s.outcome, s.ms);
         failures.push((s.node.name, s.error));
     }
     for (node, via) in order.candidates {
@@ -158,7 +158,7 @@ pub(crate) async fn in_order(
         let result = generate(runner, &node, via, request, budget, account, sink).await;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let outcome = result.as_ref().err().map_or("ok", |e| e.kind().wire_code());
-        attempted(request, account, &node.name, outcome, ms);
+        attempted(request, budget, account, &node.name, outcome, ms);
         match result {
             Ok(()) => return Ok(()),
             Err(e) if fails_over(&e) && !account.get().answered() && !budget.is_spent() => {
@@ -190,8 +190,16 @@ pub(crate) fn fails_over(err: &Error) -> bool {
 }
 
 /// One node tried: in the `done` event, on stderr under `-v`, and in this machine's audit log.
-fn attempted(request: &InferRequest, account: &Shared, node: &str, outcome: &str, ms: f64) {
-    crate::queen::audit_note(
+fn attempted(
+    request: &InferRequest,
+    budget: &Budget,
+    account: &Shared,
+    node: &str,
+    outcome: &str,
+    ms: f64,
+) {
+    crate::queen::audit_note_within(
+        budget,
         "infer_attempt",
         Some(&request.request_id),
         serde_json::json!({ "node": node, "outcome": outcome, "ms": ms.round() }),

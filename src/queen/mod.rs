@@ -18,6 +18,23 @@ pub(crate) fn audit() -> crate::audit::Audit {
     crate::audit::Audit::new(crate::paths::state_dir().join(crate::audit::FILE), "queen")
 }
 
+/// How long past now a record made within a budget may wait for the log's lock, when the
+/// budget's deadline is nearer than that: a healthy writer holds the lock for one fsync'd
+/// append, and work that ran to its deadline still gets its end recorded.
+const AUDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// This machine's audit log, for records made within `budget` (a request's end, its attempts,
+/// a host key seen while connecting): another process holding its lock (a stuck rbee, a hung
+/// disk) holds the invocation no later than the budget's deadline, or `AUDIT_GRACE` past now
+/// where that is later. A wait that reaches it is a record not written.
+pub(crate) fn audit_within(budget: &crate::deadline::Budget) -> crate::audit::Audit {
+    audit().until(
+        budget
+            .deadline()
+            .max(std::time::Instant::now() + AUDIT_GRACE),
+    )
+}
+
 /// Records an event in this machine's audit log; a failure to record is reported on stderr and
 /// the command goes on.
 pub(crate) fn audit_note(
@@ -25,7 +42,26 @@ pub(crate) fn audit_note(
     request_id: Option<&str>,
     fields: serde_json::Value,
 ) -> Option<crate::audit::Head> {
-    match audit().record(event, request_id, fields) {
+    note_in(audit(), event, request_id, fields)
+}
+
+/// `audit_note` within a budget (`audit_within`).
+pub(crate) fn audit_note_within(
+    budget: &crate::deadline::Budget,
+    event: &str,
+    request_id: Option<&str>,
+    fields: serde_json::Value,
+) -> Option<crate::audit::Head> {
+    note_in(audit_within(budget), event, request_id, fields)
+}
+
+fn note_in(
+    audit: crate::audit::Audit,
+    event: &str,
+    request_id: Option<&str>,
+    fields: serde_json::Value,
+) -> Option<crate::audit::Head> {
+    match audit.record(event, request_id, fields) {
         Ok(head) => Some(head),
         Err(e) => {
             eprintln!("rbee: warning: {e}");

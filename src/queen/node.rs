@@ -176,7 +176,8 @@ pub(crate) async fn connect_ssh(node: &Node, budget: &Budget, accept_new: bool) 
     match &result {
         Ok(session) => {
             if let HostKey::Accepted { fingerprint } = &session.host_key {
-                super::audit_note(
+                super::audit_note_within(
+                    budget,
                     "host_key_accepted",
                     None,
                     serde_json::json!({ "node": node.name, "fingerprint": fingerprint }),
@@ -185,7 +186,7 @@ pub(crate) async fn connect_ssh(node: &Node, budget: &Budget, accept_new: bool) 
         }
         Err(Error::Ssh(refused)) => {
             if let Some(fields) = host_key_refused(&node.name, refused) {
-                super::audit_note("host_key_refused", None, fields);
+                super::audit_note_within(budget, "host_key_refused", None, fields);
             }
         }
         Err(_) => {}

@@ -21,19 +21,6 @@ pub(crate) fn audit_id() -> String {
     hex::encode(&digest[..8])
 }
 
-/// How long past the end of the work the record of a request's end may wait for the log's
-/// lock, when the request's deadline is nearer than that: a healthy writer holds the lock for
-/// one fsync'd append, and a request that ran to its deadline still gets its end recorded.
-const END_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The log to record a request's end in (`infer_completed`): another process holding its lock
-/// (a stuck rbee, a hung disk) holds the invocation no later than the request's deadline, or
-/// `END_GRACE` past now where that is later. A wait that reaches it is a record not written,
-/// weighed by the node's policy (`audited`).
-pub(crate) fn end_audit(budget: &crate::deadline::Budget) -> crate::audit::Audit {
-    super::audit().until(budget.deadline().max(std::time::Instant::now() + END_GRACE))
-}
-
 /// Records `infer_requested` for `request` (its prompt and system prompt by digest only, with
 /// `extra` fields beside them), and puts the record's head in the request for the node to
 /// witness. A record that cannot be written stops the request under `node`'s `required`.

@@ -435,7 +435,7 @@ async fn run(
     let account = account.into_inner();
     let node = account.node.as_ref().unwrap_or(first);
     let done = account.done.as_ref();
-    let completed = trail::end_audit(budget).record(
+    let completed = crate::queen::audit_within(budget).record(
         "infer_completed",
         Some(&request.request_id),
         json!({
