@@ -32,10 +32,16 @@ fn main() {
             std::env::var("HOME").unwrap()
         )
     });
-    let context: u32 = std::env::var("ENGINE_CONTEXT")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(DEFAULT_CONTEXT);
+    let context: u32 = match std::env::var("ENGINE_CONTEXT") {
+        Err(_) => DEFAULT_CONTEXT,
+        Ok(c) => match c.parse() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!("engine: ENGINE_CONTEXT must be a positive number of tokens, not {c:?}");
+                std::process::exit(2);
+            }
+        },
+    };
     let mut backend = LlamaBackend::init().expect("backend");
     backend.void_logs();
     let model =

@@ -56,10 +56,14 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 
 DEFAULT_BIN=$(scripts/llama-cpp.sh default)
 MATCHED_BIN=$(scripts/llama-cpp.sh matched)
-CRATE_BIN=$(scripts/llama-cpp.sh crate)
-CRATE_MATCHED_BIN=$(scripts/llama-cpp.sh crate-matched)
-SERVER_BIN=$(scripts/llama-cpp.sh server "$MODEL")
+# Rows b2 need llama-cpp-sys-2's source in cargo's registry; without it they are left out.
+CRATE_BIN=$(scripts/llama-cpp.sh crate) || { say "rows b2 left out: no llama-bench on rbee's llama.cpp"; CRATE_BIN=""; }
+CRATE_MATCHED_BIN=""
+[ -z "$CRATE_BIN" ] || CRATE_MATCHED_BIN=$(scripts/llama-cpp.sh crate-matched) || { say "rows b2 left out"; CRATE_BIN=""; CRATE_MATCHED_BIN=""; }
+SERVER_BIN=""
+[ "$DECODE_ONLY" = 1 ] || SERVER_BIN=$(scripts/llama-cpp.sh server "$MODEL")
 case "$SERVER_BIN" in
+    "") server_build="not measured (DECODE_ONLY)" ;;
     "$DEFAULT_BIN") server_build="defaults" ;;
     *-amx-fix/*) server_build="defaults and -fno-dse (the default build dies on a prompt here)" ;;
     *) server_build="build with rbee's flags (the default build dies on a prompt here)" ;;
@@ -122,7 +126,9 @@ fig() {
 . scripts/bench_rbee_many.sh
 
 "$RBEE" hive start local >/dev/null
-for m in smollm2 smollm2-8 smollm2-u smollm2-u8; do "$RBEE" infer --node local --timeout "$BUDGET" --model "$m" --prompt hi --max-tokens 1 >/dev/null; done
+warm=(smollm2 smollm2-8 smollm2-u smollm2-u8)
+[ "$DECODE_ONLY" = 1 ] && warm=(smollm2)
+for m in "${warm[@]}"; do "$RBEE" infer --node local --timeout "$BUDGET" --model "$m" --prompt hi --max-tokens 1 >/dev/null; done
 
 start_server() {
     local port
@@ -166,21 +172,22 @@ for round in $(seq "$ROUNDS"); do
     lb=$(llama_bench "$DEFAULT_BIN")
     rb=$(rbee_decode)
     lbm=$(llama_bench "$MATCHED_BIN")
-    lbc=$(llama_bench "$CRATE_BIN")
+    lbc="" lbcm=""
+    [ -z "$CRATE_BIN" ] || lbc=$(llama_bench "$CRATE_BIN")
     raw1=$({ RBEE_TEST_MODEL="$MODEL" "$ENGINE" --bench --decode 1 2>/dev/null || true; } \
         | sed -nE 's/^raw engine decode: ([0-9.]+) tokens.*/\1/p')
-    lbcm=$(llama_bench "$CRATE_MATCHED_BIN")
+    [ -z "$CRATE_MATCHED_BIN" ] || lbcm=$(llama_bench "$CRATE_MATCHED_BIN")
     fig llama_bench_tps "$lb"; fig rbee_wall_decode_tps "$rb"; fig llama_bench_matched_tps "$lbm"
     fig llama_bench_crate_tps "$lbc"; fig llama_bench_crate_matched_tps "$lbcm"; fig raw_1_tps "$raw1"
     fig decode_vs_llama_bench_pct "$(pct "$rb" "$lb")"
     fig decode_vs_matched_pct "$(pct "$rb" "$lbm")"
     fig matched_vs_default_pct "$(pct "$lbm" "$lb")"
-    fig crate_vs_default_pct "$(pct "$lbc" "$lb")"
-    fig crate_matched_vs_matched_pct "$(pct "$lbcm" "$lbm")"
-    if [ -n "$raw1" ]; then
-        fig raw_1_vs_crate_matched_pct "$(pct "$raw1" "$lbcm")"
-        fig decode_vs_raw_1_pct "$(pct "$rb" "$raw1")"
+    if [ -n "$lbc" ] && [ -n "$lbcm" ]; then
+        fig crate_vs_default_pct "$(pct "$lbc" "$lb")"
+        fig crate_matched_vs_matched_pct "$(pct "$lbcm" "$lbm")"
+        [ -z "$raw1" ] || fig raw_1_vs_crate_matched_pct "$(pct "$raw1" "$lbcm")"
     fi
+    [ -z "$raw1" ] || fig decode_vs_raw_1_pct "$(pct "$rb" "$raw1")"
     [ "$DECODE_ONLY" = 1 ] && continue
     declare -A rate=()
     json_prompt="Describe a dragon as a JSON object with its name, color, age and a long story."

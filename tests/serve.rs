@@ -559,6 +559,44 @@ fn at_the_drain_end_a_waiting_and_a_queued_request_get_a_503_the_sdk_does_not_re
     let _ = streaming.wait();
 }
 
+/// A request the node cannot record in its audit trail (`required`: refused) gets a 503 that
+/// says so, which the SDK does not retry: a retry would run the request again into the same
+/// trail.
+#[test]
+fn a_request_the_node_cannot_audit_gets_a_503_the_sdk_does_not_retry() {
+    let Some(env) = Env::new("") else { return };
+    if !python_sdk() {
+        return;
+    }
+    let serve = Serve::start(&env, &[]);
+    let auth = format!("Bearer {}", serve.key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
+    assert_eq!(status, 200, "{answer}");
+    let Some(ro) = crate::support::mount::Mount::read_only(&env.node_dir()) else {
+        return;
+    };
+    let out = serve.python("cut.py", "smollm2", &[("RBEE_MAX_TOKENS", "4")]);
+    drop(ro);
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+    let ended: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(ended["error"]["class"], "InternalServerError", "{out}");
+    assert_eq!(ended["error"]["status"], 503, "{out}");
+    let message = ended["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("audit trail"), "{out}");
+    // One request reached serve: the SDK did not send it again.
+    let refused = stderr
+        .lines()
+        .filter(|l| l.contains("audit_unavailable"))
+        .count();
+    assert_eq!(refused, 1, "{stderr}");
+}
+
 #[test]
 fn with_no_node_reachable_health_is_503_and_a_request_503_naming_no_host() {
     let Some(model) = crate::support::model() else {

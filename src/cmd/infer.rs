@@ -113,7 +113,7 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
         let _ = writeln!(std::io::stdout());
     }
     let done = progress.done.as_ref();
-    let completed = crate::queen::audit_within(&budget).record(
+    let completed = crate::queen::audit_end(&budget, &outcome).record(
         "infer_completed",
         Some(request_id),
         serde_json::json!({

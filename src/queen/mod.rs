@@ -20,8 +20,9 @@ pub(crate) fn audit() -> crate::audit::Audit {
 
 /// How long past now a record made within a budget may wait for the log's lock, when the
 /// budget's deadline is nearer than that: a healthy writer holds the lock for one fsync'd
-/// append, and work that ran to its deadline still gets its end recorded.
-const AUDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// append (or, once in 64 MiB, a rotation that hashes the old file), and work that ran to its
+/// deadline still gets its end recorded.
+const AUDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// This machine's audit log, for records made within `budget` (a request's end, its attempts,
 /// a host key seen while connecting): another process holding its lock (a stuck rbee, a hung
@@ -33,6 +34,23 @@ pub(crate) fn audit_within(budget: &crate::deadline::Budget) -> crate::audit::Au
             .deadline()
             .max(std::time::Instant::now() + AUDIT_GRACE),
     )
+}
+
+/// The log to record the end of a request in (`infer_completed`) that ended with `outcome`:
+/// `audit_within` its budget, except for one interrupted (Ctrl-C, serve's drain cut), whose
+/// invocation is stopping now: its wait is `AUDIT_GRACE` from now, whatever budget is left.
+pub(crate) fn audit_end(
+    budget: &crate::deadline::Budget,
+    outcome: &crate::error::Result<()>,
+) -> crate::audit::Audit {
+    let interrupted = outcome
+        .as_ref()
+        .is_err_and(|e| matches!(e.kind(), crate::error::ExitKind::Interrupted));
+    if interrupted {
+        audit().until(std::time::Instant::now() + AUDIT_GRACE)
+    } else {
+        audit_within(budget)
+    }
 }
 
 /// Records an event in this machine's audit log; a failure to record is reported on stderr and

@@ -116,9 +116,9 @@ pub(crate) fn audited(
         match node.audit {
             AuditPolicy::Required if outcome.is_ok() => {
                 // A lock wait that reached its bound: the log is writable, another process
-                // holds it.
+                // held it (stuck, or on a very slow disk).
                 let fix = match e {
-                    Error::Deadline(_) => "end the process that holds the log's lock",
+                    Error::Deadline(_) => "see which process holds the log's lock",
                     _ => "make the log writable",
                 };
                 outcome = Err(Error::Audit(format!(

@@ -435,10 +435,13 @@ async fn run(
     let account = account.into_inner();
     let node = account.node.as_ref().unwrap_or(first);
     let done = account.done.as_ref();
-    let completed = crate::queen::audit_within(budget).record(
-        "infer_completed",
-        Some(&request.request_id),
-        json!({
+    // Off the runtime's threads: a wait for the log's lock must not stall the other requests,
+    // /health or the drain.
+    let completed = crate::queen::audit_end(budget, &result)
+        .record_async(
+            "infer_completed",
+            Some(request.request_id.clone()),
+            json!({
             "node": node.name,
             "model": request.model,
             "key": key,
@@ -449,8 +452,9 @@ async fn run(
             "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
             "node_audit": done.and_then(|d| d.node_audit.clone()),
             "client_gone": account.reader_gone,
-        }),
-    );
+            }),
+        )
+        .await;
     let result = trail::audited(node, result, done, completed.err());
     Ran {
         result,

@@ -286,6 +286,16 @@ fn api_error(err: &Error, model: &str, request_id: &str) -> ApiError {
                  drain time ran out, or the node's operator cancelled it (request id {request_id})"
             ))
         },
+        // The work could not be recorded (a node's trail or this server's): under `required`
+        // it is refused or not reported done. Not to be retried: a retry runs the generation
+        // again and meets the same trail.
+        ExitKind::Audit => ApiError {
+            should_retry: Some(false),
+            ..ApiError::unavailable(format!(
+                "the request could not be recorded in the audit trail, which this server keeps \
+                 for every request (request id {request_id})"
+            ))
+        },
         _ => ApiError::unavailable(format!(
             "no node can serve `{model}` now; try again later (request id {request_id})"
         )),
