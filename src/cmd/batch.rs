@@ -333,7 +333,7 @@ impl Batch<'_> {
             Err(e) => (Err(e), None),
         };
         let done = answer.as_ref().map(|(_, d)| d);
-        let completed = crate::queen::audit_within(budget).record(
+        let completed = crate::queen::audit_end(budget, &outcome).record(
             "infer_completed",
             Some(&request.request_id),
             json!({
