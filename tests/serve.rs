@@ -597,6 +597,76 @@ fn a_request_the_node_cannot_audit_gets_a_503_the_sdk_does_not_retry() {
     assert_eq!(refused, 1, "{stderr}");
 }
 
+/// Another process holding this machine's audit lock (a stuck rbee, a hung disk) holds each
+/// request no later than its deadline, and never serve itself: with as many requests waiting on
+/// the lock as serve has runtime threads (one a core), /health still answers at once, and once
+/// the lock is free the requests are served.
+#[test]
+fn requests_waiting_on_a_held_audit_lock_do_not_stall_serve() {
+    let Some(model) = crate::support::model() else {
+        return;
+    };
+    let env = Env::custom(|dir, port| {
+        format!(
+            "{}slots = 8\n[nodes.n1]\ntransport = \"local\"\nremote_dir = {:?}\n\
+             hive_port = {port}\nmodels = [\"smollm2\"]\n",
+            crate::support::model_table(&model, crate::support::MODEL_SHA256),
+            dir.join("node").display().to_string(),
+        )
+    });
+    let serve = Serve::start(&env, &[]);
+    let auth = format!("Bearer {}", serve.key);
+    let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let post = {
+        let (port, auth) = (serve.port, auth.clone());
+        move || {
+            http(
+                port,
+                "POST",
+                "/v1/chat/completions",
+                &[
+                    ("authorization", auth.as_str()),
+                    ("content-type", "application/json"),
+                    ("x-rbee-timeout", "20s"),
+                ],
+                body,
+            )
+        }
+    };
+    let (status, answer) = post();
+    assert_eq!(status, 200, "{answer}");
+
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(env.path().join("state").join("audit.lock"))
+        .expect("open the lock");
+    let holder = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .expect("take the lock");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let requests: Vec<_> = (0..threads)
+        .map(|_| std::thread::spawn(post.clone()))
+        .collect();
+    // Long enough for each request to reach the lock.
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = std::time::Instant::now();
+    let (status, health) = http(serve.port, "GET", "/health", &[], b"");
+    let took = asked.elapsed();
+    drop(holder);
+    assert_eq!(status, 200, "{health}");
+    // A stalled serve answers only when the requests' 20 s deadlines have released its threads.
+    assert!(
+        took < Duration::from_secs(8),
+        "/health took {took:?} while {threads} requests waited on the audit lock"
+    );
+    for request in requests {
+        let (status, answer) = request.join().expect("a request");
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (code, stderr) = serve.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
 #[test]
 fn with_no_node_reachable_health_is_503_and_a_request_503_naming_no_host() {
     let Some(model) = crate::support::model() else {

@@ -53,6 +53,19 @@ pub(crate) fn audit_end(
     }
 }
 
+/// Runs `f`, which may block (a record waits for the log's lock and its fsync), called from
+/// async code: on serve's multi-thread runtime its worker thread hands its other tasks to the
+/// others meanwhile, so that requests waiting on a held lock cannot stall /health or the drain;
+/// on a command's single thread there is nothing else to stall.
+pub(crate) fn may_block<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Records an event in this machine's audit log; a failure to record is reported on stderr and
 /// the command goes on.
 pub(crate) fn audit_note(
@@ -79,7 +92,7 @@ fn note_in(
     request_id: Option<&str>,
     fields: serde_json::Value,
 ) -> Option<crate::audit::Head> {
-    match audit.record(event, request_id, fields) {
+    match may_block(|| audit.record(event, request_id, fields)) {
         Ok(head) => Some(head),
         Err(e) => {
             eprintln!("rbee: warning: {e}");

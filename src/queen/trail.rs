@@ -45,7 +45,7 @@ pub(crate) fn record_request(
     // Another process holding the log's lock (a stuck rbee, a hung disk) must not hold the
     // invocation past its deadline.
     let audit = audit.clone().until(budget.deadline());
-    match audit.record("infer_requested", Some(&request.request_id), fields) {
+    match super::may_block(|| audit.record("infer_requested", Some(&request.request_id), fields)) {
         Ok(head) => {
             request.queen_audit = Some(crate::audit::QueenHead {
                 queen: audit_id(),
