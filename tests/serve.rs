@@ -31,6 +31,16 @@ pub(crate) struct Serve {
     pub(crate) key: String,
 }
 
+/// A test that fails before `stop` does not leave its server running.
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Serve {
     pub(crate) fn start(env: &Env, extra: &[&str]) -> Serve {
         let made = env.run(&["--json", "serve", "key", "create", "ci"]);
