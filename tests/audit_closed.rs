@@ -138,15 +138,7 @@ fn a_queen_audit_lock_held_by_another_process_ends_the_invocation_at_its_deadlin
     let Some(env) = Env::new("") else { return };
     env.infer(&HI).expect(0);
     let node_before = records(&node_log(&env)).len();
-    let lock = env.path().join("state").join("audit.lock");
-    // Held from this process, as another rbee would hold it.
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&lock)
-        .expect("open the lock");
-    let holder = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .expect("take the lock");
+    let holder = crate::support::hold_audit_lock(&env);
     // Released when the invocation is over, or after 40 s should it wait for the lock.
     let (done, release) = std::sync::mpsc::channel::<()>();
     let releaser = std::thread::spawn(move || {
@@ -254,14 +246,7 @@ fn lock_taken_mid_request(env: &Env) -> (String, String) {
     // writes no record while it streams).
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-    let lock = env.path().join("state").join("audit.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&lock)
-        .expect("open the lock");
-    let holder = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .expect("take the lock");
+    let holder = crate::support::hold_audit_lock(env);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     let (done, release) = std::sync::mpsc::channel::<()>();
     let releaser = std::thread::spawn(move || {

@@ -124,6 +124,18 @@ impl Serve {
         (client, out)
     }
 
+    /// A 2-token chat, answered 200: the hive runs and the model is loaded.
+    pub(crate) fn warm(&self) {
+        let auth = format!("Bearer {}", self.key);
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
+        let (status, answer) = http(self.port, "POST", "/v1/chat/completions", &headers, body);
+        assert_eq!(status, 200, "{answer}");
+    }
+
     /// SIGTERM, then the exit code and what the server wrote on stderr.
     pub(crate) fn stop(mut self) -> (i32, String) {
         use std::io::Read;
@@ -422,14 +434,7 @@ fn a_stream_still_running_when_the_drain_ends_gets_an_error_event_and_is_cancell
         return;
     }
     let serve = Serve::start(&env, &["--drain", "2s"]);
-    let auth = format!("Bearer {}", serve.key);
-    let headers = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
-    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
-    assert_eq!(status, 200, "{answer}");
+    serve.warm();
     let pid = crate::support::worker_health(&env)["pid"]
         .as_i64()
         .expect("the worker's pid");
@@ -509,14 +514,7 @@ fn at_the_drain_end_a_waiting_and_a_queued_request_get_a_503_the_sdk_does_not_re
         )
     });
     let serve = Serve::start(&env, &["--drain", "2s"]);
-    let auth = format!("Bearer {}", serve.key);
-    let headers = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
-    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
-    assert_eq!(status, 200, "{answer}");
+    serve.warm();
     let pid = crate::support::worker_health(&env)["pid"]
         .as_i64()
         .expect("the worker's pid");
@@ -579,14 +577,7 @@ fn a_request_the_node_cannot_audit_gets_a_503_the_sdk_does_not_retry() {
         return;
     }
     let serve = Serve::start(&env, &[]);
-    let auth = format!("Bearer {}", serve.key);
-    let headers = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let body = br#"{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}"#;
-    let (status, answer) = http(serve.port, "POST", "/v1/chat/completions", &headers, body);
-    assert_eq!(status, 200, "{answer}");
+    serve.warm();
     let Some(ro) = crate::support::mount::Mount::read_only(&env.node_dir()) else {
         return;
     };
@@ -646,13 +637,7 @@ fn requests_waiting_on_a_held_audit_lock_do_not_stall_serve() {
     let (status, answer) = post();
     assert_eq!(status, 200, "{answer}");
 
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(env.path().join("state").join("audit.lock"))
-        .expect("open the lock");
-    let holder = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .expect("take the lock");
+    let holder = crate::support::hold_audit_lock(&env);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let requests: Vec<_> = (0..threads)
         .map(|_| std::thread::spawn(post.clone()))

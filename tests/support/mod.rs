@@ -670,3 +670,15 @@ impl Drop for HeldWorker {
         let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
     }
 }
+
+/// This machine's audit lock of `env`, held from the test as another rbee (stuck, or on a hung
+/// disk) would hold it, until the guard is dropped.
+pub(crate) fn hold_audit_lock(env: &Env) -> nix::fcntl::Flock<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(env.path().join("state").join("audit.lock"))
+        .expect("open the lock");
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .expect("take the lock")
+}
