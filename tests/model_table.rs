@@ -154,19 +154,8 @@ fn a_changed_model_setting_reaches_the_running_hive_at_the_next_infer() {
 #[test]
 fn a_model_the_node_does_not_serve_is_refused_by_name() {
     let Some(env) = Env::new("") else { return };
-    let model = crate::support::model().expect("model");
     // A second model the node serves: same file, another name.
-    let text = std::fs::read_to_string(&env.config).expect("nodes.toml");
-    let second = format!(
-        "[models.second]\npath = {:?}\nsha256 = \"{}\"\nthreads = 1\n",
-        model.display().to_string(),
-        crate::support::MODEL_SHA256
-    );
-    std::fs::write(&env.config, format!("{second}{text}")).expect("write nodes.toml");
-    env.edit_config(
-        "models = [\"smollm2\"]",
-        "models = [\"smollm2\", \"second\"]",
-    );
+    env.add_model("second");
     env.run(&["hive", "start", "n1"]).expect(0);
     // The hive has never run it, and restarts it on its table's word.
     let run = env.run(&[

@@ -322,3 +322,76 @@ fn a_stopping_hive_lets_the_request_in_flight_finish() {
     }
     env.run(&["hive", "status", "n1"]).expect(6);
 }
+
+/// A node whose audit log another writer holds (a stuck rbee, a hung disk) still restarts its
+/// crashed workers, and lists a worker whose exit it has yet to handle; the exits are recorded,
+/// in order, once the log is free again.
+#[test]
+fn workers_that_crash_while_the_nodes_audit_log_is_held_are_listed_and_come_back() {
+    let Some(env) = Env::new("") else { return };
+    env.add_model("second");
+    env.run(&["hive", "start", "n1"]).expect(0);
+    for model in ["smollm2", "second"] {
+        env.run(&[
+            "--json", "worker", "restart", "--node", "n1", "--model", model,
+        ])
+        .expect(0);
+    }
+    let pid_of = |model: &str| {
+        env.workers()
+            .into_iter()
+            .find(|w| w["model"] == model)
+            .and_then(|w| w["pid"].as_i64())
+            .unwrap_or_else(|| panic!("no worker of `{model}`"))
+    };
+    let pids = [pid_of("smollm2"), pid_of("second")];
+
+    let holder = crate::support::hold_audit_lock_in(&env.node_dir());
+    signal(pids[0], nix::sys::signal::Signal::SIGKILL);
+    // The first exit reaches the supervisor before the second is sent.
+    assert!(
+        eventually(Duration::from_secs(10), || env
+            .workers()
+            .iter()
+            .any(|w| w["model"] == "smollm2" && w["pid"] != pids[0])),
+        "the first exit was not taken"
+    );
+    signal(pids[1], nix::sys::signal::Signal::SIGKILL);
+    let mut listed = Vec::new();
+    let back = eventually(Duration::from_secs(40), || {
+        listed = env.workers();
+        assert_eq!(
+            listed.len(),
+            2,
+            "a worker went missing from the list: {listed:?}"
+        );
+        listed
+            .iter()
+            .all(|w| w["state"] == "ready" && w["pid"].as_i64().is_some_and(|p| !pids.contains(&p)))
+    });
+    assert!(
+        back,
+        "the workers did not come back while the log was held: {listed:?}"
+    );
+    drop(holder);
+
+    // Each exit is recorded before its worker's restart.
+    let mut events = Vec::new();
+    let recorded = eventually(Duration::from_secs(10), || {
+        events = crate::support::records(&env.node_dir().join("audit.jsonl"))
+            .into_iter()
+            .filter(|r| r["event"] == "worker_exited" || r["event"] == "worker_restarted")
+            .map(|r| (r["event"].clone(), r["fields"]["model"].clone()))
+            .collect();
+        events.len() == 4
+    });
+    assert!(recorded, "{events:?}");
+    for model in ["smollm2", "second"] {
+        let of: Vec<_> = events
+            .iter()
+            .filter(|(_, m)| m == model)
+            .map(|(e, _)| e)
+            .collect();
+        assert_eq!(of, ["worker_exited", "worker_restarted"], "{events:?}");
+    }
+}

@@ -2,6 +2,7 @@
 //! chained to the one before by `hash = sha256(prev ‖ canonical record without hash)`.
 //! Prompts, outputs and keys never go in: only hashes, lengths and key ids.
 
+mod notes;
 mod verify;
 mod writer;
 
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub(crate) use notes::{NOTE_WAIT, Notes};
 pub(crate) use verify::verify_contents;
 pub use verify::{Break, Verified, verify};
 pub use writer::append;

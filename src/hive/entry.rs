@@ -325,10 +325,9 @@ impl Entry {
                     (None, _) if st.proc.is_some() => None,
                     (None, Supervision::Failed { .. }) => {
                         // The hold has expired: start afresh.
-                        let audit = registry.audit.clone();
-                        let fields = serde_json::json!({ "model": self.name, "by": "window" });
-                        tokio::spawn(
-                            async move { audit.note("breaker_closed", None, fields).await },
+                        registry.notes.send(
+                            "breaker_closed",
+                            serde_json::json!({ "model": self.name, "by": "window" }),
                         );
                         st.history.reset();
                         st.supervision = Supervision::Normal;
@@ -386,12 +385,16 @@ impl Entry {
         let st = self.lock();
         let now = Instant::now();
         let proc = st.proc.as_ref().filter(|p| p.exit_status().is_none());
+        // Exited, and the supervisor has yet to take the exit: it is about to decide on a
+        // restart, so the worker is listed as restarting rather than missing.
+        let exited = st.proc.as_ref().and_then(|p| p.exit_status());
         let state = match (proc, st.supervision) {
             (_, Supervision::Failed { until }) if until > now => WorkerState::Failed,
             (_, Supervision::Restarting { .. }) => WorkerState::Restarting,
             (Some(_), _) if st.in_flight > 0 => WorkerState::Busy,
             (Some(_), _) => WorkerState::Ready,
             (None, _) if st.loading => WorkerState::Loading,
+            (None, _) if exited.is_some() => WorkerState::Restarting,
             (None, _) => return None,
         };
         let held = match st.supervision {
@@ -405,7 +408,7 @@ impl Entry {
             pid: proc.map(|p| p.pid),
             socket: proc.map(|p| p.socket.display().to_string()),
             restart_count: st.restart_count,
-            last_exit: st.last_exit.clone(),
+            last_exit: exited.or_else(|| st.last_exit.clone()),
             last_exit_reason: st.last_exit_reason.map(str::to_string),
             last_restart: st.last_restart.map(epoch_secs),
             started_at: proc.map(|p| epoch_secs(p.started_at)),

@@ -120,10 +120,10 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         keys: keys.clone(),
         audit: audit.clone(),
     });
-    audit
+    registry
+        .notes
         .note(
             "hive_started",
-            None,
             serde_json::json!({
                 "pid": std::process::id(),
                 "version": env!("CARGO_PKG_VERSION"),
@@ -218,13 +218,24 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         }
     }
     hive.registry.stop_all().await;
-    audit
+    // The last record, after every one queued before it (within the queen's stop wait, which
+    // leaves 5 s past the workers' stop); a lock held past the wait loses
+    // those still queued, and the log says so.
+    let written = hive
+        .registry
+        .notes
         .note(
             "hive_stopped",
-            None,
             serde_json::json!({ "pid": std::process::id() }),
         )
         .await;
+    if !written {
+        tracing::error!(
+            "the audit log's lock was held for {} past the stop: the hive's records still \
+             queued (at least `hive_stopped`) are lost",
+            humantime::format_duration(crate::audit::NOTE_WAIT)
+        );
+    }
     Ok(())
 }
 

@@ -35,7 +35,8 @@ pub(crate) struct Registry {
     exits: mpsc::UnboundedSender<Exited>,
     /// Signs the hive's requests to its workers; made anew at each hive start.
     pub(crate) worker_key: crate::auth::Key,
-    pub(crate) audit: crate::audit::Audit,
+    /// The hive's own records (exits, restarts, loads), written in order off the work's path.
+    pub(crate) notes: crate::audit::Notes,
     /// Cancelled when the hive begins to stop: from then on it takes no new work.
     pub(crate) stopping: CancellationToken,
     /// Names each worker's socket: a new one per spawn, so a replacement never binds the path
@@ -70,7 +71,7 @@ impl Registry {
             policy,
             exits,
             worker_key: crate::auth::Key::random(),
-            audit,
+            notes: crate::audit::Notes::start(audit),
             stopping,
             sockets: AtomicU32::new(0),
             metrics: Arc::default(),
@@ -231,10 +232,10 @@ impl Registry {
         tracing::warn!(model, pid = proc.pid, status = %status, "worker crashed while being stopped");
         Metrics::add(&self.metrics.exits, 1);
         self.metrics.exit_of(model, "crash");
-        self.audit
+        // Awaited: the stop's reply follows its record.
+        self.notes
             .note(
                 "worker_exited",
-                None,
                 serde_json::json!({
                     "model": model, "pid": proc.pid, "status": status, "reason": "crash",
                     "next": "none",
@@ -290,10 +291,9 @@ impl Registry {
             Ok(()) => ("model_verified", None),
             Err(e) => ("model_refused", Some(e.to_string())),
         };
-        self.audit
+        self.notes
             .note(
                 event,
-                None,
                 serde_json::json!({
                     "model": spec.name,
                     "path": path.display().to_string(),
@@ -320,10 +320,9 @@ impl Registry {
         let wait = spec.load_timeout.saturating_sub(started.elapsed());
         let proc = WorkerProc::spawn(spec, slots, &opts, wait).await?;
         Metrics::add(&self.metrics.spawns, 1);
-        self.audit
+        self.notes
             .note(
                 "worker_spawned",
-                None,
                 serde_json::json!({
                     "model": spec.name, "pid": proc.pid, "load_ms": proc.load_ms,
                     "slots": proc.slots,

@@ -131,10 +131,10 @@ async fn restart_worker(
     let entry = hive.registry.entry(&spec);
     let was_failed = matches!(entry.lock().supervision, Supervision::Failed { .. });
     if was_failed {
-        hive.audit
+        hive.registry
+            .notes
             .note(
                 "breaker_closed",
-                None,
                 serde_json::json!({ "model": model, "by": "operator" }),
             )
             .await;
@@ -171,10 +171,10 @@ async fn load_worker(
     let budget = Budget::from_headers(&headers).unwrap_or_else(|| Budget::new(spec.load_timeout));
     let entry = hive.registry.entry(&spec);
     let (_, load_ms) = entry.worker(&hive.registry, &budget).await?;
-    hive.audit
+    hive.registry
+        .notes
         .note(
             "model_preloaded",
-            None,
             serde_json::json!({ "model": model, "waited_ms": load_ms }),
         )
         .await;
@@ -194,8 +194,9 @@ async fn update_models(
     }
     table.validate()?;
     let fields = hive.registry.update(table.models).await;
-    hive.audit
-        .note("models_updated", None, fields.clone())
+    hive.registry
+        .notes
+        .note("models_updated", fields.clone())
         .await;
     Ok(Json(fields))
 }
@@ -347,7 +348,10 @@ async fn remove_model(
     }
     let _ = std::fs::remove_file(&lock_path);
     let fields = serde_json::json!({ "model": model, "removed": removed, "bytes": bytes });
-    hive.audit.note("model_removed", None, fields.clone()).await;
+    hive.registry
+        .notes
+        .note("model_removed", fields.clone())
+        .await;
     Ok(Json(fields))
 }
 
@@ -632,7 +636,7 @@ async fn pull_model(
         if let Err(err) = &result {
             tracing::warn!(model = %model, "model download failed: {err}");
         }
-        hive.audit.note("model_pulled", None, fields).await;
+        hive.registry.notes.note("model_pulled", fields).await;
         let _ = tx.send(event).await;
     });
     let mut chain = signer.chain();

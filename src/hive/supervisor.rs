@@ -59,28 +59,22 @@ pub(crate) async fn supervise(
                 serde_json::json!({ "reason": format!("{reason:?}") }),
             ),
         };
-        registry
-            .audit
-            .note(
-                "worker_exited",
-                None,
-                serde_json::json!({
-                    "model": exit.model, "pid": exit.pid, "status": exit.status,
-                    "reason": exit.reason,
-                    "uptime_ms": u64::try_from(exit.uptime.as_millis()).unwrap_or(u64::MAX),
-                    "next": next, "detail": detail,
-                }),
-            )
-            .await;
+        // Queued, not awaited: the next exit and the restart do not wait for the log's lock,
+        // and the restart's own records come after this one.
+        registry.notes.send(
+            "worker_exited",
+            serde_json::json!({
+                "model": exit.model, "pid": exit.pid, "status": exit.status,
+                "reason": exit.reason,
+                "uptime_ms": u64::try_from(exit.uptime.as_millis()).unwrap_or(u64::MAX),
+                "next": next, "detail": detail,
+            }),
+        );
         if let Some(Decision::GiveUp { reason, .. }) = decision {
-            registry
-                .audit
-                .note(
-                    "breaker_opened",
-                    None,
-                    serde_json::json!({ "model": exit.model, "reason": format!("{reason:?}") }),
-                )
-                .await;
+            registry.notes.send(
+                "breaker_opened",
+                serde_json::json!({ "model": exit.model, "reason": format!("{reason:?}") }),
+            );
         }
         if let Some(Decision::Restart { delay, .. }) = decision {
             tokio::spawn(restart_after(
@@ -155,9 +149,10 @@ async fn restart_after(
             Ok(proc) => {
                 entry.started(&spec, &proc);
                 tracing::info!(model = %entry.name, pid = proc.pid, "worker restarted");
-                let fields = serde_json::json!({ "model": entry.name, "pid": proc.pid });
-                let audit = registry.audit.clone();
-                tokio::spawn(async move { audit.note("worker_restarted", None, fields).await });
+                registry.notes.send(
+                    "worker_restarted",
+                    serde_json::json!({ "model": entry.name, "pid": proc.pid }),
+                );
                 st.proc = Some(Arc::new(proc));
                 st.supervision = Supervision::Normal;
                 st.restart_count += 1;

@@ -597,6 +597,21 @@ impl Env {
         assert!(text.contains(from), "nodes.toml has no `{from}`");
         std::fs::write(&self.config, text.replace(from, to)).expect("write nodes.toml");
     }
+
+    /// A second model on node `n1`: the test model's file under another name.
+    pub(crate) fn add_model(&self, name: &str) {
+        let model = model().expect("model");
+        let text = std::fs::read_to_string(&self.config).expect("read nodes.toml");
+        let table = format!(
+            "[models.{name}]\npath = {:?}\nsha256 = \"{MODEL_SHA256}\"\nthreads = 1\n",
+            model.display().to_string(),
+        );
+        std::fs::write(&self.config, format!("{table}{text}")).expect("write nodes.toml");
+        self.edit_config(
+            "models = [\"smollm2\"]",
+            &format!("models = [\"smollm2\", \"{name}\"]"),
+        );
+    }
 }
 
 /// An audit log's records after `edit`, every `prev` and `hash` recomputed the way the README
@@ -674,10 +689,16 @@ impl Drop for HeldWorker {
 /// This machine's audit lock of `env`, held from the test as another rbee (stuck, or on a hung
 /// disk) would hold it, until the guard is dropped.
 pub(crate) fn hold_audit_lock(env: &Env) -> nix::fcntl::Flock<std::fs::File> {
+    hold_audit_lock_in(&env.path().join("state"))
+}
+
+/// The lock of the audit log in `dir` (the queen's state directory, or a node's directory),
+/// held the same way.
+pub(crate) fn hold_audit_lock_in(dir: &Path) -> nix::fcntl::Flock<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(env.path().join("state").join("audit.lock"))
+        .open(dir.join("audit.lock"))
         .expect("open the lock");
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .expect("take the lock")
