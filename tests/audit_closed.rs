@@ -290,3 +290,36 @@ fn lock_taken_mid_request(env: &Env) -> (String, String) {
     env.infer(&HI).expect(0);
     (stderr, request_id)
 }
+
+/// A hive stopped while another process holds its audit log's lock ends within the stop (its
+/// last records wait 3 s, then are given up, and its log says so), instead of staying alive
+/// behind the pidfile it has let go.
+#[test]
+fn a_hive_stopped_while_its_audit_lock_is_held_ends_and_says_its_last_records_were_lost() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    let running = env.processes();
+    assert!(!running.is_empty(), "no hive runs");
+    let holder = crate::support::hold_audit_lock_in(&env.node_dir());
+    env.run(&["hive", "stop", "n1"]).expect(0);
+    let ended = crate::support::eventually(std::time::Duration::from_secs(10), || {
+        running
+            .iter()
+            .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    });
+    let left: Vec<_> = running
+        .iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    drop(holder);
+    assert!(ended, "the stopped hive still runs: {left:?}");
+    let log = std::fs::read_to_string(env.node_dir().join("hive.log")).expect("hive.log");
+    assert!(log.contains("are lost"), "{log}");
+    // Nothing was written after the stop, by the hive or a thread it left behind.
+    assert!(
+        !records(&node_log(&env))
+            .iter()
+            .any(|r| r["event"] == "hive_stopped"),
+        "hive_stopped was written although the lock was held"
+    );
+}

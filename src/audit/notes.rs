@@ -16,7 +16,8 @@ use super::Audit;
 pub(crate) const NOTE_WAIT: Duration = Duration::from_secs(3);
 
 struct Note {
-    event: &'static str,
+    /// None for a marker that writes nothing (`flush`).
+    event: Option<&'static str>,
     fields: Value,
     written: Option<oneshot::Sender<()>>,
 }
@@ -33,7 +34,9 @@ impl Notes {
         let (tx, mut rx) = mpsc::unbounded_channel::<Note>();
         tokio::spawn(async move {
             while let Some(note) = rx.recv().await {
-                audit.note(note.event, None, note.fields).await;
+                if let Some(event) = note.event {
+                    audit.note(event, None, note.fields).await;
+                }
                 if let Some(written) = note.written {
                     let _ = written.send(());
                 }
@@ -44,7 +47,13 @@ impl Notes {
 
     /// Queues a note and goes on.
     pub(crate) fn send(&self, event: &'static str, fields: Value) {
-        self.queue(event, fields, None);
+        self.queue(Some(event), fields, None);
+    }
+
+    /// Waits, at most `NOTE_WAIT`, until the notes queued so far are written: for a reply that
+    /// should follow records sent on the way (a load's).
+    pub(crate) async fn flush(&self) -> bool {
+        self.wait(None, Value::Null, NOTE_WAIT).await
     }
 
     /// Queues a note and waits until it is written, at most `NOTE_WAIT`: for a reply that
@@ -62,12 +71,16 @@ impl Notes {
         fields: Value,
         wait: Duration,
     ) -> bool {
+        self.wait(Some(event), fields, wait).await
+    }
+
+    async fn wait(&self, event: Option<&'static str>, fields: Value, wait: Duration) -> bool {
         let (written, done) = oneshot::channel();
         self.queue(event, fields, Some(written));
         let finished = tokio::time::timeout(wait, done).await.is_ok();
         if !finished {
             tracing::warn!(
-                event,
+                event = event.unwrap_or("(flush)"),
                 "the audit log's lock is held by another writer; the record is queued and will \
                  be written once it is free"
             );
@@ -75,7 +88,12 @@ impl Notes {
         finished
     }
 
-    fn queue(&self, event: &'static str, fields: Value, written: Option<oneshot::Sender<()>>) {
+    fn queue(
+        &self,
+        event: Option<&'static str>,
+        fields: Value,
+        written: Option<oneshot::Sender<()>>,
+    ) {
         let note = Note {
             event,
             fields,
@@ -83,7 +101,10 @@ impl Notes {
         };
         if self.tx.send(note).is_err() {
             // The writer runs as long as a sender lives, so only a panic in it gets here.
-            tracing::error!(event, "the audit writer has stopped; the record is lost");
+            tracing::error!(
+                event = event.unwrap_or("(flush)"),
+                "the audit writer has stopped; the record is lost"
+            );
         }
     }
 }
@@ -109,7 +130,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
         let notes = Notes::start(Audit::new(path.clone(), "hive:t"));
-        notes.note("first", serde_json::json!({})).await;
+        let long = Duration::from_secs(30);
+        assert!(notes.wait_for("first", serde_json::json!({}), long).await);
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -130,7 +152,7 @@ mod tests {
         );
         assert_eq!(events(&path), ["first"]);
         drop(held);
-        notes.note("fourth", serde_json::json!({})).await;
+        assert!(notes.wait_for("fourth", serde_json::json!({}), long).await);
         assert_eq!(events(&path), ["first", "second", "third", "fourth"]);
         crate::audit::verify(&path).expect("the chain verifies");
     }

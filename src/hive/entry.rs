@@ -142,6 +142,7 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
                 entry.started(&spec, &proc);
                 let proc = Arc::new(proc);
                 st.proc = Some(proc.clone());
+                registry.installed(&proc);
                 st.last_used = Instant::now();
                 Ok(proc)
             }

@@ -66,6 +66,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     if let Err(e) = &result {
         tracing::error!("hive failed: {e}");
     }
+    // A record still waiting for the audit log's lock (held by another writer past the stop's
+    // wait) must not keep the stopped hive alive: the runtime's threads get a moment, then the
+    // process ends with them.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     drop(pid);
     tracing::info!("hive stopped");
     result
@@ -218,8 +222,8 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
         }
     }
     hive.registry.stop_all().await;
-    // The last record, after every one queued before it (within the queen's stop wait, which
-    // leaves 5 s past the workers' stop); a lock held past the wait loses
+    // The last record, after every one queued before it (within the queen's stop wait, with
+    // half a second to spare at the longest stop); a lock held past the wait loses
     // those still queued, and the log says so.
     let written = hive
         .registry

@@ -245,6 +245,17 @@ impl Registry {
             .await;
     }
 
+    /// Called as a worker is put in its entry: one that exited before (while its load ended)
+    /// had its exit skipped by the supervisor, which found no worker of that pid in the entry,
+    /// so it is told again and the worker restarted, not listed as restarting for ever. Where
+    /// the first telling is still queued, the second is skipped in turn (once the first is
+    /// taken, the entry holds no worker of that pid).
+    pub(crate) fn installed(&self, proc: &WorkerProc) {
+        if let Some(exit) = proc.exited() {
+            let _ = self.exits.send(exit);
+        }
+    }
+
     /// Requests in flight across all models.
     pub(crate) fn in_flight(&self) -> u32 {
         self.entries().iter().map(|e| e.lock().in_flight).sum()
@@ -291,17 +302,16 @@ impl Registry {
             Ok(()) => ("model_verified", None),
             Err(e) => ("model_refused", Some(e.to_string())),
         };
-        self.notes
-            .note(
-                event,
-                serde_json::json!({
-                    "model": spec.name,
-                    "path": path.display().to_string(),
-                    "sha256": spec.sha256,
-                    "reason": reason,
-                }),
-            )
-            .await;
+        // Queued, not awaited, as `worker_spawned` below: a load holds its model's spawn lock.
+        self.notes.send(
+            event,
+            serde_json::json!({
+                "model": spec.name,
+                "path": path.display().to_string(),
+                "sha256": spec.sha256,
+                "reason": reason,
+            }),
+        );
         verified?;
         let slots = crate::hive::memory::plan(&path, spec, &self.exe).await?;
         let n = self.sockets.fetch_add(1, Ordering::Relaxed);
@@ -320,15 +330,13 @@ impl Registry {
         let wait = spec.load_timeout.saturating_sub(started.elapsed());
         let proc = WorkerProc::spawn(spec, slots, &opts, wait).await?;
         Metrics::add(&self.metrics.spawns, 1);
-        self.notes
-            .note(
-                "worker_spawned",
-                serde_json::json!({
-                    "model": spec.name, "pid": proc.pid, "load_ms": proc.load_ms,
-                    "slots": proc.slots,
-                }),
-            )
-            .await;
+        self.notes.send(
+            "worker_spawned",
+            serde_json::json!({
+                "model": spec.name, "pid": proc.pid, "load_ms": proc.load_ms,
+                "slots": proc.slots,
+            }),
+        );
         tracing::info!(model = %spec.name, pid = proc.pid, socket = %socket.display(), load_ms = proc.load_ms, slots = proc.slots, "worker ready");
         Ok(proc)
     }

@@ -24,6 +24,8 @@ use crate::protocol::{DoneEvent, ErrorBody, StopReason};
 pub(crate) struct Relay {
     pub(crate) request_id: String,
     pub(crate) audit: crate::audit::Audit,
+    /// The hive's own records, queued by a load this request waited on.
+    pub(crate) notes: crate::audit::Notes,
     /// Its entry in the hive's table, with the operator's cancel it waits on.
     pub(crate) tracked: Tracked,
     pub(crate) lease: Lease,
@@ -200,6 +202,10 @@ impl Relay {
             "worker_pid": self.proc.pid,
             "by": self.tracked.cancel.by(),
         });
+        if self.load_ms.is_some() {
+            // The load's records (`model_verified`, `worker_spawned`) come before the end's.
+            self.notes.flush().await;
+        }
         self.audit
             .record_work(event, Some(self.request_id.clone()), fields)
             .await

@@ -151,6 +151,8 @@ async fn restart_worker(
     }
     let budget = Budget::new(spec.load_timeout);
     entry.worker(&hive.registry, &budget).await?;
+    // The reply follows the load's records.
+    hive.registry.notes.flush().await;
     let info = entry
         .info()
         .ok_or_else(|| Error::worker(format!("the worker for `{model}` did not stay up")))?;
@@ -540,6 +542,7 @@ async fn start_generation(
     let relay = crate::hive::relay::Relay {
         request_id: generate.request_id.clone(),
         audit: hive.audit.clone(),
+        notes: hive.registry.notes.clone(),
         tracked,
         lease,
         proc,

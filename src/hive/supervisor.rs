@@ -153,7 +153,9 @@ async fn restart_after(
                     "worker_restarted",
                     serde_json::json!({ "model": entry.name, "pid": proc.pid }),
                 );
-                st.proc = Some(Arc::new(proc));
+                let proc = Arc::new(proc);
+                st.proc = Some(proc.clone());
+                registry.installed(&proc);
                 st.supervision = Supervision::Normal;
                 st.restart_count += 1;
                 st.last_restart = Some(SystemTime::now());

@@ -28,7 +28,7 @@ pub(crate) struct WorkerProc {
     /// Generations it decodes together: the model's `slots`, or the count the hive derived.
     pub(crate) slots: u32,
     pub(crate) started_at: SystemTime,
-    exit: watch::Receiver<Option<String>>,
+    exit: watch::Receiver<Option<Exited>>,
     /// Why the hive killed it, set just before the signal, so that its exit is told as that
     /// and not as a crash.
     killed: std::sync::Arc<std::sync::Mutex<Option<KillReason>>>,
@@ -305,6 +305,11 @@ impl WorkerProc {
 
     /// How it exited, once it has.
     pub(crate) fn exit_status(&self) -> Option<String> {
+        self.exit.borrow().as_ref().map(|e| e.status.clone())
+    }
+
+    /// Its exit as the supervisor was told it, once it has exited.
+    pub(crate) fn exited(&self) -> Option<Exited> {
         self.exit.borrow().clone()
     }
 
@@ -341,7 +346,7 @@ impl WorkerProc {
             let _ = exit.wait_for(Option::is_some).await;
             return None;
         }
-        let status = exit.borrow().clone()?;
+        let status = exit.borrow().as_ref()?.status.clone();
         // A worker ends a stop with exit 0, or by SIGTERM itself before its handler is set.
         (!matches!(status.as_str(), "exit code 0" | "signal SIGTERM")).then_some(status)
     }
@@ -361,7 +366,7 @@ async fn read_hello(stdout: &mut ChildStdout) -> Result<WorkerHello> {
 
 async fn watch_exit(
     mut child: Child,
-    tx: watch::Sender<Option<String>>,
+    tx: watch::Sender<Option<Exited>>,
     exits: mpsc::UnboundedSender<Exited>,
     model: String,
     socket: PathBuf,
@@ -385,14 +390,15 @@ async fn watch_exit(
     tracing::info!(model = %model, pid, status = %status, "worker exited");
     // Its socket names a path no one listens on any more; each spawn gets a new one.
     let _ = std::fs::remove_file(&socket);
-    let _ = tx.send(Some(status.clone()));
-    let _ = exits.send(Exited {
+    let exit = Exited {
         model,
         pid,
         status,
         reason,
         uptime: started.elapsed(),
-    });
+    };
+    let _ = tx.send(Some(exit.clone()));
+    let _ = exits.send(exit);
 }
 
 /// `exit code N` or `signal NAME`, as a person reads it.
