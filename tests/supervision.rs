@@ -395,3 +395,43 @@ fn workers_that_crash_while_the_nodes_audit_log_is_held_are_listed_and_come_back
         assert_eq!(of, ["worker_exited", "worker_restarted"], "{events:?}");
     }
 }
+
+/// A worker that crashed, of a model removed from the node's models during its backoff, is
+/// not brought back: the restart finds the model gone.
+#[test]
+fn a_crashed_worker_of_a_model_removed_meanwhile_is_not_restarted() {
+    let Some(env) = Env::new("") else { return };
+    let config = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(
+        &env.config,
+        format!("{config}\n[restart]\nbackoff_initial = \"8s\"\nbackoff_max = \"8s\"\n"),
+    )
+    .expect("write");
+    env.add_model("second");
+    env.run(&["hive", "start", "n1"]).expect(0);
+    env.run(&[
+        "--json", "worker", "restart", "--node", "n1", "--model", "second",
+    ])
+    .expect(0);
+    let pid = worker(&env)["pid"].as_i64().expect("pid");
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let mut info = serde_json::Value::Null;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            info = worker(&env);
+            info["state"] == "restarting" && info["last_backoff_ms"].is_u64()
+        }),
+        "the exit was not taken: {info}"
+    );
+    let backoff = Duration::from_millis(info["last_backoff_ms"].as_u64().expect("backoff"));
+    env.edit_config(
+        "models = [\"smollm2\", \"second\"]",
+        "models = [\"smollm2\"]",
+    );
+    env.run(&["hive", "start", "n1"]).expect(0);
+    // Past the backoff (jittered), with a load's time besides.
+    std::thread::sleep(backoff + Duration::from_secs(5));
+    let listed = env.workers();
+    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(metric(&env, "rbee_worker_restarts_total"), 0.0);
+}

@@ -133,6 +133,7 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
         }
         other => other,
     };
+    let current = registry.served(&spec.name, None).ok();
     let outcome = {
         let mut st = entry.lock();
         st.loading = false;
@@ -142,6 +143,8 @@ async fn load(entry: Arc<Entry>, registry: Arc<Registry>, spec: Model, tx: LoadO
                 entry.started(&spec, &proc);
                 let proc = Arc::new(proc);
                 st.proc = Some(proc.clone());
+                // A table update during the load found no worker to mark.
+                st.outdated = current.as_ref() != Some(&spec);
                 registry.installed(&proc);
                 st.last_used = Instant::now();
                 Ok(proc)
@@ -388,7 +391,7 @@ impl Entry {
         let proc = st.proc.as_ref().filter(|p| p.exit_status().is_none());
         // Exited, and the supervisor has yet to take the exit: it is about to decide on a
         // restart, so the worker is listed as restarting rather than missing.
-        let exited = st.proc.as_ref().and_then(|p| p.exit_status());
+        let exited = st.proc.as_ref().and_then(|p| p.exited());
         let state = match (proc, st.supervision) {
             (_, Supervision::Failed { until }) if until > now => WorkerState::Failed,
             (_, Supervision::Restarting { .. }) => WorkerState::Restarting,
@@ -409,8 +412,15 @@ impl Entry {
             pid: proc.map(|p| p.pid),
             socket: proc.map(|p| p.socket.display().to_string()),
             restart_count: st.restart_count,
-            last_exit: exited.or_else(|| st.last_exit.clone()),
-            last_exit_reason: st.last_exit_reason.map(str::to_string),
+            last_exit: exited
+                .as_ref()
+                .map(|e| e.status.clone())
+                .or_else(|| st.last_exit.clone()),
+            last_exit_reason: exited
+                .as_ref()
+                .map(|e| e.reason)
+                .or(st.last_exit_reason)
+                .map(str::to_string),
             last_restart: st.last_restart.map(epoch_secs),
             started_at: proc.map(|p| epoch_secs(p.started_at)),
             load_ms: proc.map(|p| p.load_ms),

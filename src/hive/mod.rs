@@ -35,7 +35,6 @@ use args::ServeArgs;
 use pidfile::PidFile;
 use registry::Registry;
 use routes::Hive;
-use worker_proc::STOP_GRACE;
 
 pub(crate) const PID_FILE: &str = "hive.pid";
 /// How long a stopping hive lets requests in flight finish.
@@ -46,6 +45,20 @@ pub(crate) const LOG_FILE: &str = "hive.log";
 const METRICS_CONNECTIONS: usize = 16;
 /// How long the relays cut at the end of the drain may take to send their last event.
 const RELAY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest a hive takes from the signal to its exit: the connections' cap, the last
+/// record's wait, the runtime's end. The queen's stop waits longer before it kills.
+pub(crate) const LONGEST_STOP: std::time::Duration = CONNECTIONS_CAP
+    .saturating_add(crate::audit::NOTE_WAIT.saturating_sub(SHUTDOWN_WAIT))
+    .saturating_add(SHUTDOWN_WAIT);
+/// How long connections may stay open once the hive begins to stop: the drain, the relays'
+/// end, the workers' stop and a second more.
+const CONNECTIONS_CAP: std::time::Duration = DRAIN_GRACE
+    .saturating_add(RELAY_GRACE)
+    .saturating_add(worker_proc::STOP_GRACE)
+    .saturating_add(std::time::Duration::from_secs(1));
+/// What the runtime's threads get at the end: a record still waiting for a lock held by
+/// another writer is left behind.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     detach();
@@ -69,7 +82,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     // A record still waiting for the audit log's lock (held by another writer past the stop's
     // wait) must not keep the stopped hive alive: the runtime's threads get a moment, then the
     // process ends with them.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
     drop(pid);
     tracing::info!("hive stopped");
     result
@@ -217,27 +230,29 @@ async fn run(args: ServeArgs, log: &Path, fd_limit: u64) -> Result<()> {
     let token = hive.shutdown.clone();
     tokio::select! {
         () = server => {}
-        _ = async move { token.cancelled().await; tokio::time::sleep(DRAIN_GRACE + RELAY_GRACE + STOP_GRACE + std::time::Duration::from_secs(1)).await } => {
+        _ = async move { token.cancelled().await; tokio::time::sleep(CONNECTIONS_CAP).await } => {
             tracing::warn!("connections still open after the grace period; exiting anyway");
         }
     }
     hive.registry.stop_all().await;
-    // The last record, after every one queued before it (within the queen's stop wait, with
-    // half a second to spare at the longest stop); a lock held past the wait loses
-    // those still queued, and the log says so.
+    // The last record, after every one queued before it; a lock held past the wait loses
+    // those still queued, and the log says so. The longest stop (the connections' cap above,
+    // this wait and the runtime's: `LONGEST_STOP`) stays within the queen's stop wait.
+    let wait = crate::audit::NOTE_WAIT.saturating_sub(SHUTDOWN_WAIT);
     let written = hive
         .registry
         .notes
-        .note(
+        .wait_for(
             "hive_stopped",
             serde_json::json!({ "pid": std::process::id() }),
+            wait,
         )
         .await;
     if !written {
         tracing::error!(
             "the audit log's lock was held for {} past the stop: the hive's records still \
              queued (at least `hive_stopped`) are lost",
-            humantime::format_duration(crate::audit::NOTE_WAIT)
+            humantime::format_duration(wait)
         );
     }
     Ok(())

@@ -230,14 +230,16 @@ impl Registry {
             return;
         };
         tracing::warn!(model, pid = proc.pid, status = %status, "worker crashed while being stopped");
+        // As its exit was told (a SIGKILL while memory was low reads as the OOM killer's).
+        let reason = proc.exited().map_or("crash", |e| e.reason);
         Metrics::add(&self.metrics.exits, 1);
-        self.metrics.exit_of(model, "crash");
+        self.metrics.exit_of(model, reason);
         // Awaited: the stop's reply follows its record.
         self.notes
             .note(
                 "worker_exited",
                 serde_json::json!({
-                    "model": model, "pid": proc.pid, "status": status, "reason": "crash",
+                    "model": model, "pid": proc.pid, "status": status, "reason": reason,
                     "next": "none",
                     "detail": { "reason": "it crashed while the hive stopped it" },
                 }),

@@ -133,16 +133,25 @@ async fn restart_after(
         if registry.stopping.is_cancelled() {
             return;
         }
+        let served = registry.served(&entry.name, None).ok();
         let spec = {
             let mut st = entry.lock();
             // An operator (stop, restart) took over in the meantime.
             if !matches!(st.supervision, Supervision::Restarting { .. }) {
                 return;
             }
+            if served.is_none() {
+                // Removed from the node's models since the exit: nothing to bring back.
+                st.supervision = Supervision::Normal;
+                st.outdated = false;
+                tracing::info!(model = %entry.name, "not restarting a model the node no longer serves");
+                return;
+            }
             st.loading = true;
             st.spec.clone()
         };
         let result = registry.spawn(&spec).await;
+        let current = registry.served(&entry.name, None).ok();
         let mut st = entry.lock();
         st.loading = false;
         match result {
@@ -155,6 +164,8 @@ async fn restart_after(
                 );
                 let proc = Arc::new(proc);
                 st.proc = Some(proc.clone());
+                // Started with the current spec, unless the table changed during the load.
+                st.outdated = current.as_ref() != Some(&spec);
                 registry.installed(&proc);
                 st.supervision = Supervision::Normal;
                 st.restart_count += 1;

@@ -335,7 +335,10 @@ impl WorkerProc {
     pub(crate) async fn stop(&self, grace: Duration) -> Option<String> {
         let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
         let mut exit = self.exit.clone();
-        let _ = kill(pid, Signal::SIGTERM);
+        // One that has exited is reaped already: its pid may be another process's by now.
+        if exit.borrow().is_none() {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
         self.stdin.lock().await.take();
         let timed_out = tokio::time::timeout(grace, exit.wait_for(Option::is_some))
             .await

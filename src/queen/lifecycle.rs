@@ -25,11 +25,9 @@ use crate::ssh::remote;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// How long a stopping hive may take before it is killed: its drain time, then its workers'
-/// grace period, and a margin.
-const STOP_WAIT: Duration = Duration::from_secs(
-    crate::hive::DRAIN_GRACE.as_secs() + crate::hive::worker_proc::STOP_GRACE.as_secs() + 5,
-);
+/// How long a stopping hive may take before it is killed: the longest it takes by itself (its
+/// drain, its workers' stop, its last record), and a margin.
+const STOP_WAIT: Duration = crate::hive::LONGEST_STOP.saturating_add(Duration::from_millis(500));
 
 pub(crate) enum Probe {
     Ready(HiveHealth),
