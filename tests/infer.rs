@@ -273,12 +273,7 @@ fn a_model_with_the_wrong_sha256_is_refused() {
 #[test]
 fn a_prompt_longer_than_the_context_is_rejected() {
     let Some(env) = Env::new("") else { return };
-    let config = std::fs::read_to_string(&env.config).expect("read");
-    std::fs::write(
-        &env.config,
-        config.replace("threads = 1", "threads = 1\ncontext = 256"),
-    )
-    .expect("write");
+    env.edit_config("threads = 1", "threads = 1\ncontext = 256");
     let prompt = "word ".repeat(2000);
     let run = env.infer(&["--prompt", &prompt, "--max-tokens", "4"]);
     run.expect(8);

@@ -169,15 +169,10 @@ fn repeated_crashes_back_off_longer_each_time_then_the_worker_is_held_failed() {
 #[test]
 fn the_circuit_breaker_opens_after_failures_within_its_window() {
     let Some(env) = Env::new("") else { return };
-    let config = std::fs::read_to_string(&env.config).expect("config");
-    std::fs::write(
-        &env.config,
-        format!(
-            "{config}\n[restart]\nmax_attempts = 10\nbackoff_initial = \"100ms\"\n\
-             backoff_max = \"200ms\"\nbreaker_failures = 3\nbreaker_window = \"1m\"\n"
-        ),
-    )
-    .expect("write");
+    env.append_config(
+        "[restart]\nmax_attempts = 10\nbackoff_initial = \"100ms\"\nbackoff_max = \"200ms\"\n\
+         breaker_failures = 3\nbreaker_window = \"1m\"\n",
+    );
     env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
         .expect(0);
     let mut pid = worker(&env)["pid"].as_i64().expect("pid");
@@ -401,12 +396,7 @@ fn workers_that_crash_while_the_nodes_audit_log_is_held_are_listed_and_come_back
 #[test]
 fn a_crashed_worker_of_a_model_removed_meanwhile_is_not_restarted() {
     let Some(env) = Env::new("") else { return };
-    let config = std::fs::read_to_string(&env.config).expect("config");
-    std::fs::write(
-        &env.config,
-        format!("{config}\n[restart]\nbackoff_initial = \"8s\"\nbackoff_max = \"8s\"\n"),
-    )
-    .expect("write");
+    env.append_config("[restart]\nbackoff_initial = \"8s\"\nbackoff_max = \"8s\"\n");
     env.add_model("second");
     env.run(&["hive", "start", "n1"]).expect(0);
     env.run(&[

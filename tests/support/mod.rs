@@ -598,6 +598,12 @@ impl Env {
         std::fs::write(&self.config, text.replace(from, to)).expect("write nodes.toml");
     }
 
+    /// `text` added at the end of nodes.toml (a top-level table, such as `[restart]`).
+    pub(crate) fn append_config(&self, text: &str) {
+        let config = std::fs::read_to_string(&self.config).expect("read nodes.toml");
+        std::fs::write(&self.config, format!("{config}\n{text}")).expect("write nodes.toml");
+    }
+
     /// A second model on node `n1`: the test model's file under another name.
     pub(crate) fn add_model(&self, name: &str) {
         let model = model().expect("model");
