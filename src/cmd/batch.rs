@@ -336,16 +336,7 @@ impl Batch<'_> {
         let completed = crate::queen::audit_end(budget, &outcome).record(
             "infer_completed",
             Some(&request.request_id),
-            json!({
-                "node": node.name,
-                "model": self.model.name,
-                "exit_code": outcome.as_ref().err().map_or(0, Error::code),
-                "stop_reason": done.map(|d| d.stop_reason),
-                "tokens_in": done.map(|d| d.tokens_in),
-                "tokens_out": done.map(|d| d.tokens_out),
-                "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "node_audit": done.and_then(|d| d.node_audit.clone()),
-            }),
+            trail::completed_fields(node, &self.model.name, &outcome, done, budget, json!({})),
         );
         trail::audited(node, outcome, done, completed.err())?;
         answer.ok_or_else(|| Error::internal("a try succeeded without an answer"))

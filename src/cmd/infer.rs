@@ -116,17 +116,14 @@ async fn infer(ctx: &Context, args: InferArgs, request_id: &str) -> Result<()> {
     let completed = crate::queen::audit_end(&budget, &outcome).record(
         "infer_completed",
         Some(request_id),
-        serde_json::json!({
-            "node": node.name,
-            "model": model.name,
-            "exit_code": outcome.as_ref().err().map_or(0, Error::code),
-            "stop_reason": done.map(|d| d.stop_reason),
-            "tokens_in": done.map(|d| d.tokens_in),
-            "tokens_out": done.map(|d| d.tokens_out),
-            "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "node_audit": done.and_then(|d| d.node_audit.clone()),
-            "stdout_closed": progress.reader_gone,
-        }),
+        trail::completed_fields(
+            node,
+            &model.name,
+            &outcome,
+            done,
+            &budget,
+            serde_json::json!({ "stdout_closed": progress.reader_gone }),
+        ),
     );
     let outcome = trail::audited(node, outcome, done, completed.err());
     // Success (or how the generation ended) is reported only once both ends have it on record.

@@ -65,6 +65,33 @@ pub(crate) fn record_request(
     }
 }
 
+/// The fields of `infer_completed` every face records for a request that ran on `node`
+/// (how it ended, its token counts and the node's head from its done event), with `extra`
+/// fields of the face's own beside them.
+pub(crate) fn completed_fields(
+    node: &Node,
+    model: &str,
+    outcome: &Result<()>,
+    done: Option<&DoneEvent>,
+    budget: &crate::deadline::Budget,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut fields = serde_json::json!({
+        "node": node.name,
+        "model": model,
+        "exit_code": outcome.as_ref().err().map_or(0, Error::code),
+        "stop_reason": done.map(|d| d.stop_reason),
+        "tokens_in": done.map(|d| d.tokens_in),
+        "tokens_out": done.map(|d| d.tokens_out),
+        "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "node_audit": done.and_then(|d| d.node_audit.clone()),
+    });
+    if let (Some(fields), serde_json::Value::Object(extra)) = (fields.as_object_mut(), extra) {
+        fields.extend(extra);
+    }
+    fields
+}
+
 /// `infer_requested` could not be written: the request is not sent (`required`), or it goes
 /// out with a warning.
 pub(crate) fn unrecorded_request(node: &Node, e: &Error) -> Result<()> {

@@ -441,18 +441,14 @@ async fn run(
         .record_async(
             "infer_completed",
             Some(request.request_id.clone()),
-            json!({
-                "node": node.name,
-                "model": request.model,
-                "key": key,
-                "exit_code": result.as_ref().err().map_or(0, Error::code),
-                "stop_reason": done.map(|d| d.stop_reason),
-                "tokens_in": done.map(|d| d.tokens_in),
-                "tokens_out": done.map(|d| d.tokens_out),
-                "duration_ms": u64::try_from(budget.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "node_audit": done.and_then(|d| d.node_audit.clone()),
-                "client_gone": account.reader_gone,
-            }),
+            trail::completed_fields(
+                node,
+                &request.model,
+                &result,
+                done,
+                budget,
+                json!({ "key": key, "client_gone": account.reader_gone }),
+            ),
         )
         .await;
     let result = trail::audited(node, result, done, completed.err());
