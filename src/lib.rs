@@ -152,6 +152,9 @@ where
     }
 }
 
+/// How long `config_changed` waits for this machine's audit lock held by another process.
+const CONFIG_NOTE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Records `config_changed` when the nodes.toml in use differs from the one last recorded.
 fn note_config(ctx: &Context) {
     let Ok(config) = ctx.config() else { return };
@@ -172,7 +175,10 @@ fn note_config(ctx: &Context) {
         "sha256": sha,
         "previous": (!previous.trim().is_empty()).then(|| previous.trim().to_string()),
     });
-    if ctx.audit_note("config_changed", None, fields).is_some() {
+    // Made before the command's budget starts, so its wait for the lock is short; one not
+    // written is made by the next invocation, which finds the marker unchanged.
+    if crate::queen::audit_note_waiting(CONFIG_NOTE_WAIT, "config_changed", None, fields).is_some()
+    {
         let _ = std::fs::write(&marker, &sha);
     }
 }

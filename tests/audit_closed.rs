@@ -133,23 +133,44 @@ fn a_huge_unauthenticated_header_cannot_stop_the_node_trail() {
 /// Another process holding this machine's audit lock (a stuck rbee, a hung disk) does not hold
 /// an invocation past its deadline: it ends at its budget, exit 124, naming the lock, and the
 /// request is not sent. Once the lock is free, work goes on.
-#[test]
-fn a_queen_audit_lock_held_by_another_process_ends_the_invocation_at_its_deadline() {
-    let Some(env) = Env::new("") else { return };
-    env.infer(&HI).expect(0);
-    let node_before = records(&node_log(&env)).len();
-    let holder = crate::support::hold_audit_lock(&env);
-    // Released when the invocation is over, or after 40 s should it wait for the lock.
+/// `args` run while another process holds this machine's audit lock, released when the run is
+/// over or after 40 s should it wait for the lock; with how long it took.
+fn run_with_queen_lock_held(
+    env: &Env,
+    args: &[&str],
+) -> (crate::support::Run, std::time::Duration) {
+    let holder = crate::support::hold_audit_lock(env);
     let (done, release) = std::sync::mpsc::channel::<()>();
     let releaser = std::thread::spawn(move || {
         let _ = release.recv_timeout(std::time::Duration::from_secs(40));
         drop(holder);
     });
     let started = std::time::Instant::now();
-    let run = env.infer(&["--prompt", "Hi", "--max-tokens", "2", "--timeout", "2s"]);
+    let run = env.run(args);
     let took = started.elapsed();
     let _ = done.send(());
     releaser.join().expect("releaser");
+    (run, took)
+}
+
+#[test]
+fn a_queen_audit_lock_held_by_another_process_ends_the_invocation_at_its_deadline() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    let node_before = records(&node_log(&env)).len();
+    let (run, took) = run_with_queen_lock_held(
+        &env,
+        &[
+            "--json",
+            "infer",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "2",
+            "--timeout",
+            "2s",
+        ],
+    );
     run.expect(124);
     // The lock was held all the while (for 40 s unless the invocation ended): it ended at its
     // 2 s budget.
@@ -164,6 +185,61 @@ fn a_queen_audit_lock_held_by_another_process_ends_the_invocation_at_its_deadlin
         "the request reached the node"
     );
     env.infer(&HI).expect(0);
+}
+
+/// An edited nodes.toml is recorded (`config_changed`) before the command runs, outside any
+/// budget of its own: with the lock held, that record is given up after a short wait (and
+/// made by the next invocation), so the invocation still ends at its deadline.
+#[test]
+fn a_changed_config_recorded_while_the_queen_audit_lock_is_held_does_not_hold_the_invocation() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&HI).expect(0);
+    env.append_config("# edited");
+    let (run, took) = run_with_queen_lock_held(
+        &env,
+        &[
+            "--json",
+            "infer",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "2",
+            "--timeout",
+            "2s",
+        ],
+    );
+    run.expect(124);
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "the invocation of a 2s budget waited {took:?} for the lock"
+    );
+    assert!(run.stderr.contains("audit.lock"), "{}", run.stderr);
+    // Once the lock is free, the next invocation records the change it could not.
+    env.infer(&HI).expect(0);
+    let changed = records(&env.path().join("state/audit.jsonl"))
+        .into_iter()
+        .filter(|r| r["event"] == "config_changed")
+        .count();
+    assert_eq!(changed, 2, "the first nodes.toml and the edited one");
+}
+
+/// Commands whose records have no budget of their own (`hive_started` after `hive start`,
+/// `batch_finished`) give a record up after a bounded wait, with a warning naming the lock,
+/// instead of waiting as long as another process holds it: a cron job's `hive start` ends.
+#[test]
+fn a_hive_started_while_the_queen_audit_lock_is_held_ends_with_a_warning() {
+    let Some(env) = Env::new("") else { return };
+    env.run(&["hive", "stop", "n1"]);
+    let (run, took) = run_with_queen_lock_held(&env, &["--json", "hive", "start", "n1"]);
+    run.expect(0);
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "hive start waited {took:?} for the lock"
+    );
+    assert!(run.stderr.contains("audit.lock"), "{}", run.stderr);
+    assert!(run.stdout.contains("\"started\""), "{}", run.stdout);
+    env.infer(&HI).expect(0);
+    env.run(&["hive", "stop", "n1"]).expect(0);
 }
 
 /// The same lock taken once the request is under way (recorded and sent, its first token

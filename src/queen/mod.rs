@@ -67,13 +67,30 @@ pub(crate) fn may_block<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Records an event in this machine's audit log; a failure to record is reported on stderr and
-/// the command goes on.
+/// the command goes on. A record outside any budget (a hive started, a batch finished) waits
+/// for the log's lock `AUDIT_GRACE` at most: another process holding it must not keep a
+/// command (a cron job's `hive start`) from ending.
 pub(crate) fn audit_note(
     event: &str,
     request_id: Option<&str>,
     fields: serde_json::Value,
 ) -> Option<crate::audit::Head> {
-    note_in(audit(), event, request_id, fields)
+    audit_note_waiting(AUDIT_GRACE, event, request_id, fields)
+}
+
+/// `audit_note` waiting at most `wait` for the log's lock.
+pub(crate) fn audit_note_waiting(
+    wait: std::time::Duration,
+    event: &str,
+    request_id: Option<&str>,
+    fields: serde_json::Value,
+) -> Option<crate::audit::Head> {
+    note_in(
+        audit().until(std::time::Instant::now() + wait),
+        event,
+        request_id,
+        fields,
+    )
 }
 
 /// `audit_note` within a budget (`audit_within`).
