@@ -326,7 +326,9 @@ impl Verifier {
         n.order.push_back((now, nonce.to_string()));
         if let Some((path, file)) = n.log.as_mut() {
             // A failure leaves the request good; only a replay across a restart could pass.
-            if let Err(e) = writeln!(file, "{now} {nonce}") {
+            // One write a line: `writeln!` on a file makes a syscall for each piece, and a
+            // crash between them would leave half a line.
+            if let Err(e) = file.write_all(format!("{now} {nonce}\n").as_bytes()) {
                 tracing::warn!("cannot keep a nonce in `{}`: {e}", path.display());
             }
             n.appended += 1;
