@@ -317,6 +317,7 @@ pub(crate) enum WorkerOp {
     Cancel {
         #[arg(long)]
         node: Option<String>,
+        #[arg(value_parser = parse_request_id)]
         request_id: String,
     },
 }
@@ -398,4 +399,24 @@ pub(crate) enum ModelsCommand {
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
     crate::config::parse_duration(text)
+}
+
+/// A request id as rbee makes them (32 hex digits; letters, digits, `-` and `_` are let
+/// through): it goes into the hive's URL, where `/`, `..`, `?` or a space would name another
+/// path, or fail the signature of the one meant.
+fn parse_request_id(text: &str) -> Result<String, String> {
+    let fits = !text.is_empty()
+        && text.len() <= 128
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if fits {
+        Ok(text.to_string())
+    } else {
+        Err(
+            "not a request id: ids are hex digits, as `rbee worker list` and `infer --json`'s \
+             `done` event show them"
+                .to_string(),
+        )
+    }
 }

@@ -260,6 +260,11 @@ impl IoError {
         }
     }
 
+    /// The kind of the failure underneath.
+    pub(crate) fn kind(&self) -> std::io::ErrorKind {
+        self.source.kind()
+    }
+
     /// An operation on something that is not a path (a socket, the runtime).
     pub(crate) fn doing(what: impl Into<String>, source: std::io::Error) -> IoError {
         IoError {

@@ -141,6 +141,8 @@ where
         Command::Completions { shell } => cmd::completions::run(shell),
         Command::Version => cmd::version::run(&ctx),
     };
+    // A result that could not be written (stdout on a full disk) is not a success.
+    let result = result.and_then(|()| output::unwritten().map_or(Ok(()), Err));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

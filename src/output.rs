@@ -19,9 +19,10 @@ impl Output {
         }
     }
 
-    /// One JSON value on one line of stdout.
+    /// One JSON value on one line of stdout; a failure to write it is kept for the command's
+    /// exit (`unwritten`).
     pub(crate) fn json_line(&self, value: &impl Serialize) {
-        let _ = self.try_json_line(value);
+        keep(self.try_json_line(value));
     }
 
     /// One JSON value on one line of stdout, saying whether it could be written (a
@@ -40,12 +41,46 @@ impl Output {
         } else {
             let text = text();
             let mut out = std::io::stdout().lock();
-            let _ = write!(out, "{text}");
-            if !text.is_empty() && !text.ends_with('\n') {
-                let _ = writeln!(out);
-            }
-            let _ = out.flush();
+            let newline = !text.is_empty() && !text.ends_with('\n');
+            keep(
+                write!(out, "{text}")
+                    .and_then(|()| if newline { writeln!(out) } else { Ok(()) })
+                    .and_then(|()| out.flush()),
+            );
         }
+    }
+}
+
+/// The first failure to write a result on stdout (other than its reader going away), which
+/// turns the command's success into that error: a list redirected to a full disk must not
+/// exit 0 with nothing written.
+static UNWRITTEN: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
+
+fn keep(result: std::io::Result<()>) {
+    if let Err(e) = result
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        let mut unwritten = UNWRITTEN.lock().unwrap_or_else(|p| p.into_inner());
+        unwritten.get_or_insert(e);
+    }
+}
+
+/// The failure `Output` kept, if a result could not be written.
+pub(crate) fn unwritten() -> Option<crate::error::Error> {
+    let mut unwritten = UNWRITTEN.lock().unwrap_or_else(|p| p.into_inner());
+    unwritten
+        .take()
+        .map(|e| crate::error::IoError::doing("write the result to stdout", e).into())
+}
+
+/// What a failed write of a command's output on stdout means: its reader has gone
+/// (`| head`), which ends the command quietly with success, as `infer` does (the reader had
+/// what it wanted), or a real failure (a full disk), which is the command's error.
+pub(crate) fn ended_by(e: std::io::Error) -> crate::error::Result<()> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(crate::error::IoError::doing("write to stdout", e).into())
     }
 }
 

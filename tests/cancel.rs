@@ -79,3 +79,32 @@ fn worker_cancel_ends_the_generation_keeps_its_text_exits_130_and_is_audited_wit
     env.run(&["worker", "cancel", "--node", "n1", "no-such-request"])
         .expect(8);
 }
+
+/// An id that is not one (a path, a query, a space) is a usage error (exit 2) before anything
+/// is sent: it would name another URL on the hive, or fail the request's signature and leave an
+/// `auth_failure` on the node's record for a typo.
+#[test]
+fn worker_cancel_of_a_malformed_id_is_a_usage_error_and_sends_nothing() {
+    let Some(env) = Env::new("") else { return };
+    env.infer(&["--prompt", "Hi", "--max-tokens", "2"])
+        .expect(0);
+    let log = env.node_dir().join("audit.jsonl");
+    let before = records(&log).len();
+    for id in [
+        "../../etc",
+        "a b",
+        "a?b",
+        "a/b",
+        "a%2Fb",
+        "a#b",
+        ".",
+        "",
+        "ü",
+    ] {
+        let run = env.run(&["worker", "cancel", "--node", "n1", id]);
+        run.expect(2);
+        assert!(run.stderr.contains("request id"), "{id:?}: {}", run.stderr);
+    }
+    let after = records(&log);
+    assert_eq!(after.len(), before, "{:?}", &after[before..]);
+}

@@ -120,6 +120,11 @@ fn worker_stop_unloads_the_model() {
     assert!(env.workers().is_empty());
     env.run(&["worker", "stop", "--node", "n1", "--model", "smollm2"])
         .expect(7);
+    // The same exit code whatever the output format: a script reading JSON sees it too.
+    env.run(&[
+        "--json", "worker", "stop", "--node", "n1", "--model", "smollm2",
+    ])
+    .expect(7);
 }
 
 #[test]

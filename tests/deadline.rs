@@ -28,6 +28,15 @@ fn the_deadline_stops_generation_keeps_the_text_and_exits_124() {
         "{}",
         run.stderr
     );
+    // The breakdown once, in the message and in the error event alike.
+    assert_eq!(
+        run.stderr.matches("deadline of").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    let message = last["message"].as_str().expect("a message");
+    assert_eq!(message.matches("deadline of").count(), 1, "{message}");
     for stage in ["connect", "queue", "prefill", "decode"] {
         assert!(
             run.stderr.contains(stage),

@@ -28,6 +28,7 @@ mod model_fetch;
 mod model_files;
 mod model_table;
 mod models_rm;
+mod outputs;
 mod pipes;
 mod proof;
 mod serve;

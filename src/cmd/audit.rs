@@ -9,6 +9,8 @@ use crate::audit::{self, Head, Record, Verified};
 use crate::cli::AuditCommand;
 use crate::cmd::Context;
 use crate::config::{Node, Transport};
+use std::io::Write;
+
 use crate::deadline::Budget;
 use crate::error::{Error, Result};
 use crate::ssh::remote;
@@ -356,24 +358,29 @@ async fn tail(ctx: &Context, node: Option<&str>, n: usize) -> Result<()> {
         .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
         .collect();
     let lines: Vec<&str> = text.lines().collect();
+    let mut out = std::io::stdout().lock();
     for line in &lines[lines.len().saturating_sub(n)..] {
-        if ctx.out.json {
-            println!("{line}");
-            continue;
-        }
-        match serde_json::from_str::<Record>(line) {
-            Ok(r) => println!(
-                "{:>5}  {}  {:<18} {}{}",
-                r.seq,
-                r.ts,
-                r.event,
-                r.request_id
-                    .map(|id| format!("[{id}] "))
-                    .unwrap_or_default(),
-                serde_json::Value::Object(r.fields)
-            ),
-            Err(_) => println!("?      {line}"),
+        let written = if ctx.out.json {
+            writeln!(out, "{line}")
+        } else {
+            match serde_json::from_str::<Record>(line) {
+                Ok(r) => writeln!(
+                    out,
+                    "{:>5}  {}  {:<18} {}{}",
+                    r.seq,
+                    r.ts,
+                    r.event,
+                    r.request_id
+                        .map(|id| format!("[{id}] "))
+                        .unwrap_or_default(),
+                    serde_json::Value::Object(r.fields)
+                ),
+                Err(_) => writeln!(out, "?      {line}"),
+            }
+        };
+        if let Err(e) = written {
+            return crate::output::ended_by(e);
         }
     }
-    Ok(())
+    out.flush().or_else(crate::output::ended_by)
 }

@@ -71,8 +71,18 @@ pub(crate) async fn run(ctx: &Context, args: BatchArgs) -> Result<()> {
             "ok": outcome.ok,
             "failed": outcome.failed,
             "interrupted": outcome.interrupted,
+            "unwritten": outcome.unwritten.as_ref().map(ToString::to_string),
         }),
     );
+    match outcome.unwritten {
+        // The reader of stdout has gone (`rbee batch in.jsonl | head -1`): it had what it
+        // wanted, and the batch ends quietly, as `infer` does.
+        Some(Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        // A full disk, a file gone read-only: the results written so far stay, and a rerun
+        // with the same `--output` resumes after them.
+        Some(e) => return Err(e),
+        None => {}
+    }
     if outcome.interrupted {
         return Err(Error::Interrupted);
     }
@@ -104,6 +114,8 @@ struct Outcome {
     ok: usize,
     failed: usize,
     interrupted: bool,
+    /// The output could not take a result: the batch stopped there.
+    unwritten: Option<Error>,
 }
 
 /// What one try of an item came back with.
@@ -237,9 +249,9 @@ impl Batch<'_> {
             };
             bar.inc(1);
             if let Err(e) = ctx.progress.suspend(|| out.write(&line)) {
-                // Nowhere to put results: stop here; what is written stays written.
-                eprintln!("rbee: {e}");
-                outcome.interrupted = true;
+                // Nowhere to put results: stop here (the items in flight are cancelled on
+                // their nodes); what is written stays written.
+                outcome.unwritten = Some(e);
                 return outcome;
             }
         }
@@ -257,7 +269,7 @@ impl Batch<'_> {
                     message: why.clone(),
                 };
                 if let Err(e) = out.write(&error_line(&item.id, &e)) {
-                    eprintln!("rbee: {e}");
+                    outcome.unwritten = Some(e);
                     break;
                 }
             }

@@ -37,7 +37,16 @@ pub(crate) async fn run(
         Err(e) => return Err(e),
     };
     let mut stream = std::pin::pin!(events(response));
-    while let Some(event) = stream.next().await {
+    // One watch for the whole stream: each is a blocking thread.
+    let mut closed = std::pin::pin!(crate::output::stdout_closed());
+    loop {
+        let event = tokio::select! {
+            // The reader went away while the log is quiet (`rbee logs -f | head`, the first
+            // lines read): done, quietly, without waiting for the hive's next line.
+            () = &mut closed => return Ok(()),
+            event = stream.next() => event,
+        };
+        let Some(event) = event else { break };
         let event = match event {
             Ok(event) => event,
             Err(StreamError::Broke(cause)) => {
@@ -53,9 +62,10 @@ pub(crate) async fn run(
                 let value: serde_json::Value = serde_json::from_str(&event.data)
                     .map_err(|e| Error::hive(format!("an unreadable log line: {e}")))?;
                 let text = value["text"].as_str().unwrap_or_default();
-                // The reader went away (`rbee logs -f | head`): done, quietly.
-                if print(ctx, node, model, text).is_err() {
-                    return Ok(());
+                // The reader went away (`rbee logs -f | head`): done, quietly; a full disk is
+                // an error.
+                if let Err(e) = print(ctx, node, model, text) {
+                    return crate::output::ended_by(e);
                 }
             }
             "end" => return Ok(()),
@@ -156,8 +166,8 @@ async fn from_the_file(
     tracing::info!(node = %node.name, "the hive does not answer ({down}); reading `{name}` itself");
     let all: Vec<&str> = text.lines().collect();
     for line in &all[all.len().saturating_sub(lines)..] {
-        if print(ctx, &node, model, line).is_err() {
-            return Ok(());
+        if let Err(e) = print(ctx, &node, model, line) {
+            return crate::output::ended_by(e);
         }
     }
     if follow {

@@ -136,7 +136,8 @@ async fn stop(ctx: &Context, node: Option<&str>, model: &str) -> Result<()> {
     let conn = ctx.open(node, &Budget::new(node.timeout)).await?;
     let stopped = conn.client.stop_worker(model, TIMEOUT).await?;
     let value = serde_json::json!({ "node": node.name, "model": model, "stopped": stopped });
-    if !stopped && !ctx.out.json {
+    // The same exit code with `--json`: a script must see that nothing was stopped.
+    if !stopped {
         return Err(Error::worker(format!(
             "no worker for `{model}` runs on `{}`",
             node.name

@@ -499,7 +499,10 @@ fn finish(node: &Node, budget: &Budget, done: &DoneEvent) -> Result<()> {
                 timings: done.timings_ms.clone(),
                 ..Account::default()
             };
-            Err(Error::deadline(breakdown(budget.total(), budget, &a)))
+            // The whole breakdown already: a face adds it only to a hop's own words.
+            Err(Error::Deadline(crate::error::DeadlineError::Spent(
+                breakdown(budget.total(), budget, &a),
+            )))
         }
         StopReason::Cancelled => Err(Error::worker(format!(
             "the generation was cancelled on `{}`",
