@@ -164,7 +164,7 @@ pub(crate) struct InferArgs {
     #[arg(long)]
     pub(crate) seed: Option<u32>,
     /// Budget of the whole invocation, e.g. `30s`, `1500ms` (default: the node's `timeout`)
-    #[arg(long, value_parser = parse_duration_arg)]
+    #[arg(long, value_parser = parse_budget_arg)]
     pub(crate) timeout: Option<std::time::Duration>,
 }
 
@@ -184,7 +184,7 @@ pub(crate) struct BatchArgs {
     #[arg(long, default_value_t = 2)]
     pub(crate) retries: u32,
     /// Budget of each item (each try starts over), e.g. `30s` (default: the node's `timeout`)
-    #[arg(long, value_parser = parse_duration_arg)]
+    #[arg(long, value_parser = parse_budget_arg)]
     pub(crate) timeout: Option<std::time::Duration>,
     /// JSON lines, one `{"id", "prompt", ...}` per line; `-` reads stdin
     pub(crate) input: PathBuf,
@@ -399,6 +399,11 @@ pub(crate) enum ModelsCommand {
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
     crate::config::parse_duration(text)
+}
+
+/// A budget: a duration more than zero, as a budget of nothing ends every request at once.
+fn parse_budget_arg(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_nonzero_duration(text)
 }
 
 /// A request id as rbee makes them (32 hex digits; letters, digits, `-` and `_` are let

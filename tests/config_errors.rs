@@ -285,6 +285,46 @@ fn durations_too_long_for_the_clock_are_refused_not_a_panic() {
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
 
+/// A budget, a load bound, a skew or a breaker window of zero would refuse every request (or
+/// never trip): refused at its key's line, and `--timeout 0s` as a usage error.
+#[test]
+fn zero_durations_where_zero_means_nothing_are_refused() {
+    let node = "[nodes.a]\nhost = \"h\"\nmodels = [\"m\"]\n";
+    assert_config_error(
+        &format!("{MODEL}{node}timeout = \"0s\"\n"),
+        7,
+        &["must be more than zero", "timeout"],
+    );
+    assert_config_error(
+        &format!("{MODEL}{node}clock_skew = \"0ms\"\n"),
+        7,
+        &["must be more than zero"],
+    );
+    assert_config_error(
+        &format!("{MODEL}load_timeout = \"0s\"\n{node}"),
+        4,
+        &["must be more than zero"],
+    );
+    assert_config_error(
+        &format!("{MODEL}{node}[restart]\nbreaker_window = \"0s\"\n"),
+        8,
+        &["must be more than zero"],
+    );
+    let (_dir, path) = env_with(&format!("{MODEL}{node}"));
+    for args in [
+        &["infer", "--timeout", "0s", "--prompt", "hi"][..],
+        &["batch", "--timeout", "0ms", "-"][..],
+    ] {
+        let run = run_with_config(&path, args);
+        run.expect(2);
+        assert!(
+            run.stderr.contains("must be more than zero"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
 /// `rbee --config PATH nodes list`, bounded in time (a FIFO blocks its reader until a writer
 /// comes) and in memory (`/dev/zero` never ends), so that a regression fails instead of
 /// hanging or starving the machine.

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 
 pub use error::ConfigError;
 pub(crate) use origin::Origin;
-pub(crate) use raw::{AuditPolicy, MAX_DURATION, Transport, parse_duration};
+pub(crate) use raw::{
+    AuditPolicy, MAX_DURATION, Transport, parse_duration, parse_nonzero_duration,
+};
 pub(crate) use resolve::valid_name;
 pub use source::Source;
 

@@ -53,9 +53,9 @@ pub(crate) struct RawNode {
     pub(crate) hive_port: Option<u16>,
     pub(crate) metrics_port: Option<u16>,
     pub(crate) transport: Option<Transport>,
-    pub(crate) timeout: Option<HumanDuration>,
+    pub(crate) timeout: Option<NonZeroDuration>,
     pub(crate) keep_alive: Option<HumanDuration>,
-    pub(crate) clock_skew: Option<HumanDuration>,
+    pub(crate) clock_skew: Option<NonZeroDuration>,
     pub(crate) audit: Option<AuditPolicy>,
     pub(crate) health_misses: Option<u32>,
     /// `"0"` (no unit) turns the persistent connection off.
@@ -71,7 +71,7 @@ pub(crate) struct RawRestart {
     pub(crate) backoff_initial: Option<HumanDuration>,
     pub(crate) backoff_max: Option<HumanDuration>,
     pub(crate) breaker_failures: Option<u32>,
-    pub(crate) breaker_window: Option<HumanDuration>,
+    pub(crate) breaker_window: Option<NonZeroDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,7 +84,7 @@ pub(crate) struct RawModel {
     pub(crate) slots: Option<crate::config::SlotsSetting>,
     pub(crate) gpu_layers: Option<crate::config::GpuLayers>,
     pub(crate) threads: Option<u32>,
-    pub(crate) load_timeout: Option<HumanDuration>,
+    pub(crate) load_timeout: Option<NonZeroDuration>,
     pub(crate) kv_unified: Option<bool>,
 }
 
@@ -128,6 +128,28 @@ impl<'de> Deserialize<'de> for HumanDuration {
         parse_duration(&text)
             .map(HumanDuration)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration that must not be zero: a budget, a load's bound, a skew or breaker window of
+/// nothing would refuse every request or never trip.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NonZeroDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for NonZeroDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_nonzero_duration(&text)
+            .map(NonZeroDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `parse_duration`, refusing zero.
+pub(crate) fn parse_nonzero_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("invalid duration `{text}`: must be more than zero")),
+        d => Ok(d),
     }
 }
 
