@@ -64,21 +64,33 @@ struct Outcome {
     done: Option<DoneEvent>,
 }
 
-pub(super) async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+/// A body axum could not read (over its 2 MiB limit, or cut off): the answer still comes in
+/// the API's envelope, which the SDKs parse.
+type ReadBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+pub(super) async fn chat(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: ReadBody,
+) -> Response {
     respond(app, headers, body, Kind::Chat).await
 }
 
 pub(super) async fn completions(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: ReadBody,
 ) -> Response {
     respond(app, headers, body, Kind::Completion).await
 }
 
-async fn respond(app: Arc<App>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+async fn respond(app: Arc<App>, headers: HeaderMap, body: ReadBody, kind: Kind) -> Response {
     let request_id = format!("{:032x}", rand::random::<u128>());
-    let mut response = match handle(app, &headers, &body, kind, &request_id).await {
+    let handled = match body {
+        Ok(body) => handle(app, &headers, &body, kind, &request_id).await,
+        Err(rejection) => Err(openai::unread_body(&rejection)),
+    };
+    let mut response = match handled {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(request_id, status = %e.status, "refused: {}", e.message);

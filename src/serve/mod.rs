@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -164,11 +164,18 @@ async fn serve(settings: Settings) -> Result<()> {
 
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(chat::chat))
-        .route("/v1/completions", post(chat::completions))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models).fallback(only("GET")))
+        .route(
+            "/v1/chat/completions",
+            post(chat::chat).fallback(only("POST")),
+        )
+        .route(
+            "/v1/completions",
+            post(chat::completions).fallback(only("POST")),
+        )
+        .route("/health", get(health).fallback(only("GET")))
+        .route("/metrics", get(metrics).fallback(only("GET")))
+        .layer(axum::extract::DefaultBodyLimit::max(openai::BODY_LIMIT))
         .fallback(not_found)
         .with_state(app)
 }
@@ -247,6 +254,19 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let text = app.metrics.render(app.admission.queued());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// The answer to a method the route does not take, in the envelope, with `Allow`.
+fn only(
+    allowed: &'static str,
+) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move || {
+        let mut response = ApiError::method_not_allowed(allowed).into_response();
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allowed));
+        std::future::ready(response)
+    }
 }
 
 async fn not_found() -> Response {

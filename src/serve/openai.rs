@@ -118,6 +118,19 @@ impl ApiError {
         }
     }
 
+    /// A method the endpoint does not take (axum's own 405 has an empty body).
+    pub(crate) fn method_not_allowed(allowed: &'static str) -> ApiError {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("this endpoint takes {allowed} only"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("method_not_allowed"),
+            retry_after: None,
+            should_retry: None,
+        }
+    }
+
     /// The envelope, as the body of a response or the data of a stream's last event.
     pub(crate) fn body(&self) -> Value {
         json!({
@@ -130,6 +143,30 @@ impl ApiError {
         })
     }
 }
+
+/// A request body that could not be read: over the limit (413), or cut off by the client.
+pub(crate) fn unread_body(rejection: &axum::extract::rejection::BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "the request body is over the limit of {} MiB",
+            BODY_LIMIT >> 20
+        )
+    } else {
+        format!(
+            "the request body could not be read: {}",
+            rejection.body_text()
+        )
+    };
+    ApiError {
+        status,
+        code: (status == StatusCode::PAYLOAD_TOO_LARGE).then_some("request_too_large"),
+        ..ApiError::invalid(None, message)
+    }
+}
+
+/// axum's default limit on a request body, which the router keeps.
+pub(crate) const BODY_LIMIT: usize = 2 << 20;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
