@@ -162,6 +162,15 @@ impl Error {
         Error::Config(ConfigError::Invalid(message.into()))
     }
 
+    /// A usage error (exit 2): a file named on the command line that cannot be read, a bad
+    /// argument clap could not tell.
+    pub(crate) fn usage(message: impl Into<String>) -> Error {
+        Error::Classified {
+            kind: ExitKind::Usage,
+            message: message.into(),
+        }
+    }
+
     pub(crate) fn internal(message: impl Into<String>) -> Error {
         Error::Internal(message.into())
     }

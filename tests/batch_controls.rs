@@ -209,3 +209,29 @@ fn the_progress_bar_is_drawn_on_a_terminal_and_never_into_a_pipe() {
     assert!(!piped.stderr.contains('\r'), "{:?}", piped.stderr);
     assert_eq!(results(&out).len(), 6);
 }
+
+/// A batch file that cannot be read, or an `--output` that cannot be opened, is a usage error
+/// (exit 2) naming the path, before any item runs: not an internal error.
+#[test]
+fn an_unreadable_batch_or_output_is_a_usage_error_naming_the_path() {
+    let Some(env) = Env::new("") else { return };
+    let missing = env.path().join("absent.jsonl");
+    let missing = missing.to_str().expect("path");
+    let dir = env.path().to_str().expect("path");
+    for path in [missing, dir] {
+        let run = env.run(&["batch", path]);
+        run.expect(2);
+        assert!(run.stderr.contains(path), "{}", run.stderr);
+    }
+    let input = env.path().join("in.jsonl");
+    std::fs::write(&input, line("o1", "Hi", 2) + "\n").expect("write the input");
+    let output = env.path().join("no-such-dir").join("out.jsonl");
+    let run = env.run(&[
+        "batch",
+        "--output",
+        output.to_str().expect("path"),
+        input.to_str().expect("path"),
+    ]);
+    run.expect(2);
+    assert!(run.stderr.contains("no-such-dir"), "{}", run.stderr);
+}

@@ -392,7 +392,9 @@ impl Sink {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .at("open", path)?;
+                    .map_err(|e| {
+                        Error::usage(format!("cannot open `--output {}`: {e}", path.display()))
+                    })?;
                 Ok(Sink::File(file, path.to_path_buf()))
             }
         }

@@ -260,12 +260,12 @@ async fn pull(ctx: &Context, node: &str, model: &str) -> Result<()> {
 /// `[models.NAME]` entry for it.
 async fn hash(ctx: &Context, file: &str) -> Result<()> {
     use crate::config::Origin;
-    let origin = Origin::parse(file).map_err(usage)?;
+    let origin = Origin::parse(file).map_err(Error::usage)?;
     let (sha256, bytes, file_name, source) = match &origin {
         Origin::File(path) => {
             let path = crate::paths::expand_tilde(path);
             let meta = std::fs::metadata(&path)
-                .map_err(|e| usage(format!("cannot read `{}`: {e}", path.display())))?;
+                .map_err(|e| Error::usage(format!("cannot read `{}`: {e}", path.display())))?;
             let owned = path.clone();
             let sha = tokio::task::spawn_blocking(move || {
                 crate::hive::verify::sha256_file(
@@ -372,8 +372,4 @@ async fn hash_url(ctx: &Context, url: &str) -> Result<(String, u64)> {
     }
     bar.finish_and_clear();
     Ok((hex::encode(hasher.finalize()), bytes))
-}
-
-fn usage(message: impl Into<String>) -> Error {
-    Error::of_kind(crate::error::ExitKind::Usage, message)
 }

@@ -55,7 +55,9 @@ pub(crate) fn read(path: &Path) -> Result<Vec<Item>> {
             .read_to_string(&mut text)
             .map_err(|e| Error::invalid(format!("cannot read the batch from stdin: {e}")))?;
     } else {
-        text = std::fs::read_to_string(path).at("read", path)?;
+        text = std::fs::read_to_string(path).map_err(|e| {
+            Error::usage(format!("cannot read the batch `{}`: {e}", path.display()))
+        })?;
     }
     parse(&text)
 }
